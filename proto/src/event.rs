@@ -1,0 +1,488 @@
+//! Events, their canonical encoding, ids, limits and signatures.
+//!
+//! An [`Event`] is immutable once made. Its canonical encoding is postcard
+//! over the struct as declared here (field order is the encoding order), and
+//! its [`EventId`] is blake3 of those bytes. `PROTOCOL.md` specifies the
+//! bytes; `tests/vectors.rs` checks the vectors printed there.
+//!
+//! Signatures are not part of the event: an author signs the id of the last
+//! event of each batch it commits, and that signature covers every earlier
+//! event of the author through the `prev` hash chain.
+
+use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+use crate::id::{Dot, EventId, NodeId};
+
+/// The event format version this crate writes and the only one it reads.
+pub const FORMAT_VERSION: u8 = 1;
+/// Longest stream name, in bytes.
+pub const MAX_STREAM_BYTES: usize = 256;
+/// Longest kind, in bytes.
+pub const MAX_KIND_BYTES: usize = 128;
+/// Longest payload, in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Most ops in one event.
+pub const MAX_OPS: usize = 1024;
+/// Longest field or counter name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest register value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Most dots one `Set` may supersede, and most deps of one event.
+pub const MAX_DOTS: usize = 1024;
+/// Longest command id or acting user, in bytes.
+pub const MAX_META_BYTES: usize = 256;
+/// Largest canonical encoding of one event, in bytes.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Domain separation for signatures: an author signs `SIG_CONTEXT ‖ id`.
+const SIG_CONTEXT: &[u8] = b"weftlog/v1/event-id";
+
+/// One event. See `DESIGN.md` §2 for the meaning of each field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Format version; [`FORMAT_VERSION`].
+    pub version: u8,
+    /// The node that made the event.
+    pub author: NodeId,
+    /// 1, 2, 3 … in the author's chain, no gaps.
+    pub seq: u64,
+    /// Id of the author's previous event; `None` exactly when `seq == 1`.
+    pub prev: Option<EventId>,
+    /// Other events the author had seen and that `prev` does not imply;
+    /// sorted ascending, no duplicates.
+    pub deps: Vec<EventId>,
+    /// Strictly greater than the hlc of `prev` and of every dep.
+    pub hlc: Hlc,
+    /// The aggregate the event belongs to, e.g. `customer/123`.
+    pub stream: String,
+    /// What the user meant, e.g. `SeatsPurchased`.
+    pub kind: String,
+    /// The event's effects on CRDT state, applied in order.
+    pub ops: Vec<Op>,
+    /// Application bytes, usually JSON.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// Idempotency key and acting user.
+    pub meta: Meta,
+}
+
+/// Who did it and under which command.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Idempotency key: a command id is applied at most once per log.
+    pub command_id: Option<String>,
+    /// The acting user, as the application names them.
+    pub user: Option<String>,
+}
+
+/// A CRDT effect. `PROTOCOL.md` gives the variant tags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Multi-value register write. Removes exactly the writes named in
+    /// `supersedes` (which must lie in the event's causal past).
+    Set {
+        /// Field name.
+        field: String,
+        /// The value, canonical JSON text by convention.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// The writes to this field that the author saw, sorted ascending.
+        supersedes: Vec<Dot>,
+    },
+    /// PN-counter increment (negative to decrement).
+    Add {
+        /// Counter name.
+        counter: String,
+        /// Signed change.
+        delta: i64,
+    },
+    /// Bounded counter: add `capacity` to the counter, with the rights to it
+    /// held by the author.
+    EscrowInit {
+        /// Counter name.
+        counter: String,
+        /// Capacity added; at least 1.
+        capacity: u64,
+    },
+    /// Bounded counter: move `amount` of the author's rights to `to`.
+    EscrowTransfer {
+        /// Counter name.
+        counter: String,
+        /// The node receiving the rights; not the author.
+        to: NodeId,
+        /// Rights moved; at least 1.
+        amount: u64,
+    },
+    /// Bounded counter: use up `amount` of the author's rights.
+    EscrowConsume {
+        /// Counter name.
+        counter: String,
+        /// Rights consumed; at least 1.
+        amount: u64,
+    },
+}
+
+/// Why an event is malformed on its own, before any state is consulted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventError {
+    /// The bytes are not a postcard-encoded event.
+    #[error("malformed encoding: {0}")]
+    Malformed(String),
+    /// The bytes decode, but are not the canonical encoding of what they decode to.
+    #[error("non-canonical encoding")]
+    NonCanonical,
+    /// Bytes left over after the event.
+    #[error("{0} trailing bytes after the event")]
+    Trailing(usize),
+    /// A format version this build does not know.
+    #[error("unsupported event format version {0} (this build reads version {FORMAT_VERSION})")]
+    UnknownVersion(u8),
+    /// The encoding exceeds [`MAX_EVENT_BYTES`].
+    #[error("event is {0} bytes, the limit is {MAX_EVENT_BYTES}")]
+    TooLarge(usize),
+    /// A named limit is exceeded.
+    #[error("{what} is {got}, the limit is {limit}")]
+    Limit {
+        /// What exceeded its limit.
+        what: &'static str,
+        /// Its size.
+        got: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A required name is empty.
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    /// `seq` and `prev` disagree (`prev` must be absent exactly for seq 1).
+    #[error("seq {seq} with {} prev", if *.has_prev { "a" } else { "no" })]
+    BadChainStart {
+        /// The event's seq.
+        seq: u64,
+        /// Whether it has a prev.
+        has_prev: bool,
+    },
+    /// Deps or supersedes not strictly ascending.
+    #[error("{0} are not sorted ascending without duplicates")]
+    Unsorted(&'static str),
+    /// An escrow amount of zero, or a transfer to oneself.
+    #[error("invalid escrow op on {counter:?}: {why}")]
+    BadEscrow {
+        /// Counter name.
+        counter: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+fn limit(what: &'static str, got: usize, limit: usize) -> Result<(), EventError> {
+    if got > limit {
+        Err(EventError::Limit { what, got, limit })
+    } else {
+        Ok(())
+    }
+}
+
+fn name(what: &'static str, s: &str, max: usize) -> Result<(), EventError> {
+    if s.is_empty() {
+        return Err(EventError::Empty(what));
+    }
+    limit(what, s.len(), max)
+}
+
+fn strictly_ascending<T: Ord>(items: &[T]) -> bool {
+    items.windows(2).all(|w| w[0] < w[1])
+}
+
+impl Event {
+    /// Checks the event's limits and the rules that need no other event.
+    pub fn check(&self) -> Result<(), EventError> {
+        if self.version != FORMAT_VERSION {
+            return Err(EventError::UnknownVersion(self.version));
+        }
+        if (self.seq == 1) != self.prev.is_none() || self.seq == 0 {
+            return Err(EventError::BadChainStart {
+                seq: self.seq,
+                has_prev: self.prev.is_some(),
+            });
+        }
+        name("stream", &self.stream, MAX_STREAM_BYTES)?;
+        name("kind", &self.kind, MAX_KIND_BYTES)?;
+        limit("payload", self.payload.len(), MAX_PAYLOAD_BYTES)?;
+        limit("ops", self.ops.len(), MAX_OPS)?;
+        limit("deps", self.deps.len(), MAX_DOTS)?;
+        if !strictly_ascending(&self.deps) {
+            return Err(EventError::Unsorted("deps"));
+        }
+        for m in [&self.meta.command_id, &self.meta.user]
+            .into_iter()
+            .flatten()
+        {
+            limit("meta string", m.len(), MAX_META_BYTES)?;
+        }
+        for op in &self.ops {
+            op.check(self.author)?;
+        }
+        Ok(())
+    }
+
+    /// The canonical encoding, appended to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        // Writing to a Vec cannot fail and every field type is encodable.
+        let bytes = postcard::to_extend(self, std::mem::take(out)).expect("encode to Vec");
+        *out = bytes;
+    }
+
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.payload.len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// The canonical encoding and the id.
+    pub fn seal(&self) -> (Vec<u8>, EventId) {
+        let bytes = self.encode();
+        let id = EventId(*blake3::hash(&bytes).as_bytes());
+        (bytes, id)
+    }
+
+    /// Decodes `bytes` without checking canonicality or limits: for records
+    /// whose id was already checked against bytes this node wrote.
+    pub fn decode_trusted(bytes: &[u8]) -> Result<Event, EventError> {
+        let (event, rest): (Event, _) =
+            postcard::take_from_bytes(bytes).map_err(|e| EventError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(EventError::Trailing(rest.len()));
+        }
+        Ok(event)
+    }
+
+    /// Decodes bytes from outside: size, canonical form and limits are all
+    /// checked. Returns the event and its id.
+    pub fn decode(bytes: &[u8]) -> Result<(Event, EventId), EventError> {
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(EventError::TooLarge(bytes.len()));
+        }
+        // The version is the first byte (a u8 is encoded as itself), so an
+        // event of a newer format is named as such rather than as garbage.
+        match bytes.first() {
+            Some(&v) if v != FORMAT_VERSION => return Err(EventError::UnknownVersion(v)),
+            _ => {}
+        }
+        let event = Event::decode_trusted(bytes)?;
+        if event.encode() != bytes {
+            return Err(EventError::NonCanonical);
+        }
+        event.check()?;
+        Ok((event, EventId(*blake3::hash(bytes).as_bytes())))
+    }
+}
+
+impl Op {
+    /// The field or counter the op touches.
+    pub fn target(&self) -> &str {
+        match self {
+            Op::Set { field, .. } => field,
+            Op::Add { counter, .. }
+            | Op::EscrowInit { counter, .. }
+            | Op::EscrowTransfer { counter, .. }
+            | Op::EscrowConsume { counter, .. } => counter,
+        }
+    }
+
+    fn check(&self, author: NodeId) -> Result<(), EventError> {
+        name("field or counter name", self.target(), MAX_NAME_BYTES)?;
+        let bad = |why| EventError::BadEscrow {
+            counter: self.target().to_string(),
+            why,
+        };
+        match self {
+            Op::Set {
+                value, supersedes, ..
+            } => {
+                limit("value", value.len(), MAX_VALUE_BYTES)?;
+                limit("supersedes", supersedes.len(), MAX_DOTS)?;
+                if !strictly_ascending(supersedes) {
+                    return Err(EventError::Unsorted("supersedes"));
+                }
+            }
+            Op::Add { .. } => {}
+            Op::EscrowInit { capacity: 0, .. }
+            | Op::EscrowTransfer { amount: 0, .. }
+            | Op::EscrowConsume { amount: 0, .. } => return Err(bad("amount is zero")),
+            Op::EscrowTransfer { to, .. } if *to == author => {
+                return Err(bad("transfer to its own author"))
+            }
+            Op::EscrowInit { .. } | Op::EscrowTransfer { .. } | Op::EscrowConsume { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// A 64-byte ed25519 signature by an event's author over its id.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+impl std::fmt::Debug for Signature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signature({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+/// Why a signature was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignatureError {
+    /// The author id is not a valid ed25519 public key.
+    #[error("author is not a valid ed25519 public key")]
+    BadKey,
+    /// The signature does not verify.
+    #[error("signature does not verify")]
+    Invalid,
+}
+
+fn signed_message(id: &EventId) -> [u8; SIG_CONTEXT.len() + 32] {
+    let mut msg = [0u8; SIG_CONTEXT.len() + 32];
+    msg[..SIG_CONTEXT.len()].copy_from_slice(SIG_CONTEXT);
+    msg[SIG_CONTEXT.len()..].copy_from_slice(&id.0);
+    msg
+}
+
+/// A node's secret key.
+pub struct Keypair(SigningKey);
+
+impl Keypair {
+    /// The key for 32 secret bytes.
+    pub fn from_secret(secret: [u8; 32]) -> Keypair {
+        Keypair(SigningKey::from_bytes(&secret))
+    }
+
+    /// The secret bytes, for storing the key.
+    pub fn secret(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The node id (public key).
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs an event id.
+    pub fn sign(&self, id: &EventId) -> Signature {
+        Signature(self.0.sign(&signed_message(id)).to_bytes())
+    }
+}
+
+impl std::fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keypair({:?})", self.node_id())
+    }
+}
+
+/// Checks that `sig` is `author`'s signature over `id`.
+pub fn verify(author: &NodeId, id: &EventId, sig: &Signature) -> Result<(), SignatureError> {
+    let key = VerifyingKey::from_bytes(&author.0).map_err(|_| SignatureError::BadKey)?;
+    let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
+    key.verify(&signed_message(id), &sig)
+        .map_err(|_| SignatureError::Invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(author: NodeId) -> Event {
+        Event {
+            version: FORMAT_VERSION,
+            author,
+            seq: 1,
+            prev: None,
+            deps: vec![],
+            hlc: Hlc::from_ms(1_700_000_000_000),
+            stream: "customer/1".into(),
+            kind: "Renamed".into(),
+            ops: vec![Op::Set {
+                field: "name".into(),
+                value: b"\"Ada\"".to_vec(),
+                supersedes: vec![],
+            }],
+            payload: b"{}".to_vec(),
+            meta: Meta::default(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_canonical() {
+        let k = Keypair::from_secret([7; 32]);
+        let e = sample(k.node_id());
+        let (bytes, id) = e.seal();
+        let (back, id2) = Event::decode(&bytes).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(id, id2);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Event::decode(&longer), Err(EventError::Trailing(1)));
+        let mut v2 = bytes.clone();
+        v2[0] = 2;
+        assert_eq!(Event::decode(&v2), Err(EventError::UnknownVersion(2)));
+    }
+
+    #[test]
+    fn limits_are_named() {
+        let k = Keypair::from_secret([7; 32]);
+        let mut e = sample(k.node_id());
+        e.stream = "s".repeat(MAX_STREAM_BYTES + 1);
+        let err = e.check().unwrap_err().to_string();
+        assert!(err.contains("stream is 257"), "{err}");
+        let mut e = sample(k.node_id());
+        e.payload = vec![0; MAX_PAYLOAD_BYTES + 1];
+        assert!(matches!(
+            e.check(),
+            Err(EventError::Limit {
+                what: "payload",
+                ..
+            })
+        ));
+        let mut e = sample(k.node_id());
+        e.ops = vec![
+            Op::Add {
+                counter: "c".into(),
+                delta: 1
+            };
+            MAX_OPS + 1
+        ];
+        assert!(matches!(
+            e.check(),
+            Err(EventError::Limit { what: "ops", .. })
+        ));
+        let mut e = sample(k.node_id());
+        e.kind = "k".repeat(MAX_KIND_BYTES + 1);
+        assert!(matches!(
+            e.check(),
+            Err(EventError::Limit { what: "kind", .. })
+        ));
+        let mut e = sample(k.node_id());
+        e.ops = vec![Op::EscrowTransfer {
+            counter: "seats".into(),
+            to: e.author,
+            amount: 1,
+        }];
+        assert!(matches!(e.check(), Err(EventError::BadEscrow { .. })));
+    }
+
+    #[test]
+    fn signatures() {
+        let k = Keypair::from_secret([9; 32]);
+        let (_, id) = sample(k.node_id()).seal();
+        let sig = k.sign(&id);
+        assert_eq!(verify(&k.node_id(), &id, &sig), Ok(()));
+        let other = EventId([1; 32]);
+        assert_eq!(
+            verify(&k.node_id(), &other, &sig),
+            Err(SignatureError::Invalid)
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! weftlog's sans-IO core.
+//!
+//! Everything here is deterministic: no IO, no clock, no randomness of its
+//! own. The node (`weftlog`) and the simulator (`weftlog-sim`) drive it.
+//!
+//! - [`event`]: the event model, canonical encoding, limits, signatures;
+//! - [`hlc`]: the hybrid logical clock;
+//! - [`state`]: the CRDT fold, read models, validity against the causal past;
+//! - [`log`]: record framing, segments and recovery over a storage trait;
+//! - [`exchange`]: export files and the checks an import makes.
+#![warn(missing_docs)]
+
+pub mod event;
+pub mod exchange;
+pub mod hlc;
+pub mod id;
+pub mod log;
+pub mod state;
+
+pub use event::{Event, Keypair, Meta, Op, Signature};
+pub use hlc::{Hlc, HlcClock};
+pub use id::{Dot, EventId, NodeId};
+pub use state::{Draft, State};

@@ -1,0 +1,795 @@
+//! The fold: a replica's event set folded into CRDT state and read models.
+//!
+//! [`State::insert`] is the one door through which an event enters a
+//! replica. It checks the event against its causal past (chain, deps, clock,
+//! supersedes, escrow rights) and applies it. Replicas only insert an event
+//! after its `prev` and `deps`, so the inserted set is causally closed, and
+//! the fold is a function of that set alone: any causal delivery order, with
+//! any duplicates, gives byte-identical state ([`State::state_hash`]).
+//!
+//! Why the result does not depend on the order:
+//! - registers: a write removes exactly the dots it names, all of which are
+//!   in its causal past and so already applied; the standing set is the
+//!   writes no inserted write names, whatever the order;
+//! - counters: sums;
+//! - escrow: sums, and validity uses only the event's causal past, which is
+//!   the same on every replica (`DESIGN.md` §2: validity is a pure function
+//!   of the event and its causal past).
+//!
+//! Causal pasts are answered from a per-author history of vector-clock
+//! changes: `hist[a][b]` lists `(seq of a, highest seq of b seen)` each time
+//! `a`'s knowledge of `b` grows, so "is `(b, t)` in the past of `a`'s event
+//! `s`" is one binary search. It costs memory only when deps add knowledge.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::event::{Event, EventError, Meta, Op, FORMAT_VERSION, MAX_DOTS};
+use crate::hlc::{Hlc, HlcClock};
+use crate::id::{Dot, EventId, NodeId};
+
+/// Where an event sits in its author's chain.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    author: u32,
+    seq: u64,
+    hlc: Hlc,
+}
+
+#[derive(Clone, Debug)]
+struct Author {
+    id: NodeId,
+    /// `ids[i]` is the id of seq `i + 1`.
+    ids: Vec<EventId>,
+    head_hlc: Hlc,
+    /// Vector clock of the head, dense by author index (missing = 0).
+    vc: Vec<u64>,
+    /// Per other author: `(own seq, other's seq)` each time knowledge grew.
+    hist: Vec<Vec<(u64, u64)>>,
+}
+
+impl Author {
+    fn seq(&self) -> u64 {
+        self.ids.len() as u64
+    }
+}
+
+/// A value written to a register field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Written {
+    /// The hlc of the event that wrote it.
+    pub hlc: Hlc,
+    /// The value bytes.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// One node's share of a bounded counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Account {
+    /// Capacity this node added.
+    pub init: u128,
+    /// Rights moved to it.
+    pub received: u128,
+    /// Rights it moved away.
+    pub sent: u128,
+    /// Rights it used.
+    pub consumed: u128,
+}
+
+impl Account {
+    /// Rights the node holds now, by everything this replica knows.
+    pub fn rights(&self) -> u128 {
+        // Never negative: each op was checked against a subset of `received`.
+        (self.init + self.received).saturating_sub(self.sent + self.consumed)
+    }
+}
+
+/// A bounded counter (escrow).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Escrow {
+    /// Sum of all inits.
+    pub capacity: u128,
+    /// Sum of all consumption; never above `capacity`.
+    pub consumed: u128,
+    /// Each node's account.
+    pub accounts: BTreeMap<NodeId, Account>,
+    /// Transfers by recipient: `(sender index, sender seq, amount)`; for
+    /// validity checks only (indices are replica-local, so not encoded).
+    #[serde(skip)]
+    incoming: BTreeMap<NodeId, Vec<(u32, u64, u64)>>,
+}
+
+/// One stream's read model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stream {
+    /// Events in the stream.
+    pub version: u64,
+    /// Register fields: the writes left standing, by dot. More than one is a conflict.
+    pub fields: BTreeMap<String, BTreeMap<Dot, Written>>,
+    /// PN counters.
+    pub counters: BTreeMap<String, i128>,
+    /// Bounded counters.
+    pub escrow: BTreeMap<String, Escrow>,
+}
+
+impl Stream {
+    /// The displayed value of a field: the standing write with the greatest
+    /// `(hlc, author)`. `None` if the field was never written.
+    pub fn shown(&self, field: &str) -> Option<(&Dot, &Written)> {
+        self.fields.get(field).and_then(shown)
+    }
+}
+
+/// The standing write with the greatest `(hlc, author)`.
+pub fn shown(writes: &BTreeMap<Dot, Written>) -> Option<(&Dot, &Written)> {
+    writes.iter().max_by_key(|(d, w)| (w.hlc, d.author))
+}
+
+/// The idempotency record of a command: the event it produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandRecord {
+    /// The event's id.
+    pub id: EventId,
+    /// Its author.
+    pub author: NodeId,
+    /// Its seq.
+    pub seq: u64,
+    /// Its hlc.
+    pub hlc: Hlc,
+    /// Its stream.
+    pub stream: String,
+    /// The stream's version right after it.
+    pub version: u64,
+}
+
+/// Result of [`State::insert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inserted {
+    /// The event was new and is now applied.
+    New,
+    /// The event was already there; nothing changed.
+    Duplicate,
+}
+
+/// Why an event cannot be inserted into this replica.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Invalid {
+    /// The event is malformed on its own.
+    #[error(transparent)]
+    Malformed(#[from] EventError),
+    /// Another event already holds this author's seq: a fork.
+    #[error("equivocation: seq {seq} of author {author} is already event {existing}")]
+    Equivocation {
+        /// The author.
+        author: NodeId,
+        /// The seq held twice.
+        seq: u64,
+        /// The event already there.
+        existing: EventId,
+    },
+    /// The author's chain is not contiguous here.
+    #[error("chain gap: author {author} is at seq {have}, this event has seq {got}")]
+    Gap {
+        /// The author.
+        author: NodeId,
+        /// The last seq present.
+        have: u64,
+        /// The event's seq.
+        got: u64,
+    },
+    /// `prev` is not the author's previous event.
+    #[error("broken chain: prev is not the id of seq {} of its author", .seq - 1)]
+    BrokenChain {
+        /// The event's seq.
+        seq: u64,
+    },
+    /// A dep is not present.
+    #[error("missing dependency {0}")]
+    MissingDep(EventId),
+    /// The hlc is not above that of prev or a dep.
+    #[error("hlc {hlc} is not above {of}'s hlc {other}")]
+    ClockNotAfter {
+        /// The event's hlc.
+        hlc: Hlc,
+        /// "prev" or "a dep".
+        of: &'static str,
+        /// The hlc it must exceed.
+        other: Hlc,
+    },
+    /// A `Set` supersedes a write outside its causal past.
+    #[error("field {field:?} supersedes {dot}, which is not in the event's causal past")]
+    SupersedesUnseen {
+        /// The field.
+        field: String,
+        /// The dot.
+        dot: Dot,
+    },
+    /// An escrow op uses more rights than the author holds in its causal past.
+    #[error("escrow {counter:?}: the author holds rights to {held} in its causal past, the op needs {wanted}")]
+    InsufficientRights {
+        /// The counter.
+        counter: String,
+        /// Rights held.
+        held: u128,
+        /// Rights needed.
+        wanted: u128,
+    },
+}
+
+/// What a local command asks for; [`State::prepare`] turns it into an event.
+#[derive(Clone, Debug, Default)]
+pub struct Draft {
+    /// Stream.
+    pub stream: String,
+    /// Kind.
+    pub kind: String,
+    /// Ops. The `supersedes` of each `Set` is filled in by `prepare` with
+    /// the writes to that field this replica currently shows.
+    pub ops: Vec<Op>,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// Command id and user.
+    pub meta: Meta,
+    /// If set, the stream's version must equal it.
+    pub expected_version: Option<u64>,
+}
+
+/// Result of [`State::prepare`].
+#[derive(Clone, Debug)]
+pub enum Prepared {
+    /// A new event, ready to seal, log and insert.
+    New(Event),
+    /// The command id is already in the log: this is its event.
+    Existing(CommandRecord),
+}
+
+/// Why a local command was refused. Nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrepareError {
+    /// The stream is not at the expected version.
+    #[error("expected version {expected} of stream {stream:?}, but it is at version {actual}")]
+    VersionMismatch {
+        /// The stream.
+        stream: String,
+        /// The version the command expected.
+        expected: u64,
+        /// The stream's version.
+        actual: u64,
+    },
+    /// The event would be invalid.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// More concurrent heads than one event may depend on.
+    #[error("{0} unmerged authors exceed the {MAX_DOTS} deps one event may name")]
+    TooManyDeps(usize),
+}
+
+/// A replica's folded state. See the module docs.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    authors: Vec<Author>,
+    author_ix: BTreeMap<NodeId, u32>,
+    index: HashMap<EventId, Loc>,
+    streams: BTreeMap<String, Stream>,
+    commands: HashMap<String, CommandRecord>,
+    max_hlc: Hlc,
+}
+
+impl State {
+    /// An empty replica.
+    pub fn new() -> State {
+        State::default()
+    }
+
+    /// Number of events inserted.
+    pub fn len(&self) -> u64 {
+        self.index.len() as u64
+    }
+
+    /// Whether no event was inserted.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The largest hlc of any event.
+    pub fn max_hlc(&self) -> Hlc {
+        self.max_hlc
+    }
+
+    /// Whether the event is present.
+    pub fn contains(&self, id: &EventId) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// Author → (highest seq, id of that event), ascending by author.
+    pub fn frontier(&self) -> BTreeMap<NodeId, (u64, EventId)> {
+        self.author_ix
+            .iter()
+            .map(|(id, &ix)| {
+                let a = &self.authors[ix as usize];
+                // Every author in the index has inserted at least seq 1.
+                (
+                    *id,
+                    (a.seq(), *a.ids.last().expect("author with no events")),
+                )
+            })
+            .collect()
+    }
+
+    /// The id of an author's event by seq.
+    pub fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
+        let a = &self.authors[*self.author_ix.get(author)? as usize];
+        a.ids.get(seq.checked_sub(1)? as usize).copied()
+    }
+
+    /// The `(author, seq)` of an event.
+    pub fn dot_of(&self, id: &EventId) -> Option<Dot> {
+        self.index.get(id).map(|l| Dot {
+            author: self.authors[l.author as usize].id,
+            seq: l.seq,
+        })
+    }
+
+    /// A stream's read model.
+    pub fn stream(&self, name: &str) -> Option<&Stream> {
+        self.streams.get(name)
+    }
+
+    /// All streams, ascending by name.
+    pub fn streams(&self) -> &BTreeMap<String, Stream> {
+        &self.streams
+    }
+
+    /// A stream's version (0 for a stream with no events).
+    pub fn version(&self, stream: &str) -> u64 {
+        self.streams.get(stream).map_or(0, |s| s.version)
+    }
+
+    /// The event a command id produced, if it is in the log.
+    pub fn command(&self, command_id: &str) -> Option<&CommandRecord> {
+        self.commands.get(command_id)
+    }
+
+    /// Every field with more than one standing write: `(stream, field, writes)`,
+    /// ascending by stream then field.
+    pub fn conflicts(&self) -> impl Iterator<Item = (&str, &str, &BTreeMap<Dot, Written>)> {
+        self.streams.iter().flat_map(|(s, st)| {
+            st.fields
+                .iter()
+                .filter(|(_, w)| w.len() > 1)
+                .map(move |(f, w)| (s.as_str(), f.as_str(), w))
+        })
+    }
+
+    /// The canonical encoding of the read model: postcard of the streams map
+    /// (see `PROTOCOL.md`, "State hash").
+    pub fn canonical_read_model(&self) -> Vec<u8> {
+        // Encoding BTreeMaps of plain data into a Vec cannot fail.
+        postcard::to_stdvec(&self.streams).expect("encode read model")
+    }
+
+    /// blake3 of [`State::canonical_read_model`]: equal on every replica
+    /// holding the same events.
+    pub fn state_hash(&self) -> [u8; 32] {
+        *blake3::hash(&self.canonical_read_model()).as_bytes()
+    }
+
+    fn vc_at(&self, a: u32, seq: u64, other: u32) -> u64 {
+        if a == other {
+            return seq;
+        }
+        let Some(h) = self.authors[a as usize].hist.get(other as usize) else {
+            return 0;
+        };
+        match h.partition_point(|&(s, _)| s <= seq) {
+            0 => 0,
+            i => h[i - 1].1,
+        }
+    }
+
+    /// The vector clock of a new event by `author` (if known) with `deps`.
+    fn causal_vc(&self, author: Option<u32>, deps: &[Loc]) -> Vec<u64> {
+        let n = self.authors.len();
+        let mut vc = author.map_or_else(Vec::new, |a| self.authors[a as usize].vc.clone());
+        vc.resize(n, 0);
+        for d in deps {
+            if let Some(a) = author {
+                // Already implied by the author's own chain.
+                if vc[d.author as usize] >= d.seq && d.author != a {
+                    continue;
+                }
+            }
+            for (x, slot) in vc.iter_mut().enumerate() {
+                let v = self.vc_at(d.author, d.seq, x as u32);
+                if v > *slot {
+                    *slot = v;
+                }
+            }
+        }
+        vc
+    }
+
+    /// Checks `event` (whose id is `id`) against this replica and applies it.
+    /// On error nothing changes.
+    pub fn insert(&mut self, event: &Event, id: EventId) -> Result<Inserted, Invalid> {
+        if self.index.contains_key(&id) {
+            return Ok(Inserted::Duplicate);
+        }
+        event.check()?;
+        let ix = self.author_ix.get(&event.author).copied();
+        let (have, head_hlc) = match ix {
+            Some(ix) => {
+                let a = &self.authors[ix as usize];
+                (a.seq(), a.head_hlc)
+            }
+            None => (0, Hlc::ZERO),
+        };
+        if event.seq <= have {
+            let a = &self.authors[ix.expect("have > 0 implies known") as usize];
+            return Err(Invalid::Equivocation {
+                author: event.author,
+                seq: event.seq,
+                existing: a.ids[(event.seq - 1) as usize],
+            });
+        }
+        if event.seq != have + 1 {
+            return Err(Invalid::Gap {
+                author: event.author,
+                have,
+                got: event.seq,
+            });
+        }
+        if let Some(ix) = ix {
+            if event.prev != self.authors[ix as usize].ids.last().copied() {
+                return Err(Invalid::BrokenChain { seq: event.seq });
+            }
+            if event.hlc <= head_hlc {
+                return Err(Invalid::ClockNotAfter {
+                    hlc: event.hlc,
+                    of: "prev",
+                    other: head_hlc,
+                });
+            }
+        }
+        let mut deps = Vec::with_capacity(event.deps.len());
+        for d in &event.deps {
+            let loc = *self.index.get(d).ok_or(Invalid::MissingDep(*d))?;
+            if event.hlc <= loc.hlc {
+                return Err(Invalid::ClockNotAfter {
+                    hlc: event.hlc,
+                    of: "a dep",
+                    other: loc.hlc,
+                });
+            }
+            deps.push(loc);
+        }
+        let vc = self.causal_vc(ix, &deps);
+        self.check_ops(event, &vc)?;
+        self.apply(event, id, ix, vc);
+        Ok(Inserted::New)
+    }
+
+    /// Whether `dot` is in the causal past of a new event by `author` with
+    /// vector clock `vc` (which excludes the event itself).
+    fn in_past(&self, dot: &Dot, author: &NodeId, vc: &[u64]) -> bool {
+        if dot.author == *author {
+            // Own earlier events; `vc` may lack the new author's slot.
+            return self
+                .author_ix
+                .get(author)
+                .is_some_and(|&a| dot.seq <= self.authors[a as usize].seq());
+        }
+        self.author_ix
+            .get(&dot.author)
+            .is_some_and(|&b| vc.get(b as usize).is_some_and(|&v| v >= dot.seq))
+    }
+
+    fn check_ops(&self, event: &Event, vc: &[u64]) -> Result<(), Invalid> {
+        // Net change of the author's rights made by earlier ops of this event.
+        let mut delta: Vec<(&str, i128)> = Vec::new();
+        let stream = self.streams.get(&event.stream);
+        for op in &event.ops {
+            match op {
+                Op::Set {
+                    field, supersedes, ..
+                } => {
+                    for dot in supersedes {
+                        if !self.in_past(dot, &event.author, vc) {
+                            return Err(Invalid::SupersedesUnseen {
+                                field: field.clone(),
+                                dot: *dot,
+                            });
+                        }
+                    }
+                }
+                Op::Add { .. } => {}
+                Op::EscrowInit { counter, capacity } => {
+                    *delta_slot(&mut delta, counter) += *capacity as i128;
+                }
+                Op::EscrowTransfer {
+                    counter, amount, ..
+                }
+                | Op::EscrowConsume { counter, amount } => {
+                    let held = self.rights_in_past(stream, counter, &event.author, vc);
+                    let slot = delta_slot(&mut delta, counter);
+                    let available = (held as i128 + *slot).max(0) as u128;
+                    if *amount as u128 > available {
+                        return Err(Invalid::InsufficientRights {
+                            counter: counter.clone(),
+                            held: available,
+                            wanted: *amount as u128,
+                        });
+                    }
+                    *slot -= *amount as i128;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rights `author` holds on `counter` in the causal past `vc`.
+    fn rights_in_past(
+        &self,
+        stream: Option<&Stream>,
+        counter: &str,
+        author: &NodeId,
+        vc: &[u64],
+    ) -> u128 {
+        let Some(esc) = stream.and_then(|s| s.escrow.get(counter)) else {
+            return 0;
+        };
+        let Some(acct) = esc.accounts.get(author) else {
+            return 0;
+        };
+        let received: u128 = esc.incoming.get(author).map_or(0, |v| {
+            v.iter()
+                .filter(|(from, seq, _)| vc.get(*from as usize).is_some_and(|&s| s >= *seq))
+                .map(|&(_, _, amt)| amt as u128)
+                .sum()
+        });
+        // Own inits, sends and consumption are all in the own chain, hence
+        // in the past; received-in-past never exceeds `acct.received`.
+        (acct.init + received).saturating_sub(acct.sent + acct.consumed)
+    }
+
+    fn apply(&mut self, event: &Event, id: EventId, ix: Option<u32>, mut vc: Vec<u64>) {
+        let ix = match ix {
+            Some(ix) => ix,
+            None => {
+                let ix = self.authors.len() as u32;
+                self.authors.push(Author {
+                    id: event.author,
+                    ids: Vec::new(),
+                    head_hlc: Hlc::ZERO,
+                    vc: Vec::new(),
+                    hist: Vec::new(),
+                });
+                self.author_ix.insert(event.author, ix);
+                vc.resize(self.authors.len(), 0);
+                ix
+            }
+        };
+        let author = &mut self.authors[ix as usize];
+        // Record where knowledge of other authors grew.
+        for (x, &v) in vc.iter().enumerate() {
+            if x as u32 == ix {
+                continue;
+            }
+            if v > author.vc.get(x).copied().unwrap_or(0) {
+                if author.hist.len() <= x {
+                    author.hist.resize_with(x + 1, Vec::new);
+                }
+                author.hist[x].push((event.seq, v));
+            }
+        }
+        vc[ix as usize] = event.seq;
+        author.vc = vc;
+        author.ids.push(id);
+        author.head_hlc = event.hlc;
+        self.index.insert(
+            id,
+            Loc {
+                author: ix,
+                seq: event.seq,
+                hlc: event.hlc,
+            },
+        );
+        self.max_hlc = self.max_hlc.max(event.hlc);
+        let dot = Dot {
+            author: event.author,
+            seq: event.seq,
+        };
+        let stream = match self.streams.get_mut(&event.stream) {
+            Some(s) => s,
+            None => self.streams.entry(event.stream.clone()).or_default(),
+        };
+        stream.version += 1;
+        for op in &event.ops {
+            apply_op(stream, op, dot, ix, event.hlc);
+        }
+        if let Some(cmd) = &event.meta.command_id {
+            let version = stream.version;
+            self.commands
+                .entry(cmd.clone())
+                .or_insert_with(|| CommandRecord {
+                    id,
+                    author: event.author,
+                    seq: event.seq,
+                    hlc: event.hlc,
+                    stream: event.stream.clone(),
+                    version,
+                });
+        }
+    }
+
+    /// Turns a local command into an event by `author`, stamped by `clock`.
+    /// The event is checked as [`State::insert`] would; it is not inserted.
+    pub fn prepare(
+        &self,
+        author: NodeId,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        draft: Draft,
+    ) -> Result<Prepared, PrepareError> {
+        if let Some(cmd) = draft
+            .meta
+            .command_id
+            .as_deref()
+            .and_then(|c| self.command(c))
+        {
+            return Ok(Prepared::Existing(cmd.clone()));
+        }
+        let actual = self.version(&draft.stream);
+        if let Some(expected) = draft.expected_version {
+            if expected != actual {
+                return Err(PrepareError::VersionMismatch {
+                    stream: draft.stream,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let ix = self.author_ix.get(&author).copied();
+        let (seq, prev, mut after) = match ix {
+            Some(ix) => {
+                let a = &self.authors[ix as usize];
+                (a.seq() + 1, a.ids.last().copied(), a.head_hlc)
+            }
+            None => (1, None, Hlc::ZERO),
+        };
+        let deps = self.unmerged_heads(ix);
+        if deps.len() > MAX_DOTS {
+            return Err(PrepareError::TooManyDeps(deps.len()));
+        }
+        for d in &deps {
+            after = after.max(self.index[d].hlc);
+        }
+        let stream = self.streams.get(&draft.stream);
+        let mut ops = draft.ops;
+        for op in &mut ops {
+            if let Op::Set {
+                field, supersedes, ..
+            } = op
+            {
+                *supersedes = stream
+                    .and_then(|s| s.fields.get(field.as_str()))
+                    .map_or_else(Vec::new, |w| w.keys().copied().collect());
+            }
+        }
+        let event = Event {
+            version: FORMAT_VERSION,
+            author,
+            seq,
+            prev,
+            deps,
+            hlc: clock.tick(now_ms, after),
+            stream: draft.stream,
+            kind: draft.kind,
+            ops,
+            payload: draft.payload,
+            meta: draft.meta,
+        };
+        event.check().map_err(Invalid::from)?;
+        let dep_locs: Vec<Loc> = event.deps.iter().map(|d| self.index[d]).collect();
+        let vc = self.causal_vc(ix, &dep_locs);
+        self.check_ops(&event, &vc)?;
+        Ok(Prepared::New(event))
+    }
+
+    /// Heads of other authors that `author`'s chain does not imply, minus
+    /// those implied by another such head; sorted by id.
+    fn unmerged_heads(&self, author: Option<u32>) -> Vec<EventId> {
+        let own = author.map(|a| &self.authors[a as usize].vc);
+        let cands: Vec<(u32, u64)> = self
+            .authors
+            .iter()
+            .enumerate()
+            .filter(|(x, a)| {
+                Some(*x as u32) != author
+                    && own.and_then(|vc| vc.get(*x)).copied().unwrap_or(0) < a.seq()
+            })
+            .map(|(x, a)| (x as u32, a.seq()))
+            .collect();
+        let mut deps: Vec<EventId> = cands
+            .iter()
+            .filter(|&&(c, cseq)| {
+                !cands
+                    .iter()
+                    .any(|&(b, bseq)| b != c && self.vc_at(b, bseq, c) >= cseq)
+            })
+            .map(|&(c, cseq)| self.authors[c as usize].ids[(cseq - 1) as usize])
+            .collect();
+        deps.sort_unstable();
+        deps
+    }
+}
+
+fn delta_slot<'a, 'b>(delta: &'b mut Vec<(&'a str, i128)>, counter: &'a str) -> &'b mut i128 {
+    let i = match delta.iter().position(|(c, _)| *c == counter) {
+        Some(i) => i,
+        None => {
+            delta.push((counter, 0));
+            delta.len() - 1
+        }
+    };
+    &mut delta[i].1
+}
+
+fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc) {
+    match op {
+        Op::Set {
+            field,
+            value,
+            supersedes,
+        } => {
+            let writes = match stream.fields.get_mut(field.as_str()) {
+                Some(w) => w,
+                None => stream.fields.entry(field.clone()).or_default(),
+            };
+            for d in supersedes {
+                writes.remove(d);
+            }
+            writes.insert(
+                dot,
+                Written {
+                    hlc,
+                    value: value.clone(),
+                },
+            );
+        }
+        Op::Add { counter, delta } => {
+            let c = match stream.counters.get_mut(counter.as_str()) {
+                Some(c) => c,
+                None => stream.counters.entry(counter.clone()).or_default(),
+            };
+            *c += *delta as i128;
+        }
+        Op::EscrowInit { counter, capacity } => {
+            let e = stream.escrow.entry(counter.clone()).or_default();
+            e.capacity += *capacity as u128;
+            e.accounts.entry(dot.author).or_default().init += *capacity as u128;
+        }
+        Op::EscrowTransfer {
+            counter,
+            to,
+            amount,
+        } => {
+            let e = stream.escrow.entry(counter.clone()).or_default();
+            e.accounts.entry(dot.author).or_default().sent += *amount as u128;
+            e.accounts.entry(*to).or_default().received += *amount as u128;
+            e.incoming
+                .entry(*to)
+                .or_default()
+                .push((ix, dot.seq, *amount));
+        }
+        Op::EscrowConsume { counter, amount } => {
+            let e = stream.escrow.entry(counter.clone()).or_default();
+            e.accounts.entry(dot.author).or_default().consumed += *amount as u128;
+            e.consumed += *amount as u128;
+        }
+    }
+}

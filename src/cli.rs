@@ -1,0 +1,402 @@
+//! The `weftlog` command line. Every command prints JSON on stdout (one
+//! object, or one object per line for lists); errors go to stderr as one
+//! sentence with a non-zero exit code, and nothing is written.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use weftlog_proto::state::Draft;
+use weftlog_proto::{Hlc, Meta, NodeId, Op, State};
+
+use crate::json;
+use crate::node::{self, Node};
+use crate::storage::sync_dir;
+
+/// weftlog: a leaderless, CRDT-based replicated event log for systems that
+/// must keep working while disconnected.
+///
+/// Each node keeps a durable, signed, append-only log in its data directory.
+/// Commands become events; each stream's state is a deterministic fold of its
+/// events into registers (concurrent writes kept as conflicts), counters and
+/// escrow counters. Nodes exchange what the other lacks with export/import.
+#[derive(Parser, Debug)]
+#[command(name = "weftlog", version, propagate_version = true)]
+pub struct Cli {
+    /// Data directory of the node.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "weftlog-data"
+    )]
+    pub data: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a node: a new ed25519 key and an empty log. Refuses to
+    /// overwrite an existing node.
+    Init,
+    /// Append one event (acknowledged once it is on disk).
+    Append(AppendArgs),
+    /// Show a stream's state: fields (with conflicts), counters, escrow.
+    Get {
+        /// Stream name, e.g. customer/20.
+        #[arg(long)]
+        stream: String,
+        /// Show the state as of this hybrid logical clock value (as printed
+        /// in the `hlc` of `append` and `log`): only events with hlc <= it.
+        #[arg(long, value_name = "HLC")]
+        as_of: Option<u64>,
+    },
+    /// Print events, one JSON object per line, in canonical order
+    /// (ascending hlc, author, seq).
+    Log {
+        /// Only this stream's events.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// List fields with concurrent values, one JSON object per line.
+    Conflicts,
+    /// Node id, event count, frontier (per author: highest seq and its id)
+    /// and the state hash (equal on nodes holding the same events).
+    Status,
+    /// Write the events another node lacks (or all of them) to a file.
+    Export {
+        /// The other node's `weftlog status` output; without it, export all.
+        #[arg(long, value_name = "FRONTIER_FILE")]
+        since: Option<PathBuf>,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Verify and store the events of an export file: all of them, or none.
+    Import {
+        /// The export file.
+        file: PathBuf,
+    },
+    /// Two registration desks edit a customer offline, exchange exports,
+    /// and converge; runs in a temporary directory.
+    Demo,
+}
+
+/// Arguments of `append`.
+#[derive(Args, Debug, Default)]
+pub struct AppendArgs {
+    /// Stream (aggregate) name, e.g. customer/20.
+    #[arg(long)]
+    pub stream: String,
+    /// Event kind: what the user meant, e.g. EmailChanged.
+    #[arg(long)]
+    pub kind: String,
+    /// Set a field to a JSON value, superseding the values of that field
+    /// this node currently sees (this resolves a conflict). Repeatable.
+    #[arg(long = "set", value_name = "FIELD=JSON")]
+    pub set: Vec<String>,
+    /// Add an integer (negative to subtract) to a counter. Repeatable.
+    #[arg(long = "add", value_name = "COUNTER=INT", allow_hyphen_values = true)]
+    pub add: Vec<String>,
+    /// Add capacity to an escrow counter; this node holds the rights.
+    #[arg(long, value_name = "COUNTER=N")]
+    pub escrow_init: Vec<String>,
+    /// Move escrow rights from this node to another node.
+    #[arg(long, value_name = "COUNTER=NODE:N")]
+    pub escrow_transfer: Vec<String>,
+    /// Use escrow rights this node holds (e.g. sell seats).
+    #[arg(long, value_name = "COUNTER=N")]
+    pub escrow_consume: Vec<String>,
+    /// Application payload, JSON.
+    #[arg(long, value_name = "JSON")]
+    pub payload: Option<String>,
+    /// Fail unless the stream is at this version (number of events).
+    #[arg(long, value_name = "N")]
+    pub expect_version: Option<u64>,
+    /// Idempotency key: if an event with this command id is in the log,
+    /// nothing is appended and that event is returned.
+    #[arg(long, value_name = "ID")]
+    pub command_id: Option<String>,
+    /// The acting user, recorded in the event.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+}
+
+fn split<'a>(flag: &str, s: &'a str, sep: char, shape: &str) -> Result<(&'a str, &'a str)> {
+    s.split_once(sep)
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| anyhow!("{flag} {s:?} is not of the form {shape}"))
+}
+
+fn parse_json(flag: &str, s: &str) -> Result<Vec<u8>> {
+    let v: Value = serde_json::from_str(s)
+        .map_err(|e| anyhow!("{flag}{s} is not JSON ({e}); quote strings, e.g. '\"text\"'"))?;
+    // Re-encoding gives canonical text: sorted keys, no spaces.
+    Ok(serde_json::to_vec(&v)?)
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, s: &str, what: &str) -> Result<T> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow!("{flag}: {s:?} is not {what}"))
+}
+
+impl AppendArgs {
+    /// The draft these arguments describe.
+    pub fn draft(&self) -> Result<Draft> {
+        let mut ops = Vec::new();
+        for s in &self.set {
+            let (field, v) = split("--set", s, '=', "FIELD=JSON")?;
+            ops.push(Op::Set {
+                field: field.into(),
+                value: parse_json(&format!("--set {field}="), v)?,
+                supersedes: vec![],
+            });
+        }
+        for s in &self.add {
+            let (counter, n) = split("--add", s, '=', "COUNTER=INT")?;
+            ops.push(Op::Add {
+                counter: counter.into(),
+                delta: parse_num("--add", n, "an integer")?,
+            });
+        }
+        for s in &self.escrow_init {
+            let (counter, n) = split("--escrow-init", s, '=', "COUNTER=N")?;
+            ops.push(Op::EscrowInit {
+                counter: counter.into(),
+                capacity: parse_num("--escrow-init", n, "a positive integer")?,
+            });
+        }
+        for s in &self.escrow_transfer {
+            let (counter, rest) = split("--escrow-transfer", s, '=', "COUNTER=NODE:N")?;
+            let (node, n) = split("--escrow-transfer", rest, ':', "COUNTER=NODE:N")?;
+            ops.push(Op::EscrowTransfer {
+                counter: counter.into(),
+                to: node
+                    .parse()
+                    .map_err(|e| anyhow!("--escrow-transfer: {e}"))?,
+                amount: parse_num("--escrow-transfer", n, "a positive integer")?,
+            });
+        }
+        for s in &self.escrow_consume {
+            let (counter, n) = split("--escrow-consume", s, '=', "COUNTER=N")?;
+            ops.push(Op::EscrowConsume {
+                counter: counter.into(),
+                amount: parse_num("--escrow-consume", n, "a positive integer")?,
+            });
+        }
+        Ok(Draft {
+            stream: self.stream.clone(),
+            kind: self.kind.clone(),
+            ops,
+            payload: match &self.payload {
+                Some(p) => parse_json("--payload", p)?,
+                None => Vec::new(),
+            },
+            meta: Meta {
+                command_id: self.command_id.clone(),
+                user: self.user.clone(),
+            },
+            expected_version: self.expect_version,
+        })
+    }
+}
+
+/// Opens the node, reporting any recovery on stderr.
+pub fn open(dir: &Path) -> Result<Node> {
+    let (node, recovery) = Node::open(dir)?;
+    if let Some(t) = recovery.torn {
+        eprintln!(
+            "weftlog: recovered {}: cut a torn tail of {} bytes at byte {} of segment {} ({})",
+            dir.display(),
+            t.dropped_bytes,
+            t.offset,
+            t.segment,
+            t.reason
+        );
+    }
+    Ok(node)
+}
+
+fn print(out: &mut impl Write, v: &Value) -> Result<()> {
+    serde_json::to_writer(&mut *out, v)?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+/// The frontier in a file holding another node's `status` output.
+fn read_frontier(path: &Path) -> Result<BTreeMap<NodeId, u64>> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{} is not JSON ({e}); pass another node's `weftlog status` output",
+            path.display()
+        )
+    })?;
+    let f = v
+        .get("frontier")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no \"frontier\" object; pass another node's `weftlog status` output",
+                path.display()
+            )
+        })?;
+    f.iter()
+        .map(|(author, e)| {
+            let a: NodeId = author
+                .parse()
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let seq = e.get("seq").and_then(Value::as_u64).ok_or_else(|| {
+                anyhow!(
+                    "{}: frontier entry {author} has no numeric \"seq\"",
+                    path.display()
+                )
+            })?;
+            Ok((a, seq))
+        })
+        .collect()
+}
+
+/// Writes `data` to `path` atomically and durably.
+pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    tmp.write_all(data)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    sync_dir(&dir)?;
+    Ok(())
+}
+
+/// Runs one command, printing its JSON to `out`.
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
+    let dir = &cli.data;
+    match cli.command {
+        Command::Init => {
+            let id = node::init(dir)?;
+            print(
+                out,
+                &json!({ "node": id.to_string(), "data": dir.display().to_string() }),
+            )?;
+        }
+        Command::Append(args) => {
+            let draft = args.draft()?;
+            let node = open(dir)?;
+            let a = node.append(draft)?;
+            print(out, &json::appended(&a))?;
+        }
+        Command::Get { stream, as_of } => {
+            let node = open(dir)?;
+            let v = match as_of {
+                None => node.with_state(|s| json::stream(&stream, s.stream(&stream))),
+                Some(x) => {
+                    let past = state_as_of(&node, Hlc(x))?;
+                    json::stream(&stream, past.stream(&stream))
+                }
+            };
+            print(out, &v)?;
+        }
+        Command::Log { stream } => {
+            let node = open(dir)?;
+            let mut rows = Vec::new();
+            node.scan(|e, id| {
+                if stream.as_deref().is_none_or(|s| s == e.stream) {
+                    rows.push(((e.hlc, e.author, e.seq), json::event(e, &id)));
+                }
+            })?;
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (_, v) in rows {
+                print(out, &v)?;
+            }
+        }
+        Command::Conflicts => {
+            let node = open(dir)?;
+            for v in node.with_state(json::conflicts) {
+                print(out, &v)?;
+            }
+        }
+        Command::Status => {
+            let node = open(dir)?;
+            let v = node.with_state(|s| json::status(&node.id(), s));
+            print(out, &v)?;
+        }
+        Command::Export { since, out: path } => {
+            let since = match since {
+                Some(p) => read_frontier(&p)?,
+                None => BTreeMap::new(),
+            };
+            let node = open(dir)?;
+            let (data, n) = node.export(&since)?;
+            write_file(&path, &data)?;
+            print(
+                out,
+                &json!({ "exported": n, "out": path.display().to_string(), "bytes": data.len() }),
+            )?;
+        }
+        Command::Import { file } => {
+            let len = fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            if len > weftlog_proto::exchange::MAX_EXPORT_BYTES {
+                bail!("{} is {len} bytes, above the import limit", file.display());
+            }
+            let data =
+                fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let node = open(dir)?;
+            let r = node
+                .import(&data)
+                .with_context(|| format!("import of {} refused, nothing stored", file.display()))?;
+            print(
+                out,
+                &json!({ "imported": r.imported, "duplicates": r.duplicates }),
+            )?;
+        }
+        Command::Demo => crate::demo::run(out)?,
+    }
+    Ok(())
+}
+
+/// The state folded from the events with hlc <= `at`. The log is in causal
+/// order and that set is causally closed, so every insert succeeds.
+pub fn state_as_of(node: &Node, at: Hlc) -> Result<State> {
+    let mut state = State::new();
+    let mut err = None;
+    node.scan(|e, id| {
+        if e.hlc <= at && err.is_none() {
+            if let Err(x) = state.insert(e, id) {
+                err = Some(x);
+            }
+        }
+    })?;
+    match err {
+        Some(e) => Err(anyhow!("log does not fold: {e}")),
+        None => Ok(state),
+    }
+}
+
+/// Entry point used by `main`; exit code 0 on success, 1 on error.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    match run(cli, &mut out) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

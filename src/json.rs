@@ -1,0 +1,186 @@
+//! The JSON the CLI prints (and the HTTP API will serve). Objects are
+//! `serde_json::Map`s, which keep keys sorted, so output is deterministic.
+
+use serde_json::{json, Map, Value};
+use weftlog_proto::state::{shown, Stream, Written};
+use weftlog_proto::{Dot, Event, EventId, Op, State};
+
+use crate::node::Appended;
+
+/// Register values and payloads are JSON text by convention; anything else
+/// is shown as `{"hex": "…"}`.
+pub fn bytes_value(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        json!({ "hex": hex })
+    })
+}
+
+/// The output of `append`.
+pub fn appended(a: &Appended) -> Value {
+    let mut v = json!({
+        "id": a.id.to_string(),
+        "author": a.author.to_string(),
+        "seq": a.seq,
+        "hlc": a.hlc.0,
+        "stream": a.stream,
+        "version": a.version,
+    });
+    if a.existing {
+        v["existing"] = Value::Bool(true);
+    }
+    v
+}
+
+fn dot(d: &Dot) -> Value {
+    json!({ "author": d.author.to_string(), "seq": d.seq })
+}
+
+fn op(o: &Op) -> Value {
+    match o {
+        Op::Set {
+            field,
+            value,
+            supersedes,
+        } => json!({ "set": {
+            "field": field,
+            "value": bytes_value(value),
+            "supersedes": supersedes.iter().map(dot).collect::<Vec<_>>(),
+        }}),
+        Op::Add { counter, delta } => json!({ "add": { "counter": counter, "delta": delta } }),
+        Op::EscrowInit { counter, capacity } => {
+            json!({ "escrow_init": { "counter": counter, "capacity": capacity } })
+        }
+        Op::EscrowTransfer {
+            counter,
+            to,
+            amount,
+        } => json!({ "escrow_transfer": {
+            "counter": counter, "to": to.to_string(), "amount": amount,
+        }}),
+        Op::EscrowConsume { counter, amount } => {
+            json!({ "escrow_consume": { "counter": counter, "amount": amount } })
+        }
+    }
+}
+
+/// One event, as `log` prints it.
+pub fn event(e: &Event, id: &EventId) -> Value {
+    let mut meta = Map::new();
+    if let Some(c) = &e.meta.command_id {
+        meta.insert("command_id".into(), c.clone().into());
+    }
+    if let Some(u) = &e.meta.user {
+        meta.insert("user".into(), u.clone().into());
+    }
+    json!({
+        "id": id.to_string(),
+        "author": e.author.to_string(),
+        "seq": e.seq,
+        "prev": e.prev.map(|p| p.to_string()),
+        "deps": e.deps.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        "hlc": e.hlc.0,
+        "stream": e.stream,
+        "kind": e.kind,
+        "ops": e.ops.iter().map(op).collect::<Vec<_>>(),
+        "payload": if e.payload.is_empty() { Value::Null } else { bytes_value(&e.payload) },
+        "meta": meta,
+    })
+}
+
+fn written(d: &Dot, w: &Written) -> Value {
+    json!({ "value": bytes_value(&w.value), "author": d.author.to_string(), "hlc": w.hlc.0 })
+}
+
+/// The standing writes of a field, shown value first: descending `(hlc, author)`.
+fn conflict_values(writes: &std::collections::BTreeMap<Dot, Written>) -> Vec<Value> {
+    let mut all: Vec<_> = writes.iter().collect();
+    all.sort_by_key(|(d, w)| std::cmp::Reverse((w.hlc, d.author)));
+    all.into_iter().map(|(d, w)| written(d, w)).collect()
+}
+
+/// A stream's read model, as `get` prints it.
+pub fn stream(name: &str, s: Option<&Stream>) -> Value {
+    let empty = Stream::default();
+    let s = s.unwrap_or(&empty);
+    let mut fields = Map::new();
+    for (f, writes) in &s.fields {
+        let Some((_, w)) = shown(writes) else {
+            continue;
+        };
+        let mut v = json!({ "value": bytes_value(&w.value) });
+        if writes.len() > 1 {
+            v["conflict"] = Value::Array(conflict_values(writes));
+        }
+        fields.insert(f.clone(), v);
+    }
+    let counters: Map<String, Value> = s
+        .counters
+        .iter()
+        .map(|(c, n)| (c.clone(), number(*n)))
+        .collect();
+    let escrow: Map<String, Value> = s
+        .escrow
+        .iter()
+        .map(|(c, e)| {
+            let rights: Map<String, Value> = e
+                .accounts
+                .iter()
+                .map(|(n, a)| (n.to_string(), number(a.rights() as i128)))
+                .collect();
+            (
+                c.clone(),
+                json!({
+                    "capacity": number(e.capacity as i128),
+                    "consumed": number(e.consumed as i128),
+                    "rights": rights,
+                }),
+            )
+        })
+        .collect();
+    json!({
+        "stream": name,
+        "version": s.version,
+        "fields": fields,
+        "counters": counters,
+        "escrow": escrow,
+    })
+}
+
+/// An integer as a JSON number (i64 when it fits, else a decimal string).
+fn number(n: i128) -> Value {
+    i64::try_from(n).map_or_else(|_| Value::String(n.to_string()), Value::from)
+}
+
+/// The lines `conflicts` prints.
+pub fn conflicts(state: &State) -> Vec<Value> {
+    state
+        .conflicts()
+        .map(|(s, f, w)| json!({ "stream": s, "field": f, "values": conflict_values(w) }))
+        .collect()
+}
+
+/// The output of `status`.
+pub fn status(node: &weftlog_proto::NodeId, state: &State) -> Value {
+    let frontier: Map<String, Value> = state
+        .frontier()
+        .iter()
+        .map(|(a, (seq, head))| {
+            (
+                a.to_string(),
+                json!({ "seq": seq, "head": head.to_string() }),
+            )
+        })
+        .collect();
+    let hash: String = state
+        .state_hash()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    json!({
+        "node": node.to_string(),
+        "events": state.len(),
+        "frontier": frontier,
+        "state_hash": hash,
+    })
+}

@@ -1,0 +1,11 @@
+//! weftlog, the node: file storage, the node with group commit, the JSON
+//! views the CLI prints, and the CLI itself. The sans-IO core is
+//! [`weftlog_proto`].
+
+pub mod cli;
+pub mod demo;
+pub mod json;
+pub mod node;
+pub mod storage;
+
+pub use node::Node;
