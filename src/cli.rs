@@ -41,6 +41,7 @@ pub struct Cli {
 
 /// The commands.
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Create a node: a new ed25519 key and an empty log. Refuses to
     /// overwrite an existing node.
@@ -317,7 +318,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                     rows.push(((e.hlc, e.author, e.seq), json::event(e, &id)));
                 }
             })?;
-            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            rows.sort_unstable_by_key(|r| r.0);
             for (_, v) in rows {
                 print(out, &v)?;
             }

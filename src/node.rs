@@ -140,8 +140,6 @@ struct Pending {
 struct Shared {
     state: State,
     clock: HlcClock,
-    /// Signature of each author's last record in the log (or pending).
-    head_sigs: BTreeMap<NodeId, Signature>,
     pending: Vec<Pending>,
     /// Records handed to `pending` so far, and those durable.
     enqueued: u64,
@@ -234,7 +232,7 @@ impl Node {
             .map_err(|_| NodeOpenError::BadKey(key_path.clone()))?;
         let key = Keypair::from_secret(secret);
         let log_dir = dir.join(LOG_DIR);
-        let (state, head_sigs, log, recovery) = load(&log_dir)?;
+        let (state, log, recovery) = load(&log_dir)?;
         let clock = HlcClock::new(state.max_hlc());
         let durable = log.records();
         Ok((
@@ -245,7 +243,6 @@ impl Node {
                 shared: Mutex::new(Shared {
                     state,
                     clock,
-                    head_sigs,
                     pending: Vec::new(),
                     enqueued: durable,
                     durable,
@@ -350,7 +347,6 @@ impl Node {
             if let Some(p) = batch.iter_mut().rev().find(|p| p.author == self.id) {
                 let sig = self.key.sign(&p.id);
                 p.sig = Some(sig);
-                g.head_sigs.insert(self.id, sig);
             }
             drop(g);
             let r = self.write(&batch);
@@ -395,9 +391,6 @@ impl Node {
         g.clock.observe(scratch.max_hlc());
         g.state = scratch;
         for item in &new {
-            if let Some(sig) = item.sig {
-                g.head_sigs.insert(item.event.author, sig);
-            }
             g.pending.push(Pending {
                 bytes: item.bytes.clone(),
                 id: item.id,
@@ -426,15 +419,16 @@ impl Node {
     }
 
     /// An export file holding every event past `since` (author → seq; all
-    /// events when empty), each author's run ending at its head.
+    /// events when empty), each author's run ending at its head, which
+    /// carries its signature.
     pub fn export(&self, since: &BTreeMap<NodeId, u64>) -> Result<(Vec<u8>, usize), OpenError> {
-        let head_sigs = self.lock().head_sigs.clone();
-        let mut frontier = BTreeMap::new();
+        // Per author: the id and signature of its last durable record.
+        let mut heads: BTreeMap<NodeId, (EventId, Option<Signature>)> = BTreeMap::new();
         let mut out = Vec::new();
         let mut guard = self.log.lock().expect("log lock poisoned");
         guard.0.scan(|frame| {
             let e = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
-            frontier.insert(e.author, (e.seq, frame.id));
+            heads.insert(e.author, (frame.id, frame.sig));
             if e.seq > since.get(&e.author).copied().unwrap_or(0) {
                 out.push(Outgoing {
                     bytes: frame.bytes.to_vec(),
@@ -449,9 +443,15 @@ impl Node {
         })?;
         drop(guard);
         for o in &mut out {
-            if frontier.get(&o.author).map(|f| f.1) == Some(o.id) {
-                // Invariant: open and every write keep a signature per head.
-                o.sig = Some(head_sigs[&o.author]);
+            let (head, sig) = heads[&o.author];
+            if head == o.id {
+                // Every finished batch ends each author's run with a signed
+                // record, and the scan above saw only finished batches.
+                o.sig = Some(sig.ok_or_else(|| OpenError::Refused {
+                    index: 0,
+                    id: o.id,
+                    reason: "the author's last record carries no signature".into(),
+                })?);
             }
         }
         let n = out.len();
@@ -459,12 +459,7 @@ impl Node {
     }
 }
 
-type Loaded = (
-    State,
-    BTreeMap<NodeId, Signature>,
-    Log<FileStorage>,
-    Recovery,
-);
+type Loaded = (State, Log<FileStorage>, Recovery);
 
 /// Recovers and folds the log in `log_dir`. Records after an author's last
 /// signed record can only be an interrupted batch (its signature is the
@@ -525,7 +520,6 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
             })?;
         }
         recovery.records = log.records();
-        let head_sigs = signed.into_iter().map(|(a, (_, _, s))| (a, s)).collect();
-        return Ok((state, head_sigs, log, recovery));
+        return Ok((state, log, recovery));
     }
 }
