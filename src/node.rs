@@ -419,10 +419,10 @@ impl Node {
     }
 
     /// An export file holding every event past `since` (author → seq; all
-    /// events when empty), each author's run ending at its head, which
-    /// carries its signature.
+    /// events when empty), each author's run ending at its head, with the
+    /// signatures the log holds.
     pub fn export(&self, since: &BTreeMap<NodeId, u64>) -> Result<(Vec<u8>, usize), OpenError> {
-        // Per author: the id and signature of its last durable record.
+        // Per author: the id and signature of its last record.
         let mut heads: BTreeMap<NodeId, (EventId, Option<Signature>)> = BTreeMap::new();
         let mut out = Vec::new();
         let mut guard = self.log.lock().expect("log lock poisoned");
@@ -436,22 +436,21 @@ impl Node {
                     author: e.author,
                     seq: e.seq,
                     hlc: e.hlc,
-                    sig: None,
+                    sig: frame.sig,
                 });
             }
             Ok(())
         })?;
         drop(guard);
-        for o in &mut out {
-            let (head, sig) = heads[&o.author];
-            if head == o.id {
-                // Every finished batch ends each author's run with a signed
-                // record, and the scan above saw only finished batches.
-                o.sig = Some(sig.ok_or_else(|| OpenError::Refused {
+        // Every finished batch ends each author's run with a signed record,
+        // and the scan above saw only finished batches.
+        for (author, (id, sig)) in &heads {
+            if sig.is_none() {
+                return Err(OpenError::Refused {
                     index: 0,
-                    id: o.id,
-                    reason: "the author's last record carries no signature".into(),
-                })?);
+                    id: *id,
+                    reason: format!("the last record of author {author} carries no signature"),
+                });
             }
         }
         let n = out.len();

@@ -4,8 +4,10 @@
 //! log frames (see [`crate::log`]) in canonical order, ascending
 //! `(hlc, author, seq)`, which is a linear extension of causality. For each
 //! author, the file holds a contiguous run of its chain, and the last event
-//! of each run carries the author's signature; earlier ones carry none, as
-//! the signature covers them through `prev`.
+//! of each run carries the author's signature, which covers the run through
+//! `prev`. Earlier events carry the signatures the log stored for them (the
+//! ends of the author's group commits), so a run never has to be held whole
+//! before it can be checked, and every signature present is verified.
 //!
 //! An import is all or nothing: [`read_export`] checks framing, ids, the
 //! canonical encoding and limits of every event; [`authenticate`] checks the
@@ -102,8 +104,8 @@ pub struct Outgoing {
     pub sig: Option<Signature>,
 }
 
-/// Writes an export file of `events`. Each author's events must be a
-/// contiguous run ending at an event whose signature is given.
+/// Writes an export file of `events`, with the signatures given. Each
+/// author's events must be a contiguous run ending at a signed event.
 ///
 /// # Panics
 /// If an author's last event has no signature.
