@@ -1,0 +1,1378 @@
+//! Guards the laws of the fold (`DESIGN.md` §3): events made the way a node
+//! makes them (`State::prepare`, `Event::seal`, `State::insert`) fold to
+//! byte-identical state in any causal delivery order, with duplicates; escrow
+//! never lets consumption exceed capacity; every hlc cut is causally closed;
+//! concurrent writes to one field are a conflict until a later write
+//! supersedes them; command ids and expected versions behave like an event
+//! store's.
+//!
+//! The random tests check the real `State` against an independent model
+//! computed from the event set alone (causal pasts by explicit reachability),
+//! not only against itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use weftlog_proto::event::FORMAT_VERSION;
+use weftlog_proto::state::{
+    Account, Draft, Inserted, Invalid, PrepareError, Prepared, State, Written,
+};
+use weftlog_proto::{Dot, Event, EventId, Hlc, HlcClock, Keypair, Meta, NodeId, Op};
+
+/// Streams the random scripts write to.
+const STREAMS: [&str; 2] = ["seat-block/1", "customer/7"];
+/// Register fields.
+const FIELDS: [&str; 3] = ["name", "email", "phone"];
+/// PN counters.
+const COUNTERS: [&str; 2] = ["checkins", "badges"];
+/// The bounded counter.
+const SEATS: &str = "seats";
+/// Most authors in a script.
+const AUTHORS_MAX: usize = 4;
+/// Most steps in a script; about 3 in 5 are appends, some of them refused,
+/// so a script makes up to about 40 events (at most 128: see `Bits`).
+const STEPS_MAX: usize = 96;
+
+fn config(file: &'static str) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    ProptestConfig {
+        cases,
+        // Integration tests run with the package root as working directory.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(file))),
+        ..ProptestConfig::default()
+    }
+}
+
+/// Keys derived once: ed25519 key derivation is slow in debug builds.
+fn keys() -> &'static [Keypair] {
+    static KEYS: OnceLock<Vec<Keypair>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        (0..AUTHORS_MAX)
+            .map(|i| Keypair::from_secret([i as u8 + 1; 32]))
+            .collect()
+    })
+}
+
+/// SplitMix64: delivery orders are drawn from a seed proptest supplies.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn one_in(&mut self, n: u64) -> bool {
+        self.next().is_multiple_of(n)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Replicas driven by a script.
+
+/// One author with its own replica, clock and insertion order.
+struct Node {
+    key: &'static Keypair,
+    id: NodeId,
+    state: State,
+    clock: HlcClock,
+    /// Events in the order this replica inserted them (a causal order).
+    order: Vec<(Event, EventId)>,
+}
+
+impl Node {
+    fn new(i: usize) -> Node {
+        let key = &keys()[i];
+        Node {
+            key,
+            id: key.node_id(),
+            state: State::new(),
+            clock: HlcClock::default(),
+            order: Vec::new(),
+        }
+    }
+
+    /// Prepares, seals and inserts a draft as a node does; returns the event.
+    fn commit(&mut self, now_ms: u64, draft: Draft) -> (Event, EventId) {
+        let e = match self.state.prepare(self.id, &mut self.clock, now_ms, draft) {
+            Ok(Prepared::New(e)) => e,
+            other => panic!("prepare refused a valid draft: {other:?}"),
+        };
+        self.insert_own(e)
+    }
+
+    fn insert_own(&mut self, e: Event) -> (Event, EventId) {
+        assert_eq!(e.author, self.key.node_id());
+        let (_, id) = e.seal();
+        assert_eq!(self.state.insert(&e, id), Ok(Inserted::New));
+        self.order.push((e.clone(), id));
+        (e, id)
+    }
+
+    /// Inserts every event `from` holds, in `from`'s order.
+    fn merge_from(&mut self, from: &[(Event, EventId)]) {
+        for (e, id) in from {
+            match self.state.insert(e, *id) {
+                Ok(Inserted::New) => {
+                    self.clock.observe(e.hlc);
+                    self.order.push((e.clone(), *id));
+                }
+                Ok(Inserted::Duplicate) => {}
+                Err(err) => panic!("merge refused event {id:?} of a replica: {err}"),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum OpSpec {
+    Set {
+        field: usize,
+        value: u8,
+    },
+    Add {
+        counter: usize,
+        delta: i64,
+    },
+    Init {
+        capacity: u64,
+    },
+    /// `to` is an offset to another author, never the author itself.
+    Transfer {
+        to: usize,
+        share: Share,
+    },
+    Consume {
+        share: Share,
+    },
+}
+
+/// How much a spend asks for: a desk mostly sells what it holds, and
+/// sometimes tries more (which `prepare` must refuse).
+#[derive(Clone, Copy, Debug)]
+enum Share {
+    /// A fixed amount.
+    Fixed(u64),
+    /// `ceil(held * n / 4)` of the rights the replica shows (no op when it
+    /// shows none); `n == 5` always asks for more than is held.
+    Quarters(u64),
+}
+
+impl Share {
+    fn amount(self, held: u128) -> Option<u64> {
+        match self {
+            Share::Fixed(n) => Some(n),
+            Share::Quarters(_) if held == 0 => None,
+            Share::Quarters(n) => Some((held * n as u128).div_ceil(4) as u64),
+        }
+    }
+}
+
+fn share(fixed_max: u64) -> impl Strategy<Value = Share> {
+    prop_oneof![
+        1 => (1..=fixed_max).prop_map(Share::Fixed),
+        3 => (1u64..=5).prop_map(Share::Quarters),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Append {
+        author: usize,
+        stream: usize,
+        now_ms: u64,
+        ops: Vec<OpSpec>,
+        command: Option<u8>,
+        user: bool,
+    },
+    Merge {
+        to: usize,
+        from: usize,
+    },
+}
+
+/// Wall times close together, with frequent steps backwards and a few far
+/// into the past.
+fn now_ms() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => 1_000u64..1_020,
+        1 => 2_000u64..2_005,
+        1 => 0u64..3,
+    ]
+}
+
+/// Ops of every kind, escrow ones rarer.
+fn mixed_op() -> BoxedStrategy<OpSpec> {
+    prop_oneof![
+        3 => (0..FIELDS.len(), 0u8..4).prop_map(|(field, value)| OpSpec::Set { field, value }),
+        2 => (0..COUNTERS.len(), -3i64..=3).prop_map(|(counter, delta)| OpSpec::Add { counter, delta }),
+        1 => (1u64..=10).prop_map(|capacity| OpSpec::Init { capacity }),
+        1 => (0..AUTHORS_MAX, share(6)).prop_map(|(to, share)| OpSpec::Transfer { to, share }),
+        2 => share(4).prop_map(|share| OpSpec::Consume { share }),
+    ]
+    .boxed()
+}
+
+/// Mostly escrow, with small capacities, so that sales press against the
+/// bound and rights move often.
+fn escrow_op() -> BoxedStrategy<OpSpec> {
+    prop_oneof![
+        1 => (0..FIELDS.len(), 0u8..4).prop_map(|(field, value)| OpSpec::Set { field, value }),
+        2 => (1u64..=6).prop_map(|capacity| OpSpec::Init { capacity }),
+        3 => (0..AUTHORS_MAX, share(4)).prop_map(|(to, share)| OpSpec::Transfer { to, share }),
+        5 => share(3).prop_map(|share| OpSpec::Consume { share }),
+    ]
+    .boxed()
+}
+
+fn step(op: BoxedStrategy<OpSpec>, streams: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (
+            0..AUTHORS_MAX,
+            0..streams,
+            now_ms(),
+            prop::collection::vec(op, 1..4),
+            prop::option::weighted(0.15, 0u8..4),
+            any::<bool>(),
+        )
+            .prop_map(|(author, stream, now_ms, ops, command, user)| Step::Append {
+                author,
+                stream,
+                now_ms,
+                ops,
+                command,
+                user,
+            }),
+        2 => (0..AUTHORS_MAX, 0..AUTHORS_MAX).prop_map(|(to, from)| Step::Merge { to, from }),
+    ]
+}
+
+/// `(authors, steps, seed for delivery orders)`.
+fn script(
+    op: BoxedStrategy<OpSpec>,
+    streams: usize,
+) -> impl Strategy<Value = (usize, Vec<Step>, u64)> {
+    (
+        2..=AUTHORS_MAX,
+        prop::collection::vec(step(op, streams), 1..STEPS_MAX),
+        any::<u64>(),
+    )
+}
+
+/// The outcome of a script: the replicas, and every event in a causal order.
+struct World {
+    nodes: Vec<Node>,
+    /// The union of all events, as node 0 inserted it after merging all.
+    all: Vec<(Event, EventId)>,
+}
+
+/// The op for `spec` by author `author` of `k`; `held` tracks the rights
+/// the replica shows for the author, through the draft's earlier ops.
+fn to_op(spec: &OpSpec, k: usize, author: usize, held: &mut u128) -> Option<Op> {
+    let mut spend = |share: Share| {
+        let amount = share.amount(*held)?;
+        *held = held.saturating_sub(amount as u128);
+        Some(amount)
+    };
+    Some(match *spec {
+        OpSpec::Set { field, value } => Op::Set {
+            field: FIELDS[field].into(),
+            value: format!("\"v{value}\"").into_bytes(),
+            supersedes: vec![],
+        },
+        OpSpec::Add { counter, delta } => Op::Add {
+            counter: COUNTERS[counter].into(),
+            delta,
+        },
+        OpSpec::Init { capacity } => {
+            *held += capacity as u128;
+            Op::EscrowInit {
+                counter: SEATS.into(),
+                capacity,
+            }
+        }
+        OpSpec::Transfer { to, share } => Op::EscrowTransfer {
+            counter: SEATS.into(),
+            to: keys()[(author + 1 + to % (k - 1)) % k].node_id(),
+            amount: spend(share)?,
+        },
+        OpSpec::Consume { share } => Op::EscrowConsume {
+            counter: SEATS.into(),
+            amount: spend(share)?,
+        },
+    })
+}
+
+/// Runs a script; `after_step` sees the replicas after every step.
+fn run(k: usize, steps: &[Step], mut after_step: impl FnMut(&[Node])) -> World {
+    let mut nodes: Vec<Node> = (0..k).map(Node::new).collect();
+    for step in steps {
+        match step {
+            Step::Append {
+                author,
+                stream,
+                now_ms,
+                ops,
+                command,
+                user,
+            } => {
+                let a = author % k;
+                let node = &mut nodes[a];
+                let stream = STREAMS[*stream];
+                let rights = |node: &Node| {
+                    node.state
+                        .stream(stream)
+                        .and_then(|s| s.escrow.get(SEATS))
+                        .and_then(|e| e.accounts.get(&node.id))
+                        .map_or(0, Account::rights)
+                };
+                let mut held = rights(node);
+                // Possibly no ops at all: an event may carry only a payload.
+                let ops: Vec<Op> = ops
+                    .iter()
+                    .filter_map(|s| to_op(s, k, a, &mut held))
+                    .collect();
+                let command_id = command.map(|c| format!("cmd-{c}"));
+                let draft = Draft {
+                    stream: stream.into(),
+                    kind: "Step".into(),
+                    ops: ops.clone(),
+                    payload: format!("{{\"n\":{}}}", node.order.len()).into_bytes(),
+                    meta: Meta {
+                        command_id: command_id.clone(),
+                        user: user.then(|| format!("desk-{a}")),
+                    },
+                    expected_version: None,
+                };
+                match node.state.prepare(node.id, &mut node.clock, *now_ms, draft) {
+                    Ok(Prepared::New(e)) => {
+                        assert_eq!(e.meta.command_id, command_id);
+                        node.insert_own(e);
+                    }
+                    Ok(Prepared::Existing(rec)) => {
+                        // The command is in this replica: the record names
+                        // one of its events that carries that command id.
+                        let (e, _) = node
+                            .order
+                            .iter()
+                            .find(|(_, id)| *id == rec.id)
+                            .expect("Existing names an event the replica holds");
+                        assert_eq!(e.meta.command_id, command_id);
+                        assert_eq!((e.author, e.seq, e.hlc), (rec.author, rec.seq, rec.hlc));
+                        assert_eq!(e.stream, rec.stream);
+                    }
+                    Err(PrepareError::Invalid(Invalid::InsufficientRights {
+                        counter,
+                        held,
+                        wanted,
+                    })) => {
+                        // The refusal is right: the replica's whole state is
+                        // the new event's causal past, so the author's rights
+                        // are its account's rights here.
+                        assert_eq!(counter, SEATS);
+                        let mut available = rights(node);
+                        let mut refused = None;
+                        for op in &ops {
+                            match op {
+                                Op::EscrowInit { capacity, .. } => available += *capacity as u128,
+                                Op::EscrowTransfer { amount, .. }
+                                | Op::EscrowConsume { amount, .. } => {
+                                    if *amount as u128 > available {
+                                        refused = Some((available, *amount as u128));
+                                        break;
+                                    }
+                                    available -= *amount as u128;
+                                }
+                                _ => {}
+                            }
+                        }
+                        assert_eq!(refused, Some((held, wanted)), "wrongly refused {ops:?}");
+                    }
+                    Err(e) => panic!("prepare failed: {e}"),
+                }
+            }
+            Step::Merge { to, from } => {
+                let (to, from) = (to % k, from % k);
+                if to != from {
+                    let theirs = nodes[from].order.clone();
+                    nodes[to].merge_from(&theirs);
+                }
+            }
+        }
+        after_step(&nodes);
+    }
+    // Node 0 merges everyone, so one author replica holds every event.
+    for i in 1..k {
+        let theirs = nodes[i].order.clone();
+        nodes[0].merge_from(&theirs);
+    }
+    after_step(&nodes);
+    let all = nodes[0].order.clone();
+    let mut ids = HashSet::new();
+    for n in &nodes {
+        for (_, id) in &n.order {
+            ids.insert(*id);
+        }
+    }
+    assert_eq!(ids.len(), all.len(), "node 0 holds the union");
+    World { nodes, all }
+}
+
+// ---------------------------------------------------------------------------
+// Delivery.
+
+/// A random causal order of `events` (whose prev and deps must lie in
+/// `events`): repeatedly a random pick among the events whose prev and deps
+/// are placed.
+fn causal_shuffle(events: &[(Event, EventId)], rng: &mut Rng) -> Vec<usize> {
+    let mut placed: HashSet<EventId> = HashSet::new();
+    let mut pending: Vec<usize> = (0..events.len()).collect();
+    let mut out = Vec::with_capacity(events.len());
+    while !pending.is_empty() {
+        let ready: Vec<usize> = (0..pending.len())
+            .filter(|&p| {
+                let e = &events[pending[p]].0;
+                e.prev.iter().chain(&e.deps).all(|d| placed.contains(d))
+            })
+            .collect();
+        assert!(
+            !ready.is_empty(),
+            "the event set is not causally closed: {} events wait for one outside it",
+            pending.len()
+        );
+        let p = ready[rng.below(ready.len())];
+        let i = pending.swap_remove(p);
+        placed.insert(events[i].1);
+        out.push(i);
+    }
+    out
+}
+
+/// The canonical order: ascending `(hlc, author, seq)`.
+fn canonical_order(events: &[(Event, EventId)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by_key(|&i| (events[i].0.hlc, events[i].0.author, events[i].0.seq));
+    order
+}
+
+/// Inserts `events` into a fresh replica in `order`. Every insert must be
+/// new; along the way, already inserted events are re-inserted (must be
+/// duplicates) and events not yet deliverable are tried (must be refused
+/// without changing anything).
+fn deliver(events: &[(Event, EventId)], order: &[usize], rng: &mut Rng) -> State {
+    let mut s = State::new();
+    let mut done: Vec<usize> = Vec::with_capacity(order.len());
+    for (pos, &i) in order.iter().enumerate() {
+        let (e, id) = &events[i];
+        if rng.one_in(8) && pos + 1 < order.len() {
+            // An event later in the order whose prev or a dep is missing.
+            let later = order[pos + 1 + rng.below(order.len() - pos - 1)];
+            let (le, lid) = &events[later];
+            let present: HashSet<EventId> = done.iter().map(|&d| events[d].1).collect();
+            if !le.prev.iter().chain(&le.deps).all(|d| present.contains(d)) {
+                let before = s.state_hash();
+                let frontier = s.frontier();
+                match s.insert(le, *lid) {
+                    Err(Invalid::Gap { .. } | Invalid::MissingDep(_)) => {}
+                    other => panic!("undeliverable event gave {other:?}"),
+                }
+                assert_eq!(s.state_hash(), before, "a refused insert changed state");
+                assert_eq!(s.frontier(), frontier);
+            }
+        }
+        assert_eq!(s.insert(e, *id), Ok(Inserted::New), "event {i} at {pos}");
+        done.push(i);
+        while rng.one_in(4) {
+            let (de, did) = &events[done[rng.below(done.len())]];
+            assert_eq!(s.insert(de, *did), Ok(Inserted::Duplicate));
+        }
+    }
+    assert_eq!(s.len(), events.len() as u64);
+    s
+}
+
+/// Everything observable about a replica's fold.
+fn assert_same(a: &State, b: &State, what: &str) {
+    assert_eq!(
+        a.canonical_read_model(),
+        b.canonical_read_model(),
+        "{what}: read model"
+    );
+    assert_eq!(a.state_hash(), b.state_hash(), "{what}: state hash");
+    assert_eq!(a.frontier(), b.frontier(), "{what}: frontier");
+    assert_eq!(a.len(), b.len(), "{what}: len");
+    assert_eq!(a.max_hlc(), b.max_hlc(), "{what}: max hlc");
+    let ca: Vec<_> = a.conflicts().collect();
+    let cb: Vec<_> = b.conflicts().collect();
+    assert_eq!(ca, cb, "{what}: conflicts");
+}
+
+// ---------------------------------------------------------------------------
+// The model: the read model as a function of the event set alone.
+
+type Bits = u128;
+
+/// Causal pasts (strict) of events given in a causal order, as bit sets
+/// over positions.
+fn pasts(events: &[(Event, EventId)]) -> Vec<Bits> {
+    assert!(events.len() <= Bits::BITS as usize);
+    let pos: HashMap<EventId, usize> = events
+        .iter()
+        .enumerate()
+        .map(|(i, (_, id))| (*id, i))
+        .collect();
+    let mut past: Vec<Bits> = Vec::with_capacity(events.len());
+    for (i, (e, _)) in events.iter().enumerate() {
+        let mut p: Bits = 0;
+        for parent in e.prev.iter().chain(&e.deps) {
+            let j = pos[parent];
+            assert!(j < i, "not a causal order");
+            p |= past[j] | (1 << j);
+        }
+        past.push(p);
+    }
+    past
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct ModelEscrow {
+    capacity: u128,
+    consumed: u128,
+    accounts: BTreeMap<NodeId, Account>,
+}
+
+/// A field's writes: event position → (dot, hlc, value).
+type Writes = BTreeMap<usize, (Dot, Hlc, Vec<u8>)>;
+
+#[derive(Debug, Default)]
+struct ModelStream {
+    version: u64,
+    /// Every write per field.
+    writes: BTreeMap<String, Writes>,
+    counters: BTreeMap<String, i128>,
+    escrow: BTreeMap<String, ModelEscrow>,
+}
+
+fn model(events: &[(Event, EventId)]) -> (BTreeMap<String, ModelStream>, Vec<Bits>) {
+    let past = pasts(events);
+    let mut streams: BTreeMap<String, ModelStream> = BTreeMap::new();
+    for (i, (e, _)) in events.iter().enumerate() {
+        let s = streams.entry(e.stream.clone()).or_default();
+        s.version += 1;
+        let dot = Dot {
+            author: e.author,
+            seq: e.seq,
+        };
+        for op in &e.ops {
+            match op {
+                Op::Set { field, value, .. } => {
+                    // A later op of the same event overwrites the earlier.
+                    s.writes
+                        .entry(field.clone())
+                        .or_default()
+                        .insert(i, (dot, e.hlc, value.clone()));
+                }
+                Op::Add { counter, delta } => {
+                    *s.counters.entry(counter.clone()).or_default() += *delta as i128;
+                }
+                Op::EscrowInit { counter, capacity } => {
+                    let m = s.escrow.entry(counter.clone()).or_default();
+                    m.capacity += *capacity as u128;
+                    m.accounts.entry(e.author).or_default().init += *capacity as u128;
+                }
+                Op::EscrowTransfer {
+                    counter,
+                    to,
+                    amount,
+                } => {
+                    let m = s.escrow.entry(counter.clone()).or_default();
+                    m.accounts.entry(e.author).or_default().sent += *amount as u128;
+                    m.accounts.entry(*to).or_default().received += *amount as u128;
+                }
+                Op::EscrowConsume { counter, amount } => {
+                    let m = s.escrow.entry(counter.clone()).or_default();
+                    m.accounts.entry(e.author).or_default().consumed += *amount as u128;
+                    m.consumed += *amount as u128;
+                }
+            }
+        }
+    }
+    (streams, past)
+}
+
+/// The multi-value register law: the writes left standing are exactly those
+/// in no other write's causal past.
+fn standing(writes: &Writes, past: &[Bits]) -> BTreeMap<Dot, Written> {
+    writes
+        .iter()
+        .filter(|(&i, _)| !writes.keys().any(|&j| j != i && past[j] & (1 << i) != 0))
+        .map(|(_, (dot, hlc, value))| {
+            (
+                *dot,
+                Written {
+                    hlc: *hlc,
+                    value: value.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Checks a replica's read model against the model of `events` (in a
+/// causal order), which must be exactly the replica's event set.
+fn assert_matches_model(state: &State, events: &[(Event, EventId)]) {
+    let (model, past) = model(events);
+    let names: Vec<&String> = state.streams().keys().collect();
+    let model_names: Vec<&String> = model.keys().collect();
+    assert_eq!(names, model_names, "streams");
+    let mut conflicts = Vec::new();
+    for (name, m) in &model {
+        let s = state.stream(name).expect("stream present");
+        assert_eq!(s.version, m.version, "{name}: version");
+        assert_eq!(s.counters, m.counters, "{name}: counters");
+        let fields: Vec<&String> = s.fields.keys().collect();
+        let model_fields: Vec<&String> = m.writes.keys().collect();
+        assert_eq!(fields, model_fields, "{name}: fields");
+        for (field, writes) in &m.writes {
+            let expect = standing(writes, &past);
+            assert_eq!(s.fields[field], expect, "{name}.{field}: standing writes");
+            if expect.len() > 1 {
+                conflicts.push((name.clone(), field.clone(), expect.clone()));
+            }
+            // Displayed value: the standing write with the greatest (hlc, author).
+            let shown = expect
+                .iter()
+                .max_by_key(|(d, w)| (w.hlc, d.author))
+                .map(|(d, _)| *d);
+            assert_eq!(
+                s.shown(field).map(|(d, _)| *d),
+                shown,
+                "{name}.{field}: shown"
+            );
+        }
+        assert_eq!(s.escrow.len(), m.escrow.len(), "{name}: escrow counters");
+        for (counter, me) in &m.escrow {
+            let e = &s.escrow[counter];
+            assert_eq!(e.capacity, me.capacity, "{name}.{counter}: capacity");
+            assert_eq!(e.consumed, me.consumed, "{name}.{counter}: consumed");
+            assert_eq!(e.accounts, me.accounts, "{name}.{counter}: accounts");
+        }
+    }
+    let got: Vec<(String, String, BTreeMap<Dot, Written>)> = state
+        .conflicts()
+        .map(|(s, f, w)| (s.to_string(), f.to_string(), w.clone()))
+        .collect();
+    assert_eq!(got, conflicts, "conflicts");
+    // Frontier: each author's chain is 1..=n and the head is its last event.
+    let mut frontier: BTreeMap<NodeId, (u64, EventId)> = BTreeMap::new();
+    for (e, id) in events {
+        let slot = frontier.entry(e.author).or_insert((0, *id));
+        assert_eq!(e.seq, slot.0 + 1, "chain order");
+        *slot = (e.seq, *id);
+    }
+    assert_eq!(state.frontier(), frontier, "frontier");
+}
+
+/// Escrow bookkeeping on one replica: consumption within capacity, every
+/// account's rights non-negative without saturation, rights + consumed ==
+/// capacity.
+fn assert_escrow_invariants(state: &State) {
+    for (name, s) in state.streams() {
+        for (counter, e) in &s.escrow {
+            let what = format!("{name}.{counter}");
+            assert!(
+                e.consumed <= e.capacity,
+                "{what}: consumed {} > capacity {}",
+                e.consumed,
+                e.capacity
+            );
+            let mut rights = 0u128;
+            let (mut init, mut sent, mut received, mut consumed) = (0, 0, 0, 0);
+            for (node, a) in &e.accounts {
+                assert!(
+                    a.init + a.received >= a.sent + a.consumed,
+                    "{what}: account {node:?} overdrawn: {a:?}"
+                );
+                rights += a.rights();
+                init += a.init;
+                sent += a.sent;
+                received += a.received;
+                consumed += a.consumed;
+            }
+            assert_eq!(init, e.capacity, "{what}: inits sum to capacity");
+            assert_eq!(consumed, e.consumed, "{what}: consumption sums");
+            assert_eq!(sent, received, "{what}: transfers balance");
+            assert_eq!(rights + e.consumed, e.capacity, "{what}: rights + consumed");
+        }
+    }
+}
+
+/// The escrow rule checked from first principles: every transfer and
+/// consumption in `events` is covered by rights its author held in the
+/// event's causal past (plus the event's own earlier ops).
+fn assert_rights_from_causal_past(events: &[(Event, EventId)]) {
+    let past = pasts(events);
+    for (i, (e, id)) in events.iter().enumerate() {
+        let mut held: BTreeMap<&str, i128> = BTreeMap::new();
+        for (j, (p, _)) in events.iter().enumerate() {
+            if past[i] & (1 << j) == 0 || p.stream != e.stream {
+                continue;
+            }
+            for op in &p.ops {
+                match op {
+                    Op::EscrowInit { counter, capacity } if p.author == e.author => {
+                        *held.entry(counter).or_default() += *capacity as i128;
+                    }
+                    Op::EscrowTransfer {
+                        counter,
+                        to,
+                        amount,
+                    } => {
+                        if p.author == e.author {
+                            *held.entry(counter).or_default() -= *amount as i128;
+                        }
+                        if *to == e.author {
+                            *held.entry(counter).or_default() += *amount as i128;
+                        }
+                    }
+                    Op::EscrowConsume { counter, amount } if p.author == e.author => {
+                        *held.entry(counter).or_default() -= *amount as i128;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for op in &e.ops {
+            match op {
+                Op::EscrowInit { counter, capacity } => {
+                    *held.entry(counter).or_default() += *capacity as i128;
+                }
+                Op::EscrowTransfer {
+                    counter, amount, ..
+                }
+                | Op::EscrowConsume { counter, amount } => {
+                    let h = held.entry(counter).or_default();
+                    assert!(
+                        *amount as i128 <= *h,
+                        "event {id:?} spends {amount} of {counter:?} but its author held {h} in its causal past"
+                    );
+                    *h -= *amount as i128;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Properties.
+
+proptest! {
+    #![proptest_config(config("proptest-regressions/fold_laws.txt"))]
+
+    /// Laws 1–2: the union of events made by real replicas, delivered to
+    /// fresh replicas in random causal orders with duplicates, folds to the
+    /// same bytes as the author replica that holds it all, and to the model.
+    /// Each author's own (causally closed) subset folds the same from any
+    /// order too.
+    #[test]
+    fn any_causal_order_with_duplicates_folds_to_the_same_state(
+        (k, steps, seed) in script(mixed_op(), STREAMS.len())
+    ) {
+        let world = run(k, &steps, |_| {});
+        let all = &world.all;
+        let mut rng = Rng(seed);
+        let reference = &world.nodes[0].state;
+        assert_matches_model(reference, all);
+        let mut orders = vec![canonical_order(all)];
+        for _ in 0..3 {
+            orders.push(causal_shuffle(all, &mut rng));
+        }
+        for (n, order) in orders.iter().enumerate() {
+            let s = deliver(all, order, &mut rng);
+            assert_same(&s, reference, &format!("order {n}"));
+        }
+        for (n, node) in world.nodes.iter().enumerate() {
+            // Any replica holding every event equals the reference.
+            if node.state.len() == all.len() as u64 {
+                assert_same(&node.state, reference, &format!("node {n}"));
+            }
+            assert_matches_model(&node.state, &node.order);
+            let order = causal_shuffle(&node.order, &mut rng);
+            let s = deliver(&node.order, &order, &mut rng);
+            assert_same(&s, &node.state, &format!("node {n}'s events reordered"));
+        }
+    }
+
+    /// Law 3: with escrow-heavy scripts on one stream, no replica at any
+    /// point, and no delivery order of the union, has consumption above
+    /// capacity; every accepted spend is covered by rights in its causal
+    /// past; every refusal by `prepare` was right (checked inside `run`).
+    #[test]
+    fn escrow_never_exceeds_capacity((k, steps, seed) in script(escrow_op(), 1)) {
+        let world = run(k, &steps, |nodes| {
+            for n in nodes {
+                assert_escrow_invariants(&n.state);
+            }
+        });
+        assert_rights_from_causal_past(&world.all);
+        let mut rng = Rng(seed);
+        let order = causal_shuffle(&world.all, &mut rng);
+        let s = deliver(&world.all, &order, &mut rng);
+        assert_escrow_invariants(&s);
+        assert_same(&s, &world.nodes[0].state, "escrow union");
+        assert_matches_model(&s, &world.all);
+    }
+
+    /// Law 4: for any x, `{e : e.hlc <= x}` is causally closed (every event
+    /// inserts in a random causal order of the cut alone) and folds the same
+    /// in every order, to the model of that set.
+    #[test]
+    fn every_hlc_cut_is_causally_closed_and_order_independent(
+        (k, steps, seed) in script(mixed_op(), STREAMS.len())
+    ) {
+        let world = run(k, &steps, |_| {});
+        let all = &world.all;
+        let mut rng = Rng(seed);
+        let mut hlcs: Vec<Hlc> = all.iter().map(|(e, _)| e.hlc).collect();
+        hlcs.sort();
+        if hlcs.is_empty() {
+            // Every append was refused: the empty cut is trivially closed.
+            hlcs.push(Hlc::ZERO);
+        }
+        for _ in 0..4 {
+            let x = match rng.below(4) {
+                0 => Hlc(hlcs[rng.below(hlcs.len())].0.saturating_sub(1)),
+                1 => Hlc::ZERO,
+                _ => hlcs[rng.below(hlcs.len())],
+            };
+            let cut: Vec<(Event, EventId)> =
+                all.iter().filter(|(e, _)| e.hlc <= x).cloned().collect();
+            let ids: HashSet<EventId> = cut.iter().map(|(_, id)| *id).collect();
+            for (e, _) in &cut {
+                for d in e.prev.iter().chain(&e.deps) {
+                    prop_assert!(ids.contains(d), "the cut at {x:?} misses a parent");
+                }
+            }
+            let first = deliver(&cut, &canonical_order(&cut), &mut rng);
+            for _ in 0..2 {
+                let order = causal_shuffle(&cut, &mut rng);
+                let s = deliver(&cut, &order, &mut rng);
+                assert_same(&s, &first, &format!("cut at {x:?}"));
+            }
+            assert_matches_model(&first, &cut);
+            prop_assert!(first.max_hlc() <= x);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Escrow by hand.
+
+fn draft(stream: &str, kind: &str, ops: Vec<Op>) -> Draft {
+    Draft {
+        stream: stream.into(),
+        kind: kind.into(),
+        ops,
+        payload: b"{}".to_vec(),
+        meta: Meta::default(),
+        expected_version: None,
+    }
+}
+
+fn consume(amount: u64) -> Op {
+    Op::EscrowConsume {
+        counter: SEATS.into(),
+        amount,
+    }
+}
+
+/// An event consuming rights its author holds only through a transfer
+/// outside its causal past is refused, on every replica, even on one that
+/// knows of the transfer.
+#[test]
+fn consuming_rights_not_in_the_causal_past_is_refused() {
+    let stream = "seat-block/1";
+    let mut a = Node::new(0);
+    let mut b = Node::new(1);
+    let a1 = a.commit(
+        1_000,
+        draft(
+            stream,
+            "SeatsOpened",
+            vec![Op::EscrowInit {
+                counter: SEATS.into(),
+                capacity: 10,
+            }],
+        ),
+    );
+    b.merge_from(&a.order); // B has A:1 only.
+    let a2 = a.commit(
+        1_001,
+        draft(
+            stream,
+            "RightsMoved",
+            vec![Op::EscrowTransfer {
+                counter: SEATS.into(),
+                to: b.id,
+                amount: 5,
+            }],
+        ),
+    );
+    assert_eq!(a2.0.seq, 2);
+
+    // B has not seen A:2: its prepare refuses.
+    let refused = b.state.prepare(
+        b.id,
+        &mut b.clock,
+        1_002,
+        draft(stream, "SeatsPurchased", vec![consume(1)]),
+    );
+    assert_eq!(
+        refused.unwrap_err(),
+        PrepareError::Invalid(Invalid::InsufficientRights {
+            counter: SEATS.into(),
+            held: 0,
+            wanted: 1
+        })
+    );
+
+    // A replica that has A:1 and A:2 (so knows B holds 5 by then).
+    let mut r = State::new();
+    r.insert(&a1.0, a1.1).unwrap();
+    r.insert(&a2.0, a2.1).unwrap();
+    let rights = r.stream(stream).unwrap().escrow[SEATS].accounts[&b.id].rights();
+    assert_eq!(rights, 5, "the replica knows of the transfer");
+    let before = r.state_hash();
+
+    let by_b = |deps: Vec<EventId>, hlc: Hlc| Event {
+        version: FORMAT_VERSION,
+        author: b.id,
+        seq: 1,
+        prev: None,
+        deps,
+        hlc,
+        stream: stream.into(),
+        kind: "SeatsPurchased".into(),
+        ops: vec![consume(1)],
+        payload: b"{}".to_vec(),
+        meta: Meta::default(),
+    };
+    let insufficient = Err(Invalid::InsufficientRights {
+        counter: SEATS.into(),
+        held: 0,
+        wanted: 1,
+    });
+    // No deps at all, and with only A:1 in its past: both refused.
+    for (deps, hlc) in [
+        (vec![], Hlc::from_ms(5_000)),
+        (vec![a1.1], Hlc(a2.0.hlc.0 + 7)),
+    ] {
+        let e = by_b(deps, hlc);
+        let (_, id) = e.seal();
+        assert_eq!(r.insert(&e, id), insufficient);
+        assert_eq!(r.state_hash(), before, "a refused event changed nothing");
+        assert!(!r.contains(&id));
+    }
+    // With A:2 in its past the same consumption is valid.
+    let e = by_b(vec![a2.1], Hlc(a2.0.hlc.0 + 1));
+    let (_, id) = e.seal();
+    assert_eq!(r.insert(&e, id), Ok(Inserted::New));
+    assert_escrow_invariants(&r);
+}
+
+/// Two holders selling their whole shares concurrently reach capacity and no
+/// further; the next sale is refused on every replica.
+#[test]
+fn concurrent_sales_within_shares_never_oversell() {
+    let stream = "seat-block/1";
+    let mut a = Node::new(0);
+    let mut b = Node::new(1);
+    a.commit(
+        1_000,
+        draft(
+            stream,
+            "SeatsOpened",
+            vec![Op::EscrowInit {
+                counter: SEATS.into(),
+                capacity: 10,
+            }],
+        ),
+    );
+    a.commit(
+        1_001,
+        draft(
+            stream,
+            "RightsMoved",
+            vec![Op::EscrowTransfer {
+                counter: SEATS.into(),
+                to: b.id,
+                amount: 4,
+            }],
+        ),
+    );
+    b.merge_from(&a.order);
+    // Offline from each other: each sells its whole share.
+    a.commit(1_010, draft(stream, "SeatsPurchased", vec![consume(6)]));
+    b.commit(
+        1_010,
+        draft(stream, "SeatsPurchased", vec![consume(3), consume(1)]),
+    );
+    for n in [&mut a, &mut b] {
+        let r = n.state.prepare(
+            n.id,
+            &mut n.clock,
+            1_020,
+            draft(stream, "SeatsPurchased", vec![consume(1)]),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(PrepareError::Invalid(Invalid::InsufficientRights {
+                    held: 0,
+                    ..
+                }))
+            ),
+            "{r:?}"
+        );
+    }
+    let (ao, bo) = (a.order.clone(), b.order.clone());
+    a.merge_from(&bo);
+    b.merge_from(&ao);
+    assert_same(&a.state, &b.state, "after exchange");
+    let e = &a.state.stream(stream).unwrap().escrow[SEATS];
+    assert_eq!((e.capacity, e.consumed), (10, 10));
+    assert_escrow_invariants(&a.state);
+    assert_rights_from_causal_past(&a.order);
+}
+
+// ---------------------------------------------------------------------------
+// Conflicts.
+
+fn set(field: &str, value: &str) -> Op {
+    Op::Set {
+        field: field.into(),
+        value: value.as_bytes().to_vec(),
+        supersedes: vec![],
+    }
+}
+
+/// Same field edited concurrently: both values kept on every replica as a
+/// conflict, with the same displayed value, until a write that saw both
+/// supersedes them. Different fields edited concurrently: both merge.
+#[test]
+fn concurrent_writes_to_one_field_conflict_until_superseded() {
+    let stream = "customer/123";
+    let mut a = Node::new(0);
+    let mut b = Node::new(1);
+    let mut c = Node::new(2);
+    a.commit(
+        1_000,
+        draft(
+            stream,
+            "CustomerRegistered",
+            vec![set("name", "\"Ada\""), set("email", "\"ada@x\"")],
+        ),
+    );
+    b.merge_from(&a.order);
+    c.merge_from(&a.order);
+
+    // Offline: A and B rename concurrently; B's wall clock is behind.
+    let (ea, _) = a.commit(
+        1_100,
+        draft(stream, "Renamed", vec![set("name", "\"Ada L\"")]),
+    );
+    let (eb, _) = b.commit(
+        1_050,
+        draft(stream, "Renamed", vec![set("name", "\"Ada B\"")]),
+    );
+    // Concurrently they also edit different fields.
+    a.commit(
+        1_101,
+        draft(stream, "EmailChanged", vec![set("email", "\"ada@l\"")]),
+    );
+    b.commit(
+        1_051,
+        draft(stream, "PhoneAdded", vec![set("phone", "\"555\"")]),
+    );
+
+    let (ao, bo) = (a.order.clone(), b.order.clone());
+    a.merge_from(&bo);
+    b.merge_from(&ao);
+    c.merge_from(&bo); // C gets them in the other order.
+    c.merge_from(&ao);
+
+    let dot_a = Dot {
+        author: a.id,
+        seq: ea.seq,
+    };
+    let dot_b = Dot {
+        author: b.id,
+        seq: eb.seq,
+    };
+    let shown_name = [&ea, &eb]
+        .iter()
+        .max_by_key(|e| (e.hlc, e.author))
+        .map(|e| Dot {
+            author: e.author,
+            seq: e.seq,
+        })
+        .unwrap();
+    for (who, n) in [("A", &a), ("B", &b), ("C", &c)] {
+        let conflicts: Vec<_> = n.state.conflicts().collect();
+        assert_eq!(conflicts.len(), 1, "{who}: {conflicts:?}");
+        let (s, f, writes) = conflicts[0];
+        assert_eq!((s, f), (stream, "name"), "{who}");
+        let values: BTreeMap<Dot, &[u8]> = writes.iter().map(|(d, w)| (*d, &w.value[..])).collect();
+        assert_eq!(
+            values,
+            BTreeMap::from([(dot_a, &b"\"Ada L\""[..]), (dot_b, &b"\"Ada B\""[..])]),
+            "{who}: both values kept"
+        );
+        let st = n.state.stream(stream).unwrap();
+        assert_eq!(
+            st.shown("name").unwrap().0,
+            &shown_name,
+            "{who}: display value"
+        );
+        // Different fields: both merged, no conflict.
+        assert_eq!(st.shown("email").unwrap().1.value, b"\"ada@l\"", "{who}");
+        assert_eq!(st.shown("phone").unwrap().1.value, b"\"555\"", "{who}");
+        assert_eq!(st.fields["email"].len(), 1, "{who}");
+        assert_eq!(st.fields["phone"].len(), 1, "{who}");
+    }
+    assert_same(&a.state, &b.state, "A and B");
+    assert_same(&a.state, &c.state, "A and C");
+
+    // C saw both names: its write supersedes both and resolves the conflict.
+    let (ec, _) = c.commit(
+        900,
+        draft(stream, "Renamed", vec![set("name", "\"Ada Lovelace\"")]),
+    );
+    match &ec.ops[0] {
+        Op::Set { supersedes, .. } => {
+            let mut both = vec![dot_a, dot_b];
+            both.sort();
+            assert_eq!(supersedes, &both);
+        }
+        op => panic!("{op:?}"),
+    }
+    let co = c.order.clone();
+    a.merge_from(&co);
+    b.merge_from(&co);
+    for (who, n) in [("A", &a), ("B", &b), ("C", &c)] {
+        assert_eq!(n.state.conflicts().count(), 0, "{who}: resolved");
+        let st = n.state.stream(stream).unwrap();
+        assert_eq!(st.fields["name"].len(), 1, "{who}");
+        let (dot, w) = st.shown("name").unwrap();
+        assert_eq!(
+            (dot.author, &w.value[..]),
+            (c.id, &b"\"Ada Lovelace\""[..]),
+            "{who}"
+        );
+    }
+    assert_same(&a.state, &c.state, "after resolution");
+}
+
+/// A write may only supersede writes in its causal past: naming a
+/// concurrent write is refused.
+#[test]
+fn superseding_an_unseen_write_is_refused() {
+    let stream = "customer/123";
+    let mut a = Node::new(0);
+    let mut b = Node::new(1);
+    let (ea, ida) = a.commit(1_000, draft(stream, "Renamed", vec![set("name", "\"A\"")]));
+    let mut eb = match b.state.prepare(
+        b.id,
+        &mut b.clock,
+        1_000,
+        draft(stream, "Renamed", vec![set("name", "\"B\"")]),
+    ) {
+        Ok(Prepared::New(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    let unseen = Dot {
+        author: ea.author,
+        seq: 1,
+    };
+    eb.ops = vec![Op::Set {
+        field: "name".into(),
+        value: b"\"B\"".to_vec(),
+        supersedes: vec![unseen],
+    }];
+    let (_, idb) = eb.seal();
+    let mut r = State::new();
+    r.insert(&ea, ida).unwrap();
+    assert_eq!(
+        r.insert(&eb, idb),
+        Err(Invalid::SupersedesUnseen {
+            field: "name".into(),
+            dot: unseen
+        })
+    );
+}
+
+/// The clock rule that makes every hlc cut causally closed: an event whose
+/// hlc is not above its prev's or a dep's is refused.
+#[test]
+fn an_event_not_after_its_prev_or_deps_is_refused() {
+    let stream = "customer/123";
+    let mut a = Node::new(0);
+    let (e1, id1) = a.commit(5_000, draft(stream, "Renamed", vec![set("name", "\"A\"")]));
+    let mut r = State::new();
+    r.insert(&e1, id1).unwrap();
+    let b = keys()[1].node_id();
+    let mut eb = Event {
+        version: FORMAT_VERSION,
+        author: b,
+        seq: 1,
+        prev: None,
+        deps: vec![id1],
+        hlc: e1.hlc,
+        stream: stream.into(),
+        kind: "Noted".into(),
+        ops: vec![],
+        payload: vec![],
+        meta: Meta::default(),
+    };
+    let (_, idb) = eb.seal();
+    assert_eq!(
+        r.insert(&eb, idb),
+        Err(Invalid::ClockNotAfter {
+            hlc: e1.hlc,
+            of: "a dep",
+            other: e1.hlc
+        })
+    );
+    eb.hlc = Hlc(e1.hlc.0 + 1);
+    let (_, idb) = eb.seal();
+    assert_eq!(r.insert(&eb, idb), Ok(Inserted::New));
+    // The author's next event with a clock that did not move.
+    let mut e2 = e1.clone();
+    e2.seq = 2;
+    e2.prev = Some(id1);
+    let (_, id2) = e2.seal();
+    assert_eq!(
+        r.insert(&e2, id2),
+        Err(Invalid::ClockNotAfter {
+            hlc: e1.hlc,
+            of: "prev",
+            other: e1.hlc
+        })
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Idempotency and optimistic concurrency.
+
+/// A command id already in the log yields its first event, on any replica
+/// holding it, whatever the retry asks; a stale expected version names both
+/// versions.
+#[test]
+fn command_ids_are_idempotent_and_versions_are_checked() {
+    let stream = "customer/7";
+    let mut a = Node::new(0);
+    let mut b = Node::new(1);
+    let mut d = draft(stream, "CustomerRegistered", vec![set("name", "\"Ada\"")]);
+    d.meta.command_id = Some("cmd-42".into());
+    d.expected_version = Some(0);
+    let (e1, id1) = a.commit(1_000, d.clone());
+    assert_eq!(a.state.version(stream), 1);
+
+    // The retry (even a different one, with a now-stale expected version).
+    let mut retry = draft("customer/8", "Other", vec![set("name", "\"Bob\"")]);
+    retry.meta.command_id = Some("cmd-42".into());
+    retry.expected_version = Some(0);
+    b.merge_from(&a.order);
+    for (who, n) in [("A", &mut a), ("B", &mut b)] {
+        let len = n.state.len();
+        match n.state.prepare(n.id, &mut n.clock, 2_000, retry.clone()) {
+            Ok(Prepared::Existing(rec)) => {
+                assert_eq!(rec.id, id1, "{who}");
+                assert_eq!(
+                    (rec.author, rec.seq, rec.hlc),
+                    (e1.author, e1.seq, e1.hlc),
+                    "{who}"
+                );
+                assert_eq!((rec.stream.as_str(), rec.version), (stream, 1), "{who}");
+            }
+            other => panic!("{who}: {other:?}"),
+        }
+        assert_eq!(n.state.len(), len, "{who}: nothing written");
+        assert_eq!(n.state.command("cmd-42").map(|r| r.id), Some(id1), "{who}");
+    }
+
+    // Expected version mismatch names both versions.
+    let mut stale = draft(stream, "Renamed", vec![set("name", "\"Ada L\"")]);
+    stale.expected_version = Some(0);
+    let err = a
+        .state
+        .prepare(a.id, &mut a.clock, 2_001, stale.clone())
+        .unwrap_err();
+    assert_eq!(
+        err,
+        PrepareError::VersionMismatch {
+            stream: stream.into(),
+            expected: 0,
+            actual: 1
+        }
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("expected version 0") && msg.contains("at version 1"),
+        "{msg}"
+    );
+    stale.expected_version = Some(3);
+    assert!(matches!(
+        a.state.prepare(a.id, &mut a.clock, 2_002, stale.clone()),
+        Err(PrepareError::VersionMismatch {
+            expected: 3,
+            actual: 1,
+            ..
+        })
+    ));
+    stale.expected_version = Some(1);
+    let (e2, _) = a.commit(2_003, stale);
+    assert_eq!((e2.seq, a.state.version(stream)), (2, 2));
+    // A stream with no events is at version 0.
+    let mut fresh = draft(
+        "customer/9",
+        "CustomerRegistered",
+        vec![set("name", "\"Cy\"")],
+    );
+    fresh.expected_version = Some(0);
+    a.commit(2_004, fresh);
+    assert_eq!(a.state.version("customer/9"), 1);
+
+    // Two offline replicas reuse one command id concurrently (it cannot be
+    // checked against replicas out of reach). After they exchange, each
+    // keeps the record of the event it inserted first: its own.
+    let mut c = Node::new(2);
+    let mut dup = draft(stream, "CustomerRegistered", vec![set("name", "\"Ada C\"")]);
+    dup.meta.command_id = Some("cmd-43".into());
+    let (_, idc) = c.commit(3_000, dup.clone());
+    let (_, ida) = a.commit(3_000, dup.clone());
+    a.merge_from(&c.order);
+    assert_eq!(a.state.command("cmd-43").map(|r| r.id), Some(ida));
+    c.merge_from(&a.order);
+    assert_eq!(c.state.command("cmd-43").map(|r| r.id), Some(idc));
+    for n in [&mut a, &mut c] {
+        let first = n.state.command("cmd-43").unwrap().id;
+        match n.state.prepare(n.id, &mut n.clock, 3_001, dup.clone()) {
+            Ok(Prepared::Existing(rec)) => assert_eq!(rec.id, first),
+            other => panic!("{other:?}"),
+        }
+    }
+}
