@@ -1,1 +1,1104 @@
-fn main() {}
+//! weftlog against its baselines, each measured in the same run.
+//!
+//! ```text
+//! cargo bench --bench weftlog                         # every group, full sizes
+//! cargo bench --bench weftlog -- append fold open     # pick groups
+//! WEFTLOG_BENCH_QUICK=1 cargo bench --bench weftlog   # small sizes (CI smoke check)
+//! ```
+//!
+//! Groups:
+//! - `append`: durable appends of 256-byte payloads through `Node::append`
+//!   from 1, 16 and 256 threads on one node, against SQLite (WAL,
+//!   `synchronous=FULL`, blake3 primary key) committing transactions of as
+//!   many rows as we have appenders ("equal batching"). Each run counts the
+//!   appends acknowledged inside a fixed window, in a fresh directory.
+//! - `fold`: `State::insert` of pre-built, pre-sealed events into a fresh
+//!   state, against automerge 0.12 applying the same puts and counter
+//!   increments, as one batch and one change at a time.
+//! - `open`: `Node::open` over a log built by `Node::append` (page cache
+//!   warm), against reading every row of the same events from SQLite.
+//!
+//! Every figure is the median of `WEFTLOG_BENCH_RUNS` runs (at least 3);
+//! weftlog and baseline runs alternate so drift in a noisy machine hits both.
+//! Output: a table at the end, and one JSON line per figure as it completes
+//! (lines starting with `{`). A ratio above 1 means weftlog is faster.
+//!
+//! Environment (all optional): `WEFTLOG_BENCH_QUICK=1`; `WEFTLOG_BENCH_RUNS`;
+//! `WEFTLOG_BENCH_SECS` (append window per run); `WEFTLOG_BENCH_THREADS`
+//! (comma-separated appender counts); `WEFTLOG_BENCH_FOLD_N`,
+//! `WEFTLOG_BENCH_AM_BATCH_N`, `WEFTLOG_BENCH_AM_ONE_N`,
+//! `WEFTLOG_BENCH_FOLD_AUTHORS`, `WEFTLOG_BENCH_OPEN_N`; `WEFTLOG_BENCH_DIR`
+//! (scratch directory; default `target/bench-tmp`, which should be on a real
+//! disk, not tmpfs).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use automerge::transaction::Transactable;
+use automerge::{ActorId, AutoCommit, Automerge, ObjType, ScalarValue, ROOT};
+use rusqlite::{params, Connection};
+use serde_json::json;
+use weftlog::node::{self, Node};
+use weftlog_proto::event::{Event, Keypair, Meta, Op};
+use weftlog_proto::log::{decode_frame, HEADER_BYTES};
+use weftlog_proto::state::{Draft, Prepared, State};
+use weftlog_proto::{EventId, HlcClock, NodeId};
+
+/// Payload size of every appended event.
+const PAYLOAD_BYTES: usize = 256;
+/// Streams the fold and open workloads spread over.
+const STREAMS: u64 = 1_000;
+/// Register fields written by `Op::Set`.
+const FIELDS: [&str; 5] = ["name", "email", "status", "tier", "region"];
+/// Counters bumped by `Op::Add`.
+const COUNTERS: [&str; 2] = ["visits", "total"];
+/// Runs counted before the measured window of an append run starts.
+const APPEND_WARMUP: Duration = Duration::from_millis(200);
+/// Appenders used to build the log for the open group.
+const BUILD_THREADS: usize = 256;
+/// Rows per transaction when building the SQLite replay table.
+const SQLITE_BUILD_TX: u64 = 10_000;
+/// Wall clock base for in-memory events (ms since the epoch).
+const BASE_MS: u64 = 1_700_000_000_000;
+
+const GROUPS: [&str; 3] = ["append", "fold", "open"];
+
+struct Config {
+    quick: bool,
+    runs: usize,
+    append_secs: f64,
+    threads: Vec<usize>,
+    fold_n: u64,
+    fold_authors: u64,
+    am_batch_n: u64,
+    am_one_n: u64,
+    open_n: u64,
+    dir: PathBuf,
+    groups: Vec<String>,
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
+        Err(_) => Ok(default),
+    }
+}
+
+impl Config {
+    fn from_env() -> Result<Config> {
+        let quick = std::env::var("WEFTLOG_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let threads = match std::env::var("WEFTLOG_BENCH_THREADS") {
+            Ok(v) => v
+                .split(',')
+                .map(|t| t.trim().parse::<usize>().context("WEFTLOG_BENCH_THREADS"))
+                .collect::<Result<Vec<_>>>()?,
+            Err(_) => vec![1, 16, 256],
+        };
+        if threads.contains(&0) {
+            bail!("WEFTLOG_BENCH_THREADS: an appender count is 0");
+        }
+        let default_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("bench-tmp");
+        // `cargo bench` passes `--bench`; anything else not starting with `-`
+        // names a group.
+        let mut groups = Vec::new();
+        for a in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+            if !GROUPS.contains(&a.as_str()) {
+                bail!("unknown group {a:?}; the groups are {GROUPS:?}");
+            }
+            groups.push(a);
+        }
+        if groups.is_empty() {
+            groups = GROUPS.iter().map(|g| g.to_string()).collect();
+        }
+        let cfg = Config {
+            quick,
+            runs: env_or("WEFTLOG_BENCH_RUNS", 3usize)?.max(3),
+            append_secs: env_or("WEFTLOG_BENCH_SECS", if quick { 1.0 } else { 3.0 })?,
+            threads,
+            fold_n: env_or(
+                "WEFTLOG_BENCH_FOLD_N",
+                if quick { 20_000 } else { 1_000_000 },
+            )?,
+            fold_authors: env_or("WEFTLOG_BENCH_FOLD_AUTHORS", 1u64)?.max(1),
+            am_batch_n: env_or(
+                "WEFTLOG_BENCH_AM_BATCH_N",
+                if quick { 5_000 } else { 100_000 },
+            )?,
+            am_one_n: env_or("WEFTLOG_BENCH_AM_ONE_N", if quick { 1_000 } else { 10_000 })?,
+            open_n: env_or(
+                "WEFTLOG_BENCH_OPEN_N",
+                if quick { 10_000 } else { 1_000_000 },
+            )?,
+            dir: std::env::var_os("WEFTLOG_BENCH_DIR").map_or(default_dir, PathBuf::from),
+            groups,
+        };
+        Ok(cfg)
+    }
+
+    fn wants(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+
+    fn tempdir(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&self.dir)
+            .with_context(|| format!("temp dir in {}", self.dir.display()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Figures and reporting
+
+#[derive(Clone, Copy, PartialEq)]
+enum Unit {
+    EventsPerSec,
+    Secs,
+}
+
+impl Unit {
+    fn name(self) -> &'static str {
+        match self {
+            Unit::EventsPerSec => "events/s",
+            Unit::Secs => "s",
+        }
+    }
+
+    fn show(self, v: f64) -> String {
+        match self {
+            Unit::EventsPerSec => rate(v),
+            Unit::Secs => format!("{v:.3} s"),
+        }
+    }
+}
+
+fn rate(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M/s", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k/s", v / 1e3)
+    } else {
+        format!("{v:.0}/s")
+    }
+}
+
+struct Baseline {
+    name: String,
+    unit: Unit,
+    runs: Vec<f64>,
+    n: u64,
+    note: String,
+}
+
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+    /// At least this ratio against the first baseline.
+    RatioAtLeast(f64),
+}
+
+struct Figure {
+    group: &'static str,
+    name: String,
+    unit: Unit,
+    runs: Vec<f64>,
+    n: u64,
+    baselines: Vec<Baseline>,
+    target: Option<Target>,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn median(runs: &[f64]) -> f64 {
+    let mut v = runs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+impl Figure {
+    fn median(&self) -> f64 {
+        median(&self.runs)
+    }
+
+    /// How many times faster weftlog is than `b` (above 1: weftlog faster).
+    fn ratio(&self, b: &Baseline) -> f64 {
+        let (v, bv) = (self.median(), median(&b.runs));
+        match (self.unit, b.unit) {
+            (Unit::EventsPerSec, Unit::EventsPerSec) => v / bv,
+            (Unit::Secs, Unit::Secs) => (bv / b.n as f64) / (v / self.n as f64),
+            (Unit::Secs, Unit::EventsPerSec) => (self.n as f64 / v) / bv,
+            (Unit::EventsPerSec, Unit::Secs) => v / (b.n as f64 / bv),
+        }
+    }
+
+    fn met(&self) -> Option<bool> {
+        Some(match self.target.as_ref()? {
+            Target::AtLeast(t) => self.median() >= *t,
+            Target::AtMost(t) => self.median() <= *t,
+            Target::RatioAtLeast(r) => self.ratio(self.baselines.first()?) >= *r,
+        })
+    }
+
+    fn target_text(&self) -> String {
+        match &self.target {
+            None => "—".into(),
+            Some(Target::AtLeast(t)) => format!("≥ {}", self.unit.show(*t)),
+            Some(Target::AtMost(t)) => format!("≤ {}", self.unit.show(*t)),
+            Some(Target::RatioAtLeast(r)) => format!("ratio ≥ {r}"),
+        }
+    }
+
+    fn json(&self, cfg: &Config) -> serde_json::Value {
+        let baselines: Vec<_> = self
+            .baselines
+            .iter()
+            .map(|b| {
+                json!({
+                    "name": b.name,
+                    "unit": b.unit.name(),
+                    "median": median(&b.runs),
+                    "runs": b.runs,
+                    "n": b.n,
+                    "note": b.note,
+                    "ratio": self.ratio(b),
+                })
+            })
+            .collect();
+        let target = match &self.target {
+            None => serde_json::Value::Null,
+            Some(Target::AtLeast(t)) => json!({"op": ">=", "value": t, "unit": self.unit.name()}),
+            Some(Target::AtMost(t)) => json!({"op": "<=", "value": t, "unit": self.unit.name()}),
+            Some(Target::RatioAtLeast(r)) => json!({"op": "ratio>=", "value": r}),
+        };
+        json!({
+            "bench": "weftlog",
+            "group": self.group,
+            "figure": self.name,
+            "unit": self.unit.name(),
+            "median": self.median(),
+            "runs": self.runs,
+            "n": self.n,
+            "quick": cfg.quick,
+            "baselines": baselines,
+            "target": target,
+            "met": self.met(),
+            "extra": self.extra,
+        })
+    }
+}
+
+struct Report {
+    figures: Vec<Figure>,
+}
+
+impl Report {
+    fn add(&mut self, cfg: &Config, f: Figure) {
+        println!("{}", f.json(cfg));
+        self.figures.push(f);
+    }
+
+    fn print_table(&self) {
+        println!();
+        println!(
+            "| figure | n (events; append: appenders) | weftlog (median) | baseline | n (events; append: rows per tx) | baseline (median) | ratio (>1: weftlog faster) | target | met |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for f in &self.figures {
+            let met = match f.met() {
+                None => "—",
+                Some(true) => "yes",
+                Some(false) => "NO",
+            };
+            let mut extra: Vec<String> = f
+                .extra
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"')))
+                .collect();
+            extra.sort();
+            let name = if extra.is_empty() {
+                f.name.clone()
+            } else {
+                format!("{} ({})", f.name, extra.join(", "))
+            };
+            if f.baselines.is_empty() {
+                println!(
+                    "| {name} | {} | {} | — | — | — | — | {} | {met} |",
+                    f.n,
+                    f.unit.show(f.median()),
+                    f.target_text()
+                );
+            }
+            for (i, b) in f.baselines.iter().enumerate() {
+                let note = if b.note.is_empty() {
+                    b.name.clone()
+                } else {
+                    format!("{} ({})", b.name, b.note)
+                };
+                println!(
+                    "| {} | {} | {} | {note} | {} | {} | {:.2}× | {} | {} |",
+                    if i == 0 { name.as_str() } else { "″" },
+                    f.n,
+                    f.unit.show(f.median()),
+                    b.n,
+                    b.unit.show(median(&b.runs)),
+                    f.ratio(b),
+                    if i == 0 {
+                        f.target_text()
+                    } else {
+                        String::new()
+                    },
+                    if i == 0 { met } else { "" },
+                );
+            }
+        }
+        println!();
+        println!("Each figure is the median of its runs; every run is in the JSON lines above.");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workloads
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// What event `i` of the mixed workload does; the same for weftlog,
+/// automerge and SQLite.
+struct Spec {
+    stream: u64,
+    sets: Vec<(&'static str, String)>,
+    adds: Vec<(&'static str, i64)>,
+}
+
+fn spec(i: u64) -> Spec {
+    let r = splitmix(i);
+    let stream = r % STREAMS;
+    let f1 = ((r >> 16) % FIELDS.len() as u64) as usize;
+    let f2 = (f1 + 1 + ((r >> 20) % (FIELDS.len() as u64 - 1)) as usize) % FIELDS.len();
+    let counter = COUNTERS[((r >> 24) % COUNTERS.len() as u64) as usize];
+    let delta = ((r >> 28) % 10) as i64 + 1;
+    let value = |f: usize| format!("\"{}-{}\"", FIELDS[f], r >> 40);
+    let (sets, adds) = match (r >> 32) % 4 {
+        0 => (vec![(FIELDS[f1], value(f1))], vec![]),
+        1 => (vec![], vec![(counter, delta)]),
+        2 => (vec![(FIELDS[f1], value(f1))], vec![(counter, delta)]),
+        _ => (
+            vec![(FIELDS[f1], value(f1)), (FIELDS[f2], value(f2))],
+            vec![(counter, delta)],
+        ),
+    };
+    Spec { stream, sets, adds }
+}
+
+fn stream_name(s: u64) -> String {
+    format!("customer/{s}")
+}
+
+fn mixed_draft(i: u64, payload: Vec<u8>) -> Draft {
+    let s = spec(i);
+    let mut ops: Vec<Op> = s
+        .sets
+        .into_iter()
+        .map(|(f, v)| Op::Set {
+            field: f.into(),
+            value: v.into_bytes(),
+            supersedes: vec![],
+        })
+        .collect();
+    ops.extend(s.adds.into_iter().map(|(c, d)| Op::Add {
+        counter: c.into(),
+        delta: d,
+    }));
+    Draft {
+        stream: stream_name(s.stream),
+        kind: "CustomerUpdated".into(),
+        ops,
+        payload,
+        meta: Meta::default(),
+        expected_version: None,
+    }
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAYLOAD_BYTES];
+    for (j, chunk) in p.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&splitmix(i ^ ((j as u64) << 48)).to_le_bytes());
+    }
+    p
+}
+
+fn append_draft(thread: usize, i: u64, payload: &[u8]) -> Draft {
+    Draft {
+        stream: format!("appender/{thread}"),
+        kind: "Appended".into(),
+        ops: vec![Op::Add {
+            counter: "n".into(),
+            delta: 1,
+        }],
+        payload: payload.to_vec(),
+        meta: Meta {
+            command_id: None,
+            user: Some(format!("bench-{i}")),
+        },
+        expected_version: None,
+    }
+}
+
+fn new_node(cfg: &Config, prefix: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = cfg.tempdir(prefix)?;
+    let dir = tmp.path().join("node");
+    node::init(&dir).context("node init")?;
+    Ok((tmp, dir))
+}
+
+/// Records and signed records (one per group commit of local appends) in a
+/// node's log.
+fn log_batches(node_dir: &Path) -> Result<(u64, u64)> {
+    let mut segs: Vec<PathBuf> = fs::read_dir(node_dir.join(node::LOG_DIR))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    let (mut records, mut signed) = (0, 0);
+    for seg in segs {
+        let data = fs::read(&seg)?;
+        let mut off = HEADER_BYTES;
+        while off < data.len() {
+            let (frame, used) = decode_frame(&data[off..])
+                .map_err(|e| anyhow::anyhow!("{}: {e}", seg.display()))?;
+            records += 1;
+            signed += frame.sig.is_some() as u64;
+            off += used;
+        }
+    }
+    Ok((records, signed))
+}
+
+fn log_bytes(node_dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in fs::read_dir(node_dir.join(node::LOG_DIR))? {
+        total += e?.metadata()?.len();
+    }
+    Ok(total)
+}
+
+// ---------------------------------------------------------------------------
+// append
+
+/// One run: `threads` appenders on one node; events acknowledged per second
+/// inside the window, and the average group-commit batch over the whole run.
+fn weft_append_run(cfg: &Config, threads: usize) -> Result<(f64, f64)> {
+    let (_tmp, dir) = new_node(cfg, "append-")?;
+    let (node, _) = Node::open(&dir).context("open node")?;
+    let node = Arc::new(node);
+    let window = Duration::from_secs_f64(cfg.append_secs);
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let start = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let mut handles = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let (node, barrier, start) = (node.clone(), barrier.clone(), start.clone());
+        handles.push(thread::spawn(move || -> Result<u64> {
+            let p = payload(t as u64);
+            barrier.wait();
+            // Set by the main thread before it reaches the barrier.
+            let t0 = *start.get().expect("start set before the barrier");
+            let (from, to) = (t0 + APPEND_WARMUP, t0 + APPEND_WARMUP + window);
+            let mut counted = 0u64;
+            for i in 0.. {
+                node.append(append_draft(t, i, &p))?;
+                let now = Instant::now();
+                if now > to {
+                    break;
+                }
+                if now >= from {
+                    counted += 1;
+                }
+            }
+            Ok(counted)
+        }));
+    }
+    start.set(Instant::now()).expect("set once");
+    barrier.wait();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().expect("appender panicked")?;
+    }
+    drop(node);
+    let (records, signed) = log_batches(&dir)?;
+    Ok((
+        total as f64 / window.as_secs_f64(),
+        records as f64 / signed.max(1) as f64,
+    ))
+}
+
+fn sqlite_open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("SQLite refused WAL mode (got {mode})");
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         CREATE TABLE IF NOT EXISTS events(
+             id BLOB PRIMARY KEY, author BLOB, seq INTEGER,
+             stream TEXT, kind TEXT, payload BLOB);",
+    )?;
+    Ok(conn)
+}
+
+const SQLITE_INSERT: &str =
+    "INSERT INTO events(id, author, seq, stream, kind, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Inserts one row as the append baseline does: blake3 id over the row.
+fn sqlite_insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    author: &[u8; 32],
+    seq: u64,
+    stream: &str,
+    kind: &str,
+    payload: &[u8],
+) -> Result<()> {
+    let mut h = blake3::Hasher::new();
+    h.update(author);
+    h.update(&seq.to_le_bytes());
+    h.update(stream.as_bytes());
+    h.update(kind.as_bytes());
+    h.update(payload);
+    let id = *h.finalize().as_bytes();
+    stmt.execute(params![
+        &id[..],
+        &author[..],
+        seq as i64,
+        stream,
+        kind,
+        payload
+    ])?;
+    Ok(())
+}
+
+/// One run: transactions of `tx` rows; rows committed per second in the window.
+fn sqlite_append_run(cfg: &Config, tx: usize) -> Result<f64> {
+    let tmp = cfg.tempdir("sqlite-append-")?;
+    let conn = sqlite_open(&tmp.path().join("events.db"))?;
+    let mut stmt = conn.prepare_cached(SQLITE_INSERT)?;
+    let author = [7u8; 32];
+    let p = payload(0);
+    let window = Duration::from_secs_f64(cfg.append_secs);
+    let t0 = Instant::now();
+    let (from, to) = (t0 + APPEND_WARMUP, t0 + APPEND_WARMUP + window);
+    let (mut seq, mut counted) = (0u64, 0u64);
+    loop {
+        conn.execute_batch("BEGIN")?;
+        for _ in 0..tx {
+            seq += 1;
+            sqlite_insert(&mut stmt, &author, seq, "appender/0", "Appended", &p)?;
+        }
+        conn.execute_batch("COMMIT")?;
+        let now = Instant::now();
+        if now > to {
+            break;
+        }
+        if now >= from {
+            counted += tx as u64;
+        }
+    }
+    Ok(counted as f64 / window.as_secs_f64())
+}
+
+fn bench_append(cfg: &Config, report: &mut Report) -> Result<()> {
+    for &threads in &cfg.threads {
+        println!(
+            "# append: {threads} appender(s) vs SQLite tx={threads}, {} runs of {:.1} s",
+            cfg.runs, cfg.append_secs
+        );
+        let (mut ours, mut batches, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+        for run in 0..cfg.runs {
+            let (r, b) = weft_append_run(cfg, threads)?;
+            let s = sqlite_append_run(cfg, threads)?;
+            println!(
+                "  run {run}: weftlog {} (avg batch {b:.1}), sqlite {}",
+                rate(r),
+                rate(s)
+            );
+            ours.push(r);
+            batches.push(b);
+            theirs.push(s);
+        }
+        let mut extra = serde_json::Map::new();
+        extra.insert(
+            "avg_batch".into(),
+            json!((median(&batches) * 10.0).round() / 10.0),
+        );
+        extra.insert("payload_bytes".into(), json!(PAYLOAD_BYTES));
+        report.add(
+            cfg,
+            Figure {
+                group: "append",
+                name: format!("append_{threads}_threads"),
+                unit: Unit::EventsPerSec,
+                runs: ours,
+                n: threads as u64,
+                baselines: vec![Baseline {
+                    name: format!("sqlite_wal_full_tx{threads}"),
+                    unit: Unit::EventsPerSec,
+                    runs: theirs,
+                    n: threads as u64,
+                    note: String::new(),
+                }],
+                target: Some(Target::RatioAtLeast(1.0)),
+                extra,
+            },
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// fold
+
+struct Built {
+    events: Vec<(Event, EventId)>,
+    encoded: Vec<Vec<u8>>,
+    state_hash: [u8; 32],
+}
+
+/// Events `0..n` of the mixed workload, made by `State::prepare` and sealed,
+/// round-robin over `authors` in runs of 64 (one node's batch).
+fn build_events(n: u64, authors: u64) -> Built {
+    let keys: Vec<NodeId> = (0..authors)
+        .map(|a| Keypair::from_secret([a as u8 + 1; 32]).node_id())
+        .collect();
+    let mut clocks = vec![HlcClock::default(); authors as usize];
+    let mut state = State::new();
+    let mut events = Vec::with_capacity(n as usize);
+    let mut encoded = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let a = ((i / 64) % authors) as usize;
+        let draft = mixed_draft(i, Vec::new());
+        let event = match state.prepare(keys[a], &mut clocks[a], BASE_MS + i / 100, draft) {
+            Ok(Prepared::New(e)) => e,
+            other => panic!("event {i}: prepare gave {other:?}"),
+        };
+        let (bytes, id) = event.seal();
+        state.insert(&event, id).expect("a prepared event inserts");
+        events.push((event, id));
+        encoded.push(bytes);
+    }
+    Built {
+        events,
+        encoded,
+        state_hash: state.state_hash(),
+    }
+}
+
+/// The same `n` first events as automerge changes: one change per event, a
+/// map per stream, puts for sets and counter increments for adds.
+fn build_automerge(n: u64) -> Result<Vec<automerge::Change>> {
+    let mut doc = AutoCommit::new().with_actor(ActorId::from(vec![1u8; 16]));
+    let mut objs: BTreeMap<u64, automerge::ObjId> = BTreeMap::new();
+    let mut counters: BTreeSet<(u64, &str)> = BTreeSet::new();
+    for i in 0..n {
+        let s = spec(i);
+        let obj = match objs.get(&s.stream) {
+            Some(o) => o.clone(),
+            None => {
+                let o = doc.put_object(ROOT, stream_name(s.stream), ObjType::Map)?;
+                objs.insert(s.stream, o.clone());
+                o
+            }
+        };
+        for (f, v) in &s.sets {
+            doc.put(&obj, *f, v.as_str())?;
+        }
+        for (c, d) in &s.adds {
+            if counters.insert((s.stream, c)) {
+                doc.put(&obj, *c, ScalarValue::counter(0))?;
+            }
+            doc.increment(&obj, *c, *d)?;
+        }
+        doc.commit();
+    }
+    let changes = doc.get_changes(&[]);
+    if changes.len() as u64 != n {
+        bail!("automerge made {} changes for {n} events", changes.len());
+    }
+    Ok(changes)
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed().as_secs_f64(), out)
+}
+
+fn bench_fold(cfg: &Config, report: &mut Report) -> Result<()> {
+    let n = cfg.fold_n;
+    println!(
+        "# fold: building {n} events ({} author(s), {STREAMS} streams)…",
+        cfg.fold_authors
+    );
+    let (secs, built) = time(|| build_events(n, cfg.fold_authors));
+    println!("  built in {secs:.1} s");
+    let am_n = cfg.am_batch_n.min(n);
+    let am_one_n = cfg.am_one_n.min(am_n);
+    println!("# fold: building {am_n} automerge changes…");
+    let (secs, changes) = time(|| build_automerge(am_n));
+    let changes = changes?;
+    println!("  built in {secs:.1} s");
+
+    let (mut fold, mut fold_decode, mut am_batch, mut am_one) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..cfg.runs {
+        // Insert pre-decoded events.
+        let mut state = State::new();
+        let (secs, ()) = time(|| {
+            for (e, id) in &built.events {
+                state.insert(e, *id).expect("fold: event inserts");
+            }
+        });
+        assert_eq!(state.len(), n);
+        if run == 0 {
+            assert_eq!(
+                state.state_hash(),
+                built.state_hash,
+                "fold differs from build"
+            );
+        }
+        drop(state);
+        fold.push(n as f64 / secs);
+
+        // Decode the canonical bytes, then insert (open does this too).
+        let mut state = State::new();
+        let (secs, ()) = time(|| {
+            for (bytes, (_, id)) in built.encoded.iter().zip(&built.events) {
+                let e = Event::decode_trusted(bytes).expect("fold: event decodes");
+                state.insert(&e, *id).expect("fold: event inserts");
+            }
+        });
+        assert_eq!(state.len(), n);
+        drop(state);
+        fold_decode.push(n as f64 / secs);
+
+        // automerge: all changes in one call on a fresh document.
+        let batch = changes.clone();
+        let mut doc = Automerge::new();
+        let (secs, r) = time(|| doc.apply_changes(batch));
+        r?;
+        assert_eq!(doc.get_changes(&[]).len() as u64, am_n);
+        drop(doc);
+        am_batch.push(am_n as f64 / secs);
+
+        // automerge: one change at a time, as a remote peer's arrive.
+        let ones: Vec<Vec<automerge::Change>> = changes[..am_one_n as usize]
+            .iter()
+            .map(|c| vec![c.clone()])
+            .collect();
+        let mut doc = Automerge::new();
+        let (secs, r) = time(|| -> Result<()> {
+            for one in ones {
+                doc.apply_changes(one)?;
+            }
+            Ok(())
+        });
+        r?;
+        drop(doc);
+        am_one.push(am_one_n as f64 / secs);
+        println!(
+            "  run {run}: fold {}, decode+fold {}, automerge batch {}, automerge one-at-a-time {}",
+            rate(fold[run]),
+            rate(fold_decode[run]),
+            rate(am_batch[run]),
+            rate(am_one[run])
+        );
+    }
+    let am_baselines = |am_batch: Vec<f64>, am_one: Vec<f64>| {
+        vec![
+            Baseline {
+                name: "automerge_apply_batch".into(),
+                unit: Unit::EventsPerSec,
+                runs: am_batch,
+                n: am_n,
+                note: format!("n={am_n}"),
+            },
+            Baseline {
+                name: "automerge_apply_one_at_a_time".into(),
+                unit: Unit::EventsPerSec,
+                runs: am_one,
+                n: am_one_n,
+                note: format!("n={am_one_n}"),
+            },
+        ]
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("authors".into(), json!(cfg.fold_authors));
+    report.add(
+        cfg,
+        Figure {
+            group: "fold",
+            name: "fold_insert".into(),
+            unit: Unit::EventsPerSec,
+            runs: fold,
+            n,
+            baselines: am_baselines(am_batch.clone(), am_one.clone()),
+            target: Some(Target::AtLeast(1e6)),
+            extra: extra.clone(),
+        },
+    );
+    report.add(
+        cfg,
+        Figure {
+            group: "fold",
+            name: "fold_decode_insert".into(),
+            unit: Unit::EventsPerSec,
+            runs: fold_decode,
+            n,
+            baselines: am_baselines(am_batch, am_one),
+            target: None,
+            extra,
+        },
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// open
+
+/// Appends events `0..n` of the mixed workload (256-byte payloads) to the
+/// node in `dir` from `BUILD_THREADS` threads.
+fn build_log(dir: &Path, n: u64) -> Result<()> {
+    let (node, _) = Node::open(dir).context("open node")?;
+    let node = Arc::new(node);
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..BUILD_THREADS)
+        .map(|_| {
+            let (node, next, done) = (node.clone(), next.clone(), done.clone());
+            thread::spawn(move || -> Result<()> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok(());
+                    }
+                    node.append(mixed_draft(i, payload(i)))?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut last = Instant::now();
+    while done.load(Ordering::Relaxed) < n && !handles.iter().all(|h| h.is_finished()) {
+        thread::sleep(Duration::from_millis(50));
+        if last.elapsed() >= Duration::from_secs(5) {
+            let d = done.load(Ordering::Relaxed);
+            println!(
+                "  {d}/{n} events ({:.0}%), {}",
+                100.0 * d as f64 / n as f64,
+                rate(d as f64 / t0.elapsed().as_secs_f64())
+            );
+            last = Instant::now();
+        }
+    }
+    for h in handles {
+        h.join().expect("builder panicked")?;
+    }
+    Ok(())
+}
+
+/// A SQLite table of the same `n` events (256-byte payloads).
+fn build_sqlite(path: &Path, n: u64) -> Result<()> {
+    let conn = sqlite_open(path)?;
+    let mut stmt = conn.prepare_cached(SQLITE_INSERT)?;
+    let author = [7u8; 32];
+    let mut i = 0;
+    while i < n {
+        conn.execute_batch("BEGIN")?;
+        let end = (i + SQLITE_BUILD_TX).min(n);
+        for j in i..end {
+            let s = spec(j);
+            sqlite_insert(
+                &mut stmt,
+                &author,
+                j + 1,
+                &stream_name(s.stream),
+                "CustomerUpdated",
+                &payload(j),
+            )?;
+        }
+        conn.execute_batch("COMMIT")?;
+        i = end;
+    }
+    drop(stmt);
+    conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    Ok(())
+}
+
+/// Reads every row into owned values, as a replay would.
+fn sqlite_replay(path: &Path) -> Result<u64> {
+    let conn = Connection::open(path)?;
+    let mut stmt = conn.prepare("SELECT id, author, seq, stream, kind, payload FROM events")?;
+    let mut rows = stmt.query([])?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while let Some(row) = rows.next()? {
+        let id: Vec<u8> = row.get(0)?;
+        let author: Vec<u8> = row.get(1)?;
+        let seq: i64 = row.get(2)?;
+        let stream: String = row.get(3)?;
+        let kind: String = row.get(4)?;
+        let payload: Vec<u8> = row.get(5)?;
+        bytes += (id.len() + author.len() + stream.len() + kind.len() + payload.len()) as u64
+            + seq as u64 % 2;
+        count += 1;
+    }
+    std::hint::black_box(bytes);
+    Ok(count)
+}
+
+fn bench_open(cfg: &Config, report: &mut Report) -> Result<()> {
+    let n = cfg.open_n;
+    let (_tmp, dir) = new_node(cfg, "open-")?;
+    println!("# open: building a {n}-event log with {BUILD_THREADS} appenders…");
+    let (secs, r) = time(|| build_log(&dir, n));
+    r?;
+    let bytes = log_bytes(&dir)?;
+    println!(
+        "  built in {secs:.1} s ({}), log {:.1} MiB",
+        rate(n as f64 / secs),
+        bytes as f64 / (1 << 20) as f64
+    );
+    let sql_tmp = cfg.tempdir("sqlite-open-")?;
+    let db = sql_tmp.path().join("events.db");
+    println!("# open: building a {n}-row SQLite table…");
+    let (secs, r) = time(|| build_sqlite(&db, n));
+    r?;
+    println!("  built in {secs:.1} s");
+
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for run in 0..cfg.runs {
+        let (secs, r) = time(|| Node::open(&dir));
+        let (node, recovery) = r.context("reopen node")?;
+        if recovery.records != n || recovery.torn.is_some() {
+            bail!("open recovered {recovery:?}, expected {n} records and no torn tail");
+        }
+        drop(node);
+        ours.push(secs);
+        let (ssecs, rows) = time(|| sqlite_replay(&db));
+        if rows? != n {
+            bail!("SQLite replay did not read {n} rows");
+        }
+        theirs.push(ssecs);
+        println!(
+            "  run {run}: open {secs:.3} s ({}), sqlite replay {ssecs:.3} s ({})",
+            rate(n as f64 / secs),
+            rate(n as f64 / ssecs)
+        );
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("log_bytes".into(), json!(bytes));
+    extra.insert(
+        "events_per_s".into(),
+        json!((n as f64 / median(&ours)).round()),
+    );
+    extra.insert("page_cache".into(), json!("warm"));
+    report.add(
+        cfg,
+        Figure {
+            group: "open",
+            name: "open".into(),
+            unit: Unit::Secs,
+            runs: ours,
+            n,
+            baselines: vec![Baseline {
+                name: "sqlite_select_all".into(),
+                unit: Unit::Secs,
+                runs: theirs,
+                n,
+                note: "every row into owned values".into(),
+            }],
+            target: Some(Target::AtMost(if n >= 1_000_000 {
+                3.0
+            } else {
+                3.0 * n as f64 / 1e6
+            })),
+            extra,
+        },
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+
+/// The filesystem type `path` lives on, from /proc/mounts (longest prefix).
+fn fs_type(path: &Path) -> String {
+    let Ok(path) = path.canonicalize() else {
+        return "unknown".into();
+    };
+    let Ok(mounts) = fs::read_to_string("/proc/mounts") else {
+        return "unknown".into();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (dev, mnt, ty) = (it.next()?, it.next()?, it.next()?);
+            path.starts_with(mnt)
+                .then(|| (mnt.len(), format!("{ty} ({dev} on {mnt})")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "unknown".into(), |(_, t)| t)
+}
+
+fn main() -> Result<()> {
+    let cfg = Config::from_env()?;
+    fs::create_dir_all(&cfg.dir).with_context(|| format!("create {}", cfg.dir.display()))?;
+    let fs = fs_type(&cfg.dir);
+    println!(
+        "weftlog bench: groups {:?}, {} runs each{}, {} cores, scratch {} on {fs}",
+        cfg.groups,
+        cfg.runs,
+        if cfg.quick { ", QUICK sizes" } else { "" },
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        cfg.dir.display(),
+    );
+    if fs.starts_with("tmpfs") || fs.starts_with("ramfs") {
+        println!("WARNING: the scratch dir is in memory; fdatasync figures mean nothing. Set WEFTLOG_BENCH_DIR.");
+    }
+    if cfg!(debug_assertions) {
+        println!("WARNING: debug build; run `cargo bench` for release figures.");
+    }
+    let mut report = Report {
+        figures: Vec::new(),
+    };
+    let t0 = Instant::now();
+    if cfg.wants("append") {
+        bench_append(&cfg, &mut report)?;
+    }
+    if cfg.wants("fold") {
+        bench_fold(&cfg, &mut report)?;
+    }
+    if cfg.wants("open") {
+        bench_open(&cfg, &mut report)?;
+    }
+    report.print_table();
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -423,12 +423,14 @@ impl Node {
     /// signatures the log holds.
     pub fn export(&self, since: &BTreeMap<NodeId, u64>) -> Result<(Vec<u8>, usize), OpenError> {
         // Per author: the id and signature of its last record.
-        let mut heads: BTreeMap<NodeId, (EventId, Option<Signature>)> = BTreeMap::new();
+        let mut heads: BTreeMap<NodeId, (u64, EventId, Option<Signature>)> = BTreeMap::new();
+        let mut index = 0u64;
         let mut out = Vec::new();
         let mut guard = self.log.lock().expect("log lock poisoned");
         guard.0.scan(|frame| {
             let e = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
-            heads.insert(e.author, (frame.id, frame.sig));
+            heads.insert(e.author, (index, frame.id, frame.sig));
+            index += 1;
             if e.seq > since.get(&e.author).copied().unwrap_or(0) {
                 out.push(Outgoing {
                     bytes: frame.bytes.to_vec(),
@@ -444,10 +446,10 @@ impl Node {
         drop(guard);
         // Every finished batch ends each author's run with a signed record,
         // and the scan above saw only finished batches.
-        for (author, (id, sig)) in &heads {
+        for (author, (index, id, sig)) in &heads {
             if sig.is_none() {
                 return Err(OpenError::Refused {
-                    index: 0,
+                    index: *index,
                     id: *id,
                     reason: format!("the last record of author {author} carries no signature"),
                 });
@@ -469,9 +471,9 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
     loop {
         let storage = FileStorage::new(log_dir).map_err(io_err(log_dir))?;
         let mut state = State::new();
-        // Per author: last signed record (seq, id, sig), and the index of the
-        // first record after it.
-        let mut signed: BTreeMap<NodeId, (u64, EventId, Signature)> = BTreeMap::new();
+        // Per author: its last signed record (index, seq, id, sig), and the
+        // index of the first record after that one.
+        let mut signed: BTreeMap<NodeId, (u64, u64, EventId, Signature)> = BTreeMap::new();
         let mut unsigned_from: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut index = 0u64;
         let (mut log, mut recovery) = Log::open(storage, |frame| {
@@ -482,7 +484,7 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
             }
             match frame.sig {
                 Some(sig) => {
-                    signed.insert(event.author, (event.seq, frame.id, sig));
+                    signed.insert(event.author, (index, event.seq, frame.id, sig));
                     unsigned_from.remove(&event.author);
                 }
                 None => {
@@ -492,25 +494,30 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
             index += 1;
             Ok(())
         })?;
-        if let Some(&cut) = unsigned_from.values().min() {
-            let dropped = log.records() - cut;
-            log.cut(cut)?;
+        if let Some(&keep) = unsigned_from.values().min() {
+            let dropped = log.records() - keep;
+            let cut = log.cut(keep)?;
             let note = format!("{dropped} records of an interrupted batch had no signature");
-            let mut torn = recovery.torn.or(earlier).unwrap_or_default();
-            torn.reason = if torn.reason.is_empty() {
-                note
-            } else {
-                format!("{}; {note}", torn.reason)
-            };
-            earlier = Some(torn);
+            // What an earlier pass or this open's framing check removed lay
+            // after the cut, in the same segment.
+            let before = recovery.torn.or(earlier);
+            earlier = Some(TornTail {
+                segment: cut.segment,
+                offset: cut.offset,
+                dropped_bytes: cut.dropped_bytes + before.as_ref().map_or(0, |t| t.dropped_bytes),
+                reason: match before {
+                    Some(t) => format!("{}; {note}", t.reason),
+                    None => note,
+                },
+            });
             continue;
         }
         if recovery.torn.is_none() {
             recovery.torn = earlier.take();
         }
-        for (author, (seq, id, sig)) in &signed {
+        for (author, (index, seq, id, sig)) in &signed {
             verify(author, id, sig).map_err(|e| OpenError::Refused {
-                index: 0,
+                index: *index,
                 id: *id,
                 reason: format!(
                     "{}: head signature: {e}",

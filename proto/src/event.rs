@@ -167,6 +167,9 @@ pub enum EventError {
     /// Deps or supersedes not strictly ascending.
     #[error("{0} are not sorted ascending without duplicates")]
     Unsorted(&'static str),
+    /// The hlc is beyond [`Hlc::MAX`].
+    #[error("hlc {0} is beyond the last valid timestamp (year 9999)")]
+    ClockOutOfRange(Hlc),
     /// An escrow amount of zero, or a transfer to oneself.
     #[error("invalid escrow op on {counter:?}: {why}")]
     BadEscrow {
@@ -207,6 +210,9 @@ impl Event {
                 seq: self.seq,
                 has_prev: self.prev.is_some(),
             });
+        }
+        if self.hlc > Hlc::MAX {
+            return Err(EventError::ClockOutOfRange(self.hlc));
         }
         name("stream", &self.stream, MAX_STREAM_BYTES)?;
         name("kind", &self.kind, MAX_KIND_BYTES)?;
@@ -315,6 +321,11 @@ impl Op {
             | Op::EscrowConsume { amount: 0, .. } => return Err(bad("amount is zero")),
             Op::EscrowTransfer { to, .. } if *to == author => {
                 return Err(bad("transfer to its own author"))
+            }
+            Op::EscrowTransfer { to, .. } if VerifyingKey::from_bytes(&to.0).is_err() => {
+                return Err(bad(
+                    "the recipient is not a node id (an ed25519 public key)",
+                ))
             }
             Op::EscrowInit { .. } | Op::EscrowTransfer { .. } | Op::EscrowConsume { .. } => {}
         }

@@ -20,9 +20,15 @@ pub struct Hlc(pub u64);
 
 const LOGICAL_BITS: u32 = 16;
 
+/// The last millisecond an event may carry: 9999-12-31T23:59:59.999Z.
+/// Bounding the clock keeps one far-future event from exhausting it.
+pub const MAX_MS: u64 = 253_402_300_799_999;
+
 impl Hlc {
     /// The zero timestamp, below every real one.
     pub const ZERO: Hlc = Hlc(0);
+    /// The largest valid timestamp; events above it are refused.
+    pub const MAX: Hlc = Hlc((MAX_MS << LOGICAL_BITS) | 0xffff);
 
     /// The timestamp for physical time `ms` with logical counter 0.
     pub fn from_ms(ms: u64) -> Hlc {
@@ -79,15 +85,15 @@ impl HlcClock {
     /// A new timestamp for an event, strictly above everything issued or
     /// observed so far and above `after` (the largest hlc of its prev and
     /// deps), and at least the wall time `now_ms` when the wall clock is ahead.
+    /// Past [`Hlc::MAX`] the result is out of range and an event carrying it
+    /// is refused by [`crate::Event::check`]; the clock itself never wraps.
     pub fn tick(&mut self, now_ms: u64, after: Hlc) -> Hlc {
         let floor = self.last.max(after);
-        let wall = Hlc::from_ms(now_ms.min((1 << (64 - LOGICAL_BITS)) - 1));
+        let wall = Hlc::from_ms(now_ms.min(MAX_MS));
         let next = if wall > floor {
             wall
         } else {
-            // Saturation would need 2^64 events within one logical range;
-            // `checked_add` keeps that from wrapping into the past.
-            Hlc(floor.0.checked_add(1).expect("hlc overflow"))
+            Hlc(floor.0.saturating_add(1))
         };
         self.last = next;
         next
@@ -114,5 +120,13 @@ mod tests {
         assert!(d > Hlc::from_ms(5_000));
         let e = restarted.tick(9_000, Hlc::ZERO);
         assert_eq!(e, Hlc::from_ms(9_000));
+    }
+
+    #[test]
+    fn the_end_of_the_range_does_not_wrap() {
+        let mut c = HlcClock::new(Hlc(u64::MAX));
+        assert_eq!(c.tick(1, Hlc::ZERO), Hlc(u64::MAX));
+        let mut c = HlcClock::new(Hlc::MAX);
+        assert!(c.tick(u64::MAX, Hlc::ZERO) > Hlc::MAX);
     }
 }

@@ -430,16 +430,19 @@ impl<S: Storage> Log<S> {
     /// that recovery above this layer finds unusable (an interrupted batch
     /// whose signature never reached the disk).
     ///
+    /// Returns where the cut starts and how many bytes it removed.
+    ///
     /// # Panics
     /// If `keep` is more than the log holds.
-    pub fn cut(&mut self, keep: u64) -> Result<(), OpenError> {
+    pub fn cut(&mut self, keep: u64) -> Result<TornTail, OpenError> {
+        let mut dropped_bytes = 0;
         assert!(keep <= self.records, "cut beyond the end of the log");
         while let Some(&(seg, _)) = self.segments.last() {
             if seg <= keep || self.segments.len() == 1 {
                 break;
             }
             self.storage.remove(seg)?;
-            self.segments.pop();
+            dropped_bytes += self.segments.pop().map_or(0, |s| s.1);
         }
         // Invariant: the first segment is never removed.
         let (seg, len) = *self.segments.last().expect("segment");
@@ -459,7 +462,12 @@ impl<S: Storage> Log<S> {
         // Invariant: as above.
         self.segments.last_mut().expect("segment").1 = off as u64;
         self.records = keep;
-        Ok(())
+        Ok(TornTail {
+            segment: seg,
+            offset: off as u64,
+            dropped_bytes: dropped_bytes + len - off as u64,
+            reason: String::new(),
+        })
     }
 
     /// The storage, for tests that crash and reopen.

@@ -1,0 +1,694 @@
+//! Guards `weftlog import` against tampered and forged export files: each is
+//! refused as a whole with a message that names the reason and the event (or
+//! the record, for framing errors), and the node's log and state are exactly
+//! as they were.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use weftlog_proto::event::{Event, Keypair, Meta, Op, FORMAT_VERSION};
+use weftlog_proto::log::{encode_frame, header, EXPORT_MAGIC, HEADER_BYTES, SIG_BYTES};
+use weftlog_proto::{EventId, Hlc, NodeId, Signature};
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn weftlog(data: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_weftlog"))
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .expect("run weftlog");
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn json(data: &Path, args: &[&str]) -> Value {
+    let r = weftlog(data, args);
+    assert_eq!(r.code, Some(0), "weftlog {args:?}: {}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", r.stdout))
+}
+
+/// One frame of an export file, parsed by the format in `weftlog_proto::log`:
+/// u32 LE length, u8 flags, event bytes, 64-byte signature if flags == 1,
+/// 32-byte id.
+#[derive(Clone, Debug)]
+struct Frame {
+    start: usize,
+    end: usize,
+    event: Vec<u8>,
+    sig: Option<[u8; 64]>,
+    id: [u8; 32],
+}
+
+impl Frame {
+    fn sig_range(&self) -> std::ops::Range<usize> {
+        let s = self.start + 5 + self.event.len();
+        s..s + SIG_BYTES
+    }
+
+    fn id_range(&self) -> std::ops::Range<usize> {
+        self.end - 32..self.end
+    }
+
+    fn id_hex(&self) -> String {
+        EventId(self.id).to_string()
+    }
+
+    fn decode(&self) -> Event {
+        Event::decode(&self.event)
+            .expect("untampered event decodes")
+            .0
+    }
+}
+
+fn parse(file: &[u8]) -> Vec<Frame> {
+    assert_eq!(&file[..8], &EXPORT_MAGIC);
+    let mut out = Vec::new();
+    let mut off = HEADER_BYTES;
+    while off < file.len() {
+        let n = u32::from_le_bytes(file[off..off + 4].try_into().unwrap()) as usize;
+        let flags = file[off + 4];
+        assert!(flags <= 1);
+        let event = file[off + 5..off + 5 + n].to_vec();
+        let mut p = off + 5 + n;
+        let sig = (flags == 1).then(|| {
+            let s: [u8; 64] = file[p..p + SIG_BYTES].try_into().unwrap();
+            p += SIG_BYTES;
+            s
+        });
+        let id: [u8; 32] = file[p..p + 32].try_into().unwrap();
+        assert_eq!(blake3::hash(&event).as_bytes(), &id);
+        out.push(Frame {
+            start: off,
+            end: p + 32,
+            event,
+            sig,
+            id,
+        });
+        off = p + 32;
+    }
+    out
+}
+
+/// An export file of `(event bytes, signature)` records, ids computed.
+fn file_of(records: &[(Vec<u8>, Option<Signature>)]) -> Vec<u8> {
+    let mut out = header(EXPORT_MAGIC).to_vec();
+    for (bytes, sig) in records {
+        let id = EventId(*blake3::hash(bytes).as_bytes());
+        encode_frame(&mut out, bytes, &id, sig.as_ref());
+    }
+    out
+}
+
+/// The frames of a parsed file as records for [`file_of`].
+fn records(frames: &[Frame]) -> Vec<(Vec<u8>, Option<Signature>)> {
+    frames
+        .iter()
+        .map(|f| (f.event.clone(), f.sig.map(Signature)))
+        .collect()
+}
+
+/// An event by `author`, checked fields valid unless the caller changes them.
+fn event(author: NodeId, seq: u64, prev: Option<EventId>, hlc: u64, ops: Vec<Op>) -> Event {
+    Event {
+        version: FORMAT_VERSION,
+        author,
+        seq,
+        prev,
+        deps: vec![],
+        hlc: Hlc(hlc),
+        stream: "event/keynote".into(),
+        kind: "SeatsSold".into(),
+        ops,
+        payload: b"{}".to_vec(),
+        meta: Meta::default(),
+    }
+}
+
+/// A sealed event signed by `key`.
+fn signed(e: &Event, key: &Keypair) -> (Vec<u8>, Option<Signature>, EventId) {
+    let (bytes, id) = e.seal();
+    (bytes, Some(key.sign(&id)), id)
+}
+
+/// The node's visible state and every byte of its log.
+fn snapshot(data: &Path) -> (Value, Vec<(PathBuf, Vec<u8>)>) {
+    let mut segs: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(data.join("log"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            let b = fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    segs.sort();
+    (json(data, &["status"]), segs)
+}
+
+/// The source node's export, and a target node with events of its own.
+struct Setup {
+    tmp: tempfile::TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    export: Vec<u8>,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let (source, target) = (tmp.path().join("source"), tmp.path().join("target"));
+    json(&source, &["init"]);
+    json(&target, &["init"]);
+    let appends: &[&[&str]] = &[
+        &[
+            "--stream",
+            "customer/1",
+            "--kind",
+            "Registered",
+            "--set",
+            "name=\"Ada\"",
+        ],
+        &[
+            "--stream",
+            "event/keynote",
+            "--kind",
+            "Opened",
+            "--escrow-init",
+            "seats=10",
+        ],
+        &[
+            "--stream",
+            "customer/1",
+            "--kind",
+            "Visited",
+            "--add",
+            "visits=1",
+        ],
+        &[
+            "--stream",
+            "customer/1",
+            "--kind",
+            "Renamed",
+            "--set",
+            "name=\"Ada K\"",
+        ],
+        &[
+            "--stream",
+            "event/keynote",
+            "--kind",
+            "Sold",
+            "--escrow-consume",
+            "seats=2",
+        ],
+    ];
+    for a in appends {
+        let mut args = vec!["append"];
+        args.extend_from_slice(a);
+        json(&source, &args);
+    }
+    for i in 0..2 {
+        let set = format!("note=\"target {i}\"");
+        json(
+            &target,
+            &[
+                "append",
+                "--stream",
+                "customer/1",
+                "--kind",
+                "Noted",
+                "--set",
+                &set,
+            ],
+        );
+    }
+    let out = tmp.path().join("source.wexp");
+    let v = json(&source, &["export", "--out", out.to_str().unwrap()]);
+    assert_eq!(v["exported"], 5);
+    let export = fs::read(&out).unwrap();
+    Setup {
+        tmp,
+        source,
+        target,
+        export,
+    }
+}
+
+impl Setup {
+    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.tmp.path().join(format!("{name}.wexp"));
+        fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// Imports `bytes` on the target, which must refuse it with a message
+    /// holding every `want`, and store nothing. Returns the message.
+    fn refused(&self, name: &str, bytes: &[u8], want: &[&str]) -> String {
+        let path = self.write(name, bytes);
+        let before = snapshot(&self.target);
+        let r = weftlog(&self.target, &["import", path.to_str().unwrap()]);
+        assert_eq!(
+            r.code,
+            Some(1),
+            "{name}: import was not refused: {}",
+            r.stdout
+        );
+        assert_eq!(r.stdout, "", "{name}");
+        assert_eq!(r.stderr.lines().count(), 1, "{name}: {}", r.stderr);
+        let msg = r.stderr.trim_end().to_string();
+        eprintln!("{name}: {msg}");
+        let lead = format!(
+            "error: import of {} refused, nothing stored: ",
+            path.display()
+        );
+        assert!(msg.starts_with(&lead), "{name}: {msg}");
+        for w in want {
+            assert!(msg.contains(w), "{name}: {msg:?} does not say {w:?}");
+        }
+        assert_eq!(
+            snapshot(&self.target),
+            before,
+            "{name}: the refused import changed the node"
+        );
+        msg
+    }
+
+    fn imported(&self, name: &str, bytes: &[u8]) -> Value {
+        let path = self.write(name, bytes);
+        json(&self.target, &["import", path.to_str().unwrap()])
+    }
+
+    fn source_id(&self) -> NodeId {
+        json(&self.source, &["status"])["node"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+#[test]
+fn tampered_frames_are_refused_naming_the_event_or_record() {
+    let s = setup();
+    let frames = parse(&s.export);
+    assert_eq!(frames.len(), 5);
+    assert!(frames[..4].iter().all(|f| f.sig.is_none()));
+    let last = frames.last().unwrap().clone();
+    assert!(
+        last.sig.is_some(),
+        "the author's last event carries the signature"
+    );
+
+    // A flipped byte inside the signature.
+    let mut bad = s.export.clone();
+    bad[last.sig_range().start + 17] ^= 0x04;
+    s.refused(
+        "bad-signature",
+        &bad,
+        &["signature does not verify", &last.id_hex()],
+    );
+
+    // A flipped byte in an id: the record's check fails.
+    let f = &frames[2];
+    let mut bad = s.export.clone();
+    bad[f.id_range().start + 5] ^= 0x80;
+    let mut flipped = f.id;
+    flipped[5] ^= 0x80;
+    s.refused(
+        "wrong-id",
+        &bad,
+        &[
+            "does not match",
+            &format!("record 2 at byte {}", f.start),
+            &EventId(flipped).to_string(),
+        ],
+    );
+
+    // The last (signed) event changed and its id recomputed: the id matches
+    // the bytes, the signature does not match the id.
+    let mut e = last.decode();
+    e.stream = "customer/666".into();
+    let (bytes, new_id) = e.seal();
+    let mut recs = records(&frames);
+    recs[4].0 = bytes;
+    s.refused(
+        "changed-signed-event",
+        &file_of(&recs),
+        &["signature does not verify", &new_id.to_string()],
+    );
+
+    // A middle (unsigned) event changed, id recomputed: the next event's
+    // prev no longer names it.
+    let mut e = frames[1].decode();
+    e.ops = vec![Op::EscrowInit {
+        counter: "seats".into(),
+        capacity: 1_000_000,
+    }];
+    let mut recs = records(&frames);
+    recs[1].0 = e.encode();
+    s.refused(
+        "changed-middle-event",
+        &file_of(&recs),
+        &["broken chain", &frames[2].id_hex()],
+    );
+
+    // A middle event removed: the author's chain has a gap.
+    let mut recs = records(&frames);
+    recs.remove(2);
+    s.refused(
+        "gap",
+        &file_of(&recs),
+        &["chain gap", "seq 2", &frames[3].id_hex()],
+    );
+
+    // A future format version, id recomputed.
+    let mut recs = records(&frames);
+    recs[0].0[0] = 2;
+    let v2_id = EventId(*blake3::hash(&recs[0].0).as_bytes());
+    s.refused(
+        "version-2",
+        &file_of(&recs),
+        &["unsupported event format version 2", &v2_id.to_string()],
+    );
+
+    // A non-canonical encoding of an event (a trailing byte), id recomputed.
+    let mut recs = records(&frames);
+    recs[0].0.push(0);
+    let long_id = EventId(*blake3::hash(&recs[0].0).as_bytes());
+    s.refused(
+        "trailing-byte",
+        &file_of(&recs),
+        &["trailing", &long_id.to_string()],
+    );
+
+    // The untampered file is fine.
+    assert_eq!(
+        s.imported("untampered", &s.export),
+        serde_json::json!({ "imported": 5, "duplicates": 0 })
+    );
+    assert_eq!(json(&s.target, &["status"])["events"], 7);
+    assert_eq!(
+        json(&s.target, &["get", "--stream", "event/keynote"]),
+        json(&s.source, &["get", "--stream", "event/keynote"])
+    );
+}
+
+#[test]
+fn damaged_files_are_refused_naming_the_record() {
+    let s = setup();
+    let frames = parse(&s.export);
+    let last = frames.last().unwrap();
+    let n = frames.len();
+
+    let cut = &s.export[..last.end - 10];
+    s.refused(
+        "cut-in-last-record",
+        cut,
+        &[
+            "incomplete",
+            &format!("record {} at byte {}", n - 1, last.start),
+        ],
+    );
+    let cut = &s.export[..frames[1].start + 3];
+    s.refused(
+        "cut-in-length",
+        cut,
+        &[
+            "incomplete",
+            &format!("record 1 at byte {}", frames[1].start),
+        ],
+    );
+    // Cut exactly before the last record: what is left is well-formed, but
+    // the author's last event in it carries no signature.
+    let cut = &s.export[..last.start];
+    s.refused(
+        "cut-before-last-record",
+        cut,
+        &[
+            "last event in the file is not signed",
+            &frames[n - 2].id_hex(),
+        ],
+    );
+    s.refused("empty", &[], &["0 bytes, shorter than its header"]);
+    s.refused(
+        "cut-in-header",
+        &s.export[..10],
+        &["10 bytes, shorter than its header"],
+    );
+
+    let mut bad = s.export.clone();
+    bad[0] = b'W';
+    s.refused("wrong-magic", &bad, &["not a weftlog export", "magic"]);
+    // A log segment is not an export file.
+    let seg = fs::read_dir(s.source.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .unwrap();
+    s.refused(
+        "a-segment",
+        &fs::read(seg).unwrap(),
+        &["not a weftlog export", "magic"],
+    );
+    let mut bad = s.export.clone();
+    bad[8] = 2;
+    s.refused(
+        "file-version-2",
+        &bad,
+        &["not a weftlog export", "format version 2"],
+    );
+
+    // Bad framing: zero length, unknown flags.
+    let mut bad = s.export.clone();
+    bad[frames[3].start..frames[3].start + 4].copy_from_slice(&0u32.to_le_bytes());
+    s.refused(
+        "zero-length",
+        &bad,
+        &[
+            "record length 0",
+            &format!("record 3 at byte {}", frames[3].start),
+        ],
+    );
+    let mut bad = s.export.clone();
+    bad[frames[3].start + 4] = 7;
+    s.refused(
+        "bad-flags",
+        &bad,
+        &[
+            "flags 0x07",
+            &format!("record 3 at byte {}", frames[3].start),
+        ],
+    );
+}
+
+#[test]
+fn forged_and_oversized_events_are_refused() {
+    let s = setup();
+    let mallory = Keypair::from_secret([0x3a; 32]);
+    let hlc = 1_800_000_000_000u64 << 16;
+
+    // A 300-byte stream name, properly sealed and signed by its author.
+    let mut e = event(mallory.node_id(), 1, None, hlc, vec![]);
+    e.stream = "s".repeat(300);
+    let (bytes, sig, id) = signed(&e, &mallory);
+    s.refused(
+        "stream-300",
+        &file_of(&[(bytes, sig)]),
+        &["stream is 300", "limit is 256", &id.to_string()],
+    );
+
+    // An event claiming the source node as author, signed by another key.
+    let e = event(
+        s.source_id(),
+        1,
+        None,
+        hlc,
+        vec![Op::EscrowInit {
+            counter: "seats".into(),
+            capacity: 1000,
+        }],
+    );
+    let (bytes, sig, id) = signed(&e, &mallory);
+    s.refused(
+        "impersonation",
+        &file_of(&[(bytes, sig)]),
+        &["signature does not verify", &id.to_string()],
+    );
+
+    // The real export's last signature replaced by another key's signature
+    // over the same id.
+    let frames = parse(&s.export);
+    let last = frames.last().unwrap();
+    let mut bad = s.export.clone();
+    bad[last.sig_range()].copy_from_slice(&mallory.sign(&EventId(last.id)).0);
+    s.refused(
+        "resigned-by-other-key",
+        &bad,
+        &["signature does not verify", &last.id_hex()],
+    );
+
+    // Two signed events with the same seq: a fork.
+    let a = event(mallory.node_id(), 1, None, hlc, vec![]);
+    let mut b = a.clone();
+    b.kind = "Other".into();
+    let (ab, asig, _) = signed(&a, &mallory);
+    let (bb, bsig, _) = signed(&b, &mallory);
+    s.refused(
+        "equivocation",
+        &file_of(&[(ab, asig), (bb, bsig)]),
+        &["equivocation"],
+    );
+
+    // A run whose last event is unsigned, even if an earlier one is signed.
+    let first = event(mallory.node_id(), 1, None, hlc, vec![]);
+    let (b1, s1, id1) = signed(&first, &mallory);
+    let second = event(mallory.node_id(), 2, Some(id1), hlc + 1, vec![]);
+    let (b2, id2) = second.seal();
+    s.refused(
+        "unsigned-head",
+        &file_of(&[(b1, s1), (b2, None)]),
+        &["not signed", &id2.to_string()],
+    );
+}
+
+#[test]
+fn escrow_consumption_beyond_causal_past_rights_is_refused() {
+    let s = setup();
+    let buyer = Keypair::from_secret([0x5b; 32]);
+    let k = buyer.node_id();
+    json(
+        &s.target,
+        &[
+            "append",
+            "--stream",
+            "event/keynote",
+            "--kind",
+            "Opened",
+            "--escrow-init",
+            "seats=10",
+        ],
+    );
+    let to = format!("seats={k}:5");
+    let transfer = json(
+        &s.target,
+        &[
+            "append",
+            "--stream",
+            "event/keynote",
+            "--kind",
+            "Moved",
+            "--escrow-transfer",
+            &to,
+        ],
+    );
+    let t_id: EventId = transfer["id"].as_str().unwrap().parse().unwrap();
+    let t_hlc = transfer["hlc"].as_u64().unwrap();
+    let consume = |n: u64| {
+        vec![Op::EscrowConsume {
+            counter: "seats".into(),
+            amount: n,
+        }]
+    };
+
+    // The target holds the transfer, but the buyer's event does not have it
+    // in its causal past: it holds no rights there.
+    let e = event(k, 1, None, t_hlc + 1, consume(3));
+    let (bytes, sig, id) = signed(&e, &buyer);
+    s.refused(
+        "consume-without-rights-in-past",
+        &file_of(&[(bytes, sig)]),
+        &[
+            "escrow \"seats\"",
+            "rights to 0 in its causal past",
+            "needs 3",
+            &id.to_string(),
+        ],
+    );
+
+    // With the transfer as a dep it holds 5, not 6.
+    let mut e = event(k, 1, None, t_hlc + 1, consume(6));
+    e.deps = vec![t_id];
+    let (bytes, sig, id) = signed(&e, &buyer);
+    s.refused(
+        "consume-beyond-rights",
+        &file_of(&[(bytes, sig)]),
+        &["rights to 5 in its causal past", "needs 6", &id.to_string()],
+    );
+
+    // 3 then 3 more in one file: the second is refused, and so is the first
+    // (an import is all or nothing).
+    let mut e1 = event(k, 1, None, t_hlc + 1, consume(3));
+    e1.deps = vec![t_id];
+    let (b1, id1) = e1.seal();
+    let e2 = event(k, 2, Some(id1), t_hlc + 2, consume(3));
+    let (b2, sig2, id2) = signed(&e2, &buyer);
+    s.refused(
+        "second-consume-beyond-rights",
+        &file_of(&[(b1.clone(), None), (b2, sig2)]),
+        &[
+            "rights to 2 in its causal past",
+            "needs 3",
+            &id2.to_string(),
+        ],
+    );
+
+    // Within its rights it is accepted.
+    let e2 = event(k, 2, Some(id1), t_hlc + 2, consume(2));
+    let (b2, sig2, _) = signed(&e2, &buyer);
+    assert_eq!(
+        s.imported("within-rights", &file_of(&[(b1, None), (b2, sig2)])),
+        serde_json::json!({ "imported": 2, "duplicates": 0 })
+    );
+    let seats = &json(&s.target, &["get", "--stream", "event/keynote"])["escrow"]["seats"];
+    assert_eq!(seats["capacity"], 10);
+    assert_eq!(seats["consumed"], 5);
+    assert_eq!(seats["rights"][k.to_string()], 0);
+}
+
+/// An event stamped at the very end of the clock's range must not be
+/// accepted in a way that stops the node from appending: every later local
+/// event needs a greater hlc, and there is none.
+#[test]
+fn an_event_at_the_end_of_the_clock_range_does_not_stop_local_appends() {
+    let s = setup();
+    let mallory = Keypair::from_secret([0x4c; 32]);
+    let e = event(mallory.node_id(), 1, None, u64::MAX, vec![]);
+    let (bytes, sig, _) = signed(&e, &mallory);
+    let path = s.write("hlc-max", &file_of(&[(bytes, sig)]));
+    let before = snapshot(&s.target);
+    let r = weftlog(&s.target, &["import", path.to_str().unwrap()]);
+    if r.code != Some(0) {
+        // Refused: then with a message about the clock, storing nothing.
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert!(r.stderr.contains("hlc"), "{}", r.stderr);
+        assert_eq!(snapshot(&s.target), before);
+        return;
+    }
+    // Accepted: the node must still append.
+    let r = weftlog(
+        &s.target,
+        &[
+            "append",
+            "--stream",
+            "customer/1",
+            "--kind",
+            "Noted",
+            "--add",
+            "n=1",
+        ],
+    );
+    assert_eq!(
+        r.code,
+        Some(0),
+        "after importing an event with hlc u64::MAX, append fails: {}",
+        r.stderr.lines().take(2).collect::<Vec<_>>().join(" / ")
+    );
+}
