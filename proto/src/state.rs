@@ -273,11 +273,16 @@ pub enum PrepareError {
 pub struct State {
     authors: Vec<Author>,
     author_ix: BTreeMap<NodeId, u32>,
-    index: HashMap<EventId, Loc>,
+    index: HashMap<EventId, Loc, IdHasher>,
     streams: BTreeMap<String, Stream>,
-    commands: HashMap<String, CommandRecord>,
+    commands: HashMap<String, CommandRecord, IdHasher>,
     max_hlc: Hlc,
 }
+
+/// Hasher for the in-memory indexes: keyed per process (ids come from
+/// peers, so an unkeyed hash could be steered into collisions), and never
+/// iterated, so its order reaches no output.
+type IdHasher = foldhash::fast::RandomState;
 
 impl State {
     /// An empty replica.
@@ -391,18 +396,21 @@ impl State {
         }
     }
 
-    /// The vector clock of a new event by `author` (if known) with `deps`.
-    fn causal_vc(&self, author: Option<u32>, deps: &[Loc]) -> Vec<u64> {
-        let n = self.authors.len();
-        let mut vc = author.map_or_else(Vec::new, |a| self.authors[a as usize].vc.clone());
-        vc.resize(n, 0);
+    /// The vector clock of a new event by `author` (if known) with `deps`,
+    /// or `None` when the deps add nothing to the author's own clock.
+    fn causal_vc(&self, author: Option<u32>, deps: &[Loc]) -> Option<Vec<u64>> {
+        let own: &[u64] = author.map_or(&[], |a| &self.authors[a as usize].vc);
+        let mut vc: Option<Vec<u64>> = None;
         for d in deps {
-            if let Some(a) = author {
-                // Already implied by the author's own chain.
-                if vc[d.author as usize] >= d.seq && d.author != a {
-                    continue;
-                }
+            let cur = vc.as_deref().unwrap_or(own);
+            if Some(d.author) != author && cur.get(d.author as usize).is_some_and(|&v| v >= d.seq) {
+                continue; // already implied
             }
+            let vc = vc.get_or_insert_with(|| {
+                let mut v = own.to_vec();
+                v.resize(self.authors.len(), 0);
+                v
+            });
             for (x, slot) in vc.iter_mut().enumerate() {
                 let v = self.vc_at(d.author, d.seq, x as u32);
                 if v > *slot {
@@ -411,6 +419,14 @@ impl State {
             }
         }
         vc
+    }
+
+    /// The clock `causal_vc` describes.
+    fn vc_or_own<'a>(&'a self, author: Option<u32>, vc: &'a Option<Vec<u64>>) -> &'a [u64] {
+        match vc {
+            Some(v) => v,
+            None => author.map_or(&[], |a| &self.authors[a as usize].vc),
+        }
     }
 
     /// Checks `event` (whose id is `id`) against this replica and applies it.
@@ -468,7 +484,7 @@ impl State {
             deps.push(loc);
         }
         let vc = self.causal_vc(ix, &deps);
-        self.check_ops(event, &vc)?;
+        self.check_ops(event, self.vc_or_own(ix, &vc))?;
         self.apply(event, id, ix, vc);
         Ok(Inserted::New)
     }
@@ -491,7 +507,6 @@ impl State {
     fn check_ops(&self, event: &Event, vc: &[u64]) -> Result<(), Invalid> {
         // Net change of the author's rights made by earlier ops of this event.
         let mut delta: Vec<(&str, i128)> = Vec::new();
-        let stream = self.streams.get(&event.stream);
         for op in &event.ops {
             match op {
                 Op::Set {
@@ -514,6 +529,7 @@ impl State {
                     counter, amount, ..
                 }
                 | Op::EscrowConsume { counter, amount } => {
+                    let stream = self.streams.get(&event.stream);
                     let held = self.rights_in_past(stream, counter, &event.author, vc);
                     let slot = delta_slot(&mut delta, counter);
                     let available = (held as i128 + *slot).max(0) as u128;
@@ -556,7 +572,7 @@ impl State {
         (acct.init + received).saturating_sub(acct.sent + acct.consumed)
     }
 
-    fn apply(&mut self, event: &Event, id: EventId, ix: Option<u32>, mut vc: Vec<u64>) {
+    fn apply(&mut self, event: &Event, id: EventId, ix: Option<u32>, vc: Option<Vec<u64>>) {
         let ix = match ix {
             Some(ix) => ix,
             None => {
@@ -569,25 +585,29 @@ impl State {
                     hist: Vec::new(),
                 });
                 self.author_ix.insert(event.author, ix);
-                vc.resize(self.authors.len(), 0);
                 ix
             }
         };
         let author = &mut self.authors[ix as usize];
-        // Record where knowledge of other authors grew.
-        for (x, &v) in vc.iter().enumerate() {
-            if x as u32 == ix {
-                continue;
-            }
-            if v > author.vc.get(x).copied().unwrap_or(0) {
-                if author.hist.len() <= x {
-                    author.hist.resize_with(x + 1, Vec::new);
+        if let Some(mut vc) = vc {
+            // Record where knowledge of other authors grew.
+            for (x, &v) in vc.iter().enumerate() {
+                if x as u32 != ix && v > author.vc.get(x).copied().unwrap_or(0) {
+                    if author.hist.len() <= x {
+                        author.hist.resize_with(x + 1, Vec::new);
+                    }
+                    author.hist[x].push((event.seq, v));
                 }
-                author.hist[x].push((event.seq, v));
             }
+            if vc.len() < author.vc.len() {
+                vc.resize(author.vc.len(), 0);
+            }
+            author.vc = vc;
         }
-        vc[ix as usize] = event.seq;
-        author.vc = vc;
+        if author.vc.len() <= ix as usize {
+            author.vc.resize(ix as usize + 1, 0);
+        }
+        author.vc[ix as usize] = event.seq;
         author.ids.push(id);
         author.head_hlc = event.hlc;
         self.index.insert(
@@ -696,7 +716,7 @@ impl State {
         event.check().map_err(Invalid::from)?;
         let dep_locs: Vec<Loc> = event.deps.iter().map(|d| self.index[d]).collect();
         let vc = self.causal_vc(ix, &dep_locs);
-        self.check_ops(&event, &vc)?;
+        self.check_ops(&event, self.vc_or_own(ix, &vc))?;
         Ok(Prepared::New(event))
     }
 
