@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -482,7 +482,8 @@ fn log_batches(node_dir: &Path) -> Result<(u64, u64)> {
     for seg in segs {
         let data = fs::read(&seg)?;
         let mut off = HEADER_BYTES;
-        while off < data.len() {
+        // Segments are zero-filled past their records.
+        while off < data.len() && data[off..].iter().any(|&b| b != 0) {
             let (frame, used) = decode_frame(&data[off..])
                 .map_err(|e| anyhow::anyhow!("{}: {e}", seg.display()))?;
             records += 1;
@@ -506,42 +507,48 @@ fn log_bytes(node_dir: &Path) -> Result<u64> {
 
 /// One run: `threads` appenders on one node; events acknowledged per second
 /// inside the window, and the average group-commit batch over the whole run.
+/// Appenders are async tasks on a two-worker tokio runtime (as the node's
+/// network and HTTP front ends run them), each awaiting its append before
+/// making the next.
 fn weft_append_run(cfg: &Config, threads: usize) -> Result<(f64, f64)> {
     let (_tmp, dir) = new_node(cfg, "append-")?;
     let (node, _) = Node::open(&dir).context("open node")?;
     let node = Arc::new(node);
     let window = Duration::from_secs_f64(cfg.append_secs);
-    let barrier = Arc::new(Barrier::new(threads + 1));
-    let start = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let mut handles = Vec::with_capacity(threads);
-    for t in 0..threads {
-        let (node, barrier, start) = (node.clone(), barrier.clone(), start.clone());
-        handles.push(thread::spawn(move || -> Result<u64> {
-            let p = payload(t as u64);
-            barrier.wait();
-            // Set by the main thread before it reaches the barrier.
-            let t0 = *start.get().expect("start set before the barrier");
-            let (from, to) = (t0 + APPEND_WARMUP, t0 + APPEND_WARMUP + window);
-            let mut counted = 0u64;
-            for i in 0.. {
-                node.append(append_draft(t, i, &p))?;
-                let now = Instant::now();
-                if now > to {
-                    break;
-                }
-                if now >= from {
-                    counted += 1;
-                }
-            }
-            Ok(counted)
-        }));
-    }
-    start.set(Instant::now()).expect("set once");
-    barrier.wait();
-    let mut total = 0;
-    for h in handles {
-        total += h.join().expect("appender panicked")?;
-    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let total = rt.block_on(async {
+        let t0 = Instant::now();
+        let (from, to) = (t0 + APPEND_WARMUP, t0 + APPEND_WARMUP + window);
+        let tasks: Vec<_> = (0..threads)
+            .map(|t| {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let p = payload(t as u64);
+                    let mut counted = 0u64;
+                    for i in 0.. {
+                        node.append_async(append_draft(t, i, &p)).await?;
+                        let now = Instant::now();
+                        if now > to {
+                            break;
+                        }
+                        if now >= from {
+                            counted += 1;
+                        }
+                    }
+                    anyhow::Ok(counted)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("appender panicked")?;
+        }
+        anyhow::Ok(total)
+    })?;
+    drop(rt);
     drop(node);
     let (records, signed) = log_batches(&dir)?;
     Ok((

@@ -1,27 +1,32 @@
 //! A node: its key, its durable log and its folded state, with group commit.
 //!
-//! Appends that arrive together share one `fdatasync`: the first appender to
-//! find no sync under way becomes the leader, takes every pending record,
-//! signs the last of its own, writes and syncs them, and wakes the others.
-//! An append returns only after the sync that covers it. A failed write or
-//! sync is fatal: the node refuses every later append until it is reopened
-//! (and recovery has decided what is on disk).
+//! One committer thread owns the writing end of the log. Appenders (threads
+//! or async tasks) hand it requests through a bounded queue and wait for the
+//! reply. The committer drains every request that has arrived, turns each
+//! into an event against the current state (so later requests in a batch see
+//! earlier ones), writes the whole batch with the last own event signed,
+//! makes it durable with one `fdatasync`, and only then replies. Requests
+//! that arrive during a sync form the next batch, so batches grow with load.
+//! A failed write or sync is fatal: the node refuses every later append
+//! until it is reopened (and recovery has decided what is on disk).
 //!
-//! State is updated when an event is made, before it is durable, so that the
-//! next event in the same batch sees it; readers may see an event a moment
-//! before its append is acknowledged. A crash can lose only unacknowledged
-//! events.
+//! State is updated when an event is made, before it is durable, so readers
+//! may see an event a moment before its append is acknowledged. A crash can
+//! lose only unacknowledged events.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::sync::{mpsc, oneshot};
+
 use weftlog_proto::event::{verify, Event, Keypair, Signature};
-use weftlog_proto::exchange::{self, ImportError, Outgoing};
+use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
 use weftlog_proto::log::{encode_frame, Log, OpenError, Recovery, TornTail};
 use weftlog_proto::state::{Draft, Inserted, PrepareError, Prepared, State};
 use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
@@ -130,6 +135,13 @@ pub struct Imported {
     pub duplicates: u64,
 }
 
+/// Requests waiting for the committer, at most.
+pub const QUEUE_CAP: usize = 4096;
+/// Requests the committer takes from the queue at once, at most.
+pub const MAX_BATCH: usize = 4096;
+/// Records waiting for the syncer, at most; the committer pauses past it.
+pub const MAX_BATCH_RECORDS: usize = 65_536;
+
 struct Pending {
     bytes: Vec<u8>,
     id: EventId,
@@ -140,22 +152,50 @@ struct Pending {
 struct Shared {
     state: State,
     clock: HlcClock,
-    pending: Vec<Pending>,
-    /// Records handed to `pending` so far, and those durable.
-    enqueued: u64,
-    durable: u64,
-    syncing: bool,
     failed: Option<String>,
 }
 
-/// An open node. Safe to share between threads.
-pub struct Node {
-    dir: PathBuf,
+enum Request {
+    Append(Draft, oneshot::Sender<Result<Appended, AppendError>>),
+    Import(
+        Vec<Incoming>,
+        oneshot::Sender<Result<Imported, NodeImportError>>,
+    ),
+}
+
+/// A reply the committer sends once the batch is durable.
+enum Reply {
+    Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
+    Import(oneshot::Sender<Result<Imported, NodeImportError>>, Imported),
+}
+
+impl Reply {
+    fn send(self, fatal: Option<&str>) {
+        // A dropped receiver means the caller went away; nothing to tell.
+        match (self, fatal) {
+            (Reply::Append(tx, a), None) => drop(tx.send(Ok(a))),
+            (Reply::Append(tx, _), Some(e)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
+            (Reply::Import(tx, i), None) => drop(tx.send(Ok(i))),
+            (Reply::Import(tx, _), Some(e)) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
+        }
+    }
+}
+
+/// What the committer thread and the node's handles share.
+struct Inner {
     key: Keypair,
     id: NodeId,
     shared: Mutex<Shared>,
-    log: Mutex<(Log<FileStorage>, Vec<u8>)>,
-    durable_cv: Condvar,
+    log: Mutex<Log<FileStorage>>,
+}
+
+/// An open node. Safe to share between threads; its append and import
+/// calls have blocking and async forms.
+pub struct Node {
+    dir: PathBuf,
+    inner: Arc<Inner>,
+    tx: Option<mpsc::Sender<Request>>,
+    committer: Option<JoinHandle<()>>,
     _lock: File,
 }
 
@@ -234,23 +274,30 @@ impl Node {
         let log_dir = dir.join(LOG_DIR);
         let (state, log, recovery) = load(&log_dir)?;
         let clock = HlcClock::new(state.max_hlc());
-        let durable = log.records();
+        let inner = Arc::new(Inner {
+            id: key.node_id(),
+            key,
+            shared: Mutex::new(Shared {
+                state,
+                clock,
+                failed: None,
+            }),
+            log: Mutex::new(log),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE_CAP);
+        let committer = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("weftlog-commit".into())
+                .spawn(move || commit_loop(&inner, rx))
+                .map_err(io_err(dir))?
+        };
         Ok((
             Node {
                 dir: dir.to_path_buf(),
-                id: key.node_id(),
-                key,
-                shared: Mutex::new(Shared {
-                    state,
-                    clock,
-                    pending: Vec::new(),
-                    enqueued: durable,
-                    durable,
-                    syncing: false,
-                    failed: None,
-                }),
-                log: Mutex::new((log, Vec::new())),
-                durable_cv: Condvar::new(),
+                inner,
+                tx: Some(tx),
+                committer: Some(committer),
                 _lock: lock,
             },
             recovery,
@@ -259,7 +306,7 @@ impl Node {
 
     /// This node's id.
     pub fn id(&self) -> NodeId {
-        self.id
+        self.inner.id
     }
 
     /// The data directory.
@@ -268,8 +315,7 @@ impl Node {
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding the lock leaves state we cannot trust.
-        self.shared.lock().expect("node state lock poisoned")
+        self.inner.lock()
     }
 
     /// Runs `f` on the current state.
@@ -277,141 +323,55 @@ impl Node {
         f(&self.lock().state)
     }
 
+    fn sender(&self) -> &mpsc::Sender<Request> {
+        // Invariant: only `drop` takes the sender.
+        self.tx.as_ref().expect("node is open")
+    }
+
     /// Appends a local command as an event and waits until it is durable.
+    /// Blocks the thread; from async code use [`Node::append_async`].
+    ///
+    /// # Panics
+    /// If called from within an async runtime.
     pub fn append(&self, draft: Draft) -> Result<Appended, AppendError> {
-        let mut g = self.lock();
-        if let Some(e) = &g.failed {
-            return Err(AppendError::Fatal(e.clone()));
-        }
-        let g2 = &mut *g;
-        let out = match g2.state.prepare(self.id, &mut g2.clock, wall_ms(), draft)? {
-            Prepared::Existing(rec) => Appended {
-                id: rec.id,
-                author: rec.author,
-                seq: rec.seq,
-                hlc: rec.hlc,
-                stream: rec.stream,
-                version: rec.version,
-                existing: true,
-            },
-            Prepared::New(event) => {
-                let (bytes, id) = event.seal();
-                // Invariant: `prepare` checked the event against this state.
-                g2.state.insert(&event, id).expect("prepared event inserts");
-                g2.pending.push(Pending {
-                    bytes,
-                    id,
-                    author: self.id,
-                    sig: None,
-                });
-                g2.enqueued += 1;
-                Appended {
-                    id,
-                    author: self.id,
-                    seq: event.seq,
-                    hlc: event.hlc,
-                    version: g2.state.version(&event.stream),
-                    stream: event.stream,
-                    existing: false,
-                }
-            }
-        };
-        // An existing command's event may still be in a pending batch.
-        let ticket = g.enqueued;
-        self.wait_durable(g, ticket).map_err(AppendError::Fatal)?;
-        Ok(out)
+        let (tx, rx) = oneshot::channel();
+        self.sender()
+            .blocking_send(Request::Append(draft, tx))
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().map_err(|_| stopped())?
     }
 
-    /// Waits until record `ticket` is durable, leading a group commit if
-    /// no other thread is.
-    fn wait_durable<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Shared>,
-        ticket: u64,
-    ) -> Result<(), String> {
-        loop {
-            if g.durable >= ticket {
-                return Ok(());
-            }
-            if let Some(e) = &g.failed {
-                return Err(e.clone());
-            }
-            if g.syncing {
-                g = self.durable_cv.wait(g).expect("node state lock poisoned");
-                continue;
-            }
-            g.syncing = true;
-            let mut batch = std::mem::take(&mut g.pending);
-            let upto = g.enqueued;
-            // Sign the last own record: it covers the batch's own events.
-            if let Some(p) = batch.iter_mut().rev().find(|p| p.author == self.id) {
-                let sig = self.key.sign(&p.id);
-                p.sig = Some(sig);
-            }
-            drop(g);
-            let r = self.write(&batch);
-            g = self.lock();
-            g.syncing = false;
-            match r {
-                Ok(()) => g.durable = upto,
-                Err(e) => g.failed = Some(e.to_string()),
-            }
-            self.durable_cv.notify_all();
-        }
+    /// [`Node::append`] for async callers.
+    pub async fn append_async(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()
+            .send(Request::Append(draft, tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
-    fn write(&self, batch: &[Pending]) -> Result<(), weftlog_proto::log::AppendError> {
-        let mut guard = self.log.lock().expect("log lock poisoned");
-        let (log, buf) = &mut *guard;
-        buf.clear();
-        for p in batch {
-            encode_frame(buf, &p.bytes, &p.id, p.sig.as_ref());
-        }
-        log.append(buf, batch.len() as u64)
-    }
-
-    /// Imports an export file: all of it, or none of it.
+    /// Imports an export file: all of it, or none of it. Framing, ids,
+    /// encodings, limits, chains and signatures are checked on the calling
+    /// thread; causal validity and storing happen in the committer.
+    ///
+    /// # Panics
+    /// If called from within an async runtime.
     pub fn import(&self, data: &[u8]) -> Result<Imported, NodeImportError> {
         let mut items = exchange::read_export(data)?;
         exchange::authenticate(&mut items)?;
-        let mut g = self.lock();
-        if let Some(e) = &g.failed {
-            return Err(NodeImportError::Fatal(e.clone()));
-        }
-        let mut scratch = g.state.clone();
-        let mut new = Vec::new();
-        let mut duplicates = 0;
-        for item in &items {
-            match scratch.insert(&item.event, item.id) {
-                Ok(Inserted::New) => new.push(item),
-                Ok(Inserted::Duplicate) => duplicates += 1,
-                Err(e) => return Err(ImportError::event(item, e).into()),
-            }
-        }
-        g.clock.observe(scratch.max_hlc());
-        g.state = scratch;
-        for item in &new {
-            g.pending.push(Pending {
-                bytes: item.bytes.clone(),
-                id: item.id,
-                author: item.event.author,
-                sig: item.sig,
-            });
-        }
-        g.enqueued += new.len() as u64;
-        let ticket = g.enqueued;
-        self.wait_durable(g, ticket)
-            .map_err(NodeImportError::Fatal)?;
-        Ok(Imported {
-            imported: new.len() as u64,
-            duplicates,
-        })
+        let (tx, rx) = oneshot::channel();
+        let fatal = || NodeImportError::Fatal("the node is shutting down".into());
+        self.sender()
+            .blocking_send(Request::Import(items, tx))
+            .map_err(|_| fatal())?;
+        rx.blocking_recv().map_err(|_| fatal())?
     }
 
     /// Reads every durable event in log order.
     pub fn scan(&self, mut visit: impl FnMut(&Event, EventId)) -> Result<(), OpenError> {
-        let mut guard = self.log.lock().expect("log lock poisoned");
-        guard.0.scan(|frame| {
+        let mut log = self.inner.log.lock().expect("log lock poisoned");
+        log.scan(|frame| {
             let event = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
             visit(&event, frame.id);
             Ok(())
@@ -426,8 +386,8 @@ impl Node {
         let mut heads: BTreeMap<NodeId, (u64, EventId, Option<Signature>)> = BTreeMap::new();
         let mut index = 0u64;
         let mut out = Vec::new();
-        let mut guard = self.log.lock().expect("log lock poisoned");
-        guard.0.scan(|frame| {
+        let mut log = self.inner.log.lock().expect("log lock poisoned");
+        log.scan(|frame| {
             let e = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
             heads.insert(e.author, (index, frame.id, frame.sig));
             index += 1;
@@ -443,7 +403,7 @@ impl Node {
             }
             Ok(())
         })?;
-        drop(guard);
+        drop(log);
         // Every finished batch ends each author's run with a signed record,
         // and the scan above saw only finished batches.
         for (author, (index, id, sig)) in &heads {
@@ -457,6 +417,253 @@ impl Node {
         }
         let n = out.len();
         Ok((exchange::write_export(out), n))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Closing the queue ends the committer once it has replied to
+        // everything queued.
+        self.tx = None;
+        if let Some(c) = self.committer.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+fn stopped() -> AppendError {
+    AppendError::Fatal("the node is shutting down".into())
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves state we cannot trust.
+        self.shared.lock().expect("node state lock poisoned")
+    }
+
+    /// Applies one request to the state, adding its records to `pending`.
+    /// Returns the reply to send once they are durable, or sends a refusal
+    /// at once (nothing of it was applied).
+    fn apply(&self, g: &mut Shared, req: Request, pending: &mut Vec<Pending>) -> Option<Reply> {
+        match req {
+            Request::Append(draft, tx) => {
+                let prepared = g.state.prepare(self.id, &mut g.clock, wall_ms(), draft);
+                match prepared {
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        None
+                    }
+                    Ok(Prepared::Existing(rec)) => Some(Reply::Append(
+                        tx,
+                        Appended {
+                            id: rec.id,
+                            author: rec.author,
+                            seq: rec.seq,
+                            hlc: rec.hlc,
+                            stream: rec.stream,
+                            version: rec.version,
+                            existing: true,
+                        },
+                    )),
+                    Ok(Prepared::New(event)) => {
+                        let (bytes, id) = event.seal();
+                        // Invariant: `prepare` checked the event against this state.
+                        g.state.insert(&event, id).expect("prepared event inserts");
+                        pending.push(Pending {
+                            bytes,
+                            id,
+                            author: self.id,
+                            sig: None,
+                        });
+                        let version = g.state.version(&event.stream);
+                        Some(Reply::Append(
+                            tx,
+                            Appended {
+                                id,
+                                author: self.id,
+                                seq: event.seq,
+                                hlc: event.hlc,
+                                stream: event.stream,
+                                version,
+                                existing: false,
+                            },
+                        ))
+                    }
+                }
+            }
+            Request::Import(items, tx) => {
+                let mut scratch = g.state.clone();
+                let mut new = Vec::new();
+                let mut duplicates = 0;
+                for item in items {
+                    match scratch.insert(&item.event, item.id) {
+                        Ok(Inserted::New) => new.push(item),
+                        Ok(Inserted::Duplicate) => duplicates += 1,
+                        Err(e) => {
+                            let _ = tx.send(Err(ImportError::event(&item, e).into()));
+                            return None;
+                        }
+                    }
+                }
+                g.clock.observe(scratch.max_hlc());
+                g.state = scratch;
+                let imported = new.len() as u64;
+                pending.extend(new.into_iter().map(|item| Pending {
+                    bytes: item.bytes,
+                    id: item.id,
+                    author: item.event.author,
+                    sig: item.sig,
+                }));
+                Some(Reply::Import(
+                    tx,
+                    Imported {
+                        imported,
+                        duplicates,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Signs the batch's last own record, then writes and syncs the batch.
+    fn write(&self, batch: &mut [Pending], buf: &mut Vec<u8>) -> Result<(), String> {
+        if let Some(p) = batch.iter_mut().rev().find(|p| p.author == self.id) {
+            p.sig = Some(self.key.sign(&p.id));
+        }
+        buf.clear();
+        for p in batch.iter() {
+            encode_frame(buf, &p.bytes, &p.id, p.sig.as_ref());
+        }
+        let mut log = self.log.lock().expect("log lock poisoned");
+        log.append(buf, batch.len() as u64)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Answers a request with the fatal error that stopped the log.
+fn refuse(req: Request, e: &str) {
+    match req {
+        Request::Append(_, tx) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
+        Request::Import(_, tx) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
+    }
+}
+
+/// Records made by the committer and not yet taken by the syncer, with the
+/// replies to send once they are durable.
+#[derive(Default)]
+struct Batch {
+    pending: Vec<Pending>,
+    replies: Vec<Reply>,
+    /// The committer has stopped: take what is left and end.
+    closed: bool,
+}
+
+/// The hand-off between committer and syncer.
+#[derive(Default)]
+struct Handoff {
+    next: Mutex<Batch>,
+    /// Signalled when `next` gains records or closes (syncer waits), and when
+    /// the syncer takes it (committer waits while it is full).
+    changed: std::sync::Condvar,
+}
+
+impl Handoff {
+    fn lock(&self) -> MutexGuard<'_, Batch> {
+        self.next.lock().expect("hand-off lock poisoned")
+    }
+}
+
+/// The committer: see the module docs. It makes events while the syncer
+/// writes and syncs the batch before, so the CPU work and the `fdatasync`
+/// overlap, and everything made during one sync goes into the next.
+fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
+    let handoff = Arc::new(Handoff::default());
+    let syncer = {
+        let (inner, handoff) = (inner.clone(), handoff.clone());
+        std::thread::Builder::new()
+            .name("weftlog-sync".into())
+            .spawn(move || sync_loop(&inner, &handoff))
+    };
+    let syncer = match syncer {
+        Ok(s) => s,
+        Err(e) => {
+            let e = format!("cannot start the sync thread: {e}");
+            inner.lock().failed = Some(e.clone());
+            while let Some(req) = rx.blocking_recv() {
+                refuse(req, &e);
+            }
+            return;
+        }
+    };
+    let mut reqs = Vec::new();
+    let (mut pending, mut replies) = (Vec::new(), Vec::new());
+    while let Some(first) = rx.blocking_recv() {
+        reqs.push(first);
+        while reqs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => reqs.push(r),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut g = inner.lock();
+            let failed = g.failed.clone();
+            for req in reqs.drain(..) {
+                match &failed {
+                    None => replies.extend(inner.apply(&mut g, req, &mut pending)),
+                    Some(e) => refuse(req, e),
+                }
+            }
+        }
+        let mut next = handoff.lock();
+        while next.pending.len() >= MAX_BATCH_RECORDS {
+            next = handoff.changed.wait(next).expect("hand-off lock poisoned");
+        }
+        // Replies without records still wait for the syncer: the event they
+        // name may be in the batch it is syncing now.
+        next.pending.append(&mut pending);
+        next.replies.append(&mut replies);
+        handoff.changed.notify_all();
+    }
+    handoff.lock().closed = true;
+    handoff.changed.notify_all();
+    let _ = syncer.join();
+}
+
+/// Takes what the committer made, writes and syncs it, and acknowledges it.
+fn sync_loop(inner: &Inner, handoff: &Handoff) {
+    let mut buf = Vec::new();
+    loop {
+        let mut batch = {
+            let mut next = handoff.lock();
+            while next.replies.is_empty() && !next.closed {
+                next = handoff.changed.wait(next).expect("hand-off lock poisoned");
+            }
+            if next.replies.is_empty() {
+                return; // closed and drained
+            }
+            let batch = Batch {
+                pending: std::mem::take(&mut next.pending),
+                replies: std::mem::take(&mut next.replies),
+                closed: false,
+            };
+            handoff.changed.notify_all();
+            batch
+        };
+        let failed = inner.lock().failed.clone();
+        let failed = match failed {
+            Some(e) => Some(e),
+            None if batch.pending.is_empty() => None,
+            None => inner
+                .write(&mut batch.pending, &mut buf)
+                .err()
+                .inspect(|e| {
+                    inner.lock().failed = Some(e.clone());
+                }),
+        };
+        for r in batch.replies {
+            r.send(failed.as_deref());
+        }
     }
 }
 

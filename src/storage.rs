@@ -1,11 +1,12 @@
 //! Log segments as files: `<data>/log/<base record index, 20 digits>.seg`.
 //!
-//! Appends are plain `write`s; `sync` is `fdatasync`. Creating or removing a
+//! Writes are positioned (`pwrite`); `sync` is `fdatasync`. Creating or removing a
 //! segment syncs the directory so the file's existence is durable too.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use weftlog_proto::log::Storage;
@@ -38,7 +39,7 @@ impl FileStorage {
 
     fn file(&mut self, segment: u64) -> io::Result<&mut File> {
         if !self.open.contains_key(&segment) {
-            let f = OpenOptions::new().append(true).open(self.path(segment))?;
+            let f = OpenOptions::new().write(true).open(self.path(segment))?;
             self.open.insert(segment, f);
         }
         Ok(self.open.get_mut(&segment).expect("inserted above"))
@@ -69,7 +70,7 @@ impl Storage for FileStorage {
 
     fn create(&mut self, segment: u64) -> io::Result<()> {
         let f = OpenOptions::new()
-            .append(true)
+            .write(true)
             .create_new(true)
             .open(self.path(segment))?;
         sync_dir(&self.dir)?;
@@ -77,8 +78,8 @@ impl Storage for FileStorage {
         Ok(())
     }
 
-    fn append(&mut self, segment: u64, data: &[u8]) -> io::Result<()> {
-        self.file(segment)?.write_all(data)
+    fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file(segment)?.write_all_at(data, offset)
     }
 
     fn sync(&mut self, segment: u64) -> io::Result<()> {

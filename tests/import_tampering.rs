@@ -9,7 +9,9 @@ use std::process::Command;
 
 use serde_json::Value;
 use weftlog_proto::event::{Event, Keypair, Meta, Op, FORMAT_VERSION};
-use weftlog_proto::log::{encode_frame, header, EXPORT_MAGIC, HEADER_BYTES, SIG_BYTES};
+use weftlog_proto::log::{
+    decode_frame, encode_frame, header, FrameLayout, EXPORT_MAGIC, HEADER_BYTES, SIG_BYTES,
+};
 use weftlog_proto::{EventId, Hlc, NodeId, Signature};
 
 struct Run {
@@ -38,13 +40,14 @@ fn json(data: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", r.stdout))
 }
 
-/// One frame of an export file, parsed by the format in `weftlog_proto::log`:
-/// u32 LE length, u8 flags, event bytes, 64-byte signature if flags == 1,
-/// 32-byte id.
+/// One frame of an export file, decoded by `weftlog_proto::log`: u32 LE
+/// length, u8 flags, 64-byte signature if flags == 1, 4-byte header check,
+/// event bytes, 32-byte id.
 #[derive(Clone, Debug)]
 struct Frame {
     start: usize,
     end: usize,
+    layout: FrameLayout,
     event: Vec<u8>,
     sig: Option<[u8; 64]>,
     id: [u8; 32],
@@ -52,12 +55,13 @@ struct Frame {
 
 impl Frame {
     fn sig_range(&self) -> std::ops::Range<usize> {
-        let s = self.start + 5 + self.event.len();
-        s..s + SIG_BYTES
+        let r = self.layout.sig.clone().expect("a signed frame");
+        assert_eq!(r.len(), SIG_BYTES);
+        self.start + r.start..self.start + r.end
     }
 
     fn id_range(&self) -> std::ops::Range<usize> {
-        self.end - 32..self.end
+        self.start + self.layout.id.start..self.start + self.layout.id.end
     }
 
     fn id_hex(&self) -> String {
@@ -69,6 +73,15 @@ impl Frame {
             .expect("untampered event decodes")
             .0
     }
+
+    /// The frame again, with another signature and its header check
+    /// recomputed: validly framed.
+    fn with_sig(&self, sig: &Signature) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_frame(&mut out, &self.event, &EventId(self.id), Some(sig));
+        assert_eq!(out.len(), self.end - self.start);
+        out
+    }
 }
 
 fn parse(file: &[u8]) -> Vec<Frame> {
@@ -76,26 +89,23 @@ fn parse(file: &[u8]) -> Vec<Frame> {
     let mut out = Vec::new();
     let mut off = HEADER_BYTES;
     while off < file.len() {
-        let n = u32::from_le_bytes(file[off..off + 4].try_into().unwrap()) as usize;
-        let flags = file[off + 4];
-        assert!(flags <= 1);
-        let event = file[off + 5..off + 5 + n].to_vec();
-        let mut p = off + 5 + n;
-        let sig = (flags == 1).then(|| {
-            let s: [u8; 64] = file[p..p + SIG_BYTES].try_into().unwrap();
-            p += SIG_BYTES;
-            s
-        });
-        let id: [u8; 32] = file[p..p + 32].try_into().unwrap();
-        assert_eq!(blake3::hash(&event).as_bytes(), &id);
+        let (f, used) = decode_frame(&file[off..]).expect("an untampered export decodes");
+        let layout = FrameLayout::new(f.bytes.len(), f.sig.is_some());
+        assert_eq!(layout.len(), used);
+        assert_eq!(
+            &file[off + layout.event.start..off + layout.event.end],
+            f.bytes
+        );
+        assert_eq!(blake3::hash(f.bytes).as_bytes(), &f.id.0);
         out.push(Frame {
             start: off,
-            end: p + 32,
-            event,
-            sig,
-            id,
+            end: off + used,
+            layout,
+            event: f.bytes.to_vec(),
+            sig: f.sig.map(|s| s.0),
+            id: f.id.0,
         });
-        off = p + 32;
+        off += used;
     }
     out
 }
@@ -307,9 +317,25 @@ fn tampered_frames_are_refused_naming_the_event_or_record() {
         "the author's last event carries the signature"
     );
 
-    // A flipped byte inside the signature.
+    // A flipped byte inside the signature: the header check covers it, so
+    // the frame is refused before any signature is verified.
     let mut bad = s.export.clone();
     bad[last.sig_range().start + 17] ^= 0x04;
+    s.refused(
+        "flipped-signature-byte",
+        &bad,
+        &[
+            "record header check failed",
+            &format!("record 4 at byte {}", last.start),
+        ],
+    );
+
+    // The same signature, validly framed (the header check recomputed):
+    // the import reaches verification, which fails.
+    let mut sig = Signature(last.sig.expect("signed"));
+    sig.0[17] ^= 0x04;
+    let mut bad = s.export.clone();
+    bad[last.start..last.end].copy_from_slice(&last.with_sig(&sig));
     s.refused(
         "bad-signature",
         &bad,
@@ -487,6 +513,25 @@ fn damaged_files_are_refused_naming_the_record() {
             &format!("record 3 at byte {}", frames[3].start),
         ],
     );
+    // A length or flag changed within bounds, or the header check itself
+    // damaged: the header check fails.
+    let f = &frames[3];
+    for (name, at) in [
+        ("changed-length", f.start),
+        ("changed-flags", f.start + 4),
+        ("damaged-header-check", f.start + f.layout.check.start),
+    ] {
+        let mut bad = s.export.clone();
+        bad[at] ^= 0x01;
+        s.refused(
+            name,
+            &bad,
+            &[
+                "record header check failed",
+                &format!("record 3 at byte {}", f.start),
+            ],
+        );
+    }
 }
 
 #[test]
@@ -524,15 +569,27 @@ fn forged_and_oversized_events_are_refused() {
     );
 
     // The real export's last signature replaced by another key's signature
-    // over the same id.
+    // over the same id, validly framed.
     let frames = parse(&s.export);
     let last = frames.last().unwrap();
+    let other = mallory.sign(&EventId(last.id));
     let mut bad = s.export.clone();
-    bad[last.sig_range()].copy_from_slice(&mallory.sign(&EventId(last.id)).0);
+    bad[last.start..last.end].copy_from_slice(&last.with_sig(&other));
     s.refused(
         "resigned-by-other-key",
         &bad,
         &["signature does not verify", &last.id_hex()],
+    );
+    // Spliced in without recomputing the header check: a framing error.
+    let mut bad = s.export.clone();
+    bad[last.sig_range()].copy_from_slice(&other.0);
+    s.refused(
+        "resigned-without-header-check",
+        &bad,
+        &[
+            "record header check failed",
+            &format!("record {} at byte {}", frames.len() - 1, last.start),
+        ],
     );
 
     // Two signed events with the same seq: a fork.

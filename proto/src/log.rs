@@ -2,24 +2,33 @@
 //! [`Storage`] trait so the node (files) and simulations (memory with a
 //! crash model) share one implementation.
 //!
-//! Layout (`PROTOCOL.md`, "Log"): a log is a sequence of segments, each named
+//! Layout (`PROTOCOL.md` §4–6): a log is a sequence of segments, each named
 //! by the index of its first record. A segment starts with a 16-byte header
-//! and holds whole frames:
+//! and holds whole frames, then zeros up to its allocated size:
 //!
 //! ```text
 //! u32 LE  n        length of the event encoding, 1..=MAX_EVENT_BYTES
-//! u8      flags    0: unsigned, 1: a signature follows the event
-//! [n]     event    canonical encoding
+//! u8      flags    0: unsigned, 1: a signature follows
 //! [64]    sig      ed25519 signature over the id (flags == 1 only)
-//! [32]    id       EventId = blake3(event): the record's check
+//! [4]     check    blake3(n ‖ flags ‖ sig)[..4]: the frame header's check
+//! [n]     event    canonical encoding
+//! [32]    id       EventId = blake3(event): the event's check
 //! ```
 //!
-//! Recovery on open: a frame that is incomplete or fails its check, with no
-//! valid frame after it in the last segment, is a torn tail: truncated and
-//! reported. Damage followed by a valid frame, or anywhere but the last
-//! segment, is corruption: open fails and nothing is served.
+//! Segments are zero-filled ahead of the records in steps of
+//! [`Storage::alloc_step`] ([`SEGMENT_ALLOC_BYTES`] on files), so that an append overwrites blocks the file
+//! already has and its `fdatasync` need not commit a new file size. Zeros are
+//! never a frame (n = 0 is invalid), so an all-zero tail is the clean end.
+//!
+//! Recovery on open: a frame that is incomplete or fails a check, in the
+//! last segment, with no valid frame after it, is a torn tail: truncated and
+//! reported. When its header check passes, its length is trusted, and the
+//! search for later frames starts after it (a payload may itself hold bytes
+//! that look like a frame). Damage followed by a valid frame, or damage in
+//! an earlier segment, is corruption: open fails and nothing is served.
 
 use std::io;
+use std::ops::Range;
 
 use crate::event::{Signature, MAX_EVENT_BYTES};
 use crate::id::EventId;
@@ -34,12 +43,14 @@ pub const LOG_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 16;
 /// A segment is closed and a new one started once it reaches this size.
 pub const SEGMENT_TARGET_BYTES: u64 = 64 * 1024 * 1024;
+/// Segments are zero-filled ahead of the records in steps of this size.
+pub const SEGMENT_ALLOC_BYTES: u64 = 4 * 1024 * 1024;
 /// Fixed bytes of a frame besides the event and the signature.
-pub const FRAME_OVERHEAD: usize = 4 + 1 + 32;
+pub const FRAME_OVERHEAD: usize = 4 + 1 + 4 + 32;
 /// Signature bytes.
 pub const SIG_BYTES: usize = 64;
 
-/// Storage for log segments. Every call is synchronous; `append` need not be
+/// Storage for log segments. Every call is synchronous; writes need not be
 /// durable until `sync` returns.
 pub trait Storage {
     /// The segments present, by base record index, in any order.
@@ -48,14 +59,18 @@ pub trait Storage {
     fn read(&mut self, segment: u64) -> io::Result<Vec<u8>>;
     /// Creates an empty segment and makes its existence durable.
     fn create(&mut self, segment: u64) -> io::Result<()>;
-    /// Appends bytes to a segment.
-    fn append(&mut self, segment: u64, data: &[u8]) -> io::Result<()>;
-    /// Makes a segment's appended bytes durable (fdatasync).
+    /// Writes bytes at an offset of a segment, growing it if needed.
+    fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes a segment's written bytes and size durable (fdatasync).
     fn sync(&mut self, segment: u64) -> io::Result<()>;
     /// Cuts a segment to `len` bytes, durably.
     fn truncate(&mut self, segment: u64, len: u64) -> io::Result<()>;
     /// Removes a segment, durably.
     fn remove(&mut self, segment: u64) -> io::Result<()>;
+    /// How far ahead of its records a segment is zero-filled.
+    fn alloc_step(&self) -> u64 {
+        SEGMENT_ALLOC_BYTES
+    }
 }
 
 /// A decoded frame, borrowing the buffer it was read from.
@@ -63,22 +78,61 @@ pub trait Storage {
 pub struct Frame<'a> {
     /// The event's canonical encoding; `blake3(bytes) == id` was checked.
     pub bytes: &'a [u8],
-    /// The author's signature, if the frame carries one (not covered by the check).
+    /// The author's signature, if the frame carries one (covered by the
+    /// header check).
     pub sig: Option<Signature>,
     /// The event id.
     pub id: EventId,
+}
+
+/// Where the parts of a frame lie, relative to its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameLayout {
+    /// The signature, if the frame has one.
+    pub sig: Option<Range<usize>>,
+    /// The header check.
+    pub check: Range<usize>,
+    /// The event encoding.
+    pub event: Range<usize>,
+    /// The id.
+    pub id: Range<usize>,
+}
+
+impl FrameLayout {
+    /// The layout of a frame with an `n`-byte event.
+    pub fn new(n: usize, signed: bool) -> FrameLayout {
+        let sig_end = 5 + if signed { SIG_BYTES } else { 0 };
+        let check = sig_end..sig_end + 4;
+        let event = check.end..check.end + n;
+        FrameLayout {
+            sig: signed.then_some(5..sig_end),
+            id: event.end..event.end + 32,
+            check,
+            event,
+        }
+    }
+
+    /// The frame's length.
+    pub fn len(&self) -> usize {
+        self.id.end
+    }
+
+    /// Never true: a frame has a header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// Why bytes are not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
-    /// The buffer ends inside the frame.
-    #[error("record is incomplete ({have} of {need} bytes)")]
-    Incomplete {
+    /// The buffer ends inside the frame header.
+    #[error("record header is incomplete ({have} of {need} bytes)")]
+    ShortHeader {
         /// Bytes present.
         have: usize,
-        /// Bytes the header announces.
+        /// Bytes the header needs.
         need: usize,
     },
     /// The length is zero or above the limit.
@@ -87,35 +141,71 @@ pub enum FrameError {
     /// Unknown flag bits.
     #[error("record flags {0:#04x} are not 0 or 1")]
     BadFlags(u8),
-    /// The id does not match the event bytes.
+    /// The header check failed: length, flags or signature are damaged.
+    #[error("record header check failed")]
+    HeaderCheck,
+    /// The header is sound but the buffer ends inside the frame.
+    #[error("record is incomplete ({have} of {need} bytes)")]
+    Incomplete {
+        /// Bytes present.
+        have: usize,
+        /// Bytes the header announces.
+        need: usize,
+    },
+    /// The header is sound but the id does not match the event bytes.
     #[error("record check failed: id {claimed} does not match its event bytes")]
     IdMismatch {
         /// The id the record claims.
         claimed: EventId,
+        /// The frame's length, which the header check vouches for.
+        len: usize,
     },
+}
+
+impl FrameError {
+    /// The frame's length when its header passed its check (so the damage
+    /// is inside this frame), else `None`.
+    pub fn trusted_len(&self) -> Option<usize> {
+        match self {
+            FrameError::Incomplete { need, .. } => Some(*need),
+            FrameError::IdMismatch { len, .. } => Some(*len),
+            _ => None,
+        }
+    }
+}
+
+fn header_check(n: u32, flags: u8, sig: &[u8]) -> [u8; 4] {
+    let mut h = blake3::Hasher::new();
+    h.update(&n.to_le_bytes());
+    h.update(&[flags]);
+    h.update(sig);
+    let mut out = [0u8; 4];
+    out.copy_from_slice(&h.finalize().as_bytes()[..4]);
+    out
 }
 
 /// Appends a frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, event: &[u8], id: &EventId, sig: Option<&Signature>) {
     debug_assert!(!event.is_empty() && event.len() <= MAX_EVENT_BYTES);
-    out.extend_from_slice(&(event.len() as u32).to_le_bytes());
-    out.push(sig.is_some() as u8);
+    let n = event.len() as u32;
+    let flags = sig.is_some() as u8;
+    let sig = sig.map_or(&[][..], |s| &s.0[..]);
+    out.extend_from_slice(&n.to_le_bytes());
+    out.push(flags);
+    out.extend_from_slice(sig);
+    out.extend_from_slice(&header_check(n, flags, sig));
     out.extend_from_slice(event);
-    if let Some(sig) = sig {
-        out.extend_from_slice(&sig.0);
-    }
     out.extend_from_slice(&id.0);
 }
 
 /// Decodes the frame at the start of `buf`; returns it and its length.
 /// The length is checked before anything is allocated or hashed.
 pub fn decode_frame(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
-    let incomplete = |need| FrameError::Incomplete {
-        have: buf.len(),
-        need,
-    };
     if buf.len() < 5 {
-        return Err(incomplete(5));
+        return Err(FrameError::ShortHeader {
+            have: buf.len(),
+            need: 5,
+        });
     }
     let n = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     if n == 0 || n as usize > MAX_EVENT_BYTES {
@@ -125,31 +215,45 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
     if flags > 1 {
         return Err(FrameError::BadFlags(flags));
     }
-    let n = n as usize;
-    let sig_len = if flags == 1 { SIG_BYTES } else { 0 };
-    let total = FRAME_OVERHEAD + n + sig_len;
-    if buf.len() < total {
-        return Err(incomplete(total));
+    let layout = FrameLayout::new(n as usize, flags == 1);
+    if buf.len() < layout.event.start {
+        return Err(FrameError::ShortHeader {
+            have: buf.len(),
+            need: layout.event.start,
+        });
     }
-    let bytes = &buf[5..5 + n];
-    let sig = (flags == 1).then(|| {
-        let mut s = [0u8; SIG_BYTES];
-        s.copy_from_slice(&buf[5 + n..5 + n + SIG_BYTES]);
-        Signature(s)
-    });
+    let sig_bytes = layout.sig.clone().map_or(&[][..], |r| &buf[r]);
+    if buf[layout.check.clone()] != header_check(n, flags, sig_bytes) {
+        return Err(FrameError::HeaderCheck);
+    }
+    if buf.len() < layout.len() {
+        return Err(FrameError::Incomplete {
+            have: buf.len(),
+            need: layout.len(),
+        });
+    }
+    let bytes = &buf[layout.event.clone()];
     let mut claimed = [0u8; 32];
-    claimed.copy_from_slice(&buf[total - 32..total]);
+    claimed.copy_from_slice(&buf[layout.id.clone()]);
     let claimed = EventId(claimed);
     if blake3::hash(bytes).as_bytes() != &claimed.0 {
-        return Err(FrameError::IdMismatch { claimed });
+        return Err(FrameError::IdMismatch {
+            claimed,
+            len: layout.len(),
+        });
     }
+    let sig = layout.sig.as_ref().map(|_| {
+        let mut s = [0u8; SIG_BYTES];
+        s.copy_from_slice(sig_bytes);
+        Signature(s)
+    });
     Ok((
         Frame {
             bytes,
             sig,
             id: claimed,
         },
-        total,
+        layout.len(),
     ))
 }
 
@@ -185,7 +289,25 @@ pub fn check_header(data: &[u8], magic: [u8; 8], what: &str) -> Result<(), Strin
 
 /// The offset of the first valid frame at or after `from`, if any.
 fn next_valid_frame(data: &[u8], from: usize) -> Option<usize> {
-    (from..data.len().saturating_sub(FRAME_OVERHEAD)).find(|&p| decode_frame(&data[p..]).is_ok())
+    let end = data.len().saturating_sub(FRAME_OVERHEAD);
+    let mut p = from;
+    while p < end {
+        // No frame starts with four zero bytes (n >= 1): skip zero runs,
+        // such as a segment's zero-filled allocation, to the next non-zero
+        // byte, which may be the second, third or fourth byte of a length.
+        if data[p..p + 4] == [0; 4] {
+            match data[p + 4..].iter().position(|&b| b != 0) {
+                Some(q) => p = (p + 4 + q).saturating_sub(3).max(p + 1),
+                None => return None,
+            }
+            continue;
+        }
+        if decode_frame(&data[p..]).is_ok() {
+            return Some(p);
+        }
+        p += 1;
+    }
+    None
 }
 
 /// What recovery found and did.
@@ -254,15 +376,27 @@ pub enum AppendError {
     Poisoned,
 }
 
+/// One segment: base record index, bytes of records (with the header), and
+/// bytes allocated (zero-filled past the records).
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    base: u64,
+    end: u64,
+    alloc: u64,
+}
+
 /// An open log.
 #[derive(Debug)]
 pub struct Log<S> {
     storage: S,
-    /// `(base record index, bytes)` of each segment, ascending.
-    segments: Vec<(u64, u64)>,
+    /// Ascending by base; never empty after open.
+    segments: Vec<Segment>,
     records: u64,
     poisoned: bool,
 }
+
+/// A buffer of zeros for filling segments ahead of the records.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl<S: Storage> Log<S> {
     /// Opens (or creates) the log, recovering as the module docs say, and
@@ -291,10 +425,10 @@ impl<S: Storage> Log<S> {
                 ));
             }
             let data = storage.read(seg)?;
-            if data.len() < HEADER_BYTES && last {
-                // Created but its header never became durable.
+            if last && data.len() < HEADER_BYTES {
+                // Created, but its header never became durable.
                 storage.truncate(seg, 0)?;
-                storage.append(seg, &header(SEGMENT_MAGIC))?;
+                storage.write_at(seg, 0, &header(SEGMENT_MAGIC))?;
                 storage.sync(seg)?;
                 recovery.torn = Some(TornTail {
                     segment: seg,
@@ -302,13 +436,18 @@ impl<S: Storage> Log<S> {
                     dropped_bytes: data.len() as u64,
                     reason: "segment header incomplete".into(),
                 });
-                segments.push((seg, HEADER_BYTES as u64));
+                segments.push(Segment {
+                    base: seg,
+                    end: HEADER_BYTES as u64,
+                    alloc: HEADER_BYTES as u64,
+                });
                 continue;
             }
             check_header(&data, SEGMENT_MAGIC, "segment").map_err(|r| corrupt(0, r))?;
             let mut off = HEADER_BYTES;
+            let mut alloc = data.len();
             while off < data.len() {
-                match decode_frame(&data[off..]) {
+                let e = match decode_frame(&data[off..]) {
                     Ok((frame, used)) => {
                         visit(frame).map_err(|reason| OpenError::Refused {
                             index: records,
@@ -317,33 +456,50 @@ impl<S: Storage> Log<S> {
                         })?;
                         records += 1;
                         off += used;
+                        continue;
                     }
-                    Err(e) if !last => return Err(corrupt(off, e.to_string())),
-                    Err(e) => {
-                        if let Some(p) = next_valid_frame(&data, off + 1) {
-                            return Err(corrupt(
-                                off,
-                                format!("{e}, and a valid record follows at byte {p}"),
-                            ));
-                        }
-                        storage.truncate(seg, off as u64)?;
-                        recovery.torn = Some(TornTail {
-                            segment: seg,
-                            offset: off as u64,
-                            dropped_bytes: (data.len() - off) as u64,
-                            reason: e.to_string(),
-                        });
-                        break;
-                    }
+                    Err(e) => e,
+                };
+                if data[off..].iter().all(|&b| b == 0) {
+                    break; // the zero-filled allocation: the clean end
                 }
+                if !last {
+                    return Err(corrupt(off, e.to_string()));
+                }
+                // Where a later valid frame could start: after this one if
+                // its header vouches for its length, else anywhere.
+                let resume = e.trusted_len().map_or(off + 1, |len| off + len);
+                if let Some(p) = next_valid_frame(&data, resume) {
+                    return Err(corrupt(
+                        off,
+                        format!("{e}, and a valid record follows at byte {p}"),
+                    ));
+                }
+                storage.truncate(seg, off as u64)?;
+                alloc = off;
+                recovery.torn = Some(TornTail {
+                    segment: seg,
+                    offset: off as u64,
+                    dropped_bytes: (data.len() - off) as u64,
+                    reason: e.to_string(),
+                });
+                break;
             }
-            segments.push((seg, off as u64));
+            segments.push(Segment {
+                base: seg,
+                end: off as u64,
+                alloc: alloc as u64,
+            });
         }
         if segments.is_empty() {
             storage.create(0)?;
-            storage.append(0, &header(SEGMENT_MAGIC))?;
+            storage.write_at(0, 0, &header(SEGMENT_MAGIC))?;
             storage.sync(0)?;
-            segments.push((0, HEADER_BYTES as u64));
+            segments.push(Segment {
+                base: 0,
+                end: HEADER_BYTES as u64,
+                alloc: HEADER_BYTES as u64,
+            });
         }
         recovery.records = records;
         recovery.segments = segments.len();
@@ -363,9 +519,10 @@ impl<S: Storage> Log<S> {
         self.records
     }
 
-    /// Bytes in the log, headers included.
+    /// Bytes of records in the log, segment headers included (not the
+    /// zero-filled allocation).
     pub fn bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.1).sum()
+        self.segments.iter().map(|s| s.end).sum()
     }
 
     /// Appends `count` whole frames held in `frames` and syncs them: when this
@@ -383,18 +540,34 @@ impl<S: Storage> Log<S> {
 
     fn append_inner(&mut self, frames: &[u8], count: u64) -> Result<(), AppendError> {
         // Invariant: `segments` is never empty after open.
-        let &(mut seg, mut len) = self.segments.last().expect("open made a segment");
-        if len >= SEGMENT_TARGET_BYTES {
-            seg = self.records;
-            self.storage.create(seg)?;
-            self.storage.append(seg, &header(SEGMENT_MAGIC))?;
-            len = HEADER_BYTES as u64;
-            self.segments.push((seg, len));
+        let mut seg = *self.segments.last().expect("open made a segment");
+        if seg.end >= SEGMENT_TARGET_BYTES {
+            seg = Segment {
+                base: self.records,
+                end: HEADER_BYTES as u64,
+                alloc: HEADER_BYTES as u64,
+            };
+            self.storage.create(seg.base)?;
+            self.storage.write_at(seg.base, 0, &header(SEGMENT_MAGIC))?;
+            self.segments.push(seg);
         }
-        self.storage.append(seg, frames)?;
-        self.storage.sync(seg)?;
+        let end = seg.end + frames.len() as u64;
+        self.storage.write_at(seg.base, seg.end, frames)?;
+        if end > seg.alloc {
+            // Zero-fill ahead; the sync below makes the new size durable.
+            let target = end.max(seg.alloc + self.storage.alloc_step());
+            let mut at = end;
+            while at < target {
+                let n = (target - at).min(ZEROS.len() as u64);
+                self.storage.write_at(seg.base, at, &ZEROS[..n as usize])?;
+                at += n;
+            }
+            seg.alloc = target;
+        }
+        self.storage.sync(seg.base)?;
+        seg.end = end;
         // Invariant: pushed or present above.
-        self.segments.last_mut().expect("segment").1 = len + frames.len() as u64;
+        *self.segments.last_mut().expect("segment") = seg;
         self.records += count;
         Ok(())
     }
@@ -405,15 +578,17 @@ impl<S: Storage> Log<S> {
         mut visit: impl FnMut(Frame<'_>) -> Result<(), String>,
     ) -> Result<(), OpenError> {
         let mut index = 0u64;
-        for &(seg, len) in &self.segments {
-            let data = self.storage.read(seg)?;
+        for seg in &self.segments {
+            let data = self.storage.read(seg.base)?;
+            let end = (seg.end as usize).min(data.len());
             let mut off = HEADER_BYTES;
-            while off < (len as usize).min(data.len()) {
-                let (frame, used) = decode_frame(&data[off..]).map_err(|e| OpenError::Corrupt {
-                    segment: seg,
-                    offset: off as u64,
-                    reason: e.to_string(),
-                })?;
+            while off < end {
+                let (frame, used) =
+                    decode_frame(&data[off..end]).map_err(|e| OpenError::Corrupt {
+                        segment: seg.base,
+                        offset: off as u64,
+                        reason: e.to_string(),
+                    })?;
                 visit(frame).map_err(|reason| OpenError::Refused {
                     index,
                     id: frame.id,
@@ -428,44 +603,48 @@ impl<S: Storage> Log<S> {
 
     /// Cuts the log back to its first `keep` records, durably. For records
     /// that recovery above this layer finds unusable (an interrupted batch
-    /// whose signature never reached the disk).
-    ///
-    /// Returns where the cut starts and how many bytes it removed.
+    /// whose signature never reached the disk). Returns where the cut starts
+    /// and how many bytes it removed from the files (zero-fill included, as
+    /// for a torn tail).
     ///
     /// # Panics
     /// If `keep` is more than the log holds.
     pub fn cut(&mut self, keep: u64) -> Result<TornTail, OpenError> {
-        let mut dropped_bytes = 0;
         assert!(keep <= self.records, "cut beyond the end of the log");
-        while let Some(&(seg, _)) = self.segments.last() {
-            if seg <= keep || self.segments.len() == 1 {
+        let mut dropped_bytes = 0;
+        while let Some(&seg) = self.segments.last() {
+            if seg.base <= keep || self.segments.len() == 1 {
                 break;
             }
-            self.storage.remove(seg)?;
-            dropped_bytes += self.segments.pop().map_or(0, |s| s.1);
+            self.storage.remove(seg.base)?;
+            self.segments.pop();
+            dropped_bytes += seg.alloc;
         }
         // Invariant: the first segment is never removed.
-        let (seg, len) = *self.segments.last().expect("segment");
-        let data = self.storage.read(seg)?;
+        let seg = *self.segments.last().expect("segment");
+        let data = self.storage.read(seg.base)?;
         let mut off = HEADER_BYTES;
-        let mut index = seg;
-        while index < keep && off < len as usize {
+        let mut index = seg.base;
+        while index < keep && off < seg.end as usize {
             let (_, used) = decode_frame(&data[off..]).map_err(|e| OpenError::Corrupt {
-                segment: seg,
+                segment: seg.base,
                 offset: off as u64,
                 reason: e.to_string(),
             })?;
             off += used;
             index += 1;
         }
-        self.storage.truncate(seg, off as u64)?;
-        // Invariant: as above.
-        self.segments.last_mut().expect("segment").1 = off as u64;
+        self.storage.truncate(seg.base, off as u64)?;
+        *self.segments.last_mut().expect("segment") = Segment {
+            base: seg.base,
+            end: off as u64,
+            alloc: off as u64,
+        };
         self.records = keep;
         Ok(TornTail {
-            segment: seg,
+            segment: seg.base,
             offset: off as u64,
-            dropped_bytes: dropped_bytes + len - off as u64,
+            dropped_bytes: dropped_bytes + (data.len() - off) as u64,
             reason: String::new(),
         })
     }
@@ -477,20 +656,62 @@ impl<S: Storage> Log<S> {
 }
 
 /// In-memory storage with a crash model: each segment keeps the bytes that
-/// were synced (`durable`) and the bytes written since (`pending`).
+/// were synced (`durable`) and the writes made since (`pending`).
 /// [`MemStorage::crash`] keeps the durable image plus a prefix of the
-/// pending bytes, as a power cut may.
-#[derive(Debug, Clone, Default)]
+/// pending writes, as a power cut may.
+#[derive(Debug, Clone)]
 pub struct MemStorage {
     segments: std::collections::BTreeMap<u64, MemSegment>,
     /// When set, `sync` fails (to test that failed syncs are fatal).
     pub fail_sync: bool,
+    /// The zero-fill step ([`Storage::alloc_step`]); 64 KiB by default, to
+    /// keep copies of in-memory segments small.
+    pub alloc_step: u64,
+}
+
+impl Default for MemStorage {
+    fn default() -> MemStorage {
+        MemStorage {
+            segments: Default::default(),
+            fail_sync: false,
+            alloc_step: 64 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
 struct MemSegment {
     durable: Vec<u8>,
-    pending: Vec<u8>,
+    pending: Vec<(u64, Vec<u8>)>,
+}
+
+fn write_into(image: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let offset = offset as usize;
+    if image.len() < offset + data.len() {
+        image.resize(offset + data.len(), 0);
+    }
+    image[offset..offset + data.len()].copy_from_slice(data);
+}
+
+impl MemSegment {
+    /// Applies at most `budget` bytes of the pending writes, in order.
+    fn settle(&mut self, mut budget: usize) {
+        for (off, data) in std::mem::take(&mut self.pending) {
+            let n = budget.min(data.len());
+            if n > 0 {
+                write_into(&mut self.durable, off, &data[..n]);
+            }
+            budget -= n;
+        }
+    }
+
+    fn live(&self) -> Vec<u8> {
+        let mut out = self.durable.clone();
+        for (off, data) in &self.pending {
+            write_into(&mut out, *off, data);
+        }
+        out
+    }
 }
 
 impl MemStorage {
@@ -499,22 +720,18 @@ impl MemStorage {
         MemStorage::default()
     }
 
-    /// Simulates a crash: pending bytes are lost except the first
-    /// `keep_pending` bytes of each segment's pending data (a torn write).
+    /// Simulates a crash: writes not yet synced are lost except the first
+    /// `keep_pending` bytes of each segment's pending writes (a torn write).
     pub fn crash(&mut self, keep_pending: usize) {
         for s in self.segments.values_mut() {
-            let keep = keep_pending.min(s.pending.len());
-            let kept: Vec<u8> = s.pending.drain(..keep).collect();
-            s.durable.extend_from_slice(&kept);
-            s.pending.clear();
+            s.settle(keep_pending);
         }
     }
 
     /// A segment's current bytes, for tests that damage them.
     pub fn bytes_mut(&mut self, segment: u64) -> Option<&mut Vec<u8>> {
         self.segments.get_mut(&segment).map(|s| {
-            let p = std::mem::take(&mut s.pending);
-            s.durable.extend_from_slice(&p);
+            s.settle(usize::MAX);
             &mut s.durable
         })
     }
@@ -526,20 +743,18 @@ impl Storage for MemStorage {
     }
     fn read(&mut self, segment: u64) -> io::Result<Vec<u8>> {
         let s = self.segments.get(&segment).ok_or(io::ErrorKind::NotFound)?;
-        let mut out = s.durable.clone();
-        out.extend_from_slice(&s.pending);
-        Ok(out)
+        Ok(s.live())
     }
     fn create(&mut self, segment: u64) -> io::Result<()> {
         self.segments.entry(segment).or_default();
         Ok(())
     }
-    fn append(&mut self, segment: u64, data: &[u8]) -> io::Result<()> {
+    fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()> {
         let s = self
             .segments
             .get_mut(&segment)
             .ok_or(io::ErrorKind::NotFound)?;
-        s.pending.extend_from_slice(data);
+        s.pending.push((offset, data.to_vec()));
         Ok(())
     }
     fn sync(&mut self, segment: u64) -> io::Result<()> {
@@ -550,8 +765,7 @@ impl Storage for MemStorage {
             .segments
             .get_mut(&segment)
             .ok_or(io::ErrorKind::NotFound)?;
-        let p = std::mem::take(&mut s.pending);
-        s.durable.extend_from_slice(&p);
+        s.settle(usize::MAX);
         Ok(())
     }
     fn truncate(&mut self, segment: u64, len: u64) -> io::Result<()> {
@@ -559,13 +773,15 @@ impl Storage for MemStorage {
             .segments
             .get_mut(&segment)
             .ok_or(io::ErrorKind::NotFound)?;
-        let p = std::mem::take(&mut s.pending);
-        s.durable.extend_from_slice(&p);
+        s.settle(usize::MAX);
         s.durable.truncate(len as usize);
         Ok(())
     }
     fn remove(&mut self, segment: u64) -> io::Result<()> {
         self.segments.remove(&segment);
         Ok(())
+    }
+    fn alloc_step(&self) -> u64 {
+        self.alloc_step
     }
 }
