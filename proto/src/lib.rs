@@ -7,7 +7,8 @@
 //! - [`hlc`]: the hybrid logical clock;
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
 //! - [`log`]: record framing, segments and recovery over a storage trait;
-//! - [`exchange`]: export files and the checks an import makes.
+//! - [`exchange`]: export files and the checks an import makes;
+//! - [`sync`]: the sync protocol between two replicas, as a state machine.
 #![warn(missing_docs)]
 
 pub mod event;
@@ -16,6 +17,7 @@ pub mod hlc;
 pub mod id;
 pub mod log;
 pub mod state;
+pub mod sync;
 
 pub use event::{Event, Keypair, Meta, Op, Signature};
 pub use hlc::{Hlc, HlcClock};
