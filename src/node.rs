@@ -556,6 +556,9 @@ struct Batch {
     replies: Vec<Reply>,
     /// The committer has stopped: take what is left and end.
     closed: bool,
+    /// A batch is being written and synced (by the syncer, or inline by the
+    /// committer when nothing else waits); batches finish in order.
+    syncing: bool,
 }
 
 /// The hand-off between committer and syncer.
@@ -597,6 +600,7 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
     };
     let mut reqs = Vec::new();
     let (mut pending, mut replies) = (Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         reqs.push(first);
         while reqs.len() < MAX_BATCH {
@@ -616,6 +620,21 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
             }
         }
         let mut next = handoff.lock();
+        if !next.syncing && next.replies.is_empty() && rx.is_empty() {
+            // Nothing else is waiting: sync here rather than wake the syncer,
+            // which saves a thread hop on an idle or single-writer node.
+            next.syncing = true;
+            drop(next);
+            let batch = Batch {
+                pending: std::mem::take(&mut pending),
+                replies: std::mem::take(&mut replies),
+                ..Batch::default()
+            };
+            finish(inner, batch, &mut buf);
+            handoff.lock().syncing = false;
+            handoff.changed.notify_all();
+            continue;
+        }
         while next.pending.len() >= MAX_BATCH_RECORDS {
             next = handoff.changed.wait(next).expect("hand-off lock poisoned");
         }
@@ -630,40 +649,46 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
     let _ = syncer.join();
 }
 
-/// Takes what the committer made, writes and syncs it, and acknowledges it.
+/// Takes what the committer made and finishes it.
 fn sync_loop(inner: &Inner, handoff: &Handoff) {
     let mut buf = Vec::new();
     loop {
-        let mut batch = {
+        let batch = {
             let mut next = handoff.lock();
-            while next.replies.is_empty() && !next.closed {
+            while (next.replies.is_empty() || next.syncing) && !next.closed {
                 next = handoff.changed.wait(next).expect("hand-off lock poisoned");
             }
             if next.replies.is_empty() {
                 return; // closed and drained
             }
+            next.syncing = true;
             let batch = Batch {
                 pending: std::mem::take(&mut next.pending),
                 replies: std::mem::take(&mut next.replies),
-                closed: false,
+                ..Batch::default()
             };
             handoff.changed.notify_all();
             batch
         };
-        let failed = inner.lock().failed.clone();
-        let failed = match failed {
-            Some(e) => Some(e),
-            None if batch.pending.is_empty() => None,
-            None => inner
-                .write(&mut batch.pending, &mut buf)
-                .err()
-                .inspect(|e| {
-                    inner.lock().failed = Some(e.clone());
-                }),
-        };
-        for r in batch.replies {
-            r.send(failed.as_deref());
-        }
+        finish(inner, batch, &mut buf);
+        handoff.lock().syncing = false;
+        handoff.changed.notify_all();
+    }
+}
+
+/// Writes and syncs a batch, then acknowledges it (or reports the failure
+/// that stopped the log).
+fn finish(inner: &Inner, mut batch: Batch, buf: &mut Vec<u8>) {
+    let failed = inner.lock().failed.clone();
+    let failed = match failed {
+        Some(e) => Some(e),
+        None if batch.pending.is_empty() => None,
+        None => inner.write(&mut batch.pending, buf).err().inspect(|e| {
+            inner.lock().failed = Some(e.clone());
+        }),
+    };
+    for r in batch.replies {
+        r.send(failed.as_deref());
     }
 }
 
