@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use weftlog_proto::event::{verify, Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
 use weftlog_proto::log::{encode_frame, Log, OpenError, Recovery, TornTail};
-use weftlog_proto::state::{Draft, Inserted, PrepareError, Prepared, State};
+use weftlog_proto::state::{self, Draft, Inserted, PrepareError, State};
 use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
 
 use crate::storage::{sync_dir, FileStorage};
@@ -447,13 +447,15 @@ impl Inner {
     fn apply(&self, g: &mut Shared, req: Request, pending: &mut Vec<Pending>) -> Option<Reply> {
         match req {
             Request::Append(draft, tx) => {
-                let prepared = g.state.prepare(self.id, &mut g.clock, wall_ms(), draft);
-                match prepared {
+                let made = g
+                    .state
+                    .append_local(self.id, &mut g.clock, wall_ms(), draft);
+                match made {
                     Err(e) => {
                         let _ = tx.send(Err(e.into()));
                         None
                     }
-                    Ok(Prepared::Existing(rec)) => Some(Reply::Append(
+                    Ok(state::Appended::Existing(rec)) => Some(Reply::Append(
                         tx,
                         Appended {
                             id: rec.id,
@@ -465,10 +467,7 @@ impl Inner {
                             existing: true,
                         },
                     )),
-                    Ok(Prepared::New(event)) => {
-                        let (bytes, id) = event.seal();
-                        // Invariant: `prepare` checked the event against this state.
-                        g.state.insert(&event, id).expect("prepared event inserts");
+                    Ok(state::Appended::New { event, bytes, id }) => {
                         pending.push(Pending {
                             bytes,
                             id,

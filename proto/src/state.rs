@@ -246,6 +246,28 @@ pub enum Prepared {
     Existing(CommandRecord),
 }
 
+/// Result of [`State::append_local`].
+#[derive(Clone, Debug)]
+pub enum Appended {
+    /// A new event, now applied: the event, its encoding and its id.
+    New {
+        /// The event.
+        event: Event,
+        /// Its canonical encoding.
+        bytes: Vec<u8>,
+        /// Its id.
+        id: EventId,
+    },
+    /// The command id is already in the log: this is its event.
+    Existing(CommandRecord),
+}
+
+/// A checked event and the clock `causal_vc` computed for it.
+enum Made {
+    New(Event, Option<Vec<u64>>),
+    Existing(CommandRecord),
+}
+
 /// Why a local command was refused. Nothing is written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -655,13 +677,50 @@ impl State {
         now_ms: u64,
         draft: Draft,
     ) -> Result<Prepared, PrepareError> {
+        Ok(match self.make(author, clock, now_ms, draft)? {
+            Made::Existing(rec) => Prepared::Existing(rec),
+            Made::New(event, _) => Prepared::New(event),
+        })
+    }
+
+    /// [`State::prepare`], then seals the new event and applies it to this
+    /// state without checking it a second time. Returns the event with its
+    /// encoding and id, or the existing command's record.
+    pub fn append_local(
+        &mut self,
+        author: NodeId,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        draft: Draft,
+    ) -> Result<Appended, PrepareError> {
+        match self.make(author, clock, now_ms, draft)? {
+            Made::Existing(rec) => Ok(Appended::Existing(rec)),
+            Made::New(event, vc) => {
+                let (bytes, id) = event.seal();
+                // `make` checked the event against this very state; a new
+                // event by this author at the next seq cannot be present.
+                debug_assert!(!self.index.contains_key(&id));
+                let ix = self.author_ix.get(&author).copied();
+                self.apply(&event, id, ix, vc);
+                Ok(Appended::New { event, bytes, id })
+            }
+        }
+    }
+
+    fn make(
+        &self,
+        author: NodeId,
+        clock: &mut HlcClock,
+        now_ms: u64,
+        draft: Draft,
+    ) -> Result<Made, PrepareError> {
         if let Some(cmd) = draft
             .meta
             .command_id
             .as_deref()
             .and_then(|c| self.command(c))
         {
-            return Ok(Prepared::Existing(cmd.clone()));
+            return Ok(Made::Existing(cmd.clone()));
         }
         let actual = self.version(&draft.stream);
         if let Some(expected) = draft.expected_version {
@@ -717,7 +776,7 @@ impl State {
         let dep_locs: Vec<Loc> = event.deps.iter().map(|d| self.index[d]).collect();
         let vc = self.causal_vc(ix, &dep_locs);
         self.check_ops(&event, self.vc_or_own(ix, &vc))?;
-        Ok(Prepared::New(event))
+        Ok(Made::New(event, vc))
     }
 
     /// Heads of other authors that `author`'s chain does not imply, minus

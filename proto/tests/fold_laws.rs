@@ -1376,3 +1376,94 @@ fn command_ids_are_idempotent_and_versions_are_checked() {
         }
     }
 }
+
+/// `append_local` (check once, apply) gives exactly what `prepare`, `seal`
+/// and `insert` (check twice) give: same events, ids and state.
+#[test]
+fn append_local_equals_prepare_then_insert() {
+    use weftlog_proto::state::Appended;
+    let a = Keypair::from_secret([41; 32]);
+    let b = Keypair::from_secret([42; 32]);
+    // `expect`: the version customer/1 has before the rename.
+    let drafts = |who: &Keypair, expect: u64| -> Vec<Draft> {
+        let set = |f: &str, v: &str| Op::Set {
+            field: f.into(),
+            value: format!("\"{v}\"").into_bytes(),
+            supersedes: vec![],
+        };
+        vec![
+            Draft {
+                stream: "customer/1".into(),
+                kind: "Registered".into(),
+                ops: vec![set("name", "Ada"), set("email", "a@x")],
+                ..Draft::default()
+            },
+            Draft {
+                stream: "event/1".into(),
+                kind: "SeatsOpened".into(),
+                ops: vec![Op::EscrowInit {
+                    counter: "seats".into(),
+                    capacity: 10,
+                }],
+                ..Draft::default()
+            },
+            Draft {
+                stream: "event/1".into(),
+                kind: "SeatsSold".into(),
+                ops: vec![Op::EscrowConsume {
+                    counter: "seats".into(),
+                    amount: 3,
+                }],
+                meta: weftlog_proto::Meta {
+                    command_id: Some(format!("sale-{}", who.node_id().short())),
+                    user: None,
+                },
+                ..Draft::default()
+            },
+            Draft {
+                stream: "customer/1".into(),
+                kind: "Renamed".into(),
+                ops: vec![set("name", "Ada King")],
+                expected_version: Some(expect),
+                ..Draft::default()
+            },
+        ]
+    };
+    // A replica that already holds another author's events, so deps appear.
+    let mut base = State::new();
+    let mut bclock = HlcClock::default();
+    for d in drafts(&b, 1) {
+        let Prepared::New(e) = base.prepare(b.node_id(), &mut bclock, 5_000, d).unwrap() else {
+            panic!("new event expected");
+        };
+        let (_, id) = e.seal();
+        base.insert(&e, id).unwrap();
+    }
+    let (mut one, mut two) = (base.clone(), base.clone());
+    let (mut c1, mut c2) = (HlcClock::default(), HlcClock::default());
+    for (i, d) in drafts(&a, 3).into_iter().enumerate() {
+        let now = 9_000 + i as u64;
+        let via_local = one
+            .append_local(a.node_id(), &mut c1, now, d.clone())
+            .unwrap();
+        let Appended::New { event, bytes, id } = via_local else {
+            panic!("new event expected");
+        };
+        let Prepared::New(e2) = two.prepare(a.node_id(), &mut c2, now, d).unwrap() else {
+            panic!("new event expected");
+        };
+        let (bytes2, id2) = e2.seal();
+        assert_eq!(two.insert(&e2, id2).unwrap(), Inserted::New);
+        assert_eq!((&event, &bytes, id), (&e2, &bytes2, id2));
+    }
+    assert_eq!(one.canonical_read_model(), two.canonical_read_model());
+    assert_eq!(one.frontier(), two.frontier());
+    // And a repeated command id is reported, not appended, by both.
+    let mut again = drafts(&a, 3)[2].clone();
+    again.expected_version = None;
+    assert!(matches!(
+        one.append_local(a.node_id(), &mut c1, 20_000, again)
+            .unwrap(),
+        Appended::Existing(_)
+    ));
+}
