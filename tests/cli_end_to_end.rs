@@ -3,33 +3,14 @@
 //! (one sentence on stderr, non-zero exit, nothing written), and two nodes
 //! that edit offline, exchange export files both ways and converge.
 
+mod common;
+
+use common::weftlog;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
-
-/// What one run of the binary did.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn weftlog(data: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_weftlog"))
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .expect("run weftlog");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        stderr: String::from_utf8(out.stderr).expect("stderr is UTF-8"),
-    }
-}
 
 /// Runs a command that must succeed; returns its stdout.
 fn ok(data: &Path, args: &[&str]) -> String {

@@ -7,6 +7,9 @@
 //! test, which does nothing unless the environment names a data directory);
 //! it prints `ACK <seq> <id>` after each `Node::append` returns.
 
+mod common;
+
+use common::Rng;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -26,23 +29,6 @@ const ITERATIONS: usize = 50;
 const APPENDER_THREADS: usize = 4;
 /// The child stops on its own after this many appends, should it outlive us.
 const CHILD_MAX_APPENDS: u64 = 200_000;
-
-/// SplitMix64: a small seeded generator, so the schedule replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// An event of varying shape and size, so records straddle write boundaries
 /// at varying offsets.

@@ -3,9 +3,11 @@
 //! the record, for framing errors), and the node's log and state are exactly
 //! as they were.
 
+mod common;
+
+use common::weftlog;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 use weftlog_proto::event::{Event, Keypair, Meta, Op, FORMAT_VERSION};
@@ -13,26 +15,6 @@ use weftlog_proto::log::{
     decode_frame, encode_frame, header, FrameLayout, EXPORT_MAGIC, HEADER_BYTES, SIG_BYTES,
 };
 use weftlog_proto::{EventId, Hlc, NodeId, Signature};
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-fn weftlog(data: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_weftlog"))
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .expect("run weftlog");
-    Run {
-        code: out.status.code(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
 
 fn json(data: &Path, args: &[&str]) -> Value {
     let r = weftlog(data, args);

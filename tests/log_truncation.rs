@@ -8,6 +8,9 @@
 //! Segment files are zero-filled ahead of their records, so they are longer
 //! than the records: record offsets come from decoding the frames.
 
+mod common;
+
+use common::Rng;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,23 +26,6 @@ use weftlog_proto::{EventId, Meta, NodeId, Op, Signature};
 const RECORDS: usize = 10;
 /// Seed of the garbage bytes.
 const SEED: u64 = 0x7041_1ca7_e5ee_d001;
-
-/// SplitMix64, for seeded garbage.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 fn draft(i: usize) -> Draft {
     Draft {
