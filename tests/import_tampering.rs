@@ -292,12 +292,10 @@ fn tampered_frames_are_refused_naming_the_event_or_record() {
     let s = setup();
     let frames = parse(&s.export);
     assert_eq!(frames.len(), 5);
-    assert!(frames[..4].iter().all(|f| f.sig.is_none()));
+    // Each CLI append is its own commit, so the log signed every event, and
+    // the export carries every signature the log holds.
+    assert!(frames.iter().all(|f| f.sig.is_some()));
     let last = frames.last().unwrap().clone();
-    assert!(
-        last.sig.is_some(),
-        "the author's last event carries the signature"
-    );
 
     // A flipped byte inside the signature: the header check covers it, so
     // the frame is refused before any signature is verified.
@@ -434,16 +432,20 @@ fn damaged_files_are_refused_naming_the_record() {
             &format!("record 1 at byte {}", frames[1].start),
         ],
     );
-    // Cut exactly before the last record: what is left is well-formed, but
-    // the author's last event in it carries no signature.
+    // Cut exactly before the last record: what is left is well-formed and
+    // ends at a signed event, so it is an authenticated prefix: it imports
+    // (into a scratch copy of the target, which must stay untouched here).
     let cut = &s.export[..last.start];
-    s.refused(
-        "cut-before-last-record",
-        cut,
-        &[
-            "last event in the file is not signed",
-            &frames[n - 2].id_hex(),
-        ],
+    let scratch = tempfile::tempdir().unwrap();
+    let copy = scratch.path().join("copy");
+    copy_dir(&s.target, &copy);
+    let file = scratch.path().join("prefix.weft");
+    std::fs::write(&file, cut).unwrap();
+    let r = weftlog(&copy, &["import", file.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap(),
+        serde_json::json!({ "imported": n - 1, "duplicates": 0 })
     );
     s.refused("empty", &[], &["0 bytes, shorter than its header"]);
     s.refused(
@@ -730,4 +732,17 @@ fn an_event_at_the_end_of_the_clock_range_does_not_stop_local_appends() {
         "after importing an event with hlc u64::MAX, append fails: {}",
         r.stderr.lines().take(2).collect::<Vec<_>>().join(" / ")
     );
+}
+
+/// Copies a data directory (files one level deep and in `log/`).
+fn copy_dir(from: &Path, to: &Path) {
+    for sub in ["", "log"] {
+        std::fs::create_dir_all(to.join(sub)).unwrap();
+        for e in std::fs::read_dir(from.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() && e.file_name() != "LOCK" {
+                std::fs::copy(e.path(), to.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
 }

@@ -108,7 +108,8 @@ pub struct Outgoing {
 /// author's events must be a contiguous run ending at a signed event.
 ///
 /// # Panics
-/// If an author's last event has no signature.
+/// If an author's last event has no signature (callers check this first:
+/// it is a fact about their log, not about any input).
 pub fn write_export(mut events: Vec<Outgoing>) -> Vec<u8> {
     events.sort_unstable_by_key(|e| (e.hlc, e.author, e.seq));
     let mut last: BTreeMap<NodeId, u64> = BTreeMap::new();
@@ -118,17 +119,12 @@ pub fn write_export(mut events: Vec<Outgoing>) -> Vec<u8> {
     }
     let mut out = header(EXPORT_MAGIC).to_vec();
     for e in &events {
-        let sig = if last[&e.author] == e.seq {
-            assert!(
-                e.sig.is_some(),
-                "head of {} exported without signature",
-                e.author
-            );
-            e.sig.as_ref()
-        } else {
-            None
-        };
-        encode_frame(&mut out, &e.bytes, &e.id, sig);
+        assert!(
+            e.sig.is_some() || last[&e.author] != e.seq,
+            "run of {} exported without its signature",
+            e.author
+        );
+        encode_frame(&mut out, &e.bytes, &e.id, e.sig.as_ref());
     }
     out
 }
