@@ -25,7 +25,20 @@ use crate::storage::sync_dir;
 /// events into registers (concurrent writes kept as conflicts), counters and
 /// escrow counters. Nodes exchange what the other lacks with export/import.
 #[derive(Parser, Debug)]
-#[command(name = "weftlog", version, propagate_version = true)]
+#[command(
+    name = "weftlog",
+    version,
+    propagate_version = true,
+    after_help = "Examples:\n  \
+    weftlog init\n  \
+    weftlog append --stream customer/20 --kind Registered --set name='\"Ada\"' --set email='\"ada@example.org\"'\n  \
+    weftlog append --stream event/keynote --kind SeatsOpened --escrow-init seats=100\n  \
+    weftlog get --stream customer/20\n  \
+    weftlog --data other status > other.status\n  \
+    weftlog export --since other.status --out to-other.weft\n  \
+    weftlog --data other import to-other.weft\n\n\
+    Output is JSON on stdout; errors are one sentence on stderr with a non-zero exit code."
+)]
 pub struct Cli {
     /// Data directory of the node.
     #[arg(
