@@ -1,14 +1,17 @@
 //! A node: its key, its durable log and its folded state, with group commit.
 //!
-//! One committer thread owns the writing end of the log. Appenders (threads
-//! or async tasks) hand it requests through a bounded queue and wait for the
-//! reply. The committer drains every request that has arrived, turns each
+//! Appenders (threads, or async tasks through [`Node::append_async`]) hand
+//! requests to a committer thread through a bounded queue and wait for the
+//! reply. The committer drains every request that has arrived and turns each
 //! into an event against the current state (so later requests in a batch see
-//! earlier ones), writes the whole batch with the last own event signed,
-//! makes it durable with one `fdatasync`, and only then replies. Requests
-//! that arrive during a sync form the next batch, so batches grow with load.
-//! A failed write or sync is fatal: the node refuses every later append
-//! until it is reopened (and recovery has decided what is on disk).
+//! earlier ones). A syncer thread takes everything the committer made while
+//! it was busy, signs the last own event, writes the batch, makes it durable
+//! with one `fdatasync`, and only then replies; so the CPU work of one batch
+//! overlaps the sync of the one before, and batches grow with load. When
+//! nothing else waits, the committer syncs a batch itself, saving the hop.
+//! Batches become durable, and are acknowledged, in order. A failed write or
+//! sync is fatal: the node refuses every later append until it is reopened
+//! (and recovery has decided what is on disk).
 //!
 //! State is updated when an event is made, before it is durable, so readers
 //! may see an event a moment before its append is acknowledged. A crash can
