@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use weftlog_proto::event::{verify, Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
-use weftlog_proto::log::{encode_frame, Log, OpenError, Recovery, TornTail};
+use weftlog_proto::log::{encode_frame_with, Log, OpenError, Recovery, TornTail};
 use weftlog_proto::state::{self, Draft, Inserted, PrepareError, State};
 use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
 
@@ -382,18 +382,19 @@ impl Node {
     }
 
     /// An export file holding every event past `since` (author → seq; all
-    /// events when empty), each author's run ending at its head, with the
-    /// signatures the log holds.
+    /// events when empty), each author's run ending at its last signed
+    /// event, with the signatures the log holds.
     pub fn export(&self, since: &BTreeMap<NodeId, u64>) -> Result<(Vec<u8>, usize), OpenError> {
-        // Per author: the id and signature of its last record.
-        let mut heads: BTreeMap<NodeId, (u64, EventId, Option<Signature>)> = BTreeMap::new();
-        let mut index = 0u64;
+        // Per author: the seq of its last signed record. A run is exported
+        // up to it: a receiver must be able to authenticate every event.
+        let mut signed: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut out = Vec::new();
         let mut log = self.inner.log.lock().expect("log lock poisoned");
         log.scan(|frame| {
             let e = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
-            heads.insert(e.author, (index, frame.id, frame.sig));
-            index += 1;
+            if frame.sig.is_some() {
+                signed.insert(e.author, e.seq);
+            }
             if e.seq > since.get(&e.author).copied().unwrap_or(0) {
                 out.push(Outgoing {
                     bytes: frame.bytes.to_vec(),
@@ -407,17 +408,7 @@ impl Node {
             Ok(())
         })?;
         drop(log);
-        // Every finished batch ends each author's run with a signed record,
-        // and the scan above saw only finished batches.
-        for (author, (index, id, sig)) in &heads {
-            if sig.is_none() {
-                return Err(OpenError::Refused {
-                    index: *index,
-                    id: *id,
-                    reason: format!("the last record of author {author} carries no signature"),
-                });
-            }
-        }
+        out.retain(|o| signed.get(&o.author).is_some_and(|&s| o.seq <= s));
         let n = out.len();
         Ok((exchange::write_export(out), n))
     }
@@ -533,8 +524,9 @@ impl Inner {
             p.sig = Some(self.key.sign(&p.id));
         }
         buf.clear();
-        for p in batch.iter() {
-            encode_frame(buf, &p.bytes, &p.id, p.sig.as_ref());
+        for (i, p) in batch.iter().enumerate() {
+            let end = i + 1 == batch.len();
+            encode_frame_with(buf, &p.bytes, &p.id, p.sig.as_ref(), end);
         }
         let mut log = self.log.lock().expect("log lock poisoned");
         log.append(buf, batch.len() as u64)
@@ -696,19 +688,19 @@ fn finish(inner: &Inner, mut batch: Batch, buf: &mut Vec<u8>) {
 
 type Loaded = (State, Log<FileStorage>, Recovery);
 
-/// Recovers and folds the log in `log_dir`. Records after an author's last
-/// signed record can only be an interrupted batch (its signature is the
-/// batch's last own record): they were never acknowledged, so they are cut
-/// and the log is folded again.
+/// Recovers and folds the log in `log_dir`. Records after the last one
+/// marked as the end of a commit are an interrupted batch: they were never
+/// acknowledged, so they are cut and the log is folded again. Each author's
+/// last signature is verified; with the id chain it authenticates the log.
 fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
     let mut earlier: Option<TornTail> = None;
     loop {
         let storage = FileStorage::new(log_dir).map_err(io_err(log_dir))?;
         let mut state = State::new();
-        // Per author: its last signed record (index, seq, id, sig), and the
-        // index of the first record after that one.
+        // Per author: its last signed record (index, seq, id, sig).
         let mut signed: BTreeMap<NodeId, (u64, u64, EventId, Signature)> = BTreeMap::new();
-        let mut unsigned_from: BTreeMap<NodeId, u64> = BTreeMap::new();
+        // Records up to the last one marked as a commit's end.
+        let mut committed = 0u64;
         let mut index = 0u64;
         let (mut log, mut recovery) = Log::open(storage, |frame| {
             let event = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
@@ -716,22 +708,19 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
                 Inserted::New => {}
                 Inserted::Duplicate => return Err("the event is in the log twice".into()),
             }
-            match frame.sig {
-                Some(sig) => {
-                    signed.insert(event.author, (index, event.seq, frame.id, sig));
-                    unsigned_from.remove(&event.author);
-                }
-                None => {
-                    unsigned_from.entry(event.author).or_insert(index);
-                }
+            if let Some(sig) = frame.sig {
+                signed.insert(event.author, (index, event.seq, frame.id, sig));
             }
             index += 1;
+            if frame.commit_end {
+                committed = index;
+            }
             Ok(())
         })?;
-        if let Some(&keep) = unsigned_from.values().min() {
-            let dropped = log.records() - keep;
-            let cut = log.cut(keep)?;
-            let note = format!("{dropped} records of an interrupted batch had no signature");
+        if committed < log.records() {
+            let dropped = log.records() - committed;
+            let cut = log.cut(committed)?;
+            let note = format!("{dropped} records of an interrupted batch had no commit mark");
             // What an earlier pass or this open's framing check removed lay
             // after the cut, in the same segment.
             let before = recovery.torn.or(earlier);

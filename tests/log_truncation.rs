@@ -17,7 +17,9 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use weftlog::node::{self, Node, NodeOpenError};
-use weftlog_proto::log::{decode_frame, encode_frame, FrameLayout, Recovery, HEADER_BYTES};
+use weftlog_proto::log::{
+    decode_frame, encode_frame, encode_frame_with, FrameLayout, Recovery, HEADER_BYTES,
+};
 use weftlog_proto::state::Draft;
 use weftlog_proto::{EventId, Meta, NodeId, Op, Signature};
 
@@ -720,7 +722,7 @@ fn a_bad_signature_on_the_last_record_is_never_served_and_is_named() {
     let mut sig: Signature = f.sig.expect("signed");
     sig.0[9] ^= 0x10;
     let mut frame = Vec::new();
-    encode_frame(&mut frame, f.bytes, &f.id, Some(&sig));
+    encode_frame_with(&mut frame, f.bytes, &f.id, Some(&sig), f.commit_end);
     assert_eq!(frame.len(), used);
     let mut damaged = full.clone();
     damaged[last.start..last.end].copy_from_slice(&frame);

@@ -8,8 +8,8 @@
 //!
 //! ```text
 //! u32 LE  n        length of the event encoding, 1..=MAX_EVENT_BYTES
-//! u8      flags    0: unsigned, 1: a signature follows
-//! [64]    sig      ed25519 signature over the id (flags == 1 only)
+//! u8      flags    bit 0: a signature follows; bit 1: last record of a commit
+//! [64]    sig      ed25519 signature over the id (flag bit 0 only)
 //! [4]     check    blake3(n ‖ flags ‖ sig)[..4]: the frame header's check
 //! [n]     event    canonical encoding
 //! [32]    id       EventId = blake3(event): the event's check
@@ -83,6 +83,8 @@ pub struct Frame<'a> {
     pub sig: Option<Signature>,
     /// The event id.
     pub id: EventId,
+    /// Whether the frame is marked as the last record of a commit.
+    pub commit_end: bool,
 }
 
 /// Where the parts of a frame lie, relative to its start.
@@ -139,7 +141,7 @@ pub enum FrameError {
     #[error("record length {0} is outside 1..={MAX_EVENT_BYTES}")]
     BadLength(u32),
     /// Unknown flag bits.
-    #[error("record flags {0:#04x} are not 0 or 1")]
+    #[error("record flags {0:#04x} have bits other than 0 and 1 set")]
     BadFlags(u8),
     /// The header check failed: length, flags or signature are damaged.
     #[error("record header check failed")]
@@ -184,11 +186,29 @@ fn header_check(n: u32, flags: u8, sig: &[u8]) -> [u8; 4] {
     out
 }
 
+/// Flag bit: a signature follows the header.
+pub const FLAG_SIGNED: u8 = 1;
+/// Flag bit: the record is the last of a commit (a log writer's batch);
+/// meaningless, and cleared, in export files.
+pub const FLAG_COMMIT_END: u8 = 2;
+
 /// Appends a frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, event: &[u8], id: &EventId, sig: Option<&Signature>) {
+    encode_frame_with(out, event, id, sig, false);
+}
+
+/// Appends a frame to `out`, marking it as the last record of a commit if
+/// `commit_end`.
+pub fn encode_frame_with(
+    out: &mut Vec<u8>,
+    event: &[u8],
+    id: &EventId,
+    sig: Option<&Signature>,
+    commit_end: bool,
+) {
     debug_assert!(!event.is_empty() && event.len() <= MAX_EVENT_BYTES);
     let n = event.len() as u32;
-    let flags = sig.is_some() as u8;
+    let flags = (sig.is_some() as u8 * FLAG_SIGNED) | (commit_end as u8 * FLAG_COMMIT_END);
     let sig = sig.map_or(&[][..], |s| &s.0[..]);
     out.extend_from_slice(&n.to_le_bytes());
     out.push(flags);
@@ -212,10 +232,10 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
         return Err(FrameError::BadLength(n));
     }
     let flags = buf[4];
-    if flags > 1 {
+    if flags & !(FLAG_SIGNED | FLAG_COMMIT_END) != 0 {
         return Err(FrameError::BadFlags(flags));
     }
-    let layout = FrameLayout::new(n as usize, flags == 1);
+    let layout = FrameLayout::new(n as usize, flags & FLAG_SIGNED != 0);
     if buf.len() < layout.event.start {
         return Err(FrameError::ShortHeader {
             have: buf.len(),
@@ -252,6 +272,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
             bytes,
             sig,
             id: claimed,
+            commit_end: flags & FLAG_COMMIT_END != 0,
         },
         layout.len(),
     ))
