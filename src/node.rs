@@ -31,7 +31,8 @@ use tokio::sync::{mpsc, oneshot};
 use weftlog_proto::event::{verify, Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
 use weftlog_proto::log::{encode_frame_with, Log, OpenError, Recovery, TornTail};
-use weftlog_proto::state::{self, Draft, Inserted, PrepareError, State};
+use weftlog_proto::state::{self, Draft, Inserted, Invalid, PrepareError, State};
+use weftlog_proto::sync;
 use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
 
 use crate::storage::{sync_dir, FileStorage};
@@ -149,16 +150,37 @@ struct Pending {
     bytes: Vec<u8>,
     id: EventId,
     author: NodeId,
+    seq: u64,
+    hlc: Hlc,
     sig: Option<Signature>,
+}
+
+/// What is durable, per author: the log record index and hlc of each seq
+/// (`[seq - 1]`). Updated only after a batch is synced, so it describes the
+/// durable log.
+#[derive(Default)]
+struct Durable {
+    authors: BTreeMap<NodeId, Vec<(u64, Hlc)>>,
+    /// Per author, the highest durable seq whose record carries a signature:
+    /// what sync advertises (a run of received events may reach the log in
+    /// two batches, the signed end in the second).
+    signed: BTreeMap<NodeId, u64>,
 }
 
 struct Shared {
     state: State,
     clock: HlcClock,
     failed: Option<String>,
+    /// Events received from peers and applied to `state`, waiting for the
+    /// committer to put them in its next batch (ahead of anything applied
+    /// after them, so the log stays in causal order).
+    received: Vec<Pending>,
 }
 
 enum Request {
+    /// Writes `Shared::received`; with a sender, replies once everything
+    /// before it is durable.
+    Flush(Option<oneshot::Sender<Result<(), AppendError>>>),
     Append(Draft, oneshot::Sender<Result<Appended, AppendError>>),
     Import(
         Vec<Incoming>,
@@ -168,6 +190,7 @@ enum Request {
 
 /// A reply the committer sends once the batch is durable.
 enum Reply {
+    Flush(oneshot::Sender<Result<(), AppendError>>),
     Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
     Import(oneshot::Sender<Result<Imported, NodeImportError>>, Imported),
 }
@@ -176,6 +199,8 @@ impl Reply {
     fn send(self, fatal: Option<&str>) {
         // A dropped receiver means the caller went away; nothing to tell.
         match (self, fatal) {
+            (Reply::Flush(tx), None) => drop(tx.send(Ok(()))),
+            (Reply::Flush(tx), Some(e)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
             (Reply::Append(tx, a), None) => drop(tx.send(Ok(a))),
             (Reply::Append(tx, _), Some(e)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
             (Reply::Import(tx, i), None) => drop(tx.send(Ok(i))),
@@ -190,6 +215,7 @@ struct Inner {
     id: NodeId,
     shared: Mutex<Shared>,
     log: Mutex<Log<FileStorage>>,
+    durable: Mutex<Durable>,
 }
 
 /// An open node. Safe to share between threads; its append and import
@@ -275,7 +301,7 @@ impl Node {
             .map_err(|_| NodeOpenError::BadKey(key_path.clone()))?;
         let key = Keypair::from_secret(secret);
         let log_dir = dir.join(LOG_DIR);
-        let (state, log, recovery) = load(&log_dir)?;
+        let (state, log, recovery, durable) = load(&log_dir)?;
         let clock = HlcClock::new(state.max_hlc());
         let inner = Arc::new(Inner {
             id: key.node_id(),
@@ -284,8 +310,10 @@ impl Node {
                 state,
                 clock,
                 failed: None,
+                received: Vec::new(),
             }),
             log: Mutex::new(log),
+            durable: Mutex::new(durable),
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
         let committer = {
@@ -354,6 +382,19 @@ impl Node {
         rx.await.map_err(|_| stopped())?
     }
 
+    /// Waits until everything applied so far (appends, imports, events
+    /// received by sync) is durable.
+    ///
+    /// # Panics
+    /// If called from within an async runtime.
+    pub fn flush(&self) -> Result<(), AppendError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()
+            .blocking_send(Request::Flush(Some(tx)))
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().map_err(|_| stopped())?
+    }
+
     /// Imports an export file: all of it, or none of it. Framing, ids,
     /// encodings, limits, chains and signatures are checked on the calling
     /// thread; causal validity and storing happen in the committer.
@@ -414,6 +455,116 @@ impl Node {
     }
 }
 
+/// The node as a [`sync::Store`] for sync sessions: it advertises and serves
+/// only durable events, each author up to its last signed one, and stores
+/// received events through the committer, in its next batch (ahead of
+/// anything applied after them, so the log stays in causal order).
+pub struct SyncStore<'a> {
+    node: &'a Node,
+}
+
+impl Node {
+    /// This node as a store for [`sync::Session`]s.
+    pub fn sync_store(&self) -> SyncStore<'_> {
+        SyncStore { node: self }
+    }
+}
+
+impl SyncStore<'_> {
+    fn durable_seq(&self, author: &NodeId, seq: u64) -> Option<(u64, Hlc)> {
+        let d = self
+            .node
+            .inner
+            .durable
+            .lock()
+            .expect("durable index lock poisoned");
+        d.authors
+            .get(author)?
+            .get(seq.checked_sub(1)? as usize)
+            .copied()
+    }
+}
+
+impl sync::Store for SyncStore<'_> {
+    fn frontier(&self) -> Vec<sync::Head> {
+        let heads: Vec<(NodeId, u64)> = {
+            let d = self
+                .node
+                .inner
+                .durable
+                .lock()
+                .expect("durable index lock poisoned");
+            d.signed.iter().map(|(a, seq)| (*a, *seq)).collect()
+        };
+        let g = self.node.lock();
+        heads
+            .into_iter()
+            .filter_map(|(author, seq)| {
+                let id = g.state.event_id(&author, seq)?;
+                Some(sync::Head { author, seq, id })
+            })
+            .collect()
+    }
+
+    fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
+        self.node.lock().state.event_id(author, seq)
+    }
+
+    fn contains(&self, id: &EventId) -> bool {
+        self.node.lock().state.contains(id)
+    }
+
+    fn hlc(&self, author: &NodeId, seq: u64) -> Option<Hlc> {
+        self.durable_seq(author, seq).map(|(_, hlc)| hlc)
+    }
+
+    fn fetch(&self, author: &NodeId, seq: u64) -> Option<sync::Stored> {
+        let (record, hlc) = self.durable_seq(author, seq)?;
+        let frame = {
+            let mut log = self.node.inner.log.lock().expect("log lock poisoned");
+            log.read(record).ok()?
+        };
+        let (f, _) = weftlog_proto::log::decode_frame(&frame).ok()?;
+        Some(sync::Stored {
+            bytes: f.bytes.to_vec(),
+            id: f.id,
+            hlc,
+            sig: f.sig,
+        })
+    }
+
+    fn insert(
+        &mut self,
+        event: &Event,
+        id: EventId,
+        bytes: &[u8],
+        sig: Option<Signature>,
+    ) -> Result<Inserted, Invalid> {
+        let r = {
+            let mut g = self.node.lock();
+            let r = g.state.insert(event, id)?;
+            if r == Inserted::New {
+                g.clock.observe(event.hlc);
+                g.received.push(Pending {
+                    bytes: bytes.to_vec(),
+                    id,
+                    author: event.author,
+                    seq: event.seq,
+                    hlc: event.hlc,
+                    sig,
+                });
+            }
+            r
+        };
+        if r == Inserted::New {
+            // A full queue means the committer is busy: it takes the
+            // received events with its next batch anyway.
+            let _ = self.node.sender().try_send(Request::Flush(None));
+        }
+        Ok(r)
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         // Closing the queue ends the committer once it has replied to
@@ -440,6 +591,7 @@ impl Inner {
     /// at once (nothing of it was applied).
     fn apply(&self, g: &mut Shared, req: Request, pending: &mut Vec<Pending>) -> Option<Reply> {
         match req {
+            Request::Flush(tx) => tx.map(Reply::Flush),
             Request::Append(draft, tx) => {
                 let made = g
                     .state
@@ -466,6 +618,8 @@ impl Inner {
                             bytes,
                             id,
                             author: self.id,
+                            seq: event.seq,
+                            hlc: event.hlc,
                             sig: None,
                         });
                         let version = g.state.version(&event.stream);
@@ -505,6 +659,8 @@ impl Inner {
                     bytes: item.bytes,
                     id: item.id,
                     author: item.event.author,
+                    seq: item.event.seq,
+                    hlc: item.event.hlc,
                     sig: item.sig,
                 }));
                 Some(Reply::Import(
@@ -529,14 +685,28 @@ impl Inner {
             encode_frame_with(buf, &p.bytes, &p.id, p.sig.as_ref(), end);
         }
         let mut log = self.log.lock().expect("log lock poisoned");
+        let first = log.records();
         log.append(buf, batch.len() as u64)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        drop(log);
+        let mut durable = self.durable.lock().expect("durable index lock poisoned");
+        for (i, p) in batch.iter().enumerate() {
+            let seqs = durable.authors.entry(p.author).or_default();
+            debug_assert_eq!(seqs.len() as u64 + 1, p.seq);
+            seqs.push((first + i as u64, p.hlc));
+            if p.sig.is_some() {
+                durable.signed.insert(p.author, p.seq);
+            }
+        }
+        Ok(())
     }
 }
 
 /// Answers a request with the fatal error that stopped the log.
 fn refuse(req: Request, e: &str) {
     match req {
+        Request::Flush(None) => {}
+        Request::Flush(Some(tx)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
         Request::Append(_, tx) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
         Request::Import(_, tx) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
     }
@@ -553,6 +723,12 @@ struct Batch {
     /// A batch is being written and synced (by the syncer, or inline by the
     /// committer when nothing else waits); batches finish in order.
     syncing: bool,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.replies.is_empty()
+    }
 }
 
 /// The hand-off between committer and syncer.
@@ -606,6 +782,8 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         {
             let mut g = inner.lock();
             let failed = g.failed.clone();
+            // Received events were applied before anything below.
+            pending.append(&mut g.received);
             for req in reqs.drain(..) {
                 match &failed {
                     None => replies.extend(inner.apply(&mut g, req, &mut pending)),
@@ -613,8 +791,11 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
                 }
             }
         }
+        if pending.is_empty() && replies.is_empty() {
+            continue;
+        }
         let mut next = handoff.lock();
-        if !next.syncing && next.replies.is_empty() && rx.is_empty() {
+        if !next.syncing && next.is_empty() && rx.is_empty() {
             // Nothing else is waiting: sync here rather than wake the syncer,
             // which saves a thread hop on an idle or single-writer node.
             next.syncing = true;
@@ -638,8 +819,13 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         next.replies.append(&mut replies);
         handoff.changed.notify_all();
     }
-    handoff.lock().closed = true;
+    // Events received after the last request still go to the log.
+    let rest = std::mem::take(&mut inner.lock().received);
+    let mut next = handoff.lock();
+    next.pending.extend(rest);
+    next.closed = true;
     handoff.changed.notify_all();
+    drop(next);
     let _ = syncer.join();
 }
 
@@ -649,10 +835,10 @@ fn sync_loop(inner: &Inner, handoff: &Handoff) {
     loop {
         let batch = {
             let mut next = handoff.lock();
-            while (next.replies.is_empty() || next.syncing) && !next.closed {
+            while (next.is_empty() || next.syncing) && !next.closed {
                 next = handoff.changed.wait(next).expect("hand-off lock poisoned");
             }
-            if next.replies.is_empty() {
+            if next.is_empty() {
                 return; // closed and drained
             }
             next.syncing = true;
@@ -686,7 +872,7 @@ fn finish(inner: &Inner, mut batch: Batch, buf: &mut Vec<u8>) {
     }
 }
 
-type Loaded = (State, Log<FileStorage>, Recovery);
+type Loaded = (State, Log<FileStorage>, Recovery, Durable);
 
 /// Recovers and folds the log in `log_dir`. Records after the last one
 /// marked as the end of a commit are an interrupted batch: they were never
@@ -702,8 +888,17 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
         // Records up to the last one marked as a commit's end.
         let mut committed = 0u64;
         let mut index = 0u64;
+        let mut durable = Durable::default();
         let (mut log, mut recovery) = Log::open(storage, |frame| {
             let event = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
+            durable
+                .authors
+                .entry(event.author)
+                .or_default()
+                .push((index, event.hlc));
+            if frame.sig.is_some() {
+                durable.signed.insert(event.author, event.seq);
+            }
             match state.insert(&event, frame.id).map_err(|e| e.to_string())? {
                 Inserted::New => {}
                 Inserted::Duplicate => return Err("the event is in the log twice".into()),
@@ -749,6 +944,6 @@ fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
             })?;
         }
         recovery.records = log.records();
-        return Ok((state, log, recovery));
+        return Ok((state, log, recovery, durable));
     }
 }

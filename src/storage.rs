@@ -39,7 +39,10 @@ impl FileStorage {
 
     fn file(&mut self, segment: u64) -> io::Result<&mut File> {
         if !self.open.contains_key(&segment) {
-            let f = OpenOptions::new().write(true).open(self.path(segment))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.path(segment))?;
             self.open.insert(segment, f);
         }
         Ok(self.open.get_mut(&segment).expect("inserted above"))
@@ -70,12 +73,19 @@ impl Storage for FileStorage {
 
     fn create(&mut self, segment: u64) -> io::Result<()> {
         let f = OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .open(self.path(segment))?;
         sync_dir(&self.dir)?;
         self.open.insert(segment, f);
         Ok(())
+    }
+
+    fn read_at(&mut self, segment: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.file(segment)?.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
     }
 
     fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()> {

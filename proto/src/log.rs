@@ -59,6 +59,8 @@ pub trait Storage {
     fn read(&mut self, segment: u64) -> io::Result<Vec<u8>>;
     /// Creates an empty segment and makes its existence durable.
     fn create(&mut self, segment: u64) -> io::Result<()>;
+    /// `len` bytes of a segment from `offset`.
+    fn read_at(&mut self, segment: u64, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// Writes bytes at an offset of a segment, growing it if needed.
     fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes a segment's written bytes and size durable (fdatasync).
@@ -406,12 +408,22 @@ struct Segment {
     alloc: u64,
 }
 
+/// Where one record lies: segment, byte offset, frame length.
+#[derive(Debug, Clone, Copy)]
+struct Position {
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
 /// An open log.
 #[derive(Debug)]
 pub struct Log<S> {
     storage: S,
     /// Ascending by base; never empty after open.
     segments: Vec<Segment>,
+    /// Every record's position, by record index (16 bytes a record).
+    positions: Vec<Position>,
     records: u64,
     poisoned: bool,
 }
@@ -431,6 +443,7 @@ impl<S: Storage> Log<S> {
         names.sort_unstable();
         let mut recovery = Recovery::default();
         let mut segments = Vec::with_capacity(names.len().max(1));
+        let mut positions = Vec::new();
         let mut records = 0u64;
         for (i, &seg) in names.iter().enumerate() {
             let last = i + 1 == names.len();
@@ -475,6 +488,11 @@ impl<S: Storage> Log<S> {
                             id: frame.id,
                             reason,
                         })?;
+                        positions.push(Position {
+                            segment: seg,
+                            offset: off as u64,
+                            len: used as u32,
+                        });
                         records += 1;
                         off += used;
                         continue;
@@ -528,6 +546,7 @@ impl<S: Storage> Log<S> {
             Log {
                 storage,
                 segments,
+                positions,
                 records,
                 poisoned: false,
             },
@@ -586,6 +605,24 @@ impl<S: Storage> Log<S> {
             seg.alloc = target;
         }
         self.storage.sync(seg.base)?;
+        let mut off = 0;
+        while off < frames.len() {
+            // The caller's frames are whole (encode_frame made them).
+            let n = u32::from_le_bytes([
+                frames[off],
+                frames[off + 1],
+                frames[off + 2],
+                frames[off + 3],
+            ]);
+            let len = FrameLayout::new(n as usize, frames[off + 4] & FLAG_SIGNED != 0).len();
+            self.positions.push(Position {
+                segment: seg.base,
+                offset: seg.end + off as u64,
+                len: len as u32,
+            });
+            off += len;
+        }
+        debug_assert_eq!(off, frames.len());
         seg.end = end;
         // Invariant: pushed or present above.
         *self.segments.last_mut().expect("segment") = seg;
@@ -662,12 +699,28 @@ impl<S: Storage> Log<S> {
             alloc: off as u64,
         };
         self.records = keep;
+        self.positions.truncate(keep as usize);
         Ok(TornTail {
             segment: seg.base,
             offset: off as u64,
             dropped_bytes: dropped_bytes + (data.len() - off) as u64,
             reason: String::new(),
         })
+    }
+
+    /// The frame of record `index` (its checks are made again on read).
+    pub fn read(&mut self, index: u64) -> Result<Vec<u8>, OpenError> {
+        let p = *self
+            .positions
+            .get(index as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no record {index}")))?;
+        let data = self.storage.read_at(p.segment, p.offset, p.len as usize)?;
+        decode_frame(&data).map_err(|e| OpenError::Corrupt {
+            segment: p.segment,
+            offset: p.offset,
+            reason: e.to_string(),
+        })?;
+        Ok(data)
     }
 
     /// The storage, for tests that crash and reopen.
@@ -765,6 +818,15 @@ impl Storage for MemStorage {
     fn read(&mut self, segment: u64) -> io::Result<Vec<u8>> {
         let s = self.segments.get(&segment).ok_or(io::ErrorKind::NotFound)?;
         Ok(s.live())
+    }
+    fn read_at(&mut self, segment: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let live = self.read(segment)?;
+        let start = (offset as usize).min(live.len());
+        let end = start.saturating_add(len).min(live.len());
+        if end - start < len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(live[start..end].to_vec())
     }
     fn create(&mut self, segment: u64) -> io::Result<()> {
         self.segments.entry(segment).or_default();
