@@ -48,18 +48,25 @@ fn shuttle(a: &Node, sa: &mut Session, b: &Node, sb: &mut Session) -> Vec<Sessio
     }
 }
 
+/// Two fresh nodes, `a` and `b`, in one temporary directory.
+fn two_nodes() -> (tempfile::TempDir, Node, Node) {
+    let tmp = tempfile::tempdir().unwrap();
+    let [a, b] = ["a", "b"].map(|n| {
+        let dir = tmp.path().join(n);
+        node::init(&dir).unwrap();
+        Node::open(&dir).unwrap().0
+    });
+    (tmp, a, b)
+}
+
 fn summary(s: &State) -> ([u8; 32], usize) {
     (s.state_hash(), s.conflicts().count())
 }
 
 #[test]
 fn two_nodes_converge_over_the_sync_protocol_and_keep_what_they_received() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, a, b) = two_nodes();
     let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
-    node::init(&da).unwrap();
-    node::init(&db).unwrap();
-    let (a, _) = Node::open(&da).unwrap();
-    let (b, _) = Node::open(&db).unwrap();
     // Offline work on both sides, several commits each.
     for i in 0..20 {
         a.append(set(&format!("customer/{i}"), "email", "a@x"))
@@ -122,12 +129,8 @@ fn two_nodes_converge_over_the_sync_protocol_and_keep_what_they_received() {
 /// dropped reach the log all the same.
 #[test]
 fn events_received_just_before_a_drop_are_durable() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
-    node::init(&da).unwrap();
-    node::init(&db).unwrap();
-    let (a, _) = Node::open(&da).unwrap();
-    let (b, _) = Node::open(&db).unwrap();
+    let (tmp, a, b) = two_nodes();
+    let db = tmp.path().join("b");
     for i in 0..50 {
         a.append(set("customer/1", "visits", &i.to_string()))
             .unwrap();
