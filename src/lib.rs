@@ -7,5 +7,6 @@ pub mod demo;
 pub mod json;
 pub mod node;
 pub mod storage;
+pub mod tls;
 
 pub use node::Node;
