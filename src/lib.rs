@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod demo;
 pub mod json;
+pub mod net;
 pub mod node;
 pub mod storage;
 pub mod tls;
