@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, AutoCommit, Automerge, ObjType, ScalarValue, ROOT};
 use rusqlite::{params, Connection};
@@ -48,6 +48,7 @@ use weftlog::node::{self, Node};
 use weftlog_proto::event::{Event, Keypair, Meta, Op};
 use weftlog_proto::log::{decode_frame, HEADER_BYTES};
 use weftlog_proto::state::{Draft, Prepared, State};
+use weftlog_proto::sync::{MemStore, Session, SessionConfig};
 use weftlog_proto::{EventId, HlcClock, NodeId};
 
 /// Payload size of every appended event.
@@ -67,7 +68,7 @@ const SQLITE_BUILD_TX: u64 = 10_000;
 /// Wall clock base for in-memory events (ms since the epoch).
 const BASE_MS: u64 = 1_700_000_000_000;
 
-const GROUPS: [&str; 3] = ["append", "fold", "open"];
+const GROUPS: [&str; 4] = ["append", "fold", "open", "sync"];
 
 struct Config {
     quick: bool,
@@ -1111,7 +1112,195 @@ fn main() -> Result<()> {
     if cfg.wants("open") {
         bench_open(&cfg, &mut report)?;
     }
+    if cfg.wants("sync") {
+        bench_sync(&cfg)?;
+    }
     report.print_table();
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// sync
+
+/// Shuttles a weftlog sync round between two in-memory replicas: every
+/// message either side has goes out in one flight, both ways at once, until
+/// neither has anything to say. Returns (bytes, flights).
+fn weft_round(a: &mut MemStore, b: &mut MemStore) -> Result<(u64, u64)> {
+    let ka = Keypair::from_secret([31; 32]).node_id();
+    let kb = Keypair::from_secret([32; 32]).node_id();
+    let mut sa = Session::new(SessionConfig::new([1; 32], ka), &*a);
+    let mut sb = Session::new(SessionConfig::new([1; 32], kb), &*b);
+    let (mut bytes, mut flights) = (0u64, 0u64);
+    loop {
+        let ma: Vec<Vec<u8>> = std::iter::from_fn(|| sa.poll_transmit(&*a)).collect();
+        let mb: Vec<Vec<u8>> = std::iter::from_fn(|| sb.poll_transmit(&*b)).collect();
+        if ma.is_empty() && mb.is_empty() {
+            return Ok((bytes, flights));
+        }
+        flights += 1;
+        for m in &ma {
+            bytes += m.len() as u64;
+            sb.handle_message(m, b)?;
+        }
+        for m in &mb {
+            bytes += m.len() as u64;
+            sa.handle_message(m, a)?;
+        }
+    }
+}
+
+/// The same for automerge's sync protocol, with the given sync states.
+fn am_round(
+    a: &mut AutoCommit,
+    b: &mut AutoCommit,
+    sa: &mut automerge::sync::State,
+    sb: &mut automerge::sync::State,
+) -> Result<(u64, u64)> {
+    use automerge::sync::SyncDoc;
+    let (mut bytes, mut flights) = (0u64, 0u64);
+    loop {
+        let ma = a.sync().generate_sync_message(sa);
+        let mb = b.sync().generate_sync_message(sb);
+        if ma.is_none() && mb.is_none() {
+            return Ok((bytes, flights));
+        }
+        flights += 1;
+        if let Some(m) = ma {
+            let enc = m.encode();
+            bytes += enc.len() as u64;
+            let m = automerge::sync::Message::decode(&enc)?;
+            b.sync().receive_sync_message(sb, m)?;
+        }
+        if let Some(m) = mb {
+            let enc = m.encode();
+            bytes += enc.len() as u64;
+            let m = automerge::sync::Message::decode(&enc)?;
+            a.sync().receive_sync_message(sa, m)?;
+        }
+    }
+}
+
+fn sync_draft(i: u64) -> Draft {
+    Draft {
+        stream: format!("customer/{}", i % 1000),
+        kind: "Edited".into(),
+        ops: vec![Op::Set {
+            field: "email".into(),
+            value: format!("\"c{i}@example.org\"").into_bytes(),
+            supersedes: vec![],
+        }],
+        ..Draft::default()
+    }
+}
+
+/// Sync cost against automerge's sync protocol on the same divergence: two
+/// replicas share n events, then each makes k concurrent new ones.
+fn bench_sync(cfg: &Config) -> Result<()> {
+    let (ns, ks): (&[u64], &[u64]) = if cfg.quick {
+        (&[1_000], &[1, 10])
+    } else {
+        (&[10_000, 100_000], &[1, 100, 1000])
+    };
+    println!("# sync: n shared events, k new on each side; flights = one-way message rounds");
+    println!(
+        "| n | k | weftlog bytes | flights | time | missing events' bytes | bytes / missing | automerge fresh bytes | flights | time | automerge resumed bytes | flights | time |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let (ka, kb) = (
+        Keypair::from_secret([31; 32]),
+        Keypair::from_secret([32; 32]),
+    );
+    for &n in ns {
+        // The shared history, in commits of 100 events.
+        let mut shared = MemStore::new();
+        let mut clock = HlcClock::default();
+        let mut i = 0;
+        while i < n {
+            let m = (n - i).min(100);
+            shared.commit(&ka, &mut clock, 1_000 + i, (i..i + m).map(sync_draft))?;
+            i += m;
+        }
+        let mut am = AutoCommit::new().with_actor(ActorId::from(vec![1u8; 16]));
+        for i in 0..n {
+            am.put(
+                ROOT,
+                format!("customer/{}", i % 1000),
+                format!("c{i}@example.org"),
+            )?;
+            am.commit();
+        }
+        for &k in ks {
+            let (mut ours, mut fresh, mut resumed) = (Vec::new(), Vec::new(), Vec::new());
+            // Bytes and flights are the same in every run; times vary.
+            let mut sizes = (0, 0, 0, 0, 0, 0, 0);
+            for _ in 0..cfg.runs {
+                // weftlog: each side commits k new events.
+                let (mut a, mut b) = (shared.clone(), shared.clone());
+                let (mut ca, mut cb) = (clock.clone(), clock.clone());
+                let base = 10_000_000;
+                a.commit(&ka, &mut ca, base, (0..k).map(|j| sync_draft(n + j)))?;
+                b.commit(&kb, &mut cb, base, (0..k).map(|j| sync_draft(n + 7 + j)))?;
+                let missing: u64 = [(&a, &ka), (&b, &kb)]
+                    .iter()
+                    .map(|(s, key)| {
+                        let author = key.node_id();
+                        let from = if author == ka.node_id() { n + 1 } else { 1 };
+                        (from..from + k)
+                            .map(|seq| s.get(&author, seq).map_or(0, |e| e.bytes.len() as u64))
+                            .sum::<u64>()
+                    })
+                    .sum();
+                let t = Instant::now();
+                let (wb, wf) = weft_round(&mut a, &mut b)?;
+                ours.push(t.elapsed().as_secs_f64());
+                ensure!(
+                    a.frontier_digest() == b.frontier_digest(),
+                    "weftlog replicas diverged"
+                );
+                // automerge, fresh sync states.
+                let mut x = am.fork().with_actor(ActorId::from(vec![2u8; 16]));
+                let mut y = am.fork().with_actor(ActorId::from(vec![3u8; 16]));
+                let (mut sx, mut sy) =
+                    (automerge::sync::State::new(), automerge::sync::State::new());
+                // Resumed: states that already synced the shared history.
+                let mut rx = x.clone();
+                let mut ry = y.clone();
+                let (mut rsx, mut rsy) =
+                    (automerge::sync::State::new(), automerge::sync::State::new());
+                am_round(&mut rx, &mut ry, &mut rsx, &mut rsy)?;
+                for (d, tag) in [(&mut x, 0u64), (&mut y, 1), (&mut rx, 0), (&mut ry, 1)] {
+                    for j in 0..k {
+                        d.put(
+                            ROOT,
+                            format!("customer/{}", (n + j) % 1000),
+                            format!("{tag}-{j}"),
+                        )?;
+                        d.commit();
+                    }
+                }
+                let t = Instant::now();
+                let (fb, ff) = am_round(&mut x, &mut y, &mut sx, &mut sy)?;
+                fresh.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let (rb, rf) = am_round(&mut rx, &mut ry, &mut rsx, &mut rsy)?;
+                resumed.push(t.elapsed().as_secs_f64());
+                ensure!(
+                    x.get_heads() == y.get_heads(),
+                    "automerge replicas diverged"
+                );
+                sizes = (wb, wf, missing, fb, ff, rb, rf);
+            }
+            let (wb, wf, missing, fb, ff, rb, rf) = sizes;
+            let ms = |v: &[f64]| format!("{:.1} ms", 1e3 * median(v));
+            println!(
+                "| {n} | {k} | {wb} | {wf} | {} | {missing} | {:.2} | {fb} | {ff} | {} | {rb} | {rf} | {} |",
+                ms(&ours),
+                wb as f64 / missing.max(1) as f64,
+                ms(&fresh),
+                ms(&resumed),
+            );
+        }
+    }
     Ok(())
 }
