@@ -42,8 +42,8 @@
 //!
 //! # What is checked before anything is stored
 //!
-//! Every received event passes, in order: the log frame's checks (header
-//! check, id = blake3 of the bytes); [`Event::decode`] (canonical encoding,
+//! Every received event passes, in order: the wire frame's length and flags
+//! (the id is recomputed: blake3 of the bytes); [`Event::decode`] (canonical encoding,
 //! limits); the chain within the stream (each author's events arrive in seq
 //! order, each linked to the one before by `prev`); the author's signature.
 //! A signature covers the whole run before it through `prev`, so unsigned
@@ -86,12 +86,10 @@
 //!
 //! # Decisions
 //!
-//! - Events travel as log frames, exactly as `crate::log` writes them, with
-//!   every signature the sender holds: the receiver checks them with the same
-//!   code as recovery, and a node can append them to its log as they are.
-//!   A frame adds 41 bytes to an event (length, flags, header check, id),
-//!   36 of which the receiver could recompute: catch-up costs about 1.0x
-//!   the frames' size, 1.3x the bare encodings of ~170-byte events.
+//! - Events travel in compact wire frames ([`encode_wire_frame`]): length,
+//!   flags, the signature where the sender holds one, the event. No id (the
+//!   receiver recomputes it) and no header check (the transport checks the
+//!   bytes), so a frame adds 5 bytes to an event, plus 64 per signature.
 //! - Peers are symmetric (both send Hello first), so there is no initiator
 //!   and two ends starting a round at once simply answer each other.
 //! - The digest is of the frontier alone, so equal digests mean equal event
@@ -176,7 +174,7 @@ use crate::event::{
 use crate::exchange::describe;
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
-use crate::log::{decode_frame, encode_frame, FrameError, FrameLayout, FRAME_OVERHEAD, SIG_BYTES};
+use crate::log::{FrameError, SIG_BYTES};
 use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared, State};
 
 /// The sync protocol version this build prefers (the highest it speaks).
@@ -185,8 +183,61 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Bytes of the length prefix in front of every message on a stream.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
-/// Largest log frame: a signed frame around the largest event.
-pub const MAX_FRAME_BYTES: usize = FRAME_OVERHEAD + SIG_BYTES + MAX_EVENT_BYTES;
+/// Fixed bytes of a wire frame besides the event and the signature.
+pub const WIRE_FRAME_OVERHEAD: usize = 5;
+/// Largest wire frame: a signed frame around the largest event.
+pub const MAX_FRAME_BYTES: usize = WIRE_FRAME_OVERHEAD + SIG_BYTES + MAX_EVENT_BYTES;
+
+/// The length of a wire frame around an `n`-byte event.
+pub fn wire_frame_len(n: usize, signed: bool) -> usize {
+    WIRE_FRAME_OVERHEAD + if signed { SIG_BYTES } else { 0 } + n
+}
+
+/// Appends a wire frame: `u32 LE n | u8 flags (1: signed) | [64 sig] |
+/// [n] event`. Unlike a log frame it carries no id and no header check: the
+/// receiver recomputes the id from the event, and the transport checks the
+/// bytes.
+pub fn encode_wire_frame(out: &mut Vec<u8>, event: &[u8], sig: Option<&Signature>) {
+    out.extend_from_slice(&(event.len() as u32).to_le_bytes());
+    out.push(sig.is_some() as u8);
+    if let Some(sig) = sig {
+        out.extend_from_slice(&sig.0);
+    }
+    out.extend_from_slice(event);
+}
+
+/// Decodes the wire frame at the start of `buf`: the event bytes, the
+/// signature, and the frame's length. The length is checked against the
+/// limit before anything else.
+pub fn decode_wire_frame(buf: &[u8]) -> Result<(&[u8], Option<Signature>, usize), FrameError> {
+    if buf.len() < WIRE_FRAME_OVERHEAD {
+        return Err(FrameError::ShortHeader {
+            have: buf.len(),
+            need: WIRE_FRAME_OVERHEAD,
+        });
+    }
+    let n = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    if n == 0 || n as usize > MAX_EVENT_BYTES {
+        return Err(FrameError::BadLength(n));
+    }
+    let flags = buf[4];
+    if flags > 1 {
+        return Err(FrameError::BadFlags(flags));
+    }
+    let len = wire_frame_len(n as usize, flags == 1);
+    if buf.len() < len {
+        return Err(FrameError::Incomplete {
+            have: buf.len(),
+            need: len,
+        });
+    }
+    let sig = (flags == 1).then(|| {
+        let mut s = [0u8; SIG_BYTES];
+        s.copy_from_slice(&buf[WIRE_FRAME_OVERHEAD..WIRE_FRAME_OVERHEAD + SIG_BYTES]);
+        Signature(s)
+    });
+    Ok((&buf[len - n as usize..len], sig, len))
+}
 /// Largest message body (after the length prefix). One Events message holds
 /// at least one frame of any size, so this is 1 MiB plus room for the
 /// largest frame's overhead and the message header.
@@ -246,7 +297,7 @@ pub enum Message {
         /// At most [`MAX_FRONTIER_ENTRIES`] heads, strictly ascending by author.
         heads: Vec<Head>,
     },
-    /// 2: log frames (`PROTOCOL.md` §4), concatenated.
+    /// 2: wire frames (`PROTOCOL.md` §9), concatenated.
     Events {
         /// The frames, each author's in seq order.
         #[serde(with = "serde_bytes")]
@@ -1430,7 +1481,7 @@ impl Session {
             if seq == end && stored.sig.is_none() {
                 return Err(SyncError::LocalUnsigned { author, seq });
             }
-            let len = FrameLayout::new(stored.bytes.len(), stored.sig.is_some()).len();
+            let len = wire_frame_len(stored.bytes.len(), stored.sig.is_some());
             if count > 0 && frames.len() + len > target {
                 break;
             }
@@ -1445,7 +1496,7 @@ impl Session {
                 })?;
                 self.heap.push(Reverse((hlc, author, seq + 1)));
             }
-            encode_frame(&mut frames, &stored.bytes, &stored.id, stored.sig.as_ref());
+            encode_wire_frame(&mut frames, &stored.bytes, stored.sig.as_ref());
             count += 1;
             if !self.forks.contains_key(&author) {
                 raise(&mut self.peer_has, author, seq);
@@ -1467,18 +1518,17 @@ impl Session {
         let mut index = 0;
         let mut released = false;
         while offset < frames.len() {
-            let (frame, used) =
-                decode_frame(&frames[offset..]).map_err(|source| SyncError::Frame {
+            let (bytes, sig, used) =
+                decode_wire_frame(&frames[offset..]).map_err(|source| SyncError::Frame {
                     index,
                     offset,
                     source,
                 })?;
-            let (event, id) = Event::decode(frame.bytes).map_err(|source| SyncError::Event {
+            let (event, id) = Event::decode(bytes).map_err(|source| SyncError::Event {
                 index,
-                id: frame.id,
+                id: EventId(*blake3::hash(bytes).as_bytes()),
                 source,
             })?;
-            debug_assert_eq!(id, frame.id);
             offset += used;
             index += 1;
             self.stats.events_received += 1;
@@ -1515,14 +1565,14 @@ impl Session {
                 }
                 None => {}
             }
-            if let Some(sig) = &frame.sig {
+            if let Some(sig) = &sig {
                 verify(&author, &id, sig).map_err(|source| SyncError::BadSignature {
                     event: eref,
                     source,
                 })?;
             }
             if self.pending_events + 1 > self.config.max_pending_events
-                || self.pending_bytes + frame.bytes.len() > self.config.max_pending_bytes
+                || self.pending_bytes + bytes.len() > self.config.max_pending_bytes
             {
                 return Err(SyncError::PendingLimit {
                     max_events: self.config.max_pending_events,
@@ -1530,13 +1580,13 @@ impl Session {
                 });
             }
             self.pending_events += 1;
-            self.pending_bytes += frame.bytes.len();
-            let signed = frame.sig.is_some();
+            self.pending_bytes += bytes.len();
+            let signed = sig.is_some();
             self.runs.entry(author).or_default().push(Pending {
                 event,
                 id,
-                bytes: frame.bytes.to_vec(),
-                sig: frame.sig,
+                bytes: bytes.to_vec(),
+                sig,
                 seg: 0,
             });
             if signed {
