@@ -3,25 +3,14 @@
 //! edits surface as one conflict, a live push arrives, and everything
 //! received is durable after a reopen.
 
+mod common;
+
+use common::set;
 use weftlog::node::{self, Node};
-use weftlog_proto::state::Draft;
 use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, Store};
-use weftlog_proto::{Op, State};
+use weftlog_proto::State;
 
 const CLUSTER: [u8; 32] = [9; 32];
-
-fn set(stream: &str, field: &str, value: &str) -> Draft {
-    Draft {
-        stream: stream.into(),
-        kind: "Edited".into(),
-        ops: vec![Op::Set {
-            field: field.into(),
-            value: format!("\"{value}\"").into_bytes(),
-            supersedes: vec![],
-        }],
-        ..Draft::default()
-    }
-}
 
 /// Shuttles messages both ways until neither side has anything to send.
 fn shuttle(a: &Node, sa: &mut Session, b: &Node, sb: &mut Session) -> Vec<SessionEvent> {

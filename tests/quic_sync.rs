@@ -2,29 +2,18 @@
 //! logs converge in one round, a second round finds them in sync in one
 //! round trip, and what was received is durable.
 
+mod common;
+
+use common::set;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use weftlog::net::sync_round;
 use weftlog::node::{self, Node};
 use weftlog::tls::{client_config, server_config, Members, SERVER_NAME};
-use weftlog_proto::state::Draft;
-use weftlog_proto::{Keypair, Op};
+use weftlog_proto::Keypair;
 
 const CLUSTER: [u8; 32] = [5; 32];
-
-fn set(stream: &str, field: &str, value: &str) -> Draft {
-    Draft {
-        stream: stream.into(),
-        kind: "Edited".into(),
-        ops: vec![Op::Set {
-            field: field.into(),
-            value: format!("\"{value}\"").into_bytes(),
-            supersedes: vec![],
-        }],
-        ..Draft::default()
-    }
-}
 
 fn key_of(dir: &std::path::Path) -> Keypair {
     let secret: [u8; 32] = std::fs::read(dir.join(node::KEY_FILE))

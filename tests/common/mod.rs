@@ -5,6 +5,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use weftlog_proto::state::Draft;
+use weftlog_proto::Op;
+
 /// What one run of the binary did.
 pub struct Run {
     pub code: Option<i32>,
@@ -47,5 +50,19 @@ impl Rng {
     /// `n` random bytes.
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// An `Edited` event that sets one field of a stream to a JSON string.
+pub fn set(stream: &str, field: &str, value: &str) -> Draft {
+    Draft {
+        stream: stream.into(),
+        kind: "Edited".into(),
+        ops: vec![Op::Set {
+            field: field.into(),
+            value: format!("\"{value}\"").into_bytes(),
+            supersedes: vec![],
+        }],
+        ..Draft::default()
     }
 }
