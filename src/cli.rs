@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +16,7 @@ use weftlog_proto::{Hlc, Meta, NodeId, Op, State};
 
 use crate::json;
 use crate::node::{self, Node};
+use crate::remote::{self, Remote};
 use crate::storage::sync_dir;
 
 /// weftlog: a leaderless, CRDT-based replicated event log for systems that
@@ -97,9 +99,70 @@ pub enum Command {
         /// The export file.
         file: PathBuf,
     },
-    /// Two registration desks edit a customer offline, exchange exports,
-    /// and converge; runs in a temporary directory.
+    /// Run the node: sync with peers over QUIC (mutual TLS, members only)
+    /// and serve the HTTP API to local clients, until SIGTERM or Ctrl-C.
+    ///
+    /// Prints one JSON line when ready: {"node", "quic", "http", "data"}
+    /// with the addresses actually bound (port 0 picks a free one). While it
+    /// runs, the other commands given the same --data go through its HTTP
+    /// API (the data directory is locked). Logs go to stderr; set RUST_LOG
+    /// (e.g. RUST_LOG=weftlog=debug) for more or less.
+    #[command(after_help = HTTP_HELP)]
+    Run(RunArgs),
+    /// Three registration desks run real nodes on loopback (QUIC): the
+    /// network between them is cut, both sides edit, the network heals, and
+    /// they converge. Runs in a temporary directory.
     Demo,
+}
+
+const HTTP_HELP: &str = "HTTP API (JSON; errors are {\"error\": \"...\"}):\n  \
+POST /v1/streams/{stream}/events  append; body: {\"kind\", \"set\": {field: json}, \"add\": {counter: int},\n  \
+                                  \"escrow_init\": {counter: n}, \"escrow_transfer\": [{\"counter\", \"to\", \"amount\"}],\n  \
+                                  \"escrow_consume\": {counter: n}, \"payload\", \"expected_version\", \"command_id\", \"user\"}\n  \
+                                  201 created, 200 if the command id exists, 409 version mismatch,\n  \
+                                  422 refused (e.g. an oversell), 400 malformed\n  \
+GET  /v1/streams/{stream}[?as_of=HLC]   the stream, as `get` prints it\n  \
+GET  /v1/log[?stream=S]           events, one JSON object per line\n  \
+GET  /v1/conflicts                fields with concurrent values\n  \
+GET  /v1/status                   status plus peers (node, addr, connected, behind), blocked, equivocations\n  \
+GET  /v1/events                   server-sent events: every event as it becomes durable here\n  \
+POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
+POST /v1/import                   import an export file (body: its bytes)\n  \
+POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n\n\
+Example:\n  \
+weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt";
+
+/// Arguments of `run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// UDP address to serve QUIC (sync with peers) on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4270")]
+    pub listen: SocketAddr,
+    /// A peer to dial, HOST:PORT; repeatable. Reconnects with backoff.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+    /// Member list: one node id per line (# comments allowed). Only these
+    /// nodes may connect, either way. Without it any node that proves its
+    /// id may sync (an open cluster, for trials).
+    #[arg(long, value_name = "FILE")]
+    pub members: Option<PathBuf>,
+    /// Announce this node on the LAN with mDNS and dial the members found.
+    #[arg(long)]
+    pub mdns: bool,
+    /// TCP address of the HTTP API. Keep it on loopback: it is not
+    /// authenticated.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4280")]
+    pub http: SocketAddr,
+    /// Cluster name; nodes of different clusters refuse each other.
+    #[arg(long, value_name = "NAME", default_value = "default")]
+    pub cluster: String,
+    /// Milliseconds between anti-entropy rounds with a random peer.
+    #[arg(long, value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub anti_entropy_ms: u64,
+    /// Milliseconds of silence after which a peer connection is dropped
+    /// (and redialled).
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(300..))]
+    pub idle_timeout_ms: u64,
 }
 
 /// Arguments of `append`.
@@ -225,7 +288,12 @@ impl AppendArgs {
 /// Opens the node, reporting any recovery on stderr.
 pub fn open(dir: &Path) -> Result<Node> {
     let (node, recovery) = Node::open(dir)?;
-    if let Some(t) = recovery.torn {
+    report_recovery(dir, &recovery);
+    Ok(node)
+}
+
+fn report_recovery(dir: &Path, recovery: &weftlog_proto::log::Recovery) {
+    if let Some(t) = &recovery.torn {
         eprintln!(
             "weftlog: recovered {}: cut a torn tail of {} bytes at byte {} of segment {} ({})",
             dir.display(),
@@ -235,7 +303,6 @@ pub fn open(dir: &Path) -> Result<Node> {
             t.reason
         );
     }
-    Ok(node)
 }
 
 fn print(out: &mut impl Write, v: &Value) -> Result<()> {
@@ -254,29 +321,45 @@ fn read_frontier(path: &Path) -> Result<BTreeMap<NodeId, u64>> {
             path.display()
         )
     })?;
+    frontier_of(&v).with_context(|| path.display().to_string())
+}
+
+/// The frontier (author → seq) in another node's `status` output.
+pub fn frontier_of(v: &Value) -> Result<BTreeMap<NodeId, u64>> {
     let f = v
         .get("frontier")
         .and_then(Value::as_object)
         .ok_or_else(|| {
-            anyhow!(
-                "{} has no \"frontier\" object; pass another node's `weftlog status` output",
-                path.display()
-            )
+            anyhow!("no \"frontier\" object; pass another node's `weftlog status` output")
         })?;
     f.iter()
         .map(|(author, e)| {
-            let a: NodeId = author
-                .parse()
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let seq = e.get("seq").and_then(Value::as_u64).ok_or_else(|| {
-                anyhow!(
-                    "{}: frontier entry {author} has no numeric \"seq\"",
-                    path.display()
-                )
-            })?;
+            let a: NodeId = author.parse()?;
+            let seq = e
+                .get("seq")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| anyhow!("frontier entry {author} has no numeric \"seq\""))?;
             Ok((a, seq))
         })
         .collect()
+}
+
+/// The lines `log` prints: events in canonical order, one JSON object per
+/// line, only `stream`'s if given.
+pub fn log_lines(node: &Node, stream: Option<&str>) -> Result<String> {
+    let mut rows = Vec::new();
+    node.scan(|e, id| {
+        if stream.is_none_or(|s| s == e.stream) {
+            rows.push(((e.hlc, e.author, e.seq), json::event(e, &id)));
+        }
+    })?;
+    rows.sort_unstable_by_key(|r| r.0);
+    let mut out = String::new();
+    for (_, v) in rows {
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// Writes `data` to `path` atomically and durably.
@@ -295,6 +378,74 @@ pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Where a command runs: on the node's data directory, or through the HTTP
+/// API of the `weftlog run` that holds it.
+enum Target {
+    Local(Node),
+    Remote(Remote),
+}
+
+/// Opens the node, or finds the running daemon that holds it.
+fn target(dir: &Path) -> Result<Target> {
+    match Node::open(dir) {
+        Ok((node, recovery)) => {
+            report_recovery(dir, &recovery);
+            Ok(Target::Local(node))
+        }
+        Err(node::NodeOpenError::Locked(_)) => Ok(Target::Remote(Remote::of(dir)?)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl AppendArgs {
+    /// The body of `POST /v1/streams/{stream}/events` for these arguments.
+    pub fn body(&self) -> Result<Value> {
+        let draft = self.draft()?; // the same checks and messages as locally
+        let mut set = serde_json::Map::new();
+        let mut add = serde_json::Map::new();
+        let (mut init, mut consume) = (serde_json::Map::new(), serde_json::Map::new());
+        let mut transfer = Vec::new();
+        for op in &draft.ops {
+            match op {
+                Op::Set { field, value, .. } => {
+                    set.insert(field.clone(), serde_json::from_slice(value)?);
+                }
+                Op::Add { counter, delta } => {
+                    add.insert(counter.clone(), json!(delta));
+                }
+                Op::EscrowInit { counter, capacity } => {
+                    init.insert(counter.clone(), json!(capacity));
+                }
+                Op::EscrowTransfer {
+                    counter,
+                    to,
+                    amount,
+                } => transfer
+                    .push(json!({ "counter": counter, "to": to.to_string(), "amount": amount })),
+                Op::EscrowConsume { counter, amount } => {
+                    consume.insert(counter.clone(), json!(amount));
+                }
+            }
+        }
+        let payload: Option<Value> = match draft.payload.is_empty() {
+            true => None,
+            false => Some(serde_json::from_slice(&draft.payload)?),
+        };
+        Ok(json!({
+            "kind": draft.kind,
+            "set": set,
+            "add": add,
+            "escrow_init": init,
+            "escrow_transfer": transfer,
+            "escrow_consume": consume,
+            "payload": payload,
+            "expected_version": draft.expected_version,
+            "command_id": draft.meta.command_id,
+            "user": draft.meta.user,
+        }))
+    }
+}
+
 /// Runs one command, printing its JSON to `out`.
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
     let dir = &cli.data;
@@ -306,54 +457,96 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 &json!({ "node": id.to_string(), "data": dir.display().to_string() }),
             )?;
         }
-        Command::Append(args) => {
-            let draft = args.draft()?;
-            let node = open(dir)?;
-            let a = node.append(draft)?;
-            print(out, &json::appended(&a))?;
-        }
-        Command::Get { stream, as_of } => {
-            let node = open(dir)?;
-            let v = match as_of {
-                None => node.with_state(|s| json::stream(&stream, s.stream(&stream))),
-                Some(x) => {
-                    let past = state_as_of(&node, Hlc(x))?;
-                    json::stream(&stream, past.stream(&stream))
-                }
-            };
-            print(out, &v)?;
-        }
-        Command::Log { stream } => {
-            let node = open(dir)?;
-            let mut rows = Vec::new();
-            node.scan(|e, id| {
-                if stream.as_deref().is_none_or(|s| s == e.stream) {
-                    rows.push(((e.hlc, e.author, e.seq), json::event(e, &id)));
-                }
-            })?;
-            rows.sort_unstable_by_key(|r| r.0);
-            for (_, v) in rows {
+        Command::Append(args) => match target(dir)? {
+            Target::Local(node) => {
+                let a = node.append(args.draft()?)?;
+                print(out, &json::appended(&a))?;
+            }
+            Target::Remote(r) => {
+                let path = format!("/v1/streams/{}/events", remote::encode(&args.stream, true));
+                print(out, &r.post_json(&path, &args.body()?)?)?;
+            }
+        },
+        Command::Get { stream, as_of } => match target(dir)? {
+            Target::Local(node) => {
+                let v = match as_of {
+                    None => node.with_state(|s| json::stream(&stream, s.stream(&stream))),
+                    Some(x) => {
+                        let past = state_as_of(&node, Hlc(x))?;
+                        json::stream(&stream, past.stream(&stream))
+                    }
+                };
                 print(out, &v)?;
             }
+            Target::Remote(r) => {
+                let mut path = format!("/v1/streams/{}", remote::encode(&stream, true));
+                if let Some(x) = as_of {
+                    path.push_str(&format!("?as_of={x}"));
+                }
+                print(out, &r.get_json(&path)?)?;
+            }
+        },
+        Command::Log { stream } => {
+            let text = match target(dir)? {
+                Target::Local(node) => log_lines(&node, stream.as_deref())?,
+                Target::Remote(r) => {
+                    let path = match &stream {
+                        Some(s) => format!("/v1/log?stream={}", remote::encode(s, false)),
+                        None => "/v1/log".into(),
+                    };
+                    String::from_utf8(r.get(&path)?)?
+                }
+            };
+            out.write_all(text.as_bytes())?;
         }
         Command::Conflicts => {
-            let node = open(dir)?;
-            for v in node.with_state(json::conflicts) {
+            let rows = match target(dir)? {
+                Target::Local(node) => node.with_state(json::conflicts),
+                Target::Remote(r) => match r.get_json("/v1/conflicts")? {
+                    Value::Array(rows) => rows,
+                    v => bail!("the running node answered {v} for its conflicts"),
+                },
+            };
+            for v in rows {
                 print(out, &v)?;
             }
         }
         Command::Status => {
-            let node = open(dir)?;
-            let v = node.with_state(|s| json::status(&node.id(), s));
+            let v = match target(dir)? {
+                Target::Local(node) => {
+                    let mut v = node.with_state(|s| json::status(&node.id(), s));
+                    let forks = crate::daemon::read_equivocations(dir);
+                    if let (Value::Object(m), false) = (&mut v, forks.is_empty()) {
+                        m.insert("equivocations".into(), Value::Array(forks));
+                    }
+                    v
+                }
+                Target::Remote(r) => r.get_json("/v1/status")?,
+            };
             print(out, &v)?;
         }
         Command::Export { since, out: path } => {
-            let since = match since {
-                Some(p) => read_frontier(&p)?,
-                None => BTreeMap::new(),
+            let (data, n) = match target(dir)? {
+                Target::Local(node) => {
+                    let since = match &since {
+                        Some(p) => read_frontier(p)?,
+                        None => BTreeMap::new(),
+                    };
+                    node.export(&since)?
+                }
+                Target::Remote(r) => {
+                    let body = match &since {
+                        Some(p) => {
+                            read_frontier(p)?; // the same checks as locally
+                            fs::read(p)?
+                        }
+                        None => Vec::new(),
+                    };
+                    let (data, n) = r.post("/v1/export", &body, true)?;
+                    let n = n.and_then(|n| n.parse().ok()).unwrap_or(0);
+                    (data, n)
+                }
             };
-            let node = open(dir)?;
-            let (data, n) = node.export(&since)?;
             write_file(&path, &data)?;
             print(
                 out,
@@ -369,15 +562,23 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             }
             let data =
                 fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let node = open(dir)?;
-            let r = node
-                .import(&data)
-                .with_context(|| format!("import of {} refused, nothing stored", file.display()))?;
-            print(
-                out,
-                &json!({ "imported": r.imported, "duplicates": r.duplicates }),
-            )?;
+            let v = match target(dir)? {
+                Target::Local(node) => {
+                    let r = node.import(&data).with_context(|| {
+                        format!("import of {} refused, nothing stored", file.display())
+                    })?;
+                    json!({ "imported": r.imported, "duplicates": r.duplicates })
+                }
+                Target::Remote(r) => {
+                    let (b, _) = r
+                        .post("/v1/import", &data, false)
+                        .with_context(|| format!("import of {}", file.display()))?;
+                    serde_json::from_slice(&b)?
+                }
+            };
+            print(out, &v)?;
         }
+        Command::Run(args) => crate::run::run(dir, args, out)?,
         Command::Demo => crate::demo::run(out)?,
     }
     Ok(())
@@ -404,6 +605,19 @@ pub fn state_as_of(node: &Node, at: Hlc) -> Result<State> {
 /// Entry point used by `main`; exit code 0 on success, 1 on error.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    // Logs go to stderr; `run` and `demo` say what they do at info level,
+    // the other commands only warn. RUST_LOG overrides.
+    let default = match cli.command {
+        Command::Run(_) | Command::Demo => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+        .init();
     let stdout = io::stdout();
     let mut out = stdout.lock();
     match run(cli, &mut out) {

@@ -3,10 +3,14 @@
 //! [`weftlog_proto`].
 
 pub mod cli;
+pub mod daemon;
 pub mod demo;
+pub mod http;
 pub mod json;
 pub mod net;
 pub mod node;
+pub mod remote;
+pub mod run;
 pub mod storage;
 pub mod tls;
 

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use weftlog_proto::event::{verify, Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
@@ -130,6 +130,20 @@ pub struct Appended {
     pub existing: bool,
 }
 
+/// A batch that just became durable, as [`Node::subscribe`] delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// Per author, the highest seq in the batch that carries a signature,
+    /// ascending by author: what sync sessions may now push
+    /// ([`sync::Session::handle_stored`]).
+    pub heads: Vec<(NodeId, u64)>,
+    /// The batch's events in log order: `(id, encoded event)`.
+    pub events: Vec<(EventId, Vec<u8>)>,
+}
+
+/// Batches a slow subscriber may fall behind before it is told it lagged.
+pub const FEED_CAP: usize = 1024;
+
 /// What an import did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Imported {
@@ -216,6 +230,7 @@ struct Inner {
     shared: Mutex<Shared>,
     log: Mutex<Log<FileStorage>>,
     durable: Mutex<Durable>,
+    feed: broadcast::Sender<Arc<Committed>>,
 }
 
 /// An open node. Safe to share between threads; its append and import
@@ -314,6 +329,7 @@ impl Node {
             }),
             log: Mutex::new(log),
             durable: Mutex::new(durable),
+            feed: broadcast::channel(FEED_CAP).0,
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
         let committer = {
@@ -343,6 +359,19 @@ impl Node {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The node's key pair (for its TLS identity).
+    pub fn keypair(&self) -> &Keypair {
+        &self.inner.key
+    }
+
+    /// Every batch made durable from now on: local appends, imports and
+    /// events received by sync. A subscriber that falls more than
+    /// [`FEED_CAP`] batches behind gets `Lagged` and must catch up another
+    /// way (sync: an anti-entropy round).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Committed>> {
+        self.inner.feed.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -867,6 +896,18 @@ fn finish(inner: &Inner, mut batch: Batch, buf: &mut Vec<u8>) {
             inner.lock().failed = Some(e.clone());
         }),
     };
+    if failed.is_none() && !batch.pending.is_empty() && inner.feed.receiver_count() > 0 {
+        let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for p in batch.pending.iter().filter(|p| p.sig.is_some()) {
+            heads.insert(p.author, p.seq);
+        }
+        let events = batch.pending.into_iter().map(|p| (p.id, p.bytes)).collect();
+        // No receiver left is not an error: nobody is listening.
+        let _ = inner.feed.send(Arc::new(Committed {
+            heads: heads.into_iter().collect(),
+            events,
+        }));
+    }
     for r in batch.replies {
         r.send(failed.as_deref());
     }

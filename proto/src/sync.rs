@@ -1071,6 +1071,13 @@ impl Session {
         self.pending_events
     }
 
+    /// Per author, the highest seq the peer is known to hold: its last
+    /// frontier plus everything either end sent the other since. Empty until
+    /// the first round has exchanged frontiers.
+    pub fn peer_heads(&self) -> &BTreeMap<NodeId, u64> {
+        &self.peer_has
+    }
+
     /// Traffic counters.
     pub fn stats(&self) -> SessionStats {
         self.stats

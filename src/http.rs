@@ -1,0 +1,382 @@
+//! The HTTP API of `weftlog run`, for local clients (and for the CLI while
+//! the node runs: see [`crate::cli`]). JSON in and out; the shapes are those
+//! the CLI prints.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match; 422 when the command is refused (an oversell, say); 400 on a malformed body |
+//! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
+//! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line |
+//! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
+//! | `GET /v1/status` | `status`, plus `peers`, `blocked` and `equivocations` |
+//! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it); `event: lagged` if this client fell behind and missed some |
+//! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
+//! | `POST /v1/import` | imports an export file (body: its bytes); `{"imported","duplicates"}` |
+//! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
+//!
+//! Stream names may contain `/` (`customer/20`), in the path as they are or
+//! percent-encoded. Errors are `{"error": "one sentence"}` with the status.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State as AxState};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
+use weftlog_proto::state::{Draft, PrepareError};
+use weftlog_proto::{Event, Hlc, Meta, NodeId, Op};
+
+use crate::daemon::Daemon;
+use crate::json;
+use crate::node::{AppendError, Committed, NodeImportError};
+
+/// Largest request body: an export file up to the import limit.
+pub const MAX_BODY_BYTES: usize = weftlog_proto::exchange::MAX_EXPORT_BYTES as usize;
+
+/// The router over a running daemon.
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/streams/{*rest}", get(get_stream).post(post_event))
+        .route("/v1/log", get(log))
+        .route("/v1/conflicts", get(conflicts))
+        .route("/v1/status", get(status))
+        .route("/v1/events", get(events))
+        .route("/v1/export", post(export))
+        .route("/v1/import", post(import))
+        .route("/v1/admin/partition", post(partition))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(daemon)
+}
+
+type Shared = AxState<Arc<Daemon>>;
+
+/// An error answer: a status and one sentence.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<AppendError> for ApiError {
+    fn from(e: AppendError) -> ApiError {
+        let code = match &e {
+            AppendError::Refused(PrepareError::VersionMismatch { .. }) => StatusCode::CONFLICT,
+            AppendError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see `weftlog run --help` for the API".into(),
+    )
+}
+
+/// An escrow transfer in an append body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    /// The escrow counter.
+    pub counter: String,
+    /// The node receiving the rights.
+    pub to: String,
+    /// How many.
+    pub amount: u64,
+}
+
+/// The body of `POST /v1/streams/{stream}/events`: the fields of
+/// `weftlog append`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendBody {
+    /// Event kind.
+    pub kind: String,
+    /// Fields to set: name → any JSON value.
+    #[serde(default)]
+    pub set: Map<String, Value>,
+    /// Counters to change: name → signed integer.
+    #[serde(default)]
+    pub add: BTreeMap<String, i64>,
+    /// Escrow capacity to add: counter → amount.
+    #[serde(default)]
+    pub escrow_init: BTreeMap<String, u64>,
+    /// Escrow rights to move to other nodes.
+    #[serde(default)]
+    pub escrow_transfer: Vec<Transfer>,
+    /// Escrow rights to use: counter → amount.
+    #[serde(default)]
+    pub escrow_consume: BTreeMap<String, u64>,
+    /// Application payload.
+    #[serde(default)]
+    pub payload: Option<Value>,
+    /// Refuse unless the stream is at this version.
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+    /// Idempotency key.
+    #[serde(default)]
+    pub command_id: Option<String>,
+    /// The acting user.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+impl AppendBody {
+    /// The draft for `stream`.
+    pub fn draft(self, stream: String) -> Result<Draft, String> {
+        let mut ops = Vec::new();
+        for (field, v) in self.set {
+            ops.push(Op::Set {
+                field,
+                value: serde_json::to_vec(&v).map_err(|e| e.to_string())?,
+                supersedes: vec![],
+            });
+        }
+        for (counter, delta) in self.add {
+            ops.push(Op::Add { counter, delta });
+        }
+        for (counter, capacity) in self.escrow_init {
+            ops.push(Op::EscrowInit { counter, capacity });
+        }
+        for t in self.escrow_transfer {
+            let to: NodeId =
+                t.to.parse()
+                    .map_err(|e| format!("escrow_transfer to {:?}: {e}", t.to))?;
+            ops.push(Op::EscrowTransfer {
+                counter: t.counter,
+                to,
+                amount: t.amount,
+            });
+        }
+        for (counter, amount) in self.escrow_consume {
+            ops.push(Op::EscrowConsume { counter, amount });
+        }
+        let payload = match self.payload {
+            Some(p) => serde_json::to_vec(&p).map_err(|e| e.to_string())?,
+            None => Vec::new(),
+        };
+        Ok(Draft {
+            stream,
+            kind: self.kind,
+            ops,
+            payload,
+            meta: Meta {
+                command_id: self.command_id,
+                user: self.user,
+            },
+            expected_version: self.expected_version,
+        })
+    }
+}
+
+async fn post_event(
+    AxState(d): Shared,
+    Path(rest): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Some(stream) = rest.strip_suffix("/events").filter(|s| !s.is_empty()) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("POST /v1/streams/{rest}: append to /v1/streams/{{stream}}/events"),
+        ));
+    };
+    let body: AppendBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(format!("the body is not a valid append request: {e}")))?;
+    let draft = body.draft(stream.to_string()).map_err(ApiError::bad)?;
+    let a = d.node().append_async(draft).await?;
+    let code = if a.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(json::appended(&a))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AsOf {
+    as_of: Option<u64>,
+}
+
+async fn get_stream(
+    AxState(d): Shared,
+    Path(stream): Path<String>,
+    Query(q): Query<AsOf>,
+) -> Result<Json<Value>, ApiError> {
+    let node = d.node().clone();
+    Ok(Json(match q.as_of {
+        None => node.with_state(|s| json::stream(&stream, s.stream(&stream))),
+        Some(at) => tokio::task::spawn_blocking(move || {
+            crate::cli::state_as_of(&node, Hlc(at))
+                .map(|past| json::stream(&stream, past.stream(&stream)))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    stream: Option<String>,
+}
+
+async fn log(AxState(d): Shared, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+    let node = d.node().clone();
+    let text =
+        tokio::task::spawn_blocking(move || crate::cli::log_lines(&node, q.stream.as_deref()))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], text).into_response())
+}
+
+async fn conflicts(AxState(d): Shared) -> Json<Value> {
+    Json(Value::Array(d.node().with_state(json::conflicts)))
+}
+
+async fn status(AxState(d): Shared) -> Json<Value> {
+    Json(d.status().await)
+}
+
+async fn export(AxState(d): Shared, body: Bytes) -> Result<Response, ApiError> {
+    let since = if body.iter().all(u8::is_ascii_whitespace) {
+        BTreeMap::new()
+    } else {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("the body is not a status JSON: {e}")))?;
+        crate::cli::frontier_of(&v).map_err(|e| ApiError::bad(e.to_string()))?
+    };
+    let node = d.node().clone();
+    let (data, n) = tokio::task::spawn_blocking(move || node.export(&since))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-weftlog-exported"),
+                n.to_string(),
+            ),
+        ],
+        data,
+    )
+        .into_response())
+}
+
+async fn import(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let node = d.node().clone();
+    let r = tokio::task::spawn_blocking(move || node.import(&body))
+        .await
+        .map_err(internal)?;
+    match r {
+        Ok(r) => Ok(Json(
+            json!({ "imported": r.imported, "duplicates": r.duplicates }),
+        )),
+        Err(e @ NodeImportError::Refused(_)) => Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("import refused, nothing stored: {e}"),
+        )),
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Partition {
+    block: Vec<String>,
+}
+
+async fn partition(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let p: Partition = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(format!("the body must be {{\"block\": [node ids]}}: {e}")))?;
+    let mut nodes = BTreeSet::new();
+    for s in &p.block {
+        let id: NodeId = s
+            .parse()
+            .map_err(|e| ApiError::bad(format!("block: {s:?}: {e}")))?;
+        nodes.insert(id);
+    }
+    d.set_blocked(nodes);
+    let blocked: Vec<String> = d.blocked().iter().map(|n| n.to_string()).collect();
+    Ok(Json(json!({ "blocked": blocked })))
+}
+
+/// What the event feed of one SSE client holds between polls.
+struct Feed {
+    rx: broadcast::Receiver<Arc<Committed>>,
+    queue: VecDeque<SseEvent>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+fn sse_events(batch: &Committed, queue: &mut VecDeque<SseEvent>) {
+    for (id, bytes) in &batch.events {
+        // The node wrote these bytes after checking them.
+        if let Ok(e) = Event::decode_trusted(bytes) {
+            let data = json::event(&e, id).to_string();
+            queue.push_back(
+                SseEvent::default()
+                    .event("event")
+                    .id(id.to_string())
+                    .data(data),
+            );
+        }
+    }
+}
+
+async fn events(AxState(d): Shared) -> impl IntoResponse {
+    let feed = Feed {
+        rx: d.node().subscribe(),
+        queue: VecDeque::new(),
+        shutdown: d.shutdown_signal(),
+    };
+    let stream = futures_util::stream::unfold(feed, |mut f| async move {
+        loop {
+            if let Some(e) = f.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(e), f));
+            }
+            if *f.shutdown.borrow() {
+                return None;
+            }
+            tokio::select! {
+                r = f.rx.recv() => match r {
+                    Ok(batch) => sse_events(&batch, &mut f.queue),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let data = json!({ "missed_batches": n }).to_string();
+                        f.queue.push_back(SseEvent::default().event("lagged").data(data));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = f.shutdown.changed() => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}

@@ -1,0 +1,117 @@
+//! `weftlog run`: the node daemon as a process. It opens the node, starts
+//! the sync daemon ([`crate::daemon`]) and the HTTP API ([`crate::http`]),
+//! prints where they listen, and serves until SIGTERM or SIGINT, then
+//! shuts down in order: HTTP stops taking requests, peer connections close,
+//! received events are made durable, and the node closes its log.
+//! Acknowledged appends were durable before they were acknowledged.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::cli::{self, RunArgs};
+use crate::daemon::{cluster_id, Config, Daemon};
+use crate::remote::HTTP_ADDR_FILE;
+use crate::tls::Members;
+
+/// Runs the daemon until a signal; see the module docs.
+pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
+    let members = match &args.members {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the member list {}", path.display()))?;
+            Members::parse(&text)
+                .map_err(|e| anyhow::anyhow!("member list {}: {e}", path.display()))?
+        }
+        None => {
+            warn!("no --members: any node that proves its id may sync with this one");
+            Members::Anyone
+        }
+    };
+    let node = Arc::new(cli::open(dir)?);
+    if let Members::Only(set) = &members {
+        if !set.contains(&node.id()) {
+            warn!(node = %node.id(), "this node is not on its own member list; peers that use the same list will refuse it");
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weftlog-rt")
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut config = Config::new(args.listen);
+    config.peers = args.peers.clone();
+    config.members = members;
+    config.cluster = cluster_id(&args.cluster);
+    config.anti_entropy = Duration::from_millis(args.anti_entropy_ms);
+    config.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    config.mdns = args.mdns;
+    let addr_file = dir.join(HTTP_ADDR_FILE);
+    let result = rt.block_on(async {
+        let daemon = Arc::new(Daemon::start(node.clone(), config).await?);
+        let listener = match tokio::net::TcpListener::bind(args.http).await {
+            Ok(l) => l,
+            Err(e) => {
+                daemon.shutdown().await;
+                return Err(anyhow::anyhow!("cannot serve HTTP on {}: {e}", args.http));
+            }
+        };
+        let http = listener.local_addr()?;
+        cli::write_file(&addr_file, http.to_string().as_bytes())?;
+        let ready = json!({
+            "node": node.id().to_string(),
+            "quic": daemon.local_addr().to_string(),
+            "http": http.to_string(),
+            "data": dir.display().to_string(),
+        });
+        writeln!(out, "{ready}")?;
+        out.flush()?;
+        info!(node = %node.id(), quic = %daemon.local_addr(), %http, "node running");
+        let app = crate::http::router(daemon.clone());
+        let mut stop = daemon.shutdown_signal();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        let signal = wait_for_signal().await;
+        info!("{signal}: shutting down");
+        daemon.shutdown().await;
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => warn!("HTTP server: {e}"),
+            Ok(Err(e)) => warn!("HTTP server task: {e}"),
+            Err(_) => warn!("HTTP clients still connected after 5 s; closing"),
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let _ = std::fs::remove_file(&addr_file);
+    drop(rt);
+    // The last handle: closing it lets the committer finish what is queued.
+    drop(node);
+    info!("stopped");
+    result
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
