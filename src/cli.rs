@@ -605,10 +605,10 @@ pub fn state_as_of(node: &Node, at: Hlc) -> Result<State> {
 /// Entry point used by `main`; exit code 0 on success, 1 on error.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    // Logs go to stderr; `run` and `demo` say what they do at info level,
+    // Logs go to stderr; `run` says what it does at info level,
     // the other commands only warn. RUST_LOG overrides.
     let default = match cli.command {
-        Command::Run(_) | Command::Demo => "info",
+        Command::Run(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

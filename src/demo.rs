@@ -1,17 +1,22 @@
-//! `weftlog demo`: two registration desks work on one customer while the
-//! venue Wi-Fi is down, then meet again through export files. Everything
-//! runs on real nodes (keys, logs, fsync) in a temporary directory.
+//! `weftlog demo`: three registration desks run real nodes (keys, logs,
+//! fsync, QUIC with mutual TLS on loopback) in a temporary directory. The
+//! network between them is cut, both sides edit one customer and sell seats,
+//! the network heals, and every desk converges.
 
-use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::Value;
 use weftlog_proto::state::Draft;
 use weftlog_proto::{Meta, NodeId, Op};
 
+use crate::daemon::{cluster_id, Config, Daemon};
 use crate::json;
 use crate::node::{self, Node};
+use crate::tls::Members;
 
 const CUSTOMER: &str = "customer/20";
 const SEATS: &str = "event/keynote";
@@ -46,19 +51,6 @@ fn ops(stream: &str, kind: &str, ops: Vec<Op>) -> Draft {
     }
 }
 
-/// Sends `from`'s events that `to` lacks, as an export file would.
-fn exchange(from: &Node, to: &Node) -> Result<(usize, u64)> {
-    let since: BTreeMap<NodeId, u64> = to.with_state(|s| {
-        s.frontier()
-            .into_iter()
-            .map(|(a, (seq, _))| (a, seq))
-            .collect()
-    });
-    let (file, n) = from.export(&since)?;
-    let r = to.import(&file)?;
-    Ok((n, r.imported))
-}
-
 fn hash(node: &Node) -> String {
     node.with_state(|s| json::status(&node.id(), s))["state_hash"]
         .as_str()
@@ -66,26 +58,104 @@ fn hash(node: &Node) -> String {
         .to_string()
 }
 
+/// Waits until `done` holds (checked every 5 ms), for at most 20 s.
+async fn until(what: &str, mut done: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("gave up waiting: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(start.elapsed())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn same(nodes: &[&Node]) -> bool {
+    let h = hash(nodes[0]);
+    nodes.iter().all(|n| hash(n) == h)
+}
+
+fn sell(n: u64) -> Draft {
+    ops(
+        SEATS,
+        "SeatsSold",
+        vec![Op::EscrowConsume {
+            counter: "seats".into(),
+            amount: n,
+        }],
+    )
+}
+
 /// Runs the demo, writing a narrative to `out`.
 pub fn run(out: &mut impl Write) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(out))
+}
+
+async fn run_async(out: &mut impl Write) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let (da, db) = (tmp.path().join("desk-a"), tmp.path().join("desk-b"));
-    node::init(&da)?;
-    node::init(&db)?;
-    let (a, _) = Node::open(&da)?;
-    let (b, _) = Node::open(&db)?;
+    let names = ["desk-a", "desk-b", "desk-c"];
+    let mut ids = Vec::new();
+    for n in names {
+        ids.push(node::init(&tmp.path().join(n))?);
+    }
+    let members = Members::Only(Arc::new(ids.iter().copied().collect()));
+    let mut desks: Vec<Daemon> = Vec::new();
+    for n in names {
+        let (node, _) = Node::open(&tmp.path().join(n))?;
+        let mut config = Config::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.members = members.clone();
+        config.cluster = cluster_id("weftlog-demo");
+        config.peers = desks.iter().map(|d| d.local_addr().to_string()).collect();
+        desks.push(Daemon::start(Arc::new(node), config).await?);
+    }
+    let r = story(out, &desks, &ids).await;
+    for d in &desks {
+        d.shutdown().await;
+    }
+    r
+}
+
+async fn story(out: &mut impl Write, desks: &[Daemon], ids: &[NodeId]) -> Result<()> {
+    let (da, db, dc) = (&desks[0], &desks[1], &desks[2]);
+    let (a, b, c) = (&**da.node(), &**db.node(), &**dc.node());
     writeln!(
         out,
-        "weftlog demo: two registration desks, one customer, no network\n"
+        "weftlog demo: three registration desks, real nodes syncing over QUIC on loopback\n"
     )?;
-    writeln!(out, "desk A is node {}", a.id())?;
-    writeln!(out, "desk B is node {}\n", b.id())?;
+    for (name, d) in ["A", "B", "C"].iter().zip(desks) {
+        writeln!(
+            out,
+            "desk {name}: node {} at {}",
+            d.node().id(),
+            d.local_addr()
+        )?;
+    }
+    let connected = || {
+        desks.iter().enumerate().all(|(i, d)| {
+            ids.iter()
+                .enumerate()
+                .all(|(j, id)| i == j || d.is_connected(id))
+        })
+    };
+    let t = until("the desks connecting", connected).await?;
+    writeln!(
+        out,
+        "all three connected (mutual TLS, members only) in {}\n",
+        ms(t)
+    )?;
 
     writeln!(
         out,
-        "1. Desk A registers customer 20 and opens 10 keynote seats; desk B syncs."
+        "1. Desk A registers customer 20, opens 10 keynote seats and gives desk B rights to 4."
     )?;
-    a.append(set(
+    a.append_async(set(
         CUSTOMER,
         "CustomerRegistered",
         &[
@@ -93,16 +163,18 @@ pub fn run(out: &mut impl Write) -> Result<()> {
             ("email", "ada@example.org".into()),
             ("phone", "+44 20 0000".into()),
         ],
-    ))?;
-    a.append(ops(
+    ))
+    .await?;
+    a.append_async(ops(
         SEATS,
         "SeatsOpened",
         vec![Op::EscrowInit {
             counter: "seats".into(),
             capacity: 10,
         }],
-    ))?;
-    a.append(ops(
+    ))
+    .await?;
+    a.append_async(ops(
         SEATS,
         "SeatRightsMoved",
         vec![Op::EscrowTransfer {
@@ -110,120 +182,130 @@ pub fn run(out: &mut impl Write) -> Result<()> {
             to: b.id(),
             amount: 4,
         }],
-    ))?;
-    let (n, _) = exchange(&a, &b)?;
+    ))
+    .await?;
+    let t = until("the first events reaching every desk", || same(&[a, b, c])).await?;
     writeln!(
         out,
-        "   exported {n} events from A, imported on B; desk B may sell 4 seats, desk A 6\n"
+        "   pushed live: every desk holds the 3 events {} after the last append\n",
+        ms(t)
     )?;
 
-    writeln!(out, "2. The Wi-Fi drops. Both desks keep working:")?;
-    a.append(set(
+    writeln!(
+        out,
+        "2. The Wi-Fi splits the venue: desk A on one side, desks B and C on the other."
+    )?;
+    da.set_blocked([b.id(), c.id()].into_iter().collect());
+    until("the partition taking effect", || {
+        !db.is_connected(&a.id()) && !dc.is_connected(&a.id())
+    })
+    .await?;
+    writeln!(
+        out,
+        "   (desk A blocks B and C, as POST /v1/admin/partition does: both directions are cut)"
+    )?;
+    a.append_async(set(
         CUSTOMER,
         "EmailChanged",
         &[("email", "ada@analytical.engine".into())],
-    ))?;
+    ))
+    .await?;
     writeln!(out, "   desk A changes the email")?;
-    b.append(set(
+    b.append_async(set(
         CUSTOMER,
         "PhoneChanged",
         &[("phone", "+44 20 7946 0018".into())],
-    ))?;
+    ))
+    .await?;
     writeln!(out, "   desk B changes the phone")?;
-    a.append(set(
+    a.append_async(set(
         CUSTOMER,
         "NameCorrected",
         &[("name", "Augusta Ada Lovelace".into())],
-    ))?;
-    b.append(set(
+    ))
+    .await?;
+    b.append_async(set(
         CUSTOMER,
         "NameCorrected",
         &[("name", "Ada King".into())],
-    ))?;
-    writeln!(out, "   both desks change the name, differently")?;
-    a.append(ops(
-        SEATS,
-        "SeatsSold",
-        vec![Op::EscrowConsume {
-            counter: "seats".into(),
-            amount: 5,
-        }],
-    ))?;
-    b.append(ops(
-        SEATS,
-        "SeatsSold",
-        vec![Op::EscrowConsume {
-            counter: "seats".into(),
-            amount: 3,
-        }],
-    ))?;
+    ))
+    .await?;
+    writeln!(out, "   both change the name, differently")?;
+    a.append_async(sell(5)).await?;
+    b.append_async(sell(3)).await?;
     writeln!(out, "   desk A sells 5 seats, desk B sells 3")?;
-    match b.append(ops(
-        SEATS,
-        "SeatsSold",
-        vec![Op::EscrowConsume {
-            counter: "seats".into(),
-            amount: 2,
-        }],
-    )) {
-        Err(e) => writeln!(
-            out,
-            "   desk B tries to sell 2 more: refused offline ({e})\n"
-        )?,
-        Ok(_) => anyhow::bail!("desk B oversold its escrow rights"),
+    match b.append_async(sell(2)).await {
+        Err(e) => writeln!(out, "   desk B tries to sell 2 more: refused ({e})")?,
+        Ok(_) => bail!("desk B oversold its escrow rights"),
     }
-
+    until("desk C seeing desk B's edits", || same(&[b, c])).await?;
     writeln!(
         out,
-        "3. The desks meet again and exchange exports both ways."
+        "   desk C, on B's side, sees B's edits at once; desk A sees none of them\n"
     )?;
-    let (ab, _) = exchange(&a, &b)?;
-    let (ba, _) = exchange(&b, &a)?;
-    writeln!(out, "   A -> B: {ab} events, B -> A: {ba} events\n")?;
+    if same(&[a, c]) {
+        bail!("the partition leaked");
+    }
 
-    writeln!(out, "4. Customer 20 on desk A (desk B shows the same):")?;
-    let view = a.with_state(|s| json::stream(CUSTOMER, s.stream(CUSTOMER)));
+    writeln!(out, "3. The Wi-Fi comes back (desk A unblocks its peers).")?;
+    da.set_blocked(Default::default());
+    let t = until("the desks converging after the heal", || same(&[a, b, c])).await?;
+    writeln!(
+        out,
+        "   reconnected and converged in {}: the sync exchanged only what each side lacked\n",
+        ms(t)
+    )?;
+
+    writeln!(out, "4. Customer 20 on desk C (every desk shows the same):")?;
+    let view = c.with_state(|s| json::stream(CUSTOMER, s.stream(CUSTOMER)));
     writeln!(out, "{}", serde_json::to_string_pretty(&view["fields"])?)?;
     writeln!(
         out,
-        "   email and phone merged; the name is a conflict with both values kept\n   (shown: the later write, until someone resolves it)\n"
+        "   email and phone merged; the name is a conflict with both values kept\n   (shown: the later write, until someone resolves it)"
     )?;
-    writeln!(out, "   conflicts on desk B:")?;
-    for c in b.with_state(json::conflicts) {
-        writeln!(out, "   {c}")?;
+    for d in desks {
+        let n = d.node().with_state(json::conflicts).len();
+        if n != 1 {
+            bail!("desk {} shows {n} conflicts, not 1", d.node().id());
+        }
     }
-    let seats = a.with_state(|s| json::stream(SEATS, s.stream(SEATS)));
-    writeln!(out, "\n   seats: {}", seats["escrow"]["seats"])?;
-    writeln!(out)?;
+    let seats = c.with_state(|s| json::stream(SEATS, s.stream(SEATS)));
+    writeln!(out, "   seats: {}", seats["escrow"]["seats"])?;
+    writeln!(
+        out,
+        "   8 of 10 sold across the partition; no oversell possible\n"
+    )?;
 
     writeln!(
         out,
-        "5. Desk B resolves the name; the resolution supersedes both values."
+        "5. Desk C resolves the name; the resolution supersedes both values."
     )?;
-    b.append(set(
+    c.append_async(set(
         CUSTOMER,
         "NameResolved",
         &[("name", "Augusta Ada King".into())],
-    ))?;
-    exchange(&b, &a)?;
+    ))
+    .await?;
+    let t = until("the resolution reaching every desk", || same(&[a, b, c])).await?;
     let view = a.with_state(|s| json::stream(CUSTOMER, s.stream(CUSTOMER)));
-    writeln!(out, "   name on desk A: {}", view["fields"]["name"])?;
     writeln!(
         out,
-        "   conflicts left: {}\n",
+        "   name on desk A {} later: {}; conflicts left: {}\n",
+        ms(t),
+        view["fields"]["name"],
         a.with_state(json::conflicts).len()
     )?;
 
-    let (ha, hb) = (hash(&a), hash(&b));
     writeln!(out, "6. State hashes:")?;
-    writeln!(out, "   desk A {ha}")?;
-    writeln!(out, "   desk B {hb}")?;
-    if ha != hb {
-        anyhow::bail!("the desks did not converge");
+    for (name, d) in ["A", "B", "C"].iter().zip(desks) {
+        writeln!(out, "   desk {name} {}", hash(d.node()))?;
+    }
+    if !same(&[a, b, c]) {
+        bail!("the desks did not converge");
     }
     writeln!(
         out,
-        "   equal: both desks hold the same events and show the same state"
+        "   equal: every desk holds the same events and shows the same state"
     )?;
     Ok(())
 }
