@@ -610,15 +610,17 @@ impl Shared {
     }
 }
 
-fn add_target(shared: &Arc<Shared>, addr: String) {
+/// Starts a dial loop for `addr` unless one runs; returns whether it did.
+fn add_target(shared: &Arc<Shared>, addr: String) -> bool {
     {
         let mut targets = lock(&shared.targets);
         if targets.contains_key(&addr) {
-            return;
+            return false;
         }
         targets.insert(addr.clone(), Target::default());
     }
     tokio::spawn(dial_loop(shared.clone(), addr));
+    true
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
@@ -1057,8 +1059,9 @@ fn start_mdns(shared: &Arc<Shared>) -> Result<mdns_sd::ServiceDaemon, mdns_sd::E
             addrs.sort_by_key(|a| (a.is_ipv6(), *a));
             if let Some(ip) = addrs.first() {
                 let addr = SocketAddr::new(*ip, found.port).to_string();
-                info!(%node, %addr, "mDNS: found a member");
-                add_target(&shared, addr);
+                if add_target(&shared, addr.clone()) {
+                    info!(%node, %addr, "mDNS: found a member");
+                }
             }
         }
     });
