@@ -82,8 +82,10 @@ pub enum Command {
     },
     /// List fields with concurrent values, one JSON object per line.
     Conflicts,
-    /// Node id, event count, frontier (per author: highest seq and its id)
-    /// and the state hash (equal on nodes holding the same events).
+    /// Node id, event count, frontier (per author: highest seq and its id),
+    /// the state hash (equal on nodes holding the same events) and the
+    /// equivocations (forks) seen by sync. While the node runs: also its
+    /// peers and the partition blocks.
     Status,
     /// Write the events another node lacks (or all of them) to a file.
     Export {
@@ -516,7 +518,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 Target::Local(node) => {
                     let mut v = node.with_state(|s| json::status(&node.id(), s));
                     let forks = crate::daemon::read_equivocations(dir);
-                    if let (Value::Object(m), false) = (&mut v, forks.is_empty()) {
+                    if let Value::Object(m) = &mut v {
                         m.insert("equivocations".into(), Value::Array(forks));
                     }
                     v

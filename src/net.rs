@@ -7,9 +7,9 @@
 //! hand it to the session, and repeat until the round is over. The session
 //! does all checking; the node's [`SyncStore`] stores what it accepts.
 //!
-//! Still to come (the replication issue): a daemon that keeps connections
-//! to its peers, pushes new events live, runs anti-entropy rounds on a
-//! timer and reconnects with backoff.
+//! One round on its own is what a one-off exchange needs (and what the
+//! tests of the protocol over QUIC use); the daemon ([`crate::daemon`])
+//! keeps a live session per peer instead.
 
 use weftlog_proto::sync::{
     message_len, Session, SessionConfig, SessionEvent, SyncError, LENGTH_PREFIX_BYTES,
