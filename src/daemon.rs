@@ -906,11 +906,18 @@ async fn run_session(
     let mut session = Session::new(config, &node.sync_store());
     let mut out: Option<Vec<u8>> = None;
     let mut synced = false;
+    // A round asked for while one runs starts when it ends.
+    let mut round_wanted = false;
     let end = loop {
         let mut failed = None;
         while let Some(e) = session.poll_event() {
             match e {
-                SessionEvent::InSync | SessionEvent::RoundDone => synced = true,
+                SessionEvent::InSync | SessionEvent::RoundDone => {
+                    synced = true;
+                    if round_wanted {
+                        round_wanted = !session.start_round(&node.sync_store());
+                    }
+                }
                 SessionEvent::Received { count, .. } => {
                     if let Some(p) = lock(&shared.peers).get_mut(&peer) {
                         p.received += count;
@@ -965,13 +972,13 @@ async fn run_session(
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     debug!(%peer, "fell {n} batches behind the live feed; starting a round");
-                    session.start_round(&node.sync_store());
+                    round_wanted = !session.start_round(&node.sync_store());
                 }
                 Err(broadcast::error::RecvError::Closed) => break End::Shutdown,
             },
             c = control.recv() => match c {
                 Some(Control::Round) => {
-                    session.start_round(&node.sync_store());
+                    round_wanted = !session.start_round(&node.sync_store());
                 }
                 Some(Control::Report(tx)) => {
                     let r = Report {
