@@ -203,6 +203,10 @@ struct Live {
     dialer: NodeId,
     conn: quinn::Connection,
     control: mpsc::Sender<Control>,
+    /// The peer's first message arrived: it accepted this node too (a TLS
+    /// 1.3 client finishes its handshake before the server has checked the
+    /// client's certificate, so a dialer cannot tell earlier).
+    established: bool,
 }
 
 #[derive(Default)]
@@ -339,7 +343,7 @@ impl Daemon {
     pub fn is_connected(&self, peer: &NodeId) -> bool {
         lock(&self.shared.peers)
             .get(peer)
-            .is_some_and(|p| p.live.is_some())
+            .is_some_and(|p| p.live.as_ref().is_some_and(|l| l.established))
     }
 
     /// Asks every connected peer for an anti-entropy round now.
@@ -401,7 +405,7 @@ impl Daemon {
                     json!({
                         "node": id.to_string(),
                         "addr": addr,
-                        "connected": p.live.is_some(),
+                        "connected": p.live.as_ref().is_some_and(|l| l.established),
                         "behind": p.last.behind,
                         "events_received": p.received,
                         "events_sent": p.last.stats.events_sent,
@@ -461,8 +465,10 @@ impl Daemon {
         while Arc::strong_count(&self.shared) > 1 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), self.shared.endpoint.wait_idle()).await;
+        // Long enough for the close frames to go out; dials still draining
+        // are not waited for.
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.shared.endpoint.wait_idle())
+            .await;
         let node = self.shared.node.clone();
         match tokio::task::spawn_blocking(move || node.flush()).await {
             Ok(Ok(())) => {}
@@ -576,6 +582,7 @@ impl Shared {
             dialer,
             conn: conn.clone(),
             control,
+            established: false,
         });
         state.addr = Some(conn.remote_address());
         Some(generation)
@@ -594,6 +601,16 @@ impl Shared {
                 if error.is_some() {
                     state.last_error = error;
                 }
+            }
+        }
+    }
+
+    /// Marks the connection `generation` with `peer` as established.
+    fn established(&self, peer: NodeId, generation: u64) {
+        let mut peers = lock(&self.peers);
+        if let Some(l) = peers.get_mut(&peer).and_then(|p| p.live.as_mut()) {
+            if l.generation == generation {
+                l.established = true;
             }
         }
     }
@@ -628,7 +645,7 @@ async fn accept_loop(shared: Arc<Shared>) {
     loop {
         let incoming = tokio::select! {
             i = shared.endpoint.accept() => i,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|s| *s) => return,
         };
         let Some(incoming) = incoming else { return };
         let shared = shared.clone();
@@ -680,14 +697,14 @@ async fn dial_loop(shared: Arc<Shared>, target: String) {
                 // Connected already (perhaps dialled by the peer): wait.
                 tokio::select! {
                     _ = conn.closed() => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.wait_for(|s| *s) => return,
                 }
                 continue;
             }
             if shared.is_blocked(&id) {
                 tokio::select! {
-                    _ = blocked.changed() => {}
-                    _ = shutdown.changed() => return,
+                    _ = blocked.wait_for(|b| !b.contains(&id)) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
                 }
                 backoff = MIN_BACKOFF;
                 continue;
@@ -723,7 +740,7 @@ async fn dial_loop(shared: Arc<Shared>, target: String) {
             _ = tokio::time::sleep(jitter(backoff)) => {}
             // A heal redials at once.
             _ = blocked.changed() => backoff = MIN_BACKOFF,
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -734,7 +751,7 @@ async fn anti_entropy_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.anti_entropy) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.wait_for(|s| *s) => return,
         }
         let live: Vec<mpsc::Sender<Control>> = lock(&shared.peers)
             .values()
@@ -767,9 +784,18 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialed: bool) {
         conn.close(close::DUPLICATE.into(), b"another connection is kept");
         return;
     };
-    info!(%peer, %remote, dialed, "peer connected");
+    debug!(%peer, %remote, dialed, "connection up; waiting for the peer's Hello");
     let mut report = Report::default();
-    let end = run_session(&shared, peer, &conn, dialed, ctl_rx, &mut report).await;
+    let end = run_session(
+        &shared,
+        peer,
+        generation,
+        &conn,
+        dialed,
+        ctl_rx,
+        &mut report,
+    )
+    .await;
     let error = match end {
         End::Closed(reason) => {
             info!(%peer, "peer disconnected: {reason}");
@@ -870,9 +896,11 @@ fn behind(session: &Session, store: &impl Store, synced: bool) -> Option<u64> {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     shared: &Arc<Shared>,
     peer: NodeId,
+    generation: u64,
     conn: &quinn::Connection,
     dialed: bool,
     mut control: mpsc::Receiver<Control>,
@@ -897,6 +925,9 @@ async fn run_session(
     let mut feed = node.subscribe();
     let mut blocked = shared.blocked.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
+    if shared.is_blocked(&peer) {
+        return End::Blocked;
+    }
     let (in_tx, mut inbound) = mpsc::channel(QUEUE_MESSAGES);
     let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(QUEUE_MESSAGES);
     let reader = tokio::spawn(read_loop(recv, in_tx));
@@ -908,6 +939,7 @@ async fn run_session(
     let mut synced = false;
     // A round asked for while one runs starts when it ends.
     let mut round_wanted = false;
+    let mut heard = false;
     let end = loop {
         let mut failed = None;
         while let Some(e) = session.poll_event() {
@@ -940,7 +972,7 @@ async fn run_session(
         }
         tokio::select! {
             biased;
-            _ = shutdown.changed() => break End::Shutdown,
+            _ = shutdown.wait_for(|s| *s) => break End::Shutdown,
             _ = blocked.changed() => {
                 if shared.is_blocked(&peer) {
                     break End::Blocked;
@@ -948,6 +980,11 @@ async fn run_session(
             }
             m = inbound.recv() => match m {
                 Some(Inbound::Message(msg)) => {
+                    if !heard {
+                        heard = true;
+                        shared.established(peer, generation);
+                        info!(%peer, remote = %conn.remote_address(), dialed, "peer connected");
+                    }
                     // A failure is reported by poll_event above.
                     let _ = session.handle_message(&msg, &mut node.sync_store());
                 }
@@ -1041,7 +1078,7 @@ fn start_mdns(shared: &Arc<Shared>) -> Result<mdns_sd::ServiceDaemon, mdns_sd::E
         loop {
             let ev = tokio::select! {
                 e = events.recv_async() => e,
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
             };
             let Ok(ev) = ev else { return };
             let mdns_sd::ServiceEvent::ServiceResolved(found) = ev else {

@@ -61,6 +61,9 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
                 return Err(anyhow::anyhow!("cannot serve HTTP on {}: {e}", args.http));
             }
         };
+        // Signals are caught from before the ready line: a SIGTERM right
+        // after it still shuts down in order.
+        let signals = Signals::new();
         let http = listener.local_addr()?;
         cli::write_file(&addr_file, http.to_string().as_bytes())?;
         let ready = json!({
@@ -81,7 +84,7 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
                 })
                 .await
         });
-        let signal = wait_for_signal().await;
+        let signal = signals.wait().await;
         info!("{signal}: shutting down");
         daemon.shutdown().await;
         match tokio::time::timeout(Duration::from_secs(5), server).await {
@@ -100,18 +103,40 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     result
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
+/// SIGTERM and SIGINT, caught from when this is made.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let catch = |kind, name| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("cannot catch {name}: {e}");
+                None
+            }
+        };
+        Signals {
+            term: catch(SignalKind::terminate(), "SIGTERM"),
+            int: catch(SignalKind::interrupt(), "SIGINT"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+
+    async fn wait(mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.term) => "SIGTERM",
+            _ = recv(&mut self.int) => "SIGINT",
+        }
     }
 }

@@ -1,0 +1,1640 @@
+//! Guards `weftlog run` as a cluster of real processes on loopback: nodes
+//! that append concurrently converge (equal state hash and frontier, every
+//! acknowledged event everywhere, one conflict for one concurrent edit,
+//! counters summed); a node killed with SIGKILL in the middle of a catch-up
+//! or of its own appends loses nothing it acknowledged and catches up after
+//! a restart; a node off the member list is refused; SIGTERM shuts down
+//! cleanly and keeps what was received, even when it comes right after the
+//! ready line; and the CLI, given the data directory of a running node,
+//! goes through its HTTP API.
+//!
+//! Every process is owned by a [`Proc`] whose `Drop` kills and reaps it, so
+//! a failing test leaves nothing running. Waits poll every 50 ms up to
+//! [`DEADLINE`] and fail with what each node reported.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use weftlog::node::Node;
+use weftlog_proto::state::Draft;
+use weftlog_proto::{Meta, Op};
+
+/// How long any wait (startup, convergence, exit) may take on a busy
+/// machine before the test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// Time between two polls of a condition.
+const POLL: Duration = Duration::from_millis(50);
+/// Anti-entropy period of the test nodes: short, so that a missed push is
+/// repaired quickly.
+const ANTI_ENTROPY_MS: &str = "300";
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// A `weftlog run` process. Dropping it kills and reaps the process.
+struct Proc {
+    name: String,
+    dir: PathBuf,
+    /// Where its stderr goes (appended over restarts).
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    id: String,
+    quic: String,
+    http: String,
+    agent: ureq::Agent,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Options of [`Proc::start`].
+#[derive(Default)]
+struct Opts<'a> {
+    peers: Vec<String>,
+    members: Option<&'a Path>,
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Proc {
+    /// Starts `weftlog --data DIR run` on loopback (ports picked by the
+    /// system) and waits for its ready line.
+    fn start(name: &str, dir: &Path, opts: Opts) -> Proc {
+        let mut args: Vec<String> = [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--anti-entropy-ms",
+            ANTI_ENTROPY_MS,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for p in &opts.peers {
+            args.push("--peer".into());
+            args.push(p.clone());
+        }
+        if let Some(m) = opts.members {
+            args.push("--members".into());
+            args.push(m.display().to_string());
+        }
+        let log = dir.with_extension("stderr");
+        let mut p = Proc {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            log,
+            args,
+            child: None,
+            id: String::new(),
+            quic: String::new(),
+            http: String::new(),
+            agent: agent(),
+        };
+        p.launch();
+        p
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "{}: already running", self.name);
+        let stderr = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weftlog"))
+            .arg("--data")
+            .arg(&self.dir)
+            .args(&self.args)
+            .env("RUST_LOG", "weftlog=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn weftlog run");
+        let stdout = child.stdout.take().unwrap();
+        self.child = Some(child);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep the pipe open (and drained) while the process lives.
+            let mut rest = String::new();
+            while matches!(reader.read_line(&mut rest), Ok(n) if n > 0) {
+                rest.clear();
+            }
+        });
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
+            panic!(
+                "{}: no ready line within {DEADLINE:?}; stderr:\n{}",
+                self.name,
+                tail(&self.log, 30)
+            )
+        });
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "{}: the ready line {line:?} is not JSON ({e}); stderr:\n{}",
+                self.name,
+                tail(&self.log, 30)
+            )
+        });
+        let field = |k: &str| {
+            ready[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: ready line without {k}: {ready}", self.name))
+                .to_string()
+        };
+        let id = field("node");
+        assert!(
+            self.id.is_empty() || self.id == id,
+            "{}: restarted as another node",
+            self.name
+        );
+        self.id = id;
+        self.quic = field("quic");
+        self.http = field("http");
+        assert_eq!(field("data"), self.dir.display().to_string());
+        assert_eq!(
+            fs::read_to_string(self.dir.join("http.addr"))
+                .unwrap()
+                .trim(),
+            self.http,
+            "{}: http.addr does not hold the address in the ready line",
+            self.name
+        );
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.as_ref().expect("running").id() as libc::pid_t
+    }
+
+    /// SIGKILL, and reap.
+    fn sigkill(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        let status = c.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", self.name);
+    }
+
+    /// SIGTERM, and wait (up to [`DEADLINE`]) for the exit: its status and
+    /// how long it took.
+    fn sigterm(&mut self) -> (ExitStatus, Duration) {
+        // SAFETY: the pid is our child, not yet reaped.
+        let r = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        assert_eq!(r, 0, "{}: kill(SIGTERM) failed", self.name);
+        let t0 = Instant::now();
+        let mut c = self.child.take().unwrap();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return (status, t0.elapsed());
+            }
+            if t0.elapsed() > DEADLINE {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "{}: still running {DEADLINE:?} after SIGTERM; stderr:\n{}",
+                    self.name,
+                    tail(&self.log, 40)
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// GET `path`: status code and body.
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut r = self
+            .agent
+            .get(self.url(path))
+            .call()
+            .unwrap_or_else(|e| panic!("{}: GET {path}: {e}", self.name));
+        let code = r.status().as_u16();
+        let body = r
+            .body_mut()
+            .with_config()
+            .limit(u64::MAX)
+            .read_to_string()
+            .unwrap();
+        (code, body)
+    }
+
+    /// GET `path`, which must answer 200 with JSON.
+    fn get_json(&self, path: &str) -> Value {
+        let (code, body) = self.get(path);
+        assert_eq!(code, 200, "{}: GET {path}: {body}", self.name);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// POST JSON: status code and JSON answer.
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        post(&self.agent, &self.url(path), body)
+            .unwrap_or_else(|e| panic!("{}: POST {path}: {e}", self.name))
+    }
+
+    fn status(&self) -> Value {
+        self.get_json("/v1/status")
+    }
+
+    /// Appends through the API; the event, which must be new (201).
+    fn append(&self, stream: &str, body: Value) -> Value {
+        let (code, v) = self.post(&format!("/v1/streams/{stream}/events"), &body);
+        assert_eq!(code, 201, "{}: append to {stream}: {v}", self.name);
+        v
+    }
+
+    /// The ids of the events in `GET /v1/log`, in order.
+    fn log_ids(&self) -> Vec<String> {
+        let (code, body) = self.get("/v1/log");
+        assert_eq!(code, 200, "{}: GET /v1/log: {body}", self.name);
+        body.lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    fn partition(&self, block: &[&str]) {
+        let (code, v) = self.post("/v1/admin/partition", &json!({ "block": block }));
+        assert_eq!(code, 200, "{}: partition: {v}", self.name);
+        let got: BTreeSet<&str> = v["blocked"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap())
+            .collect();
+        assert_eq!(got, block.iter().copied().collect(), "{}", self.name);
+    }
+}
+
+/// POST JSON with `agent`: the status code and the JSON answer, or the
+/// transport error.
+fn post(agent: &ureq::Agent, url: &str, body: &Value) -> Result<(u16, Value), ureq::Error> {
+    let mut r = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body.to_string())?;
+    let code = r.status().as_u16();
+    let text = r.body_mut().read_to_string()?;
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((code, v))
+}
+
+/// A node's status in a few words, for failure messages.
+fn summary(name: &str, s: &Value) -> String {
+    let short = |v: &Value| v.as_str().map_or("-".to_string(), |s| s[..8].to_string());
+    let frontier: BTreeMap<String, u64> = s["frontier"]
+        .as_object()
+        .map(|f| {
+            f.iter()
+                .map(|(a, e)| (a[..8].to_string(), e["seq"].as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let peers: Vec<String> = s["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    format!(
+                        "{} connected={} behind={} error={}",
+                        short(&p["node"]),
+                        p["connected"],
+                        p["behind"],
+                        p["last_error"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{name} ({}): events={} hash={} frontier={frontier:?}\n    peers: {peers:?}",
+        short(&s["node"]),
+        s["events"],
+        short(&s["state_hash"]),
+    )
+}
+
+/// Polls until every node holds the same events (equal state hash, frontier
+/// and count), `expected` of them if given; their statuses.
+fn converge(nodes: &[&Proc], expected: Option<u64>, what: &str) -> Vec<Value> {
+    let t0 = Instant::now();
+    loop {
+        let statuses: Vec<Value> = nodes.iter().map(|n| n.status()).collect();
+        let first = &statuses[0];
+        let same = statuses.iter().all(|s| {
+            s["state_hash"] == first["state_hash"]
+                && s["frontier"] == first["frontier"]
+                && s["events"] == first["events"]
+        });
+        if same && expected.is_none_or(|n| first["events"] == n) {
+            eprintln!("{what}: converged in {:?}", t0.elapsed());
+            return statuses;
+        }
+        if t0.elapsed() > DEADLINE {
+            let mut msg = format!(
+                "{what}: no convergence within {DEADLINE:?} (expected events: {expected:?})\n"
+            );
+            for (n, s) in nodes.iter().zip(&statuses) {
+                msg.push_str(&summary(&n.name, s));
+                msg.push('\n');
+            }
+            for n in nodes {
+                msg.push_str(&format!(
+                    "--- {} stderr (tail):\n{}\n",
+                    n.name,
+                    tail(&n.log, 15)
+                ));
+            }
+            panic!("{msg}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Polls until `ok` holds for `p`'s status; that status.
+fn wait_status(p: &Proc, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = p.status();
+        if ok(&s) {
+            return s;
+        }
+        if t0.elapsed() > DEADLINE {
+            panic!(
+                "{}: {what}: not within {DEADLINE:?}\n{}\n--- stderr (tail):\n{}",
+                p.name,
+                summary(&p.name, &s),
+                tail(&p.log, 20)
+            );
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Whether every peer in `ids` shows as connected in `status`.
+fn connected_to(status: &Value, ids: &[&str]) -> bool {
+    let peers = status["peers"].as_array().unwrap();
+    ids.iter().all(|id| {
+        peers
+            .iter()
+            .any(|p| p["node"] == *id && p["connected"] == true)
+    })
+}
+
+/// `weftlog --data DIR init`: the node id.
+fn init(dir: &Path) -> String {
+    let r = common::weftlog(dir, &["init"]);
+    assert_eq!(r.code, Some(0), "init: {}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    v["node"].as_str().unwrap().to_string()
+}
+
+fn members_file(path: &Path, ids: &[&str]) {
+    let mut text = String::from("# test cluster\n");
+    for id in ids {
+        text.push_str(id);
+        text.push('\n');
+    }
+    fs::write(path, text).unwrap();
+}
+
+/// A status without its `peers` (which differ from one poll to the next).
+fn without_peers(mut v: Value) -> Value {
+    v.as_object_mut().unwrap().remove("peers");
+    v
+}
+
+/// The acknowledged ids that `held` lacks.
+fn missing<'a>(
+    held: &BTreeSet<String>,
+    acked: impl IntoIterator<Item = &'a String>,
+) -> Vec<String> {
+    acked
+        .into_iter()
+        .filter(|id| !held.contains(*id))
+        .cloned()
+        .collect()
+}
+
+/// N processes, a full mesh, concurrent appends on all, one concurrent
+/// edit of one field on two nodes.
+fn cluster_converges(n: usize) {
+    const PER_NODE: usize = 100;
+    const STREAMS: usize = 3;
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..n).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    let ids: Vec<String> = dirs.iter().map(|d| init(d)).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let members = tmp.path().join("members.txt");
+    members_file(&members, &id_refs);
+
+    let mut nodes: Vec<Proc> = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let peers = nodes.iter().map(|p| p.quic.clone()).collect();
+        let p = Proc::start(
+            &format!("n{i}"),
+            dir,
+            Opts {
+                peers,
+                members: Some(&members),
+            },
+        );
+        assert_eq!(p.id, ids[i]);
+        nodes.push(p);
+    }
+    // A full mesh: every node connected to every other, one row per peer.
+    for (i, p) in nodes.iter().enumerate() {
+        let others: Vec<&str> = (0..n).filter(|&j| j != i).map(|j| id_refs[j]).collect();
+        let s = wait_status(p, "full mesh", |s| connected_to(s, &others));
+        let rows = s["peers"].as_array().unwrap();
+        assert_eq!(
+            rows.len(),
+            n - 1,
+            "{}: one peer row per other node: {:#}",
+            p.name,
+            s["peers"]
+        );
+    }
+    eprintln!("{n} nodes up and meshed after {:?}", t0.elapsed());
+
+    // One field edited on two nodes that cannot see each other: n0 and n1
+    // are cut off from everyone, edit, and heal.
+    for (i, p) in nodes.iter().enumerate().take(2) {
+        let others: Vec<&str> = (0..n).filter(|&j| j != i).map(|j| id_refs[j]).collect();
+        p.partition(&others);
+    }
+    let mut acked: Vec<String> = Vec::new();
+    for (i, p) in nodes.iter().enumerate().take(2) {
+        let e = p.append(
+            "shared/0",
+            json!({"kind": "Retitled", "set": {"title": format!("from n{i}")}}),
+        );
+        acked.push(e["id"].as_str().unwrap().to_string());
+    }
+    for p in nodes.iter().take(2) {
+        p.partition(&[]);
+    }
+
+    // Concurrent appends: a thread per node, distinct fields on shared
+    // streams, shared and per-node counters.
+    let barrier = Arc::new(Barrier::new(n));
+    let workers: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let url = p.url("");
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let agent = agent();
+                barrier.wait();
+                let mut acks = Vec::new();
+                for j in 0..PER_NODE {
+                    let stream = format!("shared/{}", j % STREAMS);
+                    let body = json!({
+                        "kind": "Ticked",
+                        "set": { format!("n{i}_f{}", j % 4): format!("{i}-{j}") },
+                        "add": { "hits": 1, format!("n{i}"): j },
+                        "command_id": format!("n{i}-{j}"),
+                    });
+                    let (code, v) =
+                        post(&agent, &format!("{url}/v1/streams/{stream}/events"), &body)
+                            .unwrap_or_else(|e| panic!("n{i}: append {j}: {e}"));
+                    assert_eq!(code, 201, "n{i}: append {j}: {v}");
+                    acks.push(v["id"].as_str().unwrap().to_string());
+                }
+                acks
+            })
+        })
+        .collect();
+    for w in workers {
+        acked.extend(w.join().expect("an appender failed"));
+    }
+    let total = (n * PER_NODE + 2) as u64;
+    assert_eq!(acked.len() as u64, total);
+    eprintln!("{n} nodes: appends done after {:?}", t0.elapsed());
+    let refs: Vec<&Proc> = nodes.iter().collect();
+    let statuses = converge(&refs, Some(total), &format!("{n} nodes"));
+    eprintln!("{n} nodes converged after {:?}", t0.elapsed());
+
+    // Every acknowledged event is on every node, and nothing else.
+    let acked_set: BTreeSet<String> = acked.iter().cloned().collect();
+    assert_eq!(acked_set.len(), acked.len(), "two appends got one id");
+    for (p, s) in nodes.iter().zip(&statuses) {
+        let log = p.log_ids();
+        assert_eq!(log.len() as u64, total, "{}: log length", p.name);
+        let held: BTreeSet<String> = log.into_iter().collect();
+        assert_eq!(
+            held, acked_set,
+            "{}: the log is not the acknowledged events",
+            p.name
+        );
+        // Every author's chain is complete.
+        for (i, id) in ids.iter().enumerate() {
+            let expect = PER_NODE as u64 + u64::from(i < 2);
+            assert_eq!(
+                s["frontier"][id]["seq"], expect,
+                "{}: frontier of n{i}",
+                p.name
+            );
+        }
+    }
+
+    // The one concurrent edit is the one conflict, on every node.
+    for p in &nodes {
+        let c = p.get_json("/v1/conflicts");
+        let rows = c.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{}: conflicts: {c:#}", p.name);
+        assert_eq!(rows[0]["stream"], "shared/0", "{}", p.name);
+        assert_eq!(rows[0]["field"], "title", "{}", p.name);
+        let values: BTreeSet<&str> = rows[0]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["value"].as_str().unwrap())
+            .collect();
+        assert_eq!(values, BTreeSet::from(["from n0", "from n1"]), "{}", p.name);
+        assert_eq!(c, nodes[0].get_json("/v1/conflicts"), "{}", p.name);
+    }
+
+    // Streams: counters sum, each node's fields hold its last write.
+    for s in 0..STREAMS {
+        let js: Vec<usize> = (0..PER_NODE).filter(|j| j % STREAMS == s).collect();
+        let first = nodes[0].get_json(&format!("/v1/streams/shared/{s}"));
+        let version = (js.len() * n) as u64 + if s == 0 { 2 } else { 0 };
+        assert_eq!(first["version"], version, "shared/{s}: {first:#}");
+        assert_eq!(first["counters"]["hits"], js.len() * n, "shared/{s}");
+        for i in 0..n {
+            let sum: usize = js.iter().sum();
+            assert_eq!(first["counters"][format!("n{i}")], sum, "shared/{s} n{i}");
+            for f in 0..4 {
+                let last = js.iter().rev().find(|j| *j % 4 == f);
+                let field = &first["fields"][format!("n{i}_f{f}")];
+                match last {
+                    Some(j) => {
+                        assert_eq!(field["value"], format!("{i}-{j}"), "shared/{s}");
+                        assert!(field.get("conflict").is_none(), "shared/{s}: {field}");
+                    }
+                    None => assert!(field.is_null(), "shared/{s}: {field}"),
+                }
+            }
+        }
+        if s == 0 {
+            assert_eq!(
+                first["fields"]["title"]["conflict"]
+                    .as_array()
+                    .map(Vec::len),
+                Some(2),
+                "{first:#}"
+            );
+        }
+        for p in &nodes[1..] {
+            assert_eq!(
+                p.get_json(&format!("/v1/streams/shared/{s}")),
+                first,
+                "{}: shared/{s} differs from n0",
+                p.name
+            );
+        }
+    }
+
+    // Each node's view of its peers settles: all connected, none behind,
+    // and every event it holds from others counted once as received.
+    for (i, p) in nodes.iter().enumerate() {
+        let s = wait_status(p, "peers settled (connected, behind 0)", |s| {
+            s["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["connected"] == true && r["behind"] == 0)
+        });
+        let received: u64 = s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["events_received"].as_u64().unwrap())
+            .sum();
+        let own = PER_NODE as u64 + u64::from(i < 2);
+        assert_eq!(
+            received,
+            total - own,
+            "{}: events received from peers: {:#}",
+            p.name,
+            s["peers"]
+        );
+    }
+
+    // The CLI, given a running node's directory, answers what the API does.
+    for p in &nodes {
+        let r = common::weftlog(&p.dir, &["status"]);
+        assert_eq!(r.code, Some(0), "{}: status: {}", p.name, r.stderr);
+        assert_eq!(r.stdout.lines().count(), 1, "{}: {}", p.name, r.stdout);
+        let cli: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert!(
+            cli["peers"].is_array(),
+            "{}: forwarded status has peers",
+            p.name
+        );
+        assert_eq!(
+            without_peers(cli),
+            without_peers(p.status()),
+            "{}: CLI status differs from GET /v1/status",
+            p.name
+        );
+    }
+    eprintln!("{n} nodes: done in {:?}", t0.elapsed());
+}
+
+#[test]
+fn three_processes_converge() {
+    cluster_converges(3);
+}
+
+#[test]
+fn five_processes_converge() {
+    cluster_converges(5);
+}
+
+/// An event with a payload of `pad` bytes, so a catch-up takes a while.
+fn padded(i: usize, pad: usize) -> Draft {
+    Draft {
+        stream: format!("backlog/{}", i % 16),
+        kind: "Loaded".into(),
+        ops: vec![Op::Add {
+            counter: "n".into(),
+            delta: 1,
+        }],
+        payload: format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(pad)).into_bytes(),
+        meta: Meta::default(),
+        expected_version: None,
+    }
+}
+
+/// Appends `count` events to the node in `dir` with the library, from
+/// many threads (group commit); their ids.
+fn backlog(dir: &Path, count: usize, pad: usize) -> Vec<String> {
+    const THREADS: usize = 64;
+    let (node, _) = Node::open(dir).unwrap();
+    let node = &node;
+    let ids = Mutex::new(Vec::with_capacity(count));
+    thread::scope(|s| {
+        for t in 0..THREADS {
+            let ids = &ids;
+            s.spawn(move || {
+                let mut mine = Vec::new();
+                for i in (t..count).step_by(THREADS) {
+                    mine.push(node.append(padded(i, pad)).unwrap().id.to_string());
+                }
+                ids.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    ids.into_inner().unwrap()
+}
+
+/// Appends through `url` from `threads` threads until `stop` is set or a
+/// request fails (the node died); the ids of the 201 answers.
+fn append_until(
+    url: &str,
+    threads: usize,
+    tag: &str,
+    stop: &Arc<AtomicBool>,
+    count: &Arc<AtomicUsize>,
+) -> Vec<thread::JoinHandle<Vec<String>>> {
+    (0..threads)
+        .map(|t| {
+            let (url, tag) = (url.to_string(), tag.to_string());
+            let (stop, count) = (stop.clone(), count.clone());
+            thread::spawn(move || {
+                let agent = agent();
+                let mut acks = Vec::new();
+                let mut j = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = json!({
+                        "kind": "Live",
+                        "set": { format!("{tag}{t}"): j },
+                        "add": { tag.clone(): 1 },
+                    });
+                    let stream = format!("live/{tag}");
+                    match post(&agent, &format!("{url}/v1/streams/{stream}/events"), &body) {
+                        Ok((201, v)) => {
+                            acks.push(v["id"].as_str().unwrap().to_string());
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok((code, v)) => panic!("{tag}{t}: append answered {code}: {v}"),
+                        // The node was killed: what was in flight is unknown.
+                        Err(_) => break,
+                    }
+                    j += 1;
+                }
+                acks
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_during_sync() {
+    const BACKLOG: usize = 20_000;
+    const PAD: usize = 1_000;
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (ia, ib) = (init(&da), init(&db));
+    let members = tmp.path().join("members.txt");
+    members_file(&members, &[&ia, &ib]);
+    let mut acked: Vec<String> = backlog(&da, BACKLOG, PAD);
+    eprintln!("backlog of {BACKLOG} events built in {:?}", t0.elapsed());
+
+    let a = Proc::start(
+        "a",
+        &da,
+        Opts {
+            peers: vec![],
+            members: Some(&members),
+        },
+    );
+    assert_eq!(a.status()["events"], BACKLOG as u64);
+    // A keeps appending while it streams its backlog to B.
+    let stop = Arc::new(AtomicBool::new(false));
+    let a_count = Arc::new(AtomicUsize::new(0));
+    let a_writers = append_until(&a.url(""), 2, "a", &stop, &a_count);
+
+    let b_opts = || Opts {
+        peers: vec![a.quic.clone()],
+        members: Some(&members),
+    };
+    let mut b = Proc::start("b", &db, b_opts());
+    let t_sync = Instant::now();
+    // Kill B as soon as it holds part of the backlog.
+    let mut seen = 0;
+    let held_at_kill = loop {
+        let s = b.status();
+        let events = s["events"].as_u64().unwrap();
+        seen = seen.max(events);
+        if events >= (BACKLOG / 10) as u64 {
+            assert!(
+                events < BACKLOG as u64,
+                "B caught up with {events} events before it could be killed \
+                 ({:?} after its start): the backlog is too small to test this",
+                t_sync.elapsed()
+            );
+            b.sigkill();
+            break events;
+        }
+        assert!(
+            t_sync.elapsed() < DEADLINE,
+            "B received nothing within {DEADLINE:?}:\n{}\n{}",
+            summary("b", &s),
+            tail(&b.log, 20)
+        );
+        thread::sleep(Duration::from_millis(5));
+    };
+    eprintln!(
+        "B killed holding {held_at_kill} of {BACKLOG}+ events, {:?} after its start",
+        t_sync.elapsed()
+    );
+
+    // Restarted on the same directory, B recovers and catches up.
+    b.launch();
+    if let Some(l) = fs::read_to_string(&b.log)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("recovered"))
+    {
+        eprintln!("B at restart: {l}");
+    }
+    let after_restart = b.status()["events"].as_u64().unwrap();
+    assert!(after_restart <= BACKLOG as u64 + a_count.load(Ordering::Relaxed) as u64);
+    stop.store(true, Ordering::Relaxed);
+    for w in a_writers {
+        acked.extend(w.join().expect("an appender on A failed"));
+    }
+    let total = acked.len() as u64;
+    converge(&[&a, &b], Some(total), "after B's restart");
+    let acked_set: BTreeSet<String> = acked.iter().cloned().collect();
+    for p in [&a, &b] {
+        let held: BTreeSet<String> = p.log_ids().into_iter().collect();
+        let lost = missing(&held, &acked);
+        assert!(
+            lost.is_empty(),
+            "{}: {} acknowledged events missing",
+            p.name,
+            lost.len()
+        );
+        assert_eq!(held, acked_set, "{}", p.name);
+    }
+    eprintln!("catch-up after SIGKILL: done after {:?}", t0.elapsed());
+
+    // B killed while it appends: its acknowledged appends survive.
+    let stop = Arc::new(AtomicBool::new(false));
+    let b_count = Arc::new(AtomicUsize::new(0));
+    let b_writers = append_until(&b.url(""), 4, "b", &stop, &b_count);
+    let t_app = Instant::now();
+    while b_count.load(Ordering::Relaxed) < 200 {
+        assert!(
+            t_app.elapsed() < DEADLINE,
+            "B acknowledged only {} appends within {DEADLINE:?}",
+            b_count.load(Ordering::Relaxed)
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    b.sigkill();
+    let mut b_acked = Vec::new();
+    for w in b_writers {
+        b_acked.extend(w.join().expect("an appender on B failed"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    eprintln!("B killed after acknowledging {} appends", b_acked.len());
+    // Its own log, before any peer can refill it: B alone.
+    {
+        let (node, recovery) = Node::open(&db).unwrap();
+        let mut held = BTreeSet::new();
+        node.scan(|_, id| {
+            held.insert(id.to_string());
+        })
+        .unwrap();
+        let lost = missing(&held, &b_acked);
+        assert!(
+            lost.is_empty(),
+            "B lost {} of {} acknowledged appends to SIGKILL (recovery: {recovery:?}): {lost:?}",
+            lost.len(),
+            b_acked.len()
+        );
+        let own = node.with_state(|s| s.frontier().get(&node.id()).map_or(0, |f| f.0));
+        assert!(
+            own >= b_acked.len() as u64,
+            "B's chain is shorter than its acks"
+        );
+    }
+    b.launch();
+    acked.extend(b_acked);
+    let acked_set: BTreeSet<String> = acked.iter().cloned().collect();
+    let statuses = converge(&[&a, &b], None, "after B's second restart");
+    let total = statuses[0]["events"].as_u64().unwrap();
+    assert!(total >= acked_set.len() as u64);
+    for p in [&a, &b] {
+        let held: BTreeSet<String> = p.log_ids().into_iter().collect();
+        let lost = missing(&held, &acked);
+        assert!(
+            lost.is_empty(),
+            "{}: {} acknowledged events missing: {:?}",
+            p.name,
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+    }
+    eprintln!("sigkill_during_sync: {:?}", t0.elapsed());
+}
+
+#[test]
+fn non_member_is_refused() {
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, dc, dd) = (
+        tmp.path().join("a"),
+        tmp.path().join("c"),
+        tmp.path().join("d"),
+    );
+    let (ia, ic, id) = (init(&da), init(&dc), init(&dd));
+    // A admits only itself. C and D admit A and themselves.
+    let (ma, mc, md) = (
+        tmp.path().join("a.members"),
+        tmp.path().join("c.members"),
+        tmp.path().join("d.members"),
+    );
+    members_file(&ma, &[&ia]);
+    members_file(&mc, &[&ia, &ic]);
+    members_file(&md, &[&ia, &id]);
+    // C listens; A dials C (A must refuse C's certificate).
+    let c = Proc::start(
+        "c",
+        &dc,
+        Opts {
+            peers: vec![],
+            members: Some(&mc),
+        },
+    );
+    for i in 0..3 {
+        c.append("secret/c", json!({"kind": "Noted", "set": {"i": i}}));
+    }
+    let a = Proc::start(
+        "a",
+        &da,
+        Opts {
+            peers: vec![c.quic.clone()],
+            members: Some(&ma),
+        },
+    );
+    a.append("mine", json!({"kind": "Noted", "add": {"n": 1}}));
+    // D dials A (A must refuse D's certificate).
+    let d = Proc::start(
+        "d",
+        &dd,
+        Opts {
+            peers: vec![a.quic.clone()],
+            members: Some(&md),
+        },
+    );
+    for i in 0..3 {
+        d.append("secret/d", json!({"kind": "Noted", "set": {"i": i}}));
+    }
+
+    let a_ok = |s: &Value| {
+        // A never has a live session, and holds only its own event.
+        let peers = s["peers"].as_array().unwrap();
+        assert!(
+            peers.iter().all(|p| p["connected"] == false),
+            "A lists a non-member as connected: {:#}",
+            s["peers"]
+        );
+        assert_eq!(s["events"], 1, "A took a non-member's events: {s:#}");
+        let authors: Vec<&String> = s["frontier"].as_object().unwrap().keys().collect();
+        assert_eq!(authors, vec![&ia], "{s:#}");
+    };
+    // Until both refusals are visible: A's dial of C failed with a reason,
+    // and D's dial of A did.
+    let refused =
+        |s: &Value, addr: &str| {
+            s["peers"].as_array().unwrap().iter().any(|p| {
+                p["addr"] == addr && p["connected"] == false && p["last_error"].is_string()
+            })
+        };
+    let mut polls = 0;
+    loop {
+        let (sa, sc, sd) = (a.status(), c.status(), d.status());
+        a_ok(&sa);
+        for (name, s) in [("c", &sc), ("d", &sd)] {
+            assert_eq!(
+                s["events"], 3,
+                "{name} took events it should not have: {s:#}"
+            );
+        }
+        assert!(
+            !sc["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["node"] == ia.as_str()
+                    && p["connected"] == true
+                    && p["events_received"].as_u64() > Some(0)),
+            "C received events from A: {sc:#}"
+        );
+        if refused(&sa, &c.quic) && refused(&sd, &a.quic) {
+            if polls == 0 {
+                eprintln!("both refusals seen after {:?}", t0.elapsed());
+            }
+            polls += 1;
+            // A few more polls after both refusals, with redials between.
+            if polls > 20 {
+                eprintln!(
+                    "refusals: A→C: {}; D→A: {}",
+                    sa["peers"][0]["last_error"], sd["peers"][0]["last_error"]
+                );
+                break;
+            }
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "the refusals did not show within {DEADLINE:?}:\n{}\n{}\n{}\n--- a:\n{}\n--- d:\n{}",
+            summary("a", &sa),
+            summary("c", &sc),
+            summary("d", &sd),
+            tail(&a.log, 20),
+            tail(&d.log, 20)
+        );
+        thread::sleep(POLL);
+    }
+    // The reason names the refusal.
+    let sa = a.status();
+    let err = sa["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == c.quic.as_str())
+        .unwrap()["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not a member"), "A's error dialling C: {err}");
+    let a_log = fs::read_to_string(&a.log).unwrap();
+    assert!(
+        a_log.contains("incoming connection refused"),
+        "A's stderr does not show it refused D:\n{}",
+        tail(&a.log, 30)
+    );
+    // A's log holds A's event only.
+    assert_eq!(a.log_ids().len(), 1);
+    let d_log = fs::read_to_string(&d.log).unwrap();
+    assert!(
+        d_log.contains("is not a member"),
+        "D's stderr does not show A refused it:\n{}",
+        tail(&d.log, 30)
+    );
+    eprintln!("non_member_is_refused: {:?}", t0.elapsed());
+}
+
+/// What a client of `GET /v1/events` saw.
+struct Feed {
+    /// The ids of the events announced, in order.
+    ids: Vec<String>,
+    /// `lagged` announcements.
+    lagged: usize,
+    /// Whether the stream ended (rather than failed).
+    ended: bool,
+}
+
+/// Reads `GET /v1/events` until the stream ends; signals `opened` once
+/// the answer's head is in.
+fn sse_reader(url: String, opened: mpsc::Sender<()>) -> thread::JoinHandle<Feed> {
+    thread::spawn(move || {
+        let resp = agent().get(url).call().expect("GET /v1/events");
+        assert_eq!(resp.status().as_u16(), 200);
+        let _ = opened.send(());
+        let mut feed = Feed {
+            ids: Vec::new(),
+            lagged: 0,
+            ended: false,
+        };
+        let mut kind = String::new();
+        let reader = BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else {
+                return feed;
+            };
+            if let Some(k) = line.strip_prefix("event:") {
+                kind = k.trim().to_string();
+                if kind == "lagged" {
+                    feed.lagged += 1;
+                }
+            } else if let Some(data) = line.strip_prefix("data:") {
+                if kind == "event" {
+                    let v: Value = serde_json::from_str(data.trim()).unwrap();
+                    feed.ids.push(v["id"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        feed.ended = true;
+        feed
+    })
+}
+
+#[test]
+fn sigterm_is_graceful() {
+    const BACKLOG: usize = 20_000;
+    const PAD: usize = 1_000;
+    const LIVE: usize = 300;
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db, dc) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let (ia, ib, ic) = (init(&da), init(&db), init(&dc));
+    let members = tmp.path().join("members.txt");
+    members_file(&members, &[&ia, &ib, &ic]);
+    let mut a_acked = backlog(&da, BACKLOG, PAD);
+    let a = Proc::start(
+        "a",
+        &da,
+        Opts {
+            peers: vec![],
+            members: Some(&members),
+        },
+    );
+    let to_a = || Opts {
+        peers: vec![a.quic.clone()],
+        members: Some(&members),
+    };
+    let mut b = Proc::start("b", &db, to_a());
+    // A client follows B's event feed through the shutdown.
+    let (opened_tx, opened) = mpsc::channel();
+    let sse = sse_reader(b.url("/v1/events"), opened_tx);
+    opened
+        .recv_timeout(DEADLINE)
+        .expect("the event feed opened");
+    // B appends a few of its own; A appends more from several threads.
+    let mut b_acked = Vec::new();
+    for i in 0..5 {
+        let e = b.append("b/own", json!({"kind": "Own", "set": {"i": i}}));
+        b_acked.push(e["id"].as_str().unwrap().to_string());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let writers = append_until(&a.url(""), 4, "a", &stop, &count);
+    while count.load(Ordering::Relaxed) < LIVE {
+        assert!(t0.elapsed() < DEADLINE, "A is too slow");
+        thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        a_acked.extend(w.join().unwrap());
+    }
+    let expected = (a_acked.len() + b_acked.len()) as u64;
+    // SIGTERM B as soon as its state holds A's events (they may not all
+    // be on B's disk yet).
+    wait_status(&b, "received A's events", |s| s["events"] == expected);
+    let (status, took) = b.sigterm();
+    eprintln!("B exited with {status} {took:?} after SIGTERM");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "B did not exit 0 after SIGTERM ({status}); stderr:\n{}",
+        tail(&b.log, 30)
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "B took {took:?} to stop after SIGTERM; stderr:\n{}",
+        tail(&b.log, 30)
+    );
+    assert!(
+        !db.join("http.addr").exists(),
+        "http.addr is still there after a graceful stop"
+    );
+    let log = fs::read_to_string(&b.log).unwrap();
+    assert!(
+        log.contains("SIGTERM: shutting down") && log.contains("stopped"),
+        "{}",
+        tail(&b.log, 20)
+    );
+    assert!(
+        !log.contains("still connected"),
+        "an event-feed client held up the shutdown: {}",
+        tail(&b.log, 20)
+    );
+    // The event feed ended with the node, having announced each event once.
+    let feed = sse.join().expect("the event-feed reader");
+    assert!(feed.ended, "the event feed failed instead of ending");
+    let feed_set: BTreeSet<&String> = feed.ids.iter().collect();
+    assert_eq!(
+        feed_set.len(),
+        feed.ids.len(),
+        "the feed announced an event twice"
+    );
+    if feed.lagged == 0 {
+        // B's own appends were durable before they were acknowledged.
+        let lost: Vec<&String> = b_acked.iter().filter(|id| !feed_set.contains(id)).collect();
+        assert!(
+            lost.is_empty(),
+            "the feed did not announce B's appends {lost:?}"
+        );
+    }
+    eprintln!(
+        "the feed announced {} of {expected} events ({} lagged notices)",
+        feed.ids.len(),
+        feed.lagged
+    );
+
+    // Offline, B's directory holds everything it had.
+    let r = common::weftlog(&db, &["status"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let offline: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        offline["events"], expected,
+        "B lost events at SIGTERM: {offline:#}"
+    );
+    assert!(
+        offline.get("peers").is_none(),
+        "a local status has no peers"
+    );
+    // Restarted without peers (nothing can refill it), B holds them all.
+    let b2 = Proc::start(
+        "b2",
+        &db,
+        Opts {
+            peers: vec![],
+            members: Some(&members),
+        },
+    );
+    let s = b2.status();
+    assert_eq!(s["events"], expected, "{s:#}");
+    let held: BTreeSet<String> = b2.log_ids().into_iter().collect();
+    let lost = missing(&held, a_acked.iter().chain(&b_acked));
+    assert!(
+        lost.is_empty(),
+        "B lost {} events over SIGTERM and restart",
+        lost.len()
+    );
+    assert!(
+        feed.ids.iter().all(|id| held.contains(id)),
+        "the feed announced an event B does not hold"
+    );
+    assert_eq!(s["state_hash"], a.status()["state_hash"]);
+    drop(b2);
+
+    // C is stopped with SIGTERM in the middle of its catch-up: what it had
+    // received is on its disk after the graceful stop.
+    let mut c = Proc::start("c", &dc, to_a());
+    let t_sync = Instant::now();
+    let seen = loop {
+        let events = c.status()["events"].as_u64().unwrap();
+        if events >= (BACKLOG / 10) as u64 {
+            assert!(
+                events < expected,
+                "C caught up before it could be stopped: the backlog is too small"
+            );
+            break events;
+        }
+        assert!(t_sync.elapsed() < DEADLINE, "C received nothing");
+        thread::sleep(Duration::from_millis(5));
+    };
+    let (status, took) = c.sigterm();
+    eprintln!("C stopped mid-catch-up holding {seen}+ events: {status} after {took:?}");
+    assert_eq!(status.code(), Some(0), "{}", tail(&c.log, 30));
+    assert!(
+        took < Duration::from_secs(5),
+        "{took:?}: {}",
+        tail(&c.log, 30)
+    );
+    let r = common::weftlog(&dc, &["status"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let offline: Value = serde_json::from_str(&r.stdout).unwrap();
+    let kept = offline["events"].as_u64().unwrap();
+    assert!(
+        kept >= seen,
+        "C showed {seen} events when stopped but kept {kept}"
+    );
+    eprintln!("sigterm_is_graceful: {:?}", t0.elapsed());
+}
+
+/// The ready line says the node serves until SIGTERM and then stops in
+/// order; a supervisor may send SIGTERM as soon as it has read that line.
+#[test]
+fn sigterm_right_after_ready_is_graceful() {
+    const TRIES: usize = 20;
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    init(&dir);
+    let mut p = Proc::start("n", &dir, Opts::default());
+    let mut outcomes = Vec::new();
+    for i in 0..TRIES {
+        if i > 0 {
+            p.launch();
+        }
+        let (status, took) = p.sigterm();
+        outcomes.push(format!("{status} after {took:?}"));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "try {i}: SIGTERM sent right after the ready line ended the process \
+             without a graceful stop ({status}); http.addr left behind: {}; \
+             outcomes so far: {outcomes:?}; stderr:\n{}",
+            dir.join("http.addr").exists(),
+            tail(&p.log, 8)
+        );
+        assert!(
+            !dir.join("http.addr").exists(),
+            "try {i}: http.addr is still there after a graceful stop"
+        );
+    }
+    eprintln!(
+        "sigterm_right_after_ready_is_graceful: {:?}: {outcomes:?}",
+        t0.elapsed()
+    );
+}
+
+/// Runs `weftlog --data DIR ARGS…`, which must succeed with no stderr.
+fn cli_ok(dir: &Path, args: &[&str]) -> String {
+    let r = common::weftlog(dir, args);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "weftlog {args:?} failed:\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(r.stderr, "", "weftlog {args:?} wrote to stderr");
+    r.stdout
+}
+
+fn cli_json(dir: &Path, args: &[&str]) -> Value {
+    let out = cli_ok(dir, args);
+    assert_eq!(out.lines().count(), 1, "weftlog {args:?}: {out}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Runs a command that must fail: exit 1, nothing on stdout, one
+/// `error: ` line on stderr. That line.
+fn cli_fails(dir: &Path, args: &[&str]) -> String {
+    let r = common::weftlog(dir, args);
+    assert_eq!(
+        r.code,
+        Some(1),
+        "weftlog {args:?} should fail:\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(r.stdout, "", "weftlog {args:?} failed but printed output");
+    assert_eq!(
+        r.stderr.lines().count(),
+        1,
+        "weftlog {args:?}: the error is not one line: {:?}",
+        r.stderr
+    );
+    let line = r.stderr.trim_end().to_string();
+    assert!(line.starts_with("error: "), "{line}");
+    line
+}
+
+/// Starts `weftlog --data DIR run ARGS…`, which must fail (exit 1, within
+/// [`DEADLINE`]) ending its stderr with one `error: ` line. That line.
+fn run_fails(dir: &Path, args: &[&str]) -> String {
+    let err = dir.with_extension("run-error");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_weftlog"))
+        .arg("--data")
+        .arg(dir)
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("run {args:?} is still running: {}", tail(&err, 10));
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(status.code(), Some(1), "run {args:?}: {}", tail(&err, 10));
+    assert_eq!(out, "", "run {args:?} failed but printed a ready line");
+    let last = tail(&err, 1);
+    assert!(
+        last.starts_with("error: "),
+        "run {args:?}: {}",
+        tail(&err, 10)
+    );
+    eprintln!("run {args:?} failed after {:?}: {last}", t0.elapsed());
+    last
+}
+
+#[test]
+fn cli_forwards_to_running_node() {
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (_ia, ib) = (init(&da), init(&db));
+    let a = Proc::start("a", &da, Opts::default());
+    let stream = "customer/20 x%y";
+    let enc = "customer/20%20x%25y";
+
+    // append goes to the running node (its directory is locked).
+    let e1 = cli_json(
+        &da,
+        &[
+            "append",
+            "--stream",
+            stream,
+            "--kind",
+            "Registered",
+            "--set",
+            "name=\"Ada\"",
+            "--add",
+            "visits=2",
+            "--command-id",
+            "reg-1",
+        ],
+    );
+    assert_eq!(e1["stream"], stream);
+    assert_eq!(e1["version"], 1);
+    assert_eq!(e1["seq"], 1);
+    assert!(e1.get("existing").is_none(), "{e1}");
+    let via_api = a.get_json(&format!("/v1/streams/{enc}"));
+    assert_eq!(via_api["fields"]["name"]["value"], "Ada", "{via_api:#}");
+    assert_eq!(via_api["counters"]["visits"], 2);
+    // The same command id again: nothing new, the same event.
+    let again = cli_json(
+        &da,
+        &[
+            "append",
+            "--stream",
+            stream,
+            "--kind",
+            "Registered",
+            "--set",
+            "name=\"Ada\"",
+            "--command-id",
+            "reg-1",
+        ],
+    );
+    assert_eq!(again["id"], e1["id"]);
+    assert_eq!(again["existing"], true);
+    let e2 = cli_json(
+        &da,
+        &[
+            "append",
+            "--stream",
+            stream,
+            "--kind",
+            "Visited",
+            "--add",
+            "visits=-1",
+            "--expect-version",
+            "1",
+        ],
+    );
+    assert_eq!(e2["version"], 2);
+
+    // get, log, status: what the API answers.
+    let got = cli_json(&da, &["get", "--stream", stream]);
+    assert_eq!(got, a.get_json(&format!("/v1/streams/{enc}")));
+    assert_eq!(got["counters"]["visits"], 1);
+    let got_then = cli_json(
+        &da,
+        &["get", "--stream", stream, "--as-of", &e1["hlc"].to_string()],
+    );
+    assert_eq!(got_then["version"], 1, "{got_then:#}");
+    assert_eq!(got_then["counters"]["visits"], 2);
+    let log = cli_ok(&da, &["log"]);
+    assert_eq!(log, a.get("/v1/log").1);
+    assert_eq!(log.lines().count(), 2);
+    let log_s = cli_ok(&da, &["log", "--stream", stream]);
+    assert_eq!(log_s, log);
+    assert_eq!(cli_ok(&da, &["log", "--stream", "other"]), "");
+    assert_eq!(cli_ok(&da, &["conflicts"]), "");
+
+    // B, offline, writes the same field; its export is imported into the
+    // running A through the CLI: a conflict.
+    cli_json(
+        &db,
+        &[
+            "append",
+            "--stream",
+            stream,
+            "--kind",
+            "Renamed",
+            "--set",
+            "name=\"Bob\"",
+        ],
+    );
+    let b_export = tmp.path().join("b.weft");
+    let x = cli_json(&db, &["export", "--out", b_export.to_str().unwrap()]);
+    assert_eq!(x["exported"], 1);
+    let imp = cli_json(&da, &["import", b_export.to_str().unwrap()]);
+    assert_eq!(imp, json!({"imported": 1, "duplicates": 0}));
+    let imp = cli_json(&da, &["import", b_export.to_str().unwrap()]);
+    assert_eq!(imp, json!({"imported": 0, "duplicates": 1}));
+    let conflicts = cli_ok(&da, &["conflicts"]);
+    assert_eq!(conflicts.lines().count(), 1, "{conflicts}");
+    let c: Value = serde_json::from_str(conflicts.trim()).unwrap();
+    assert_eq!(c, a.get_json("/v1/conflicts")[0]);
+    assert_eq!(c["field"], "name");
+    assert_eq!(c["stream"], stream);
+    let st = cli_json(&da, &["status"]);
+    assert_eq!(st["events"], 3);
+    assert!(st["frontier"].get(&ib).is_some(), "{st:#}");
+
+    // Export from the running A: all, and only what B lacks.
+    let b_status = tmp.path().join("b.status");
+    fs::write(&b_status, cli_ok(&db, &["status"])).unwrap();
+    let since = tmp.path().join("to-b.weft");
+    let x = cli_json(
+        &da,
+        &[
+            "export",
+            "--since",
+            b_status.to_str().unwrap(),
+            "--out",
+            since.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(x["exported"], 2, "{x}");
+    let all = tmp.path().join("all.weft");
+    let x = cli_json(&da, &["export", "--out", all.to_str().unwrap()]);
+    assert_eq!(x["exported"], 3, "{x}");
+    assert_eq!(x["bytes"], fs::metadata(&all).unwrap().len());
+    let imp = cli_json(&db, &["import", since.to_str().unwrap()]);
+    assert_eq!(imp, json!({"imported": 2, "duplicates": 0}));
+    let sb = cli_json(&db, &["status"]);
+    assert_eq!(sb["state_hash"], a.status()["state_hash"]);
+
+    // Errors through the running node: one sentence, non-zero, nothing done.
+    let before = a.status();
+    let bad = cli_fails(
+        &da,
+        &[
+            "append",
+            "--stream",
+            stream,
+            "--kind",
+            "K",
+            "--add",
+            "visits=lots",
+        ],
+    );
+    assert!(bad.contains("--add"), "{bad}");
+    let bad = cli_fails(
+        &da,
+        &[
+            "append", "--stream", stream, "--kind", "K", "--set", "name=Ada",
+        ],
+    );
+    assert!(bad.contains("JSON"), "{bad}");
+    let stale = cli_fails(
+        &da,
+        &[
+            "append",
+            "--stream",
+            stream,
+            "--kind",
+            "K",
+            "--add",
+            "visits=1",
+            "--expect-version",
+            "1",
+        ],
+    );
+    assert!(stale.contains("version"), "{stale}");
+    let garbage = tmp.path().join("garbage.weft");
+    fs::write(&garbage, b"not an export file").unwrap();
+    let refused = cli_fails(&da, &["import", garbage.to_str().unwrap()]);
+    assert!(refused.contains("import"), "{refused}");
+    let bad_since = tmp.path().join("bad.status");
+    fs::write(&bad_since, "{}").unwrap();
+    let e = cli_fails(
+        &da,
+        &[
+            "export",
+            "--since",
+            bad_since.to_str().unwrap(),
+            "--out",
+            tmp.path().join("x.weft").to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("frontier"), "{e}");
+    assert!(!tmp.path().join("x.weft").exists());
+    assert_eq!(
+        without_peers(a.status()),
+        without_peers(before.clone()),
+        "a refused command changed the node"
+    );
+    // The API's own answers to the same mistakes.
+    let (code, v) = a.post(
+        &format!("/v1/streams/{enc}/events"),
+        &json!({"kind": "K", "add": {"visits": 1}, "expected_version": 1}),
+    );
+    assert_eq!(code, 409, "{v}");
+    let (code, v) = a.post(&format!("/v1/streams/{enc}/events"), &json!({"kind": 3}));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["error"].is_string(), "{v}");
+
+    // A second `run` on a running node's directory, or on a busy HTTP
+    // port, is refused; the running node is untouched.
+    let e = run_fails(&da, &["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]);
+    assert!(e.contains("in use by another weftlog process"), "{e}");
+    let e = run_fails(&db, &["--listen", "127.0.0.1:0", "--http", &a.http]);
+    assert!(e.contains(&a.http), "{e}");
+    assert!(!db.join("http.addr").exists());
+    assert_eq!(
+        fs::read_to_string(da.join("http.addr")).unwrap().trim(),
+        a.http
+    );
+    assert_eq!(without_peers(a.status()), without_peers(before));
+    eprintln!("cli_forwards_to_running_node: {:?}", t0.elapsed());
+}
