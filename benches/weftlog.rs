@@ -17,6 +17,38 @@
 //!   increments, as one batch and one change at a time.
 //! - `open`: `Node::open` over a log built by `Node::append` (page cache
 //!   warm), against reading every row of the same events from SQLite.
+//! - `sync`: bytes, flights and time of one sync round against automerge's
+//!   sync protocol, for n shared events and k new ones on each side (a
+//!   table of its own).
+//! - `replicate`: two nodes, each with a `Daemon`, over QUIC on loopback
+//!   (both in this process, on a two-worker runtime). Node A holds n events
+//!   of the mixed workload (256-byte payloads, written before the daemons
+//!   start), B is empty; B dials A. Timed from the start of A's daemon until
+//!   B holds all n in its state ("applied", polled every 0.5 ms) and until B's
+//!   feed reports the batch holding A's last event, i.e. after B's
+//!   `fdatasync` of it ("durable"; batches are durable in order, and B's log
+//!   is reopened afterwards to check it holds n records). Baselines:
+//!   automerge's sync protocol bringing an empty in-memory document up to
+//!   one with the same n changes (the fold group's changes, each also
+//!   putting the 256-byte payload), and weftlog's own sync session between
+//!   two in-memory `MemStore`s (no QUIC, no TLS, no disk; its sender's and
+//!   receiver's µs per event are shown apart). Each run also prints the CPU
+//!   the process spent per replicated event, by thread kind (the runtime:
+//!   sessions and QUIC; the committers and syncers: B's log).
+//! - `propagate`: a full mesh of 5 nodes with daemons on loopback
+//!   (anti-entropy every hour, so only live push counts). After the mesh is
+//!   up and warmed, m appends from rotating origins, each 5–10 ms after the
+//!   last one settled: the time from the `Node::append` call until every
+//!   other node holds the event in its state ("applied", polled every
+//!   ~0.1 ms by `(author, seq)`) and until every other node's feed reports
+//!   it durable ("durable"). p50, p99 and max per run; `pooled` is the
+//!   quantile over all runs' events, `origin_ack` the origin's own append
+//!   latency in the mesh, `sends_per_delivery` the events all sessions sent
+//!   per (event, other node). Baseline: the same spaced appends on a lone
+//!   node without daemons (one local durable append, mostly one
+//!   `fdatasync`), with the same probe watching its own state. Ratio =
+//!   baseline / weftlog. On a VM an `fdatasync` after an idle gap can be
+//!   slower than in a busy mesh, so read it next to `origin_ack`.
 //!
 //! Every figure is the median of `WEFTLOG_BENCH_RUNS` runs (at least 3);
 //! weftlog and baseline runs alternate so drift in a noisy machine hits both.
@@ -27,14 +59,19 @@
 //! `WEFTLOG_BENCH_SECS` (append window per run); `WEFTLOG_BENCH_THREADS`
 //! (comma-separated appender counts); `WEFTLOG_BENCH_FOLD_N`,
 //! `WEFTLOG_BENCH_AM_BATCH_N`, `WEFTLOG_BENCH_AM_ONE_N`,
-//! `WEFTLOG_BENCH_FOLD_AUTHORS`, `WEFTLOG_BENCH_OPEN_N`; `WEFTLOG_BENCH_DIR`
+//! `WEFTLOG_BENCH_FOLD_AUTHORS`, `WEFTLOG_BENCH_OPEN_N`;
+//! `WEFTLOG_BENCH_REPLICATE_N`, `WEFTLOG_BENCH_PROPAGATE_M`,
+//! `WEFTLOG_BENCH_PROPAGATE_NODES`, `WEFTLOG_BENCH_PROPAGATE_PROBE=0` (no
+//! "applied" probe: durable figures only); `WEFTLOG_BENCH_DIR`
 //! (scratch directory; default `target/bench-tmp`, which should be on a real
 //! disk, not tmpfs).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -44,6 +81,8 @@ use automerge::transaction::Transactable;
 use automerge::{ActorId, AutoCommit, Automerge, ObjType, ScalarValue, ROOT};
 use rusqlite::{params, Connection};
 use serde_json::json;
+use tokio::sync::broadcast;
+use weftlog::daemon::{self, Daemon};
 use weftlog::node::{self, Node};
 use weftlog_proto::event::{Event, Keypair, Meta, Op};
 use weftlog_proto::log::{decode_frame, HEADER_BYTES};
@@ -68,7 +107,7 @@ const SQLITE_BUILD_TX: u64 = 10_000;
 /// Wall clock base for in-memory events (ms since the epoch).
 const BASE_MS: u64 = 1_700_000_000_000;
 
-const GROUPS: [&str; 4] = ["append", "fold", "open", "sync"];
+const GROUPS: [&str; 6] = ["append", "fold", "open", "sync", "replicate", "propagate"];
 
 struct Config {
     quick: bool,
@@ -80,6 +119,10 @@ struct Config {
     am_batch_n: u64,
     am_one_n: u64,
     open_n: u64,
+    replicate_n: u64,
+    propagate_m: u64,
+    propagate_nodes: usize,
+    propagate_probe: bool,
     dir: PathBuf,
     groups: Vec<String>,
 }
@@ -141,6 +184,14 @@ impl Config {
                 "WEFTLOG_BENCH_OPEN_N",
                 if quick { 10_000 } else { 1_000_000 },
             )?,
+            replicate_n: env_or(
+                "WEFTLOG_BENCH_REPLICATE_N",
+                if quick { 5_000 } else { 200_000 },
+            )?
+            .max(1),
+            propagate_m: env_or("WEFTLOG_BENCH_PROPAGATE_M", if quick { 30 } else { 300 })?.max(1),
+            propagate_nodes: env_or("WEFTLOG_BENCH_PROPAGATE_NODES", 5usize)?.max(2),
+            propagate_probe: env_or("WEFTLOG_BENCH_PROPAGATE_PROBE", 1u8)? != 0,
             dir: std::env::var_os("WEFTLOG_BENCH_DIR").map_or(default_dir, PathBuf::from),
             groups,
         };
@@ -166,6 +217,8 @@ impl Config {
 enum Unit {
     EventsPerSec,
     Secs,
+    /// A latency in milliseconds.
+    Ms,
 }
 
 impl Unit {
@@ -173,6 +226,7 @@ impl Unit {
         match self {
             Unit::EventsPerSec => "events/s",
             Unit::Secs => "s",
+            Unit::Ms => "ms",
         }
     }
 
@@ -180,6 +234,7 @@ impl Unit {
         match self {
             Unit::EventsPerSec => rate(v),
             Unit::Secs => format!("{v:.3} s"),
+            Unit::Ms => format!("{v:.2} ms"),
         }
     }
 }
@@ -244,6 +299,9 @@ impl Figure {
             (Unit::Secs, Unit::Secs) => (bv / b.n as f64) / (v / self.n as f64),
             (Unit::Secs, Unit::EventsPerSec) => (self.n as f64 / v) / bv,
             (Unit::EventsPerSec, Unit::Secs) => v / (b.n as f64 / bv),
+            (Unit::Ms, Unit::Ms) => bv / v,
+            // Latencies compare only with latencies.
+            (Unit::Ms, _) | (_, Unit::Ms) => f64::NAN,
         }
     }
 
@@ -725,8 +783,10 @@ fn build_events(n: u64, authors: u64) -> Built {
 }
 
 /// The same `n` first events as automerge changes: one change per event, a
-/// map per stream, puts for sets and counter increments for adds.
-fn build_automerge(n: u64) -> Result<Vec<automerge::Change>> {
+/// map per stream, puts for sets and counter increments for adds; with
+/// `payloads`, each change also puts the event's 256-byte payload (as bytes,
+/// in the stream's `payload` field).
+fn build_automerge(n: u64, payloads: bool) -> Result<Vec<automerge::Change>> {
     let mut doc = AutoCommit::new().with_actor(ActorId::from(vec![1u8; 16]));
     let mut objs: BTreeMap<u64, automerge::ObjId> = BTreeMap::new();
     let mut counters: BTreeSet<(u64, &str)> = BTreeSet::new();
@@ -748,6 +808,9 @@ fn build_automerge(n: u64) -> Result<Vec<automerge::Change>> {
                 doc.put(&obj, *c, ScalarValue::counter(0))?;
             }
             doc.increment(&obj, *c, *d)?;
+        }
+        if payloads {
+            doc.put(&obj, "payload", ScalarValue::Bytes(payload(i)))?;
         }
         doc.commit();
     }
@@ -775,7 +838,7 @@ fn bench_fold(cfg: &Config, report: &mut Report) -> Result<()> {
     let am_n = cfg.am_batch_n.min(n);
     let am_one_n = cfg.am_one_n.min(am_n);
     println!("# fold: building {am_n} automerge changes…");
-    let (secs, changes) = time(|| build_automerge(am_n));
+    let (secs, changes) = time(|| build_automerge(am_n, false));
     let changes = changes?;
     println!("  built in {secs:.1} s");
 
@@ -1081,16 +1144,26 @@ fn fs_type(path: &Path) -> String {
         .map_or_else(|| "unknown".into(), |(_, t)| t)
 }
 
+/// The 1, 5 and 15 minute load averages, from /proc/loadavg: other work on
+/// the machine skews every figure here.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
+}
+
 fn main() -> Result<()> {
     let cfg = Config::from_env()?;
     fs::create_dir_all(&cfg.dir).with_context(|| format!("create {}", cfg.dir.display()))?;
     let fs = fs_type(&cfg.dir);
     println!(
-        "weftlog bench: groups {:?}, {} runs each{}, {} cores, scratch {} on {fs}",
+        "weftlog bench: groups {:?}, {} runs each{}, {} cores (load average {}), scratch {} on {fs}",
         cfg.groups,
         cfg.runs,
         if cfg.quick { ", QUICK sizes" } else { "" },
         thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average(),
         cfg.dir.display(),
     );
     if fs.starts_with("tmpfs") || fs.starts_with("ramfs") {
@@ -1115,8 +1188,18 @@ fn main() -> Result<()> {
     if cfg.wants("sync") {
         bench_sync(&cfg)?;
     }
+    if cfg.wants("replicate") {
+        bench_replicate(&cfg, &mut report)?;
+    }
+    if cfg.wants("propagate") {
+        bench_propagate(&cfg, &mut report)?;
+    }
     report.print_table();
-    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "total {:.1} s (load average {})",
+        t0.elapsed().as_secs_f64(),
+        load_average()
+    );
     Ok(())
 }
 
@@ -1127,26 +1210,42 @@ fn main() -> Result<()> {
 /// message either side has goes out in one flight, both ways at once, until
 /// neither has anything to say. Returns (bytes, flights).
 fn weft_round(a: &mut MemStore, b: &mut MemStore) -> Result<(u64, u64)> {
+    let (bytes, flights, _) = weft_round_timed(a, b)?;
+    Ok((bytes, flights))
+}
+
+/// [`weft_round`], also returning the seconds each side's session spent
+/// (its `poll_transmit` and `handle_message` calls).
+fn weft_round_timed(a: &mut MemStore, b: &mut MemStore) -> Result<(u64, u64, [f64; 2])> {
     let ka = Keypair::from_secret([31; 32]).node_id();
     let kb = Keypair::from_secret([32; 32]).node_id();
     let mut sa = Session::new(SessionConfig::new([1; 32], ka), &*a);
     let mut sb = Session::new(SessionConfig::new([1; 32], kb), &*b);
     let (mut bytes, mut flights) = (0u64, 0u64);
+    let (mut ta, mut tb) = (Duration::ZERO, Duration::ZERO);
     loop {
+        let t = Instant::now();
         let ma: Vec<Vec<u8>> = std::iter::from_fn(|| sa.poll_transmit(&*a)).collect();
+        let t2 = Instant::now();
         let mb: Vec<Vec<u8>> = std::iter::from_fn(|| sb.poll_transmit(&*b)).collect();
+        ta += t2 - t;
+        tb += t2.elapsed();
         if ma.is_empty() && mb.is_empty() {
-            return Ok((bytes, flights));
+            return Ok((bytes, flights, [ta.as_secs_f64(), tb.as_secs_f64()]));
         }
         flights += 1;
+        let t = Instant::now();
         for m in &ma {
             bytes += m.len() as u64;
             sb.handle_message(m, b)?;
         }
+        let t2 = Instant::now();
         for m in &mb {
             bytes += m.len() as u64;
             sa.handle_message(m, a)?;
         }
+        tb += t2 - t;
+        ta += t2.elapsed();
     }
 }
 
@@ -1299,6 +1398,814 @@ fn bench_sync(cfg: &Config) -> Result<()> {
                 wb as f64 / missing.max(1) as f64,
                 ms(&fresh),
                 ms(&resumed),
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Daemons on loopback: shared by replicate and propagate
+
+/// Concurrent `append_async` tasks that fill a node before replication.
+const FILL_TASKS: usize = 256;
+/// Anti-entropy period of the daemons here: an hour, so that only the first
+/// round (replicate) or live push (propagate) is measured.
+const NO_ANTI_ENTROPY: Duration = Duration::from_secs(3600);
+/// Longest wait for the mesh, or for one replication, before giving up.
+const NET_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The runtime the daemons run on: two workers, as the append group's.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// A daemon on an ephemeral loopback port dialling `peers`, with
+/// anti-entropy effectively off.
+fn daemon_config(peers: Vec<String>) -> daemon::Config {
+    let mut c = daemon::Config::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    c.peers = peers;
+    c.anti_entropy = NO_ANTI_ENTROPY;
+    c
+}
+
+/// Appends events `0..n` of the mixed workload (256-byte payloads) from
+/// `FILL_TASKS` concurrent tasks, so group commit makes large batches.
+async fn fill(node: Arc<Node>, n: u64) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..FILL_TASKS)
+        .map(|_| {
+            let (node, next) = (node.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return anyhow::Ok(());
+                    }
+                    node.append_async(mixed_draft(i, payload(i))).await?;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("appender panicked")?;
+    }
+    Ok(())
+}
+
+/// The `p` quantile (0 < p <= 1) of `v` by nearest rank.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    s[rank - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+// ---------------------------------------------------------------------------
+// replicate
+
+/// Poll period of B's state while it catches up.
+const REPLICATE_POLL: Duration = Duration::from_micros(500);
+
+/// CPU seconds used so far by this process's live threads, summed by
+/// thread name (/proc/self/task/*/stat; clock-tick resolution).
+fn thread_cpu() -> BTreeMap<String, f64> {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ...`: the comm may hold spaces, the rest not.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].trim().to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line; 12 and 13 here.
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        if let (Some(u), Some(s)) = (ticks(11), ticks(12)) {
+            *out.entry(name).or_insert(0.0) += (u + s) / tick;
+        }
+    }
+    out
+}
+
+/// One run of the replicate group, seconds from the start of A's daemon.
+struct ReplicateRun {
+    fill_secs: f64,
+    connected_secs: Option<f64>,
+    first_secs: f64,
+    applied_secs: f64,
+    durable_secs: f64,
+    /// Batches B's feed delivered (B's group commits: one `fdatasync` each).
+    b_batches: u64,
+    /// Bytes B received from A (sync messages, length prefixes included).
+    bytes: u64,
+    shutdown_secs: f64,
+    /// CPU seconds by thread name from the daemons' start until durable
+    /// (both nodes are in this process).
+    cpu: BTreeMap<String, f64>,
+}
+
+fn weft_replicate_run(cfg: &Config, n: u64) -> Result<ReplicateRun> {
+    let (_ta, dir_a) = new_node(cfg, "replicate-a-")?;
+    let (_tb, dir_b) = new_node(cfg, "replicate-b-")?;
+    let a = Arc::new(Node::open(&dir_a).context("open node A")?.0);
+    let b = Arc::new(Node::open(&dir_b).context("open node B")?.0);
+    let a_id = a.id();
+    let rt = runtime()?;
+    let (fill_secs, r) = time(|| rt.block_on(fill(a.clone(), n)));
+    r?;
+    let (a_len, a_hash) = a.with_state(|s| (s.len(), s.state_hash()));
+    ensure!(a_len == n, "A holds {a_len} events, expected {n}");
+
+    // A's events are its seqs 1..=n; B's batches are durable in order, so
+    // the batch whose heads reach (A, n) completes the replication.
+    let mut feed = b.subscribe();
+    let (done_tx, done_rx) = std_mpsc::channel();
+    let watcher = thread::spawn(move || {
+        let mut batches = 0u64;
+        loop {
+            match feed.blocking_recv() {
+                Ok(c) => {
+                    batches += 1;
+                    if c.heads.iter().any(|&(au, seq)| au == a_id && seq >= n) {
+                        let _ = done_tx.send((Instant::now(), batches));
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(k)) => batches += k,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+
+    let cpu0 = thread_cpu();
+    let t0 = Instant::now();
+    let (daemon_a, daemon_b) = rt.block_on(async {
+        let da = Daemon::start(a.clone(), daemon_config(Vec::new())).await?;
+        let db = Daemon::start(b.clone(), daemon_config(vec![da.local_addr().to_string()])).await?;
+        anyhow::Ok((da, db))
+    })?;
+    let (mut connected, mut first) = (None, None);
+    let applied = loop {
+        let len = b.with_state(|s| s.len());
+        let now = Instant::now();
+        if connected.is_none() && daemon_b.is_connected(&a_id) {
+            connected = Some(now);
+        }
+        if first.is_none() && len > 0 {
+            first = Some(now);
+        }
+        if len >= n {
+            break now;
+        }
+        if now - t0 > NET_DEADLINE {
+            bail!("replicate: B holds {len} of {n} events after {NET_DEADLINE:?}");
+        }
+        thread::sleep(REPLICATE_POLL);
+    };
+    let (durable, b_batches) = done_rx
+        .recv_timeout(NET_DEADLINE.saturating_sub(t0.elapsed()))
+        .context("replicate: B's feed never reported A's last event durable")?;
+    let mut cpu = thread_cpu();
+    for (name, secs) in &cpu0 {
+        if let Some(v) = cpu.get_mut(name) {
+            *v -= secs;
+        }
+    }
+    let peers = rt.block_on(daemon_b.peers());
+    let a_str = a_id.to_string();
+    let bytes = peers
+        .iter()
+        .find(|p| p["node"].as_str() == Some(a_str.as_str()))
+        .and_then(|p| p["bytes_received"].as_u64())
+        .unwrap_or(0);
+    let b_hash = b.with_state(|s| s.state_hash());
+    ensure!(b_hash == a_hash, "replicate: B's state differs from A's");
+    let (shutdown_secs, ()) = time(|| {
+        rt.block_on(async {
+            tokio::join!(daemon_a.shutdown(), daemon_b.shutdown());
+        })
+    });
+    drop((daemon_a, daemon_b));
+    drop(rt);
+    let _ = watcher.join();
+    drop(a);
+    drop(b);
+    // What the feed called durable is in B's log.
+    let (reopened, recovery) = Node::open(&dir_b).context("reopen node B")?;
+    ensure!(
+        recovery.records == n && recovery.torn.is_none(),
+        "replicate: B's log recovered {recovery:?}, expected {n} records"
+    );
+    drop(reopened);
+    let since = |t: Instant| (t - t0).as_secs_f64();
+    Ok(ReplicateRun {
+        fill_secs,
+        connected_secs: connected.map(since),
+        first_secs: first.map_or(f64::NAN, since),
+        applied_secs: since(applied),
+        durable_secs: since(durable),
+        b_batches,
+        bytes,
+        shutdown_secs,
+        cpu,
+    })
+}
+
+/// automerge's sync protocol bringing an empty document up to `src`;
+/// seconds.
+fn am_replicate_run(src: &AutoCommit) -> Result<f64> {
+    let mut x = src.clone();
+    let mut y = AutoCommit::new();
+    let (mut sx, mut sy) = (automerge::sync::State::new(), automerge::sync::State::new());
+    let t = Instant::now();
+    am_round(&mut x, &mut y, &mut sx, &mut sy)?;
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        x.get_heads() == y.get_heads(),
+        "automerge replicas diverged"
+    );
+    Ok(secs)
+}
+
+/// A `MemStore` with events `0..n` of the mixed workload (256-byte
+/// payloads) by one author, signed every `FILL_TASKS` events (about the
+/// batches `fill` makes).
+fn mem_source(n: u64) -> Result<MemStore> {
+    let key = Keypair::from_secret([41; 32]);
+    let mut store = MemStore::new();
+    let mut clock = HlcClock::default();
+    let mut i = 0;
+    while i < n {
+        let m = (n - i).min(FILL_TASKS as u64);
+        store.commit(
+            &key,
+            &mut clock,
+            BASE_MS + i / 100,
+            (i..i + m).map(|j| mixed_draft(j, payload(j))),
+        )?;
+        i += m;
+    }
+    Ok(store)
+}
+
+/// weftlog's sync session bringing an empty `MemStore` up to `src`, in
+/// memory: seconds in all, and in the sender's and the receiver's session.
+fn mem_replicate_run(src: &MemStore, n: u64) -> Result<(f64, [f64; 2])> {
+    let mut a = src.clone();
+    let mut b = MemStore::new();
+    let t = Instant::now();
+    let (_, _, sides) = weft_round_timed(&mut a, &mut b)?;
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        b.len() == n && a.frontier_digest() == b.frontier_digest(),
+        "MemStore replicas diverged"
+    );
+    Ok((secs, sides))
+}
+
+fn bench_replicate(cfg: &Config, report: &mut Report) -> Result<()> {
+    let n = cfg.replicate_n;
+    println!(
+        "# replicate: building {n} automerge changes (with payloads) and a {n}-event MemStore…"
+    );
+    let (secs, src) = time(|| -> Result<(AutoCommit, MemStore)> {
+        let mut doc = AutoCommit::new();
+        doc.apply_changes(build_automerge(n, true)?)?;
+        Ok((doc, mem_source(n)?))
+    });
+    let (mut am_src, mem_src) = src?;
+    ensure!(am_src.get_changes(&[]).len() as u64 == n);
+    println!("  built in {secs:.1} s");
+    println!(
+        "# replicate: {n} events from A to an empty B over QUIC on loopback, {} runs",
+        cfg.runs
+    );
+    let (mut applied, mut durable, mut am, mut mem) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fill, mut connect, mut first, mut batches, mut wire) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut mem_us: Vec<[f64; 2]> = Vec::new();
+    let mut cpu_us: Vec<[f64; 2]> = Vec::new();
+    for run in 0..cfg.runs {
+        let w = weft_replicate_run(cfg, n)?;
+        let a = am_replicate_run(&am_src)?;
+        let (m, [m_send, m_recv]) = mem_replicate_run(&mem_src, n)?;
+        let us = |secs: f64| secs * 1e6 / n as f64;
+        let cpu_total: f64 = w.cpu.values().sum();
+        let cpu_of = |prefix: &str| -> f64 {
+            w.cpu
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let (cpu_rt, cpu_commit, cpu_sync) = (
+            cpu_of("tokio"),
+            cpu_of("weftlog-commit"),
+            cpu_of("weftlog-sync"),
+        );
+        println!(
+            "  run {run}: fill A {} | connected {} ms, first event {:.1} ms, applied {:.3} s ({}), durable {:.3} s ({}), {} batches on B, {:.1} MiB on the wire, shutdown {:.2} s | automerge sync {:.3} s ({}) | MemStore session {:.3} s ({}; sender {:.2} µs/event, receiver {:.2} µs/event) | CPU while replicating {:.2} µs/event: runtime {:.2}, committers {:.2}, syncers {:.2}",
+            rate(n as f64 / w.fill_secs),
+            w.connected_secs.map_or("?".into(), |s| format!("{:.1}", s * 1e3)),
+            w.first_secs * 1e3,
+            w.applied_secs,
+            rate(n as f64 / w.applied_secs),
+            w.durable_secs,
+            rate(n as f64 / w.durable_secs),
+            w.b_batches,
+            w.bytes as f64 / (1 << 20) as f64,
+            w.shutdown_secs,
+            a,
+            rate(n as f64 / a),
+            m,
+            rate(n as f64 / m),
+            us(m_send),
+            us(m_recv),
+            us(cpu_total),
+            us(cpu_rt),
+            us(cpu_commit),
+            us(cpu_sync),
+        );
+        cpu_us.push([us(cpu_total), us(cpu_rt)]);
+        applied.push(n as f64 / w.applied_secs);
+        durable.push(n as f64 / w.durable_secs);
+        am.push(n as f64 / a);
+        mem.push(n as f64 / m);
+        mem_us.push([m_send * 1e6 / n as f64, m_recv * 1e6 / n as f64]);
+        fill.push(n as f64 / w.fill_secs);
+        connect.push(w.connected_secs.unwrap_or(f64::NAN) * 1e3);
+        first.push(w.first_secs * 1e3);
+        batches.push(w.b_batches as f64);
+        wire.push(w.bytes as f64 / n as f64);
+    }
+    let baselines = || {
+        vec![
+            Baseline {
+                name: "automerge_sync".into(),
+                unit: Unit::EventsPerSec,
+                runs: am.clone(),
+                n,
+                note: "in memory, empty doc, one change per event".into(),
+            },
+            Baseline {
+                name: "weftlog_session_memstore".into(),
+                unit: Unit::EventsPerSec,
+                runs: mem.clone(),
+                n,
+                note: "same protocol in memory: no QUIC, TLS or disk".into(),
+            },
+        ]
+    };
+    let mut extra = serde_json::Map::new();
+    extra.insert("payload_bytes".into(), json!(PAYLOAD_BYTES));
+    extra.insert("fill_events_per_s".into(), json!(median(&fill).round()));
+    extra.insert(
+        "connected_ms".into(),
+        json!((median(&connect) * 10.0).round() / 10.0),
+    );
+    extra.insert(
+        "first_event_ms".into(),
+        json!((median(&first) * 10.0).round() / 10.0),
+    );
+    extra.insert("b_batches".into(), json!(median(&batches)));
+    extra.insert("wire_bytes_per_event".into(), json!(median(&wire).round()));
+    let us = |side: usize| {
+        let v: Vec<f64> = mem_us.iter().map(|x| x[side]).collect();
+        json!((median(&v) * 100.0).round() / 100.0)
+    };
+    extra.insert("memstore_sender_us_per_event".into(), us(0));
+    extra.insert("memstore_receiver_us_per_event".into(), us(1));
+    let cpu = |i: usize| {
+        let v: Vec<f64> = cpu_us.iter().map(|x| x[i]).collect();
+        json!((median(&v) * 100.0).round() / 100.0)
+    };
+    extra.insert("cpu_us_per_event".into(), cpu(0));
+    extra.insert("runtime_cpu_us_per_event".into(), cpu(1));
+    for (name, runs, what) in [
+        ("replicate_applied", applied, "in B's state"),
+        ("replicate_durable", durable, "B's feed: fdatasync done"),
+    ] {
+        let mut extra = extra.clone();
+        extra.insert("until".into(), json!(what));
+        report.add(
+            cfg,
+            Figure {
+                group: "replicate",
+                name: name.into(),
+                unit: Unit::EventsPerSec,
+                runs,
+                n,
+                baselines: baselines(),
+                target: Some(Target::AtLeast(200_000.0)),
+                extra,
+            },
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// propagate
+
+/// Sleep between two polls of the "applied" probe (the kernel's timer
+/// slack adds about as much again).
+const PROBE_POLL: Duration = Duration::from_micros(50);
+/// Longest wait for one event to reach every node.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Appends per node before measuring (they also check the mesh syncs).
+const PROPAGATE_WARMUP: u64 = 3;
+
+/// Wait until `(author, seq)` is in the state of every node of `nodes`.
+struct Probe {
+    author: NodeId,
+    seq: u64,
+    t0: Instant,
+    nodes: Vec<usize>,
+}
+
+/// A thread that polls nodes' states for an event by `(author, seq)`,
+/// known before the append is made: the "applied" time. While an event is
+/// in flight it wakes every ~0.1 ms, so it keeps a CPU out of deep idle;
+/// the lone-node baseline runs one too, so both see the same.
+struct Prober {
+    tx: std_mpsc::Sender<Probe>,
+    rx: std_mpsc::Receiver<Option<Instant>>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl Prober {
+    fn start(nodes: Vec<Arc<Node>>) -> Prober {
+        let (tx, probes) = std_mpsc::channel::<Probe>();
+        let (seen_tx, rx) = std_mpsc::channel();
+        let handle = thread::spawn(move || {
+            while let Ok(p) = probes.recv() {
+                let mut left = p.nodes;
+                let seen = loop {
+                    left.retain(|&j| {
+                        !nodes[j].with_state(|s| s.event_id(&p.author, p.seq).is_some())
+                    });
+                    let now = Instant::now();
+                    if left.is_empty() {
+                        break Some(now);
+                    }
+                    if now - p.t0 > PROBE_TIMEOUT {
+                        break None;
+                    }
+                    thread::sleep(PROBE_POLL);
+                };
+                if seen_tx.send(seen).is_err() {
+                    return;
+                }
+            }
+        });
+        Prober { tx, rx, handle }
+    }
+
+    fn probe(&self, p: Probe) -> Result<()> {
+        self.tx.send(p).ok().context("the prober stopped")
+    }
+
+    /// When the last probe's event was in every node's state.
+    fn wait(&self) -> Result<Instant> {
+        self.rx
+            .recv_timeout(PROBE_TIMEOUT + Duration::from_secs(1))
+            .context("the prober stopped")?
+            .with_context(|| format!("an event was not in every state within {PROBE_TIMEOUT:?}"))
+    }
+
+    fn stop(self) {
+        drop(self.tx);
+        let _ = self.handle.join();
+    }
+}
+
+/// One run of the propagate group: per measured event, milliseconds.
+struct PropagateRun {
+    /// Empty without the probe.
+    applied: Vec<f64>,
+    durable: Vec<f64>,
+    /// The origin's own append latency.
+    ack: Vec<f64>,
+    connect_secs: f64,
+    /// Events sent by all sessions / deliveries needed (events × others).
+    sends_per_delivery: f64,
+    shutdown_secs: f64,
+}
+
+/// 5–10 ms, from `rng`.
+fn spacing(rng: &mut u64) -> Duration {
+    *rng = splitmix(*rng);
+    Duration::from_micros(5_000 + *rng % 5_001)
+}
+
+fn weft_propagate_run(cfg: &Config, seed: u64) -> Result<PropagateRun> {
+    let (k, m) = (cfg.propagate_nodes, cfg.propagate_m);
+    let mut tmps = Vec::new();
+    let mut nodes = Vec::new();
+    for i in 0..k {
+        let (tmp, dir) = new_node(cfg, &format!("propagate-{i}-"))?;
+        nodes.push(Arc::new(Node::open(&dir).context("open node")?.0));
+        tmps.push(tmp);
+    }
+    let ids: Vec<NodeId> = nodes.iter().map(|n| n.id()).collect();
+
+    // Durable: each node's feed, stamped by a thread of its own.
+    let (feed_tx, feed_rx) = std_mpsc::channel::<(usize, EventId, Instant)>();
+    let watchers: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(j, node)| {
+            let mut feed = node.subscribe();
+            let tx = feed_tx.clone();
+            thread::spawn(move || loop {
+                match feed.blocking_recv() {
+                    Ok(c) => {
+                        let now = Instant::now();
+                        for (id, _) in &c.events {
+                            if tx.send((j, *id, now)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // Cannot happen at this rate; a missed event times out.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            })
+        })
+        .collect();
+    drop(feed_tx);
+    let prober = cfg.propagate_probe.then(|| Prober::start(nodes.clone()));
+
+    // The mesh: each node dials every node started before it.
+    let rt = runtime()?;
+    let t_connect = Instant::now();
+    let daemons: Vec<Daemon> = rt.block_on(async {
+        let mut ds: Vec<Daemon> = Vec::new();
+        for node in &nodes {
+            let peers = ds.iter().map(|d| d.local_addr().to_string()).collect();
+            ds.push(Daemon::start(node.clone(), daemon_config(peers)).await?);
+        }
+        anyhow::Ok(ds)
+    })?;
+    loop {
+        let up = (0..k).all(|i| (0..k).all(|j| i == j || daemons[i].is_connected(&ids[j])));
+        if up {
+            break;
+        }
+        if t_connect.elapsed() > Duration::from_secs(30) {
+            bail!("propagate: the {k}-node mesh did not connect within 30 s");
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let connect_secs = t_connect.elapsed().as_secs_f64();
+
+    let warm = PROPAGATE_WARMUP * k as u64;
+    let mut next_seq = vec![1u64; k];
+    let mut durable_at: HashMap<EventId, Vec<Option<Instant>>> = HashMap::new();
+    let mut rng = seed;
+    let (mut applied, mut durable, mut ack) = (Vec::new(), Vec::new(), Vec::new());
+    for e in 0..warm + m {
+        let origin = (e % k as u64) as usize;
+        let others: Vec<usize> = (0..k).filter(|&j| j != origin).collect();
+        let seq = next_seq[origin];
+        let t0 = Instant::now();
+        if let Some(p) = &prober {
+            p.probe(Probe {
+                author: ids[origin],
+                seq,
+                t0,
+                nodes: others.clone(),
+            })?;
+        }
+        let appended = nodes[origin].append(mixed_draft(e, payload(e)))?;
+        let acked = t0.elapsed();
+        ensure!(
+            appended.seq == seq && !appended.existing,
+            "propagate: append {e} got seq {}, expected {seq}",
+            appended.seq
+        );
+        next_seq[origin] = seq + 1;
+        let deadline = t0 + PROBE_TIMEOUT;
+        let times = loop {
+            if durable_at
+                .get(&appended.id)
+                .is_some_and(|v| others.iter().all(|&j| v[j].is_some()))
+            {
+                break durable_at.remove(&appended.id).expect("present");
+            }
+            match feed_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((j, id, at)) => {
+                    durable_at.entry(id).or_insert_with(|| vec![None; k])[j] = Some(at);
+                }
+                Err(_) => bail!(
+                    "propagate: event {e} from node {origin} was not durable on every other node within {PROBE_TIMEOUT:?}"
+                ),
+            }
+        };
+        let last_durable = others
+            .iter()
+            .map(|&j| times[j].expect("checked above"))
+            .max()
+            .expect("at least one other node");
+        let seen = match &prober {
+            Some(p) => Some(p.wait().with_context(|| format!("propagate: event {e}"))?),
+            None => None,
+        };
+        if e >= warm {
+            if let Some(seen) = seen {
+                applied.push(ms(seen - t0));
+            }
+            durable.push(ms(last_durable - t0));
+            ack.push(ms(acked));
+        }
+        thread::sleep(spacing(&mut rng));
+    }
+
+    let rows = rt.block_on(async {
+        let mut rows = Vec::new();
+        for d in &daemons {
+            rows.extend(d.peers().await);
+        }
+        rows
+    });
+    let sent: u64 = rows.iter().filter_map(|r| r["events_sent"].as_u64()).sum();
+    let needed = (warm + m) * (k as u64 - 1);
+    let (shutdown_secs, r) = time(|| {
+        rt.block_on(async {
+            let handles: Vec<_> = daemons
+                .into_iter()
+                .map(|d| tokio::spawn(async move { d.shutdown().await }))
+                .collect();
+            for h in handles {
+                h.await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    r?;
+    if let Some(p) = prober {
+        p.stop();
+    }
+    drop(rt);
+    drop(nodes);
+    for w in watchers {
+        let _ = w.join();
+    }
+    Ok(PropagateRun {
+        applied,
+        durable,
+        ack,
+        connect_secs,
+        sends_per_delivery: sent as f64 / needed as f64,
+        shutdown_secs,
+    })
+}
+
+/// The baseline: the same spaced appends on a lone node without daemons
+/// (with the same prober, watching this node's own state); each append's
+/// latency in ms.
+fn local_append_latencies(cfg: &Config, seed: u64) -> Result<Vec<f64>> {
+    let (_tmp, dir) = new_node(cfg, "propagate-local-")?;
+    let node = Arc::new(Node::open(&dir).context("open node")?.0);
+    let prober = cfg
+        .propagate_probe
+        .then(|| Prober::start(vec![node.clone()]));
+    let warm = PROPAGATE_WARMUP * cfg.propagate_nodes as u64;
+    let mut rng = seed;
+    let mut out = Vec::new();
+    for e in 0..warm + cfg.propagate_m {
+        let t0 = Instant::now();
+        if let Some(p) = &prober {
+            p.probe(Probe {
+                author: node.id(),
+                seq: e + 1,
+                t0,
+                nodes: vec![0],
+            })?;
+        }
+        node.append(mixed_draft(e, payload(e)))?;
+        let lat = ms(t0.elapsed());
+        if let Some(p) = &prober {
+            p.wait()?;
+        }
+        if e >= warm {
+            out.push(lat);
+        }
+        thread::sleep(spacing(&mut rng));
+    }
+    if let Some(p) = prober {
+        p.stop();
+    }
+    Ok(out)
+}
+
+fn bench_propagate(cfg: &Config, report: &mut Report) -> Result<()> {
+    let (k, m) = (cfg.propagate_nodes, cfg.propagate_m);
+    println!(
+        "# propagate: {k}-node full mesh on loopback, {m} appends from rotating origins 5–10 ms apart, {} runs{}",
+        cfg.runs,
+        if cfg.propagate_probe { "" } else { ", no applied probe" }
+    );
+    let (mut applied, mut durable, mut local, mut ack) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut sends, mut connect) = (Vec::new(), Vec::new());
+    let show = |v: &[f64]| {
+        if v.is_empty() {
+            return "-".to_string();
+        }
+        format!(
+            "p50 {:.2} / p99 {:.2} / max {:.2} ms",
+            percentile(v, 0.5),
+            percentile(v, 0.99),
+            percentile(v, 1.0)
+        )
+    };
+    for run in 0..cfg.runs {
+        let seed = 1_000 + run as u64;
+        let w = weft_propagate_run(cfg, seed)?;
+        let l = local_append_latencies(cfg, seed)?;
+        println!(
+            "  run {run}: mesh up in {:.0} ms | applied {} | durable {} | origin ack {} | lone node append {} | {:.2} sends per delivery | shutdown {:.2} s",
+            w.connect_secs * 1e3,
+            show(&w.applied),
+            show(&w.durable),
+            show(&w.ack),
+            show(&l),
+            w.sends_per_delivery,
+            w.shutdown_secs,
+        );
+        applied.push(w.applied);
+        durable.push(w.durable);
+        ack.push(w.ack);
+        local.push(l);
+        sends.push(w.sends_per_delivery);
+        connect.push(w.connect_secs * 1e3);
+    }
+    let mut figures = vec![(
+        "durable",
+        &durable,
+        "every other node's feed: fdatasync done",
+    )];
+    if cfg.propagate_probe {
+        figures.insert(
+            0,
+            ("applied", &applied, "in every other node's state (polled)"),
+        );
+    }
+    for (what, runs, until) in figures {
+        for (tag, p) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+            let per_run: Vec<f64> = runs.iter().map(|v| percentile(v, p)).collect();
+            let base: Vec<f64> = local.iter().map(|v| percentile(v, p)).collect();
+            let round2 = |v: f64| (v * 100.0).round() / 100.0;
+            let mut extra = serde_json::Map::new();
+            extra.insert("nodes".into(), json!(k));
+            extra.insert("until".into(), json!(until));
+            extra.insert(
+                "pooled".into(),
+                json!(round2(percentile(&runs.concat(), p))),
+            );
+            extra.insert(
+                "origin_ack".into(),
+                json!(round2(percentile(&ack.concat(), p))),
+            );
+            if tag == "p50" {
+                extra.insert("sends_per_delivery".into(), json!(round2(median(&sends))));
+                extra.insert("mesh_up_ms".into(), json!(median(&connect).round()));
+            }
+            report.add(
+                cfg,
+                Figure {
+                    group: "propagate",
+                    name: format!("propagate_{what}_{tag}"),
+                    unit: Unit::Ms,
+                    runs: per_run,
+                    n: m,
+                    baselines: vec![Baseline {
+                        name: format!("lone_node_append_{tag}"),
+                        unit: Unit::Ms,
+                        runs: base,
+                        n: m,
+                        note: "one local durable append, same spacing".into(),
+                    }],
+                    target: (tag == "p99").then_some(Target::AtMost(10.0)),
+                    extra,
+                },
             );
         }
     }

@@ -615,11 +615,14 @@ impl Shared {
         }
     }
 
-    /// The live connection with `peer`, if any.
+    /// The live connection with `peer`, if any. A closed one still
+    /// registered (its session is winding down) does not count: a dial loop
+    /// waiting on it would spin.
     fn live_conn(&self, peer: &NodeId) -> Option<quinn::Connection> {
         lock(&self.peers)
             .get(peer)
             .and_then(|p| p.live.as_ref().map(|l| l.conn.clone()))
+            .filter(|c| c.close_reason().is_none())
     }
 
     fn is_blocked(&self, peer: &NodeId) -> bool {
