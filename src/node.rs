@@ -549,17 +549,16 @@ impl sync::Store for SyncStore<'_> {
 
     fn fetch(&self, author: &NodeId, seq: u64) -> Option<sync::Stored> {
         let (record, hlc) = self.durable_seq(author, seq)?;
-        let frame = {
-            let mut log = self.node.inner.log.lock().expect("log lock poisoned");
-            log.read(record).ok()?
-        };
-        let (f, _) = weftlog_proto::log::decode_frame(&frame).ok()?;
-        Some(sync::Stored {
-            bytes: f.bytes.to_vec(),
-            id: f.id,
-            hlc,
-            sig: f.sig,
-        })
+        let mut log = self.node.inner.log.lock().expect("log lock poisoned");
+        let (stored, _) = log
+            .read_with(record, |f| sync::Stored {
+                bytes: f.bytes.to_vec(),
+                id: f.id,
+                hlc,
+                sig: f.sig,
+            })
+            .ok()?;
+        Some(stored)
     }
 
     fn insert(
@@ -569,11 +568,13 @@ impl sync::Store for SyncStore<'_> {
         bytes: &[u8],
         sig: Option<Signature>,
     ) -> Result<Inserted, Invalid> {
+        let mut wake = false;
         let r = {
             let mut g = self.node.lock();
             let r = g.state.insert(event, id)?;
             if r == Inserted::New {
                 g.clock.observe(event.hlc);
+                wake = g.received.is_empty();
                 g.received.push(Pending {
                     bytes: bytes.to_vec(),
                     id,
@@ -585,9 +586,10 @@ impl sync::Store for SyncStore<'_> {
             }
             r
         };
-        if r == Inserted::New {
-            // A full queue means the committer is busy: it takes the
-            // received events with its next batch anyway.
+        if wake {
+            // The first event since the committer last took them wakes it
+            // (it takes all of them at once). A full queue means it is busy
+            // and takes them with its next batch anyway.
             let _ = self.node.sender().try_send(Request::Flush(None));
         }
         Ok(r)

@@ -710,17 +710,29 @@ impl<S: Storage> Log<S> {
 
     /// The frame of record `index` (its checks are made again on read).
     pub fn read(&mut self, index: u64) -> Result<Vec<u8>, OpenError> {
+        let data = self.read_with(index, |_| ())?.1;
+        Ok(data)
+    }
+
+    /// Reads record `index`, checks it like [`Log::read`], and hands the
+    /// decoded frame to `f` (so callers need not decode it again).
+    pub fn read_with<T>(
+        &mut self,
+        index: u64,
+        f: impl FnOnce(Frame<'_>) -> T,
+    ) -> Result<(T, Vec<u8>), OpenError> {
         let p = *self
             .positions
             .get(index as usize)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no record {index}")))?;
         let data = self.storage.read_at(p.segment, p.offset, p.len as usize)?;
-        decode_frame(&data).map_err(|e| OpenError::Corrupt {
+        let (frame, _) = decode_frame(&data).map_err(|e| OpenError::Corrupt {
             segment: p.segment,
             offset: p.offset,
             reason: e.to_string(),
         })?;
-        Ok(data)
+        let t = f(frame);
+        Ok((t, data))
     }
 
     /// The storage, for tests that crash and reopen.

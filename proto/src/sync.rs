@@ -1004,7 +1004,9 @@ pub struct Session {
     /// Per author, received events no signature covers yet: a chain.
     runs: BTreeMap<NodeId, Vec<Pending>>,
     /// Authenticated events waiting to be stored, in canonical order.
-    ready: BTreeMap<ReadyKey, Pending>,
+    /// Boxed: a pending event is a few hundred bytes, and the map shifts
+    /// its values on insert.
+    ready: BTreeMap<ReadyKey, Box<Pending>>,
     pending_events: usize,
     pending_bytes: usize,
     forks: BTreeMap<NodeId, Fork>,
@@ -1601,7 +1603,8 @@ impl Session {
                 let seq = eref.seq;
                 for mut p in self.runs.remove(&author).unwrap_or_default() {
                     p.seg = seq;
-                    self.ready.insert((p.event.hlc, author, p.event.seq), p);
+                    self.ready
+                        .insert((p.event.hlc, author, p.event.seq), Box::new(p));
                 }
                 released = true;
             }
