@@ -160,9 +160,14 @@ impl Fork {
     }
 }
 
-/// Reads the equivocations a daemon recorded in `dir` (none if the file is
-/// missing). Lines that do not parse are skipped with a warning.
+/// The equivocations a daemon recorded in `dir` (none if the file is
+/// missing): one per `(author, seq)`, the proven record over a claim.
+/// Lines that do not parse are skipped with a warning.
 pub fn read_equivocations(dir: &Path) -> Vec<Value> {
+    load_forks(dir).values().map(Fork::json).collect()
+}
+
+fn read_records(dir: &Path) -> Vec<Value> {
     let path = dir.join(EQUIVOCATIONS_FILE);
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Vec::new();
@@ -493,7 +498,7 @@ fn transport(idle: Duration) -> quinn::TransportConfig {
 
 fn load_forks(dir: &Path) -> BTreeMap<(NodeId, u64), Fork> {
     let mut out = BTreeMap::new();
-    for v in read_equivocations(dir) {
+    for v in read_records(dir) {
         let parsed = (|| {
             let s = |k: &str| v.get(k)?.as_str();
             Some(Fork {

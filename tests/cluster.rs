@@ -1727,3 +1727,95 @@ fn survivor_answers_when_peers_stop_together() {
         );
     }
 }
+
+/// An author that signs two events with one seq (here: two data
+/// directories sharing one key) is caught by sync: the honest node that
+/// meets both branches reports the fork in `status`, with both ids, keeps
+/// the proof across a restart, and stores only the branch it had.
+#[test]
+fn equivocation_is_detected_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dx1, dx2, dc) = (
+        tmp.path().join("x1"),
+        tmp.path().join("x2"),
+        tmp.path().join("c"),
+    );
+    let x = init(&dx1);
+    fs::create_dir(&dx2).unwrap();
+    fs::copy(
+        dx1.join(weftlog::node::KEY_FILE),
+        dx2.join(weftlog::node::KEY_FILE),
+    )
+    .unwrap();
+    let rename = |dir: &Path, name: &str| -> String {
+        let v = cli_json(
+            dir,
+            &[
+                "append",
+                "--stream",
+                "customer/20",
+                "--kind",
+                "Renamed",
+                "--set",
+                &format!("name=\"{name}\""),
+            ],
+        );
+        assert_eq!(v["seq"], 1);
+        assert_eq!(v["author"], x.as_str());
+        v["id"].as_str().unwrap().to_string()
+    };
+    let (id1, id2) = (rename(&dx1, "Ada"), rename(&dx2, "Eve"));
+    assert_ne!(id1, id2);
+    init(&dc);
+    let mut c = Proc::start("c", &dc, Opts::default());
+    let mut x1 = Proc::start(
+        "x1",
+        &dx1,
+        Opts {
+            peers: vec![c.quic.clone()],
+            ..Opts::default()
+        },
+    );
+    wait_status(&c, "c receiving x1's branch", |s| s["events"] == 1);
+    let (code, _) = x1.sigterm();
+    assert!(code.success());
+    let x2 = Proc::start(
+        "x2",
+        &dx2,
+        Opts {
+            peers: vec![c.quic.clone()],
+            ..Opts::default()
+        },
+    );
+    let s = wait_status(&c, "c reporting the fork", |s| {
+        s["equivocations"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|f| f["proven"] == true))
+    });
+    let forks = s["equivocations"].as_array().unwrap();
+    assert_eq!(forks.len(), 1, "{s}");
+    let f = &forks[0];
+    assert_eq!(f["author"], x.as_str(), "{f}");
+    assert_eq!(f["seq"], 1, "{f}");
+    assert_eq!(f["held"], id1.as_str(), "{f}");
+    assert_eq!(f["other"], id2.as_str(), "{f}");
+    // Only the branch c had is stored.
+    assert_eq!(s["events"], 1, "{s}");
+    assert_eq!(
+        s["frontier"][x.as_str()]["head"],
+        id1.as_str(),
+        "c kept its branch"
+    );
+    // The forked author's other replica learns of the fork as well (c sends
+    // it its branch as proof).
+    wait_status(&x2, "x2 reporting the fork", |s| {
+        s["equivocations"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|f| f["author"] == x.as_str()))
+    });
+    // The proof survives a restart and shows in the offline status too.
+    let (code, _) = c.sigterm();
+    assert!(code.success());
+    let offline = cli_json(&dc, &["status"]);
+    assert_eq!(offline["equivocations"], s["equivocations"], "{offline}");
+}
