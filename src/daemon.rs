@@ -842,7 +842,10 @@ enum End {
 
 enum Inbound {
     Message(Vec<u8>),
+    /// The stream or connection ended.
     Failed(String),
+    /// The peer broke the framing (a length above the limit).
+    Protocol(String),
 }
 
 /// Reads whole messages; a length above the limit fails before anything
@@ -865,7 +868,10 @@ async fn read_loop(mut recv: quinn::RecvStream, tx: mpsc::Sender<Inbound>) {
                         Err(e) => format!("the stream ended mid-message: {e}"),
                     }
                 }
-                Err(e) => format!("protocol: {e}"),
+                Err(e) => {
+                    let _ = tx.send(Inbound::Protocol(e.to_string())).await;
+                    return;
+                }
             },
             Err(quinn::ReadExactError::FinishedEarly(0)) => "the peer closed the stream".into(),
             Err(e) => format!("receive: {e}"),
@@ -996,6 +1002,7 @@ async fn run_session(
                     // A failure is reported by poll_event above.
                     let _ = session.handle_message(&msg, &mut node.sync_store());
                 }
+                Some(Inbound::Protocol(why)) => break End::Failed(why),
                 Some(Inbound::Failed(why)) => {
                     if let Some(reason) = conn.close_reason() {
                         break End::Closed(reason.to_string());
