@@ -68,16 +68,18 @@ pub async fn sync_round(
     } else {
         conn.accept_bi().await?
     };
-    let mut store: SyncStore<'_> = node.sync_store();
+    // A store per call: it holds the node's state lock from its first
+    // insert until dropped (see `SyncStore`).
+    let store = || -> SyncStore<'_> { node.sync_store() };
     let mut config = SessionConfig::new(cluster, node.id());
     config.peer = Some(peer);
-    let mut session = Session::new(config, &store);
+    let mut session = Session::new(config, &store());
     let mut round = Round {
         peer: Some(peer),
         ..Round::default()
     };
     loop {
-        while let Some(msg) = session.poll_transmit(&store) {
+        while let Some(msg) = session.poll_transmit(&store()) {
             round.bytes_sent += msg.len() as u64;
             send.write_all(&msg).await?;
         }
@@ -105,9 +107,9 @@ pub async fn sync_round(
         let mut msg = vec![0u8; LENGTH_PREFIX_BYTES + len];
         msg[..LENGTH_PREFIX_BYTES].copy_from_slice(&prefix);
         recv.read_exact(&mut msg[LENGTH_PREFIX_BYTES..]).await?;
-        if let Err(e) = session.handle_message(&msg, &mut store) {
+        if let Err(e) = session.handle_message(&msg, &mut store()) {
             // Tell the peer why (the session queued an Error message).
-            while let Some(msg) = session.poll_transmit(&store) {
+            while let Some(msg) = session.poll_transmit(&store()) {
                 let _ = send.write_all(&msg).await;
             }
             let _ = send.finish();

@@ -488,18 +488,53 @@ impl Node {
 /// only durable events, each author up to its last signed one, and stores
 /// received events through the committer, in its next batch (ahead of
 /// anything applied after them, so the log stays in causal order).
+///
+/// Make one per [`sync::Session::handle_message`] call and drop it after:
+/// from its first insert until it is dropped it holds the node's state
+/// lock, so the committer never takes part of a received run. (Otherwise
+/// it could write a batch that ends inside a run, with a local event that
+/// depends on it: the node would advertise a head whose dependency it
+/// does not serve yet.)
 pub struct SyncStore<'a> {
     node: &'a Node,
+    held: std::cell::RefCell<Option<MutexGuard<'a, Shared>>>,
+    /// Received events were queued: wake the committer on drop.
+    wake: bool,
 }
 
 impl Node {
-    /// This node as a store for [`sync::Session`]s.
+    /// This node as a store for [`sync::Session`]s; see [`SyncStore`].
     pub fn sync_store(&self) -> SyncStore<'_> {
-        SyncStore { node: self }
+        SyncStore {
+            node: self,
+            held: std::cell::RefCell::new(None),
+            wake: false,
+        }
+    }
+}
+
+impl Drop for SyncStore<'_> {
+    fn drop(&mut self) {
+        let woke = self.held.get_mut().take().is_some() && self.wake;
+        if woke {
+            // The committer takes all received events at once. A full queue
+            // means it is busy and takes them with its next batch anyway.
+            let _ = self.node.sender().try_send(Request::Flush(None));
+        }
     }
 }
 
 impl SyncStore<'_> {
+    /// Runs `f` on the node's shared state, under the lock this store holds
+    /// if it holds it.
+    fn shared<T>(&self, f: impl FnOnce(&mut Shared) -> T) -> T {
+        let mut held = self.held.borrow_mut();
+        match held.as_mut() {
+            Some(g) => f(g),
+            None => f(&mut self.node.lock()),
+        }
+    }
+
     fn durable_seq(&self, author: &NodeId, seq: u64) -> Option<(u64, Hlc)> {
         let d = self
             .node
@@ -525,22 +560,23 @@ impl sync::Store for SyncStore<'_> {
                 .expect("durable index lock poisoned");
             d.signed.iter().map(|(a, seq)| (*a, *seq)).collect()
         };
-        let g = self.node.lock();
-        heads
-            .into_iter()
-            .filter_map(|(author, seq)| {
-                let id = g.state.event_id(&author, seq)?;
-                Some(sync::Head { author, seq, id })
-            })
-            .collect()
+        self.shared(|g| {
+            heads
+                .into_iter()
+                .filter_map(|(author, seq)| {
+                    let id = g.state.event_id(&author, seq)?;
+                    Some(sync::Head { author, seq, id })
+                })
+                .collect()
+        })
     }
 
     fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
-        self.node.lock().state.event_id(author, seq)
+        self.shared(|g| g.state.event_id(author, seq))
     }
 
     fn contains(&self, id: &EventId) -> bool {
-        self.node.lock().state.contains(id)
+        self.shared(|g| g.state.contains(id))
     }
 
     fn hlc(&self, author: &NodeId, seq: u64) -> Option<Hlc> {
@@ -568,29 +604,20 @@ impl sync::Store for SyncStore<'_> {
         bytes: &[u8],
         sig: Option<Signature>,
     ) -> Result<Inserted, Invalid> {
-        let mut wake = false;
-        let r = {
-            let mut g = self.node.lock();
-            let r = g.state.insert(event, id)?;
-            if r == Inserted::New {
-                g.clock.observe(event.hlc);
-                wake = g.received.is_empty();
-                g.received.push(Pending {
-                    bytes: bytes.to_vec(),
-                    id,
-                    author: event.author,
-                    seq: event.seq,
-                    hlc: event.hlc,
-                    sig,
-                });
-            }
-            r
-        };
-        if wake {
-            // The first event since the committer last took them wakes it
-            // (it takes all of them at once). A full queue means it is busy
-            // and takes them with its next batch anyway.
-            let _ = self.node.sender().try_send(Request::Flush(None));
+        let held = self.held.get_mut();
+        let g = held.get_or_insert_with(|| self.node.lock());
+        let r = g.state.insert(event, id)?;
+        if r == Inserted::New {
+            g.clock.observe(event.hlc);
+            g.received.push(Pending {
+                bytes: bytes.to_vec(),
+                id,
+                author: event.author,
+                seq: event.seq,
+                hlc: event.hlc,
+                sig,
+            });
+            self.wake = true;
         }
         Ok(r)
     }

@@ -14,17 +14,18 @@ const CLUSTER: [u8; 32] = [9; 32];
 
 /// Shuttles messages both ways until neither side has anything to send.
 fn shuttle(a: &Node, sa: &mut Session, b: &Node, sb: &mut Session) -> Vec<SessionEvent> {
-    let (mut ka, mut kb) = (a.sync_store(), b.sync_store());
+    // A store per call, as the daemon does: one holds its node's state
+    // lock from its first insert until dropped.
     let mut events = Vec::new();
     loop {
         let mut moved = false;
-        while let Some(m) = sa.poll_transmit(&ka) {
-            sb.handle_message(&m, &mut kb)
+        while let Some(m) = sa.poll_transmit(&a.sync_store()) {
+            sb.handle_message(&m, &mut b.sync_store())
                 .expect("b accepts a's message");
             moved = true;
         }
-        while let Some(m) = sb.poll_transmit(&kb) {
-            sa.handle_message(&m, &mut ka)
+        while let Some(m) = sb.poll_transmit(&b.sync_store()) {
+            sa.handle_message(&m, &mut a.sync_store())
                 .expect("a accepts b's message");
             moved = true;
         }
