@@ -111,6 +111,16 @@ pub enum Command {
     /// (e.g. RUST_LOG=weftlog=debug) for more or less.
     #[command(after_help = HTTP_HELP)]
     Run(RunArgs),
+    /// Run deterministic partition simulations: many nodes in one process,
+    /// each running the real protocol core over a simulated network and
+    /// storage on virtual time, under partitions, loss, duplication,
+    /// reordering, crashes with torn writes and clock skew; then check the
+    /// oracles (convergence, durability, causal order, escrow, conflicts).
+    ///
+    /// Prints a summary (text, or JSON with --json); a failing seed prints
+    /// the command that replays it, and the exit code is 1.
+    #[command(after_help = SIM_HELP)]
+    Simulate(SimArgs),
     /// Three registration desks run real nodes on loopback (QUIC): the
     /// network between them is cut, both sides edit, the network heals, and
     /// they converge. Runs in a temporary directory.
@@ -133,6 +143,156 @@ POST /v1/import                   import an export file (body: its bytes)\n  \
 POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n\n\
 Example:\n  \
 weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt";
+
+const SIM_HELP: &str =
+    "Built-in scenarios (simulations/scenarios/*.toml): random, venue, multi-site,\n\
+crash-oneway, rolling. Without --scenario, all of them with their own seeds.\n\n\
+Examples:\n  \
+weftlog simulate                                  every scenario, its CI seeds\n  \
+weftlog simulate --scenario venue --seeds 1..200 --report venue.html\n  \
+weftlog simulate --scenario venue --seed 42      replay one seed\n  \
+weftlog simulate --long                           each scenario's long seed range";
+
+/// Arguments of `simulate`.
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// A built-in scenario name or a scenario TOML file; all built-ins when
+    /// omitted.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub scenario: Option<String>,
+    /// Number of nodes (replaces the scenario's).
+    #[arg(long, value_name = "N")]
+    pub nodes: Option<usize>,
+    /// One seed.
+    #[arg(long, value_name = "S", conflicts_with = "seeds")]
+    pub seed: Option<u64>,
+    /// A range of seeds, A..B (B excluded) or A..=B.
+    #[arg(long, value_name = "A..B")]
+    pub seeds: Option<String>,
+    /// Virtual duration of each run (replaces the scenario's): seconds, or
+    /// with a unit: 90s, 10m, 1h.
+    #[arg(long, value_name = "T")]
+    pub duration: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write an HTML report with plots (divergence over time, convergence
+    /// after each heal, traffic) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Use each scenario's long seed range (many more seeds).
+    #[arg(long)]
+    pub long: bool,
+    /// Seeds run in parallel; 0 for one per core.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub jobs: usize,
+    /// Run every seed twice and compare trace hashes.
+    #[arg(long)]
+    pub check_determinism: bool,
+    /// Also print one line per seed.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+fn parse_duration(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| {
+        anyhow!("--duration {s:?}: not a number of seconds (e.g. 300, 90s, 10m, 1h)")
+    })?;
+    let mult = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        u => bail!("--duration {s:?}: unknown unit {u:?} (use ms, s, m or h)"),
+    };
+    if !(n.is_finite() && n > 0.0) {
+        bail!("--duration {s:?}: must be positive");
+    }
+    Ok(n * mult)
+}
+
+/// Runs `weftlog simulate`: a progress bar on stderr, the summary on `out`.
+fn simulate(args: SimArgs, out: &mut impl Write) -> Result<()> {
+    use weftlog_sim::cli as sim;
+    let seeds = match (&args.seed, &args.seeds) {
+        (Some(s), _) => Some(weftlog_sim::scenario::SeedRange::one(*s)),
+        (None, Some(r)) => Some(r.parse().map_err(|e: String| anyhow!("--seeds: {e}"))?),
+        (None, None) => None,
+    };
+    let duration_s = args.duration.as_deref().map(parse_duration).transpose()?;
+    let sargs = sim::SimulateArgs {
+        scenario: args.scenario.clone(),
+        nodes: args.nodes,
+        seeds,
+        duration_s,
+        json: args.json,
+        report: args.report.clone(),
+        long: args.long,
+        jobs: args.jobs,
+        check_determinism: args.check_determinism,
+        verbose: args.verbose,
+    };
+    // The wall clock paces the progress display only; nothing of it reaches
+    // a simulation.
+    let tty = io::IsTerminal::is_terminal(&io::stderr());
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let mut last_done = u64::MAX;
+    let outcome = sim::simulate(&sargs, &mut |u: &sim::Update| {
+        if u.run.is_some() || u.seeds_done == last_done {
+            return;
+        }
+        last_done = u.seeds_done;
+        let total = u.seeds_total.max(1);
+        if tty {
+            let width = 30u64;
+            let filled = (u.seeds_done.min(total) * width / total) as usize;
+            eprint!(
+                "\r[{}{}] {}/{} seeds, {} failed, {} ({:.0} s)  ",
+                "#".repeat(filled),
+                ".".repeat(width as usize - filled),
+                u.seeds_done,
+                u.seeds_total,
+                u.failures,
+                u.scenario,
+                started.elapsed().as_secs_f64()
+            );
+        } else if last_line.elapsed().as_secs() >= 5 || u.seeds_done == u.seeds_total {
+            last_line = std::time::Instant::now();
+            eprintln!(
+                "simulate: {}/{} seeds, {} failed ({}, {:.0} s)",
+                u.seeds_done,
+                u.seeds_total,
+                u.failures,
+                u.scenario,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let _ = io::stderr().flush();
+    });
+    if tty {
+        eprintln!();
+    }
+    let outcome = outcome?;
+    if args.verbose && !args.json {
+        out.write_all(outcome.per_seed().as_bytes())?;
+    }
+    out.write_all(outcome.render(args.json).as_bytes())?;
+    out.flush()?;
+    if outcome.failed() {
+        let n = outcome.runs.iter().filter(|r| !r.passed()).count();
+        bail!(
+            "{n} of {} seeds failed an oracle; each replays with the command printed above",
+            outcome.runs.len()
+        );
+    }
+    Ok(())
+}
 
 /// Arguments of `run`.
 #[derive(Args, Debug)]
@@ -581,6 +741,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             print(out, &v)?;
         }
         Command::Run(args) => crate::run::run(dir, args, out)?,
+        Command::Simulate(args) => simulate(args, out)?,
         Command::Demo => crate::demo::run(out)?,
     }
     Ok(())

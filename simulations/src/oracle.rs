@@ -1,0 +1,459 @@
+//! Oracles: what must hold after a run's final heal and quiescence.
+//!
+//! Each is a plain function of what the nodes hold, so that tests can hand
+//! them broken inputs and see them fail. They do not trust the code they
+//! check: causal order is checked on the log as written, the standing
+//! writes of each field are recomputed from the events' causal pasts
+//! (vector clocks built here from `prev` and `deps`), and escrow totals are
+//! recounted from the ops in the log.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weftlog_proto::state::{Escrow, State, Stream};
+use weftlog_proto::sync::{frontier_digest, Head};
+use weftlog_proto::{Dot, Event, EventId, NodeId, Op};
+
+/// What one node ends with.
+pub struct NodeFinal<'a> {
+    /// Its index.
+    pub ix: usize,
+    /// Its state.
+    pub state: &'a State,
+    /// The frontier it advertises (durable, signed heads).
+    pub advertised: Vec<Head>,
+}
+
+/// One node's log, reopened after the run.
+pub struct Reloaded<'a> {
+    /// The node's index.
+    pub ix: usize,
+    /// The state it runs with.
+    pub state: &'a State,
+    /// Its log reopened and folded again, and every record in log order;
+    /// or why recovery failed.
+    pub log: Result<(State, Vec<(Event, EventId)>), String>,
+}
+
+fn hex8(b: &[u8; 32]) -> String {
+    b[..4].iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Equal frontiers, state hashes and advertised digests on every node.
+pub fn convergence(nodes: &[NodeFinal<'_>]) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(first) = nodes.first() else {
+        return out;
+    };
+    let f0 = first.state.frontier();
+    let h0 = first.state.state_hash();
+    let d0 = frontier_digest(&first.advertised);
+    for n in &nodes[1..] {
+        let f = n.state.frontier();
+        if f != f0 {
+            let missing: u64 = f0
+                .iter()
+                .map(|(a, (s, _))| s.saturating_sub(f.get(a).map_or(0, |x| x.0)))
+                .sum();
+            let extra: u64 = f
+                .iter()
+                .map(|(a, (s, _))| s.saturating_sub(f0.get(a).map_or(0, |x| x.0)))
+                .sum();
+            out.push(format!(
+                "node {} and node {} hold different events: node {} lacks {missing} of node {}'s, node {} lacks {extra}",
+                first.ix, n.ix, n.ix, first.ix, first.ix
+            ));
+            continue;
+        }
+        let h = n.state.state_hash();
+        if h != h0 {
+            out.push(format!(
+                "node {} and node {} hold the same events but state hashes {}… and {}…",
+                first.ix,
+                n.ix,
+                hex8(&h0),
+                hex8(&h)
+            ));
+        }
+        let d = frontier_digest(&n.advertised);
+        if d != d0 {
+            out.push(format!(
+                "node {} and node {} hold the same events but advertise different frontiers",
+                first.ix, n.ix
+            ));
+        }
+    }
+    out
+}
+
+/// Every acknowledged event is in the node's state and log.
+pub fn acknowledged(acked: &BTreeMap<EventId, (usize, u64)>, n: &Reloaded<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    {
+        let logged: Option<BTreeSet<EventId>> = n
+            .log
+            .as_ref()
+            .ok()
+            .map(|(_, evs)| evs.iter().map(|(_, id)| *id).collect());
+        let mut missing = 0u64;
+        let mut first = None;
+        for (id, (by, at_ms)) in acked {
+            let in_state = n.state.contains(id);
+            let in_log = logged.as_ref().is_none_or(|l| l.contains(id));
+            if !(in_state && in_log) {
+                missing += 1;
+                first.get_or_insert((*id, *by, *at_ms, in_state));
+            }
+        }
+        if let Some((id, by, at_ms, in_state)) = first {
+            out.push(format!(
+                "node {} lacks {missing} acknowledged events, first {} (acknowledged by node {by} at {at_ms} ms; {})",
+                n.ix,
+                id.short(),
+                if in_state { "in its state but not its log" } else { "not in its state" }
+            ));
+        }
+    }
+    out
+}
+
+/// The node's log, reopened, folds to the state the node runs with.
+pub fn durability(n: &Reloaded<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    {
+        match &n.log {
+            Err(e) => out.push(format!("node {}: its log does not reopen: {e}", n.ix)),
+            Ok((state, events)) => {
+                if events.len() as u64 != n.state.len() {
+                    out.push(format!(
+                        "node {}: its log holds {} events, its state {}",
+                        n.ix,
+                        events.len(),
+                        n.state.len()
+                    ));
+                } else if state.state_hash() != n.state.state_hash() {
+                    out.push(format!(
+                        "node {}: its log folds to another state than the one it runs with",
+                        n.ix
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every record's `prev` and deps come before it in the log, and each
+/// author's records follow its chain.
+pub fn causal_order(events: &[(Event, EventId)]) -> Result<(), String> {
+    let mut seen: BTreeSet<EventId> = BTreeSet::new();
+    let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
+    for (i, (e, id)) in events.iter().enumerate() {
+        let head = heads.entry(e.author).or_insert(0);
+        if e.seq != *head + 1 {
+            return Err(format!(
+                "record {i} ({}) is seq {} of its author, whose last record was seq {head}",
+                id.short(),
+                e.seq
+            ));
+        }
+        *head = e.seq;
+        if let Some(p) = e.prev.filter(|p| !seen.contains(p)) {
+            return Err(format!(
+                "record {i} ({}) comes before its prev {}",
+                id.short(),
+                p.short()
+            ));
+        }
+        if let Some(d) = e.deps.iter().find(|d| !seen.contains(d)) {
+            return Err(format!(
+                "record {i} ({}) comes before its dependency {}",
+                id.short(),
+                d.short()
+            ));
+        }
+        seen.insert(*id);
+    }
+    Ok(())
+}
+
+/// Escrow: on every counter, consumption never exceeds capacity, no account
+/// gives away or uses more than it got, and the totals match a recount of
+/// the ops in the log. Returns the consumption and capacity summed over
+/// counters.
+pub fn escrow(
+    streams: &BTreeMap<String, Stream>,
+    events: &[(Event, EventId)],
+) -> Result<(u128, u128), Vec<String>> {
+    let mut out = Vec::new();
+    let mut recount: BTreeMap<(&str, &str), (u128, u128)> = BTreeMap::new();
+    for (e, _) in events {
+        for op in &e.ops {
+            match op {
+                Op::EscrowInit { counter, capacity } => {
+                    recount.entry((&e.stream, counter)).or_default().0 += *capacity as u128;
+                }
+                Op::EscrowConsume { counter, amount } => {
+                    recount.entry((&e.stream, counter)).or_default().1 += *amount as u128;
+                }
+                _ => {}
+            }
+        }
+    }
+    let (mut consumed, mut capacity) = (0u128, 0u128);
+    for (name, st) in streams {
+        for (counter, esc) in &st.escrow {
+            check_escrow(name, counter, esc, &mut out);
+            let (cap, used) = recount
+                .get(&(name.as_str(), counter.as_str()))
+                .copied()
+                .unwrap_or_default();
+            if cap != esc.capacity || used != esc.consumed {
+                out.push(format!(
+                    "{name} {counter}: the log's ops add up to capacity {cap}, consumed {used}; the state says {} and {}",
+                    esc.capacity, esc.consumed
+                ));
+            }
+            consumed += esc.consumed;
+            capacity += esc.capacity;
+        }
+    }
+    if out.is_empty() {
+        Ok((consumed, capacity))
+    } else {
+        Err(out)
+    }
+}
+
+fn check_escrow(stream: &str, counter: &str, esc: &Escrow, out: &mut Vec<String>) {
+    if esc.consumed > esc.capacity {
+        out.push(format!(
+            "{stream} {counter}: consumed {} over capacity {}",
+            esc.consumed, esc.capacity
+        ));
+    }
+    let (mut init, mut used) = (0u128, 0u128);
+    for (node, a) in &esc.accounts {
+        init += a.init;
+        used += a.consumed;
+        if a.sent + a.consumed > a.init + a.received {
+            out.push(format!(
+                "{stream} {counter}: node {} gave away {} and used {} of the {} it got",
+                node.short(),
+                a.sent,
+                a.consumed,
+                a.init + a.received
+            ));
+        }
+    }
+    if init != esc.capacity || used != esc.consumed {
+        out.push(format!(
+            "{stream} {counter}: accounts add up to capacity {init}, consumed {used}; the counter says {} and {}",
+            esc.capacity, esc.consumed
+        ));
+    }
+}
+
+/// What the conflict oracle counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConflictStats {
+    /// Fields with more than one standing write.
+    pub conflicts: u64,
+    /// Pairs of concurrent writes to one field.
+    pub concurrent_pairs: u64,
+}
+
+/// Register fields: the writes left standing on `streams` must be exactly
+/// the writes to that field that no other write to it has in its causal
+/// past. So every pair of concurrent same-field writes that no later write
+/// superseded shows as a conflict, and nothing else does. Causal pasts are
+/// computed here from the events' `prev` and `deps` (`events` in a causal
+/// order, as a log holds them).
+pub fn conflicts(
+    events: &[(Event, EventId)],
+    streams: &BTreeMap<String, Stream>,
+) -> Result<ConflictStats, Vec<String>> {
+    // Vector clocks, dense by author index, of every event.
+    let mut author_ix: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for (e, _) in events {
+        let n = author_ix.len();
+        author_ix.entry(e.author).or_insert(n);
+    }
+    let width = author_ix.len();
+    let mut vc_of: BTreeMap<EventId, usize> = BTreeMap::new();
+    let mut vcs: Vec<Vec<u64>> = Vec::with_capacity(events.len());
+    // (stream, field) -> [(dot, index of its vc)]
+    let mut writes: BTreeMap<(&str, &str), Vec<(Dot, usize)>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (e, id) in events {
+        let mut vc = vec![0u64; width];
+        for p in e.prev.iter().chain(e.deps.iter()) {
+            let Some(&i) = vc_of.get(p) else {
+                out.push(format!(
+                    "{} names {} which is not before it",
+                    id.short(),
+                    p.short()
+                ));
+                continue;
+            };
+            for (x, y) in vc.iter_mut().zip(&vcs[i]) {
+                *x = (*x).max(*y);
+            }
+        }
+        vc[author_ix[&e.author]] = e.seq;
+        let i = vcs.len();
+        vcs.push(vc);
+        vc_of.insert(*id, i);
+        for op in &e.ops {
+            if let Op::Set { field, .. } = op {
+                writes.entry((&e.stream, field)).or_default().push((
+                    Dot {
+                        author: e.author,
+                        seq: e.seq,
+                    },
+                    i,
+                ));
+            }
+        }
+    }
+    if !out.is_empty() {
+        return Err(out);
+    }
+    let mut stats = ConflictStats::default();
+    let in_past = |w: &(Dot, usize), of: &(Dot, usize)| -> bool {
+        vcs[of.1][author_ix[&w.0.author]] >= w.0.seq
+    };
+    for ((stream, field), ws) in &writes {
+        let mut standing: BTreeSet<Dot> = BTreeSet::new();
+        for (i, w) in ws.iter().enumerate() {
+            if !ws
+                .iter()
+                .enumerate()
+                .any(|(j, o)| j != i && o.0 != w.0 && in_past(w, o))
+            {
+                standing.insert(w.0);
+            }
+            for o in &ws[i + 1..] {
+                if o.0 != w.0 && !in_past(w, o) && !in_past(o, w) {
+                    stats.concurrent_pairs += 1;
+                }
+            }
+        }
+        if standing.len() > 1 {
+            stats.conflicts += 1;
+        }
+        let shown: BTreeSet<Dot> = streams
+            .get(*stream)
+            .and_then(|s| s.fields.get(*field))
+            .map(|w| w.keys().copied().collect())
+            .unwrap_or_default();
+        if shown != standing {
+            out.push(format!(
+                "{stream} {field}: {} writes stand, but {} are concurrent and unsuperseded{}",
+                shown.len(),
+                standing.len(),
+                if standing.len() > 1 && shown.len() <= 1 {
+                    " (a conflict is not surfaced)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    if out.is_empty() {
+        Ok(stats)
+    } else {
+        Err(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weftlog_proto::sync::MemStore;
+    use weftlog_proto::{Draft, HlcClock, Keypair};
+
+    fn rename(v: &str) -> Draft {
+        Draft {
+            stream: "c/1".into(),
+            kind: "Renamed".into(),
+            ops: vec![Op::Set {
+                field: "name".into(),
+                value: v.as_bytes().to_vec(),
+                supersedes: vec![],
+            }],
+            ..Draft::default()
+        }
+    }
+
+    fn events_of(store: &MemStore, keys: &[&Keypair]) -> Vec<(Event, EventId)> {
+        let mut out = Vec::new();
+        for k in keys {
+            let mut seq = 1;
+            while let Some(s) = store.get(&k.node_id(), seq) {
+                out.push((Event::decode_trusted(&s.bytes).unwrap(), s.id));
+                seq += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn concurrent_writes_must_stand_together() {
+        let (ka, kb) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+        let mut a = MemStore::new();
+        let mut b = MemStore::new();
+        a.commit(&ka, &mut HlcClock::default(), 1_000, [rename("a")])
+            .unwrap();
+        b.commit(&kb, &mut HlcClock::default(), 1_000, [rename("b")])
+            .unwrap();
+        // Merge b's event into a by insert (both are heads, concurrent).
+        let s = b.get(&kb.node_id(), 1).unwrap().clone();
+        let e = Event::decode_trusted(&s.bytes).unwrap();
+        weftlog_proto::sync::Store::insert(&mut a, &e, s.id, &s.bytes, s.sig).unwrap();
+        let events = events_of(&a, &[&ka, &kb]);
+        let stats = conflicts(&events, a.state().streams()).unwrap();
+        assert_eq!(stats.conflicts, 1);
+        assert_eq!(stats.concurrent_pairs, 1);
+        // A state showing only one of them hides the conflict.
+        let mut hidden = a.state().streams().clone();
+        let f = hidden
+            .get_mut("c/1")
+            .unwrap()
+            .fields
+            .get_mut("name")
+            .unwrap();
+        let first = *f.keys().next().unwrap();
+        f.remove(&first);
+        let e = conflicts(&events, &hidden).unwrap_err();
+        assert!(e[0].contains("not surfaced"), "{e:?}");
+    }
+
+    #[test]
+    fn a_log_out_of_causal_order_is_caught() {
+        let ka = Keypair::from_secret([1; 32]);
+        let mut a = MemStore::new();
+        a.commit(
+            &ka,
+            &mut HlcClock::default(),
+            1_000,
+            [rename("1"), rename("2")],
+        )
+        .unwrap();
+        let mut events = events_of(&a, &[&ka]);
+        assert!(causal_order(&events).is_ok());
+        events.reverse();
+        assert!(causal_order(&events).is_err());
+    }
+
+    #[test]
+    fn escrow_over_capacity_is_caught() {
+        let mut esc = Escrow::default();
+        esc.capacity = 10;
+        esc.consumed = 11;
+        let mut st = Stream::default();
+        st.escrow.insert("seats".into(), esc);
+        let streams = BTreeMap::from([("event/x".to_string(), st)]);
+        let e = escrow(&streams, &[]).unwrap_err();
+        assert!(e.iter().any(|v| v.contains("over capacity")), "{e:?}");
+    }
+}

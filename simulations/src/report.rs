@@ -1,0 +1,415 @@
+//! What a run reports, and the summary of many runs as text and JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// A broken oracle: what was wrong, where and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// Which oracle: `convergence`, `acknowledged`, `causal-order`,
+    /// `escrow`, `conflicts`, `durability`, `session`, `equivocation`,
+    /// `recovery`, `determinism`.
+    pub oracle: String,
+    /// Virtual time, ms.
+    pub at_ms: u64,
+    /// What was found.
+    pub detail: String,
+}
+
+/// What happened to the commands the workload issued.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Appends {
+    /// Commands issued.
+    pub attempted: u64,
+    /// Appends acknowledged (durable on their node).
+    pub acked: u64,
+    /// Refused: the stream was not at the expected version.
+    pub refused_version: u64,
+    /// Refused: an escrow op needed more rights than the node holds.
+    pub refused_rights: u64,
+    /// Refused for another reason (none in honest runs).
+    pub refused_other: u64,
+    /// Not issued: the node was down.
+    pub node_down: u64,
+    /// Made but never acknowledged: the node crashed first.
+    pub lost_unacked: u64,
+}
+
+/// Samples over virtual time, for plots.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Timeline {
+    /// Time between samples, ms.
+    pub sample_ms: u64,
+    /// Per sample: (node, event) pairs where the node lacks an event some
+    /// node holds.
+    pub divergence: Vec<u64>,
+    /// Per sample: bytes sent in the period.
+    pub bytes: Vec<u64>,
+    /// Per sample: messages sent in the period.
+    pub messages: Vec<u64>,
+    /// Per sample: appends acknowledged in the period.
+    pub appends: Vec<u64>,
+    /// Per sample: connections up.
+    pub connections: Vec<u64>,
+    /// Heals after which no link was cut: (heal time, convergence time if
+    /// reached), ms.
+    pub heals: Vec<(u64, Option<u64>)>,
+    /// Partitions: (start, end, shape), ms.
+    pub partitions: Vec<(u64, u64, String)>,
+    /// Crashes: (time, node, down until), ms.
+    pub crashes: Vec<(u64, usize, u64)>,
+    /// The final heal, ms.
+    pub final_heal_ms: u64,
+}
+
+/// The outcome of one seed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RunReport {
+    /// Scenario name.
+    pub scenario: String,
+    /// The seed.
+    pub seed: u64,
+    /// Nodes.
+    pub nodes: usize,
+    /// Virtual ms of workload and faults (to the final heal).
+    pub duration_ms: u64,
+    /// Virtual ms simulated in all (quiescence included).
+    pub virtual_ms: u64,
+    /// Events appended and acknowledged.
+    pub events: u64,
+    /// Commands and their fate.
+    pub appends: Appends,
+    /// Sync messages sent.
+    pub messages: u64,
+    /// Their bytes (length prefixes included).
+    pub bytes: u64,
+    /// Events carried in sync messages.
+    pub event_frames: u64,
+    /// Received events a node already held (duplicate deliveries across
+    /// peers and reconnects).
+    pub duplicate_deliveries: u64,
+    /// Sync rounds completed.
+    pub rounds: u64,
+    /// Group commits.
+    pub commits: u64,
+    /// Faults injected, by type.
+    pub faults: BTreeMap<String, u64>,
+    /// Fields in conflict at the end (same on every node).
+    pub conflicts: u64,
+    /// Pairs of concurrent writes to one field in the final event set.
+    pub concurrent_writes: u64,
+    /// Convergence time after each full heal, virtual ms.
+    pub convergence_ms: Vec<u64>,
+    /// Convergence time after the final heal, virtual ms.
+    pub final_convergence_ms: Option<u64>,
+    /// Full heals followed by a new partition before convergence (not
+    /// measured).
+    pub convergence_interrupted: u64,
+    /// Sales and escrow uses refused because the node held too few rights.
+    pub oversell_refused: u64,
+    /// Seats (escrow rights) consumed by acknowledged appends.
+    pub escrow_consumed: u64,
+    /// Total escrow capacity.
+    pub escrow_capacity: u64,
+    /// blake3 of the canonical trace: equal for equal seeds.
+    pub trace_hash: String,
+    /// The state hash every node ends with (node 0's).
+    pub state_hash: String,
+    /// Broken oracles; empty for a passing run.
+    pub violations: Vec<Violation>,
+    /// The command that replays this run.
+    pub replay: String,
+    /// Wall-clock ms the run took (outside the simulation; not traced).
+    pub wall_ms: u64,
+    /// Samples for plots.
+    #[serde(skip)]
+    pub timeline: Timeline,
+}
+
+impl RunReport {
+    /// Whether every oracle held.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// p50, p99 and max of a sample (nearest rank); zeros when empty.
+pub fn percentiles(xs: &[u64]) -> (u64, u64, u64) {
+    if xs.is_empty() {
+        return (0, 0, 0);
+    }
+    let mut v = xs.to_vec();
+    v.sort_unstable();
+    let rank = |p: f64| {
+        let r = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v[r - 1]
+    };
+    (rank(0.50), rank(0.99), v[v.len() - 1])
+}
+
+/// Convergence percentiles, virtual ms.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Latency {
+    /// Heals measured.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: u64,
+    /// 99th percentile.
+    pub p99_ms: u64,
+    /// Maximum.
+    pub max_ms: u64,
+}
+
+impl Latency {
+    fn of(xs: &[u64]) -> Latency {
+        let (p50, p99, max) = percentiles(xs);
+        Latency {
+            count: xs.len() as u64,
+            p50_ms: p50,
+            p99_ms: p99,
+            max_ms: max,
+        }
+    }
+}
+
+/// A failing seed and how to replay it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// The command that replays it.
+    pub replay: String,
+    /// What broke.
+    pub violations: Vec<Violation>,
+}
+
+/// The summary of the seeds of one scenario.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    /// Scenario name.
+    pub scenario: String,
+    /// Nodes.
+    pub nodes: usize,
+    /// Seeds run.
+    pub seeds: u64,
+    /// Seeds whose oracles all held.
+    pub passed: u64,
+    /// Events appended and acknowledged.
+    pub events: u64,
+    /// Commands and their fate.
+    pub appends: Appends,
+    /// Sync messages.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Duplicate event deliveries.
+    pub duplicate_deliveries: u64,
+    /// Faults injected, by type.
+    pub faults: BTreeMap<String, u64>,
+    /// Fields in conflict at the end, summed over seeds.
+    pub conflicts: u64,
+    /// Pairs of concurrent same-field writes, summed over seeds.
+    pub concurrent_writes: u64,
+    /// Convergence after each full heal (final heals included).
+    pub convergence: Latency,
+    /// Convergence after the final heal.
+    pub final_convergence: Latency,
+    /// Full heals followed by a new partition before convergence.
+    pub convergence_interrupted: u64,
+    /// Escrow uses refused for want of rights.
+    pub oversell_refused: u64,
+    /// Escrow rights consumed, and the capacity, summed over seeds.
+    pub escrow_consumed: u64,
+    /// Escrow capacity summed over seeds.
+    pub escrow_capacity: u64,
+    /// Virtual seconds simulated.
+    pub virtual_s: f64,
+    /// Wall-clock seconds.
+    pub wall_s: f64,
+    /// Acknowledged events per wall-clock second.
+    pub events_per_wall_s: f64,
+    /// Trace hash of each seed, `seed:hash`, for comparing builds.
+    pub trace_hashes: Vec<String>,
+    /// Failing seeds.
+    pub failures: Vec<Failure>,
+}
+
+impl Summary {
+    /// Sums the runs of one scenario; `wall_s` is the elapsed wall time of
+    /// all of them (they may have run in parallel).
+    pub fn of(runs: &[RunReport], wall_s: f64) -> Summary {
+        let mut s = Summary {
+            scenario: runs.first().map(|r| r.scenario.clone()).unwrap_or_default(),
+            nodes: runs.first().map_or(0, |r| r.nodes),
+            seeds: runs.len() as u64,
+            wall_s,
+            ..Summary::default()
+        };
+        let mut conv = Vec::new();
+        let mut fin = Vec::new();
+        let mut virtual_ms = 0u64;
+        for r in runs {
+            s.passed += r.passed() as u64;
+            s.events += r.events;
+            let a = &mut s.appends;
+            a.attempted += r.appends.attempted;
+            a.acked += r.appends.acked;
+            a.refused_version += r.appends.refused_version;
+            a.refused_rights += r.appends.refused_rights;
+            a.refused_other += r.appends.refused_other;
+            a.node_down += r.appends.node_down;
+            a.lost_unacked += r.appends.lost_unacked;
+            s.messages += r.messages;
+            s.bytes += r.bytes;
+            s.duplicate_deliveries += r.duplicate_deliveries;
+            for (k, v) in &r.faults {
+                *s.faults.entry(k.clone()).or_default() += v;
+            }
+            s.conflicts += r.conflicts;
+            s.concurrent_writes += r.concurrent_writes;
+            conv.extend_from_slice(&r.convergence_ms);
+            fin.extend(r.final_convergence_ms);
+            s.convergence_interrupted += r.convergence_interrupted;
+            s.oversell_refused += r.oversell_refused;
+            s.escrow_consumed += r.escrow_consumed;
+            s.escrow_capacity += r.escrow_capacity;
+            virtual_ms += r.virtual_ms;
+            s.trace_hashes.push(format!("{}:{}", r.seed, r.trace_hash));
+            if !r.passed() {
+                s.failures.push(Failure {
+                    seed: r.seed,
+                    replay: r.replay.clone(),
+                    violations: r.violations.clone(),
+                });
+            }
+        }
+        s.convergence = Latency::of(&conv);
+        s.final_convergence = Latency::of(&fin);
+        s.virtual_s = virtual_ms as f64 / 1000.0;
+        s.events_per_wall_s = if wall_s > 0.0 {
+            s.events as f64 / wall_s
+        } else {
+            0.0
+        };
+        s
+    }
+
+    /// The summary as JSON.
+    pub fn to_json(&self) -> String {
+        // Plain data: serialising cannot fail.
+        serde_json::to_string_pretty(self).expect("summary serialises")
+    }
+
+    /// The summary as text for people.
+    pub fn to_text(&self) -> String {
+        let mut o = String::new();
+        let verdict = if self.failures.is_empty() {
+            "all oracles held".to_string()
+        } else {
+            format!("{} FAILED", self.failures.len())
+        };
+        let _ = writeln!(
+            o,
+            "scenario {}: {} nodes, {} seeds, {} passed ({verdict})",
+            self.scenario, self.nodes, self.seeds, self.passed
+        );
+        let _ = writeln!(
+            o,
+            "  events        {} acknowledged of {} commands ({} refused: {} expected-version, {} escrow rights; {} at a down node; {} lost unacknowledged in crashes)",
+            self.events,
+            self.appends.attempted,
+            self.appends.refused_version + self.appends.refused_rights + self.appends.refused_other,
+            self.appends.refused_version,
+            self.appends.refused_rights,
+            self.appends.node_down,
+            self.appends.lost_unacked,
+        );
+        let _ = writeln!(
+            o,
+            "  traffic       {} messages, {} ({} duplicate event deliveries)",
+            self.messages,
+            human_bytes(self.bytes),
+            self.duplicate_deliveries
+        );
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  faults        {}",
+            if faults.is_empty() {
+                "none".to_string()
+            } else {
+                faults.join(", ")
+            }
+        );
+        let _ = writeln!(
+            o,
+            "  conflicts     {} fields in conflict at the end ({} pairs of concurrent same-field writes)",
+            self.conflicts, self.concurrent_writes
+        );
+        let c = &self.convergence;
+        let _ = writeln!(
+            o,
+            "  convergence   after {} heals: p50 {} ms, p99 {} ms, max {} ms (final heal: p50 {} ms, max {} ms; {} heals cut short by a new partition)",
+            c.count,
+            c.p50_ms,
+            c.p99_ms,
+            c.max_ms,
+            self.final_convergence.p50_ms,
+            self.final_convergence.max_ms,
+            self.convergence_interrupted
+        );
+        let _ = writeln!(
+            o,
+            "  escrow        {} oversell attempts refused; {} of {} rights consumed",
+            self.oversell_refused, self.escrow_consumed, self.escrow_capacity
+        );
+        let _ = writeln!(
+            o,
+            "  time          {:.1} virtual s in {:.2} wall s ({:.0} events per wall s)",
+            self.virtual_s, self.wall_s, self.events_per_wall_s
+        );
+        for f in &self.failures {
+            let _ = writeln!(o, "FAILED seed {}: replay with: {}", f.seed, f.replay);
+            for v in &f.violations {
+                let _ = writeln!(o, "  [{}] at {} ms: {}", v.oracle, v.at_ms, v.detail);
+            }
+        }
+        o
+    }
+}
+
+/// `1.2 MB`-style sizes.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1000.0 && u + 1 < UNITS.len() {
+        x /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        assert_eq!(percentiles(&[]), (0, 0, 0));
+        assert_eq!(percentiles(&[5]), (5, 5, 5));
+        let xs: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentiles(&xs), (50, 99, 100));
+    }
+}

@@ -1,0 +1,800 @@
+//! Scenarios: what to simulate, as TOML (`simulations/scenarios/*.toml`).
+//!
+//! A scenario names its cluster (nodes, topology, sites), its network (per
+//! link class: delay, jitter, loss, duplication, bandwidth), its faults
+//! (random ones with rates, and an explicit schedule), its workload and the
+//! seeds CI runs. Every field but `name`, `seeds`, `nodes`, `duration_s` and
+//! `workload.kind` has a default; unknown fields are refused, so a typo
+//! is an error rather than a silently ignored setting. Times in the file
+//! are in seconds (`_s`) or milliseconds (`_ms`), as the field names say.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The scenarios shipped in `simulations/scenarios/`, by name.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("random", include_str!("../scenarios/random.toml")),
+    ("venue", include_str!("../scenarios/venue.toml")),
+    ("multi-site", include_str!("../scenarios/multi-site.toml")),
+    (
+        "crash-oneway",
+        include_str!("../scenarios/crash-oneway.toml"),
+    ),
+    ("rolling", include_str!("../scenarios/rolling.toml")),
+];
+
+/// Why a scenario could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// Neither a built-in name nor a readable file.
+    #[error(
+        "no scenario named {name:?} (built in: {}) and no such file",
+        builtin_names()
+    )]
+    Unknown {
+        /// What was asked for.
+        name: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read scenario file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not fit the schema.
+    #[error("scenario {what}: {message}")]
+    Parse {
+        /// The name or file.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values break a rule (a node index out of range, a bad range).
+    #[error("scenario {what}: {message}")]
+    Invalid {
+        /// The name or file.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn builtin_names() -> String {
+    BUILTIN
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A half-open range of seeds, written `A..B` (`A..=B` and a single `S` are
+/// accepted too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeedRange {
+    /// First seed.
+    pub start: u64,
+    /// One past the last seed.
+    pub end: u64,
+}
+
+impl SeedRange {
+    /// The one seed `s`.
+    pub fn one(s: u64) -> SeedRange {
+        SeedRange {
+            start: s,
+            end: s.saturating_add(1),
+        }
+    }
+
+    /// Seeds in the range.
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Whether the range holds no seed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The seeds.
+    pub fn iter(&self) -> impl Iterator<Item = u64> {
+        self.start..self.end
+    }
+}
+
+impl fmt::Display for SeedRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+impl FromStr for SeedRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SeedRange, String> {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("seed range {s:?}: {x:?} is not a number"))
+        };
+        let r = if let Some((a, b)) = s.split_once("..=") {
+            SeedRange {
+                start: num(a)?,
+                end: num(b)?.saturating_add(1),
+            }
+        } else if let Some((a, b)) = s.split_once("..") {
+            SeedRange {
+                start: num(a)?,
+                end: num(b)?,
+            }
+        } else {
+            SeedRange::one(num(s)?)
+        };
+        if r.is_empty() {
+            return Err(format!("seed range {s:?} is empty"));
+        }
+        Ok(r)
+    }
+}
+
+impl Serialize for SeedRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for SeedRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SeedRange, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A whole simulation setup. See the module docs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Short name, used in replay commands.
+    pub name: String,
+    /// What the scenario shows.
+    #[serde(default)]
+    pub description: String,
+    /// The seeds CI runs.
+    pub seeds: SeedRange,
+    /// The seeds a long run covers (`WEFTLOG_SIM_LONG=1`, `--long`);
+    /// 20 times as many as `seeds` when absent.
+    #[serde(default)]
+    pub long_seeds: Option<SeedRange>,
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Virtual seconds of workload and faults, before the final heal.
+    pub duration_s: f64,
+    /// Virtual seconds after the final heal within which every node must
+    /// have converged.
+    #[serde(default = "default_quiesce_s")]
+    pub quiesce_timeout_s: f64,
+    /// Who connects to whom.
+    #[serde(default)]
+    pub topology: Topology,
+    /// Link parameters within a site (or the whole cluster without sites).
+    #[serde(default)]
+    pub network: Link,
+    /// Sites, for multi-site clusters.
+    #[serde(default)]
+    pub sites: Option<Sites>,
+    /// Node parameters: timers and the disk.
+    #[serde(default)]
+    pub node: NodeParams,
+    /// Random faults.
+    #[serde(default)]
+    pub faults: Faults,
+    /// Faults at fixed times.
+    #[serde(default)]
+    pub schedule: Vec<Scheduled>,
+    /// What the users do.
+    pub workload: Workload,
+}
+
+fn default_quiesce_s() -> f64 {
+    120.0
+}
+
+/// Who keeps a connection with whom.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Topology {
+    /// Every pair of nodes (within a site, with sites).
+    #[default]
+    Mesh,
+    /// Each node dials `degree` random others (a connected random graph: a
+    /// ring plus random chords), within a site with sites.
+    Random {
+        /// Dials per node.
+        degree: usize,
+    },
+}
+
+/// One class of links.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Link {
+    /// One-way base delay.
+    pub delay_ms: f64,
+    /// Mean of the exponential jitter added to each message.
+    pub jitter_ms: f64,
+    /// Probability that a packet is lost (and retransmitted).
+    pub loss: f64,
+    /// Probability that a packet is duplicated (the transport drops the copy).
+    pub duplicate: f64,
+    /// Bandwidth each way; 0 for unlimited.
+    pub bandwidth_kbps: f64,
+}
+
+impl Default for Link {
+    fn default() -> Link {
+        Link {
+            delay_ms: 1.0,
+            jitter_ms: 2.0,
+            loss: 0.01,
+            duplicate: 0.01,
+            bandwidth_kbps: 0.0,
+        }
+    }
+}
+
+/// Sites of a multi-site cluster: nodes `0..per_site` are site 0, and so on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sites {
+    /// Number of sites; `nodes` must be a multiple of it.
+    pub count: usize,
+    /// Nodes of each site that peer across the WAN (with every gateway of
+    /// every other site).
+    #[serde(default = "default_gateways")]
+    pub gateways: usize,
+    /// WAN links.
+    #[serde(default = "wan_default")]
+    pub wan: Link,
+}
+
+fn default_gateways() -> usize {
+    2
+}
+
+fn wan_default() -> Link {
+    Link {
+        delay_ms: 60.0,
+        jitter_ms: 20.0,
+        loss: 0.02,
+        duplicate: 0.01,
+        bandwidth_kbps: 2_000.0,
+    }
+}
+
+/// Node parameters.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeParams {
+    /// Anti-entropy period: each node starts a round with a random peer.
+    pub anti_entropy_ms: f64,
+    /// A connection whose one direction is silent this long breaks.
+    pub idle_timeout_ms: f64,
+    /// First redial wait; doubles per failure.
+    pub min_backoff_ms: f64,
+    /// Longest redial wait.
+    pub max_backoff_ms: f64,
+    /// Time an fdatasync takes: base.
+    pub fsync_ms: f64,
+    /// Mean of the exponential part of an fdatasync's time.
+    pub fsync_jitter_ms: f64,
+    /// Messages a session may have in flight each way (the daemon's queue).
+    pub window: usize,
+    /// Thread interleaving of the real node: probability that its
+    /// committer takes a batch, and applies a local command waiting in its
+    /// queue, between two inserts of one received run (0: never; the
+    /// simulator then stores each received message whole, as a
+    /// single-threaded node would). A share of the same size of local
+    /// commands waits in the committer's queue for such a moment (up to
+    /// 20 ms).
+    pub race: f64,
+}
+
+impl Default for NodeParams {
+    fn default() -> NodeParams {
+        NodeParams {
+            anti_entropy_ms: 2_000.0,
+            idle_timeout_ms: 10_000.0,
+            min_backoff_ms: 100.0,
+            max_backoff_ms: 5_000.0,
+            fsync_ms: 0.5,
+            fsync_jitter_ms: 0.5,
+            window: 16,
+            race: 0.0,
+        }
+    }
+}
+
+/// A partition shape (see [`Faults::shapes`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// The nodes fall into two or three groups that cannot reach each other.
+    Split,
+    /// One node is cut off.
+    Isolate,
+    /// A group can send to the rest but not hear from it (one-way).
+    OneWay,
+    /// Three groups: the middle one reaches both ends, the ends not each
+    /// other (non-transitive reachability).
+    Bridge,
+    /// Each link is cut (both ways) with probability one half.
+    Flaky,
+    /// A split whose groups are drawn anew several times before it heals.
+    Rolling,
+    /// Sites: one site loses its WAN links (both ways).
+    Site,
+}
+
+impl Shape {
+    /// The shape's name as in scenario files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Split => "split",
+            Shape::Isolate => "isolate",
+            Shape::OneWay => "one_way",
+            Shape::Bridge => "bridge",
+            Shape::Flaky => "flaky",
+            Shape::Rolling => "rolling",
+            Shape::Site => "site",
+        }
+    }
+}
+
+/// Random faults. Rates are per virtual minute; each kind is a Poisson
+/// process that starts after `warmup_s`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// No random fault before this.
+    pub warmup_s: f64,
+    /// Partitions started per minute.
+    pub partitions_per_min: f64,
+    /// A partition lasts uniformly between these, in seconds.
+    pub partition_s: [f64; 2],
+    /// The shapes partitions are drawn from, uniformly.
+    pub shapes: Vec<Shape>,
+    /// A rolling partition redraws its groups this often, in seconds.
+    pub rolling_period_s: f64,
+    /// Node crashes per minute (over the whole cluster).
+    pub crashes_per_min: f64,
+    /// A crashed node restarts after uniformly between these, in seconds.
+    pub crash_down_s: [f64; 2],
+    /// Probability that a crash lands while a batch is being written, so
+    /// that the write may be torn; otherwise it lands between writes (or
+    /// during one, if one happens to run).
+    pub crash_in_write: f64,
+    /// Each node's clock is off by up to this much, either way.
+    pub clock_skew_ms: f64,
+    /// And drifts by up to this much, either way (parts per million).
+    pub clock_drift_ppm: f64,
+    /// A node's clock steps (NTP correction, a user) this often per minute.
+    pub clock_steps_per_min: f64,
+    /// A step is up to this large, either way.
+    pub clock_step_ms: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Faults {
+        Faults {
+            warmup_s: 1.0,
+            partitions_per_min: 0.0,
+            partition_s: [2.0, 20.0],
+            shapes: vec![Shape::Split, Shape::Isolate, Shape::OneWay, Shape::Bridge],
+            rolling_period_s: 3.0,
+            crashes_per_min: 0.0,
+            crash_down_s: [0.5, 5.0],
+            crash_in_write: 0.5,
+            clock_skew_ms: 0.0,
+            clock_drift_ppm: 0.0,
+            clock_steps_per_min: 0.0,
+            clock_step_ms: 1_000.0,
+        }
+    }
+}
+
+/// A fault at a fixed time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Scheduled {
+    /// The groups cannot reach each other (nodes in no group stay connected
+    /// to everyone) from `at_s` for `for_s`.
+    Split {
+        /// Start.
+        at_s: f64,
+        /// Length.
+        for_s: f64,
+        /// The groups.
+        groups: Vec<Vec<usize>>,
+    },
+    /// One-way: `from` cannot send to `to`.
+    Cut {
+        /// Start.
+        at_s: f64,
+        /// Length.
+        for_s: f64,
+        /// Senders cut off.
+        from: Vec<usize>,
+        /// Receivers they cannot reach.
+        to: Vec<usize>,
+    },
+    /// Sites: `site`'s WAN links are cut both ways.
+    SiteSplit {
+        /// Start.
+        at_s: f64,
+        /// Length.
+        for_s: f64,
+        /// The site.
+        site: usize,
+    },
+    /// A node crashes and restarts after `down_s`.
+    Crash {
+        /// When.
+        at_s: f64,
+        /// Which node.
+        node: usize,
+        /// Down for.
+        down_s: f64,
+        /// Crash while the node's next batch is being written.
+        #[serde(default)]
+        in_write: bool,
+    },
+    /// A node's clock steps by `ms` (negative: backwards).
+    ClockStep {
+        /// When.
+        at_s: f64,
+        /// Which node.
+        node: usize,
+        /// By how much.
+        ms: i64,
+    },
+}
+
+impl Scheduled {
+    /// When it starts.
+    pub fn at_s(&self) -> f64 {
+        match self {
+            Scheduled::Split { at_s, .. }
+            | Scheduled::Cut { at_s, .. }
+            | Scheduled::SiteSplit { at_s, .. }
+            | Scheduled::Crash { at_s, .. }
+            | Scheduled::ClockStep { at_s, .. } => *at_s,
+        }
+    }
+}
+
+/// What users do: commands arrive at each node as a Poisson process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Workload {
+    /// Random appends over many streams: register writes, counters, escrow.
+    Random {
+        /// Commands per node per second.
+        rate_per_node_s: f64,
+        /// Streams with register fields and counters.
+        #[serde(default = "d_streams")]
+        streams: usize,
+        /// Fields per stream.
+        #[serde(default = "d_fields")]
+        fields: usize,
+        /// Streams with an escrow counter (initialised at the start).
+        #[serde(default = "d_escrows")]
+        escrows: usize,
+        /// Capacity of each escrow counter.
+        #[serde(default = "d_capacity")]
+        capacity: u64,
+        /// Weights of: set, add, consume, transfer.
+        #[serde(default = "d_weights")]
+        weights: [f64; 4],
+    },
+    /// The venue: desks register attendees, edit their records, sell seats
+    /// from an escrow counter whose rights are spread over the desks.
+    Venue {
+        /// Commands per desk per second.
+        rate_per_node_s: f64,
+        /// Seats per desk (capacity = this times the desks).
+        #[serde(default = "d_seats")]
+        seats_per_desk: u64,
+        /// Attendees registered by each desk at the start.
+        #[serde(default = "d_attendees")]
+        initial_attendees: usize,
+        /// Weights of: register, edit, sell, rebalance.
+        #[serde(default = "d_venue_weights")]
+        weights: [f64; 4],
+        /// Share of edits that name the stream's expected version.
+        #[serde(default = "d_expected")]
+        expected_version: f64,
+        /// Most seats one sale takes.
+        #[serde(default = "d_tickets")]
+        max_tickets: u64,
+    },
+    /// Sites: customers edited mostly at their own site, a shared catalog
+    /// edited anywhere, stock per warehouse (escrow) moved between sites.
+    MultiSite {
+        /// Commands per node per second.
+        rate_per_node_s: f64,
+        /// Customer streams per site.
+        #[serde(default = "d_streams")]
+        customers_per_site: usize,
+        /// Catalog streams (edited from every site).
+        #[serde(default = "d_catalog")]
+        catalog: usize,
+        /// Stock per warehouse (one per site).
+        #[serde(default = "d_capacity")]
+        stock: u64,
+        /// Share of customer edits made at another site.
+        #[serde(default = "d_remote")]
+        remote_share: f64,
+    },
+}
+
+fn d_streams() -> usize {
+    20
+}
+fn d_fields() -> usize {
+    4
+}
+fn d_escrows() -> usize {
+    2
+}
+fn d_capacity() -> u64 {
+    200
+}
+fn d_weights() -> [f64; 4] {
+    [0.6, 0.2, 0.15, 0.05]
+}
+fn d_seats() -> u64 {
+    30
+}
+fn d_attendees() -> usize {
+    3
+}
+fn d_venue_weights() -> [f64; 4] {
+    [0.25, 0.4, 0.3, 0.05]
+}
+fn d_expected() -> f64 {
+    0.2
+}
+fn d_tickets() -> u64 {
+    3
+}
+fn d_catalog() -> usize {
+    5
+}
+fn d_remote() -> f64 {
+    0.1
+}
+
+impl Workload {
+    /// The workload's name as in scenario files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::Random { .. } => "random",
+            Workload::Venue { .. } => "venue",
+            Workload::MultiSite { .. } => "multi-site",
+        }
+    }
+
+    /// Commands per node per second.
+    pub fn rate_per_node_s(&self) -> f64 {
+        match self {
+            Workload::Random {
+                rate_per_node_s, ..
+            }
+            | Workload::Venue {
+                rate_per_node_s, ..
+            }
+            | Workload::MultiSite {
+                rate_per_node_s, ..
+            } => *rate_per_node_s,
+        }
+    }
+}
+
+impl Scenario {
+    /// Parses a scenario from TOML; `what` names it in errors.
+    pub fn from_toml(text: &str, what: &str) -> Result<Scenario, ScenarioError> {
+        let s: Scenario = toml::from_str(text).map_err(|e| ScenarioError::Parse {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
+        s.validate().map_err(|message| ScenarioError::Invalid {
+            what: what.to_string(),
+            message,
+        })?;
+        Ok(s)
+    }
+
+    /// A built-in scenario by name, or a scenario file by path.
+    pub fn load(name_or_path: &str) -> Result<Scenario, ScenarioError> {
+        if let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name_or_path) {
+            return Scenario::from_toml(text, name_or_path);
+        }
+        let path = Path::new(name_or_path);
+        if path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+                path: name_or_path.to_string(),
+                source,
+            })?;
+            return Scenario::from_toml(&text, name_or_path);
+        }
+        Err(ScenarioError::Unknown {
+            name: name_or_path.to_string(),
+        })
+    }
+
+    /// Every built-in scenario.
+    pub fn builtin() -> Vec<Scenario> {
+        BUILTIN
+            .iter()
+            .map(|(name, text)| {
+                // The built-in files are tested to parse (tests/scenarios.rs).
+                Scenario::from_toml(text, name).expect("built-in scenario parses")
+            })
+            .collect()
+    }
+
+    /// The seeds of a long run.
+    pub fn long_seeds(&self) -> SeedRange {
+        self.long_seeds.unwrap_or(SeedRange {
+            start: self.seeds.start,
+            end: self
+                .seeds
+                .start
+                .saturating_add(self.seeds.len().saturating_mul(20)),
+        })
+    }
+
+    /// Which site a node is in (0 without sites).
+    pub fn site_of(&self, node: usize) -> usize {
+        match &self.sites {
+            Some(s) => node / (self.nodes / s.count),
+            None => 0,
+        }
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = self.nodes;
+        if !(2..=4096).contains(&n) {
+            return Err(format!("nodes = {n}: must be 2..=4096"));
+        }
+        if !(self.duration_s > 0.0 && self.duration_s.is_finite()) {
+            return Err("duration_s must be positive".into());
+        }
+        if self.quiesce_timeout_s.is_nan() || self.quiesce_timeout_s <= 0.0 {
+            return Err("quiesce_timeout_s must be positive".into());
+        }
+        if let Some(s) = &self.sites {
+            if s.count < 2 || !n.is_multiple_of(s.count) {
+                return Err(format!(
+                    "sites.count = {}: must be at least 2 and divide nodes = {n}",
+                    s.count
+                ));
+            }
+            if s.gateways == 0 || s.gateways > n / s.count {
+                return Err(format!(
+                    "sites.gateways = {}: must be 1..={}",
+                    s.gateways,
+                    n / s.count
+                ));
+            }
+        }
+        if let Topology::Random { degree } = self.topology {
+            if degree == 0 {
+                return Err("topology.degree must be at least 1".into());
+            }
+        }
+        let links = std::iter::once(&self.network).chain(self.sites.as_ref().map(|s| &s.wan));
+        for l in links {
+            for (what, p) in [("loss", l.loss), ("duplicate", l.duplicate)] {
+                if !(0.0..0.9).contains(&p) {
+                    return Err(format!("{what} = {p}: must be in [0, 0.9)"));
+                }
+            }
+            if l.delay_ms < 0.0 || l.jitter_ms < 0.0 || l.bandwidth_kbps < 0.0 {
+                return Err("link delays and bandwidth must not be negative".into());
+            }
+        }
+        let f = &self.faults;
+        for (what, r) in [
+            ("partition_s", f.partition_s),
+            ("crash_down_s", f.crash_down_s),
+        ] {
+            if !(r[0] >= 0.0 && r[0] <= r[1]) {
+                return Err(format!(
+                    "faults.{what} = {r:?}: must be [lo, hi], 0 <= lo <= hi"
+                ));
+            }
+        }
+        if f.partitions_per_min > 0.0 && f.shapes.is_empty() {
+            return Err("faults.shapes is empty but partitions_per_min > 0".into());
+        }
+        if f.shapes.contains(&Shape::Site) && self.sites.is_none() {
+            return Err("shape \"site\" needs [sites]".into());
+        }
+        if !(0.0..=1.0).contains(&self.node.race) {
+            return Err("node.race must be in [0, 1]".into());
+        }
+        if self.node.window == 0 {
+            return Err("node.window must be at least 1".into());
+        }
+        if self.workload.rate_per_node_s() < 0.0 {
+            return Err("workload rate must not be negative".into());
+        }
+        if matches!(self.workload, Workload::MultiSite { .. }) && self.sites.is_none() {
+            return Err("the multi-site workload needs [sites]".into());
+        }
+        let check = |what: &str, nodes: &[usize]| -> Result<(), String> {
+            match nodes.iter().find(|&&x| x >= n) {
+                Some(x) => Err(format!("schedule: {what} names node {x}, but nodes = {n}")),
+                None => Ok(()),
+            }
+        };
+        for s in &self.schedule {
+            match s {
+                Scheduled::Split { groups, .. } => {
+                    for g in groups {
+                        check("split", g)?;
+                    }
+                }
+                Scheduled::Cut { from, to, .. } => {
+                    check("cut", from)?;
+                    check("cut", to)?;
+                }
+                Scheduled::SiteSplit { site, .. } => match &self.sites {
+                    Some(sites) if *site < sites.count => {}
+                    _ => return Err(format!("schedule: site_split names site {site}")),
+                },
+                Scheduled::Crash { node, .. } | Scheduled::ClockStep { node, .. } => {
+                    check("crash or clock step", &[*node])?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_ranges_parse() {
+        assert_eq!("3..7".parse::<SeedRange>().unwrap().len(), 4);
+        assert_eq!("3..=7".parse::<SeedRange>().unwrap().len(), 5);
+        assert_eq!("9".parse::<SeedRange>().unwrap(), SeedRange::one(9));
+        assert!("7..3".parse::<SeedRange>().is_err());
+        assert!("x..3".parse::<SeedRange>().is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let text = r#"
+            name = "t"
+            seeds = "1..2"
+            nodes = 3
+            duration_s = 1
+            typo = 1
+            [workload]
+            kind = "random"
+            rate_per_node_s = 1
+        "#;
+        let e = Scenario::from_toml(text, "t").unwrap_err().to_string();
+        assert!(e.contains("typo"), "{e}");
+    }
+}

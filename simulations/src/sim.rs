@@ -1,0 +1,1797 @@
+//! The discrete-event engine. See the crate docs for the model.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use weftlog_proto::state::{Invalid, PrepareError};
+use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, Store, SyncError};
+use weftlog_proto::{EventId, Keypair, NodeId};
+
+use crate::node::{Race, Sabotage, SimNode};
+use crate::oracle::{self, NodeFinal};
+use crate::report::{RunReport, Timeline, Violation};
+use crate::rng::Rng;
+use crate::scenario::{Link, Scenario, Scheduled, Shape, Topology};
+use crate::workload::{Tag, View, Workload};
+use crate::{Progress, RunOptions};
+
+/// Virtual microseconds.
+type Us = u64;
+
+const MS: Us = 1_000;
+const SEC: Us = 1_000_000;
+/// The wall clock of virtual time 0: 2025-01-01T00:00:00Z.
+const EPOCH_MS: f64 = 1_735_689_600_000.0;
+/// Losses of one message after which the transport gives up on the
+/// connection.
+const MAX_RETRANSMITS: u32 = 8;
+/// How often open convergence measurements are checked.
+const CONVERGE_TICK: Us = 10 * MS;
+/// The cluster id every node shares.
+const CLUSTER: [u8; 32] = *b"weftlog-sim cluster id v1.......";
+
+#[derive(Debug)]
+enum Ev {
+    Deliver { conn: u64, dir: usize },
+    CommitStart { node: usize, epoch: u64 },
+    CommitEnd { node: usize, epoch: u64 },
+    AntiEntropy { node: usize },
+    Dial { pair: usize, gen: u64 },
+    Establish { pair: usize, gen: u64 },
+    IdleCheck { from: usize, to: usize, since: Us },
+    Command,
+    PartitionNext,
+    PartitionHeal { id: u64 },
+    PartitionRoll { id: u64 },
+    ScheduledFault { index: usize },
+    CrashNext,
+    Crash { node: usize, epoch: u64, down: Us },
+    Restart { node: usize, epoch: u64 },
+    Unpark { node: usize, token: u64, epoch: u64 },
+    ClockStepNext,
+    Sample,
+    ConvergeCheck,
+    FinalHeal,
+    Deadline,
+}
+
+struct Item {
+    at: Us,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Item) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Item) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Item) -> Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// A message on a connection: ready once its last packet arrived; `None`
+/// while its direction is cut (the transport retransmits after the heal).
+struct Msg {
+    bytes: Vec<u8>,
+    ready: Option<Us>,
+}
+
+/// One direction of a connection: an ordered, reliable stream.
+#[derive(Default)]
+struct Chan {
+    queue: VecDeque<Msg>,
+    /// The link is busy sending until then (bandwidth).
+    busy_until: Us,
+    /// Ready time of the last message queued: later ones are not earlier.
+    last_ready: Us,
+}
+
+/// A connection between two nodes: a session at each end.
+struct Conn {
+    ends: [usize; 2],
+    sessions: [Session; 2],
+    /// `chans[d]` carries messages from `ends[d]` to `ends[1 - d]`.
+    chans: [Chan; 2],
+    failed: bool,
+}
+
+/// A node and what the simulator keeps about it.
+struct Slot {
+    node: SimNode,
+    /// Bumped by each crash: events of an older epoch are stale.
+    epoch: u64,
+    conns: BTreeSet<u64>,
+    commit_scheduled: bool,
+    skew_ms: f64,
+    drift_ppm: f64,
+    step_ms: f64,
+    /// A crash waits for the node's next write: how long it stays down.
+    crash_in_write: Option<Us>,
+    /// Records synced before the last crash: recovery must return them all.
+    synced_at_crash: u64,
+}
+
+/// A dial loop for a pair of nodes.
+struct Dial {
+    ends: (usize, usize),
+    gen: u64,
+    backoff: Us,
+}
+
+struct Partition {
+    shape: Shape,
+    cuts: Vec<(usize, usize)>,
+    start: Us,
+    end: Us,
+}
+
+struct Measure {
+    heal_at: Us,
+    target: BTreeMap<NodeId, u64>,
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Phase {
+    Main,
+    Final,
+    Done,
+}
+
+pub(crate) struct Sim<'a> {
+    sc: &'a Scenario,
+    log: u8,
+    now: Us,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Item>>,
+    slots: Vec<Slot>,
+    ids: Vec<NodeId>,
+    conns: BTreeMap<u64, Conn>,
+    pair_conn: BTreeMap<(usize, usize), u64>,
+    next_conn: u64,
+    dials: Vec<Dial>,
+    pair_dial: BTreeMap<(usize, usize), usize>,
+    /// `cuts[from * n + to]`: partitions cutting that direction.
+    cuts: Vec<u16>,
+    down_since: Vec<Us>,
+    cut_links: u64,
+    partitions: BTreeMap<u64, Partition>,
+    next_partition: u64,
+    rng_net: Rng,
+    rng_fault: Rng,
+    rng_disk: Rng,
+    rng_node: Rng,
+    workload: Workload,
+    /// Ops made and not yet acknowledged: what they were.
+    outstanding: BTreeMap<EventId, Tag>,
+    /// Commands parked in a node's committer queue, by token.
+    parked: BTreeMap<u64, Tag>,
+    next_token: u64,
+    acked: BTreeMap<EventId, (usize, u64)>,
+    trace: blake3::Hasher,
+    report: RunReport,
+    timeline: Timeline,
+    measures: Vec<Measure>,
+    converge_scheduled: bool,
+    phase: Phase,
+    duration: Us,
+    sample: Us,
+    final_heal_at: Us,
+    // Counters for the current sample period.
+    period_bytes: u64,
+    period_messages: u64,
+    period_appends: u64,
+    /// Events sent and duplicates received, by closed sessions.
+    traffic_events: u64,
+    duplicates: u64,
+}
+
+fn ms(t: Us) -> u64 {
+    t / MS
+}
+
+fn us_of_ms(x: f64) -> Us {
+    (x.max(0.0) * MS as f64) as Us
+}
+
+fn us_of_s(x: f64) -> Us {
+    (x.max(0.0) * SEC as f64) as Us
+}
+
+impl<'a> Sim<'a> {
+    pub(crate) fn new(
+        sc: &'a Scenario,
+        seed: u64,
+        opts: &'a RunOptions,
+    ) -> Result<Sim<'a>, String> {
+        let n = sc.nodes;
+        let mut rng_node = Rng::derive(seed, "nodes");
+        let mut slots = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut h = blake3::Hasher::new_derive_key("weftlog-sim node key v1");
+            h.update(&seed.to_le_bytes());
+            h.update(&(i as u64).to_le_bytes());
+            let key = Keypair::from_secret(*h.finalize().as_bytes());
+            let sabotage = if opts.sabotage_nodes.contains(&i)
+                && opts.sabotage != Sabotage::Nondeterministic
+            {
+                opts.sabotage
+            } else {
+                Sabotage::None
+            };
+            let mut node = SimNode::new(key, sabotage)?;
+            if sc.node.race > 0.0 {
+                node.set_race(Race::new(
+                    sc.node.race,
+                    Rng::derive(seed, &format!("race {i}")),
+                ));
+            }
+            ids.push(node.id());
+            let skew = sc.faults.clock_skew_ms;
+            let drift = sc.faults.clock_drift_ppm;
+            slots.push(Slot {
+                node,
+                epoch: 0,
+                conns: BTreeSet::new(),
+                commit_scheduled: false,
+                skew_ms: rng_node.uniform(-skew, skew),
+                drift_ppm: rng_node.uniform(-drift, drift),
+                step_ms: 0.0,
+                crash_in_write: None,
+                synced_at_crash: 0,
+            });
+        }
+        let duration = us_of_s(sc.duration_s);
+        let sample = (duration / 120).clamp(100 * MS, SEC);
+        let mut sim = Sim {
+            sc,
+            log: opts.log,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            slots,
+            ids,
+            conns: BTreeMap::new(),
+            pair_conn: BTreeMap::new(),
+            next_conn: 0,
+            dials: Vec::new(),
+            pair_dial: BTreeMap::new(),
+            cuts: vec![0; n * n],
+            down_since: vec![0; n * n],
+            cut_links: 0,
+            partitions: BTreeMap::new(),
+            next_partition: 0,
+            rng_net: Rng::derive(seed, "network"),
+            rng_fault: Rng::derive(seed, "faults"),
+            rng_disk: Rng::derive(seed, "disk"),
+            rng_node,
+            workload: Workload::new(sc, seed),
+            outstanding: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            next_token: 0,
+            acked: BTreeMap::new(),
+            trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
+            report: RunReport {
+                scenario: sc.name.clone(),
+                seed,
+                nodes: n,
+                duration_ms: ms(duration),
+                ..RunReport::default()
+            },
+            timeline: Timeline {
+                sample_ms: ms(sample),
+                ..Timeline::default()
+            },
+            measures: Vec::new(),
+            converge_scheduled: false,
+            phase: Phase::Main,
+            duration,
+            sample,
+            final_heal_at: duration,
+            period_bytes: 0,
+            period_messages: 0,
+            period_appends: 0,
+            traffic_events: 0,
+            duplicates: 0,
+        };
+        if opts.sabotage == Sabotage::Nondeterministic {
+            static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            sim.rng_net = Rng::new(seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 1);
+        }
+        sim.build_topology(seed);
+        Ok(sim)
+    }
+
+    // ----- the queue -----
+
+    fn at(&mut self, at: Us, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Item {
+            at: at.max(self.now),
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn after(&mut self, d: Us, ev: Ev) {
+        self.at(self.now + d, ev);
+    }
+
+    fn tr(&mut self, tag: u8, words: &[u64], data: &[u8]) {
+        if self.log >= 2 || (self.log == 1 && !matches!(tag, b'D' | b'P' | b'W' | b'R' | b'A')) {
+            let text = if tag == b'D' || tag == b'P' {
+                format!("{} bytes", data.len())
+            } else {
+                String::from_utf8_lossy(data).into_owned()
+            };
+            eprintln!(
+                "{:>10.3} s  {} {:?} {}",
+                self.now as f64 / SEC as f64,
+                tag as char,
+                words,
+                text
+            );
+        }
+        self.trace.update(&[tag]);
+        self.trace.update(&self.now.to_le_bytes());
+        for w in words {
+            self.trace.update(&w.to_le_bytes());
+        }
+        self.trace.update(&(data.len() as u64).to_le_bytes());
+        self.trace.update(data);
+    }
+
+    fn fault(&mut self, kind: &str) {
+        *self.report.faults.entry(kind.to_string()).or_default() += 1;
+    }
+
+    fn violation(&mut self, oracle: &str, detail: String) {
+        self.tr(b'V', &[], detail.as_bytes());
+        if self.report.violations.len() < 100 {
+            self.report.violations.push(Violation {
+                oracle: oracle.to_string(),
+                at_ms: ms(self.now),
+                detail,
+            });
+        }
+    }
+
+    // ----- setup -----
+
+    fn build_topology(&mut self, seed: u64) {
+        let n = self.sc.nodes;
+        let mut rng = Rng::derive(seed, "topology");
+        let mut pairs: BTreeSet<(usize, usize)> = BTreeSet::new();
+        let (sites, per_site) = match &self.sc.sites {
+            Some(s) => (s.count, n / s.count),
+            None => (1, n),
+        };
+        for site in 0..sites {
+            let members: Vec<usize> = (site * per_site..(site + 1) * per_site).collect();
+            match self.sc.topology {
+                Topology::Mesh => {
+                    for (i, &a) in members.iter().enumerate() {
+                        for &b in &members[i + 1..] {
+                            pairs.insert((a, b));
+                        }
+                    }
+                }
+                Topology::Random { degree } => {
+                    let m = members.len();
+                    for (i, &a) in members.iter().enumerate() {
+                        // A ring keeps the graph connected.
+                        let b = members[(i + 1) % m];
+                        if a != b {
+                            pairs.insert((a.min(b), a.max(b)));
+                        }
+                        for _ in 1..degree {
+                            let b = members[rng.index(m)];
+                            if a != b {
+                                pairs.insert((a.min(b), a.max(b)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = &self.sc.sites {
+            for sa in 0..sites {
+                for sb in sa + 1..sites {
+                    for ga in 0..s.gateways {
+                        for gb in 0..s.gateways {
+                            pairs.insert((sa * per_site + ga, sb * per_site + gb));
+                        }
+                    }
+                }
+            }
+        }
+        for (i, &(a, b)) in pairs.iter().enumerate() {
+            self.dials.push(Dial {
+                ends: (a, b),
+                gen: 0,
+                backoff: us_of_ms(self.sc.node.min_backoff_ms),
+            });
+            self.pair_dial.insert((a, b), i);
+        }
+    }
+
+    fn link(&self, a: usize, b: usize) -> &Link {
+        match &self.sc.sites {
+            Some(s) if self.sc.site_of(a) != self.sc.site_of(b) => &s.wan,
+            _ => &self.sc.network,
+        }
+    }
+
+    fn up(&self, from: usize, to: usize) -> bool {
+        self.cuts[from * self.sc.nodes + to] == 0
+    }
+
+    fn wall_ms(&self, node: usize) -> u64 {
+        let s = &self.slots[node];
+        let t = self.now as f64 / MS as f64;
+        (EPOCH_MS + t + s.skew_ms + s.step_ms + s.drift_ppm * t / 1e6).max(0.0) as u64
+    }
+
+    // ----- running -----
+
+    pub(crate) fn run(mut self, progress: &mut dyn FnMut(&Progress)) -> RunReport {
+        let n = self.sc.nodes;
+        // Setup commands at time 0, then the clocks.
+        let setup = self.workload.setup(&self.ids);
+        for (node, cmd) in setup {
+            self.command_at(node, cmd);
+        }
+        for i in 0..self.dials.len() {
+            let jitter = self.rng_net.below(10 * MS);
+            self.at(jitter, Ev::Dial { pair: i, gen: 0 });
+        }
+        let ae = us_of_ms(self.sc.node.anti_entropy_ms).max(MS);
+        for node in 0..n {
+            let first = self.rng_node.below(ae);
+            self.at(first, Ev::AntiEntropy { node });
+        }
+        let rate = self.sc.workload.rate_per_node_s() * n as f64;
+        if rate > 0.0 {
+            let first = us_of_s(self.rng_node.exp(1.0 / rate));
+            self.at(first, Ev::Command);
+        }
+        let warmup = us_of_s(self.sc.faults.warmup_s);
+        if self.sc.faults.partitions_per_min > 0.0 {
+            let d = us_of_s(self.rng_fault.exp(60.0 / self.sc.faults.partitions_per_min));
+            self.at(warmup + d, Ev::PartitionNext);
+        }
+        if self.sc.faults.crashes_per_min > 0.0 {
+            let d = us_of_s(self.rng_fault.exp(60.0 / self.sc.faults.crashes_per_min));
+            self.at(warmup + d, Ev::CrashNext);
+        }
+        if self.sc.faults.clock_steps_per_min > 0.0 {
+            let d = us_of_s(
+                self.rng_fault
+                    .exp(60.0 / self.sc.faults.clock_steps_per_min),
+            );
+            self.at(warmup + d, Ev::ClockStepNext);
+        }
+        for index in 0..self.sc.schedule.len() {
+            let at = us_of_s(self.sc.schedule[index].at_s());
+            if at < self.duration {
+                self.at(at, Ev::ScheduledFault { index });
+            }
+        }
+        if self.sc.faults.clock_skew_ms > 0.0 {
+            let skewed = self.slots.iter().filter(|s| s.skew_ms != 0.0).count() as u64;
+            *self
+                .report
+                .faults
+                .entry("clock_skewed_nodes".into())
+                .or_default() += skewed;
+        }
+        self.at(self.sample, Ev::Sample);
+        self.at(self.duration, Ev::FinalHeal);
+        self.at(
+            self.duration + us_of_s(self.sc.quiesce_timeout_s),
+            Ev::Deadline,
+        );
+
+        while let Some(Reverse(item)) = self.queue.pop() {
+            self.now = item.at;
+            let sample = matches!(item.ev, Ev::Sample);
+            self.handle(item.ev);
+            if sample {
+                progress(&Progress {
+                    seed: self.report.seed,
+                    virtual_ms: ms(self.now),
+                    duration_ms: ms(self.duration),
+                    events: self.report.events,
+                });
+            }
+            if self.phase == Phase::Done {
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { conn, dir } => self.deliver(conn, dir),
+            Ev::CommitStart { node, epoch } => self.commit_start(node, epoch),
+            Ev::CommitEnd { node, epoch } => self.commit_end(node, epoch),
+            Ev::AntiEntropy { node } => self.anti_entropy(node),
+            Ev::Dial { pair, gen } => self.dial(pair, gen),
+            Ev::Establish { pair, gen } => self.establish(pair, gen),
+            Ev::IdleCheck { from, to, since } => self.idle_check(from, to, since),
+            Ev::Command => self.command(),
+            Ev::PartitionNext => self.partition_next(),
+            Ev::PartitionHeal { id } => self.partition_heal(id),
+            Ev::PartitionRoll { id } => self.partition_roll(id),
+            Ev::ScheduledFault { index } => self.scheduled(index),
+            Ev::CrashNext => self.crash_next(),
+            Ev::Crash { node, epoch, down } => {
+                if self.slots[node].epoch == epoch && self.phase == Phase::Main {
+                    self.crash(node, down);
+                }
+            }
+            Ev::Restart { node, epoch } => {
+                if self.slots[node].epoch == epoch {
+                    self.restart(node);
+                }
+            }
+            Ev::Unpark { node, token, epoch } => {
+                if self.slots[node].epoch == epoch {
+                    self.slots[node].node.unpark(token);
+                    self.raced(node);
+                }
+            }
+            Ev::ClockStepNext => self.clock_step_next(),
+            Ev::Sample => self.sample(),
+            Ev::ConvergeCheck => self.converge_check(),
+            Ev::FinalHeal => self.final_heal(),
+            Ev::Deadline => self.deadline(),
+        }
+    }
+
+    // ----- the network -----
+
+    /// When a message of `len` bytes sent now on `conn`'s direction `d`
+    /// is ready at the receiver; `None` when the transport gives up.
+    fn arrival(&mut self, conn: u64, d: usize, len: usize) -> Option<Us> {
+        let (from, to) = {
+            let c = &self.conns[&conn];
+            (c.ends[d], c.ends[1 - d])
+        };
+        let link = self.link(from, to).clone();
+        let tx = if link.bandwidth_kbps > 0.0 {
+            (len as f64 * 8.0 / (link.bandwidth_kbps * 1000.0) * SEC as f64) as Us
+        } else {
+            0
+        };
+        let mut delay = us_of_ms(link.delay_ms + self.rng_net.exp(link.jitter_ms));
+        let mut rto = us_of_ms((3.0 * (link.delay_ms + link.jitter_ms)).max(20.0));
+        let mut losses = 0;
+        while self.rng_net.chance(link.loss) {
+            losses += 1;
+            delay += rto;
+            rto *= 2;
+            if losses >= MAX_RETRANSMITS {
+                break;
+            }
+        }
+        if losses > 0 {
+            *self.report.faults.entry("packets_lost".into()).or_default() += losses as u64;
+        }
+        if self.rng_net.chance(link.duplicate) {
+            self.fault("packets_duplicated");
+        }
+        if losses >= MAX_RETRANSMITS {
+            return None;
+        }
+        let chan = &mut self.conns.get_mut(&conn).expect("live conn").chans[d];
+        let start = self.now.max(chan.busy_until);
+        chan.busy_until = start + tx;
+        let natural = start + tx + delay;
+        let ready = natural.max(chan.last_ready);
+        chan.last_ready = ready;
+        if natural < ready {
+            *self
+                .report
+                .faults
+                .entry("packets_reordered".into())
+                .or_default() += 1;
+        }
+        Some(ready)
+    }
+
+    fn send(&mut self, conn: u64, d: usize, bytes: Vec<u8>) {
+        let (from, to) = {
+            let c = &self.conns[&conn];
+            (c.ends[d], c.ends[1 - d])
+        };
+        self.report.messages += 1;
+        self.report.bytes += bytes.len() as u64;
+        self.period_bytes += bytes.len() as u64;
+        self.period_messages += 1;
+        let ready = if self.up(from, to) {
+            match self.arrival(conn, d, bytes.len()) {
+                Some(t) => Some(t),
+                None => {
+                    self.close(conn, "too many retransmissions");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let c = self.conns.get_mut(&conn).expect("live conn");
+        c.chans[d].queue.push_back(Msg { bytes, ready });
+        if let Some(t) = ready {
+            self.at(t, Ev::Deliver { conn, dir: d });
+        }
+    }
+
+    fn deliver(&mut self, conn: u64, d: usize) {
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            let (from, to) = (c.ends[d], c.ends[1 - d]);
+            match c.chans[d].queue.front() {
+                Some(Msg { ready: Some(t), .. }) if *t <= self.now => {}
+                _ => return,
+            }
+            if self.cuts[from * self.sc.nodes + to] > 0 {
+                // The packets were lost on the cut link; the transport
+                // retransmits them once it heals.
+                for m in &mut c.chans[d].queue {
+                    m.ready = None;
+                }
+                return;
+            }
+            let msg = c.chans[d].queue.pop_front().expect("front checked");
+            self.tr(b'D', &[conn, d as u64], &msg.bytes);
+            let c = self.conns.get_mut(&conn).expect("conn checked");
+            let node = &mut self.slots[to].node;
+            // A failure is reported by poll_event in `drive`.
+            let _ = c.sessions[1 - d].handle_message(&msg.bytes, node);
+            self.drive(conn, 1 - d);
+            self.drive(conn, d);
+        }
+    }
+
+    /// Reacts to what a session reports, and sends what it has while the
+    /// direction's window has room (the daemon's bounded writer queue).
+    fn drive(&mut self, conn: u64, side: usize) {
+        let window = self.sc.node.window;
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            let node_ix = c.ends[side];
+            let events: Vec<SessionEvent> =
+                std::iter::from_fn(|| c.sessions[side].poll_event()).collect();
+            for e in events {
+                self.session_event(conn, side, node_ix, e);
+            }
+            if self.slots[node_ix].node.take_received() {
+                self.raced(node_ix);
+                self.request_commit(node_ix);
+            }
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            if c.failed {
+                self.close(conn, "session failed");
+                return;
+            }
+            if c.chans[side].queue.len() >= window {
+                return;
+            }
+            match c.sessions[side].poll_transmit(&self.slots[node_ix].node) {
+                Some(msg) => self.send(conn, side, msg),
+                None => {
+                    // poll_transmit may have failed the session (a store
+                    // bug): its events are handled on the next pass.
+                    let Some(c) = self.conns.get_mut(&conn) else {
+                        return;
+                    };
+                    let more: Vec<SessionEvent> =
+                        std::iter::from_fn(|| c.sessions[side].poll_event()).collect();
+                    if more.is_empty() {
+                        return;
+                    }
+                    for e in more {
+                        self.session_event(conn, side, node_ix, e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn session_event(&mut self, conn: u64, side: usize, node: usize, e: SessionEvent) {
+        match e {
+            SessionEvent::InSync | SessionEvent::RoundDone => self.report.rounds += 1,
+            SessionEvent::Received { count, heads } => {
+                self.tr(b'R', &[conn, side as u64, count], &[]);
+                let _ = heads;
+                self.request_commit(node);
+            }
+            SessionEvent::PeerDone => {}
+            SessionEvent::Equivocation(eq) => {
+                self.violation(
+                    "equivocation",
+                    format!(
+                        "node {node} saw two events for seq {} of author {} ({} and {}, {})",
+                        eq.seq,
+                        eq.author.short(),
+                        eq.held.short(),
+                        eq.other.short(),
+                        if eq.proven { "proven" } else { "claimed" }
+                    ),
+                );
+            }
+            SessionEvent::Failed(err) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.failed = true;
+                }
+                if !matches!(err, SyncError::Peer { .. }) {
+                    let peer = self
+                        .conns
+                        .get(&conn)
+                        .map_or(usize::MAX, |c| c.ends[1 - side]);
+                    self.violation(
+                        "session",
+                        format!("node {node}'s session with node {peer} failed: {err}"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, conn: u64, why: &str) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        self.tr(b'X', &[conn], why.as_bytes());
+        for s in &c.sessions {
+            let st = s.stats();
+            self.traffic_events += st.events_sent;
+            self.duplicates += st.duplicates;
+        }
+        let (a, b) = (c.ends[0], c.ends[1]);
+        self.slots[a].conns.remove(&conn);
+        self.slots[b].conns.remove(&conn);
+        self.pair_conn.remove(&(a, b));
+        self.fault(&format!("connections_closed_{}", why.replace(' ', "_")));
+        if let Some(&pair) = self.pair_dial.get(&(a, b)) {
+            self.kick_dial(pair);
+        }
+    }
+
+    fn kick_dial(&mut self, pair: usize) {
+        let min = us_of_ms(self.sc.node.min_backoff_ms);
+        let d = &mut self.dials[pair];
+        d.gen += 1;
+        d.backoff = min;
+        let gen = d.gen;
+        let jitter = self.rng_net.below(min.max(1));
+        self.after(min + jitter, Ev::Dial { pair, gen });
+    }
+
+    fn dial_retry(&mut self, pair: usize) {
+        let max = us_of_ms(self.sc.node.max_backoff_ms);
+        let d = &mut self.dials[pair];
+        let wait = d.backoff;
+        d.backoff = (d.backoff * 2).min(max);
+        let gen = d.gen;
+        let jitter = self.rng_net.below(wait / 4 + 1);
+        self.after(wait + jitter, Ev::Dial { pair, gen });
+    }
+
+    fn dial(&mut self, pair: usize, gen: u64) {
+        let (a, b) = self.dials[pair].ends;
+        if self.dials[pair].gen != gen || self.pair_conn.contains_key(&(a, b)) {
+            return;
+        }
+        if !self.slots[a].node.is_up() || !self.slots[b].node.is_up() {
+            return; // the restart kicks the dial loop
+        }
+        if self.up(a, b) && self.up(b, a) {
+            let link = self.link(a, b).clone();
+            // A handshake: one round trip.
+            let rtt = 2 * us_of_ms(link.delay_ms + self.rng_net.exp(link.jitter_ms));
+            self.after(rtt, Ev::Establish { pair, gen });
+        } else {
+            self.dial_retry(pair);
+        }
+    }
+
+    fn establish(&mut self, pair: usize, gen: u64) {
+        let (a, b) = self.dials[pair].ends;
+        if self.dials[pair].gen != gen || self.pair_conn.contains_key(&(a, b)) {
+            return;
+        }
+        let alive = self.slots[a].node.is_up() && self.slots[b].node.is_up();
+        if !alive {
+            return;
+        }
+        if !(self.up(a, b) && self.up(b, a)) {
+            self.dial_retry(pair);
+            return;
+        }
+        self.dials[pair].backoff = us_of_ms(self.sc.node.min_backoff_ms);
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let mut ca = SessionConfig::new(CLUSTER, self.ids[a]);
+        ca.peer = Some(self.ids[b]);
+        let mut cb = SessionConfig::new(CLUSTER, self.ids[b]);
+        cb.peer = Some(self.ids[a]);
+        let sessions = [
+            Session::new(ca, &self.slots[a].node),
+            Session::new(cb, &self.slots[b].node),
+        ];
+        self.conns.insert(
+            id,
+            Conn {
+                ends: [a, b],
+                sessions,
+                chans: [Chan::default(), Chan::default()],
+                failed: false,
+            },
+        );
+        self.pair_conn.insert((a, b), id);
+        self.slots[a].conns.insert(id);
+        self.slots[b].conns.insert(id);
+        self.tr(b'C', &[id, a as u64, b as u64], &[]);
+        self.drive(id, 0);
+        self.drive(id, 1);
+    }
+
+    fn idle_check(&mut self, from: usize, to: usize, since: Us) {
+        let ix = from * self.sc.nodes + to;
+        if self.cuts[ix] == 0 || self.down_since[ix] != since {
+            return;
+        }
+        let key = (from.min(to), from.max(to));
+        if let Some(&conn) = self.pair_conn.get(&key) {
+            self.close(conn, "idle timeout");
+        }
+    }
+
+    fn cut(&mut self, from: usize, to: usize) {
+        let ix = from * self.sc.nodes + to;
+        self.cuts[ix] += 1;
+        if self.cuts[ix] == 1 {
+            if self.cut_links == 0 && !self.measures.is_empty() {
+                // A new partition before the last heal converged: what
+                // follows measures the new partition, not the heal.
+                self.report.convergence_interrupted += self.measures.len() as u64;
+                self.measures.clear();
+            }
+            self.cut_links += 1;
+            self.down_since[ix] = self.now;
+            let key = (from.min(to), from.max(to));
+            if self.pair_conn.contains_key(&key) {
+                let idle = us_of_ms(self.sc.node.idle_timeout_ms);
+                self.after(
+                    idle,
+                    Ev::IdleCheck {
+                        from,
+                        to,
+                        since: self.now,
+                    },
+                );
+            }
+        }
+    }
+
+    fn uncut(&mut self, from: usize, to: usize) {
+        let ix = from * self.sc.nodes + to;
+        debug_assert!(self.cuts[ix] > 0);
+        self.cuts[ix] -= 1;
+        if self.cuts[ix] > 0 {
+            return;
+        }
+        self.cut_links -= 1;
+        let key = (from.min(to), from.max(to));
+        let Some(&conn) = self.pair_conn.get(&key) else {
+            return;
+        };
+        let d = if self.conns[&conn].ends[0] == from {
+            0
+        } else {
+            1
+        };
+        // The transport retransmits what was lost, after a backed-off
+        // probe timeout.
+        let n = self.conns[&conn].chans[d].queue.len();
+        let mut first = None;
+        for i in 0..n {
+            if self.conns[&conn].chans[d].queue[i].ready.is_some() {
+                continue;
+            }
+            let len = self.conns[&conn].chans[d].queue[i].bytes.len();
+            let pto = us_of_ms(self.rng_net.exp(200.0));
+            let Some(t) = self.arrival(conn, d, len) else {
+                self.close(conn, "too many retransmissions");
+                return;
+            };
+            let t = t + pto;
+            let chan = &mut self.conns.get_mut(&conn).expect("live conn").chans[d];
+            chan.last_ready = chan.last_ready.max(t);
+            chan.queue[i].ready = Some(t);
+            first.get_or_insert(t);
+        }
+        // One event per message keeps delivery simple: each checks the front.
+        let times: Vec<Us> = self.conns[&conn].chans[d]
+            .queue
+            .iter()
+            .filter_map(|m| m.ready)
+            .collect();
+        for t in times {
+            self.at(t, Ev::Deliver { conn, dir: d });
+        }
+    }
+
+    // ----- nodes -----
+
+    fn request_commit(&mut self, node: usize) {
+        let s = &mut self.slots[node];
+        if s.commit_scheduled || s.node.is_writing() || !s.node.has_pending() || !s.node.is_up() {
+            return;
+        }
+        s.commit_scheduled = true;
+        let epoch = s.epoch;
+        self.after(0, Ev::CommitStart { node, epoch });
+    }
+
+    fn commit_start(&mut self, node: usize, epoch: u64) {
+        let s = &mut self.slots[node];
+        if s.epoch != epoch {
+            return;
+        }
+        s.commit_scheduled = false;
+        if !s.node.start_commit() {
+            return;
+        }
+        let p = &self.sc.node;
+        let d = us_of_ms(p.fsync_ms + self.rng_disk.exp(p.fsync_jitter_ms)).max(1);
+        self.after(d, Ev::CommitEnd { node, epoch });
+        if let Some(down) = self.slots[node].crash_in_write.take() {
+            // The armed crash lands inside this write.
+            let at = self.rng_disk.below(d.max(1));
+            self.after(at, Ev::Crash { node, epoch, down });
+        }
+    }
+
+    fn commit_end(&mut self, node: usize, epoch: u64) {
+        if self.slots[node].epoch != epoch {
+            return;
+        }
+        let c = match self.slots[node].node.finish_commit() {
+            Ok(c) => c,
+            Err(e) => {
+                self.violation(
+                    "durability",
+                    format!("node {node}: a log write failed: {e}"),
+                );
+                return;
+            }
+        };
+        self.report.commits += 1;
+        self.tr(b'W', &[node as u64, c.records, c.bytes], &[]);
+        let at_ms = ms(self.now);
+        for (id, _) in &c.acked {
+            self.acked.insert(*id, (node, at_ms));
+            self.report.appends.acked += 1;
+            self.report.events += 1;
+            self.period_appends += 1;
+            if let Some(Tag::Consume(n)) = self.outstanding.remove(id) {
+                self.report.escrow_consumed += n;
+            }
+        }
+        // Live push: every session learns of the batch's signed heads.
+        let conns: Vec<u64> = self.slots[node].conns.iter().copied().collect();
+        for conn in conns {
+            let Some(cn) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            let side = if cn.ends[0] == node { 0 } else { 1 };
+            for &(author, seq) in &c.heads {
+                cn.sessions[side].handle_stored(author, seq, &self.slots[node].node);
+            }
+            self.drive(conn, side);
+        }
+        self.request_commit(node);
+    }
+
+    fn anti_entropy(&mut self, node: usize) {
+        let period = us_of_ms(self.sc.node.anti_entropy_ms).max(MS);
+        self.after(period, Ev::AntiEntropy { node });
+        if self.phase == Phase::Done || !self.slots[node].node.is_up() {
+            return;
+        }
+        let conns: Vec<u64> = self.slots[node].conns.iter().copied().collect();
+        if conns.is_empty() {
+            return;
+        }
+        let conn = conns[self.rng_node.index(conns.len())];
+        let c = self.conns.get_mut(&conn).expect("node's conn is live");
+        let side = if c.ends[0] == node { 0 } else { 1 };
+        if c.sessions[side].start_round(&self.slots[node].node) {
+            self.tr(b'A', &[node as u64, conn], &[]);
+            self.drive(conn, side);
+        }
+    }
+
+    fn connected_peers(&self, node: usize) -> Vec<usize> {
+        self.slots[node]
+            .conns
+            .iter()
+            .filter_map(|c| self.conns.get(c))
+            .map(|c| {
+                if c.ends[0] == node {
+                    c.ends[1]
+                } else {
+                    c.ends[0]
+                }
+            })
+            .collect()
+    }
+
+    fn command(&mut self) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let rate = self.sc.workload.rate_per_node_s() * self.sc.nodes as f64;
+        let next = us_of_s(self.rng_node.exp(1.0 / rate)).max(1);
+        self.after(next, Ev::Command);
+        let node = self.rng_node.index(self.sc.nodes);
+        if !self.slots[node].node.is_up() {
+            self.report.appends.attempted += 1;
+            self.report.appends.node_down += 1;
+            return;
+        }
+        let connected = self.connected_peers(node);
+        let view = View {
+            me: node,
+            state: self.slots[node].node.state(),
+            ids: &self.ids,
+            connected: &connected,
+        };
+        let Some(cmd) = self.workload.next(&view) else {
+            return;
+        };
+        if self.sc.node.race > 0.0 && self.rng_node.chance(self.sc.node.race) {
+            // The command waits in the committer's queue: it may run in
+            // the middle of a received run.
+            self.report.appends.attempted += 1;
+            let token = self.next_token;
+            self.next_token += 1;
+            self.parked.insert(token, cmd.tag);
+            let wall = self.wall_ms(node);
+            self.slots[node].node.park(token, wall, cmd.draft);
+            let epoch = self.slots[node].epoch;
+            self.after(20 * MS, Ev::Unpark { node, token, epoch });
+            return;
+        }
+        self.command_at(node, cmd);
+    }
+
+    /// Handles the parked commands the node's committer ran.
+    fn raced(&mut self, node: usize) {
+        for (token, res) in self.slots[node].node.take_raced() {
+            let tag = self.parked.remove(&token).unwrap_or(Tag::Set);
+            self.append_result(node, tag, res);
+        }
+    }
+
+    fn command_at(&mut self, node: usize, cmd: crate::workload::Cmd) {
+        self.report.appends.attempted += 1;
+        let wall = self.wall_ms(node);
+        let res = self.slots[node].node.append(wall, cmd.draft);
+        self.append_result(node, cmd.tag, res);
+    }
+
+    fn append_result(
+        &mut self,
+        node: usize,
+        tag: Tag,
+        res: Result<Option<(EventId, u64)>, PrepareError>,
+    ) {
+        match res {
+            Ok(Some((id, seq))) => {
+                self.tr(b'P', &[node as u64, seq], &id.0);
+                self.outstanding.insert(id, tag);
+                self.request_commit(node);
+            }
+            Ok(None) => {}
+            Err(PrepareError::VersionMismatch { .. }) => self.report.appends.refused_version += 1,
+            Err(PrepareError::Invalid(Invalid::InsufficientRights { .. })) => {
+                self.report.appends.refused_rights += 1;
+                self.report.oversell_refused += 1;
+            }
+            Err(e) => {
+                self.report.appends.refused_other += 1;
+                self.violation(
+                    "workload",
+                    format!("node {node} refused a command for an unexpected reason: {e}"),
+                );
+            }
+        }
+    }
+
+    // ----- faults -----
+
+    fn partition_next(&mut self) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let f = &self.sc.faults;
+        let d = us_of_s(self.rng_fault.exp(60.0 / f.partitions_per_min));
+        self.after(d.max(1), Ev::PartitionNext);
+        let shape = *self.rng_fault.pick(&f.shapes);
+        let len = us_of_s(self.rng_fault.uniform(f.partition_s[0], f.partition_s[1]));
+        let cuts = self.draw(shape);
+        self.start_partition(shape, cuts, len);
+    }
+
+    fn start_partition(&mut self, shape: Shape, cuts: Vec<(usize, usize)>, len: Us) {
+        if cuts.is_empty() {
+            return;
+        }
+        let id = self.next_partition;
+        self.next_partition += 1;
+        for &(a, b) in &cuts {
+            self.cut(a, b);
+        }
+        self.fault(&format!("partition_{}", shape.name()));
+        self.tr(b'p', &[id, cuts.len() as u64, len], shape.name().as_bytes());
+        let end = (self.now + len).min(self.duration);
+        let roll = us_of_s(self.sc.faults.rolling_period_s).max(MS);
+        self.partitions.insert(
+            id,
+            Partition {
+                shape,
+                cuts,
+                start: self.now,
+                end,
+            },
+        );
+        self.at(end, Ev::PartitionHeal { id });
+        if shape == Shape::Rolling && self.now + roll < end {
+            self.after(roll, Ev::PartitionRoll { id });
+        }
+    }
+
+    fn partition_roll(&mut self, id: u64) {
+        let roll = us_of_s(self.sc.faults.rolling_period_s).max(MS);
+        let Some(p) = self.partitions.get(&id) else {
+            return;
+        };
+        if self.now + roll >= p.end || self.phase != Phase::Main {
+            return;
+        }
+        let old = p.cuts.clone();
+        let new = self.draw(Shape::Split);
+        // Apply the new split before lifting the old: links in both stay cut.
+        for &(a, b) in &new {
+            self.cut(a, b);
+        }
+        for &(a, b) in &old {
+            self.uncut(a, b);
+        }
+        self.fault("partition_changes");
+        self.tr(b'r', &[id, new.len() as u64], &[]);
+        let p = self.partitions.get_mut(&id).expect("checked above");
+        p.cuts = new;
+        self.after(roll, Ev::PartitionRoll { id });
+    }
+
+    fn partition_heal(&mut self, id: u64) {
+        let Some(p) = self.partitions.remove(&id) else {
+            return;
+        };
+        for &(a, b) in &p.cuts {
+            self.uncut(a, b);
+        }
+        self.fault("heals");
+        self.tr(b'h', &[id], &[]);
+        self.timeline
+            .partitions
+            .push((ms(p.start), ms(self.now), p.shape.name().to_string()));
+        if self.cut_links == 0 && self.phase == Phase::Main {
+            self.open_measure();
+        }
+    }
+
+    /// Directed cuts for a partition of `shape`.
+    fn draw(&mut self, shape: Shape) -> Vec<(usize, usize)> {
+        let n = self.sc.nodes;
+        let mut cuts = Vec::new();
+        let both = |a: usize, b: usize, cuts: &mut Vec<(usize, usize)>| {
+            cuts.push((a, b));
+            cuts.push((b, a));
+        };
+        match shape {
+            Shape::Split | Shape::Rolling => {
+                let k = if n >= 6 && self.rng_fault.chance(0.3) {
+                    3
+                } else {
+                    2
+                };
+                let mut order: Vec<usize> = (0..n).collect();
+                self.rng_fault.shuffle(&mut order);
+                // Each group gets at least one node.
+                let mut group = vec![0usize; n];
+                for (i, &x) in order.iter().enumerate() {
+                    group[x] = if i < k { i } else { self.rng_fault.index(k) };
+                }
+                for a in 0..n {
+                    for b in a + 1..n {
+                        if group[a] != group[b] {
+                            both(a, b, &mut cuts);
+                        }
+                    }
+                }
+            }
+            Shape::Isolate => {
+                let x = self.rng_fault.index(n);
+                for b in 0..n {
+                    if b != x {
+                        both(x, b, &mut cuts);
+                    }
+                }
+            }
+            Shape::OneWay => {
+                let mut order: Vec<usize> = (0..n).collect();
+                self.rng_fault.shuffle(&mut order);
+                let k = self.rng_fault.range(1, (n / 2).max(1) as u64) as usize;
+                let (from, to) = order.split_at(k);
+                for &a in from {
+                    for &b in to {
+                        cuts.push((a, b));
+                    }
+                }
+            }
+            Shape::Bridge => {
+                let mut order: Vec<usize> = (0..n).collect();
+                self.rng_fault.shuffle(&mut order);
+                // Ends X and Z with at least one node each; the rest bridge.
+                let x_len = self.rng_fault.range(1, (n / 3).max(1) as u64) as usize;
+                let z_len = self.rng_fault.range(1, (n / 3).max(1) as u64) as usize;
+                let x = &order[..x_len];
+                let z = &order[x_len..(x_len + z_len).min(n)];
+                for &a in x {
+                    for &b in z {
+                        both(a, b, &mut cuts);
+                    }
+                }
+            }
+            Shape::Flaky => {
+                for a in 0..n {
+                    for b in a + 1..n {
+                        if self.rng_fault.chance(0.5) {
+                            both(a, b, &mut cuts);
+                        }
+                    }
+                }
+            }
+            Shape::Site => {
+                if let Some(s) = &self.sc.sites {
+                    let site = self.rng_fault.index(s.count);
+                    let per = n / s.count;
+                    for a in site * per..(site + 1) * per {
+                        for b in 0..n {
+                            if b / per != site {
+                                both(a, b, &mut cuts);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cuts
+    }
+
+    fn scheduled(&mut self, index: usize) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let n = self.sc.nodes;
+        match self.sc.schedule[index].clone() {
+            Scheduled::Split { for_s, groups, .. } => {
+                let mut group = vec![usize::MAX; n];
+                for (g, members) in groups.iter().enumerate() {
+                    for &m in members {
+                        group[m] = g;
+                    }
+                }
+                let mut cuts = Vec::new();
+                for a in 0..n {
+                    for b in 0..n {
+                        if a != b
+                            && group[a] != usize::MAX
+                            && group[b] != usize::MAX
+                            && group[a] != group[b]
+                        {
+                            cuts.push((a, b));
+                        }
+                    }
+                }
+                self.start_partition(Shape::Split, cuts, us_of_s(for_s));
+            }
+            Scheduled::Cut {
+                for_s, from, to, ..
+            } => {
+                let cuts: Vec<(usize, usize)> = from
+                    .iter()
+                    .flat_map(|&a| to.iter().filter(move |&&b| b != a).map(move |&b| (a, b)))
+                    .collect();
+                self.start_partition(Shape::OneWay, cuts, us_of_s(for_s));
+            }
+            Scheduled::SiteSplit { for_s, site, .. } => {
+                let per = n / self.sc.sites.as_ref().map_or(1, |s| s.count);
+                let mut cuts = Vec::new();
+                for a in site * per..(site + 1) * per {
+                    for b in 0..n {
+                        if b / per != site {
+                            cuts.push((a, b));
+                            cuts.push((b, a));
+                        }
+                    }
+                }
+                self.start_partition(Shape::Site, cuts, us_of_s(for_s));
+            }
+            Scheduled::Crash {
+                node,
+                down_s,
+                in_write,
+                ..
+            } => {
+                let down = us_of_s(down_s);
+                if in_write {
+                    self.slots[node].crash_in_write = Some(down);
+                } else {
+                    self.crash(node, down);
+                }
+            }
+            Scheduled::ClockStep { node, ms: step, .. } => {
+                self.slots[node].step_ms += step as f64;
+                self.fault("clock_steps");
+                self.tr(b'k', &[node as u64, step as u64], &[]);
+            }
+        }
+    }
+
+    fn crash_next(&mut self) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let f = &self.sc.faults;
+        let d = us_of_s(self.rng_fault.exp(60.0 / f.crashes_per_min));
+        self.after(d.max(1), Ev::CrashNext);
+        let node = self.rng_fault.index(self.sc.nodes);
+        let down = us_of_s(self.rng_fault.uniform(f.crash_down_s[0], f.crash_down_s[1]));
+        if !self.slots[node].node.is_up() || self.slots[node].crash_in_write.is_some() {
+            return;
+        }
+        if self.rng_fault.chance(f.crash_in_write) {
+            self.slots[node].crash_in_write = Some(down);
+        } else {
+            self.crash(node, down);
+        }
+    }
+
+    fn crash(&mut self, node: usize, down: Us) {
+        if !self.slots[node].node.is_up() {
+            return;
+        }
+        // How much of a running write reaches the disk: nothing, all of
+        // it, or a torn prefix.
+        let keep = match self.rng_disk.below(4) {
+            0 => 0.0,
+            1 => 2.0,
+            _ => self.rng_disk.unit(),
+        };
+        let synced = self.slots[node].node.durable_len();
+        let c = self.slots[node].node.crash(keep);
+        let s = &mut self.slots[node];
+        s.synced_at_crash = synced;
+        s.epoch += 1;
+        s.commit_scheduled = false;
+        s.crash_in_write = None;
+        let epoch = s.epoch;
+        self.fault("crashes");
+        if c.in_write {
+            self.fault("crashes_during_write");
+            if c.kept_bytes > 0 && c.kept_bytes < c.batch_bytes {
+                self.fault("torn_writes");
+            }
+        }
+        self.report.appends.lost_unacked += c.unacked;
+        self.tr(b'K', &[node as u64, c.kept_bytes, c.batch_bytes], &[]);
+        self.timeline
+            .crashes
+            .push((ms(self.now), node, ms(self.now + down)));
+        let conns: Vec<u64> = self.slots[node].conns.iter().copied().collect();
+        for conn in conns {
+            self.close(conn, "peer crashed");
+        }
+        self.after(down, Ev::Restart { node, epoch });
+    }
+
+    fn restart(&mut self, node: usize) {
+        if self.slots[node].node.is_up() {
+            return;
+        }
+        match self.slots[node].node.restart() {
+            Ok(r) => {
+                let synced = self.slots[node].synced_at_crash;
+                if r.records < synced {
+                    self.violation(
+                        "durability",
+                        format!(
+                            "node {node} recovered {} records after a crash, but {synced} were synced before it",
+                            r.records
+                        ),
+                    );
+                }
+                self.fault("restarts");
+                if r.torn.is_some() {
+                    self.fault("torn_tails_recovered");
+                }
+                self.tr(b'S', &[node as u64, r.records], &[]);
+            }
+            Err(e) => {
+                self.violation("recovery", format!("node {node} cannot recover: {e}"));
+                return;
+            }
+        }
+        let pairs: Vec<usize> = self
+            .pair_dial
+            .iter()
+            .filter(|((a, b), _)| *a == node || *b == node)
+            .map(|(_, &p)| p)
+            .collect();
+        for p in pairs {
+            self.kick_dial(p);
+        }
+    }
+
+    fn clock_step_next(&mut self) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let f = &self.sc.faults;
+        let d = us_of_s(self.rng_fault.exp(60.0 / f.clock_steps_per_min));
+        self.after(d.max(1), Ev::ClockStepNext);
+        let node = self.rng_fault.index(self.sc.nodes);
+        let step = self.rng_fault.uniform(-f.clock_step_ms, f.clock_step_ms);
+        self.slots[node].step_ms += step;
+        self.fault("clock_steps");
+        self.tr(b'k', &[node as u64, step as i64 as u64], &[]);
+    }
+
+    // ----- measuring -----
+
+    /// Per author, the highest seq any node holds.
+    fn union_frontier(&self) -> BTreeMap<NodeId, u64> {
+        let mut u: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for s in &self.slots {
+            if !s.node.is_up() {
+                continue;
+            }
+            for (a, (seq, _)) in s.node.state().frontier() {
+                let e = u.entry(a).or_insert(0);
+                *e = (*e).max(seq);
+            }
+        }
+        u
+    }
+
+    fn sample(&mut self) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        let u = self.union_frontier();
+        let total: u64 = u.values().sum();
+        let divergence: u64 = self
+            .slots
+            .iter()
+            .filter(|s| s.node.is_up())
+            .map(|s| total.saturating_sub(s.node.state().len()))
+            .sum();
+        self.timeline.divergence.push(divergence);
+        self.timeline
+            .bytes
+            .push(std::mem::take(&mut self.period_bytes));
+        self.timeline
+            .messages
+            .push(std::mem::take(&mut self.period_messages));
+        self.timeline
+            .appends
+            .push(std::mem::take(&mut self.period_appends));
+        self.timeline.connections.push(self.conns.len() as u64);
+        if self.log > 0 {
+            let queued: usize = self
+                .conns
+                .values()
+                .flat_map(|c| c.chans.iter())
+                .flat_map(|ch| ch.queue.iter())
+                .map(|m| m.bytes.len())
+                .sum();
+            let durable: u64 = self.slots.iter().map(|s| s.node.durable_len()).sum();
+            eprintln!(
+                "{:>10.3} s  sample: divergence {divergence}, {} connections, {queued} bytes in flight, {durable} durable records",
+                self.now as f64 / SEC as f64,
+                self.conns.len()
+            );
+        }
+        self.after(self.sample, Ev::Sample);
+    }
+
+    fn open_measure(&mut self) {
+        let mut target: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for s in &self.slots {
+            for (a, &seq) in s.node.signed_heads() {
+                let e = target.entry(*a).or_insert(0);
+                *e = (*e).max(seq);
+            }
+        }
+        self.measures.push(Measure {
+            heal_at: self.now,
+            target,
+        });
+        self.timeline.heals.push((ms(self.now), None));
+        if !self.converge_scheduled {
+            self.converge_scheduled = true;
+            self.after(CONVERGE_TICK, Ev::ConvergeCheck);
+        }
+    }
+
+    fn reached(&self, target: &BTreeMap<NodeId, u64>) -> bool {
+        self.slots.iter().filter(|s| s.node.is_up()).all(|s| {
+            target
+                .iter()
+                .all(|(a, &seq)| s.node.state().event_id(a, seq).is_some())
+        })
+    }
+
+    fn converge_check(&mut self) {
+        self.converge_scheduled = false;
+        let mut open = Vec::new();
+        for m in std::mem::take(&mut self.measures) {
+            if self.reached(&m.target) {
+                let took = ms(self.now - m.heal_at);
+                if self.log > 0 {
+                    eprintln!(
+                        "{:>10.3} s  converged after the heal at {} ms: {took} ms",
+                        self.now as f64 / SEC as f64,
+                        ms(m.heal_at)
+                    );
+                }
+                self.report.convergence_ms.push(took);
+                if let Some(h) = self
+                    .timeline
+                    .heals
+                    .iter_mut()
+                    .rev()
+                    .find(|h| h.0 == ms(m.heal_at) && h.1.is_none())
+                {
+                    h.1 = Some(took);
+                }
+            } else {
+                open.push(m);
+            }
+        }
+        self.measures = open;
+        if self.phase == Phase::Final && self.quiescent() {
+            let took = ms(self.now - self.final_heal_at);
+            self.report.final_convergence_ms = Some(took);
+            self.phase = Phase::Done;
+            return;
+        }
+        if !self.measures.is_empty() || self.phase == Phase::Final {
+            self.converge_scheduled = true;
+            self.after(CONVERGE_TICK, Ev::ConvergeCheck);
+        }
+    }
+
+    /// Every node up, nothing waiting to be written, and every node's
+    /// durable, advertised frontier the same as its state's and as every
+    /// other node's.
+    fn quiescent(&self) -> bool {
+        let first = &self.slots[0].node;
+        self.slots.iter().all(|s| {
+            s.node.is_up()
+                && !s.node.is_busy()
+                && s.node.durable_len() == s.node.state().len()
+                && s.node.signed_heads() == first.signed_heads()
+        })
+    }
+
+    fn final_heal(&mut self) {
+        self.phase = Phase::Final;
+        self.final_heal_at = self.now;
+        self.timeline.final_heal_ms = ms(self.now);
+        self.tr(b'F', &[], &[]);
+        let ids: Vec<u64> = self.partitions.keys().copied().collect();
+        for id in ids {
+            self.partition_heal(id);
+        }
+        for node in 0..self.sc.nodes {
+            self.slots[node].crash_in_write = None;
+            if !self.slots[node].node.is_up() {
+                self.restart(node);
+            }
+        }
+        debug_assert_eq!(self.cut_links, 0);
+        self.open_measure();
+    }
+
+    fn deadline(&mut self) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        let u = self.union_frontier();
+        let total: u64 = u.values().sum();
+        let behind: Vec<String> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.node.is_up() || s.node.state().len() < total || s.node.is_busy())
+            .map(|(i, s)| {
+                format!(
+                    "node {i} ({}, {} of {total} events, {} durable)",
+                    if s.node.is_up() { "up" } else { "down" },
+                    s.node.state().len(),
+                    s.node.durable_len()
+                )
+            })
+            .take(8)
+            .collect();
+        self.violation(
+            "convergence",
+            format!(
+                "no quiescence {} s after the final heal; behind: {}",
+                self.sc.quiesce_timeout_s,
+                if behind.is_empty() {
+                    "none (advertised frontiers differ)".to_string()
+                } else {
+                    behind.join(", ")
+                }
+            ),
+        );
+        self.phase = Phase::Done;
+    }
+
+    // ----- the end -----
+
+    fn finish(mut self) -> RunReport {
+        self.report.virtual_ms = ms(self.now);
+        let conns: Vec<u64> = self.conns.keys().copied().collect();
+        for c in conns {
+            if let Some(conn) = self.conns.get(&c) {
+                for s in &conn.sessions {
+                    let st = s.stats();
+                    self.traffic_events += st.events_sent;
+                    self.duplicates += st.duplicates;
+                }
+            }
+        }
+        let hits: u64 = self.slots.iter().map(|s| s.node.race_hits()).sum();
+        if hits > 0 {
+            *self
+                .report
+                .faults
+                .entry("committer_races".into())
+                .or_default() += hits;
+        }
+        self.report.event_frames = self.traffic_events;
+        self.report.duplicate_deliveries = self.duplicates;
+        if self.slots.iter().all(|s| s.node.is_up()) {
+            self.check_oracles();
+        }
+        if let Some(s) = self.slots.first() {
+            self.report.state_hash = s
+                .node
+                .state()
+                .state_hash()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+        }
+        let hash = self.report.state_hash.clone();
+        self.tr(b'E', &[], hash.as_bytes());
+        self.report.trace_hash = self.trace.finalize().to_hex().to_string();
+        self.report.timeline = std::mem::take(&mut self.timeline);
+        self.report
+    }
+
+    fn check_oracles(&mut self) {
+        let at = ms(self.now);
+        let mut found: Vec<(&str, String)> = Vec::new();
+        let finals: Vec<NodeFinal<'_>> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(ix, s)| NodeFinal {
+                ix,
+                state: s.node.state(),
+                advertised: s.node.frontier(),
+            })
+            .collect();
+        for v in oracle::convergence(&finals) {
+            found.push(("convergence", v));
+        }
+        drop(finals);
+        // One node's log at a time (they are large); node 0's events are
+        // kept for the conflict oracle, which checks every node's standing
+        // writes against them (the event sets are equal, or the
+        // convergence oracle has said otherwise).
+        let mut events0: Option<Vec<(weftlog_proto::Event, EventId)>> = None;
+        for (ix, s) in self.slots.iter().enumerate() {
+            let r = oracle::Reloaded {
+                ix,
+                state: s.node.state(),
+                log: s.node.reload(),
+            };
+            for v in oracle::durability(&r) {
+                found.push(("durability", v));
+            }
+            for v in oracle::acknowledged(&self.acked, &r) {
+                found.push(("acknowledged", v));
+            }
+            let Ok((_, events)) = r.log else {
+                continue;
+            };
+            if let Err(v) = oracle::causal_order(&events) {
+                found.push(("causal-order", format!("node {ix}: {v}")));
+            }
+            match oracle::escrow(s.node.state().streams(), &events) {
+                Ok((_, capacity)) if ix == 0 => self.report.escrow_capacity = capacity as u64,
+                Ok(_) => {}
+                Err(vs) => {
+                    for v in vs {
+                        found.push(("escrow", format!("node {ix}: {v}")));
+                    }
+                }
+            }
+            if ix == 0 {
+                events0 = Some(events);
+            }
+        }
+        if let Some(events) = &events0 {
+            for (ix, s) in self.slots.iter().enumerate() {
+                match oracle::conflicts(events, s.node.state().streams()) {
+                    Ok(stats) if ix == 0 => {
+                        self.report.conflicts = stats.conflicts;
+                        self.report.concurrent_writes = stats.concurrent_pairs;
+                    }
+                    Ok(_) => {}
+                    Err(vs) => {
+                        for v in vs.into_iter().take(3) {
+                            found.push(("conflicts", format!("node {ix}: {v}")));
+                        }
+                    }
+                }
+            }
+        }
+        for (oracle, detail) in found {
+            self.report.violations.push(Violation {
+                oracle: oracle.to_string(),
+                at_ms: at,
+                detail,
+            });
+        }
+    }
+}
