@@ -1,5 +1,5 @@
-//! Documents a bug in the node (`src/node.rs`) that the simulator found, with
-//! a minimal deterministic reproduction on the same state machines.
+//! A bug the simulator found in the node (`src/node.rs`), now fixed there,
+//! with a minimal deterministic reproduction on the same state machines.
 //!
 //! The node's sync session stores a received run event by event, each under
 //! the state lock; the committer thread may take the received queue (and
@@ -10,9 +10,9 @@
 //! breaking the `Store` contract, and a peer that lacks X1 fails the round
 //! at the node's Done: "depends on event …, which the peer never sent".
 //! Transient (the next batch writes X2, which signs the run) but it fails
-//! sessions. Holding the state lock across one `handle_message` (so that a
-//! received run is stored whole) removes it; the simulator's `node.race`
-//! knob models the node as it is, and is 0 in the CI scenarios.
+//! sessions. The node now holds the state lock across one `handle_message`
+//! (a received run is stored whole), which removes it; the simulator's
+//! `node.race` knob models the node as it was, and is 0 in the scenarios.
 
 use weftlog_proto::state::Draft;
 use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, SyncError};
