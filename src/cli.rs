@@ -25,7 +25,9 @@ use crate::storage::sync_dir;
 /// Each node keeps a durable, signed, append-only log in its data directory.
 /// Commands become events; each stream's state is a deterministic fold of its
 /// events into registers (concurrent writes kept as conflicts), counters and
-/// escrow counters. Nodes exchange what the other lacks with export/import.
+/// escrow counters. Nodes sync over QUIC (`weftlog run`), or exchange what
+/// the other lacks with export/import files; `weftlog simulate` shows how a
+/// cluster behaves under partitions, crashes and loss.
 #[derive(Parser, Debug)]
 #[command(
     name = "weftlog",
@@ -38,7 +40,9 @@ use crate::storage::sync_dir;
     weftlog get --stream customer/20\n  \
     weftlog --data other status > other.status\n  \
     weftlog export --since other.status --out to-other.weft\n  \
-    weftlog --data other import to-other.weft\n\n\
+    weftlog --data other import to-other.weft\n  \
+    weftlog run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt\n  \
+    weftlog simulate --scenario venue --seeds 1..100 --report venue.html\n\n\
     Output is JSON on stdout; errors are one sentence on stderr with a non-zero exit code."
 )]
 pub struct Cli {
