@@ -137,6 +137,39 @@ async fn start(node: &Arc<Node>, config: Config) -> Daemon {
         .expect("the daemon starts")
 }
 
+/// Two members, `a` and `b`, of a cluster of just them, with open nodes.
+struct Two {
+    ma: Member,
+    mb: Member,
+    all: Members,
+    na: Arc<Node>,
+    nb: Arc<Node>,
+}
+
+impl Two {
+    fn new(root: &Path) -> Two {
+        let (ma, mb) = (Member::new(root, "a"), Member::new(root, "b"));
+        let all = members(&[&ma, &mb]);
+        let (na, nb) = (ma.open(), mb.open());
+        Two {
+            ma,
+            mb,
+            all,
+            na,
+            nb,
+        }
+    }
+}
+
+/// Daemons for `na` and `nb` (b dials a) with the default config, once
+/// their sessions are up.
+async fn start_two(na: &Arc<Node>, nb: &Arc<Node>, all: &Members) -> (Daemon, Daemon) {
+    let a = start(na, config(all, &[])).await;
+    let b = start(nb, config(all, &[a.local_addr()])).await;
+    wait_mesh(&[("a", &a), ("b", &b)]).await;
+    (a, b)
+}
+
 /// Waits until `check` passes; fails naming `what` and the last reason.
 async fn wait_until(what: &str, mut check: impl FnMut() -> Result<(), String>) {
     let started = Instant::now();
@@ -529,9 +562,13 @@ fn three_daemons_converge_under_concurrent_appends() {
 fn a_partition_holds_until_healed() {
     run("a_partition_holds_until_healed", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (ma, mb) = (Member::new(tmp.path(), "a"), Member::new(tmp.path(), "b"));
-        let all = members(&[&ma, &mb]);
-        let (na, nb) = (ma.open(), mb.open());
+        let Two {
+            ma,
+            mb,
+            all,
+            na,
+            nb,
+        } = Two::new(tmp.path());
         // Frequent anti-entropy: a leak through the partition would show.
         let mut ca = config(&all, &[]);
         ca.anti_entropy = Duration::from_millis(200);
@@ -626,9 +663,9 @@ fn a_partition_holds_until_healed() {
 fn appends_are_pushed_live_without_anti_entropy() {
     run("appends_are_pushed_live_without_anti_entropy", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (ma, mb) = (Member::new(tmp.path(), "a"), Member::new(tmp.path(), "b"));
-        let all = members(&[&ma, &mb]);
-        let (na, nb) = (ma.open(), mb.open());
+        let Two {
+            mb, all, na, nb, ..
+        } = Two::new(tmp.path());
         // Some history on each side for the first round to exchange.
         for i in 0..5 {
             na.append_async(set("ledger/a", "n", &format!("{i}")))
@@ -950,12 +987,10 @@ fn a_hostile_member_is_cut_off_and_nothing_is_stored() {
 fn garbage_datagrams_do_no_harm() {
     run("garbage_datagrams_do_no_harm", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (ma, mb) = (Member::new(tmp.path(), "a"), Member::new(tmp.path(), "b"));
-        let all = members(&[&ma, &mb]);
-        let (na, nb) = (ma.open(), mb.open());
-        let a = start(&na, config(&all, &[])).await;
-        let b = start(&nb, config(&all, &[a.local_addr()])).await;
-        wait_mesh(&[("a", &a), ("b", &b)]).await;
+        let Two {
+            mb, all, na, nb, ..
+        } = Two::new(tmp.path());
+        let (a, b) = start_two(&na, &nb, &all).await;
 
         let target = a.local_addr();
         let seed = 0x5eed_da7a_u64;
@@ -1030,12 +1065,10 @@ fn garbage_datagrams_do_no_harm() {
 fn a_graceful_shutdown_keeps_everything_received() {
     run("a_graceful_shutdown_keeps_everything_received", async {
         let tmp = tempfile::tempdir().unwrap();
-        let (ma, mb) = (Member::new(tmp.path(), "a"), Member::new(tmp.path(), "b"));
-        let all = members(&[&ma, &mb]);
-        let (na, nb) = (ma.open(), mb.open());
-        let a = start(&na, config(&all, &[])).await;
-        let b = start(&nb, config(&all, &[a.local_addr()])).await;
-        wait_mesh(&[("a", &a), ("b", &b)]).await;
+        let Two {
+            mb, all, na, nb, ..
+        } = Two::new(tmp.path());
+        let (a, b) = start_two(&na, &nb, &all).await;
 
         const N: usize = 300;
         let mut tasks = tokio::task::JoinSet::new();
