@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::weftlog;
+use common::{fails, weftlog};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,29 +43,6 @@ fn json_lines(data: &Path, args: &[&str]) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {e}: {l}")))
         .collect()
-}
-
-/// Runs a command that must fail as the CLI promises: non-zero exit, nothing
-/// on stdout, one line on stderr. Returns that line.
-fn fails(data: &Path, args: &[&str]) -> String {
-    let r = weftlog(data, args);
-    assert_eq!(
-        r.code,
-        Some(1),
-        "weftlog {args:?} should fail:\nstdout: {}\nstderr: {}",
-        r.stdout,
-        r.stderr
-    );
-    assert_eq!(r.stdout, "", "weftlog {args:?} failed but printed output");
-    assert_eq!(
-        r.stderr.lines().count(),
-        1,
-        "weftlog {args:?}: the error is not one line: {:?}",
-        r.stderr
-    );
-    let line = r.stderr.trim_end().to_string();
-    assert!(line.starts_with("error: "), "{line}");
-    line
 }
 
 /// Every file in the data directory and its bytes (the lock file aside).

@@ -1363,29 +1363,6 @@ fn cli_json(dir: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
-/// Runs a command that must fail: exit 1, nothing on stdout, one
-/// `error: ` line on stderr. That line.
-fn cli_fails(dir: &Path, args: &[&str]) -> String {
-    let r = common::weftlog(dir, args);
-    assert_eq!(
-        r.code,
-        Some(1),
-        "weftlog {args:?} should fail:\nstdout: {}\nstderr: {}",
-        r.stdout,
-        r.stderr
-    );
-    assert_eq!(r.stdout, "", "weftlog {args:?} failed but printed output");
-    assert_eq!(
-        r.stderr.lines().count(),
-        1,
-        "weftlog {args:?}: the error is not one line: {:?}",
-        r.stderr
-    );
-    let line = r.stderr.trim_end().to_string();
-    assert!(line.starts_with("error: "), "{line}");
-    line
-}
-
 /// Starts `weftlog --data DIR run ARGS…`, which must fail (exit 1, within
 /// [`DEADLINE`]) ending its stderr with one `error: ` line. That line.
 fn run_fails(dir: &Path, args: &[&str]) -> String {
@@ -1568,7 +1545,7 @@ fn cli_forwards_to_running_node() {
 
     // Errors through the running node: one sentence, non-zero, nothing done.
     let before = a.status();
-    let bad = cli_fails(
+    let bad = common::fails(
         &da,
         &[
             "append",
@@ -1581,14 +1558,14 @@ fn cli_forwards_to_running_node() {
         ],
     );
     assert!(bad.contains("--add"), "{bad}");
-    let bad = cli_fails(
+    let bad = common::fails(
         &da,
         &[
             "append", "--stream", stream, "--kind", "K", "--set", "name=Ada",
         ],
     );
     assert!(bad.contains("JSON"), "{bad}");
-    let stale = cli_fails(
+    let stale = common::fails(
         &da,
         &[
             "append",
@@ -1605,11 +1582,11 @@ fn cli_forwards_to_running_node() {
     assert!(stale.contains("version"), "{stale}");
     let garbage = tmp.path().join("garbage.weft");
     fs::write(&garbage, b"not an export file").unwrap();
-    let refused = cli_fails(&da, &["import", garbage.to_str().unwrap()]);
+    let refused = common::fails(&da, &["import", garbage.to_str().unwrap()]);
     assert!(refused.contains("import"), "{refused}");
     let bad_since = tmp.path().join("bad.status");
     fs::write(&bad_since, "{}").unwrap();
-    let e = cli_fails(
+    let e = common::fails(
         &da,
         &[
             "export",

@@ -66,3 +66,26 @@ pub fn set(stream: &str, field: &str, value: &str) -> Draft {
         ..Draft::default()
     }
 }
+
+/// Runs a command that must fail as the CLI promises: non-zero exit, nothing
+/// on stdout, one line on stderr. Returns that line.
+pub fn fails(data: &Path, args: &[&str]) -> String {
+    let r = weftlog(data, args);
+    assert_eq!(
+        r.code,
+        Some(1),
+        "weftlog {args:?} should fail:\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(r.stdout, "", "weftlog {args:?} failed but printed output");
+    assert_eq!(
+        r.stderr.lines().count(),
+        1,
+        "weftlog {args:?}: the error is not one line: {:?}",
+        r.stderr
+    );
+    let line = r.stderr.trim_end().to_string();
+    assert!(line.starts_with("error: "), "{line}");
+    line
+}
