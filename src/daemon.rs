@@ -1062,6 +1062,8 @@ fn describe_failure(e: &SyncError) -> String {
 
 /// The mDNS service type nodes announce.
 pub const MDNS_SERVICE: &str = "_weftlog._udp.local.";
+/// Most addresses dialled per member found by mDNS.
+pub const MDNS_ADDRS_PER_NODE: usize = 4;
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -1090,6 +1092,9 @@ fn start_mdns(shared: &Arc<Shared>) -> Result<mdns_sd::ServiceDaemon, mdns_sd::E
     let shared = shared.clone();
     tokio::spawn(async move {
         let mut shutdown = shared.shutdown.subscribe();
+        // Addresses dialled per member: announcements are LAN input, so
+        // they may start only a few dial loops each.
+        let mut dialled: BTreeMap<NodeId, usize> = BTreeMap::new();
         loop {
             let ev = tokio::select! {
                 e = events.recv_async() => e,
@@ -1116,9 +1121,11 @@ fn start_mdns(shared: &Arc<Shared>) -> Result<mdns_sd::ServiceDaemon, mdns_sd::E
             let mut addrs: Vec<std::net::IpAddr> =
                 found.addresses.iter().map(|a| a.to_ip_addr()).collect();
             addrs.sort_by_key(|a| (a.is_ipv6(), *a));
-            if let Some(ip) = addrs.first() {
+            let count = dialled.entry(node).or_default();
+            if let Some(ip) = addrs.first().filter(|_| *count < MDNS_ADDRS_PER_NODE) {
                 let addr = SocketAddr::new(*ip, found.port).to_string();
                 if add_target(&shared, addr.clone()) {
+                    *count += 1;
                     info!(%node, %addr, "mDNS: found a member");
                 }
             }
