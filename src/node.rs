@@ -28,9 +28,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use weftlog_proto::event::{verify, Event, Keypair, Signature};
+use weftlog_proto::event::{Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
-use weftlog_proto::log::{encode_frame_with, Log, OpenError, Recovery, TornTail};
+use weftlog_proto::log::{self, encode_frame_with, Log, OpenError, Recovery};
 use weftlog_proto::state::{self, Draft, Inserted, Invalid, PrepareError, State};
 use weftlog_proto::sync;
 use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
@@ -944,76 +944,28 @@ fn finish(inner: &Inner, mut batch: Batch, buf: &mut Vec<u8>) {
 
 type Loaded = (State, Log<FileStorage>, Recovery, Durable);
 
-/// Recovers and folds the log in `log_dir`. Records after the last one
-/// marked as the end of a commit are an interrupted batch: they were never
-/// acknowledged, so they are cut and the log is folded again. Each author's
-/// last signature is verified; with the id chain it authenticates the log.
+/// Recovers and folds the log in `log_dir` ([`log::open_committed`]: an
+/// interrupted batch is cut, each author's last signature verified), and
+/// indexes the durable records for sync.
 fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
-    let mut earlier: Option<TornTail> = None;
-    loop {
-        let storage = FileStorage::new(log_dir).map_err(io_err(log_dir))?;
-        let mut state = State::new();
-        // Per author: its last signed record (index, seq, id, sig).
-        let mut signed: BTreeMap<NodeId, (u64, u64, EventId, Signature)> = BTreeMap::new();
-        // Records up to the last one marked as a commit's end.
-        let mut committed = 0u64;
-        let mut index = 0u64;
-        let mut durable = Durable::default();
-        let (mut log, mut recovery) = Log::open(storage, |frame| {
-            let event = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
+    let storage = || FileStorage::new(log_dir).map_err(OpenError::Io);
+    let fresh = || (State::new(), Durable::default(), 0u64);
+    let (log, recovery, (state, durable, _)) =
+        log::open_committed(storage, fresh, |(state, durable, index), frame, event| {
             durable
                 .authors
                 .entry(event.author)
                 .or_default()
-                .push((index, event.hlc));
+                .push((*index, event.hlc));
             if frame.sig.is_some() {
                 durable.signed.insert(event.author, event.seq);
             }
-            match state.insert(&event, frame.id).map_err(|e| e.to_string())? {
+            match state.insert(event, frame.id).map_err(|e| e.to_string())? {
                 Inserted::New => {}
                 Inserted::Duplicate => return Err("the event is in the log twice".into()),
             }
-            if let Some(sig) = frame.sig {
-                signed.insert(event.author, (index, event.seq, frame.id, sig));
-            }
-            index += 1;
-            if frame.commit_end {
-                committed = index;
-            }
+            *index += 1;
             Ok(())
         })?;
-        if committed < log.records() {
-            let dropped = log.records() - committed;
-            let cut = log.cut(committed)?;
-            let note = format!("{dropped} records of an interrupted batch had no commit mark");
-            // What an earlier pass or this open's framing check removed lay
-            // after the cut, in the same segment.
-            let before = recovery.torn.or(earlier);
-            earlier = Some(TornTail {
-                segment: cut.segment,
-                offset: cut.offset,
-                dropped_bytes: cut.dropped_bytes + before.as_ref().map_or(0, |t| t.dropped_bytes),
-                reason: match before {
-                    Some(t) => format!("{}; {note}", t.reason),
-                    None => note,
-                },
-            });
-            continue;
-        }
-        if recovery.torn.is_none() {
-            recovery.torn = earlier.take();
-        }
-        for (author, (index, seq, id, sig)) in &signed {
-            verify(author, id, sig).map_err(|e| OpenError::Refused {
-                index: *index,
-                id: *id,
-                reason: format!(
-                    "{}: head signature: {e}",
-                    exchange::describe(id, author, *seq)
-                ),
-            })?;
-        }
-        recovery.records = log.records();
-        return Ok((state, log, recovery, durable));
-    }
+    Ok((state, log, recovery, durable))
 }

@@ -30,8 +30,11 @@
 use std::io;
 use std::ops::Range;
 
-use crate::event::{Signature, MAX_EVENT_BYTES};
-use crate::id::EventId;
+use std::collections::BTreeMap;
+
+use crate::event::{verify, Event, Signature, MAX_EVENT_BYTES};
+use crate::exchange::describe;
+use crate::id::{EventId, NodeId};
 
 /// Segment header magic.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"weftseg\0";
@@ -738,6 +741,73 @@ impl<S: Storage> Log<S> {
     /// The storage, for tests that crash and reopen.
     pub fn into_storage(self) -> S {
         self.storage
+    }
+}
+
+/// Opens a node's log: recovers it ([`Log::open`]), then cuts the records
+/// after the last one marked as a commit's end (an interrupted batch, never
+/// acknowledged) and folds again, and finally verifies each author's last
+/// signature, which with the id chain authenticates the log.
+///
+/// `storage` opens the storage afresh for each pass; `fresh` makes an empty
+/// accumulator for each pass, and `visit` folds each record's decoded event
+/// into it, in log order. A torn tail and the cut are reported together in
+/// the returned [`Recovery`].
+pub fn open_committed<S: Storage, T>(
+    mut storage: impl FnMut() -> Result<S, OpenError>,
+    mut fresh: impl FnMut() -> T,
+    mut visit: impl FnMut(&mut T, &Frame<'_>, &Event) -> Result<(), String>,
+) -> Result<(Log<S>, Recovery, T), OpenError> {
+    let mut earlier: Option<TornTail> = None;
+    loop {
+        let mut acc = fresh();
+        // Per author: its last signed record (index, seq, id, sig).
+        let mut signed: BTreeMap<NodeId, (u64, u64, EventId, Signature)> = BTreeMap::new();
+        // Records up to the last one marked as a commit's end.
+        let mut committed = 0u64;
+        let mut index = 0u64;
+        let (mut log, mut recovery) = Log::open(storage()?, |frame| {
+            let event = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
+            visit(&mut acc, &frame, &event)?;
+            if let Some(sig) = frame.sig {
+                signed.insert(event.author, (index, event.seq, frame.id, sig));
+            }
+            index += 1;
+            if frame.commit_end {
+                committed = index;
+            }
+            Ok(())
+        })?;
+        if committed < log.records() {
+            let dropped = log.records() - committed;
+            let cut = log.cut(committed)?;
+            let note = format!("{dropped} records of an interrupted batch had no commit mark");
+            // What an earlier pass or this open's framing check removed lay
+            // after the cut, in the same segment.
+            let before = recovery.torn.or(earlier);
+            earlier = Some(TornTail {
+                segment: cut.segment,
+                offset: cut.offset,
+                dropped_bytes: cut.dropped_bytes + before.as_ref().map_or(0, |t| t.dropped_bytes),
+                reason: match before {
+                    Some(t) => format!("{}; {note}", t.reason),
+                    None => note,
+                },
+            });
+            continue;
+        }
+        if recovery.torn.is_none() {
+            recovery.torn = earlier.take();
+        }
+        for (author, (index, seq, id, sig)) in &signed {
+            verify(author, id, sig).map_err(|e| OpenError::Refused {
+                index: *index,
+                id: *id,
+                reason: format!("{}: head signature: {e}", describe(id, author, *seq)),
+            })?;
+        }
+        recovery.records = log.records();
+        return Ok((log, recovery, acc));
     }
 }
 

@@ -35,9 +35,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::rc::Rc;
 
-use weftlog_proto::event::{verify, Event, Keypair, Signature};
-use weftlog_proto::exchange::describe;
-use weftlog_proto::log::{encode_frame_with, Log, MemStorage, Storage, TornTail};
+use weftlog_proto::event::{Event, Keypair, Signature};
+use weftlog_proto::log::{self, encode_frame_with, Log, MemStorage, Storage, TornTail};
 use weftlog_proto::state::{self, Draft, Inserted, Invalid, PrepareError, State};
 use weftlog_proto::sync::{Head, Store, Stored};
 use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
@@ -565,19 +564,16 @@ impl SimNode {
     }
 }
 
-/// Recovers and folds the log on `disk`, as `load()` in `src/node.rs` does.
+/// Recovers and folds the log on `disk` with the node's recovery
+/// ([`log::open_committed`]), and indexes the durable records for sync.
 fn load(disk: &Disk) -> Result<Loaded, String> {
-    let mut earlier: Option<TornTail> = None;
-    loop {
-        let mut state = State::new();
-        let mut signed_at: BTreeMap<NodeId, (u64, u64, EventId, Signature)> = BTreeMap::new();
-        let mut committed = 0u64;
-        let mut index = 0u64;
-        let mut durable: BTreeMap<NodeId, Vec<Stored>> = BTreeMap::new();
-        let mut signed: BTreeMap<NodeId, u64> = BTreeMap::new();
-        let (mut log, recovery) = Log::open(disk.clone(), |frame| {
-            let event = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
-            match state.insert(&event, frame.id).map_err(|e| e.to_string())? {
+    type Acc = (State, BTreeMap<NodeId, Vec<Stored>>, BTreeMap<NodeId, u64>);
+    let fresh = || -> Acc { (State::new(), BTreeMap::new(), BTreeMap::new()) };
+    let (log, recovery, (state, durable, signed)) = log::open_committed(
+        || Ok(disk.clone()),
+        fresh,
+        |(state, durable, signed), frame, event| {
+            match state.insert(event, frame.id).map_err(|e| e.to_string())? {
                 Inserted::New => {}
                 Inserted::Duplicate => return Err("the event is in the log twice".into()),
             }
@@ -587,44 +583,14 @@ fn load(disk: &Disk) -> Result<Loaded, String> {
                 hlc: event.hlc,
                 sig: frame.sig,
             });
-            if let Some(sig) = frame.sig {
+            if frame.sig.is_some() {
                 signed.insert(event.author, event.seq);
-                signed_at.insert(event.author, (index, event.seq, frame.id, sig));
-            }
-            index += 1;
-            if frame.commit_end {
-                committed = index;
             }
             Ok(())
-        })
-        .map_err(|e| format!("recovery: {e}"))?;
-        if committed < log.records() {
-            let dropped = log.records() - committed;
-            let cut = log.cut(committed).map_err(|e| format!("recovery: {e}"))?;
-            let note = format!("{dropped} records of an interrupted batch had no commit mark");
-            let before = recovery.torn.or(earlier);
-            earlier = Some(TornTail {
-                segment: cut.segment,
-                offset: cut.offset,
-                dropped_bytes: cut.dropped_bytes + before.as_ref().map_or(0, |t| t.dropped_bytes),
-                reason: match before {
-                    Some(t) => format!("{}; {note}", t.reason),
-                    None => note,
-                },
-            });
-            continue;
-        }
-        let torn = recovery.torn.or(earlier);
-        for (author, (index, seq, id, sig)) in &signed_at {
-            verify(author, id, sig).map_err(|e| {
-                format!(
-                    "recovery: record {index}: {}: head signature: {e}",
-                    describe(id, author, *seq)
-                )
-            })?;
-        }
-        return Ok((state, log, durable, signed, torn));
-    }
+        },
+    )
+    .map_err(|e| format!("recovery: {e}"))?;
+    Ok((state, log, durable, signed, recovery.torn))
 }
 
 impl Store for SimNode {
