@@ -1411,7 +1411,7 @@ fn bench_sync(cfg: &Config) -> Result<()> {
 const FILL_TASKS: usize = 256;
 /// Anti-entropy period of the daemons here: an hour, so that only the first
 /// round (replicate) or live push (propagate) is measured.
-const NO_ANTI_ENTROPY: Duration = Duration::from_secs(3600);
+const NO_ANTI_ENTROPY_MS: u64 = 3_600_000;
 /// Longest wait for the mesh, or for one replication, before giving up.
 const NET_DEADLINE: Duration = Duration::from_secs(300);
 
@@ -1428,7 +1428,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn daemon_config(peers: Vec<String>) -> daemon::Config {
     let mut c = daemon::Config::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     c.peers = peers;
-    c.anti_entropy = NO_ANTI_ENTROPY;
+    c.policy.anti_entropy_ms = NO_ANTI_ENTROPY_MS;
     c
 }
 

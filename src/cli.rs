@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
+use weftlog_proto::peers::PeersConfig;
 use weftlog_proto::state::Draft;
 use weftlog_proto::{Hlc, Meta, NodeId, Op, State};
 
@@ -323,11 +324,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub cluster: String,
     /// Milliseconds between anti-entropy rounds with a random peer.
-    #[arg(long, value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+    #[arg(long, value_name = "MS", default_value_t = PeersConfig::default().anti_entropy_ms, value_parser = clap::value_parser!(u64).range(10..))]
     pub anti_entropy_ms: u64,
     /// Milliseconds of silence after which a peer connection is dropped
     /// (and redialled).
-    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(300..))]
+    #[arg(long, value_name = "MS", default_value_t = PeersConfig::default().idle_timeout_ms, value_parser = clap::value_parser!(u64).range(300..))]
     pub idle_timeout_ms: u64,
 }
 

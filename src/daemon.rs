@@ -2,37 +2,34 @@
 //! sync session with every reachable member, and the state the HTTP API
 //! ([`crate::http`]) shows.
 //!
-//! # Connections
+//! Every decision about peers is made by the sans-IO peer policy,
+//! [`weftlog_proto::peers::Peers`], the same code the simulator runs: which
+//! connection to keep with a peer (a restarted peer's new connection
+//! replaces the old one at once), when to dial and how long to back off,
+//! live push, anti-entropy rounds, and the time of the last successful
+//! round. This module only carries out what it asks, over quinn:
 //!
-//! Every address given with `--peer` (or found by mDNS) gets a dial loop:
-//! it connects, runs the session until the connection ends, and dials again
-//! with exponential backoff (100 ms doubling to 5 s, with jitter). Incoming
-//! connections are served the same way. There is one connection per pair of
-//! nodes: when two exist (both dialled at once), both ends keep the one
-//! dialled by the smaller node id and close the other, so they agree
-//! without talking. A connection that shows no sign of life for
-//! [`Config::idle_timeout`] is dropped (QUIC keep-alives are sent at a
-//! third of it), and the dial loop reconnects.
+//! - **Dials.** [`PeerEvent::Dial`] starts one attempt at the target's
+//!   address, bounded by [`PeersConfig::connect_timeout_ms`]; its outcome
+//!   goes back as `handle_connected` or `handle_dial_failed`.
+//! - **Connections.** Each authenticated connection (dialled or accepted)
+//!   carries one bidirectional stream (opened by the dialer) and is driven
+//!   by three tasks: a reader that reads whole messages (checking each
+//!   length against the limit before allocating) into a small bounded
+//!   queue, a writer that writes from another, and a connection loop
+//!   between them that hands messages to the policy and takes one outgoing
+//!   message at a time from it, only when the writer has room, so a slow
+//!   peer slows only its own session. A connection that shows no sign of
+//!   life for [`PeersConfig::idle_timeout_ms`] is dropped by QUIC
+//!   (keep-alives go at a third of it).
+//! - **Live push.** One task hands every batch the node makes durable
+//!   ([`Node::subscribe`]) to the policy, which pushes it to the peers that
+//!   lack it.
+//! - **Timers.** One task sleeps until the policy's next deadline
+//!   ([`Peers::poll_timeout`]) and hands it the time.
 //!
-//! # Sessions
-//!
-//! Each connection carries one bidirectional stream (opened by the dialer)
-//! and one [`Session`]. Three tasks drive it: a reader that reads whole
-//! messages (checking each length against the limit before allocating)
-//! into a small bounded queue, a writer that writes the session's messages
-//! from another, and the session loop between them. The loop hands the
-//! session every received message, every batch the node makes durable
-//! ([`Node::subscribe`]: live push of local and received events), and the
-//! anti-entropy timer's rounds; it takes one outgoing message at a time and
-//! only when the writer has room, so a slow peer slows its own session and
-//! nothing else grows. A session that fails sends the peer its reason and
-//! the connection closes; the dial loop starts a fresh one.
-//!
-//! # Anti-entropy
-//!
-//! Every [`Config::anti_entropy`] a random connected peer is asked for a
-//! round (Hello with the current digest); equal digests settle it in one
-//! round trip, and anything a push missed is repaired.
+//! The policy sits behind one mutex; its randomness is the OS generator.
+//! Its clock is the milliseconds since the daemon started (monotonic).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
@@ -44,36 +41,22 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tracing::{debug, info, warn};
-use weftlog_proto::sync::{
-    message_len, Equivocation, Session, SessionConfig, SessionEvent, SessionStats, Store,
-    SyncError, LENGTH_PREFIX_BYTES,
-};
+use weftlog_proto::peers::{ConnId, PeerEvent, Peers, PeersConfig, Random, TargetId};
+use weftlog_proto::sync::{message_len, Equivocation, SessionConfig, LENGTH_PREFIX_BYTES};
 use weftlog_proto::NodeId;
 
 use crate::node::Node;
 use crate::tls::{self, peer_id, Members, SERVER_NAME};
 
-/// Application close codes on a QUIC connection.
-pub mod close {
-    /// This node blocks the peer (`POST /v1/admin/partition`).
-    pub const BLOCKED: u32 = 1;
-    /// Another connection with the same peer is kept.
-    pub const DUPLICATE: u32 = 2;
-    /// The node is shutting down.
-    pub const SHUTDOWN: u32 = 3;
-    /// The peer broke the protocol; the reason says how.
-    pub const PROTOCOL: u32 = 4;
-}
+/// Application close codes on a QUIC connection (the peer policy's).
+pub use weftlog_proto::peers::close;
 
-/// First wait before redialling.
-pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait before redialling.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long a dial (handshake included) or the session stream may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Messages queued between the reader, the session and the writer, each way.
+/// How long the sync stream may take to open once a connection is up.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages queued between the reader, the connection loop and the writer,
+/// each way, when [`PeersConfig::window`] does not say otherwise.
 pub const QUEUE_MESSAGES: usize = 16;
 /// The equivocation file in a data directory: one JSON object per line.
 pub const EQUIVOCATIONS_FILE: &str = "equivocations.jsonl";
@@ -89,25 +72,22 @@ pub struct Config {
     pub members: Members,
     /// The cluster id ([`cluster_id`]); a peer in another cluster is refused.
     pub cluster: [u8; 32],
-    /// Time between anti-entropy rounds (with a random peer).
-    pub anti_entropy: Duration,
-    /// A connection silent this long is dropped.
-    pub idle_timeout: Duration,
+    /// The peer policy: anti-entropy period, backoff, timeouts, queues.
+    pub policy: PeersConfig,
     /// Announce this node and find peers with mDNS.
     pub mdns: bool,
 }
 
 impl Config {
-    /// Defaults: no peers, anyone admitted, cluster "default", anti-entropy
-    /// every 2 s, idle timeout 10 s, no mDNS.
+    /// Defaults: no peers, anyone admitted, cluster "default", the policy's
+    /// defaults ([`PeersConfig::default`]), no mDNS.
     pub fn new(listen: SocketAddr) -> Config {
         Config {
             listen,
             peers: Vec::new(),
             members: Members::Anyone,
             cluster: cluster_id("default"),
-            anti_entropy: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(10),
+            policy: PeersConfig::default(),
             mdns: false,
         }
     }
@@ -184,52 +164,41 @@ fn read_records(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A request to a session loop.
-enum Control {
-    /// Start an anti-entropy round.
-    Round,
-    /// Report the session's view of the peer.
-    Report(oneshot::Sender<Report>),
-}
-
-/// A session's view of its peer.
-#[derive(Clone, Copy, Debug, Default)]
-struct Report {
-    /// Events this node holds that the peer is not known to hold; `None`
-    /// before the first frontier exchange.
-    behind: Option<u64>,
-    stats: SessionStats,
-}
-
-/// The connection kept with a peer.
-struct Live {
-    generation: u64,
-    /// Which end dialled.
-    dialer: NodeId,
+/// A connection as the daemon holds it, beside the policy's view.
+struct ConnHandle {
     conn: quinn::Connection,
-    control: mpsc::Sender<Control>,
-    /// The peer's first message arrived: it accepted this node too (a TLS
-    /// 1.3 client finishes its handshake before the server has checked the
-    /// client's certificate, so a dialer cannot tell earlier).
-    established: bool,
+    /// Wakes the connection loop: the policy may have something to send,
+    /// or a close to carry out.
+    wake: Arc<Notify>,
+    /// A close the policy asked for, with a last message to write first.
+    close: Mutex<Option<(u32, String, Vec<u8>)>>,
 }
 
+/// What the daemon keeps about a peer beyond the policy: for `status`.
 #[derive(Default)]
-struct PeerState {
-    live: Option<Live>,
-    addr: Option<SocketAddr>,
-    /// The last report of the last session.
-    last: Report,
-    last_error: Option<String>,
+struct PeerNotes {
     /// Events received from the peer, over all its sessions.
     received: u64,
+    /// Why the last connection ended, when it did not end cleanly.
+    last_error: Option<String>,
+    /// The remote address of the last connection.
+    addr: Option<SocketAddr>,
 }
 
+/// Dial targets: the address of each, and back.
 #[derive(Default)]
-struct Target {
-    /// The node that answered at this address.
-    id: Option<NodeId>,
-    last_error: Option<String>,
+struct Targets {
+    addrs: BTreeMap<TargetId, String>,
+    ids: BTreeMap<String, TargetId>,
+}
+
+/// The OS generator, as the policy's [`Random`].
+struct OsRandom;
+
+impl Random for OsRandom {
+    fn next_u64(&mut self) -> u64 {
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+    }
 }
 
 struct Shared {
@@ -238,13 +207,20 @@ struct Shared {
     cluster: [u8; 32],
     members: Members,
     endpoint: quinn::Endpoint,
-    anti_entropy: Duration,
-    peers: Mutex<BTreeMap<NodeId, PeerState>>,
-    targets: Mutex<BTreeMap<String, Target>>,
+    connect_timeout: Duration,
+    window: usize,
+    /// The peer policy; lock it before the node's state (the sync store).
+    peers: Mutex<Peers>,
+    conns: Mutex<BTreeMap<ConnId, Arc<ConnHandle>>>,
+    next_conn: AtomicU64,
+    targets: Mutex<Targets>,
+    notes: Mutex<BTreeMap<NodeId, PeerNotes>>,
+    /// Wakes the timer task: the policy's next deadline may have moved.
+    timer: Notify,
+    started: Instant,
     blocked: watch::Sender<BTreeSet<NodeId>>,
     shutdown: watch::Sender<bool>,
     forks: Mutex<BTreeMap<(NodeId, u64), Fork>>,
-    generation: AtomicU64,
 }
 
 /// A running daemon. Dropping it without [`Daemon::shutdown`] stops its
@@ -261,13 +237,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Daemon {
     /// Starts serving `node` as `config` says: binds the QUIC endpoint,
-    /// starts the dial loops, the accept loop, the anti-entropy timer and
-    /// mDNS. Must be called within a tokio runtime.
+    /// starts the policy's tasks (live push, timers), the accept loop, the
+    /// dials and mDNS. Must be called within a tokio runtime.
     pub async fn start(node: Arc<Node>, config: Config) -> Result<Daemon, StartError> {
         let key = node.keypair();
-        let mut server = tls::server_config(key, config.members.clone())?;
-        let mut client = tls::client_config(key, config.members.clone())?;
-        let transport = Arc::new(transport(config.idle_timeout));
+        // A new value each start: peers replace a connection of an older one.
+        let incarnation = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+        let mut server = tls::server_config(key, config.members.clone(), incarnation)?;
+        let mut client = tls::client_config(key, config.members.clone(), incarnation)?;
+        let transport = Arc::new(transport(Duration::from_millis(
+            config.policy.idle_timeout_ms,
+        )));
         server.transport_config(transport.clone());
         client.transport_config(transport);
         let mut endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
@@ -279,23 +259,36 @@ impl Daemon {
         endpoint.set_default_client_config(client);
         let me = node.id();
         let forks = load_forks(node.dir());
+        let policy = Peers::new(
+            config.policy.clone(),
+            SessionConfig::new(config.cluster, me),
+        );
         let shared = Arc::new(Shared {
             me,
             cluster: config.cluster,
             members: config.members.clone(),
             endpoint,
-            anti_entropy: config.anti_entropy,
-            peers: Mutex::new(BTreeMap::new()),
-            targets: Mutex::new(BTreeMap::new()),
+            connect_timeout: Duration::from_millis(config.policy.connect_timeout_ms.max(1)),
+            window: config.policy.window.max(1),
+            peers: Mutex::new(policy),
+            conns: Mutex::new(BTreeMap::new()),
+            next_conn: AtomicU64::new(0),
+            targets: Mutex::new(Targets::default()),
+            notes: Mutex::new(BTreeMap::new()),
+            timer: Notify::new(),
+            started: Instant::now(),
             blocked: watch::channel(BTreeSet::new()).0,
             shutdown: watch::channel(false).0,
             forks: Mutex::new(forks),
-            generation: AtomicU64::new(0),
             node,
         });
         info!(node = %me, addr = %shared.endpoint.local_addr().map_or(config.listen, |a| a), "listening for peers (QUIC)");
+        // Subscribed before any session takes its first snapshot: nothing
+        // made durable in between is missed.
+        let feed = shared.node.subscribe();
+        tokio::spawn(feed_loop(shared.clone(), feed));
+        tokio::spawn(timer_loop(shared.clone()));
         tokio::spawn(accept_loop(shared.clone()));
-        tokio::spawn(anti_entropy_loop(shared.clone()));
         for p in &config.peers {
             add_target(&shared, p.clone());
         }
@@ -336,7 +329,9 @@ impl Daemon {
         } else {
             info!("partition healed: no peer blocked");
         }
-        self.shared.blocked.send_replace(nodes);
+        self.shared.blocked.send_replace(nodes.clone());
+        let now = self.shared.now_ms();
+        self.shared.policy(|p, _, _| p.set_blocked(nodes, now));
     }
 
     /// The blocked nodes.
@@ -346,18 +341,12 @@ impl Daemon {
 
     /// Whether a session with `peer` is up.
     pub fn is_connected(&self, peer: &NodeId) -> bool {
-        lock(&self.shared.peers)
-            .get(peer)
-            .is_some_and(|p| p.live.as_ref().is_some_and(|l| l.established))
+        lock(&self.shared.peers).is_connected(peer)
     }
 
     /// Asks every connected peer for an anti-entropy round now.
     pub fn sync_now(&self) {
-        for p in lock(&self.shared.peers).values() {
-            if let Some(l) = &p.live {
-                let _ = l.control.try_send(Control::Round);
-            }
-        }
+        self.shared.policy(|p, store, _| p.sync_now(store));
     }
 
     /// The forks this node has seen.
@@ -365,7 +354,17 @@ impl Daemon {
         lock(&self.shared.forks).values().cloned().collect()
     }
 
-    /// `weftlog status` plus `peers`, `blocked` and `equivocations`.
+    /// When a round with any member last ended in sync or done, as
+    /// milliseconds since the Unix epoch by this node's wall clock; `None`
+    /// if never since the daemon started.
+    pub fn last_round_ms(&self) -> Option<u64> {
+        let at = lock(&self.shared.peers).last_round_ms()?;
+        let ago = self.shared.now_ms().saturating_sub(at);
+        Some(crate::node::wall_ms().saturating_sub(ago))
+    }
+
+    /// `weftlog status` plus `peers`, `blocked`, `equivocations` and
+    /// `last_round_ms`.
     pub async fn status(&self) -> Value {
         let node = &self.shared.node;
         let mut status = node.with_state(|s| crate::json::status(&node.id(), s));
@@ -376,6 +375,7 @@ impl Daemon {
             m.insert("peers".into(), Value::Array(peers));
             m.insert("blocked".into(), json!(blocked));
             m.insert("equivocations".into(), Value::Array(forks));
+            m.insert("last_round_ms".into(), json!(self.last_round_ms()));
         }
         status
     }
@@ -385,41 +385,56 @@ impl Daemon {
     /// known to hold; null before the first exchange), traffic counters and
     /// the last error.
     pub async fn peers(&self) -> Vec<Value> {
-        let mut asks = Vec::new();
+        let shared = &self.shared;
         let mut rows: BTreeMap<String, Value> = BTreeMap::new();
-        let targets: Vec<(String, Option<NodeId>, Option<String>)> = lock(&self.shared.targets)
-            .iter()
-            .map(|(a, t)| (a.clone(), t.id, t.last_error.clone()))
-            .collect();
-        {
-            let peers = lock(&self.shared.peers);
-            for (id, p) in peers.iter() {
-                let addr = targets
-                    .iter()
-                    .find(|t| t.1 == Some(*id))
-                    .map(|t| t.0.clone())
-                    .or(p.addr.map(|a| a.to_string()));
-                if let Some(l) = &p.live {
-                    let (tx, rx) = oneshot::channel();
-                    if l.control.try_send(Control::Report(tx)).is_ok() {
-                        asks.push((*id, rx));
-                    }
-                }
-                rows.insert(
-                    id.to_string(),
-                    json!({
-                        "node": id.to_string(),
-                        "addr": addr,
-                        "connected": p.live.as_ref().is_some_and(|l| l.established),
-                        "behind": p.last.behind,
-                        "events_received": p.received,
-                        "events_sent": p.last.stats.events_sent,
-                        "bytes_sent": p.last.stats.bytes_sent,
-                        "bytes_received": p.last.stats.bytes_received,
-                        "last_error": p.last_error,
-                    }),
-                );
-            }
+        let targets: Vec<(String, Option<NodeId>, Option<String>)> = {
+            let t = lock(&shared.targets);
+            let p = lock(&shared.peers);
+            p.targets()
+                .filter_map(|i| Some((t.addrs.get(&i.target)?.clone(), i.peer, i.last_error)))
+                .collect()
+        };
+        let links: Vec<_> = {
+            let p = lock(&shared.peers);
+            let store = shared.node.sync_store();
+            p.links(&store).collect()
+        };
+        let notes = lock(&shared.notes);
+        let addr_of = |id: &NodeId| {
+            targets
+                .iter()
+                .find(|t| t.1 == Some(*id))
+                .map(|t| t.0.clone())
+                .or_else(|| notes.get(id).and_then(|n| n.addr.map(|a| a.to_string())))
+        };
+        for l in &links {
+            let n = notes.get(&l.peer);
+            rows.insert(
+                l.peer.to_string(),
+                json!({
+                    "node": l.peer.to_string(),
+                    "addr": addr_of(&l.peer),
+                    "connected": l.established,
+                    "behind": l.behind,
+                    "events_received": n.map_or(0, |n| n.received),
+                    "events_sent": l.stats.events_sent,
+                    "bytes_sent": l.stats.bytes_sent,
+                    "bytes_received": l.stats.bytes_received,
+                    "last_error": n.and_then(|n| n.last_error.clone()),
+                }),
+            );
+        }
+        for (id, n) in notes.iter() {
+            rows.entry(id.to_string()).or_insert_with(|| {
+                json!({
+                    "node": id.to_string(),
+                    "addr": addr_of(id),
+                    "connected": false,
+                    "behind": null,
+                    "events_received": n.received,
+                    "last_error": n.last_error,
+                })
+            });
         }
         for (addr, id, err) in targets {
             if id.is_none_or(|id| !rows.contains_key(&id.to_string())) {
@@ -435,16 +450,6 @@ impl Daemon {
                 );
             }
         }
-        for (id, rx) in asks {
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), rx).await {
-                if let Some(Value::Object(row)) = rows.get_mut(&id.to_string()) {
-                    row.insert("behind".into(), json!(r.behind));
-                    row.insert("events_sent".into(), json!(r.stats.events_sent));
-                    row.insert("bytes_sent".into(), json!(r.stats.bytes_sent));
-                    row.insert("bytes_received".into(), json!(r.stats.bytes_received));
-                }
-            }
-        }
         rows.into_values().collect()
     }
 
@@ -453,10 +458,9 @@ impl Daemon {
         self.shared.shutdown.subscribe()
     }
 
-    /// Stops: closes every connection (telling peers why), stops the dial
-    /// loops and mDNS, waits for the tasks to end, and waits until every
-    /// event received is durable. Appends acknowledged before are durable
-    /// already.
+    /// Stops: closes every connection (telling peers why), stops the dials
+    /// and mDNS, waits for the tasks to end, and waits until every event
+    /// received is durable. Appends acknowledged before are durable already.
     pub async fn shutdown(&self) {
         if let Some(m) = lock(&self.mdns).take() {
             let _ = m.shutdown();
@@ -526,6 +530,86 @@ fn load_forks(dir: &Path) -> BTreeMap<(NodeId, u64), Fork> {
 }
 
 impl Shared {
+    /// Milliseconds since the daemon started: the policy's clock.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the policy (with the node as its store and the OS
+    /// generator), then carries out the events it queued and wakes every
+    /// connection and the timer.
+    fn policy<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Peers, &mut crate::node::SyncStore<'_>, &mut OsRandom) -> T,
+    ) -> T {
+        let (out, events) = {
+            let mut p = lock(&self.peers);
+            let mut store = self.node.sync_store();
+            let out = f(&mut p, &mut store, &mut OsRandom);
+            drop(store);
+            let events: Vec<PeerEvent> = std::iter::from_fn(|| p.poll_event()).collect();
+            (out, events)
+        };
+        for e in events {
+            self.carry_out(e);
+        }
+        for c in lock(&self.conns).values() {
+            c.wake.notify_one();
+        }
+        self.timer.notify_one();
+        out
+    }
+
+    fn carry_out(self: &Arc<Self>, e: PeerEvent) {
+        match e {
+            PeerEvent::Dial { target } => {
+                let addr = lock(&self.targets).addrs.get(&target).cloned();
+                if let Some(addr) = addr {
+                    tokio::spawn(dial_once(self.clone(), target, addr));
+                }
+            }
+            PeerEvent::Close {
+                conn,
+                code,
+                reason,
+                last,
+            } => {
+                let Some(h) = lock(&self.conns).get(&conn).cloned() else {
+                    return;
+                };
+                if code == close::PROTOCOL {
+                    warn!(conn, "sync session failed: {reason}");
+                } else {
+                    debug!(conn, code, "closing a connection: {reason}");
+                }
+                match last {
+                    // The connection loop writes it, then closes.
+                    Some(last) => *lock(&h.close) = Some((code, reason, last)),
+                    None => h.conn.close(code.into(), clip(&reason)),
+                }
+            }
+            PeerEvent::Established { peer, conn } => {
+                let addr = lock(&self.conns)
+                    .get(&conn)
+                    .map(|h| h.conn.remote_address());
+                let mut notes = lock(&self.notes);
+                let n = notes.entry(peer).or_default();
+                n.addr = addr.or(n.addr);
+                info!(%peer, remote = ?addr, "peer connected");
+            }
+            PeerEvent::Synced { .. } => {}
+            PeerEvent::Received { peer, count, .. } => {
+                lock(&self.notes).entry(peer).or_default().received += count;
+            }
+            PeerEvent::Equivocation { peer, proof } => self.record_fork(peer, proof),
+            PeerEvent::Disconnected { peer, reason } => {
+                info!(%peer, "peer disconnected: {reason}");
+                lock(&self.notes).entry(peer).or_default().last_error = Some(reason);
+            }
+            _ => {}
+        }
+    }
+
     /// Records a fork once per `(author, seq)`, or again when proof arrives
     /// for a claim; appends it to the equivocation file.
     fn record_fork(&self, peer: NodeId, proof: Equivocation) {
@@ -561,91 +645,77 @@ impl Shared {
         }
     }
 
-    /// Keeps `conn` as the connection with `peer` unless a better one is
-    /// up; returns its generation, or `None` if it must be closed.
-    fn register(
-        &self,
-        peer: NodeId,
-        conn: &quinn::Connection,
-        dialer: NodeId,
-        control: mpsc::Sender<Control>,
-    ) -> Option<u64> {
-        let mut peers = lock(&self.peers);
-        let state = peers.entry(peer).or_default();
-        if let Some(old) = &state.live {
-            // Same dialer: a reconnect, the old one is stale. Otherwise the
-            // connection dialled by the smaller id wins, on both ends.
-            if old.dialer != dialer && old.dialer < dialer {
-                return None;
-            }
-            old.conn
-                .close(close::DUPLICATE.into(), b"replaced by another connection");
-        }
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        state.live = Some(Live {
-            generation,
-            dialer,
-            conn: conn.clone(),
-            control,
-            established: false,
-        });
-        state.addr = Some(conn.remote_address());
-        Some(generation)
-    }
-
-    fn unregister(&self, peer: NodeId, generation: u64, last: Report, error: Option<String>) {
-        let mut peers = lock(&self.peers);
-        if let Some(state) = peers.get_mut(&peer) {
-            if state
-                .live
-                .as_ref()
-                .is_some_and(|l| l.generation == generation)
-            {
-                state.live = None;
-                state.last = last;
-                if error.is_some() {
-                    state.last_error = error;
-                }
-            }
-        }
-    }
-
-    /// Marks the connection `generation` with `peer` as established.
-    fn established(&self, peer: NodeId, generation: u64) {
-        let mut peers = lock(&self.peers);
-        if let Some(l) = peers.get_mut(&peer).and_then(|p| p.live.as_mut()) {
-            if l.generation == generation {
-                l.established = true;
-            }
-        }
-    }
-
-    /// The live connection with `peer`, if any. A closed one still
-    /// registered (its session is winding down) does not count: a dial loop
-    /// waiting on it would spin.
-    fn live_conn(&self, peer: &NodeId) -> Option<quinn::Connection> {
-        lock(&self.peers)
-            .get(peer)
-            .and_then(|p| p.live.as_ref().map(|l| l.conn.clone()))
-            .filter(|c| c.close_reason().is_none())
-    }
-
     fn is_blocked(&self, peer: &NodeId) -> bool {
         self.blocked.borrow().contains(peer)
     }
 }
 
-/// Starts a dial loop for `addr` unless one runs; returns whether it did.
+/// A close reason as QUIC carries it: at most 512 bytes.
+fn clip(reason: &str) -> &[u8] {
+    &reason.as_bytes()[..reason.len().min(512)]
+}
+
+/// Dials `addr` (`host:port`) from now on, unless it is a target already;
+/// returns whether it was new.
 fn add_target(shared: &Arc<Shared>, addr: String) -> bool {
-    {
-        let mut targets = lock(&shared.targets);
-        if targets.contains_key(&addr) {
+    let id = {
+        let mut t = lock(&shared.targets);
+        if t.ids.contains_key(&addr) {
             return false;
         }
-        targets.insert(addr.clone(), Target::default());
-    }
-    tokio::spawn(dial_loop(shared.clone(), addr));
+        let id = t.addrs.len() as TargetId;
+        t.addrs.insert(id, addr.clone());
+        t.ids.insert(addr, id);
+        id
+    };
+    let now = shared.now_ms();
+    shared.policy(|p, _, _| p.add_target(id, now));
     true
+}
+
+/// Hands every batch the node makes durable to the policy (live push); a
+/// lagged feed asks every peer for a round.
+async fn feed_loop(
+    shared: Arc<Shared>,
+    mut feed: broadcast::Receiver<Arc<crate::node::Committed>>,
+) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let c = tokio::select! {
+            c = feed.recv() => c,
+            _ = shutdown.wait_for(|s| *s) => return,
+        };
+        match c {
+            Ok(batch) => shared.policy(|p, store, _| p.handle_stored(&batch.heads, store)),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                debug!("fell {n} batches behind the live feed; asking every peer for a round");
+                shared.policy(|p, store, _| p.handle_lagged(store));
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Sleeps until the policy's next deadline and hands it the time.
+async fn timer_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let next = lock(&shared.peers).poll_timeout();
+        let sleep = match next {
+            Some(at) => {
+                let now = shared.now_ms();
+                Duration::from_millis(at.saturating_sub(now))
+            }
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shared.timer.notified() => continue,
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let now = shared.now_ms();
+        shared.policy(|p, store, rng| p.handle_timeout(now, store, rng));
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
@@ -659,8 +729,8 @@ async fn accept_loop(shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
-                Ok(Ok(conn)) => serve(shared, conn, false).await,
+            match tokio::time::timeout(STREAM_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => serve(shared, conn, None).await,
                 Ok(Err(e)) => info!(%remote, "incoming connection refused: {e}"),
                 Err(_) => info!(%remote, "incoming handshake timed out"),
             }
@@ -668,6 +738,9 @@ async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
+/// One dial attempt, bounded by the policy's connect timeout: a fresh
+/// connection each time rather than one whose handshake retransmits (see
+/// [`PeersConfig::connect_timeout_ms`]).
 async fn dial(shared: &Shared, target: &str) -> Result<quinn::Connection, String> {
     let addr = tokio::net::lookup_host(target)
         .await
@@ -678,166 +751,28 @@ async fn dial(shared: &Shared, target: &str) -> Result<quinn::Connection, String
         .endpoint
         .connect(addr, SERVER_NAME)
         .map_err(|e| format!("cannot dial {addr}: {e}"))?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    match tokio::time::timeout(shared.connect_timeout, connecting).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(format!("{addr}: {e}")),
-        Err(_) => Err(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}")),
+        Err(_) => Err(format!(
+            "{addr}: no answer within {:?}",
+            shared.connect_timeout
+        )),
     }
 }
 
-/// A wait of `base` ± 25 %.
-fn jitter(base: Duration) -> Duration {
-    let r = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 500;
-    base.mul_f64(0.75 + f64::from(r) / 1000.0)
-}
-
-async fn dial_loop(shared: Arc<Shared>, target: String) {
-    let mut shutdown = shared.shutdown.subscribe();
-    let mut blocked = shared.blocked.subscribe();
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        if *shutdown.borrow() {
-            return;
-        }
-        let known = lock(&shared.targets).get(&target).and_then(|t| t.id);
-        if let Some(id) = known {
-            if let Some(conn) = shared.live_conn(&id) {
-                // Connected already (perhaps dialled by the peer): wait.
-                tokio::select! {
-                    _ = conn.closed() => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-                continue;
-            }
-            if shared.is_blocked(&id) {
-                tokio::select! {
-                    _ = blocked.wait_for(|b| !b.contains(&id)) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-                backoff = MIN_BACKOFF;
-                continue;
-            }
-        }
-        let started = Instant::now();
-        match dial(&shared, &target).await {
-            Ok(conn) => {
-                if let Some(id) = peer_id(&conn) {
-                    let mut targets = lock(&shared.targets);
-                    let t = targets.entry(target.clone()).or_default();
-                    t.id = Some(id);
-                    t.last_error = None;
-                }
-                serve(shared.clone(), conn, true).await;
-                if started.elapsed() > MAX_BACKOFF {
-                    backoff = MIN_BACKOFF;
-                }
-            }
-            Err(e) => {
-                debug!(peer = %target, "dial failed: {e}");
-                lock(&shared.targets)
-                    .entry(target.clone())
-                    .or_default()
-                    .last_error = Some(e);
-            }
-        }
-        let known = lock(&shared.targets).get(&target).and_then(|t| t.id);
-        if known.is_some_and(|id| shared.live_conn(&id).is_some()) {
-            continue;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(jitter(backoff)) => {}
-            // A heal redials at once.
-            _ = blocked.changed() => backoff = MIN_BACKOFF,
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
-}
-
-async fn anti_entropy_loop(shared: Arc<Shared>) {
-    let mut shutdown = shared.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(shared.anti_entropy) => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        let live: Vec<mpsc::Sender<Control>> = lock(&shared.peers)
-            .values()
-            .filter_map(|p| p.live.as_ref().map(|l| l.control.clone()))
-            .collect();
-        if live.is_empty() {
-            continue;
-        }
-        let pick = rand_core::RngCore::next_u32(&mut rand_core::OsRng) as usize % live.len();
-        let _ = live[pick].try_send(Control::Round);
-    }
-}
-
-/// Runs a connection's session until it ends, then closes it.
-async fn serve(shared: Arc<Shared>, conn: quinn::Connection, dialed: bool) {
-    let Some(peer) = peer_id(&conn) else {
-        conn.close(close::PROTOCOL.into(), b"no node id");
-        return;
-    };
-    let remote = conn.remote_address();
-    if shared.is_blocked(&peer) {
-        debug!(%peer, %remote, "refusing a blocked peer");
-        conn.close(close::BLOCKED.into(), b"blocked by partition");
+async fn dial_once(shared: Arc<Shared>, target: TargetId, addr: String) {
+    if *shared.shutdown.borrow() {
         return;
     }
-    let (ctl_tx, ctl_rx) = mpsc::channel(8);
-    let dialer = if dialed { shared.me } else { peer };
-    let Some(generation) = shared.register(peer, &conn, dialer, ctl_tx) else {
-        debug!(%peer, %remote, "keeping the other connection with this peer");
-        conn.close(close::DUPLICATE.into(), b"another connection is kept");
-        return;
-    };
-    debug!(%peer, %remote, dialed, "connection up; waiting for the peer's Hello");
-    let mut report = Report::default();
-    let end = run_session(
-        &shared,
-        peer,
-        generation,
-        &conn,
-        dialed,
-        ctl_rx,
-        &mut report,
-    )
-    .await;
-    let error = match end {
-        End::Closed(reason) => {
-            info!(%peer, "peer disconnected: {reason}");
-            Some(reason)
+    match dial(&shared, &addr).await {
+        Ok(conn) => serve(shared, conn, Some(target)).await,
+        Err(e) => {
+            debug!(peer = %addr, "dial failed: {e}");
+            let now = shared.now_ms();
+            shared.policy(|p, _, rng| p.handle_dial_failed(target, e, now, rng));
         }
-        End::Shutdown => {
-            conn.close(close::SHUTDOWN.into(), b"node shutting down");
-            None
-        }
-        End::Blocked => {
-            info!(%peer, "disconnected by partition");
-            conn.close(close::BLOCKED.into(), b"blocked by partition");
-            None
-        }
-        End::Failed(e) => {
-            warn!(%peer, "sync session failed: {e}");
-            let reason = e.to_string();
-            conn.close(
-                close::PROTOCOL.into(),
-                &reason.as_bytes()[..reason.len().min(512)],
-            );
-            Some(reason)
-        }
-    };
-    shared.unregister(peer, generation, report, error);
-}
-
-enum End {
-    /// The connection or stream ended.
-    Closed(String),
-    Shutdown,
-    Blocked,
-    /// The session failed (its goodbye was sent).
-    Failed(String),
+    }
 }
 
 enum Inbound {
@@ -893,159 +828,113 @@ async fn write_loop(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Vec<u8>>
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
 }
 
-fn behind(session: &Session, store: &impl Store, synced: bool) -> Option<u64> {
-    if !synced {
-        return None;
-    }
-    let has = session.peer_heads();
-    Some(
-        store
-            .frontier()
-            .iter()
-            .map(|h| {
-                h.seq
-                    .saturating_sub(has.get(&h.author).copied().unwrap_or(0))
-            })
-            .sum(),
-    )
+/// Runs an authenticated connection until it ends: hands it to the policy,
+/// opens the sync stream, and drives it (see the module docs).
+async fn serve(shared: Arc<Shared>, conn: quinn::Connection, target: Option<TargetId>) {
+    let dialed = target.is_some();
+    let (Some(peer), Some(incarnation)) = (peer_id(&conn), tls::incarnation(&conn)) else {
+        conn.close(close::PROTOCOL.into(), b"no node id");
+        if let Some(t) = target {
+            let now = shared.now_ms();
+            let e = "the peer presented no node id".to_string();
+            shared.policy(|p, _, rng| p.handle_dial_failed(t, e, now, rng));
+        }
+        return;
+    };
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let handle = Arc::new(ConnHandle {
+        conn: conn.clone(),
+        wake: Arc::new(Notify::new()),
+        close: Mutex::new(None),
+    });
+    lock(&shared.conns).insert(id, handle.clone());
+    let now = shared.now_ms();
+    shared.policy(|p, store, _| {
+        p.handle_connected(id, peer, dialed, incarnation, target, now, &*store)
+    });
+    debug!(%peer, remote = %conn.remote_address(), dialed, "connection up; waiting for the peer's Hello");
+    let reason = drive(&shared, id, peer, &handle, dialed).await;
+    lock(&shared.conns).remove(&id);
+    let now = shared.now_ms();
+    shared.policy(|p, _, rng| p.handle_closed(id, &reason, now, rng));
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_session(
+/// The connection loop; returns why the connection ended.
+async fn drive(
     shared: &Arc<Shared>,
+    id: ConnId,
     peer: NodeId,
-    generation: u64,
-    conn: &quinn::Connection,
+    handle: &ConnHandle,
     dialed: bool,
-    mut control: mpsc::Receiver<Control>,
-    report: &mut Report,
-) -> End {
-    let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        if dialed {
-            conn.open_bi().await
-        } else {
-            conn.accept_bi().await
-        }
-    })
-    .await;
+) -> String {
+    let conn = &handle.conn;
+    let mut shutdown = shared.shutdown.subscribe();
+    let opened = tokio::select! {
+        o = tokio::time::timeout(STREAM_TIMEOUT, async {
+            if dialed { conn.open_bi().await } else { conn.accept_bi().await }
+        }) => o,
+        _ = shutdown.wait_for(|s| *s) => return "node shutting down".into(),
+    };
     let (send, recv) = match opened {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return End::Closed(e.to_string()),
-        Err(_) => return End::Closed("the peer opened no sync stream".into()),
+        Ok(Err(e)) => return e.to_string(),
+        Err(_) => {
+            conn.close(close::PROTOCOL.into(), b"no sync stream opened");
+            return "the peer opened no sync stream".into();
+        }
     };
-    let node = shared.node.clone();
-    // Subscribe before the session takes its snapshot: nothing made durable
-    // in between is missed.
-    let mut feed = node.subscribe();
-    let mut blocked = shared.blocked.subscribe();
-    let mut shutdown = shared.shutdown.subscribe();
     if shared.is_blocked(&peer) {
-        return End::Blocked;
+        conn.close(close::BLOCKED.into(), b"blocked by partition");
+        return "blocked by partition".into();
     }
-    let (in_tx, mut inbound) = mpsc::channel(QUEUE_MESSAGES);
-    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(QUEUE_MESSAGES);
+    let (in_tx, mut inbound) = mpsc::channel(shared.window);
+    let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(shared.window);
     let reader = tokio::spawn(read_loop(recv, in_tx));
     let writer = tokio::spawn(write_loop(send, out_rx));
-    let mut config = SessionConfig::new(shared.cluster, shared.me);
-    config.peer = Some(peer);
-    let mut session = Session::new(config, &node.sync_store());
     let mut out: Option<Vec<u8>> = None;
-    let mut synced = false;
-    // A round asked for while one runs starts when it ends.
-    let mut round_wanted = false;
-    let mut heard = false;
     let end = loop {
-        let mut failed = None;
-        while let Some(e) = session.poll_event() {
-            match e {
-                SessionEvent::InSync | SessionEvent::RoundDone => {
-                    synced = true;
-                    if round_wanted {
-                        round_wanted = !session.start_round(&node.sync_store());
-                    }
-                }
-                SessionEvent::Received { count, .. } => {
-                    if let Some(p) = lock(&shared.peers).get_mut(&peer) {
-                        p.received += count;
-                    }
-                }
-                SessionEvent::Equivocation(proof) => shared.record_fork(peer, proof),
-                SessionEvent::Failed(e) => failed = Some(e),
-                SessionEvent::PeerDone => {}
-            }
+        let asked = lock(&handle.close).take();
+        if let Some((code, reason, last)) = asked {
+            // The policy closed the session: its goodbye goes first.
+            let _ = out_tx.send(last).await;
+            drop(out_tx);
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+            conn.close(code.into(), clip(&reason));
+            reader.abort();
+            return reason;
         }
         if out.is_none() {
-            out = session.poll_transmit(&node.sync_store());
-        }
-        if let Some(e) = failed {
-            // Send the goodbye, then let the writer finish.
-            if let Some(msg) = out.take() {
-                let _ = out_tx.send(msg).await;
-            }
-            break End::Failed(describe_failure(&e));
+            let now = shared.now_ms();
+            out = shared.policy_quiet(|p, store| p.poll_transmit(id, now, &*store));
         }
         tokio::select! {
             biased;
-            _ = shutdown.wait_for(|s| *s) => break End::Shutdown,
-            _ = blocked.changed() => {
-                if shared.is_blocked(&peer) {
-                    break End::Blocked;
-                }
+            _ = shutdown.wait_for(|s| *s) => {
+                conn.close(close::SHUTDOWN.into(), b"node shutting down");
+                break "node shutting down".to_string();
             }
+            reason = conn.closed() => break reason.to_string(),
             m = inbound.recv() => match m {
                 Some(Inbound::Message(msg)) => {
-                    if !heard {
-                        heard = true;
-                        shared.established(peer, generation);
-                        info!(%peer, remote = %conn.remote_address(), dialed, "peer connected");
-                    }
-                    // A failure is reported by poll_event above.
-                    let _ = session.handle_message(&msg, &mut node.sync_store());
+                    let now = shared.now_ms();
+                    shared.policy(|p, store, _| p.handle_message(id, &msg, now, store));
                 }
-                Some(Inbound::Protocol(why)) => break End::Failed(why),
+                Some(Inbound::Protocol(why)) => {
+                    warn!(%peer, "sync session failed: {why}");
+                    conn.close(close::PROTOCOL.into(), clip(&why));
+                    break why;
+                }
                 Some(Inbound::Failed(why)) => {
-                    if let Some(reason) = conn.close_reason() {
-                        break End::Closed(reason.to_string());
-                    }
-                    break End::Closed(why);
+                    break conn.close_reason().map_or(why, |r| r.to_string());
                 }
-                None => break End::Closed("the reader stopped".into()),
+                None => break "the reader stopped".into(),
             },
             permit = out_tx.reserve(), if out.is_some() => match permit {
                 Ok(p) => p.send(out.take().expect("guarded by the branch condition")),
-                Err(_) => break End::Closed("the writer stopped".into()),
+                Err(_) => break "the writer stopped".into(),
             },
-            c = feed.recv() => match c {
-                Ok(batch) => {
-                    let store = node.sync_store();
-                    for &(author, seq) in &batch.heads {
-                        session.handle_stored(author, seq, &store);
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    debug!(%peer, "fell {n} batches behind the live feed; starting a round");
-                    round_wanted = !session.start_round(&node.sync_store());
-                }
-                Err(broadcast::error::RecvError::Closed) => break End::Shutdown,
-            },
-            c = control.recv() => match c {
-                Some(Control::Round) => {
-                    round_wanted = !session.start_round(&node.sync_store());
-                }
-                Some(Control::Report(tx)) => {
-                    let r = Report {
-                        behind: behind(&session, &node.sync_store(), synced),
-                        stats: session.stats(),
-                    };
-                    let _ = tx.send(r);
-                }
-                None => break End::Shutdown,
-            },
+            _ = handle.wake.notified() => {}
         }
-    };
-    *report = Report {
-        behind: behind(&session, &node.sync_store(), synced),
-        stats: session.stats(),
     };
     reader.abort();
     drop(out_tx);
@@ -1053,10 +942,32 @@ async fn run_session(
     end
 }
 
-fn describe_failure(e: &SyncError) -> String {
-    match e {
-        SyncError::Peer { reason } => format!("the peer ended the session: {reason}"),
-        e => e.to_string(),
+impl Shared {
+    /// [`Shared::policy`] for a call that changes nothing other connections
+    /// or the timer care about (taking a message to send): carries out its
+    /// events but wakes nobody unless it queued some.
+    fn policy_quiet<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Peers, &mut crate::node::SyncStore<'_>) -> T,
+    ) -> T {
+        let (out, events) = {
+            let mut p = lock(&self.peers);
+            let mut store = self.node.sync_store();
+            let out = f(&mut p, &mut store);
+            drop(store);
+            let events: Vec<PeerEvent> = std::iter::from_fn(|| p.poll_event()).collect();
+            (out, events)
+        };
+        if !events.is_empty() {
+            for e in events {
+                self.carry_out(e);
+            }
+            for c in lock(&self.conns).values() {
+                c.wake.notify_one();
+            }
+            self.timer.notify_one();
+        }
+        out
     }
 }
 

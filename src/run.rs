@@ -48,8 +48,8 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     config.peers = args.peers.clone();
     config.members = members;
     config.cluster = cluster_id(&args.cluster);
-    config.anti_entropy = Duration::from_millis(args.anti_entropy_ms);
-    config.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    config.policy.anti_entropy_ms = args.anti_entropy_ms;
+    config.policy.idle_timeout_ms = args.idle_timeout_ms;
     config.mdns = args.mdns;
     let addr_file = dir.join(HTTP_ADDR_FILE);
     let result = rt.block_on(async {

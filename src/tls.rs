@@ -74,8 +74,14 @@ pub enum TlsError {
 }
 
 /// The node's certificate and its private key (the node key, PKCS#8).
+///
+/// The certificate's serial number is `incarnation`: a random value each
+/// time the node starts, which its peers read back
+/// ([`incarnation`]) to tell a restarted node's new connection from a
+/// duplicate of a live one.
 pub fn node_certificate(
     key: &Keypair,
+    incarnation: u64,
 ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
     // PKCS#8 v1 for an Ed25519 seed (RFC 8410): a fixed prefix and the seed.
     let mut pkcs8 = vec![
@@ -90,6 +96,10 @@ pub fn node_certificate(
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, key.node_id().to_string());
+    // A positive serial: the top bit clear keeps DER from padding it.
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(
+        &(incarnation & (u64::MAX >> 1)).to_be_bytes(),
+    ));
     let cert = params.self_signed(&pair)?;
     Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(der)))
 }
@@ -116,11 +126,27 @@ pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
 
 /// The node id the peer of a connection proved in the handshake.
 pub fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
+    node_id_of(&peer_certificate(conn)?).ok()
+}
+
+/// The peer's incarnation: its certificate's serial number, which changes
+/// every time the peer process starts ([`node_certificate`]).
+pub fn incarnation(conn: &quinn::Connection) -> Option<u64> {
+    let cert = peer_certificate(conn)?;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let raw = x509.raw_serial();
+    let tail = &raw[raw.len().saturating_sub(8)..];
+    let mut b = [0u8; 8];
+    b[8 - tail.len()..].copy_from_slice(tail);
+    Some(u64::from_be_bytes(b))
+}
+
+fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    node_id_of(certs.first()?).ok()
+    certs.first().cloned()
 }
 
 /// Checks peers against the member list, for both ends of a connection.
@@ -264,8 +290,12 @@ fn verifier(members: Members) -> (Arc<MemberVerifier>, Arc<CryptoProvider>) {
 
 /// The QUIC server configuration of a node: it requires a member's
 /// certificate from every client.
-pub fn server_config(key: &Keypair, members: Members) -> Result<quinn::ServerConfig, TlsError> {
-    let (cert, secret) = node_certificate(key)?;
+pub fn server_config(
+    key: &Keypair,
+    members: Members,
+    incarnation: u64,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let (cert, secret) = node_certificate(key, incarnation)?;
     let (verifier, provider) = verifier(members);
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -279,8 +309,12 @@ pub fn server_config(key: &Keypair, members: Members) -> Result<quinn::ServerCon
 
 /// The QUIC client configuration of a node: it presents the node's
 /// certificate and accepts only a member's.
-pub fn client_config(key: &Keypair, members: Members) -> Result<quinn::ClientConfig, TlsError> {
-    let (cert, secret) = node_certificate(key)?;
+pub fn client_config(
+    key: &Keypair,
+    members: Members,
+    incarnation: u64,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let (cert, secret) = node_certificate(key, incarnation)?;
     let (verifier, provider) = verifier(members);
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

@@ -127,7 +127,7 @@ fn config(members: &Members, peers: &[SocketAddr]) -> Config {
     c.members = members.clone();
     c.cluster = cluster();
     c.peers = peers.iter().map(|a| a.to_string()).collect();
-    c.anti_entropy = Duration::from_millis(500);
+    c.policy.anti_entropy_ms = 500;
     c
 }
 
@@ -329,7 +329,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn client(key: &Keypair, members: &Members) -> quinn::Endpoint {
     let mut e = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    e.set_default_client_config(tls::client_config(key, members.clone()).unwrap());
+    e.set_default_client_config(tls::client_config(key, members.clone(), 1).unwrap());
     e
 }
 
@@ -571,10 +571,10 @@ fn a_partition_holds_until_healed() {
         } = Two::new(tmp.path());
         // Frequent anti-entropy: a leak through the partition would show.
         let mut ca = config(&all, &[]);
-        ca.anti_entropy = Duration::from_millis(200);
+        ca.policy.anti_entropy_ms = 200;
         let a = start(&na, ca).await;
         let mut cb = config(&all, &[a.local_addr()]);
-        cb.anti_entropy = Duration::from_millis(200);
+        cb.policy.anti_entropy_ms = 200;
         let b = start(&nb, cb).await;
         a.add_peer(&b.local_addr().to_string());
         wait_mesh(&[("a", &a), ("b", &b)]).await;
@@ -677,12 +677,12 @@ fn appends_are_pushed_live_without_anti_entropy() {
                 .await
                 .unwrap();
         }
-        let hour = Duration::from_secs(3600);
+        let hour = 3_600_000;
         let mut ca = config(&all, &[]);
-        ca.anti_entropy = hour;
+        ca.policy.anti_entropy_ms = hour;
         let a = start(&na, ca).await;
         let mut cb = config(&all, &[a.local_addr()]);
-        cb.anti_entropy = hour;
+        cb.policy.anti_entropy_ms = hour;
         let b = start(&nb, cb).await;
         wait_until("the first round to exchange the history", || {
             converged(&[("a", &na), ("b", &nb)], 8).map(|_| ())

@@ -58,10 +58,10 @@ fn two_nodes_converge_over_quic() {
     let rounds = rt.block_on(async {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let server =
-            quinn::Endpoint::server(server_config(&ka, members.clone()).unwrap(), addr).unwrap();
+            quinn::Endpoint::server(server_config(&ka, members.clone(), 1).unwrap(), addr).unwrap();
         let addr = server.local_addr().unwrap();
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client.set_default_client_config(client_config(&kb, members.clone()).unwrap());
+        client.set_default_client_config(client_config(&kb, members.clone(), 2).unwrap());
         let (sa, sb) = tokio::join!(
             async { server.accept().await.unwrap().await.unwrap() },
             async { client.connect(addr, SERVER_NAME).unwrap().await.unwrap() }

@@ -18,12 +18,12 @@ fn members(keys: &[&Keypair]) -> Members {
 
 fn server(key: &Keypair, m: Members) -> quinn::Endpoint {
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    quinn::Endpoint::server(server_config(key, m).unwrap(), addr).unwrap()
+    quinn::Endpoint::server(server_config(key, m, 1).unwrap(), addr).unwrap()
 }
 
 fn client(key: &Keypair, m: Members) -> quinn::Endpoint {
     let mut e = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    e.set_default_client_config(client_config(key, m).unwrap());
+    e.set_default_client_config(client_config(key, m, 1).unwrap());
     e
 }
 

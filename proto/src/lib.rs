@@ -8,7 +8,9 @@
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
 //! - [`log`]: record framing, segments and recovery over a storage trait;
 //! - [`exchange`]: export files and the checks an import makes;
-//! - [`sync`]: the sync protocol between two replicas, as a state machine.
+//! - [`sync`]: the sync protocol between two replicas, as a state machine;
+//! - [`peers`]: a node's peer policy (connections, dialling, live push,
+//!   anti-entropy), as a state machine that owns its sync sessions.
 #![warn(missing_docs)]
 
 pub mod event;
@@ -16,6 +18,7 @@ pub mod exchange;
 pub mod hlc;
 pub mod id;
 pub mod log;
+pub mod peers;
 pub mod state;
 pub mod sync;
 
