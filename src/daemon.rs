@@ -217,6 +217,9 @@ struct Shared {
     notes: Mutex<BTreeMap<NodeId, PeerNotes>>,
     /// Wakes the timer task: the policy's next deadline may have moved.
     timer: Notify,
+    /// The wall-clock time (ms since the epoch) of the last round that
+    /// ended in sync or done with any peer; 0 if none.
+    last_round_wall_ms: AtomicU64,
     started: Instant,
     blocked: watch::Sender<BTreeSet<NodeId>>,
     shutdown: watch::Sender<bool>,
@@ -276,6 +279,7 @@ impl Daemon {
             targets: Mutex::new(Targets::default()),
             notes: Mutex::new(BTreeMap::new()),
             timer: Notify::new(),
+            last_round_wall_ms: AtomicU64::new(0),
             started: Instant::now(),
             blocked: watch::channel(BTreeSet::new()).0,
             shutdown: watch::channel(false).0,
@@ -358,9 +362,8 @@ impl Daemon {
     /// milliseconds since the Unix epoch by this node's wall clock; `None`
     /// if never since the daemon started.
     pub fn last_round_ms(&self) -> Option<u64> {
-        let at = lock(&self.shared.peers).last_round_ms()?;
-        let ago = self.shared.now_ms().saturating_sub(at);
-        Some(crate::node::wall_ms().saturating_sub(ago))
+        let at = self.shared.last_round_wall_ms.load(Ordering::Relaxed);
+        (at > 0).then_some(at)
     }
 
     /// `weftlog status` plus `peers`, `blocked`, `equivocations` and
@@ -577,11 +580,7 @@ impl Shared {
                 let Some(h) = lock(&self.conns).get(&conn).cloned() else {
                     return;
                 };
-                if code == close::PROTOCOL {
-                    warn!(conn, "sync session failed: {reason}");
-                } else {
-                    debug!(conn, code, "closing a connection: {reason}");
-                }
+                debug!(conn, code, "closing a connection: {reason}");
                 match last {
                     // The connection loop writes it, then closes.
                     Some(last) => *lock(&h.close) = Some((code, reason, last)),
@@ -597,7 +596,13 @@ impl Shared {
                 n.addr = addr.or(n.addr);
                 info!(%peer, remote = ?addr, "peer connected");
             }
-            PeerEvent::Synced { .. } => {}
+            PeerEvent::Synced { .. } => {
+                let now = crate::node::wall_ms();
+                self.last_round_wall_ms.fetch_max(now, Ordering::Relaxed);
+            }
+            PeerEvent::SessionFailed { peer, error, .. } => {
+                warn!(%peer, "sync session failed: {}", weftlog_proto::peers::describe_failure(&error));
+            }
             PeerEvent::Received { peer, count, .. } => {
                 lock(&self.notes).entry(peer).or_default().received += count;
             }

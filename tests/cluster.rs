@@ -77,6 +77,8 @@ struct Opts<'a> {
     members: Option<&'a Path>,
     /// The QUIC address (default: a free loopback port).
     listen: Option<String>,
+    /// More arguments of `run`.
+    extra: Vec<&'a str>,
 }
 
 /// The last `n` lines of a file.
@@ -111,6 +113,7 @@ impl Proc {
             args.push("--members".into());
             args.push(m.display().to_string());
         }
+        args.extend(opts.extra.iter().map(|s| s.to_string()));
         let log = dir.with_extension("stderr");
         let mut p = Proc {
             name: name.to_string(),
@@ -438,8 +441,12 @@ fn members_file(path: &Path, ids: &[&str]) {
 }
 
 /// A status without its `peers` (which differ from one poll to the next).
+/// A status without what changes from one moment to the next while peers
+/// talk: the peer rows and the time of the last round.
 fn without_peers(mut v: Value) -> Value {
-    v.as_object_mut().unwrap().remove("peers");
+    let m = v.as_object_mut().unwrap();
+    m.remove("peers");
+    m.remove("last_round_ms");
     v
 }
 
@@ -478,6 +485,7 @@ fn cluster_converges(n: usize) {
                 peers,
                 members: Some(&members),
                 listen: None,
+                ..Default::default()
             },
         );
         assert_eq!(p.id, ids[i]);
@@ -793,6 +801,7 @@ fn sigkill_during_sync() {
             peers: vec![],
             members: Some(&members),
             listen: None,
+            ..Default::default()
         },
     );
     assert_eq!(a.status()["events"], BACKLOG as u64);
@@ -805,6 +814,7 @@ fn sigkill_during_sync() {
         peers: vec![a.quic.clone()],
         members: Some(&members),
         listen: None,
+        ..Default::default()
     };
     let mut b = Proc::start("b", &db, b_opts());
     let t_sync = Instant::now();
@@ -956,6 +966,7 @@ fn non_member_is_refused() {
             peers: vec![],
             members: Some(&mc),
             listen: None,
+            ..Default::default()
         },
     );
     for i in 0..3 {
@@ -968,6 +979,7 @@ fn non_member_is_refused() {
             peers: vec![c.quic.clone()],
             members: Some(&ma),
             listen: None,
+            ..Default::default()
         },
     );
     a.append("mine", json!({"kind": "Noted", "add": {"n": 1}}));
@@ -979,6 +991,7 @@ fn non_member_is_refused() {
             peers: vec![a.quic.clone()],
             members: Some(&md),
             listen: None,
+            ..Default::default()
         },
     );
     for i in 0..3 {
@@ -1147,12 +1160,14 @@ fn sigterm_is_graceful() {
             peers: vec![],
             members: Some(&members),
             listen: None,
+            ..Default::default()
         },
     );
     let to_a = || Opts {
         peers: vec![a.quic.clone()],
         members: Some(&members),
         listen: None,
+        ..Default::default()
     };
     let mut b = Proc::start("b", &db, to_a());
     // A client follows B's event feed through the shutdown.
@@ -1253,6 +1268,7 @@ fn sigterm_is_graceful() {
             peers: vec![],
             members: Some(&members),
             listen: None,
+            ..Default::default()
         },
     );
     let s = b2.status();
@@ -1665,6 +1681,7 @@ fn survivor_answers_when_peers_stop_together() {
                     peers,
                     members: None,
                     listen: Some(ports[i].clone()),
+                    ..Default::default()
                 },
             ));
         }
@@ -1795,4 +1812,74 @@ fn equivocation_is_detected_and_reported() {
     assert!(code.success());
     let offline = cli_json(&dc, &["status"]);
     assert_eq!(offline["equivocations"], s["equivocations"], "{offline}");
+}
+
+/// A node restarted after SIGKILL is reconnected at once, whichever of the
+/// two has the larger id: the peer that kept the dead connection replaces
+/// it as soon as the new incarnation dials in (the idle timeout here is
+/// 30 s, which is how long the dead connection would otherwise be kept, and
+/// refused the new one, when the restarted node has the larger id).
+#[test]
+fn a_restarted_node_reconnects_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = [tmp.path().join("a"), tmp.path().join("b")];
+    for d in &dirs {
+        init(d);
+    }
+    let ports: Vec<String> = (0..2)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            Proc::start(
+                ["a", "b"][i],
+                &dirs[i],
+                Opts {
+                    peers: vec![ports[1 - i].clone()],
+                    listen: Some(ports[i].clone()),
+                    extra: vec!["--idle-timeout-ms", "30000"],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    for i in 0..2 {
+        let other = nodes[1 - i].id.clone();
+        wait_status(&nodes[i], "connected", |s| connected_to(s, &[&other]));
+    }
+    // The larger id first (the case the dialler rule alone got wrong).
+    let mut order = [0, 1];
+    order.sort_by_key(|&i| std::cmp::Reverse(nodes[i].id.clone()));
+    for (round, &victim) in order.iter().enumerate() {
+        let survivor = 1 - victim;
+        nodes[victim].sigkill();
+        nodes[victim].launch();
+        let t0 = Instant::now();
+        let e = nodes[victim].append(
+            "after/restart",
+            json!({"kind": "Restarted", "set": {"round": round}}),
+        );
+        let id = e["id"].as_str().unwrap().to_string();
+        loop {
+            if nodes[survivor].log_ids().contains(&id) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "round {round}: the survivor lacks the restarted node's event {:?} after its \
+                 restart; survivor stderr:\n{}",
+                t0.elapsed(),
+                tail(&nodes[survivor].log, 30)
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        let larger = if round == 0 { "larger" } else { "smaller" };
+        eprintln!(
+            "round {round}: the restarted node (the {larger} id) reached its peer {:?} after its ready line",
+            t0.elapsed()
+        );
+    }
 }

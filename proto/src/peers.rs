@@ -193,6 +193,15 @@ pub enum PeerEvent {
         /// The proof.
         proof: Equivocation,
     },
+    /// A session failed; a [`PeerEvent::Close`] of its connection follows.
+    SessionFailed {
+        /// The peer.
+        peer: NodeId,
+        /// The connection.
+        conn: ConnId,
+        /// Why (a [`SyncError::Peer`] when the peer ended it).
+        error: SyncError,
+    },
     /// A connection ended (after [`Peers::handle_closed`]).
     Disconnected {
         /// The peer.
@@ -754,6 +763,11 @@ impl Peers {
             let last = l.session.poll_transmit(store);
             l.closing = true;
             let reason = describe_failure(&e);
+            self.events.push_back(PeerEvent::SessionFailed {
+                peer,
+                conn,
+                error: e,
+            });
             self.events.push_back(PeerEvent::Close {
                 conn,
                 code: close::PROTOCOL,

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use weftlog_proto::peers::PeersConfig;
 
 /// The scenarios shipped in `simulations/scenarios/`, by name.
 pub const BUILTIN: &[(&str, &str)] = &[
@@ -187,9 +188,13 @@ pub struct Scenario {
     /// Sites, for multi-site clusters.
     #[serde(default)]
     pub sites: Option<Sites>,
-    /// Node parameters: timers and the disk.
+    /// Node parameters: the disk.
     #[serde(default)]
     pub node: NodeParams,
+    /// The peer policy (timers, backoff, queues): the node's own type and
+    /// defaults ([`PeersConfig`]), as `weftlog run` uses them.
+    #[serde(default)]
+    pub peers: PeersConfig,
     /// Random faults.
     #[serde(default)]
     pub faults: Faults,
@@ -280,20 +285,10 @@ fn wan_default() -> Link {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeParams {
-    /// Anti-entropy period: each node starts a round with a random peer.
-    pub anti_entropy_ms: f64,
-    /// A connection whose one direction is silent this long breaks.
-    pub idle_timeout_ms: f64,
-    /// First redial wait; doubles per failure.
-    pub min_backoff_ms: f64,
-    /// Longest redial wait.
-    pub max_backoff_ms: f64,
     /// Time an fdatasync takes: base.
     pub fsync_ms: f64,
     /// Mean of the exponential part of an fdatasync's time.
     pub fsync_jitter_ms: f64,
-    /// Messages a session may have in flight each way (the daemon's queue).
-    pub window: usize,
     /// Thread interleaving of the real node: probability that its
     /// committer takes a batch, and applies a local command waiting in its
     /// queue, between two inserts of one received run (0: never; the
@@ -307,13 +302,8 @@ pub struct NodeParams {
 impl Default for NodeParams {
     fn default() -> NodeParams {
         NodeParams {
-            anti_entropy_ms: 2_000.0,
-            idle_timeout_ms: 10_000.0,
-            min_backoff_ms: 100.0,
-            max_backoff_ms: 5_000.0,
             fsync_ms: 0.5,
             fsync_jitter_ms: 0.5,
-            window: 16,
             race: 0.0,
         }
     }
@@ -730,8 +720,11 @@ impl Scenario {
         if !(0.0..=1.0).contains(&self.node.race) {
             return Err("node.race must be in [0, 1]".into());
         }
-        if self.node.window == 0 {
-            return Err("node.window must be at least 1".into());
+        if self.peers.window == 0 {
+            return Err("peers.window must be at least 1".into());
+        }
+        if self.peers.anti_entropy_ms == 0 {
+            return Err("peers.anti_entropy_ms must be at least 1".into());
         }
         if self.workload.rate_per_node_s() < 0.0 {
             return Err("workload rate must not be negative".into());

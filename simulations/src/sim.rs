@@ -3,8 +3,9 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
+use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
 use weftlog_proto::state::{Invalid, PrepareError};
-use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, Store, SyncError};
+use weftlog_proto::sync::{SessionConfig, Store, SyncError};
 use weftlog_proto::{EventId, Keypair, NodeId};
 
 use crate::node::{Race, Sabotage, SimNode};
@@ -32,22 +33,68 @@ const CLUSTER: [u8; 32] = *b"weftlog-sim cluster id v1.......";
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { conn: u64, dir: usize },
-    CommitStart { node: usize, epoch: u64 },
-    CommitEnd { node: usize, epoch: u64 },
-    AntiEntropy { node: usize },
-    Dial { pair: usize, gen: u64 },
-    Establish { pair: usize, gen: u64 },
-    IdleCheck { from: usize, to: usize, since: Us },
+    Deliver {
+        conn: u64,
+        dir: usize,
+    },
+    CommitStart {
+        node: usize,
+        epoch: u64,
+    },
+    CommitEnd {
+        node: usize,
+        epoch: u64,
+    },
+    /// The node's peer policy is due ([`Peers::poll_timeout`]).
+    PeerTimer {
+        node: usize,
+        epoch: u64,
+        at: Us,
+    },
+    /// A dial's handshake completes (or fails if the path broke meanwhile).
+    Handshake {
+        node: usize,
+        epoch: u64,
+        target: TargetId,
+        peer_epoch: u64,
+    },
+    /// A dial got no answer within the connect timeout.
+    DialFailed {
+        node: usize,
+        epoch: u64,
+        target: TargetId,
+    },
+    IdleCheck {
+        from: usize,
+        to: usize,
+        since: Us,
+    },
     Command,
     PartitionNext,
-    PartitionHeal { id: u64 },
-    PartitionRoll { id: u64 },
-    ScheduledFault { index: usize },
+    PartitionHeal {
+        id: u64,
+    },
+    PartitionRoll {
+        id: u64,
+    },
+    ScheduledFault {
+        index: usize,
+    },
     CrashNext,
-    Crash { node: usize, epoch: u64, down: Us },
-    Restart { node: usize, epoch: u64 },
-    Unpark { node: usize, token: u64, epoch: u64 },
+    Crash {
+        node: usize,
+        epoch: u64,
+        down: Us,
+    },
+    Restart {
+        node: usize,
+        epoch: u64,
+    },
+    Unpark {
+        node: usize,
+        token: u64,
+        epoch: u64,
+    },
     ClockStepNext,
     Sample,
     ConvergeCheck,
@@ -95,18 +142,24 @@ struct Chan {
     last_ready: Us,
 }
 
-/// A connection between two nodes: a session at each end.
+/// A connection between two nodes (each end's session lives in that
+/// node's [`Peers`]).
 struct Conn {
     ends: [usize; 2],
-    sessions: [Session; 2],
     /// `chans[d]` carries messages from `ends[d]` to `ends[1 - d]`.
     chans: [Chan; 2],
-    failed: bool,
 }
 
 /// A node and what the simulator keeps about it.
 struct Slot {
     node: SimNode,
+    /// The node's peer policy: the node's own code. A restart makes a new
+    /// one (a new process).
+    peers: Peers,
+    /// The time of the scheduled [`Ev::PeerTimer`], if one is.
+    timer_at: Option<Us>,
+    /// Counters of the peer policies of earlier incarnations.
+    peer_stats: PeerStats,
     /// Bumped by each crash: events of an older epoch are stale.
     epoch: u64,
     conns: BTreeSet<u64>,
@@ -118,13 +171,6 @@ struct Slot {
     crash_in_write: Option<Us>,
     /// Records synced before the last crash: recovery must return them all.
     synced_at_crash: u64,
-}
-
-/// A dial loop for a pair of nodes.
-struct Dial {
-    ends: (usize, usize),
-    gen: u64,
-    backoff: Us,
 }
 
 struct Partition {
@@ -155,10 +201,13 @@ pub(crate) struct Sim<'a> {
     slots: Vec<Slot>,
     ids: Vec<NodeId>,
     conns: BTreeMap<u64, Conn>,
-    pair_conn: BTreeMap<(usize, usize), u64>,
-    next_conn: u64,
-    dials: Vec<Dial>,
-    pair_dial: BTreeMap<(usize, usize), usize>,
+    /// Connections between each pair `(min, max)` of nodes: one, or two
+    /// for a moment while both ends dialled at once.
+    pair_conns: BTreeMap<(usize, usize), BTreeSet<ConnId>>,
+    next_conn: ConnId,
+    /// Each node's dial targets: its neighbours in the topology (a
+    /// target's id is the neighbour's index).
+    neighbours: Vec<Vec<usize>>,
     /// `cuts[from * n + to]`: partitions cutting that direction.
     cuts: Vec<u16>,
     down_since: Vec<Us>,
@@ -169,6 +218,7 @@ pub(crate) struct Sim<'a> {
     rng_fault: Rng,
     rng_disk: Rng,
     rng_node: Rng,
+    rng_peers: Rng,
     workload: Workload,
     /// Ops made and not yet acknowledged: what they were.
     outstanding: BTreeMap<EventId, Tag>,
@@ -189,9 +239,6 @@ pub(crate) struct Sim<'a> {
     period_bytes: u64,
     period_messages: u64,
     period_appends: u64,
-    /// Events sent and duplicates received, by closed sessions.
-    traffic_events: u64,
-    duplicates: u64,
 }
 
 fn ms(t: Us) -> u64 {
@@ -228,6 +275,7 @@ impl<'a> Sim<'a> {
             } else {
                 Sabotage::None
             };
+            let id = key.node_id();
             let mut node = SimNode::new(key, sabotage)?;
             if sc.node.race > 0.0 {
                 node.set_race(Race::new(
@@ -240,6 +288,9 @@ impl<'a> Sim<'a> {
             let drift = sc.faults.clock_drift_ppm;
             slots.push(Slot {
                 node,
+                peers: Peers::new(sc.peers.clone(), SessionConfig::new(CLUSTER, id)),
+                timer_at: None,
+                peer_stats: PeerStats::default(),
                 epoch: 0,
                 conns: BTreeSet::new(),
                 commit_scheduled: false,
@@ -261,10 +312,9 @@ impl<'a> Sim<'a> {
             slots,
             ids,
             conns: BTreeMap::new(),
-            pair_conn: BTreeMap::new(),
+            pair_conns: BTreeMap::new(),
             next_conn: 0,
-            dials: Vec::new(),
-            pair_dial: BTreeMap::new(),
+            neighbours: vec![Vec::new(); n],
             cuts: vec![0; n * n],
             down_since: vec![0; n * n],
             cut_links: 0,
@@ -274,6 +324,7 @@ impl<'a> Sim<'a> {
             rng_fault: Rng::derive(seed, "faults"),
             rng_disk: Rng::derive(seed, "disk"),
             rng_node,
+            rng_peers: Rng::derive(seed, "peers"),
             workload: Workload::new(sc, seed),
             outstanding: BTreeMap::new(),
             parked: BTreeMap::new(),
@@ -300,8 +351,6 @@ impl<'a> Sim<'a> {
             period_bytes: 0,
             period_messages: 0,
             period_appends: 0,
-            traffic_events: 0,
-            duplicates: 0,
         };
         if opts.sabotage == Sabotage::Nondeterministic {
             static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -415,13 +464,10 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        for (i, &(a, b)) in pairs.iter().enumerate() {
-            self.dials.push(Dial {
-                ends: (a, b),
-                gen: 0,
-                backoff: us_of_ms(self.sc.node.min_backoff_ms),
-            });
-            self.pair_dial.insert((a, b), i);
+        // Both ends list each other, as `--peer` on every node does.
+        for &(a, b) in &pairs {
+            self.neighbours[a].push(b);
+            self.neighbours[b].push(a);
         }
     }
 
@@ -451,14 +497,14 @@ impl<'a> Sim<'a> {
         for (node, cmd) in setup {
             self.command_at(node, cmd);
         }
-        for i in 0..self.dials.len() {
-            let jitter = self.rng_net.below(10 * MS);
-            self.at(jitter, Ev::Dial { pair: i, gen: 0 });
-        }
-        let ae = us_of_ms(self.sc.node.anti_entropy_ms).max(MS);
         for node in 0..n {
-            let first = self.rng_node.below(ae);
-            self.at(first, Ev::AntiEntropy { node });
+            // Nodes start within 10 ms of each other.
+            let start = self.rng_net.below(10 * MS);
+            for i in 0..self.neighbours[node].len() {
+                let b = self.neighbours[node][i];
+                self.slots[node].peers.add_target(b as TargetId, ms(start));
+            }
+            self.arm(node);
         }
         let rate = self.sc.workload.rate_per_node_s() * n as f64;
         if rate > 0.0 {
@@ -526,9 +572,18 @@ impl<'a> Sim<'a> {
             Ev::Deliver { conn, dir } => self.deliver(conn, dir),
             Ev::CommitStart { node, epoch } => self.commit_start(node, epoch),
             Ev::CommitEnd { node, epoch } => self.commit_end(node, epoch),
-            Ev::AntiEntropy { node } => self.anti_entropy(node),
-            Ev::Dial { pair, gen } => self.dial(pair, gen),
-            Ev::Establish { pair, gen } => self.establish(pair, gen),
+            Ev::PeerTimer { node, epoch, at } => self.peer_timer(node, epoch, at),
+            Ev::Handshake {
+                node,
+                epoch,
+                target,
+                peer_epoch,
+            } => self.handshake(node, epoch, target, peer_epoch),
+            Ev::DialFailed {
+                node,
+                epoch,
+                target,
+            } => self.dial_failed(node, epoch, target, "no answer"),
             Ev::IdleCheck { from, to, since } => self.idle_check(from, to, since),
             Ev::Command => self.command(),
             Ev::PartitionNext => self.partition_next(),
@@ -658,201 +713,248 @@ impl<'a> Sim<'a> {
             }
             let msg = c.chans[d].queue.pop_front().expect("front checked");
             self.tr(b'D', &[conn, d as u64], &msg.bytes);
-            let c = self.conns.get_mut(&conn).expect("conn checked");
-            let node = &mut self.slots[to].node;
-            // A failure is reported by poll_event in `drive`.
-            let _ = c.sessions[1 - d].handle_message(&msg.bytes, node);
-            self.drive(conn, 1 - d);
-            self.drive(conn, d);
+            let now = ms(self.now);
+            let s = &mut self.slots[to];
+            s.peers.handle_message(conn, &msg.bytes, now, &mut s.node);
+            self.after_policy(to);
+            if self.conns.contains_key(&conn) {
+                self.drive(conn, d);
+            }
         }
     }
 
-    /// Reacts to what a session reports, and sends what it has while the
-    /// direction's window has room (the daemon's bounded writer queue).
-    fn drive(&mut self, conn: u64, side: usize) {
-        let window = self.sc.node.window;
+    /// Sends what `conn`'s end `side` has while the direction's window has
+    /// room (the daemon's bounded writer queue).
+    fn drive(&mut self, conn: ConnId, side: usize) {
+        let window = self.sc.peers.window;
         loop {
-            let Some(c) = self.conns.get_mut(&conn) else {
+            let Some(c) = self.conns.get(&conn) else {
                 return;
             };
-            let node_ix = c.ends[side];
-            let events: Vec<SessionEvent> =
-                std::iter::from_fn(|| c.sessions[side].poll_event()).collect();
-            for e in events {
-                self.session_event(conn, side, node_ix, e);
-            }
-            if self.slots[node_ix].node.take_received() {
-                self.raced(node_ix);
-                self.request_commit(node_ix);
-            }
-            let Some(c) = self.conns.get_mut(&conn) else {
-                return;
-            };
-            if c.failed {
-                self.close(conn, "session failed");
-                return;
-            }
             if c.chans[side].queue.len() >= window {
                 return;
             }
-            match c.sessions[side].poll_transmit(&self.slots[node_ix].node) {
-                Some(msg) => self.send(conn, side, msg),
-                None => {
-                    // poll_transmit may have failed the session (a store
-                    // bug): its events are handled on the next pass.
-                    let Some(c) = self.conns.get_mut(&conn) else {
-                        return;
-                    };
-                    let more: Vec<SessionEvent> =
-                        std::iter::from_fn(|| c.sessions[side].poll_event()).collect();
-                    if more.is_empty() {
-                        return;
-                    }
-                    for e in more {
-                        self.session_event(conn, side, node_ix, e);
-                    }
-                }
+            let node = c.ends[side];
+            let now = ms(self.now);
+            let s = &mut self.slots[node];
+            let msg = s.peers.poll_transmit(conn, now, &s.node);
+            let quiet = msg.is_none();
+            if let Some(msg) = msg {
+                self.send(conn, side, msg);
+            }
+            self.node_events(node);
+            if quiet {
+                return;
             }
         }
     }
 
-    fn session_event(&mut self, conn: u64, side: usize, node: usize, e: SessionEvent) {
-        match e {
-            SessionEvent::InSync | SessionEvent::RoundDone => self.report.rounds += 1,
-            SessionEvent::Received { count, heads } => {
-                self.tr(b'R', &[conn, side as u64, count], &[]);
-                let _ = heads;
-                self.request_commit(node);
+    /// After a call into a node's policy: carries out its events, lets
+    /// every connection of the node send, and re-arms its timer.
+    fn after_policy(&mut self, node: usize) {
+        self.node_events(node);
+        let conns: Vec<ConnId> = self.slots[node].conns.iter().copied().collect();
+        for conn in conns {
+            if let Some(c) = self.conns.get(&conn) {
+                let side = if c.ends[0] == node { 0 } else { 1 };
+                self.drive(conn, side);
             }
-            SessionEvent::PeerDone => {}
-            SessionEvent::Equivocation(eq) => {
-                self.violation(
-                    "equivocation",
-                    format!(
-                        "node {node} saw two events for seq {} of author {} ({} and {}, {})",
-                        eq.seq,
-                        eq.author.short(),
-                        eq.held.short(),
-                        eq.other.short(),
-                        if eq.proven { "proven" } else { "claimed" }
-                    ),
-                );
-            }
-            SessionEvent::Failed(err) => {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.failed = true;
+        }
+        if self.slots[node].node.take_received() {
+            self.raced(node);
+            self.request_commit(node);
+        }
+        self.arm(node);
+    }
+
+    /// Carries out the events a node's policy queued.
+    fn node_events(&mut self, node: usize) {
+        while let Some(e) = self.slots[node].peers.poll_event() {
+            match e {
+                PeerEvent::Dial { target } => self.dial(node, target),
+                PeerEvent::Close {
+                    conn, reason, last, ..
+                } => {
+                    if let Some(last) = last {
+                        // The goodbye goes out; the close follows it at once.
+                        self.report.messages += 1;
+                        self.report.bytes += last.len() as u64;
+                    }
+                    self.close(conn, &reason);
                 }
-                if !matches!(err, SyncError::Peer { .. }) {
-                    let peer = self
-                        .conns
-                        .get(&conn)
-                        .map_or(usize::MAX, |c| c.ends[1 - side]);
+                PeerEvent::Synced { .. } => self.report.rounds += 1,
+                PeerEvent::Received { count, .. } => {
+                    self.tr(b'R', &[node as u64, count], &[]);
+                    self.request_commit(node);
+                }
+                PeerEvent::Equivocation { proof: eq, .. } => {
                     self.violation(
-                        "session",
-                        format!("node {node}'s session with node {peer} failed: {err}"),
+                        "equivocation",
+                        format!(
+                            "node {node} saw two events for seq {} of author {} ({} and {}, {})",
+                            eq.seq,
+                            eq.author.short(),
+                            eq.held.short(),
+                            eq.other.short(),
+                            if eq.proven { "proven" } else { "claimed" }
+                        ),
                     );
                 }
+                PeerEvent::SessionFailed { peer, error, .. }
+                    if !matches!(error, SyncError::Peer { .. }) =>
+                {
+                    let peer = self.ids.iter().position(|i| *i == peer);
+                    let peer = peer.unwrap_or(usize::MAX);
+                    self.violation(
+                        "session",
+                        format!("node {node}'s session with node {peer} failed: {error}"),
+                    );
+                }
+                _ => {}
             }
         }
     }
 
-    fn close(&mut self, conn: u64, why: &str) {
+    /// Schedules the node's policy timer if it is due earlier than the one
+    /// scheduled.
+    fn arm(&mut self, node: usize) {
+        let s = &mut self.slots[node];
+        if !s.node.is_up() {
+            return;
+        }
+        let Some(at) = s.peers.poll_timeout() else {
+            return;
+        };
+        let at = (at * MS).max(self.now);
+        if s.timer_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        s.timer_at = Some(at);
+        let epoch = s.epoch;
+        self.at(at, Ev::PeerTimer { node, epoch, at });
+    }
+
+    fn peer_timer(&mut self, node: usize, epoch: u64, at: Us) {
+        let s = &mut self.slots[node];
+        if s.epoch != epoch || s.timer_at != Some(at) || !s.node.is_up() {
+            return;
+        }
+        s.timer_at = None;
+        if self.phase != Phase::Done {
+            let now = ms(self.now);
+            s.peers.handle_timeout(now, &s.node, &mut self.rng_peers);
+        }
+        self.after_policy(node);
+    }
+
+    fn close(&mut self, conn: ConnId, why: &str) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
         self.tr(b'X', &[conn], why.as_bytes());
-        for s in &c.sessions {
-            let st = s.stats();
-            self.traffic_events += st.events_sent;
-            self.duplicates += st.duplicates;
-        }
         let (a, b) = (c.ends[0], c.ends[1]);
         self.slots[a].conns.remove(&conn);
         self.slots[b].conns.remove(&conn);
-        self.pair_conn.remove(&(a, b));
+        let key = (a.min(b), a.max(b));
+        if let Some(set) = self.pair_conns.get_mut(&key) {
+            set.remove(&conn);
+            if set.is_empty() {
+                self.pair_conns.remove(&key);
+            }
+        }
         self.fault(&format!("connections_closed_{}", why.replace(' ', "_")));
-        if let Some(&pair) = self.pair_dial.get(&(a, b)) {
-            self.kick_dial(pair);
+        let now = ms(self.now);
+        for end in [a, b] {
+            let s = &mut self.slots[end];
+            if s.node.is_up() {
+                s.peers.handle_closed(conn, why, now, &mut self.rng_peers);
+                self.after_policy(end);
+            }
         }
     }
 
-    fn kick_dial(&mut self, pair: usize) {
-        let min = us_of_ms(self.sc.node.min_backoff_ms);
-        let d = &mut self.dials[pair];
-        d.gen += 1;
-        d.backoff = min;
-        let gen = d.gen;
-        let jitter = self.rng_net.below(min.max(1));
-        self.after(min + jitter, Ev::Dial { pair, gen });
-    }
-
-    fn dial_retry(&mut self, pair: usize) {
-        let max = us_of_ms(self.sc.node.max_backoff_ms);
-        let d = &mut self.dials[pair];
-        let wait = d.backoff;
-        d.backoff = (d.backoff * 2).min(max);
-        let gen = d.gen;
-        let jitter = self.rng_net.below(wait / 4 + 1);
-        self.after(wait + jitter, Ev::Dial { pair, gen });
-    }
-
-    fn dial(&mut self, pair: usize, gen: u64) {
-        let (a, b) = self.dials[pair].ends;
-        if self.dials[pair].gen != gen || self.pair_conn.contains_key(&(a, b)) {
-            return;
-        }
-        if !self.slots[a].node.is_up() || !self.slots[b].node.is_up() {
-            return; // the restart kicks the dial loop
-        }
-        if self.up(a, b) && self.up(b, a) {
-            let link = self.link(a, b).clone();
-            // A handshake: one round trip.
+    /// A node's policy dials `target` (a neighbour): the handshake takes
+    /// one round trip if the path is up both ways and the peer runs, and
+    /// gets no answer within the connect timeout otherwise.
+    fn dial(&mut self, node: usize, target: TargetId) {
+        let b = target as usize;
+        let epoch = self.slots[node].epoch;
+        if self.slots[b].node.is_up() && self.up(node, b) && self.up(b, node) {
+            let link = self.link(node, b).clone();
             let rtt = 2 * us_of_ms(link.delay_ms + self.rng_net.exp(link.jitter_ms));
-            self.after(rtt, Ev::Establish { pair, gen });
+            let peer_epoch = self.slots[b].epoch;
+            self.after(
+                rtt,
+                Ev::Handshake {
+                    node,
+                    epoch,
+                    target,
+                    peer_epoch,
+                },
+            );
         } else {
-            self.dial_retry(pair);
+            let wait = self.sc.peers.connect_timeout_ms * MS;
+            self.after(
+                wait,
+                Ev::DialFailed {
+                    node,
+                    epoch,
+                    target,
+                },
+            );
         }
     }
 
-    fn establish(&mut self, pair: usize, gen: u64) {
-        let (a, b) = self.dials[pair].ends;
-        if self.dials[pair].gen != gen || self.pair_conn.contains_key(&(a, b)) {
+    fn dial_failed(&mut self, node: usize, epoch: u64, target: TargetId, why: &str) {
+        let s = &mut self.slots[node];
+        if s.epoch != epoch || !s.node.is_up() {
             return;
         }
-        let alive = self.slots[a].node.is_up() && self.slots[b].node.is_up();
-        if !alive {
+        let now = ms(self.now);
+        s.peers
+            .handle_dial_failed(target, why.to_string(), now, &mut self.rng_peers);
+        self.after_policy(node);
+    }
+
+    fn handshake(&mut self, a: usize, epoch: u64, target: TargetId, peer_epoch: u64) {
+        let b = target as usize;
+        if self.slots[a].epoch != epoch || !self.slots[a].node.is_up() {
             return;
         }
-        if !(self.up(a, b) && self.up(b, a)) {
-            self.dial_retry(pair);
+        let alive = self.slots[b].node.is_up() && self.slots[b].epoch == peer_epoch;
+        if !(alive && self.up(a, b) && self.up(b, a)) {
+            self.dial_failed(a, epoch, target, "the handshake broke off");
             return;
         }
-        self.dials[pair].backoff = us_of_ms(self.sc.node.min_backoff_ms);
         let id = self.next_conn;
         self.next_conn += 1;
-        let mut ca = SessionConfig::new(CLUSTER, self.ids[a]);
-        ca.peer = Some(self.ids[b]);
-        let mut cb = SessionConfig::new(CLUSTER, self.ids[b]);
-        cb.peer = Some(self.ids[a]);
-        let sessions = [
-            Session::new(ca, &self.slots[a].node),
-            Session::new(cb, &self.slots[b].node),
-        ];
         self.conns.insert(
             id,
             Conn {
                 ends: [a, b],
-                sessions,
                 chans: [Chan::default(), Chan::default()],
-                failed: false,
             },
         );
-        self.pair_conn.insert((a, b), id);
+        self.pair_conns
+            .entry((a.min(b), a.max(b)))
+            .or_default()
+            .insert(id);
         self.slots[a].conns.insert(id);
         self.slots[b].conns.insert(id);
         self.tr(b'C', &[id, a as u64, b as u64], &[]);
-        self.drive(id, 0);
-        self.drive(id, 1);
+        let now = ms(self.now);
+        let (ia, ib) = (self.ids[a], self.ids[b]);
+        // A node's incarnation, as its peers see it: its epoch, which every
+        // crash bumps.
+        let (ea, eb) = (self.slots[a].epoch, self.slots[b].epoch);
+        let s = &mut self.slots[a];
+        s.peers
+            .handle_connected(id, ib, true, eb, Some(target), now, &s.node);
+        let s = &mut self.slots[b];
+        s.peers
+            .handle_connected(id, ia, false, ea, None, now, &s.node);
+        self.after_policy(a);
+        self.after_policy(b);
     }
 
     fn idle_check(&mut self, from: usize, to: usize, since: Us) {
@@ -861,7 +963,12 @@ impl<'a> Sim<'a> {
             return;
         }
         let key = (from.min(to), from.max(to));
-        if let Some(&conn) = self.pair_conn.get(&key) {
+        let conns: Vec<ConnId> = self
+            .pair_conns
+            .get(&key)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for conn in conns {
             self.close(conn, "idle timeout");
         }
     }
@@ -879,8 +986,8 @@ impl<'a> Sim<'a> {
             self.cut_links += 1;
             self.down_since[ix] = self.now;
             let key = (from.min(to), from.max(to));
-            if self.pair_conn.contains_key(&key) {
-                let idle = us_of_ms(self.sc.node.idle_timeout_ms);
+            if self.pair_conns.contains_key(&key) {
+                let idle = self.sc.peers.idle_timeout_ms * MS;
                 self.after(
                     idle,
                     Ev::IdleCheck {
@@ -902,9 +1009,22 @@ impl<'a> Sim<'a> {
         }
         self.cut_links -= 1;
         let key = (from.min(to), from.max(to));
-        let Some(&conn) = self.pair_conn.get(&key) else {
+        let conns: Vec<ConnId> = self
+            .pair_conns
+            .get(&key)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for conn in conns {
+            self.retransmit(conn, from);
+        }
+    }
+
+    /// The transport retransmits what a cut lost on `conn`'s direction
+    /// from `from`, after a backed-off probe timeout.
+    fn retransmit(&mut self, conn: ConnId, from: usize) {
+        if !self.conns.contains_key(&conn) {
             return;
-        };
+        }
         let d = if self.conns[&conn].ends[0] == from {
             0
         } else {
@@ -998,38 +1118,11 @@ impl<'a> Sim<'a> {
                 self.report.escrow_consumed += n;
             }
         }
-        // Live push: every session learns of the batch's signed heads.
-        let conns: Vec<u64> = self.slots[node].conns.iter().copied().collect();
-        for conn in conns {
-            let Some(cn) = self.conns.get_mut(&conn) else {
-                continue;
-            };
-            let side = if cn.ends[0] == node { 0 } else { 1 };
-            for &(author, seq) in &c.heads {
-                cn.sessions[side].handle_stored(author, seq, &self.slots[node].node);
-            }
-            self.drive(conn, side);
-        }
+        // Live push: the policy learns of the batch's signed heads.
+        let s = &mut self.slots[node];
+        s.peers.handle_stored(&c.heads, &s.node);
+        self.after_policy(node);
         self.request_commit(node);
-    }
-
-    fn anti_entropy(&mut self, node: usize) {
-        let period = us_of_ms(self.sc.node.anti_entropy_ms).max(MS);
-        self.after(period, Ev::AntiEntropy { node });
-        if self.phase == Phase::Done || !self.slots[node].node.is_up() {
-            return;
-        }
-        let conns: Vec<u64> = self.slots[node].conns.iter().copied().collect();
-        if conns.is_empty() {
-            return;
-        }
-        let conn = conns[self.rng_node.index(conns.len())];
-        let c = self.conns.get_mut(&conn).expect("node's conn is live");
-        let side = if c.ends[0] == node { 0 } else { 1 };
-        if c.sessions[side].start_round(&self.slots[node].node) {
-            self.tr(b'A', &[node as u64, conn], &[]);
-            self.drive(conn, side);
-        }
     }
 
     fn connected_peers(&self, node: usize) -> Vec<usize> {
@@ -1426,6 +1519,17 @@ impl<'a> Sim<'a> {
         for conn in conns {
             self.close(conn, "peer crashed");
         }
+        // The process is gone, and its policy with it.
+        let s = &mut self.slots[node];
+        let st = s.peers.stats();
+        s.peer_stats.delivered += st.delivered;
+        s.peer_stats.duplicates += st.duplicates;
+        s.peer_stats.events_sent += st.events_sent;
+        s.peers = Peers::new(
+            self.sc.peers.clone(),
+            SessionConfig::new(CLUSTER, self.ids[node]),
+        );
+        s.timer_at = None;
         self.after(down, Ev::Restart { node, epoch });
     }
 
@@ -1456,15 +1560,12 @@ impl<'a> Sim<'a> {
                 return;
             }
         }
-        let pairs: Vec<usize> = self
-            .pair_dial
-            .iter()
-            .filter(|((a, b), _)| *a == node || *b == node)
-            .map(|(_, &p)| p)
-            .collect();
-        for p in pairs {
-            self.kick_dial(p);
+        let now = ms(self.now);
+        for i in 0..self.neighbours[node].len() {
+            let b = self.neighbours[node][i];
+            self.slots[node].peers.add_target(b as TargetId, now);
         }
+        self.arm(node);
     }
 
     fn clock_step_next(&mut self) {
@@ -1678,15 +1779,11 @@ impl<'a> Sim<'a> {
 
     fn finish(mut self) -> RunReport {
         self.report.virtual_ms = ms(self.now);
-        let conns: Vec<u64> = self.conns.keys().copied().collect();
-        for c in conns {
-            if let Some(conn) = self.conns.get(&c) {
-                for s in &conn.sessions {
-                    let st = s.stats();
-                    self.traffic_events += st.events_sent;
-                    self.duplicates += st.duplicates;
-                }
-            }
+        let (mut sent, mut duplicates) = (0, 0);
+        for s in &self.slots {
+            let st = s.peers.stats();
+            sent += s.peer_stats.events_sent + st.events_sent;
+            duplicates += s.peer_stats.duplicates + st.duplicates;
         }
         let hits: u64 = self.slots.iter().map(|s| s.node.race_hits()).sum();
         if hits > 0 {
@@ -1696,8 +1793,8 @@ impl<'a> Sim<'a> {
                 .entry("committer_races".into())
                 .or_default() += hits;
         }
-        self.report.event_frames = self.traffic_events;
-        self.report.duplicate_deliveries = self.duplicates;
+        self.report.event_frames = sent;
+        self.report.duplicate_deliveries = duplicates;
         if self.slots.iter().all(|s| s.node.is_up()) {
             self.check_oracles();
         }
@@ -1793,5 +1890,11 @@ impl<'a> Sim<'a> {
                 detail,
             });
         }
+    }
+}
+
+impl Random for Rng {
+    fn next_u64(&mut self) -> u64 {
+        Rng::next_u64(self)
     }
 }
