@@ -971,7 +971,11 @@ async fn run_session(
                 }
                 SessionEvent::Equivocation(proof) => shared.record_fork(peer, proof),
                 SessionEvent::Failed(e) => failed = Some(e),
-                SessionEvent::PeerDone => {}
+                SessionEvent::PeerDone
+                | SessionEvent::Announced { .. }
+                | SessionEvent::Grafted
+                | SessionEvent::Pruned
+                | SessionEvent::Missing { .. } => {}
             }
         }
         if out.is_none() {

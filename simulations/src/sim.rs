@@ -724,7 +724,11 @@ impl<'a> Sim<'a> {
                 let _ = heads;
                 self.request_commit(node);
             }
-            SessionEvent::PeerDone => {}
+            SessionEvent::PeerDone
+            | SessionEvent::Announced { .. }
+            | SessionEvent::Grafted
+            | SessionEvent::Pruned
+            | SessionEvent::Missing { .. } => {}
             SessionEvent::Equivocation(eq) => {
                 self.violation(
                     "equivocation",
