@@ -109,6 +109,7 @@
 //! ([`Store::pool`]); whenever any session stores events it stores the
 //! pooled ones whose past is then complete, whichever session received them
 //! (a store without a shared pool gives each session a private one, which
+//! the session retries on each message it handles, and which
 //! [`Session::retry_waiting`] drains after other sessions stored events).
 //! At the peer's Done an unsigned run still open is a failure, but events
 //! still waiting for a dependency are not: the session reports what they
@@ -1322,7 +1323,7 @@ pub enum SyncError {
         seq: u64,
     },
     /// The local frontier has more than [`MAX_FRONTIER_ENTRIES`] authors.
-    #[error("this node's frontier has {entries} authors, more than sync version 1 carries ({MAX_FRONTIER_ENTRIES})")]
+    #[error("this node's frontier has {entries} authors, more than a Frontier message carries ({MAX_FRONTIER_ENTRIES})")]
     LocalFrontierTooLarge {
         /// Its entries.
         entries: usize,
@@ -1639,7 +1640,7 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
-        let r = self.with_pool(store, |s, store, pool| {
+        let r = self.with_pool(store, |s, store, pool, _| {
             s.drain(store, pool)?;
             s.read_mail(store, pool)
         });
@@ -1662,7 +1663,12 @@ impl Session {
         }
         self.stats.messages_received += 1;
         self.stats.bytes_received += bytes.len() as u64;
-        let r = self.with_pool(store, |s, store, pool| {
+        let r = self.with_pool(store, |s, store, pool, shared| {
+            if !shared && !pool.is_empty() {
+                // Other sessions may have stored what these wait for (a
+                // shared pool is drained by whoever stores).
+                s.drain(store, pool)?;
+            }
             s.handle_inner(bytes, store, pool)?;
             s.read_mail(store, pool)
         });
@@ -1718,17 +1724,17 @@ impl Session {
 
     /// Runs `f` with the pool: the store's shared one, taken out of the
     /// store for the call (so that `f` can hold the store too) and put
-    /// back, or the session's own.
+    /// back, or the session's own. `f` is told which.
     fn with_pool<S: Store + ?Sized, R>(
         &mut self,
         store: &mut S,
-        f: impl FnOnce(&mut Session, &mut S, &mut Pool) -> R,
+        f: impl FnOnce(&mut Session, &mut S, &mut Pool, bool) -> R,
     ) -> R {
         let shared = store.pool().map(std::mem::take);
         let is_shared = shared.is_some();
         let mut pool = shared.unwrap_or_else(|| std::mem::take(&mut self.own_pool));
         let origin = *self.origin.get_or_insert_with(|| pool.join());
-        let r = f(self, store, &mut pool);
+        let r = f(self, store, &mut pool, is_shared);
         self.pooled = pool.held(origin);
         match store.pool() {
             Some(slot) if is_shared => *slot = pool,
@@ -2227,7 +2233,7 @@ impl Session {
         }
         // Everything outside the peer's stream of a round (from its
         // Frontier to its Done) is a live push.
-        let live = !(self.phase == Phase::Streaming && !self.got_done);
+        let live = self.phase != Phase::Streaming || self.got_done;
         let me = self.me();
         let mut offset = 0;
         let mut index = 0;
@@ -2250,8 +2256,8 @@ impl Session {
                 // verified. Only its author and seq are read (the bytes are
                 // those of an event held here), unless a run of its author
                 // is open: then it is checked as the run's next event.
-                let dot = peek_dot(bytes)
-                    .filter(|(a, _)| !self.runs.get(a).is_some_and(|r| !r.is_empty()));
+                let dot =
+                    peek_dot(bytes).filter(|(a, _)| self.runs.get(a).is_none_or(|r| r.is_empty()));
                 if let Some((author, seq)) = dot {
                     if !self.forks.contains_key(&author) {
                         raise(&mut self.peer_has, author, seq);

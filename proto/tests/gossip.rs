@@ -32,7 +32,7 @@ fn key(i: usize) -> Keypair {
 
 /// The `i`th draft: register writes and counter adds over a few streams.
 fn draft(i: u64) -> Draft {
-    let ops = if i % 2 == 0 {
+    let ops = if i.is_multiple_of(2) {
         vec![Op::Set {
             field: "name".into(),
             value: format!("\"n{i}\"").into_bytes(),
