@@ -1112,3 +1112,104 @@ fn bad_ihave_graft_and_prune_are_refused() {
         (1, 1, 2)
     );
 }
+
+/// A store that keeps no shared pool (as the node's store): each session
+/// keeps its own.
+struct NoPool(MemStore);
+
+impl Store for NoPool {
+    fn frontier(&self) -> Vec<Head> {
+        self.0.frontier()
+    }
+    fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
+        self.0.event_id(author, seq)
+    }
+    fn contains(&self, id: &EventId) -> bool {
+        self.0.contains(id)
+    }
+    fn hlc(&self, author: &NodeId, seq: u64) -> Option<weftlog_proto::Hlc> {
+        self.0.hlc(author, seq)
+    }
+    fn fetch(&self, author: &NodeId, seq: u64) -> Option<weftlog_proto::sync::Stored> {
+        self.0.fetch(author, seq)
+    }
+    fn insert(
+        &mut self,
+        event: &weftlog_proto::Event,
+        id: EventId,
+        bytes: &[u8],
+        sig: Option<Signature>,
+    ) -> Result<weftlog_proto::state::Inserted, weftlog_proto::state::Invalid> {
+        self.0.insert(event, id, bytes, sig)
+    }
+}
+
+/// Without a shared pool an event waits in the pool of the session that
+/// received it; once another session stored its dependency,
+/// `retry_waiting` (or the session's next message) stores it.
+#[test]
+fn a_private_pool_is_retried_after_another_session_stored() {
+    let (kx, ky, kz) = (key(0), key(1), key(2));
+    let mut xs = MemStore::new();
+    let e1 = xs
+        .commit(&kx, &mut HlcClock::default(), EPOCH_MS, [draft(0)])
+        .unwrap()[0];
+    let mut ys = xs.clone();
+    let e2 = ys
+        .commit(&ky, &mut HlcClock::default(), EPOCH_MS + 1, [draft(1)])
+        .unwrap()[0];
+    let y_head = ys
+        .frontier()
+        .into_iter()
+        .find(|h| h.author == ky.node_id())
+        .unwrap();
+    let mut z = NoPool(MemStore::new());
+    let mut zy = Session::new(SessionConfig::new(CLUSTER, kz.node_id()), &z);
+    while zy.poll_transmit(&z).is_some() {}
+    let stored = ys.get(&ky.node_id(), 1).unwrap();
+    let mut frame = Vec::new();
+    encode_wire_frame(&mut frame, &stored.bytes, stored.sig.as_ref());
+    for msg in [
+        hello(ky.node_id(), frontier_digest(&[y_head])),
+        encode(&Message::Frontier {
+            heads: vec![y_head],
+        }),
+        encode(&Message::Events { frames: frame }),
+    ] {
+        zy.handle_message(&msg, &mut z).unwrap();
+    }
+    assert_eq!(zy.pending_events(), 1);
+    assert!(z.0.waiting().is_empty(), "the store's own pool is not used");
+
+    let mut sx = Session::new(SessionConfig::new(CLUSTER, kx.node_id()), &xs);
+    let mut zx = Session::new(SessionConfig::new(CLUSTER, kz.node_id()), &z);
+    loop {
+        let mut quiet = true;
+        while let Some(msg) = sx.poll_transmit(&xs) {
+            zx.handle_message(&msg, &mut z).unwrap();
+            quiet = false;
+        }
+        while let Some(msg) = zx.poll_transmit(&z) {
+            sx.handle_message(&msg, &mut xs).unwrap();
+            quiet = false;
+        }
+        if quiet {
+            break;
+        }
+    }
+    assert!(z.contains(&e1) && !z.contains(&e2));
+    while zy.poll_event().is_some() {}
+    zy.retry_waiting(&mut z);
+    assert!(z.contains(&e2));
+    assert_eq!(zy.pending_events(), 0);
+    assert_eq!(
+        zy.poll_event(),
+        Some(SessionEvent::Received {
+            count: 1,
+            heads: vec![(ky.node_id(), 1)]
+        })
+    );
+    // Its Done finds nothing missing.
+    zy.handle_message(&encode(&Message::Done), &mut z).unwrap();
+    assert_eq!(zy.poll_event(), Some(SessionEvent::PeerDone));
+}
