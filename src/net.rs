@@ -93,7 +93,12 @@ pub async fn sync_round(
                 SessionEvent::RoundDone => over = true,
                 SessionEvent::Received { count, .. } => round.received += count,
                 SessionEvent::Failed(e) => return Err(e.into()),
-                SessionEvent::PeerDone | SessionEvent::Equivocation(_) => {}
+                SessionEvent::PeerDone
+                | SessionEvent::Equivocation(_)
+                | SessionEvent::Announced { .. }
+                | SessionEvent::Grafted
+                | SessionEvent::Pruned
+                | SessionEvent::Missing { .. } => {}
             }
         }
         if over {

@@ -53,6 +53,23 @@
 //! arrives (a TLS 1.3 client finishes its handshake before the server has
 //! checked the client's certificate, so a dialer cannot know sooner).
 //!
+//! # Live push: the broadcast tree
+//!
+//! Sessions push along an epidemic broadcast tree (Plumtree: Leitão,
+//! Pereira, Rodrigues, "Epidemic Broadcast Trees", SRDS 2007; `PROTOCOL.md`
+//! §9.8): each link is eager (events pushed at once) or lazy (heads
+//! announced), and a link that delivers only duplicates is pruned, so the
+//! eager links settle into a spanning tree and each node receives each
+//! event about once. The sessions carry out Prune and Graft; this policy
+//! keeps the timers: when a lazy link announces heads this node lacks
+//! ([`SessionEvent::Announced`]), it waits
+//! [`PeersConfig::graft_timeout_ms`] for them to arrive by the tree, then
+//! grafts the first link that announced them (a tree repair), and if they
+//! still have not come after [`PeersConfig::regraft_timeout_ms`], the next
+//! one. Events a session could not store for want of a dependency at its
+//! peer's Done ([`SessionEvent::Missing`]) make the policy start a round
+//! with another peer. Anti-entropy stays the safety net.
+//!
 //! # Dialling
 //!
 //! Each target (an address given with `--peer` or found by mDNS; a pair of
@@ -124,6 +141,16 @@ pub struct PeersConfig {
     /// Messages a connection may have queued for sending; the shell's send
     /// queue bound (the daemon's writer queue, the simulator's window).
     pub window: usize,
+    /// How long announced events may take to arrive by the broadcast tree
+    /// before the announcing link is grafted.
+    pub graft_timeout_ms: u64,
+    /// How long after a graft the next announcing link is grafted, if the
+    /// events still have not arrived.
+    pub regraft_timeout_ms: u64,
+    /// Whether links start eager (push along a tree that pruning shapes).
+    /// `false` starts every link lazy: events then spread only by grafts
+    /// and rounds (for experiments).
+    pub eager: bool,
 }
 
 impl Default for PeersConfig {
@@ -135,6 +162,9 @@ impl Default for PeersConfig {
             idle_timeout_ms: 10_000,
             connect_timeout_ms: 900,
             window: 16,
+            graft_timeout_ms: 100,
+            regraft_timeout_ms: 50,
+            eager: true,
         }
     }
 }
@@ -255,6 +285,13 @@ pub struct PeerStats {
     pub rounds: u64,
     /// Connections replaced because the peer restarted.
     pub replaced: u64,
+    /// Heads announced to lazy links.
+    pub announcements_sent: u64,
+    /// Tree repairs: grafts this node sent because announced events did
+    /// not arrive in time.
+    pub grafts: u64,
+    /// Links pruned (either end).
+    pub prunes: u64,
 }
 
 #[derive(Debug)]
@@ -282,6 +319,18 @@ enum Dial {
     Parked,
 }
 
+/// Announced events this node lacks: who announced them, and when to
+/// graft the next announcer.
+#[derive(Debug)]
+struct Wanted {
+    /// The id announced at this `(author, seq)`.
+    id: crate::EventId,
+    /// Links that announced it, in order; the first is grafted first.
+    from: VecDeque<ConnId>,
+    /// When to graft the next announcer.
+    at_ms: u64,
+}
+
 #[derive(Debug)]
 struct Target {
     peer: Option<NodeId>,
@@ -304,6 +353,8 @@ pub struct Peers {
     last_round_ms: Option<u64>,
     events: VecDeque<PeerEvent>,
     stats: PeerStats,
+    /// Announced events not held, by `(author, seq)`.
+    wanted: BTreeMap<(NodeId, u64), Wanted>,
 }
 
 impl Peers {
@@ -322,6 +373,7 @@ impl Peers {
             last_round_ms: None,
             events: VecDeque::new(),
             stats: PeerStats::default(),
+            wanted: BTreeMap::new(),
         }
     }
 
@@ -346,9 +398,7 @@ impl Peers {
         let mut s = self.stats;
         for l in self.links.values() {
             let st = l.session.stats();
-            s.delivered += st.events_stored;
-            s.duplicates += st.duplicates;
-            s.events_sent += st.events_sent;
+            add_session_stats(&mut s, &st);
         }
         s
     }
@@ -417,7 +467,8 @@ impl Peers {
             Dial::At(at) => Some(at),
             _ => None,
         });
-        dials.chain(self.next_round_ms).min()
+        let grafts = self.wanted.values().map(|w| w.at_ms);
+        dials.chain(grafts).chain(self.next_round_ms).min()
     }
 
     /// Dials `target` from now on (at once), until a connection with the
@@ -511,6 +562,7 @@ impl Peers {
         }
         let mut config = self.session.clone();
         config.peer = Some(peer);
+        config.eager = self.config.eager;
         self.links.insert(
             conn,
             Link {
@@ -571,10 +623,10 @@ impl Peers {
         let Some(l) = self.links.remove(&conn) else {
             return;
         };
-        let st = l.session.stats();
-        self.stats.delivered += st.events_stored;
-        self.stats.duplicates += st.duplicates;
-        self.stats.events_sent += st.events_sent;
+        add_session_stats(&mut self.stats, &l.session.stats());
+        for w in self.wanted.values_mut() {
+            w.from.retain(|c| *c != conn);
+        }
         if self.kept.get(&l.peer) == Some(&conn) {
             self.kept.remove(&l.peer);
             self.events.push_back(PeerEvent::Disconnected {
@@ -613,6 +665,17 @@ impl Peers {
     /// feed): `(author, highest seq)` per author. Every session pushes
     /// what its peer is not known to hold.
     pub fn handle_stored<S: Store + ?Sized>(&mut self, heads: &[(NodeId, u64)], store: &S) {
+        for &(author, seq) in heads {
+            // Announced events that arrived: no graft needed.
+            let done: Vec<(NodeId, u64)> = self
+                .wanted
+                .range((author, 0)..=(author, seq))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in done {
+                self.wanted.remove(&k);
+            }
+        }
         for l in self.links.values_mut().filter(|l| !l.closing) {
             for &(author, seq) in heads {
                 l.session.handle_stored(author, seq, store);
@@ -677,6 +740,7 @@ impl Peers {
                 }
             }
         }
+        self.graft_due(now_ms, store);
         if self.next_round_ms.is_some_and(|at| at <= now_ms) {
             self.next_round_ms = Some(now_ms + self.config.anti_entropy_ms);
             let live: Vec<ConnId> = self
@@ -713,6 +777,40 @@ impl Peers {
         msg
     }
 
+    /// Grafts the next announcer of every announced event still missing
+    /// whose wait is over.
+    fn graft_due<S: Store + ?Sized>(&mut self, now_ms: u64, store: &S) {
+        let due: Vec<(NodeId, u64)> = self
+            .wanted
+            .iter()
+            .filter(|(_, w)| w.at_ms <= now_ms)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut grafted: BTreeSet<ConnId> = BTreeSet::new();
+        for key in due {
+            if store.event_id(&key.0, key.1) == self.wanted.get(&key).map(|w| w.id) {
+                self.wanted.remove(&key);
+                continue;
+            }
+            let Some(w) = self.wanted.get_mut(&key) else {
+                continue;
+            };
+            let Some(conn) = w.from.pop_front() else {
+                self.wanted.remove(&key);
+                continue;
+            };
+            w.at_ms = now_ms + self.config.regraft_timeout_ms;
+            // One graft per link per pass: it asks for everything missing.
+            if grafted.insert(conn) {
+                if let Some(l) = self.links.get_mut(&conn).filter(|l| !l.closing) {
+                    if l.session.graft(store) {
+                        self.stats.grafts += 1;
+                    }
+                }
+            }
+        }
+    }
+
     fn start_round<S: Store + ?Sized>(&mut self, conn: ConnId, store: &S) {
         let Some(l) = self.links.get_mut(&conn) else {
             return;
@@ -733,6 +831,7 @@ impl Peers {
         };
         let peer = l.peer;
         let mut failed = None;
+        let mut missing = false;
         while let Some(e) = l.session.poll_event() {
             match e {
                 SessionEvent::InSync | SessionEvent::RoundDone => {
@@ -755,10 +854,46 @@ impl Peers {
                     self.events
                         .push_back(PeerEvent::Equivocation { peer, proof });
                 }
+                SessionEvent::Announced { heads } => {
+                    for h in heads {
+                        let w = self.wanted.entry((h.author, h.seq)).or_insert(Wanted {
+                            id: h.id,
+                            from: VecDeque::new(),
+                            at_ms: now_ms + self.config.graft_timeout_ms,
+                        });
+                        if w.id == h.id && !w.from.contains(&conn) {
+                            w.from.push_back(conn);
+                        }
+                    }
+                    if self.wanted.len() > MAX_WANTED {
+                        // Bounded: the oldest wait goes; anti-entropy repairs.
+                        let first = *self.wanted.keys().next().expect("not empty");
+                        self.wanted.remove(&first);
+                    }
+                }
+                SessionEvent::Missing { .. } => missing = true,
+                SessionEvent::Grafted | SessionEvent::Pruned => {}
                 SessionEvent::Failed(e) => failed = Some(e),
                 SessionEvent::PeerDone => {}
             }
         }
+        if missing {
+            // What the peer's stream lacked may come from another peer.
+            let others: Vec<ConnId> = self
+                .links
+                .iter()
+                .filter(|(c, l)| **c != conn && l.established && !l.closing)
+                .map(|(c, _)| *c)
+                .collect();
+            let pick = others
+                .get((now_ms as usize) % others.len().max(1))
+                .copied()
+                .unwrap_or(conn);
+            self.start_round(pick, store);
+        }
+        let Some(l) = self.links.get_mut(&conn) else {
+            return;
+        };
         if let Some(e) = failed {
             let last = l.session.poll_transmit(store);
             l.closing = true;
@@ -812,6 +947,17 @@ impl Peers {
         let r = rng.next_u64() % 500;
         base * (750 + r) / 1000
     }
+}
+
+/// Announced events waited for at most (each a few dozen bytes).
+pub const MAX_WANTED: usize = 65_536;
+
+fn add_session_stats(s: &mut PeerStats, st: &SessionStats) {
+    s.delivered += st.events_stored;
+    s.duplicates += st.duplicates;
+    s.events_sent += st.events_sent;
+    s.announcements_sent += st.announcements_sent;
+    s.prunes += st.prunes_sent + st.prunes_received;
 }
 
 /// A session failure as the log and the peer read it.

@@ -1,12 +1,14 @@
 //! Sync: the sans-IO protocol two replicas speak to give each other what the
-//! other lacks (`DESIGN.md` §5, `PROTOCOL.md` §9).
+//! other lacks, and the live push that carries new events along an epidemic
+//! broadcast tree (`DESIGN.md` §5, `PROTOCOL.md` §9).
 //!
 //! A [`Session`] is one end of one peer connection. It does no IO and reads
 //! no clock: the shell hands it the bytes of each message that arrives
 //! ([`Session::handle_message`]), tells it about events stored by anyone
-//! else ([`Session::handle_stored`]) and when to run anti-entropy
-//! ([`Session::start_round`]), and carries out what it returns: messages to
-//! send ([`Session::poll_transmit`]) and events to act on
+//! else ([`Session::handle_stored`]), when to run anti-entropy
+//! ([`Session::start_round`]) and when an announced event is late
+//! ([`Session::graft`]), and carries out what it returns: messages to send
+//! ([`Session::poll_transmit`]) and events to act on
 //! ([`Session::poll_event`]). The replica is behind the [`Store`] trait;
 //! [`MemStore`] is the in-memory one for tests and the simulator.
 //!
@@ -31,34 +33,91 @@
 //! 4. **Done** closes each end's stream. When both ends have sent and
 //!    received it the round is over ([`SessionEvent::RoundDone`]).
 //!
+//! Rounds are anti-entropy: the shell's timer calls [`Session::start_round`]
+//! with a random peer every few seconds, and a round repairs whatever live
+//! push missed.
+//!
+//! # Live push: an epidemic broadcast tree
+//!
 //! After the first round the session is **live**: every event stored later
-//! (made locally or received from another peer) that the peer is not known
-//! to hold goes out at once ([`Session::handle_stored`]). What the peer is
-//! known to hold is its last frontier, plus everything either end sent the
-//! other since. A new round (the same Hello exchange) repairs anything a push
-//! missed; the shell's anti-entropy timer calls [`Session::start_round`],
-//! which is why the session needs no timer of its own: the transport is
-//! reliable and ordered, so nothing here waits for time to pass.
+//! (made locally or received from another peer, [`Session::handle_stored`])
+//! that the peer is not known to hold goes to the peer at once. What the
+//! peer is known to hold is its last frontier, plus everything either end
+//! sent or announced to the other since. Pushing every event over every
+//! link would cost each node one copy per neighbour; instead the links
+//! follow Plumtree ("Epidemic Broadcast Trees", Leitão, Pereira, Rodrigues,
+//! SRDS 2007):
+//!
+//! - A link is **eager** or **lazy**, the same at both ends in the steady
+//!   state ([`SessionConfig::eager`], [`Session::is_eager`]). An eager end
+//!   pushes events; a lazy end queues the heads of what it stored and sends
+//!   them as one IHave (per author the highest seq, ascending by author) the
+//!   next time it is polled.
+//! - **Prune.** A live push that brings only events this replica already
+//!   holds means another link brings that peer's events first. After
+//!   [`SessionConfig::prune_after`] such pushes in a row, the session turns
+//!   lazy and sends Prune; the peer turns lazy too. Both ends report
+//!   [`SessionEvent::Pruned`]. The events of a round's stream never prune.
+//!   Every cycle of eager links makes such duplicates somewhere, so the
+//!   eager links thin out to a spanning tree, over which each node receives
+//!   each event once, whatever its source.
+//! - **Graft.** An IHave for events the replica lacks (or holds another
+//!   event at that seq: a fork, to be fetched) is reported as
+//!   [`SessionEvent::Announced`]. The node's policy starts a timer; if the
+//!   events have not come by another link when it fires, the tree is broken
+//!   and the policy calls [`Session::graft`]: the session sends Graft (with
+//!   its heads for the authors announced) and turns eager; the peer turns
+//!   eager, pushes everything the session is not known to hold and reports
+//!   [`SessionEvent::Grafted`]. Policies should stagger these timers, so
+//!   that the nodes a broken link cut off do not all graft at once.
+//! - **Duplicates are known by their id.** A received frame's id is blake3
+//!   of its event bytes; if the store or the pool holds that id the frame is
+//!   counted as a duplicate and skipped, neither decoded nor verified (only
+//!   its author and seq are read, from the fixed start of the encoding). An
+//!   event at an `(author, seq)` held with another id is not a duplicate: it
+//!   is checked in full, and proves a fork.
+//!
+//! The session needs no timer of its own: the transport is reliable and
+//! ordered, and the two timers that matter (anti-entropy rounds, grafts)
+//! are the policy's, which calls [`Session::start_round`] and
+//! [`Session::graft`].
 //!
 //! # What is checked before anything is stored
 //!
 //! Every received event passes, in order: the wire frame's length and flags
-//! (the id is recomputed: blake3 of the bytes); [`Event::decode`] (canonical encoding,
-//! limits); the chain within the stream (each author's events arrive in seq
-//! order, each linked to the one before by `prev`); the author's signature.
-//! A signature covers the whole run before it through `prev`, so unsigned
-//! events are held until a signed later event of the same author verifies,
-//! and then the run is released. Released events are stored through
+//! (the id is recomputed: blake3 of the bytes, and a held id ends the checks
+//! there); [`Event::decode`] (canonical encoding, limits); the chain within
+//! the stream (each author's events arrive in seq order, each linked to the
+//! one before by `prev`); the author's signature. A signature covers the
+//! whole run before it through `prev`, so unsigned events are held until a
+//! signed later event of the same author verifies, and then the run is
+//! released into the [`Pool`]. Pooled events are stored through
 //! [`Store::insert`], which checks them against their causal past
 //! ([`State::insert`]); they are stored in canonical order and only as whole
 //! *segments* — each run of an author ending at a signed event — once every
 //! event of the segment has its chain predecessor and deps. So after each
 //! call, every author's head in the store carries a signature and can be
-//! forwarded to other peers as it is. Events whose deps have not arrived
-//! wait; the wait is bounded by [`SessionConfig::max_pending_events`] and
-//! [`SessionConfig::max_pending_bytes`] and ends at the peer's Done, by
-//! which time everything must have been stored. An event the store refuses
-//! fails the session with an error naming it ([`SyncError::InvalidEvent`]).
+//! forwarded to other peers as it is. An event the store refuses fails the
+//! session that received it, with an error naming it
+//! ([`SyncError::InvalidEvent`]).
+//!
+//! # Events waiting for a dependency
+//!
+//! Over a tree, an event and its dependency may come over different links,
+//! in either order. Authenticated events whose predecessor or deps are not
+//! stored wait in a [`Pool`] that the store shares among its sessions
+//! ([`Store::pool`]); whenever any session stores events it stores the
+//! pooled ones whose past is then complete, whichever session received them
+//! (a store without a shared pool gives each session a private one, which
+//! the session retries on each message it handles, and which
+//! [`Session::retry_waiting`] drains after other sessions stored events).
+//! At the peer's Done an unsigned run still open is a failure, but events
+//! still waiting for a dependency are not: the session reports what they
+//! wait for ([`SessionEvent::Missing`]) and they stay pooled. What a session
+//! holds unstored is bounded by [`SessionConfig::max_pending_events`] and
+//! [`SessionConfig::max_pending_bytes`], the pool by its own limits
+//! ([`MAX_POOL_EVENTS`], [`MAX_POOL_BYTES`]); passing either fails the
+//! session whose event would pass it.
 //!
 //! # Equivocation
 //!
@@ -70,9 +129,9 @@
 //! that detects a fork sends the peer its own branch from the forked seq, so
 //! that both ends get a signed proof. The forked author's events from this
 //! peer are then ignored for the rest of the session; events of others that
-//! depend on them can never be stored, and the session fails at the peer's
-//! Done naming one. A deterministic rule to choose between the branches
-//! (`DESIGN.md` §2) is the store's business, not the session's.
+//! depend on them can never be stored, and wait in the pool, reported at
+//! the peer's Done as missing. A deterministic rule to choose between the
+//! branches (`DESIGN.md` §2) is the store's business, not the session's.
 //!
 //! # The store contract
 //!
@@ -96,24 +155,39 @@
 //!   sets (replicas are causally closed); a peer cannot steer the exchange
 //!   into many rounds: a round is always Hello, Frontier, stream, Done.
 //! - No `now` and no timers: the transport is reliable and ordered, waits
-//!   are bounded by counts and by the peer's Done, and anti-entropy is the
-//!   shell's timer calling [`Session::start_round`]. Idle and handshake
-//!   timeouts belong to the transport.
+//!   are bounded by counts and by the peer's Done, and anti-entropy and
+//!   grafts are the policy's timers. Idle and handshake timeouts belong to
+//!   the transport.
+//! - Version 2 (IHave, Graft, Prune, and waiting across sessions) refuses
+//!   version 1 peers at Hello ([`MIN_PROTOCOL_VERSION`]): a version 1 peer
+//!   floods, and fails a round on an event whose dependency another link
+//!   brings, so a mixed cluster would do both.
+//! - One push of duplicates does not prune ([`PRUNE_AFTER_DUPLICATE_PUSHES`]):
+//!   under load, events of two sources crossing a cycle at once would cut
+//!   it twice, and the grafts that repair the split make new cycles.
+//! - Announcements carry heads, not ids: per author the highest seq, which
+//!   names every event below it. An IHave is as big as the authors that
+//!   wrote since the last one, not as the events.
 //! - Every queue has a limit: messages ([`MAX_MESSAGE_BYTES`]), frontiers
-//!   ([`MAX_FRONTIER_ENTRIES`]), events held unstored
-//!   ([`MAX_PENDING_EVENTS`], [`MAX_PENDING_BYTES`]), the send side (one
-//!   cursor per author; events fetched only as messages are packed), and
-//!   what is tracked per peer (authors the store holds). Only the event
-//!   queue for [`Session::poll_event`] relies on the shell draining it.
+//!   ([`MAX_FRONTIER_ENTRIES`]), announcements ([`MAX_IHAVE_HEADS`],
+//!   [`MAX_GRAFT_HEADS`]), events held unstored ([`MAX_PENDING_EVENTS`],
+//!   [`MAX_PENDING_BYTES`] per session, [`MAX_POOL_EVENTS`],
+//!   [`MAX_POOL_BYTES`] per store), the send side (one cursor per author;
+//!   events fetched only as messages are packed), and what is tracked per
+//!   peer (authors the store or the pool holds). Only the event queue for
+//!   [`Session::poll_event`] relies on the shell draining it.
 //!
 //! # Order of calls
 //!
 //! After [`Session::new`], and after each [`Session::handle_message`],
-//! [`Session::handle_stored`] or [`Session::start_round`]: drain
+//! [`Session::handle_stored`], [`Session::start_round`],
+//! [`Session::graft`] or [`Session::retry_waiting`]: drain
 //! [`Session::poll_event`], then call [`Session::poll_transmit`] until it
 //! returns `None` (or until the transport pushes back; the session keeps
-//! what it has not sent). A failed session has one last message to send (an
-//! Error to the peer), then returns `None` for ever.
+//! what it has not sent). Tell every session of the node, the reporting one
+//! included, about the heads a [`SessionEvent::Received`] names. A failed
+//! session has one last message to send (an Error to the peer), then
+//! returns `None` for ever.
 //!
 //! # Example
 //!
@@ -178,9 +252,13 @@ use crate::log::{FrameError, SIG_BYTES};
 use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared, State};
 
 /// The sync protocol version this build prefers (the highest it speaks).
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The lowest sync protocol version this build speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added live push along an epidemic broadcast tree (IHave,
+/// Graft, Prune).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The lowest sync protocol version this build speaks. Version 1 peers are
+/// refused at Hello: they flood every push and fail a round on an event
+/// whose dependency came over another connection.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Bytes of the length prefix in front of every message on a stream.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Fixed bytes of a wire frame besides the event and the signature.
@@ -253,12 +331,34 @@ pub const MAX_PENDING_EVENTS: usize = 16_384;
 pub const MAX_PENDING_BYTES: usize = 32 * 1024 * 1024;
 /// Longest reason in an Error message, in bytes; longer ones are cut.
 pub const MAX_REASON_BYTES: usize = 1024;
+/// Most heads in an IHave message; a lazy link announces more in several.
+pub const MAX_IHAVE_HEADS: usize = 1024;
+/// Most heads in a Graft message (the grafting end's heads for the authors
+/// it was told about; more are left out).
+pub const MAX_GRAFT_HEADS: usize = 1024;
+/// Default for [`Pool::new`]: most events waiting for a dependency in a
+/// store's pool, over all its sessions.
+pub const MAX_POOL_EVENTS: usize = 65_536;
+/// Default for [`Pool::new`]: most bytes of such events.
+pub const MAX_POOL_BYTES: usize = 64 * 1024 * 1024;
+/// Default for [`SessionConfig::prune_after`]: two live pushes in a row
+/// that carry only duplicates prune a link. One is too few under load: two
+/// sources' events crossing a cycle of eager links at once cut it twice,
+/// and the repair (grafts from every node cut off) makes new cycles.
+pub const PRUNE_AFTER_DUPLICATE_PUSHES: u32 = 2;
+/// Most ids in one [`SessionEvent::Missing`].
+pub const MAX_MISSING_DEPS: usize = 256;
+/// Most reports a pool keeps for sessions that have not collected them
+/// (the oldest are dropped).
+pub const MAX_POOL_MAIL: usize = 1024;
 
 // An Events message (variant byte, length varint of at most 3 bytes, frames)
 // with the largest frame fits, and so does the largest frontier.
 const _: () = assert!(1 + 3 + MAX_FRAME_BYTES <= MAX_MESSAGE_BYTES);
 const _: () = assert!(1 + 3 + MAX_FRONTIER_ENTRIES * (32 + 10 + 32) <= MAX_MESSAGE_BYTES);
 const _: () = assert!(MAX_MESSAGE_BYTES <= u32::MAX as usize);
+const _: () = assert!(1 + 3 + MAX_IHAVE_HEADS * (32 + 10 + 32) <= MAX_MESSAGE_BYTES);
+const _: () = assert!(1 + 3 + MAX_GRAFT_HEADS * (32 + 10 + 32) <= MAX_MESSAGE_BYTES);
 
 /// One author's head: its highest seq and that event's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -311,6 +411,22 @@ pub enum Message {
         /// Why, for people; at most [`MAX_REASON_BYTES`].
         reason: String,
     },
+    /// 5: a lazy link's announcement: heads of events the sender stored
+    /// since its last one, instead of the events.
+    IHave {
+        /// At most [`MAX_IHAVE_HEADS`] heads, strictly ascending by author.
+        heads: Vec<Head>,
+    },
+    /// 6: makes the link eager at both ends; the receiver pushes what the
+    /// sender lacks.
+    Graft {
+        /// The sender's heads for the authors it was told about, at most
+        /// [`MAX_GRAFT_HEADS`], strictly ascending by author.
+        heads: Vec<Head>,
+    },
+    /// 7: makes the link lazy at both ends: the sender received only
+    /// events it already held.
+    Prune,
 }
 
 impl Message {
@@ -322,6 +438,9 @@ impl Message {
             Message::Events { .. } => "Events",
             Message::Done => "Done",
             Message::Error { .. } => "Error",
+            Message::IHave { .. } => "IHave",
+            Message::Graft { .. } => "Graft",
+            Message::Prune => "Prune",
         }
     }
 }
@@ -428,13 +547,268 @@ pub trait Store {
         bytes: &[u8],
         sig: Option<Signature>,
     ) -> Result<Inserted, Invalid>;
+    /// The pool of events waiting for a dependency that all sessions on
+    /// this store share, so that an event can wait for one that arrives
+    /// over another connection. `None` (the default): each session keeps a
+    /// private pool, and an event whose dependency another session stored
+    /// waits until [`Session::retry_waiting`] or the session's next message.
+    /// A store returns the same pool on every call.
+    fn pool(&mut self) -> Option<&mut Pool> {
+        None
+    }
 }
 
-/// An in-memory replica: a [`State`] and every event's bytes and signature.
+/// Key of a pooled event: canonical order, then the id (two branches of a
+/// fork may share everything else).
+type PoolKey = (Hlc, NodeId, u64, EventId);
+
+/// Authenticated events waiting for their chain predecessor or a
+/// dependency, shared by the sessions of one store ([`Store::pool`]).
+///
+/// Over a tree of eager links an event and its dependency may arrive over
+/// different connections, in either order. The one that arrives first
+/// waits here, whichever session received it, and any session that stores
+/// events stores the waiting ones whose past is then complete. Every event
+/// here has passed the checks up to its author's signature, and remembers
+/// the session that received it (its *origin*), so that limits, forks and
+/// refusals are charged to that session.
+///
+/// A pool outlives its sessions: events a closed session left keep waiting
+/// until their past arrives and count against the pool's limits;
+/// [`Pool::clear`] drops them.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    max_events: usize,
+    max_bytes: usize,
+    entries: BTreeMap<PoolKey, Box<Pending>>,
+    ids: BTreeMap<EventId, PoolKey>,
+    bytes: usize,
+    /// Per origin: the events and bytes it holds here.
+    held: BTreeMap<u64, (usize, usize)>,
+    next_origin: u64,
+    /// What one session's drain found about another's events (a fork, a
+    /// refusal), until that session collects it.
+    mail: VecDeque<(u64, Mail)>,
+}
+
+/// A report for the origin of a pooled event.
+#[derive(Clone, Debug)]
+enum Mail {
+    /// A pooled event proved a fork.
+    Fork(Equivocation),
+    /// The store refused a pooled event.
+    Refused(SyncError),
+}
+
+impl Pool {
+    /// An empty pool with the default limits ([`MAX_POOL_EVENTS`],
+    /// [`MAX_POOL_BYTES`]).
+    pub fn new() -> Pool {
+        Pool::with_limits(MAX_POOL_EVENTS, MAX_POOL_BYTES)
+    }
+
+    /// An empty pool that holds at most `max_events` events and
+    /// `max_bytes` bytes of them; the session whose event would pass a
+    /// limit fails ([`SyncError::PoolFull`]).
+    pub fn with_limits(max_events: usize, max_bytes: usize) -> Pool {
+        Pool {
+            max_events,
+            max_bytes,
+            entries: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            bytes: 0,
+            held: BTreeMap::new(),
+            next_origin: 0,
+            mail: VecDeque::new(),
+        }
+    }
+
+    /// Events waiting.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no event waits.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of the events waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the event waits here.
+    pub fn contains(&self, id: &EventId) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    /// Drops every waiting event and every undelivered report.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.ids.clear();
+        self.bytes = 0;
+        self.held.clear();
+        self.mail.clear();
+    }
+
+    /// A new origin tag for a session.
+    fn join(&mut self) -> u64 {
+        let o = self.next_origin;
+        self.next_origin += 1;
+        o
+    }
+
+    /// Events and bytes `origin` holds here.
+    fn held(&self, origin: u64) -> (usize, usize) {
+        self.held.get(&origin).copied().unwrap_or((0, 0))
+    }
+
+    /// Adds an authenticated run of one author, whose signed event is at
+    /// seq `seg`, received by `origin`. Events already here are skipped
+    /// (returned: the number skipped); the segments they belong to are
+    /// merged with the run's into one, stored whole, labelled by the
+    /// highest signed seq among them. Nothing is added if the run would
+    /// pass a limit.
+    fn add_run(&mut self, run: Vec<Pending>, seg: u64, origin: u64) -> Result<u64, SyncError> {
+        let Some(author) = run.first().map(|p| p.event.author) else {
+            return Ok(0);
+        };
+        let bytes: usize = run.iter().map(|p| p.bytes.len()).sum();
+        if self.entries.len() + run.len() > self.max_events || self.bytes + bytes > self.max_bytes {
+            return Err(SyncError::PoolFull {
+                max_events: self.max_events,
+                max_bytes: self.max_bytes,
+            });
+        }
+        let merged: BTreeSet<u64> = run
+            .iter()
+            .filter_map(|p| self.ids.get(&p.id))
+            .filter_map(|k| self.entries.get(k).map(|e| e.seg))
+            .collect();
+        let label = merged.last().map_or(seg, |&m| m.max(seg));
+        if !merged.is_empty() {
+            for (k, e) in self.entries.iter_mut() {
+                if k.1 == author && merged.contains(&e.seg) {
+                    e.seg = label;
+                }
+            }
+        }
+        let mut skipped = 0;
+        for mut p in run {
+            if self.ids.contains_key(&p.id) {
+                skipped += 1;
+                continue;
+            }
+            p.seg = label;
+            p.origin = origin;
+            let key = (p.event.hlc, author, p.event.seq, p.id);
+            self.bytes += p.bytes.len();
+            let h = self.held.entry(origin).or_insert((0, 0));
+            h.0 += 1;
+            h.1 += p.bytes.len();
+            self.ids.insert(p.id, key);
+            self.entries.insert(key, Box::new(p));
+        }
+        Ok(skipped)
+    }
+
+    /// Takes an event out.
+    fn take(&mut self, key: &PoolKey) -> Option<Box<Pending>> {
+        let p = self.entries.remove(key)?;
+        self.ids.remove(&p.id);
+        self.bytes -= p.bytes.len();
+        if let Some(h) = self.held.get_mut(&p.origin) {
+            h.0 -= 1;
+            h.1 -= p.bytes.len();
+            if h.0 == 0 {
+                self.held.remove(&p.origin);
+            }
+        }
+        Some(p)
+    }
+
+    /// Drops `author`'s events that `origin` received.
+    fn drop_author(&mut self, author: NodeId, origin: u64) {
+        let keys: Vec<PoolKey> = self
+            .entries
+            .iter()
+            .filter(|(k, p)| k.1 == author && p.origin == origin)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.take(&k);
+        }
+    }
+
+    fn post(&mut self, origin: u64, mail: Mail) {
+        if self.mail.len() >= MAX_POOL_MAIL {
+            self.mail.pop_front();
+        }
+        self.mail.push_back((origin, mail));
+    }
+
+    /// Takes the reports for `origin`.
+    fn collect_mail(&mut self, origin: u64) -> Vec<Mail> {
+        if self.mail.iter().all(|(o, _)| *o != origin) {
+            return Vec::new();
+        }
+        let (mine, rest) = std::mem::take(&mut self.mail)
+            .into_iter()
+            .partition(|(o, _)| *o == origin);
+        self.mail = rest;
+        mine.into_iter().map(|(_, m)| m).collect::<Vec<_>>()
+    }
+
+    /// What `origin`'s waiting events wait for: the predecessors and deps
+    /// that neither the store nor the pool holds, followed through the
+    /// pooled events they wait on; ascending, at most [`MAX_MISSING_DEPS`].
+    fn missing<S: Store + ?Sized>(&self, origin: u64, store: &S) -> Vec<EventId> {
+        let mut out = BTreeSet::new();
+        let mut stack: Vec<&Pending> = self
+            .entries
+            .values()
+            .filter(|p| p.origin == origin)
+            .map(|p| &**p)
+            .collect();
+        let mut seen: BTreeSet<EventId> = stack.iter().map(|p| p.id).collect();
+        while let Some(p) = stack.pop() {
+            for d in p.event.prev.iter().chain(&p.event.deps) {
+                if store.contains(d) {
+                    continue;
+                }
+                match self.ids.get(d).and_then(|k| self.entries.get(k)) {
+                    Some(q) => {
+                        if seen.insert(*d) {
+                            stack.push(q);
+                        }
+                    }
+                    None => {
+                        out.insert(*d);
+                        if out.len() >= MAX_MISSING_DEPS {
+                            return out.into_iter().collect();
+                        }
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool::new()
+    }
+}
+
+/// An in-memory replica: a [`State`], every event's bytes and signature,
+/// and a [`Pool`] its sessions share.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     state: State,
     events: BTreeMap<(NodeId, u64), Stored>,
+    pool: Pool,
 }
 
 impl MemStore {
@@ -466,6 +840,11 @@ impl MemStore {
     /// An author's event by seq.
     pub fn get(&self, author: &NodeId, seq: u64) -> Option<&Stored> {
         self.events.get(&(*author, seq))
+    }
+
+    /// The events its sessions received that wait for a dependency.
+    pub fn waiting(&self) -> &Pool {
+        &self.pool
     }
 
     /// Makes an event of `key`'s author from `draft`, as a node does
@@ -575,6 +954,10 @@ impl Store for MemStore {
         }
         Ok(r)
     }
+
+    fn pool(&mut self) -> Option<&mut Pool> {
+        Some(&mut self.pool)
+    }
 }
 
 /// A session's settings.
@@ -592,10 +975,18 @@ pub struct SessionConfig {
     /// `1..=MAX_FRAME_BYTES`.
     pub events_bytes_target: usize,
     /// Most received events held at once while they wait for a signature or
-    /// a dependency; more fails the session.
+    /// a dependency (in the session's runs and in the pool); more fails the
+    /// session.
     pub max_pending_events: usize,
     /// Most bytes of such events.
     pub max_pending_bytes: usize,
+    /// Whether the link starts eager (events are pushed) or lazy (only
+    /// announced). Both ends should start alike; Prune and Graft change
+    /// both.
+    pub eager: bool,
+    /// Live pushes in a row from the peer that carry only events this
+    /// replica holds before the link is pruned (at least 1).
+    pub prune_after: u32,
 }
 
 impl SessionConfig {
@@ -608,6 +999,8 @@ impl SessionConfig {
             events_bytes_target: EVENTS_TARGET_BYTES,
             max_pending_events: MAX_PENDING_EVENTS,
             max_pending_bytes: MAX_PENDING_BYTES,
+            eager: true,
+            prune_after: PRUNE_AFTER_DUPLICATE_PUSHES,
         }
     }
 }
@@ -617,9 +1010,10 @@ impl SessionConfig {
 pub enum SessionEvent {
     /// The Hello digests are equal: the round is over, nothing to exchange.
     InSync,
-    /// Events from the peer were stored. `heads` holds, per author, the
-    /// highest seq stored (always a signed event): tell the other sessions
-    /// ([`Session::handle_stored`]).
+    /// Events were stored: from the peer, or from the pool, whichever
+    /// session received them. `heads` holds, per author, the highest seq
+    /// stored (always a signed event): tell every session, this one
+    /// included ([`Session::handle_stored`]).
     Received {
         /// Events stored.
         count: u64,
@@ -632,6 +1026,29 @@ pub enum SessionEvent {
     RoundDone,
     /// A fork: two events with one `(author, seq)`.
     Equivocation(Equivocation),
+    /// The peer (its end lazy) announced heads this replica lacks, or holds
+    /// with another id at that seq (a fork: its branch must be fetched to
+    /// prove it). Ascending by author. If the events have not arrived by
+    /// another link when the policy's timer fires, call
+    /// [`Session::graft`].
+    Announced {
+        /// The heads announced and not held.
+        heads: Vec<Head>,
+    },
+    /// The peer grafted the link: it is eager at both ends, and what the
+    /// peer is not known to hold is being pushed.
+    Grafted,
+    /// The link became lazy at both ends: this end received only events it
+    /// already held by live push and sent Prune, or the peer sent one.
+    Pruned,
+    /// At the peer's Done, events this session received still wait for
+    /// these (predecessors or deps that neither the store nor the pool
+    /// holds; at most [`MAX_MISSING_DEPS`], ascending). The waiting events
+    /// stay pooled: ask for these (a graft, a round with another peer).
+    Missing {
+        /// The ids waited for.
+        deps: Vec<EventId>,
+    },
     /// The session failed; the last event it reports.
     Failed(SyncError),
 }
@@ -666,12 +1083,25 @@ pub struct SessionStats {
     pub bytes_received: u64,
     /// Events sent.
     pub events_sent: u64,
-    /// Events received (frames decoded).
+    /// Events received (frames, duplicates included).
     pub events_received: u64,
-    /// Received events stored.
+    /// Events stored by this session's calls (received by it, or waiting
+    /// in the pool).
     pub events_stored: u64,
-    /// Received events the store already held.
+    /// Received events the store (or the pool) already held.
     pub duplicates: u64,
+    /// Heads announced to the peer (IHave).
+    pub announcements_sent: u64,
+    /// Heads the peer announced.
+    pub announcements_received: u64,
+    /// Graft messages sent.
+    pub grafts_sent: u64,
+    /// Graft messages received.
+    pub grafts_received: u64,
+    /// Prune messages sent.
+    pub prunes_sent: u64,
+    /// Prune messages received.
+    pub prunes_received: u64,
 }
 
 /// How errors name an event.
@@ -823,26 +1253,23 @@ pub enum SyncError {
         /// The seq of its last.
         last_seq: u64,
     },
-    /// The peer's stream ended without a dependency of an event.
-    #[error("{event} depends on event {dep}, which the peer never sent")]
-    MissingDep {
-        /// The event.
-        event: EventRef,
-        /// The missing dependency.
-        dep: EventId,
+    /// An IHave or Graft message carries more heads than its limit.
+    #[error("the peer's {message} message has {entries} heads, the limit is {max}")]
+    TooManyHeads {
+        /// The message.
+        message: &'static str,
+        /// Its heads.
+        entries: usize,
+        /// The limit ([`MAX_IHAVE_HEADS`], [`MAX_GRAFT_HEADS`]).
+        max: usize,
     },
-    /// The peer's stream ended without the predecessor of an event.
-    #[error("{event} follows seq {} of its author, which the peer never sent", .event.seq.saturating_sub(1))]
-    MissingPrev {
-        /// The event.
-        event: EventRef,
-    },
-    /// The peer's stream ended with an event that waits on events that wait
-    /// on it (deps that are not in its past).
-    #[error("{event} can never be stored: its dependencies wait on it")]
-    Stalled {
-        /// The event.
-        event: EventRef,
+    /// An IHave or Graft message's heads break a rule.
+    #[error("the peer's {message} message is invalid: {why}")]
+    InvalidHeads {
+        /// The message.
+        message: &'static str,
+        /// What is wrong.
+        why: &'static str,
     },
     /// The store refused an authenticated event; it and nothing after it in
     /// its message was stored.
@@ -860,6 +1287,16 @@ pub enum SyncError {
         /// [`SessionConfig::max_pending_events`].
         max_events: usize,
         /// [`SessionConfig::max_pending_bytes`].
+        max_bytes: usize,
+    },
+    /// The store's pool of events waiting for a dependency, shared by all
+    /// its sessions, is full; the session whose events would pass the
+    /// limit fails.
+    #[error("the pool of events waiting for a dependency is full ({max_events} events or {max_bytes} bytes)")]
+    PoolFull {
+        /// The pool's limit on events.
+        max_events: usize,
+        /// Its limit on bytes.
         max_bytes: usize,
     },
     /// The peer closed the session with an Error message.
@@ -886,7 +1323,7 @@ pub enum SyncError {
         seq: u64,
     },
     /// The local frontier has more than [`MAX_FRONTIER_ENTRIES`] authors.
-    #[error("this node's frontier has {entries} authors, more than sync version 1 carries ({MAX_FRONTIER_ENTRIES})")]
+    #[error("this node's frontier has {entries} authors, more than a Frontier message carries ({MAX_FRONTIER_ENTRIES})")]
     LocalFrontierTooLarge {
         /// Its entries.
         entries: usize,
@@ -935,7 +1372,7 @@ struct Cursor {
 }
 
 /// A received event not yet stored.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Pending {
     event: Event,
     id: EventId,
@@ -943,6 +1380,8 @@ struct Pending {
     sig: Option<Signature>,
     /// The seq of the signed event that ends its segment (set on release).
     seg: u64,
+    /// The pool tag of the session that received it (set on release).
+    origin: u64,
 }
 
 impl Pending {
@@ -972,9 +1411,6 @@ enum Verdict {
 /// Heap key: `(hlc of next, author, next)`, smallest first.
 type HeapEntry = Reverse<(Hlc, NodeId, u64)>;
 
-/// Key of released events: canonical order.
-type ReadyKey = (Hlc, NodeId, u64);
-
 /// One end of a sync connection. See the module docs for the protocol and
 /// the order of calls.
 #[derive(Debug)]
@@ -988,12 +1424,12 @@ pub struct Session {
     snapshot_digest: [u8; 32],
     /// The digest in the peer's Hello of this round.
     peer_digest: [u8; 32],
-    /// Hello, Frontier: sent before any Events.
+    /// Hello, Frontier, Graft, Prune: sent before any IHave or Events.
     control: VecDeque<Message>,
     /// The Error message to send after a failure.
     goodbye: Option<Vec<u8>>,
     /// Set once the peer's frontier is known (equal digests or Frontier):
-    /// from then on both ends push and accept Events.
+    /// from then on both ends push and accept Events, IHave, Graft, Prune.
     known: bool,
     /// Per author, the highest seq the peer is known to hold.
     peer_has: BTreeMap<NodeId, u64>,
@@ -1003,12 +1439,32 @@ pub struct Session {
     got_done: bool,
     /// Per author, received events no signature covers yet: a chain.
     runs: BTreeMap<NodeId, Vec<Pending>>,
-    /// Authenticated events waiting to be stored, in canonical order.
-    /// Boxed: a pending event is a few hundred bytes, and the map shifts
-    /// its values on insert.
-    ready: BTreeMap<ReadyKey, Box<Pending>>,
-    pending_events: usize,
-    pending_bytes: usize,
+    /// Events and bytes in `runs`.
+    run_events: usize,
+    run_bytes: usize,
+    /// Events and bytes this session put in the pool that still wait, as
+    /// of the last call that was handed the store.
+    pooled: (usize, usize),
+    /// This session's tag in the pool it uses; set on the first call that
+    /// is handed the store.
+    origin: Option<u64>,
+    /// The pool, when the store keeps none to share.
+    own_pool: Pool,
+    /// Whether this end of the link pushes events (eager) or announces
+    /// their heads (lazy).
+    eager: bool,
+    /// Lazy: per author, the highest seq stored and not yet announced.
+    announce: BTreeMap<NodeId, u64>,
+    /// Per author, the highest seq announced to the peer.
+    announced: BTreeMap<NodeId, u64>,
+    /// Authors the peer announced that this replica lacked, for the heads
+    /// of the next Graft; at most [`MAX_GRAFT_HEADS`].
+    wanted: BTreeSet<NodeId>,
+    /// A Prune went out and no Graft since: a lazy end does not answer
+    /// each late push with another Prune.
+    prune_sent: bool,
+    /// Live pushes in a row from the peer that carried only duplicates.
+    dup_streak: u32,
     forks: BTreeMap<NodeId, Fork>,
     events: VecDeque<SessionEvent>,
     stats: SessionStats,
@@ -1018,6 +1474,7 @@ impl Session {
     /// A session on a new connection. Its first round starts at once: the
     /// Hello is the first message [`Session::poll_transmit`] returns.
     pub fn new<S: Store + ?Sized>(config: SessionConfig, store: &S) -> Session {
+        let eager = config.eager;
         let mut s = Session {
             config,
             phase: Phase::Live,
@@ -1034,9 +1491,17 @@ impl Session {
             sent_done: false,
             got_done: false,
             runs: BTreeMap::new(),
-            ready: BTreeMap::new(),
-            pending_events: 0,
-            pending_bytes: 0,
+            run_events: 0,
+            run_bytes: 0,
+            pooled: (0, 0),
+            origin: None,
+            own_pool: Pool::new(),
+            eager,
+            announce: BTreeMap::new(),
+            announced: BTreeMap::new(),
+            wanted: BTreeSet::new(),
+            prune_sent: false,
+            dup_streak: 0,
             forks: BTreeMap::new(),
             events: VecDeque::new(),
             stats: SessionStats::default(),
@@ -1068,14 +1533,16 @@ impl Session {
         )
     }
 
-    /// Received events held while they wait for a signature or a dependency.
+    /// Received events held while they wait for a signature or a
+    /// dependency: this session's unsigned runs, and the events it put in
+    /// the pool that still wait (as of the last call handed the store).
     pub fn pending_events(&self) -> usize {
-        self.pending_events
+        self.run_events + self.pooled.0
     }
 
     /// Per author, the highest seq the peer is known to hold: its last
-    /// frontier plus everything either end sent the other since. Empty until
-    /// the first round has exchanged frontiers.
+    /// frontier plus everything either end sent or announced to the other
+    /// since. Empty until the first round has exchanged frontiers.
     pub fn peer_heads(&self) -> &BTreeMap<NodeId, u64> {
         &self.peer_has
     }
@@ -1083,6 +1550,51 @@ impl Session {
     /// Traffic counters.
     pub fn stats(&self) -> SessionStats {
         self.stats
+    }
+
+    /// Whether this end of the link is eager: events stored later are
+    /// pushed to the peer at once. A lazy end announces their heads
+    /// instead (IHave).
+    pub fn is_eager(&self) -> bool {
+        self.eager
+    }
+
+    /// Sets this end's mode without telling the peer: the policy's choice
+    /// for a link (a Graft or a Prune changes both ends). Announcements
+    /// already queued are still sent.
+    pub fn set_eager(&mut self, eager: bool) {
+        self.eager = eager;
+        self.prune_sent = false;
+        self.dup_streak = 0;
+    }
+
+    /// Asks the peer for what it announced, when it has not arrived by
+    /// another link (the policy's timer after [`SessionEvent::Announced`]):
+    /// queues a Graft with this replica's heads for the authors announced
+    /// and makes this end eager; the peer's end turns eager too and pushes
+    /// what this replica lacks. Returns `false` (and does nothing) before
+    /// the peer's frontier is known or after a failure.
+    pub fn graft<S: Store + ?Sized>(&mut self, store: &S) -> bool {
+        if self.phase == Phase::Closed || !self.known {
+            return false;
+        }
+        let wanted = std::mem::take(&mut self.wanted);
+        let heads: Vec<Head> = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            store
+                .frontier()
+                .into_iter()
+                .filter(|h| wanted.contains(&h.author))
+                .take(MAX_GRAFT_HEADS)
+                .collect()
+        };
+        self.control.push_back(Message::Graft { heads });
+        self.eager = true;
+        self.prune_sent = false;
+        self.dup_streak = 0;
+        self.stats.grafts_sent += 1;
+        true
     }
 
     /// Starts an anti-entropy round: queues a Hello with the store's current
@@ -1098,8 +1610,9 @@ impl Session {
 
     /// Tells the session that the event `(author, seq)` was stored, made
     /// locally or received from any peer; it must be signed (the end of a
-    /// batch). If the peer is not known to hold it, it and the author's
-    /// events before it that the peer lacks are queued to send.
+    /// batch). If the peer is not known to hold it, an eager end queues it
+    /// and the author's events before it that the peer lacks to send; a
+    /// lazy end queues its head for the next IHave.
     pub fn handle_stored<S: Store + ?Sized>(&mut self, author: NodeId, seq: u64, store: &S) {
         if self.phase == Phase::Closed || !self.known || self.forks.contains_key(&author) {
             return;
@@ -1108,7 +1621,30 @@ impl Session {
         if seq <= has {
             return;
         }
+        if !self.eager {
+            raise(&mut self.announce, author, seq);
+            return;
+        }
         if let Err(e) = self.add_cursor(store, author, has + 1, seq, false) {
+            self.fail(e);
+        }
+    }
+
+    /// Stores the events waiting in the pool whose past is now complete.
+    /// With a pool the store shares ([`Store::pool`]) every session that
+    /// stores events does this for all; with none, call it after another
+    /// session stored events, or the waiting ones wait for this session's
+    /// next message. What is stored is reported as
+    /// [`SessionEvent::Received`].
+    pub fn retry_waiting<S: Store + ?Sized>(&mut self, store: &mut S) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let r = self.with_pool(store, |s, store, pool, _| {
+            s.drain(store, pool)?;
+            s.read_mail(store, pool)
+        });
+        if let Err(e) = r {
             self.fail(e);
         }
     }
@@ -1127,7 +1663,15 @@ impl Session {
         }
         self.stats.messages_received += 1;
         self.stats.bytes_received += bytes.len() as u64;
-        let r = self.handle_inner(bytes, store);
+        let r = self.with_pool(store, |s, store, pool, shared| {
+            if !shared && !pool.is_empty() {
+                // Other sessions may have stored what these wait for (a
+                // shared pool is drained by whoever stores).
+                s.drain(store, pool)?;
+            }
+            s.handle_inner(bytes, store, pool)?;
+            s.read_mail(store, pool)
+        });
         if let Err(e) = &r {
             self.fail(e.clone());
         }
@@ -1148,6 +1692,10 @@ impl Session {
         }
         if let Some(msg) = self.control.pop_front() {
             return Some(self.encode(&msg));
+        }
+        if let Some(heads) = self.next_ihave(store) {
+            self.stats.announcements_sent += heads.len() as u64;
+            return Some(self.encode(&Message::IHave { heads }));
         }
         match self.next_events(store) {
             Err(e) => {
@@ -1172,6 +1720,70 @@ impl Session {
         self.stats.messages_sent += 1;
         self.stats.bytes_sent += out.len() as u64;
         out
+    }
+
+    /// Runs `f` with the pool: the store's shared one, taken out of the
+    /// store for the call (so that `f` can hold the store too) and put
+    /// back, or the session's own. `f` is told which.
+    fn with_pool<S: Store + ?Sized, R>(
+        &mut self,
+        store: &mut S,
+        f: impl FnOnce(&mut Session, &mut S, &mut Pool, bool) -> R,
+    ) -> R {
+        let shared = store.pool().map(std::mem::take);
+        let is_shared = shared.is_some();
+        let mut pool = shared.unwrap_or_else(|| std::mem::take(&mut self.own_pool));
+        let origin = *self.origin.get_or_insert_with(|| pool.join());
+        let r = f(self, store, &mut pool, is_shared);
+        self.pooled = pool.held(origin);
+        match store.pool() {
+            Some(slot) if is_shared => *slot = pool,
+            _ => self.own_pool = pool,
+        }
+        r
+    }
+
+    /// This session's pool tag (set by `with_pool` before any use).
+    fn me(&self) -> u64 {
+        debug_assert!(self.origin.is_some(), "pool tag used outside with_pool");
+        self.origin.unwrap_or(u64::MAX)
+    }
+
+    /// Acts on what other sessions' drains found about this session's
+    /// pooled events.
+    fn read_mail<S: Store + ?Sized>(
+        &mut self,
+        store: &mut S,
+        pool: &mut Pool,
+    ) -> Result<(), SyncError> {
+        for m in pool.collect_mail(self.me()) {
+            match m {
+                Mail::Fork(e) => self.proven_fork(e, &*store)?,
+                Mail::Refused(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// The heads of the next IHave, if a lazy end has any to announce:
+    /// queued heads the peer is not known to hold, ascending by author.
+    fn next_ihave<S: Store + ?Sized>(&mut self, store: &S) -> Option<Vec<Head>> {
+        let mut heads = Vec::new();
+        while heads.len() < MAX_IHAVE_HEADS {
+            let Some((author, seq)) = self.announce.pop_first() else {
+                break;
+            };
+            let has = self.peer_has.get(&author).copied().unwrap_or(0);
+            let told = self.announced.get(&author).copied().unwrap_or(0);
+            if seq <= has.max(told) || self.forks.contains_key(&author) {
+                continue;
+            }
+            if let Some(id) = store.event_id(&author, seq) {
+                heads.push(Head { author, seq, id });
+                raise(&mut self.announced, author, seq);
+            }
+        }
+        (!heads.is_empty()).then_some(heads)
     }
 
     /// Takes a snapshot of the frontier and queues a Hello for it.
@@ -1205,9 +1817,10 @@ impl Session {
         self.cursors.clear();
         self.heap.clear();
         self.runs.clear();
-        self.ready.clear();
-        self.pending_events = 0;
-        self.pending_bytes = 0;
+        self.run_events = 0;
+        self.run_bytes = 0;
+        self.announce.clear();
+        self.wanted.clear();
         self.events.push_back(SessionEvent::Failed(err));
     }
 
@@ -1222,6 +1835,7 @@ impl Session {
         &mut self,
         bytes: &[u8],
         store: &mut S,
+        pool: &mut Pool,
     ) -> Result<(), SyncError> {
         let msg = match decode_message(bytes)? {
             Some((msg, used)) if used == bytes.len() => msg,
@@ -1236,6 +1850,19 @@ impl Session {
                 });
             }
         };
+        // Events, IHave, Graft and Prune need the peer's frontier: a peer
+        // sends them only once it has ours, and ours is always sent first.
+        if !self.known
+            && matches!(
+                msg,
+                Message::Events { .. }
+                    | Message::IHave { .. }
+                    | Message::Graft { .. }
+                    | Message::Prune
+            )
+        {
+            return Err(self.unexpected(msg.name()));
+        }
         match msg {
             Message::Hello(hello) => self.on_hello(hello, store),
             Message::Frontier { heads } => {
@@ -1244,21 +1871,24 @@ impl Session {
                 }
                 self.on_frontier(heads, store)
             }
-            Message::Events { frames } => {
-                if !self.known {
-                    return Err(self.unexpected("Events"));
-                }
-                self.on_events(&frames, store)
-            }
+            Message::Events { frames } => self.on_events(&frames, store, pool),
             Message::Done => {
                 if self.phase != Phase::Streaming || self.got_done {
                     return Err(self.unexpected("Done"));
                 }
-                self.on_done(store)
+                self.on_done(store, pool)
             }
             Message::Error { reason } => Err(SyncError::Peer {
                 reason: truncate(reason, MAX_REASON_BYTES),
             }),
+            Message::IHave { heads } => self.on_ihave(heads, store, pool),
+            Message::Graft { heads } => self.on_graft(heads, store),
+            Message::Prune => {
+                self.stats.prunes_received += 1;
+                self.eager = false;
+                self.events.push_back(SessionEvent::Pruned);
+                Ok(())
+            }
         }
     }
 
@@ -1305,8 +1935,18 @@ impl Session {
             self.known = true;
             self.phase = Phase::Live;
             self.events.push_back(SessionEvent::InSync);
-            // Push what was stored since the snapshot.
-            self.rebuild_cursors(store, &[])
+            if self.eager {
+                // Push what was stored since the snapshot.
+                return self.rebuild_cursors(store, &[]);
+            }
+            // Announce it.
+            for h in store.frontier() {
+                let has = self.peer_has.get(&h.author).copied().unwrap_or(0);
+                if h.seq > has && !self.forks.contains_key(&h.author) {
+                    raise(&mut self.announce, h.author, h.seq);
+                }
+            }
+            Ok(())
         } else {
             if self.snapshot.len() > MAX_FRONTIER_ENTRIES {
                 return Err(SyncError::LocalFrontierTooLarge {
@@ -1515,17 +2155,90 @@ impl Session {
         Ok((count > 0).then_some(frames))
     }
 
+    fn on_ihave<S: Store + ?Sized>(
+        &mut self,
+        heads: Vec<Head>,
+        store: &S,
+        pool: &Pool,
+    ) -> Result<(), SyncError> {
+        check_heads("IHave", &heads, MAX_IHAVE_HEADS)?;
+        if heads.is_empty() {
+            return Err(SyncError::InvalidHeads {
+                message: "IHave",
+                why: "it announces nothing",
+            });
+        }
+        self.stats.announcements_received += heads.len() as u64;
+        let mut lacking = Vec::new();
+        for h in heads {
+            if self.forks.get(&h.author).is_some_and(|f| f.proven) {
+                continue; // the peer's events of a proven fork are ignored
+            }
+            match store.event_id(&h.author, h.seq) {
+                Some(held) if held == h.id => raise(&mut self.peer_has, h.author, h.seq),
+                // Another event at that seq: fork evidence, to be fetched.
+                Some(_) => lacking.push(h),
+                None => {
+                    // Only authors this replica holds are tracked.
+                    if store.event_id(&h.author, 1).is_some() {
+                        raise(&mut self.peer_has, h.author, h.seq);
+                    }
+                    if !pool.contains(&h.id) {
+                        lacking.push(h);
+                    }
+                }
+            }
+        }
+        if !lacking.is_empty() {
+            for h in &lacking {
+                if self.wanted.len() < MAX_GRAFT_HEADS {
+                    self.wanted.insert(h.author);
+                }
+            }
+            self.events
+                .push_back(SessionEvent::Announced { heads: lacking });
+        }
+        Ok(())
+    }
+
+    fn on_graft<S: Store + ?Sized>(
+        &mut self,
+        heads: Vec<Head>,
+        store: &S,
+    ) -> Result<(), SyncError> {
+        check_heads("Graft", &heads, MAX_GRAFT_HEADS)?;
+        self.stats.grafts_received += 1;
+        for h in &heads {
+            if store.event_id(&h.author, h.seq) == Some(h.id) {
+                raise(&mut self.peer_has, h.author, h.seq);
+            }
+        }
+        self.eager = true;
+        self.prune_sent = false;
+        self.dup_streak = 0;
+        // Everything the peer lacks is pushed now: nothing to announce.
+        self.announce.clear();
+        self.events.push_back(SessionEvent::Grafted);
+        self.rebuild_cursors(store, &[])
+    }
+
     fn on_events<S: Store + ?Sized>(
         &mut self,
         frames: &[u8],
         store: &mut S,
+        pool: &mut Pool,
     ) -> Result<(), SyncError> {
         if frames.is_empty() {
             return Err(SyncError::EmptyEvents);
         }
+        // Everything outside the peer's stream of a round (from its
+        // Frontier to its Done) is a live push.
+        let live = self.phase != Phase::Streaming || self.got_done;
+        let me = self.me();
         let mut offset = 0;
         let mut index = 0;
         let mut released = false;
+        let (mut fresh, mut dups) = (0u64, 0u64);
         while offset < frames.len() {
             let (bytes, sig, used) =
                 decode_wire_frame(&frames[offset..]).map_err(|source| SyncError::Frame {
@@ -1533,14 +2246,32 @@ impl Session {
                     offset,
                     source,
                 })?;
-            let (event, id) = Event::decode(bytes).map_err(|source| SyncError::Event {
-                index,
-                id: EventId(*blake3::hash(bytes).as_bytes()),
-                source,
-            })?;
+            let id = EventId(*blake3::hash(bytes).as_bytes());
+            let at = index;
             offset += used;
             index += 1;
             self.stats.events_received += 1;
+            if store.contains(&id) || pool.contains(&id) {
+                // A duplicate, known by its id: neither decoded nor
+                // verified. Only its author and seq are read (the bytes are
+                // those of an event held here), unless a run of its author
+                // is open: then it is checked as the run's next event.
+                let dot =
+                    peek_dot(bytes).filter(|(a, _)| self.runs.get(a).is_none_or(|r| r.is_empty()));
+                if let Some((author, seq)) = dot {
+                    if !self.forks.contains_key(&author) {
+                        raise(&mut self.peer_has, author, seq);
+                    }
+                    self.stats.duplicates += 1;
+                    dups += 1;
+                    continue;
+                }
+            }
+            let (event, _) = Event::decode(bytes).map_err(|source| SyncError::Event {
+                index: at,
+                id,
+                source,
+            })?;
             let author = event.author;
             let eref = EventRef {
                 id,
@@ -1550,29 +2281,21 @@ impl Session {
             if self.forks.get(&author).is_some_and(|f| f.proven) {
                 continue; // the other branch of a proven fork
             }
-            match self.runs.get(&author).and_then(|r| r.last()) {
-                Some(last) => {
-                    let why = if event.seq != last.event.seq.saturating_add(1) {
-                        Some("its seq does not follow")
-                    } else if event.prev != Some(last.id) {
-                        Some("its prev is not that event")
-                    } else {
-                        None
-                    };
-                    if let Some(why) = why {
-                        return Err(SyncError::BrokenRun {
-                            event: eref,
-                            after_seq: last.event.seq,
-                            why,
-                        });
-                    }
+            if let Some(last) = self.runs.get(&author).and_then(|r| r.last()) {
+                let why = if event.seq != last.event.seq.saturating_add(1) {
+                    Some("its seq does not follow")
+                } else if event.prev != Some(last.id) {
+                    Some("its prev is not that event")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(SyncError::BrokenRun {
+                        event: eref,
+                        after_seq: last.event.seq,
+                        why,
+                    });
                 }
-                None if store.event_id(&author, event.seq) == Some(id) => {
-                    raise(&mut self.peer_has, author, event.seq);
-                    self.stats.duplicates += 1;
-                    continue;
-                }
-                None => {}
             }
             if let Some(sig) = &sig {
                 verify(&author, &id, sig).map_err(|source| SyncError::BadSignature {
@@ -1580,16 +2303,18 @@ impl Session {
                     source,
                 })?;
             }
-            if self.pending_events + 1 > self.config.max_pending_events
-                || self.pending_bytes + bytes.len() > self.config.max_pending_bytes
+            let (in_pool, in_pool_bytes) = pool.held(me);
+            if self.run_events + in_pool + 1 > self.config.max_pending_events
+                || self.run_bytes + in_pool_bytes + bytes.len() > self.config.max_pending_bytes
             {
                 return Err(SyncError::PendingLimit {
                     max_events: self.config.max_pending_events,
                     max_bytes: self.config.max_pending_bytes,
                 });
             }
-            self.pending_events += 1;
-            self.pending_bytes += bytes.len();
+            self.run_events += 1;
+            self.run_bytes += bytes.len();
+            fresh += 1;
             let signed = sig.is_some();
             self.runs.entry(author).or_default().push(Pending {
                 event,
@@ -1597,26 +2322,48 @@ impl Session {
                 bytes: bytes.to_vec(),
                 sig,
                 seg: 0,
+                origin: me,
             });
             if signed {
-                // The signature covers the whole run through `prev`.
-                let seq = eref.seq;
-                for mut p in self.runs.remove(&author).unwrap_or_default() {
-                    p.seg = seq;
-                    self.ready
-                        .insert((p.event.hlc, author, p.event.seq), Box::new(p));
+                // The signature covers the whole run through `prev`: it is
+                // authenticated, and the peer holds it.
+                let run = self.runs.remove(&author).unwrap_or_default();
+                self.run_events -= run.len();
+                self.run_bytes -= run.iter().map(|p| p.bytes.len()).sum::<usize>();
+                if !self.forks.contains_key(&author) {
+                    raise(&mut self.peer_has, author, eref.seq);
                 }
+                self.stats.duplicates += pool.add_run(run, eref.seq, me)?;
                 released = true;
             }
         }
         if released {
-            self.drain(store)?;
+            self.drain(store, pool)?;
+        }
+        if live && fresh > 0 {
+            self.dup_streak = 0;
+        } else if live && dups > 0 {
+            self.dup_streak = self.dup_streak.saturating_add(1);
+        }
+        if self.dup_streak >= self.config.prune_after.max(1) && (self.eager || !self.prune_sent) {
+            // The peer's pushes bring only what this replica holds: another
+            // link brings them first. Both ends turn lazy.
+            self.dup_streak = 0;
+            self.eager = false;
+            self.prune_sent = true;
+            self.control.push_back(Message::Prune);
+            self.stats.prunes_sent += 1;
+            self.events.push_back(SessionEvent::Pruned);
         }
         Ok(())
     }
 
-    fn on_done<S: Store + ?Sized>(&mut self, store: &mut S) -> Result<(), SyncError> {
-        self.drain(store)?;
+    fn on_done<S: Store + ?Sized>(
+        &mut self,
+        store: &mut S,
+        pool: &mut Pool,
+    ) -> Result<(), SyncError> {
+        self.drain(store, pool)?;
         if let Some(run) = self.runs.values().find(|r| !r.is_empty()) {
             // Invariant: the run is not empty.
             return Err(SyncError::Unsigned {
@@ -1624,8 +2371,11 @@ impl Session {
                 last_seq: run[run.len() - 1].event.seq,
             });
         }
-        if !self.ready.is_empty() {
-            return Err(self.diagnose_stuck(store));
+        // Events waiting for a dependency stay pooled: it may come over
+        // another link. The policy learns what to ask for.
+        let deps = pool.missing(self.me(), &*store);
+        if !deps.is_empty() {
+            self.events.push_back(SessionEvent::Missing { deps });
         }
         self.got_done = true;
         self.events.push_back(SessionEvent::PeerDone);
@@ -1640,39 +2390,7 @@ impl Session {
         }
     }
 
-    /// Names the first released event that cannot be stored and why.
-    fn diagnose_stuck<S: Store + ?Sized>(&self, store: &S) -> SyncError {
-        let ids: BTreeSet<EventId> = self.ready.values().map(|p| p.id).collect();
-        let dots: BTreeSet<(NodeId, u64)> = self
-            .ready
-            .values()
-            .map(|p| (p.event.author, p.event.seq))
-            .collect();
-        for p in self.ready.values() {
-            let (a, seq) = (p.event.author, p.event.seq);
-            if seq > 1 && store.event_id(&a, seq - 1).is_none() && !dots.contains(&(a, seq - 1)) {
-                return SyncError::MissingPrev { event: p.eref() };
-            }
-            if let Some(dep) = p
-                .event
-                .deps
-                .iter()
-                .find(|d| !store.contains(d) && !ids.contains(d))
-            {
-                return SyncError::MissingDep {
-                    event: p.eref(),
-                    dep: *dep,
-                };
-            }
-        }
-        // Invariant: only called with `ready` non-empty.
-        let first = self.ready.values().next().expect("ready is not empty");
-        SyncError::Stalled {
-            event: first.eref(),
-        }
-    }
-
-    /// What to do with a released event, given the store and the events
+    /// What to do with a pooled event, given the store and the events
     /// this drain pass accepted before it (`tent`, `tent_ids`).
     fn verdict<S: Store + ?Sized>(
         p: &Pending,
@@ -1721,28 +2439,33 @@ impl Session {
         Verdict::Store
     }
 
-    /// Stores every released segment that can be stored whole, in canonical
-    /// order. A pass walks the released events in canonical order, accepting
-    /// each whose predecessor and deps are stored or accepted before it; a
-    /// segment with an event that must wait is excluded whole, and if part
-    /// of it was already accepted the pass is run again without it.
+    /// Stores every segment in the pool that can be stored whole, in
+    /// canonical order, whichever session received it. A pass walks the
+    /// pool in canonical order, accepting each event whose predecessor and
+    /// deps are stored or accepted before it; a segment with an event that
+    /// must wait is excluded whole, and if part of it was already accepted
+    /// the pass is run again without it.
     ///
-    /// Cost: a pass is linear in the events held. In honest traffic nothing
-    /// waits, so `ready` is empty after every drain and the work is linear
-    /// in what arrives. Only events that keep waiting (which a hostile
-    /// author can sign) are walked again on each release: bounded by the
-    /// pending limits, squared, before the session fails; shells rate-limit
-    /// peers.
-    fn drain<S: Store + ?Sized>(&mut self, store: &mut S) -> Result<(), SyncError> {
+    /// Cost: a pass is linear in the events pooled. In honest traffic over
+    /// a stable tree nothing waits, so the pool is empty after every drain
+    /// and the work is linear in what arrives. Events that keep waiting
+    /// (which a hostile author can sign) are walked again on each release:
+    /// bounded by the pool's limits; shells rate-limit peers.
+    fn drain<S: Store + ?Sized>(
+        &mut self,
+        store: &mut S,
+        pool: &mut Pool,
+    ) -> Result<(), SyncError> {
+        let me = self.me();
         let mut excluded: BTreeSet<(NodeId, u64)> = BTreeSet::new();
         loop {
             let mut tent: BTreeMap<(NodeId, u64), EventId> = BTreeMap::new();
             let mut tent_ids: BTreeSet<EventId> = BTreeSet::new();
             let mut seg_accepted: BTreeSet<(NodeId, u64)> = BTreeSet::new();
-            let mut accepted: Vec<(ReadyKey, bool)> = Vec::new();
+            let mut accepted: Vec<(PoolKey, bool)> = Vec::new();
             let mut again = false;
             let mut fork = None;
-            for (key, p) in &self.ready {
+            for (key, p) in &pool.entries {
                 let seg = (p.event.author, p.seg);
                 if excluded.contains(&seg) {
                     continue;
@@ -1756,7 +2479,7 @@ impl Session {
                         continue;
                     }
                     Verdict::Fork(e) => {
-                        fork = Some(e);
+                        fork = Some((e, p.origin));
                         break;
                     }
                 };
@@ -1765,34 +2488,46 @@ impl Session {
                 tent_ids.insert(p.id);
                 seg_accepted.insert(seg);
             }
-            if let Some(e) = fork {
-                self.proven_fork(e, store)?;
+            if let Some((e, origin)) = fork {
+                // The forked author's events from that peer are dropped.
+                pool.drop_author(e.author, origin);
+                if origin == me {
+                    self.proven_fork(e, &*store)?;
+                } else {
+                    pool.post(origin, Mail::Fork(e));
+                }
                 continue;
             }
             if again {
                 continue;
             }
-            return self.commit(accepted, store);
+            if self.commit(accepted, store, pool)? {
+                continue;
+            }
+            return Ok(());
         }
     }
 
+    /// Stores the accepted events in order. Returns `true` when the store
+    /// refused an event that another session received: that session is
+    /// told, its events of the author are dropped, and the caller passes
+    /// again (what was accepted after it may have depended on it).
     fn commit<S: Store + ?Sized>(
         &mut self,
-        accepted: Vec<(ReadyKey, bool)>,
+        accepted: Vec<(PoolKey, bool)>,
         store: &mut S,
-    ) -> Result<(), SyncError> {
+        pool: &mut Pool,
+    ) -> Result<bool, SyncError> {
+        let me = self.me();
         let mut count = 0u64;
         let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
-        let mut result = Ok(());
+        let mut result = Ok(false);
         for (key, store_it) in accepted {
-            // Invariant: accepted keys come from `ready` and are distinct.
-            let p = self.ready.remove(&key).expect("accepted event is ready");
-            self.pending_events -= 1;
-            self.pending_bytes -= p.bytes.len();
-            // The peer holds what it sent; recorded once it is stored here,
-            // so that only authors this replica holds are tracked.
+            let Some(p) = pool.take(&key) else {
+                debug_assert!(false, "accepted keys come from the pool and are distinct");
+                continue;
+            };
             if !store_it {
-                raise(&mut self.peer_has, p.event.author, p.event.seq);
                 self.stats.duplicates += 1;
                 continue;
             }
@@ -1800,17 +2535,20 @@ impl Session {
                 Ok(Inserted::New) => {
                     count += 1;
                     raise(&mut heads, p.event.author, p.event.seq);
-                    raise(&mut self.peer_has, p.event.author, p.event.seq);
                 }
-                Ok(Inserted::Duplicate) => {
-                    raise(&mut self.peer_has, p.event.author, p.event.seq);
-                    self.stats.duplicates += 1;
-                }
+                Ok(Inserted::Duplicate) => self.stats.duplicates += 1,
                 Err(source) => {
-                    result = Err(SyncError::InvalidEvent {
+                    let err = SyncError::InvalidEvent {
                         event: p.eref(),
                         source: Box::new(source),
-                    });
+                    };
+                    if p.origin == me {
+                        result = Err(err);
+                    } else {
+                        pool.drop_author(p.event.author, p.origin);
+                        pool.post(p.origin, Mail::Refused(err));
+                        result = Ok(true);
+                    }
                     break;
                 }
             }
@@ -1827,7 +2565,8 @@ impl Session {
     }
 
     /// A signed event proves that `e.author` forked: report it (once), drop
-    /// the author's events from this peer, and send the peer our branch.
+    /// the author's unsigned events from this peer (its pooled ones are
+    /// dropped by the caller), and send the peer our branch.
     fn proven_fork<S: Store + ?Sized>(
         &mut self,
         e: Equivocation,
@@ -1843,20 +2582,8 @@ impl Session {
             self.events.push_back(SessionEvent::Equivocation(e));
         }
         for p in self.runs.remove(&author).unwrap_or_default() {
-            self.pending_events -= 1;
-            self.pending_bytes -= p.bytes.len();
-        }
-        let keys: Vec<ReadyKey> = self
-            .ready
-            .keys()
-            .filter(|k| k.1 == author)
-            .copied()
-            .collect();
-        for k in keys {
-            // Invariant: the key was just read from `ready`.
-            let p = self.ready.remove(&k).expect("ready key");
-            self.pending_events -= 1;
-            self.pending_bytes -= p.bytes.len();
+            self.run_events -= 1;
+            self.run_bytes -= p.bytes.len();
         }
         if self.cursors.get(&author).is_some_and(|c| !c.branch) {
             self.cursors.remove(&author);
@@ -1876,6 +2603,40 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Checks the heads of an IHave or Graft: the limit, strictly ascending
+/// authors, seqs from 1.
+fn check_heads(message: &'static str, heads: &[Head], max: usize) -> Result<(), SyncError> {
+    if heads.len() > max {
+        return Err(SyncError::TooManyHeads {
+            message,
+            entries: heads.len(),
+            max,
+        });
+    }
+    if heads.windows(2).any(|w| w[0].author >= w[1].author) {
+        return Err(SyncError::InvalidHeads {
+            message,
+            why: "authors are not strictly ascending",
+        });
+    }
+    if heads.iter().any(|h| h.seq == 0) {
+        return Err(SyncError::InvalidHeads {
+            message,
+            why: "a head has seq 0",
+        });
+    }
+    Ok(())
+}
+
+/// The author and seq at the start of an event's encoding (`PROTOCOL.md`
+/// §2: the version byte, the author, the seq), the rest left unread: for
+/// bytes whose id this replica already holds.
+fn peek_dot(bytes: &[u8]) -> Option<(NodeId, u64)> {
+    let (author, rest): (NodeId, _) = postcard::take_from_bytes(bytes.get(1..)?).ok()?;
+    let (seq, _): (u64, _) = postcard::take_from_bytes(rest).ok()?;
+    Some((author, seq))
 }
 
 /// `map[k] = max(map[k], v)`.
