@@ -949,6 +949,19 @@ impl Peers {
     }
 }
 
+impl std::ops::AddAssign for PeerStats {
+    fn add_assign(&mut self, o: PeerStats) {
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
+        self.events_sent += o.events_sent;
+        self.rounds += o.rounds;
+        self.replaced += o.replaced;
+        self.announcements_sent += o.announcements_sent;
+        self.grafts += o.grafts;
+        self.prunes += o.prunes;
+    }
+}
+
 /// Announced events waited for at most (each a few dozen bytes).
 pub const MAX_WANTED: usize = 65_536;
 

@@ -64,6 +64,18 @@ pub struct Timeline {
     pub final_heal_ms: u64,
 }
 
+/// Gossip counters of a run (every node, every incarnation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Gossip {
+    /// Heads announced on lazy links.
+    pub announcements: u64,
+    /// Tree repairs: grafts for announced events that did not arrive in
+    /// time.
+    pub grafts: u64,
+    /// Links pruned (counted at both ends).
+    pub prunes: u64,
+}
+
 /// The outcome of one seed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RunReport {
@@ -90,6 +102,12 @@ pub struct RunReport {
     /// Received events a node already held (duplicate deliveries across
     /// peers and reconnects).
     pub duplicate_deliveries: u64,
+    /// Received events stored (each node counts each event it got from a
+    /// peer once).
+    pub delivered: u64,
+    /// Gossip: heads announced on lazy links, tree repairs (grafts for
+    /// announced events that did not arrive in time), links pruned.
+    pub gossip: Gossip,
     /// Sync rounds completed.
     pub rounds: u64,
     /// Group commits.
@@ -206,6 +224,10 @@ pub struct Summary {
     pub bytes: u64,
     /// Duplicate event deliveries.
     pub duplicate_deliveries: u64,
+    /// Received events stored.
+    pub delivered: u64,
+    /// Gossip counters, summed.
+    pub gossip: Gossip,
     /// Faults injected, by type.
     pub faults: BTreeMap<String, u64>,
     /// Fields in conflict at the end, summed over seeds.
@@ -264,6 +286,10 @@ impl Summary {
             s.messages += r.messages;
             s.bytes += r.bytes;
             s.duplicate_deliveries += r.duplicate_deliveries;
+            s.delivered += r.delivered;
+            s.gossip.announcements += r.gossip.announcements;
+            s.gossip.grafts += r.gossip.grafts;
+            s.gossip.prunes += r.gossip.prunes;
             for (k, v) in &r.faults {
                 *s.faults.entry(k.clone()).or_default() += v;
             }
@@ -328,10 +354,17 @@ impl Summary {
         );
         let _ = writeln!(
             o,
-            "  traffic       {} messages, {} ({} duplicate event deliveries)",
+            "  traffic       {} messages, {} ({} events delivered, {} duplicate deliveries: {:.2} per delivered event)",
             self.messages,
             human_bytes(self.bytes),
-            self.duplicate_deliveries
+            self.delivered,
+            self.duplicate_deliveries,
+            self.duplicate_deliveries as f64 / self.delivered.max(1) as f64
+        );
+        let _ = writeln!(
+            o,
+            "  gossip        {} heads announced on lazy links, {} tree repairs (grafts), {} prunes",
+            self.gossip.announcements, self.gossip.grafts, self.gossip.prunes
         );
         let faults: Vec<String> = self
             .faults

@@ -1522,9 +1522,7 @@ impl<'a> Sim<'a> {
         // The process is gone, and its policy with it.
         let s = &mut self.slots[node];
         let st = s.peers.stats();
-        s.peer_stats.delivered += st.delivered;
-        s.peer_stats.duplicates += st.duplicates;
-        s.peer_stats.events_sent += st.events_sent;
+        s.peer_stats += st;
         s.peers = Peers::new(
             self.sc.peers.clone(),
             SessionConfig::new(CLUSTER, self.ids[node]),
@@ -1779,12 +1777,19 @@ impl<'a> Sim<'a> {
 
     fn finish(mut self) -> RunReport {
         self.report.virtual_ms = ms(self.now);
-        let (mut sent, mut duplicates) = (0, 0);
+        let mut total = PeerStats::default();
         for s in &self.slots {
-            let st = s.peers.stats();
-            sent += s.peer_stats.events_sent + st.events_sent;
-            duplicates += s.peer_stats.duplicates + st.duplicates;
+            for st in [s.peer_stats, s.peers.stats()] {
+                total += st;
+            }
         }
+        let (sent, duplicates) = (total.events_sent, total.duplicates);
+        self.report.delivered = total.delivered;
+        self.report.gossip = crate::report::Gossip {
+            announcements: total.announcements_sent,
+            grafts: total.grafts,
+            prunes: total.prunes,
+        };
         let hits: u64 = self.slots.iter().map(|s| s.node.race_hits()).sum();
         if hits > 0 {
             *self
