@@ -18,7 +18,7 @@ use weftlog_proto::state::Draft;
 use weftlog_proto::sync::{
     decode_message, encode_message, encode_wire_frame, frontier_digest, Head, Hello, MemStore,
     Message, Session, SessionConfig, SessionEvent, SessionStats, Store, SyncError, MAX_GRAFT_HEADS,
-    MAX_IHAVE_HEADS, PROTOCOL_VERSION,
+    MAX_IHAVE_HEADS, PROTOCOL_VERSION, PRUNE_AFTER_DUPLICATE_PUSHES,
 };
 use weftlog_proto::{EventId, HlcClock, Keypair, NodeId, Op, Signature};
 
@@ -166,6 +166,12 @@ impl Mesh {
     /// `n` nodes, each linked to every other, empty and in sync. Link
     /// latencies are drawn from `latency_ms` (inclusive).
     fn new(n: usize, seed: u64, latency_ms: (u64, u64)) -> Mesh {
+        Mesh::with_prune_after(n, seed, latency_ms, PRUNE_AFTER_DUPLICATE_PUSHES)
+    }
+
+    /// [`Mesh::new`] with sessions that prune after `prune_after`
+    /// duplicate pushes in a row (`u32::MAX`: never, a flood).
+    fn with_prune_after(n: usize, seed: u64, latency_ms: (u64, u64), prune_after: u32) -> Mesh {
         let mut m = Mesh {
             nodes: Vec::new(),
             queue: BTreeMap::new(),
@@ -188,6 +194,7 @@ impl Mesh {
             for j in (0..n).filter(|&j| j != i) {
                 let mut c = SessionConfig::new(CLUSTER, key(i).node_id());
                 c.peer = Some(key(j).node_id());
+                c.prune_after = prune_after;
                 links.insert(j, Session::new(c, &store));
             }
             m.nodes.push(Node {
@@ -473,8 +480,14 @@ impl Mesh {
 // Duplicates per delivered event in a full mesh.
 
 /// `n` nodes in a full mesh: `warmup` events form the tree, then
-/// `measured` more are made on random nodes. Returns the measured traffic.
-fn full_mesh(n: usize, seed: u64, warmup: u64, measured: u64) -> Totals {
+/// `measured` more are made on random nodes. Returns the measured traffic,
+/// and that of the same run with links that never prune (a flood).
+fn full_mesh(n: usize, seed: u64, warmup: u64, measured: u64) -> (Totals, Totals) {
+    let mut flooding = Mesh::with_prune_after(n, seed, (2, 20), u32::MAX);
+    flooding.make_events(warmup + measured);
+    flooding.run();
+    flooding.assert_converged(warmup + measured);
+    let flooded = flooding.totals();
     let mut m = Mesh::new(n, seed, (2, 20));
     m.make_events(warmup);
     m.run();
@@ -483,6 +496,14 @@ fn full_mesh(n: usize, seed: u64, warmup: u64, measured: u64) -> Totals {
     m.run();
     let t = m.totals().since(flood);
     let deliveries = measured * (n as u64 - 1);
+    let all = (warmup + measured) * (n as u64 - 1);
+    println!(
+        "{n}-node full mesh, seed {seed}, flooding: {:.3} duplicates per delivered event, \
+         {:.2} messages and {:.0} bytes per delivery",
+        flooded.duplicates_per_delivery(),
+        flooded.messages as f64 / all as f64,
+        flooded.bytes as f64 / all as f64,
+    );
     println!(
         "{n}-node full mesh, seed {seed}: warm-up ({warmup} events) {:.3} duplicates per delivered event; \
          then {measured} events, {} deliveries, {} duplicates ({:.3} per delivered event), \
@@ -512,13 +533,14 @@ fn full_mesh(n: usize, seed: u64, warmup: u64, measured: u64) -> Totals {
             .all(|(_, _, e)| !matches!(e, SessionEvent::Missing { .. })),
         "nothing waits at a Done"
     );
-    t
+    (t, flooded)
 }
 
 #[test]
 fn a_five_node_mesh_delivers_each_event_about_once() {
     for seed in [1, 2, 3] {
-        let t = full_mesh(5, seed, 30, 200);
+        let (t, flood) = full_mesh(5, seed, 30, 200);
+        assert!(flood.duplicates_per_delivery() > 2.0);
         assert!(
             t.duplicates_per_delivery() <= 0.5,
             "seed {seed}: {:.3} duplicates per delivered event",
@@ -530,7 +552,9 @@ fn a_five_node_mesh_delivers_each_event_about_once() {
 #[test]
 fn a_twenty_node_mesh_delivers_each_event_about_once() {
     for seed in [7, 8, 9] {
-        let t = full_mesh(20, seed, 30, 150);
+        let (t, flood) = full_mesh(20, seed, 30, 150);
+        assert!(flood.duplicates_per_delivery() > 10.0);
+        assert!(t.bytes < flood.bytes / 2);
         assert!(
             t.duplicates_per_delivery() <= 0.5,
             "seed {seed}: {:.3} duplicates per delivered event",
