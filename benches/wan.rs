@@ -112,7 +112,7 @@ const DELAYS_MS: [u64; 4] = [10, 25, 50, 100];
 const QUICK_DELAYS_MS: [u64; 2] = [10, 25];
 /// One-way delay of the lossy catch-up, the cold start and live.
 const WAN_MS: u64 = 25;
-/// Loss of the lossy catch-up.
+/// Loss of the lossy catch-up and of the proxy check.
 const LOSS: f64 = 0.01;
 /// Datagram size of the proxy check.
 const PROBE_DATAGRAM: usize = 1_200;
@@ -128,6 +128,12 @@ struct Config {
     appends: u64,
     jitter: Duration,
     cold_wait: Duration,
+    /// One-way delays of the lossless catch-ups.
+    delays_ms: Vec<u64>,
+    /// Loss of the lossy catch-up; none if zero.
+    loss: f64,
+    /// Receive buffer forced on each daemon's socket; the daemon's own if 0.
+    node_rcvbuf: usize,
     seed: u64,
     dir: PathBuf,
     groups: Vec<String>,
@@ -161,8 +167,24 @@ impl Config {
         if groups.is_empty() {
             groups = GROUPS.iter().map(|g| g.to_string()).collect();
         }
+        let delays_ms = match std::env::var("WEFTLOG_WAN_DELAYS_MS") {
+            Ok(v) => v
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| d.trim().parse::<u64>().context("WEFTLOG_WAN_DELAYS_MS"))
+                .collect::<Result<Vec<_>>>()?,
+            Err(_) if quick => QUICK_DELAYS_MS.to_vec(),
+            Err(_) => DELAYS_MS.to_vec(),
+        };
+        let loss_pct = env_or("WEFTLOG_WAN_LOSS_PCT", LOSS * 100.0)?;
+        if !(0.0..100.0).contains(&loss_pct) {
+            bail!("WEFTLOG_WAN_LOSS_PCT={loss_pct} is not in [0, 100)");
+        }
         Ok(Config {
             quick,
+            delays_ms,
+            loss: loss_pct / 100.0,
+            node_rcvbuf: env_or("WEFTLOG_WAN_NODE_RCVBUF", 0usize)?,
             runs: env_or("WEFTLOG_BENCH_RUNS", 3usize)?.max(3),
             events: env_or("WEFTLOG_WAN_EVENTS", if quick { 2_000 } else { 100_000 })?.max(1),
             appends: env_or("WEFTLOG_WAN_APPENDS", if quick { 20 } else { 200 })?.max(1),
@@ -464,6 +486,34 @@ fn free_udp_addr() -> Result<SocketAddr> {
     Ok(StdUdpSocket::bind(("127.0.0.1", 0))?.local_addr()?)
 }
 
+/// The receive buffer of this process's UDP socket bound to `addr`, after
+/// forcing it to `WEFTLOG_WAN_NODE_RCVBUF` bytes if that is set (a
+/// diagnostic: the daemon sizes its own socket, and drops on it are losses
+/// to QUIC). The socket is found by its bound address among our fds.
+fn enlarge_rcvbuf(cfg: &Config, addr: SocketAddr) -> Result<usize> {
+    for entry in fs::read_dir("/proc/self/fd")? {
+        let Some(raw) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: only borrowed for these calls, never closed here. The
+        // daemon's socket stays open while it runs; any other fd closed
+        // meanwhile only makes `bound_v4` fail, or name another address.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+        if proxy::bound_v4(fd) != Some(addr) {
+            continue;
+        }
+        if cfg.node_rcvbuf > 0 {
+            proxy::set_rcvbuf(fd, cfg.node_rcvbuf);
+        }
+        return Ok(proxy::rcvbuf(fd));
+    }
+    bail!("no socket of this process is bound to {addr}")
+}
+
 fn since(t0: Instant, t: Instant) -> f64 {
     t.saturating_duration_since(t0).as_secs_f64()
 }
@@ -650,6 +700,8 @@ struct CatchupRun {
     proxy: proxy::Stats,
     /// The kernel's drops on A's and B's sockets.
     node_drops: [Option<u64>; 2],
+    /// The receive buffers of A's and B's sockets, bytes.
+    node_rcvbuf: [usize; 2],
     shutdown_secs: f64,
 }
 
@@ -695,6 +747,10 @@ fn catchup_run(
             (t0, da, db, void)
         }
     };
+    let node_rcvbuf = [
+        enlarge_rcvbuf(cfg, daemon_a.local_addr())?,
+        enlarge_rcvbuf(cfg, daemon_b.local_addr())?,
+    ];
     let (mut connected, mut first) = (None, None);
     let applied = loop {
         let len = b.with_state(|s| s.len());
@@ -745,13 +801,14 @@ fn catchup_run(
         dialled_into_void,
         proxy,
         node_drops,
+        node_rcvbuf,
     })
 }
 
 fn print_catchup(label: &str, n: u64, r: &CatchupRun) {
     let s = &r.proxy;
     println!(
-        "  {label}: {:.3} s ({}, {:.2} MB/s), connected {} ms, first event {} ms, {:.1} B/event | proxy: {} datagrams A→B, {} B→A, lost by model {}/{}, queue max {}, CPU {:.2} s | drops: proxy sockets {}/{}, A's socket {}, B's socket {}, proxy overflow {}, send errors {} | shutdown {:.2} s{}",
+        "  {label}: {:.3} s ({}, {:.2} MB/s), connected {} ms, first event {} ms, {:.1} B/event | proxy: {} datagrams A→B, {} B→A, lost by model {}/{}, queue max {}, CPU {:.2} s | drops: proxy sockets {}/{}, A's socket {}, B's socket {} (rcvbuf {} kB), proxy overflow {}, send errors {} | shutdown {:.2} s{}",
         r.applied_secs,
         rate(n as f64 / r.applied_secs),
         r.bytes as f64 / r.applied_secs / 1e6,
@@ -768,6 +825,7 @@ fn print_catchup(label: &str, n: u64, r: &CatchupRun) {
         opt(s.socket_drops[1]),
         opt(r.node_drops[0]),
         opt(r.node_drops[1]),
+        r.node_rcvbuf[1] / 1024,
         s.to_client.overflow + s.to_server.overflow,
         s.to_client.send_errors + s.to_server.send_errors,
         r.shutdown_secs,
@@ -867,13 +925,10 @@ fn catchup_figure(
 
 fn bench_catchup(cfg: &Config, a: &Backlog, report: &mut Report) -> Result<()> {
     let n = cfg.events;
-    let delays: &[u64] = if cfg.quick {
-        &QUICK_DELAYS_MS
-    } else {
-        &DELAYS_MS
-    };
-    let mut links: Vec<(u64, f64)> = delays.iter().map(|&d| (d, 0.0)).collect();
-    links.push((WAN_MS, LOSS));
+    let mut links: Vec<(u64, f64)> = cfg.delays_ms.iter().map(|&d| (d, 0.0)).collect();
+    if cfg.loss > 0.0 {
+        links.push((WAN_MS, cfg.loss));
+    }
     println!(
         "# catchup: {n} events from A to an empty B through the proxy, one-way {}, {} runs",
         links
@@ -989,6 +1044,8 @@ fn live_run(cfg: &Config, link: Link, seed: u64) -> Result<LiveRun> {
         .await?;
         anyhow::Ok((da, db))
     })?;
+    enlarge_rcvbuf(cfg, da.local_addr())?;
+    enlarge_rcvbuf(cfg, db.local_addr())?;
     while !db.is_connected(&a_id) {
         if t0.elapsed() > NET_DEADLINE {
             bail!("live: B did not connect within {NET_DEADLINE:?}");

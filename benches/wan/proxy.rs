@@ -38,7 +38,7 @@ use std::collections::BinaryHeap;
 use std::fs;
 use std::io;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
@@ -443,38 +443,54 @@ fn unit(rng: &mut u64) -> f64 {
     (*rng >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Asks for [`SOCKET_BUFFER_BYTES`] both ways on `s` (forced past the
-/// sysctl limit if the process may); returns the receive buffer granted.
-pub fn set_buffers(s: &StdUdpSocket) -> usize {
-    let fd = s.as_raw_fd();
-    let want = SOCKET_BUFFER_BYTES as libc::c_int;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        for opt in [force, plain] {
-            // SAFETY: `fd` is an open socket owned by `s` for this call;
-            // the option value is a c_int that outlives it, its size given.
-            let r = unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&want as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if r == 0 {
-                break;
-            }
+/// Asks for [`SOCKET_BUFFER_BYTES`] both ways on `s`; returns the receive
+/// buffer granted.
+pub fn set_buffers(s: &impl AsFd) -> usize {
+    let s = s.as_fd();
+    set_sockopt(
+        s,
+        libc::SO_SNDBUFFORCE,
+        libc::SO_SNDBUF,
+        SOCKET_BUFFER_BYTES,
+    );
+    set_rcvbuf(s, SOCKET_BUFFER_BYTES)
+}
+
+/// Asks for a receive buffer of `bytes` on `s` (forced past
+/// `net.core.rmem_max` when the process may); returns the buffer granted.
+pub fn set_rcvbuf(s: BorrowedFd<'_>, bytes: usize) -> usize {
+    set_sockopt(s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes);
+    rcvbuf(s)
+}
+
+fn set_sockopt(s: BorrowedFd<'_>, force: libc::c_int, plain: libc::c_int, bytes: usize) {
+    let want = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    for opt in [force, plain] {
+        // SAFETY: the fd is open while `s` borrows it; the option value is a c_int that outlives the call, its size given.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&want as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
         }
     }
+}
+
+/// The receive buffer of `s` in bytes, as the kernel reports it (twice what
+/// was asked: it counts its bookkeeping too).
+pub fn rcvbuf(s: BorrowedFd<'_>) -> usize {
     let mut got: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as above; `got` and `len` are valid for writes.
+    // SAFETY: as in `set_sockopt`; `got` and `len` are valid for writes.
     let r = unsafe {
         libc::getsockopt(
-            fd,
+            s.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
             (&mut got as *mut libc::c_int).cast(),
@@ -486,6 +502,28 @@ pub fn set_buffers(s: &StdUdpSocket) -> usize {
     } else {
         0
     }
+}
+
+/// The IPv4 address `fd` is bound to, if it is such a socket.
+pub fn bound_v4(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    // SAFETY: an all-zero sockaddr_in is a valid value.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: the fd is open while borrowed; `sa` and `len` are valid for
+    // writes of `len` bytes, and the kernel writes at most that.
+    let r = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && sa.sin_family == libc::AF_INET as libc::sa_family_t).then(|| {
+        SocketAddr::from((
+            u32::from_be(sa.sin_addr.s_addr).to_be_bytes(),
+            u16::from_be(sa.sin_port),
+        ))
+    })
 }
 
 /// The kernel's count of datagrams dropped on the IPv4 UDP socket bound to
