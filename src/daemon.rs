@@ -379,8 +379,30 @@ impl Daemon {
             m.insert("blocked".into(), json!(blocked));
             m.insert("equivocations".into(), Value::Array(forks));
             m.insert("last_round_ms".into(), json!(self.last_round_ms()));
+            m.insert("gossip".into(), self.gossip());
         }
         status
+    }
+
+    /// The live-push counters over every session since the daemon started:
+    /// `delivered` (events received and stored), `duplicates` (received
+    /// events already held; recognised by id before decoding), `events_sent`,
+    /// `announcements_sent` (heads announced on lazy links), `tree_repairs`
+    /// (grafts for announced events that did not arrive in time), `prunes`,
+    /// `rounds` (anti-entropy rounds started) and `replaced` (connections
+    /// replaced because the peer restarted).
+    pub fn gossip(&self) -> Value {
+        let s = lock(&self.shared.peers).stats();
+        json!({
+            "delivered": s.delivered,
+            "duplicates": s.duplicates,
+            "events_sent": s.events_sent,
+            "announcements_sent": s.announcements_sent,
+            "tree_repairs": s.grafts,
+            "prunes": s.prunes,
+            "rounds": s.rounds,
+            "replaced": s.replaced,
+        })
     }
 
     /// One object per known peer: `node` (null until it answered), `addr`,
@@ -691,7 +713,7 @@ async fn feed_loop(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match c {
-            Ok(batch) => shared.policy(|p, store, _| p.handle_stored(&batch.heads, store)),
+            Ok(batch) => shared.policy(|p, store, rng| p.handle_stored(&batch.heads, store, rng)),
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!("fell {n} batches behind the live feed; asking every peer for a round");
                 shared.policy(|p, store, _| p.handle_lagged(store));

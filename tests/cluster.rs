@@ -447,6 +447,7 @@ fn without_peers(mut v: Value) -> Value {
     let m = v.as_object_mut().unwrap();
     m.remove("peers");
     m.remove("last_round_ms");
+    m.remove("gossip");
     v
 }
 
@@ -670,6 +671,17 @@ fn cluster_converges(n: usize) {
             p.name,
             s["peers"]
         );
+        let g = &s["gossip"];
+        assert_eq!(
+            g["delivered"].as_u64(),
+            Some(total - own),
+            "{}: gossip counters: {g}",
+            p.name
+        );
+        for k in ["duplicates", "announcements_sent", "tree_repairs", "prunes", "rounds"] {
+            assert!(g[k].is_u64(), "{}: gossip.{k} missing: {g}", p.name);
+        }
+        eprintln!("{}: gossip {g}", p.name);
     }
 
     // The CLI, given a running node's directory, answers what the API does.

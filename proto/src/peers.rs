@@ -151,6 +151,14 @@ pub struct PeersConfig {
     /// `false` starts every link lazy: events then spread only by grafts
     /// and rounds (for experiments).
     pub eager: bool,
+    /// Lazy links that announce each stored batch, drawn at random (all of
+    /// them when there are fewer).
+    pub lazy_fanout: usize,
+    /// New connections whose first round runs at once, at most; the others
+    /// wait until one of those ends (or the peer starts one), so that a
+    /// node connecting to many peers at once (a start, a heal) catches up
+    /// from a few rather than receive the same events from all of them.
+    pub first_rounds: usize,
 }
 
 impl Default for PeersConfig {
@@ -165,6 +173,8 @@ impl Default for PeersConfig {
             graft_timeout_ms: 100,
             regraft_timeout_ms: 50,
             eager: true,
+            lazy_fanout: 4,
+            first_rounds: 1,
         }
     }
 }
@@ -304,6 +314,8 @@ struct Link {
     established: bool,
     synced: bool,
     round_wanted: bool,
+    /// Its first round waits for a catching-up link to finish.
+    deferred: bool,
     /// A close was asked for; the link waits for `handle_closed`.
     closing: bool,
 }
@@ -355,6 +367,8 @@ pub struct Peers {
     stats: PeerStats,
     /// Announced events not held, by `(author, seq)`.
     wanted: BTreeMap<(NodeId, u64), Wanted>,
+    /// A deferred first round may start (a catching-up link closed).
+    start_next: bool,
 }
 
 impl Peers {
@@ -374,6 +388,7 @@ impl Peers {
             events: VecDeque::new(),
             stats: PeerStats::default(),
             wanted: BTreeMap::new(),
+            start_next: false,
         }
     }
 
@@ -468,7 +483,8 @@ impl Peers {
             _ => None,
         });
         let grafts = self.wanted.values().map(|w| w.at_ms);
-        dials.chain(grafts).chain(self.next_round_ms).min()
+        let next = self.start_next.then_some(0);
+        dials.chain(grafts).chain(self.next_round_ms).chain(next).min()
     }
 
     /// Dials `target` from now on (at once), until a connection with the
@@ -563,6 +579,13 @@ impl Peers {
         let mut config = self.session.clone();
         config.peer = Some(peer);
         config.eager = self.config.eager;
+        let catching_up = self
+            .links
+            .values()
+            .filter(|l| !l.synced && !l.deferred && !l.closing)
+            .count();
+        let deferred = catching_up >= self.config.first_rounds.max(1);
+        config.round_at_start = !deferred;
         self.links.insert(
             conn,
             Link {
@@ -574,6 +597,7 @@ impl Peers {
                 established: false,
                 synced: false,
                 round_wanted: false,
+                deferred,
                 closing: false,
             },
         );
@@ -659,12 +683,28 @@ impl Peers {
         if self.links.is_empty() {
             self.next_round_ms = None;
         }
+        if !l.synced && !l.deferred {
+            // A catching-up link ended: let a waiting one start (at the
+            // next timeout, which is now).
+            self.start_next = true;
+        }
     }
 
     /// Events were stored and are durable and signed (the node's committed
     /// feed): `(author, highest seq)` per author. Every session pushes
     /// what its peer is not known to hold.
-    pub fn handle_stored<S: Store + ?Sized>(&mut self, heads: &[(NodeId, u64)], store: &S) {
+    ///
+    /// Eager links push; lazy links announce, but only
+    /// [`PeersConfig::lazy_fanout`] of them, drawn at random per batch: in a
+    /// full mesh, announcing to every lazy link would cost each event a
+    /// message per pair of nodes. A node that misses an event and its
+    /// announcements is repaired by anti-entropy.
+    pub fn handle_stored<S: Store + ?Sized>(
+        &mut self,
+        heads: &[(NodeId, u64)],
+        store: &S,
+        rng: &mut dyn Random,
+    ) {
         for &(author, seq) in heads {
             // Announced events that arrived: no graft needed.
             let done: Vec<(NodeId, u64)> = self
@@ -676,7 +716,25 @@ impl Peers {
                 self.wanted.remove(&k);
             }
         }
-        for l in self.links.values_mut().filter(|l| !l.closing) {
+        let lazy: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.closing && !l.session.is_eager())
+            .map(|(c, _)| *c)
+            .collect();
+        let mut announce: BTreeSet<ConnId> = BTreeSet::new();
+        let fanout = self.config.lazy_fanout;
+        if lazy.len() <= fanout {
+            announce.extend(lazy);
+        } else {
+            while announce.len() < fanout {
+                announce.insert(lazy[(rng.next_u64() % lazy.len() as u64) as usize]);
+            }
+        }
+        for (c, l) in self.links.iter_mut().filter(|(_, l)| !l.closing) {
+            if !l.session.is_eager() && !announce.contains(c) {
+                continue;
+            }
             for &(author, seq) in heads {
                 l.session.handle_stored(author, seq, store);
             }
@@ -741,12 +799,15 @@ impl Peers {
             }
         }
         self.graft_due(now_ms, store);
+        if std::mem::take(&mut self.start_next) {
+            self.start_deferred(store);
+        }
         if self.next_round_ms.is_some_and(|at| at <= now_ms) {
             self.next_round_ms = Some(now_ms + self.config.anti_entropy_ms);
             let live: Vec<ConnId> = self
                 .links
                 .iter()
-                .filter(|(_, l)| l.established && !l.closing)
+                .filter(|(_, l)| (l.established || l.deferred) && !l.closing)
                 .map(|(c, _)| *c)
                 .collect();
             if !live.is_empty() {
@@ -775,6 +836,30 @@ impl Peers {
             return None;
         }
         msg
+    }
+
+    /// Starts the first round of the oldest link that waits for one, if
+    /// fewer than [`PeersConfig::first_rounds`] links are catching up.
+    fn start_deferred<S: Store + ?Sized>(&mut self, store: &S) {
+        let catching_up = self
+            .links
+            .values()
+            .filter(|l| !l.synced && !l.deferred && !l.closing)
+            .count();
+        if catching_up >= self.config.first_rounds.max(1) {
+            return;
+        }
+        let next = self
+            .links
+            .iter()
+            .find(|(_, l)| l.deferred && !l.closing)
+            .map(|(c, _)| *c);
+        if let Some(c) = next {
+            if let Some(l) = self.links.get_mut(&c) {
+                l.deferred = false;
+            }
+            self.start_round(c, store);
+        }
     }
 
     /// Grafts the next announcer of every announced event still missing
@@ -832,10 +917,15 @@ impl Peers {
         let peer = l.peer;
         let mut failed = None;
         let mut missing = false;
+        let mut first_done = false;
         while let Some(e) = l.session.poll_event() {
             match e {
                 SessionEvent::InSync | SessionEvent::RoundDone => {
+                    if !l.synced {
+                        first_done = true;
+                    }
                     l.synced = true;
+                    l.deferred = false;
                     self.last_round_ms = Some(now_ms);
                     self.events.push_back(PeerEvent::Synced {
                         peer,
@@ -876,6 +966,9 @@ impl Peers {
                 SessionEvent::Failed(e) => failed = Some(e),
                 SessionEvent::PeerDone => {}
             }
+        }
+        if first_done {
+            self.start_deferred(store);
         }
         if missing {
             // What the peer's stream lacked may come from another peer.

@@ -987,6 +987,13 @@ pub struct SessionConfig {
     /// Live pushes in a row from the peer that carry only events this
     /// replica holds before the link is pruned (at least 1).
     pub prune_after: u32,
+    /// Whether the session opens its first round at once (its Hello is the
+    /// first message). When `false` it waits quietly until the peer's Hello
+    /// or [`Session::start_round`]; until a round has exchanged frontiers it
+    /// neither pushes nor announces. A node connecting to many peers at
+    /// once uses this to catch up from one peer at a time, rather than
+    /// receive the same missing events from every one of them.
+    pub round_at_start: bool,
 }
 
 impl SessionConfig {
@@ -1001,6 +1008,7 @@ impl SessionConfig {
             max_pending_bytes: MAX_PENDING_BYTES,
             eager: true,
             prune_after: PRUNE_AFTER_DUPLICATE_PUSHES,
+            round_at_start: true,
         }
     }
 }
@@ -1455,6 +1463,13 @@ pub struct Session {
     eager: bool,
     /// Lazy: per author, the highest seq stored and not yet announced.
     announce: BTreeMap<NodeId, u64>,
+    /// Per author, the highest seq [`Session::handle_stored`] offered. A
+    /// live push carries only what was stored since: what the peer is not
+    /// known to hold from before was offered already (pushed, or announced
+    /// while the link was lazy), and re-sending it on the strength of a
+    /// stale view of the peer is what made duplicates; a gap is the graft's
+    /// and the round's to fill, which ask with the peer's own heads.
+    offered: BTreeMap<NodeId, u64>,
     /// Per author, the highest seq announced to the peer.
     announced: BTreeMap<NodeId, u64>,
     /// Authors the peer announced that this replica lacked, for the heads
@@ -1498,6 +1513,7 @@ impl Session {
             own_pool: Pool::new(),
             eager,
             announce: BTreeMap::new(),
+            offered: BTreeMap::new(),
             announced: BTreeMap::new(),
             wanted: BTreeSet::new(),
             prune_sent: false,
@@ -1506,7 +1522,9 @@ impl Session {
             events: VecDeque::new(),
             stats: SessionStats::default(),
         };
-        s.open_round(store);
+        if s.config.round_at_start {
+            s.open_round(store);
+        }
         s
     }
 
@@ -1618,6 +1636,8 @@ impl Session {
             return;
         }
         let has = self.peer_has.get(&author).copied().unwrap_or(0);
+        let offered = self.offered.get(&author).copied().unwrap_or(0);
+        raise(&mut self.offered, author, seq);
         if seq <= has {
             return;
         }
@@ -1625,7 +1645,8 @@ impl Session {
             raise(&mut self.announce, author, seq);
             return;
         }
-        if let Err(e) = self.add_cursor(store, author, has + 1, seq, false) {
+        // A cursor that already runs for the author is extended.
+        if let Err(e) = self.add_cursor(store, author, has.max(offered) + 1, seq, false) {
             self.fail(e);
         }
     }

@@ -1120,7 +1120,7 @@ impl<'a> Sim<'a> {
         }
         // Live push: the policy learns of the batch's signed heads.
         let s = &mut self.slots[node];
-        s.peers.handle_stored(&c.heads, &s.node);
+        s.peers.handle_stored(&c.heads, &s.node, &mut self.rng_peers);
         self.after_policy(node);
         self.request_commit(node);
     }
