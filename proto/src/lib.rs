@@ -8,6 +8,8 @@
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
 //! - [`log`]: record framing, segments and recovery over a storage trait;
 //! - [`exchange`]: export files and the checks an import makes;
+//! - [`replica`]: one node's state, group commit and durable indexes, and
+//!   the store sync sessions use, without IO;
 //! - [`sync`]: the sync protocol between two replicas, as a state machine.
 #![warn(missing_docs)]
 
@@ -16,6 +18,7 @@ pub mod exchange;
 pub mod hlc;
 pub mod id;
 pub mod log;
+pub mod replica;
 pub mod state;
 pub mod sync;
 
