@@ -294,14 +294,11 @@ pub struct NodeParams {
     pub fsync_jitter_ms: f64,
     /// Messages a session may have in flight each way (the daemon's queue).
     pub window: usize,
-    /// Thread interleaving of the real node: probability that its
-    /// committer takes a batch, and applies a local command waiting in its
-    /// queue, between two inserts of one received run (0: never; the
-    /// simulator then stores each received message whole, as a
-    /// single-threaded node would). A share of the same size of local
-    /// commands waits in the committer's queue for such a moment (up to
-    /// 20 ms).
-    pub race: f64,
+    /// `race`, a knob of older builds (a modelled thread interleaving of
+    /// the node): ignored, and accepted only so that scenario files written
+    /// for them still load.
+    #[serde(default, skip_serializing, rename = "race")]
+    legacy_race: Option<serde::de::IgnoredAny>,
 }
 
 impl Default for NodeParams {
@@ -314,7 +311,7 @@ impl Default for NodeParams {
             fsync_ms: 0.5,
             fsync_jitter_ms: 0.5,
             window: 16,
-            race: 0.0,
+            legacy_race: None,
         }
     }
 }
@@ -727,9 +724,6 @@ impl Scenario {
         if f.shapes.contains(&Shape::Site) && self.sites.is_none() {
             return Err("shape \"site\" needs [sites]".into());
         }
-        if !(0.0..=1.0).contains(&self.node.race) {
-            return Err("node.race must be in [0, 1]".into());
-        }
         if self.node.window == 0 {
             return Err("node.window must be at least 1".into());
         }
@@ -796,5 +790,32 @@ mod tests {
         "#;
         let e = Scenario::from_toml(text, "t").unwrap_err().to_string();
         assert!(e.contains("typo"), "{e}");
+    }
+
+    #[test]
+    fn the_retired_race_knob_still_loads_and_changes_nothing() {
+        let text = |race: &str| {
+            format!(
+                r#"
+                name = "t"
+                seeds = "1..2"
+                nodes = 3
+                duration_s = 1
+                [node]
+                window = 4
+                {race}
+                [workload]
+                kind = "random"
+                rate_per_node_s = 1
+            "#
+            )
+        };
+        let old = Scenario::from_toml(&text("race = 0.2"), "t").unwrap();
+        let new = Scenario::from_toml(&text(""), "t").unwrap();
+        assert_eq!(old.node.window, 4);
+        assert_eq!(
+            toml::to_string(&old.node).unwrap(),
+            toml::to_string(&new.node).unwrap()
+        );
     }
 }

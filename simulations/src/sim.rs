@@ -7,7 +7,7 @@ use weftlog_proto::state::{Invalid, PrepareError};
 use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, Store, SyncError};
 use weftlog_proto::{EventId, Keypair, NodeId};
 
-use crate::node::{Race, Sabotage, SimNode};
+use crate::node::{Sabotage, SimNode};
 use crate::oracle::{self, NodeFinal};
 use crate::report::{RunReport, Timeline, Violation};
 use crate::rng::Rng;
@@ -47,7 +47,6 @@ enum Ev {
     CrashNext,
     Crash { node: usize, epoch: u64, down: Us },
     Restart { node: usize, epoch: u64 },
-    Unpark { node: usize, token: u64, epoch: u64 },
     ClockStepNext,
     Sample,
     ConvergeCheck,
@@ -172,9 +171,6 @@ pub(crate) struct Sim<'a> {
     workload: Workload,
     /// Ops made and not yet acknowledged: what they were.
     outstanding: BTreeMap<EventId, Tag>,
-    /// Commands parked in a node's committer queue, by token.
-    parked: BTreeMap<u64, Tag>,
-    next_token: u64,
     acked: BTreeMap<EventId, (usize, u64)>,
     trace: blake3::Hasher,
     report: RunReport,
@@ -228,13 +224,7 @@ impl<'a> Sim<'a> {
             } else {
                 Sabotage::None
             };
-            let mut node = SimNode::new(key, sabotage)?;
-            if sc.node.race > 0.0 {
-                node.set_race(Race::new(
-                    sc.node.race,
-                    Rng::derive(seed, &format!("race {i}")),
-                ));
-            }
+            let node = SimNode::new(key, sabotage)?;
             ids.push(node.id());
             let skew = sc.faults.clock_skew_ms;
             let drift = sc.faults.clock_drift_ppm;
@@ -276,8 +266,6 @@ impl<'a> Sim<'a> {
             rng_node,
             workload: Workload::new(sc, seed),
             outstanding: BTreeMap::new(),
-            parked: BTreeMap::new(),
-            next_token: 0,
             acked: BTreeMap::new(),
             trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
             report: RunReport {
@@ -546,12 +534,6 @@ impl<'a> Sim<'a> {
                     self.restart(node);
                 }
             }
-            Ev::Unpark { node, token, epoch } => {
-                if self.slots[node].epoch == epoch {
-                    self.slots[node].node.unpark(token);
-                    self.raced(node);
-                }
-            }
             Ev::ClockStepNext => self.clock_step_next(),
             Ev::Sample => self.sample(),
             Ev::ConvergeCheck => self.converge_check(),
@@ -682,7 +664,6 @@ impl<'a> Sim<'a> {
                 self.session_event(conn, side, node_ix, e);
             }
             if self.slots[node_ix].node.take_received() {
-                self.raced(node_ix);
                 self.request_commit(node_ix);
             }
             let Some(c) = self.conns.get_mut(&conn) else {
@@ -1070,28 +1051,7 @@ impl<'a> Sim<'a> {
         let Some(cmd) = self.workload.next(&view) else {
             return;
         };
-        if self.sc.node.race > 0.0 && self.rng_node.chance(self.sc.node.race) {
-            // The command waits in the committer's queue: it may run in
-            // the middle of a received run.
-            self.report.appends.attempted += 1;
-            let token = self.next_token;
-            self.next_token += 1;
-            self.parked.insert(token, cmd.tag);
-            let wall = self.wall_ms(node);
-            self.slots[node].node.park(token, wall, cmd.draft);
-            let epoch = self.slots[node].epoch;
-            self.after(20 * MS, Ev::Unpark { node, token, epoch });
-            return;
-        }
         self.command_at(node, cmd);
-    }
-
-    /// Handles the parked commands the node's committer ran.
-    fn raced(&mut self, node: usize) {
-        for (token, res) in self.slots[node].node.take_raced() {
-            let tag = self.parked.remove(&token).unwrap_or(Tag::Set);
-            self.append_result(node, tag, res);
-        }
     }
 
     fn command_at(&mut self, node: usize, cmd: crate::workload::Cmd) {
@@ -1687,14 +1647,6 @@ impl<'a> Sim<'a> {
                     self.duplicates += st.duplicates;
                 }
             }
-        }
-        let hits: u64 = self.slots.iter().map(|s| s.node.race_hits()).sum();
-        if hits > 0 {
-            *self
-                .report
-                .faults
-                .entry("committer_races".into())
-                .or_default() += hits;
         }
         self.report.event_frames = self.traffic_events;
         self.report.duplicate_deliveries = self.duplicates;
