@@ -4,7 +4,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use weftlog_proto::state::{Invalid, PrepareError};
-use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, Store, SyncError};
+use weftlog_proto::sync::{Session, SessionConfig, SessionEvent, SyncError};
 use weftlog_proto::{EventId, Keypair, NodeId};
 
 use crate::node::{Sabotage, SimNode};
@@ -643,7 +643,7 @@ impl<'a> Sim<'a> {
             let c = self.conns.get_mut(&conn).expect("conn checked");
             let node = &mut self.slots[to].node;
             // A failure is reported by poll_event in `drive`.
-            let _ = c.sessions[1 - d].handle_message(&msg.bytes, node);
+            let _ = c.sessions[1 - d].handle_message(&msg.bytes, &mut node.store());
             self.drive(conn, 1 - d);
             self.drive(conn, d);
         }
@@ -676,7 +676,8 @@ impl<'a> Sim<'a> {
             if c.chans[side].queue.len() >= window {
                 return;
             }
-            match c.sessions[side].poll_transmit(&self.slots[node_ix].node) {
+            let msg = c.sessions[side].poll_transmit(&self.slots[node_ix].node.store());
+            match msg {
                 Some(msg) => self.send(conn, side, msg),
                 None => {
                     // poll_transmit may have failed the session (a store
@@ -815,10 +816,9 @@ impl<'a> Sim<'a> {
         ca.peer = Some(self.ids[b]);
         let mut cb = SessionConfig::new(CLUSTER, self.ids[b]);
         cb.peer = Some(self.ids[a]);
-        let sessions = [
-            Session::new(ca, &self.slots[a].node),
-            Session::new(cb, &self.slots[b].node),
-        ];
+        let sa = Session::new(ca, &self.slots[a].node.store());
+        let sb = Session::new(cb, &self.slots[b].node.store());
+        let sessions = [sa, sb];
         self.conns.insert(
             id,
             Conn {
@@ -987,7 +987,7 @@ impl<'a> Sim<'a> {
             };
             let side = if cn.ends[0] == node { 0 } else { 1 };
             for &(author, seq) in &c.heads {
-                cn.sessions[side].handle_stored(author, seq, &self.slots[node].node);
+                cn.sessions[side].handle_stored(author, seq, &self.slots[node].node.store());
             }
             self.drive(conn, side);
         }
@@ -1007,7 +1007,7 @@ impl<'a> Sim<'a> {
         let conn = conns[self.rng_node.index(conns.len())];
         let c = self.conns.get_mut(&conn).expect("node's conn is live");
         let side = if c.ends[0] == node { 0 } else { 1 };
-        if c.sessions[side].start_round(&self.slots[node].node) {
+        if c.sessions[side].start_round(&self.slots[node].node.store()) {
             self.tr(b'A', &[node as u64, conn], &[]);
             self.drive(conn, side);
         }
