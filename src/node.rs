@@ -110,6 +110,16 @@ pub enum AppendError {
     Fatal(String),
 }
 
+impl From<replica::AppendError> for AppendError {
+    fn from(e: replica::AppendError) -> AppendError {
+        match e {
+            replica::AppendError::Refused(e) => AppendError::Refused(e),
+            replica::AppendError::Failed(why) => AppendError::Fatal(why),
+            e => AppendError::Fatal(e.to_string()),
+        }
+    }
+}
+
 /// Why an import failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -120,6 +130,16 @@ pub enum NodeImportError {
     /// The log failed; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Fatal(String),
+}
+
+impl From<replica::ImportError> for NodeImportError {
+    fn from(e: replica::ImportError) -> NodeImportError {
+        match e {
+            replica::ImportError::Refused(e) => NodeImportError::Refused(e),
+            replica::ImportError::Failed(why) => NodeImportError::Fatal(why),
+            e => NodeImportError::Fatal(e.to_string()),
+        }
+    }
 }
 
 /// A batch that just became durable, as [`Node::subscribe`] delivers it.
@@ -544,23 +564,11 @@ impl Inner {
             Request::Flush(tx) => Reply::Flush(tx),
             Request::Append(draft, tx) => match g.replica.handle_append(draft, wall_ms()) {
                 Ok(a) => Reply::Append(tx, a),
-                Err(e) => {
-                    let e = match e {
-                        replica::AppendError::Refused(e) => AppendError::Refused(e),
-                        e => AppendError::Fatal(e.to_string()),
-                    };
-                    return drop(tx.send(Err(e)));
-                }
+                Err(e) => return drop(tx.send(Err(e.into()))),
             },
             Request::Import(items, tx) => match g.replica.handle_import(items) {
                 Ok(i) => Reply::Import(tx, i),
-                Err(e) => {
-                    let e = match e {
-                        replica::ImportError::Refused(e) => NodeImportError::Refused(e),
-                        e => NodeImportError::Fatal(e.to_string()),
-                    };
-                    return drop(tx.send(Err(e)));
-                }
+                Err(e) => return drop(tx.send(Err(e.into()))),
             },
         };
         g.replies.push_back((g.replica.mark(), reply));
