@@ -851,11 +851,22 @@ mod tests {
         Some(r.handle_durable(batch, first))
     }
 
-    /// A peer's events as sync hands them to a store: `(event, id, bytes, sig)`.
-    fn received(
-        peer: &MemStore,
-        author: NodeId,
-    ) -> Vec<(Event, EventId, Vec<u8>, Option<Signature>)> {
+    /// A run of `n` events by peer X, made in one commit (signed at its
+    /// end), as sync hands them to a store; and X's id.
+    fn peer_run(n: usize) -> (NodeId, Vec<Received>) {
+        let kx = key(7);
+        let mut x = MemStore::new();
+        let drafts = (0..n).map(|i| edit(&format!("x{i}")));
+        x.commit(&kx, &mut HlcClock::default(), 1_000, drafts)
+            .unwrap();
+        (kx.node_id(), received(&x, kx.node_id()))
+    }
+
+    /// An event as sync hands it to a store: `(event, id, bytes, sig)`.
+    type Received = (Event, EventId, Vec<u8>, Option<Signature>);
+
+    /// A peer's events as sync hands them to a store.
+    fn received(peer: &MemStore, author: NodeId) -> Vec<Received> {
         (1..)
             .map_while(|seq| peer.get(&author, seq))
             .map(|s| {
@@ -980,16 +991,7 @@ mod tests {
     /// a peer lacking X1 failed the round on L's dependency.
     #[test]
     fn a_batch_never_ends_inside_a_received_run() {
-        let kx = key(7);
-        let mut x = MemStore::new();
-        x.commit(
-            &kx,
-            &mut HlcClock::default(),
-            1_000,
-            [edit("x1"), edit("x2")],
-        )
-        .unwrap();
-        let run = received(&x, kx.node_id());
+        let (x, run) = peer_run(2);
         assert!(
             run[0].3.is_none() && run[1].3.is_some(),
             "one run, signed at its end"
@@ -1017,7 +1019,7 @@ mod tests {
         let c = commit(&mut n, &mut log).unwrap();
         assert_eq!(c.records, 3);
         assert_eq!(c.acked, vec![(l1.id, 2)]);
-        let mut heads = vec![(kx.node_id(), 2), (n.id(), 2)];
+        let mut heads = vec![(x, 2), (n.id(), 2)];
         heads.sort();
         assert_eq!(c.heads, heads);
         let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
@@ -1027,16 +1029,7 @@ mod tests {
 
     #[test]
     fn a_run_left_open_is_released_when_the_received_input_ends() {
-        let kx = key(7);
-        let mut x = MemStore::new();
-        x.commit(
-            &kx,
-            &mut HlcClock::default(),
-            1_000,
-            [edit("x1"), edit("x2")],
-        )
-        .unwrap();
-        let run = received(&x, kx.node_id());
+        let (x, run) = peer_run(2);
         let (mut n, mut log) = open(2);
         {
             // A session stored X1 and then failed: the store is dropped.
@@ -1048,20 +1041,12 @@ mod tests {
         assert_eq!(c.records, 1);
         assert!(c.heads.is_empty(), "written, but not advertised");
         assert!(n.frontier().is_empty());
-        assert_eq!(
-            n.durable_record(&kx.node_id(), 1).map(|(rec, _)| rec),
-            Some(0)
-        );
+        assert_eq!(n.durable_record(&x, 1).map(|(rec, _)| rec), Some(0));
     }
 
     #[test]
     fn batches_end_at_closing_records_within_the_limit() {
-        let kx = key(7);
-        let mut x = MemStore::new();
-        let drafts = (0..5).map(|i| edit(&format!("x{i}")));
-        x.commit(&kx, &mut HlcClock::default(), 1_000, drafts)
-            .unwrap();
-        let run = received(&x, kx.node_id());
+        let (x, run) = peer_run(5);
         let (mut n, mut log) = open(2);
         n.handle_append(edit("a"), 500).unwrap();
         n.handle_append(edit("b"), 501).unwrap();
@@ -1080,7 +1065,7 @@ mod tests {
         .collect();
         assert_eq!(sizes, vec![2, 5, 1]);
         assert_eq!(n.durable_len(), 8);
-        assert_eq!(n.signed_heads()[&kx.node_id()], 5);
+        assert_eq!(n.signed_heads()[&x], 5);
         assert_eq!(n.signed_heads()[&n.id()], 3);
     }
 
@@ -1106,19 +1091,11 @@ mod tests {
 
     #[test]
     fn an_import_is_all_or_nothing() {
-        let kx = key(7);
-        let mut x = MemStore::new();
-        x.commit(
-            &kx,
-            &mut HlcClock::default(),
-            1_000,
-            [edit("x1"), edit("x2")],
-        )
-        .unwrap();
+        let (_, run) = peer_run(2);
         let incoming = |seqs: &[u64]| -> Vec<Incoming> {
-            received(&x, kx.node_id())
-                .into_iter()
+            run.iter()
                 .filter(|(e, ..)| seqs.contains(&e.seq))
+                .cloned()
                 .map(|(event, id, bytes, sig)| Incoming {
                     event,
                     id,
