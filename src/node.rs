@@ -633,8 +633,9 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
             inner.apply(&mut g, req);
         }
         // Replies to requests that queued nothing new (a flush, a command
-        // id already durable) may go at once.
-        let ready = g.ready();
+        // id already durable) may go at once, unless a batch is being
+        // finished: its feed goes out before them (`finish` sends them).
+        let ready = if g.syncing { Vec::new() } else { g.ready() };
         let inline = if !g.syncing && rx.is_empty() {
             // Nothing else is waiting: sync here rather than wake the
             // syncer, which saves a thread hop on an idle or single-writer
@@ -694,18 +695,20 @@ fn finish(inner: &Inner, batch: Batch) {
             .map_err(|e| e.to_string())
     };
     let mut g = inner.lock();
-    let (committed, replies, failed) = match written {
-        Ok(first) => {
-            let c = g.replica.handle_durable(batch, first);
-            (Some(c), g.ready(), None)
-        }
+    let committed = match written {
+        Ok(first) => Some(g.replica.handle_durable(batch, first)),
         Err(e) => {
             g.replica.handle_write_failed(e);
-            let e = g.replica.failed().map(str::to_string);
-            let all = g.replies.drain(..).map(|(_, r)| r).collect();
-            (None, all, e)
+            None
         }
     };
+    let durable = g.ready();
+    // After a failure nothing more becomes durable: the rest is refused.
+    let refused: Vec<Reply> = match committed {
+        Some(_) => Vec::new(),
+        None => g.replies.drain(..).map(|(_, r)| r).collect(),
+    };
+    let failed = g.replica.failed().map(str::to_string);
     drop(g);
     if let Some(c) = committed.filter(|_| inner.feed.receiver_count() > 0) {
         // No receiver left is not an error: nobody is listening.
@@ -714,10 +717,20 @@ fn finish(inner: &Inner, batch: Batch) {
             events: c.events,
         }));
     }
-    for r in replies {
+    for r in durable {
+        r.send(None);
+    }
+    for r in refused {
         r.send(failed.as_deref());
     }
     // Cleared only now, so that feeds and replies go out in batch order.
-    inner.lock().syncing = false;
+    let mut g = inner.lock();
+    g.syncing = false;
+    // Replies the committer queued meanwhile whose records were durable.
+    let late = g.ready();
+    drop(g);
     inner.changed.notify_all();
+    for r in late {
+        r.send(None);
+    }
 }
