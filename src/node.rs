@@ -1,28 +1,37 @@
-//! A node: its key, its durable log and its folded state, with group commit.
+//! A node: its key, its durable log and its [`Replica`], with group commit.
+//!
+//! Every rule between a command or a received event and the log is the
+//! replica's ([`weftlog_proto::replica`]: the fold, the clock, pending
+//! records, batching and signing, the durable and signed indexes, imports,
+//! the store sync sessions use). This file is the shell around it: threads,
+//! files, the hand-off between them, replies and the feed.
 //!
 //! Appenders (threads, or async tasks through [`Node::append_async`]) hand
 //! requests to a committer thread through a bounded queue and wait for the
-//! reply. The committer drains every request that has arrived and turns each
-//! into an event against the current state (so later requests in a batch see
-//! earlier ones). A syncer thread takes everything the committer made while
-//! it was busy, signs the last own event, writes the batch, makes it durable
-//! with one `fdatasync`, and only then replies; so the CPU work of one batch
-//! overlaps the sync of the one before, and batches grow with load. When
-//! nothing else waits, the committer syncs a batch itself, saving the hop.
-//! Batches become durable, and are acknowledged, in order. A failed write or
-//! sync is fatal: the node refuses every later append until it is reopened
-//! (and recovery has decided what is on disk).
+//! reply. The committer drains every request that has arrived and hands
+//! each to the replica (so later requests in a batch see earlier ones);
+//! each reply waits for the replica's [`Mark`] at that moment to become
+//! durable. A syncer thread takes the next batch from the replica
+//! ([`Replica::poll_batch`]) whenever the one before is durable, writes its
+//! frames, makes them durable with one `fdatasync`, tells the replica
+//! ([`Replica::handle_durable`]), and only then replies; so the CPU work of
+//! one batch overlaps the sync of the one before, and batches grow with
+//! load. When nothing else waits, the committer syncs a batch itself,
+//! saving the hop. Batches become durable, and are acknowledged, in order.
+//! A failed write or sync is fatal: the replica refuses every later append
+//! until the node is reopened (and recovery has decided what is on disk).
 //!
 //! State is updated when an event is made, before it is durable, so readers
 //! may see an event a moment before its append is acknowledged. A crash can
 //! lose only unacknowledged events.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,12 +39,14 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use weftlog_proto::event::{Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
-use weftlog_proto::log::{self, encode_frame_with, Log, OpenError, Recovery};
-use weftlog_proto::state::{self, Draft, Inserted, Invalid, PrepareError, State};
-use weftlog_proto::sync;
-use weftlog_proto::{EventId, Hlc, HlcClock, NodeId};
+use weftlog_proto::log::{Log, OpenError, Recovery};
+use weftlog_proto::replica::{self, Access, Batch, Mark, Replica, ReplicaStore};
+use weftlog_proto::state::{Draft, PrepareError, State};
+use weftlog_proto::{EventId, NodeId};
 
 use crate::storage::{sync_dir, FileStorage};
+
+pub use weftlog_proto::replica::{Appended, Imported};
 
 /// The secret key file in a data directory.
 pub const KEY_FILE: &str = "node.key";
@@ -99,6 +110,16 @@ pub enum AppendError {
     Fatal(String),
 }
 
+impl From<replica::AppendError> for AppendError {
+    fn from(e: replica::AppendError) -> AppendError {
+        match e {
+            replica::AppendError::Refused(e) => AppendError::Refused(e),
+            replica::AppendError::Failed(why) => AppendError::Fatal(why),
+            e => AppendError::Fatal(e.to_string()),
+        }
+    }
+}
+
 /// Why an import failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -111,23 +132,14 @@ pub enum NodeImportError {
     Fatal(String),
 }
 
-/// An acknowledged append.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    /// Event id.
-    pub id: EventId,
-    /// Author.
-    pub author: NodeId,
-    /// Seq.
-    pub seq: u64,
-    /// Hlc.
-    pub hlc: Hlc,
-    /// Stream.
-    pub stream: String,
-    /// Stream version after the event.
-    pub version: u64,
-    /// Whether the command id was already in the log (nothing was appended).
-    pub existing: bool,
+impl From<replica::ImportError> for NodeImportError {
+    fn from(e: replica::ImportError) -> NodeImportError {
+        match e {
+            replica::ImportError::Refused(e) => NodeImportError::Refused(e),
+            replica::ImportError::Failed(why) => NodeImportError::Fatal(why),
+            e => NodeImportError::Fatal(e.to_string()),
+        }
+    }
 }
 
 /// A batch that just became durable, as [`Node::subscribe`] delivers it.
@@ -135,7 +147,7 @@ pub struct Appended {
 pub struct Committed {
     /// Per author, the highest seq in the batch that carries a signature,
     /// ascending by author: what sync sessions may now push
-    /// ([`sync::Session::handle_stored`]).
+    /// ([`Session::handle_stored`](weftlog_proto::sync::Session::handle_stored)).
     pub heads: Vec<(NodeId, u64)>,
     /// The batch's events in log order: `(id, encoded event)`.
     pub events: Vec<(EventId, Vec<u8>)>,
@@ -144,57 +156,30 @@ pub struct Committed {
 /// Batches a slow subscriber may fall behind before it is told it lagged.
 pub const FEED_CAP: usize = 1024;
 
-/// What an import did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Imported {
-    /// New events stored.
-    pub imported: u64,
-    /// Events already present.
-    pub duplicates: u64,
-}
-
 /// Requests waiting for the committer, at most.
 pub const QUEUE_CAP: usize = 4096;
 /// Requests the committer takes from the queue at once, at most.
 pub const MAX_BATCH: usize = 4096;
-/// Records waiting for the syncer, at most; the committer pauses past it.
+/// Records one group commit takes at most ([`Replica::poll_batch`]); the
+/// committer pauses while this many wait for the syncer.
 pub const MAX_BATCH_RECORDS: usize = 65_536;
 
-struct Pending {
-    bytes: Vec<u8>,
-    id: EventId,
-    author: NodeId,
-    seq: u64,
-    hlc: Hlc,
-    sig: Option<Signature>,
-}
-
-/// What is durable, per author: the log record index and hlc of each seq
-/// (`[seq - 1]`). Updated only after a batch is synced, so it describes the
-/// durable log.
-#[derive(Default)]
-struct Durable {
-    authors: BTreeMap<NodeId, Vec<(u64, Hlc)>>,
-    /// Per author, the highest durable seq whose record carries a signature:
-    /// what sync advertises (a run of received events may reach the log in
-    /// two batches, the signed end in the second).
-    signed: BTreeMap<NodeId, u64>,
-}
-
+/// What the node's threads share under one lock: the replica, and the
+/// replies waiting for it.
 struct Shared {
-    state: State,
-    clock: HlcClock,
-    failed: Option<String>,
-    /// Events received from peers and applied to `state`, waiting for the
-    /// committer to put them in its next batch (ahead of anything applied
-    /// after them, so the log stays in causal order).
-    received: Vec<Pending>,
+    replica: Replica,
+    /// Replies waiting for their mark to become durable, ascending by mark.
+    replies: VecDeque<(Mark, Reply)>,
+    /// A batch is being written and synced (by the syncer, or inline by the
+    /// committer when nothing else waits); batches finish in order.
+    syncing: bool,
+    /// The committer has stopped: the syncer writes what is left, and ends.
+    closed: bool,
 }
 
 enum Request {
-    /// Writes `Shared::received`; with a sender, replies once everything
-    /// before it is durable.
-    Flush(Option<oneshot::Sender<Result<(), AppendError>>>),
+    /// Replies once everything applied before it is durable.
+    Flush(oneshot::Sender<Result<(), AppendError>>),
     Append(Draft, oneshot::Sender<Result<Appended, AppendError>>),
     Import(
         Vec<Incoming>,
@@ -202,7 +187,7 @@ enum Request {
     ),
 }
 
-/// A reply the committer sends once the batch is durable.
+/// A reply sent once the records it waits for are durable.
 enum Reply {
     Flush(oneshot::Sender<Result<(), AppendError>>),
     Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
@@ -223,13 +208,16 @@ impl Reply {
     }
 }
 
-/// What the committer thread and the node's handles share.
+/// What the committer and syncer threads and the node's handles share.
 struct Inner {
     key: Keypair,
     id: NodeId,
     shared: Mutex<Shared>,
+    /// Signalled when records are queued or the committer closes (the
+    /// syncer waits), and when a batch is taken or finished (the committer
+    /// waits while too many records are pending).
+    changed: Condvar,
     log: Mutex<Log<FileStorage>>,
-    durable: Mutex<Durable>,
     feed: broadcast::Sender<Arc<Committed>>,
 }
 
@@ -316,19 +304,19 @@ impl Node {
             .map_err(|_| NodeOpenError::BadKey(key_path.clone()))?;
         let key = Keypair::from_secret(secret);
         let log_dir = dir.join(LOG_DIR);
-        let (state, log, recovery, durable) = load(&log_dir)?;
-        let clock = HlcClock::new(state.max_hlc());
+        let storage = || FileStorage::new(&log_dir).map_err(OpenError::Io);
+        let (replica, log, recovery) = Replica::open(Keypair::from_secret(secret), storage)?;
         let inner = Arc::new(Inner {
             id: key.node_id(),
             key,
             shared: Mutex::new(Shared {
-                state,
-                clock,
-                failed: None,
-                received: Vec::new(),
+                replica,
+                replies: VecDeque::new(),
+                syncing: false,
+                closed: false,
             }),
+            changed: Condvar::new(),
             log: Mutex::new(log),
-            durable: Mutex::new(durable),
             feed: broadcast::channel(FEED_CAP).0,
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
@@ -380,7 +368,7 @@ impl Node {
 
     /// Runs `f` on the current state.
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        f(&self.lock().state)
+        f(self.lock().replica.state())
     }
 
     fn sender(&self) -> &mpsc::Sender<Request> {
@@ -419,7 +407,7 @@ impl Node {
     pub fn flush(&self) -> Result<(), AppendError> {
         let (tx, rx) = oneshot::channel();
         self.sender()
-            .blocking_send(Request::Flush(Some(tx)))
+            .blocking_send(Request::Flush(tx))
             .map_err(|_| stopped())?;
         rx.blocking_recv().map_err(|_| stopped())?
     }
@@ -484,142 +472,63 @@ impl Node {
     }
 }
 
-/// The node as a [`sync::Store`] for sync sessions: it advertises and serves
-/// only durable events, each author up to its last signed one, and stores
-/// received events through the committer, in its next batch (ahead of
-/// anything applied after them, so the log stays in causal order).
+/// The node as a [`sync::Store`](weftlog_proto::sync::Store) for sync
+/// sessions: the replica's one store ([`ReplicaStore`]). It advertises and
+/// serves only durable events, each author up to its last signed one, read
+/// back from the log, and queues received events for the next batch.
 ///
-/// Make one per [`sync::Session::handle_message`] call and drop it after:
-/// from its first insert until it is dropped it holds the node's state
-/// lock, so the committer never takes part of a received run. (Otherwise
-/// it could write a batch that ends inside a run, with a local event that
-/// depends on it: the node would advertise a head whose dependency it
-/// does not serve yet.)
-pub struct SyncStore<'a> {
-    node: &'a Node,
-    held: std::cell::RefCell<Option<MutexGuard<'a, Shared>>>,
-    /// Received events were queued: wake the committer on drop.
-    wake: bool,
+/// Make one per [`Session`](weftlog_proto::sync::Session) call and drop it
+/// after: from its first insert until it is dropped it holds the node's
+/// state lock, so signature checks run outside the lock and a received run
+/// is stored whole before the syncer can take any of it (the replica never
+/// ends a batch inside a run either; see [`weftlog_proto::replica`]).
+pub type SyncStore<'a> = ReplicaStore<NodeAccess<'a>>;
+
+/// How a [`SyncStore`] reaches the node's replica and log: reads take the
+/// state lock for the call, inserts take it at the first and hold it until
+/// the store is dropped, which then wakes the syncer.
+pub struct NodeAccess<'a> {
+    inner: &'a Inner,
+    held: RefCell<Option<MutexGuard<'a, Shared>>>,
 }
 
 impl Node {
-    /// This node as a store for [`sync::Session`]s; see [`SyncStore`].
+    /// This node as a store for sync sessions; see [`SyncStore`].
     pub fn sync_store(&self) -> SyncStore<'_> {
-        SyncStore {
-            node: self,
-            held: std::cell::RefCell::new(None),
-            wake: false,
-        }
-    }
-}
-
-impl Drop for SyncStore<'_> {
-    fn drop(&mut self) {
-        let woke = self.held.get_mut().take().is_some() && self.wake;
-        if woke {
-            // The committer takes all received events at once. A full queue
-            // means it is busy and takes them with its next batch anyway.
-            let _ = self.node.sender().try_send(Request::Flush(None));
-        }
-    }
-}
-
-impl SyncStore<'_> {
-    /// Runs `f` on the node's shared state, under the lock this store holds
-    /// if it holds it.
-    fn shared<T>(&self, f: impl FnOnce(&mut Shared) -> T) -> T {
-        let mut held = self.held.borrow_mut();
-        match held.as_mut() {
-            Some(g) => f(g),
-            None => f(&mut self.node.lock()),
-        }
-    }
-
-    fn durable_seq(&self, author: &NodeId, seq: u64) -> Option<(u64, Hlc)> {
-        let d = self
-            .node
-            .inner
-            .durable
-            .lock()
-            .expect("durable index lock poisoned");
-        d.authors
-            .get(author)?
-            .get(seq.checked_sub(1)? as usize)
-            .copied()
-    }
-}
-
-impl sync::Store for SyncStore<'_> {
-    fn frontier(&self) -> Vec<sync::Head> {
-        let heads: Vec<(NodeId, u64)> = {
-            let d = self
-                .node
-                .inner
-                .durable
-                .lock()
-                .expect("durable index lock poisoned");
-            d.signed.iter().map(|(a, seq)| (*a, *seq)).collect()
-        };
-        self.shared(|g| {
-            heads
-                .into_iter()
-                .filter_map(|(author, seq)| {
-                    let id = g.state.event_id(&author, seq)?;
-                    Some(sync::Head { author, seq, id })
-                })
-                .collect()
+        ReplicaStore::new(NodeAccess {
+            inner: &self.inner,
+            held: RefCell::new(None),
         })
     }
+}
 
-    fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
-        self.shared(|g| g.state.event_id(author, seq))
-    }
-
-    fn contains(&self, id: &EventId) -> bool {
-        self.shared(|g| g.state.contains(id))
-    }
-
-    fn hlc(&self, author: &NodeId, seq: u64) -> Option<Hlc> {
-        self.durable_seq(author, seq).map(|(_, hlc)| hlc)
-    }
-
-    fn fetch(&self, author: &NodeId, seq: u64) -> Option<sync::Stored> {
-        let (record, hlc) = self.durable_seq(author, seq)?;
-        let mut log = self.node.inner.log.lock().expect("log lock poisoned");
-        let (stored, _) = log
-            .read_with(record, |f| sync::Stored {
-                bytes: f.bytes.to_vec(),
-                id: f.id,
-                hlc,
-                sig: f.sig,
-            })
-            .ok()?;
-        Some(stored)
-    }
-
-    fn insert(
-        &mut self,
-        event: &Event,
-        id: EventId,
-        bytes: &[u8],
-        sig: Option<Signature>,
-    ) -> Result<Inserted, Invalid> {
-        let held = self.held.get_mut();
-        let g = held.get_or_insert_with(|| self.node.lock());
-        let r = g.state.insert(event, id)?;
-        if r == Inserted::New {
-            g.clock.observe(event.hlc);
-            g.received.push(Pending {
-                bytes: bytes.to_vec(),
-                id,
-                author: event.author,
-                seq: event.seq,
-                hlc: event.hlc,
-                sig,
-            });
-            self.wake = true;
+impl Access for NodeAccess<'_> {
+    fn read<T>(&self, f: impl FnOnce(&Replica) -> T) -> T {
+        match self.held.borrow().as_ref() {
+            Some(g) => f(&g.replica),
+            None => f(&self.inner.lock().replica),
         }
-        Ok(r)
+    }
+
+    fn write<T>(&mut self, f: impl FnOnce(&mut Replica) -> T) -> T {
+        let g = self.held.get_mut().get_or_insert_with(|| self.inner.lock());
+        f(&mut g.replica)
+    }
+
+    fn read_record(&self, record: u64) -> Option<(Vec<u8>, EventId, Option<Signature>)> {
+        replica::read_record(
+            &mut self.inner.log.lock().expect("log lock poisoned"),
+            record,
+        )
+    }
+}
+
+impl Drop for NodeAccess<'_> {
+    fn drop(&mut self) {
+        if self.held.get_mut().take().is_some() {
+            // Received events may be queued: the syncer takes them.
+            self.inner.changed.notify_all();
+        }
     }
 }
 
@@ -644,182 +553,62 @@ impl Inner {
         self.shared.lock().expect("node state lock poisoned")
     }
 
-    /// Applies one request to the state, adding its records to `pending`.
-    /// Returns the reply to send once they are durable, or sends a refusal
-    /// at once (nothing of it was applied).
-    fn apply(&self, g: &mut Shared, req: Request, pending: &mut Vec<Pending>) -> Option<Reply> {
-        match req {
-            Request::Flush(tx) => tx.map(Reply::Flush),
-            Request::Append(draft, tx) => {
-                let made = g
-                    .state
-                    .append_local(self.id, &mut g.clock, wall_ms(), draft);
-                match made {
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into()));
-                        None
-                    }
-                    Ok(state::Appended::Existing(rec)) => Some(Reply::Append(
-                        tx,
-                        Appended {
-                            id: rec.id,
-                            author: rec.author,
-                            seq: rec.seq,
-                            hlc: rec.hlc,
-                            stream: rec.stream,
-                            version: rec.version,
-                            existing: true,
-                        },
-                    )),
-                    Ok(state::Appended::New { event, bytes, id }) => {
-                        pending.push(Pending {
-                            bytes,
-                            id,
-                            author: self.id,
-                            seq: event.seq,
-                            hlc: event.hlc,
-                            sig: None,
-                        });
-                        let version = g.state.version(&event.stream);
-                        Some(Reply::Append(
-                            tx,
-                            Appended {
-                                id,
-                                author: self.id,
-                                seq: event.seq,
-                                hlc: event.hlc,
-                                stream: event.stream,
-                                version,
-                                existing: false,
-                            },
-                        ))
-                    }
-                }
-            }
-            Request::Import(items, tx) => {
-                let mut scratch = g.state.clone();
-                let mut new = Vec::new();
-                let mut duplicates = 0;
-                for item in items {
-                    match scratch.insert(&item.event, item.id) {
-                        Ok(Inserted::New) => new.push(item),
-                        Ok(Inserted::Duplicate) => duplicates += 1,
-                        Err(e) => {
-                            let _ = tx.send(Err(ImportError::event(&item, e).into()));
-                            return None;
-                        }
-                    }
-                }
-                g.clock.observe(scratch.max_hlc());
-                g.state = scratch;
-                let imported = new.len() as u64;
-                pending.extend(new.into_iter().map(|item| Pending {
-                    bytes: item.bytes,
-                    id: item.id,
-                    author: item.event.author,
-                    seq: item.event.seq,
-                    hlc: item.event.hlc,
-                    sig: item.sig,
-                }));
-                Some(Reply::Import(
-                    tx,
-                    Imported {
-                        imported,
-                        duplicates,
-                    },
-                ))
-            }
+    /// Hands one request to the replica. Its reply waits for the records
+    /// applied so far to be durable; a refusal is sent at once (nothing of
+    /// the request was applied).
+    fn apply(&self, g: &mut Shared, req: Request) {
+        if let Some(e) = g.replica.failed() {
+            return refuse(req, e);
         }
+        let reply = match req {
+            Request::Flush(tx) => Reply::Flush(tx),
+            Request::Append(draft, tx) => match g.replica.handle_append(draft, wall_ms()) {
+                Ok(a) => Reply::Append(tx, a),
+                Err(e) => return drop(tx.send(Err(e.into()))),
+            },
+            Request::Import(items, tx) => match g.replica.handle_import(items) {
+                Ok(i) => Reply::Import(tx, i),
+                Err(e) => return drop(tx.send(Err(e.into()))),
+            },
+        };
+        g.replies.push_back((g.replica.mark(), reply));
     }
+}
 
-    /// Signs the batch's last own record, then writes and syncs the batch.
-    fn write(&self, batch: &mut [Pending], buf: &mut Vec<u8>) -> Result<(), String> {
-        if let Some(p) = batch.iter_mut().rev().find(|p| p.author == self.id) {
-            p.sig = Some(self.key.sign(&p.id));
-        }
-        buf.clear();
-        for (i, p) in batch.iter().enumerate() {
-            let end = i + 1 == batch.len();
-            encode_frame_with(buf, &p.bytes, &p.id, p.sig.as_ref(), end);
-        }
-        let mut log = self.log.lock().expect("log lock poisoned");
-        let first = log.records();
-        log.append(buf, batch.len() as u64)
-            .map_err(|e| e.to_string())?;
-        drop(log);
-        let mut durable = self.durable.lock().expect("durable index lock poisoned");
-        for (i, p) in batch.iter().enumerate() {
-            let seqs = durable.authors.entry(p.author).or_default();
-            debug_assert_eq!(seqs.len() as u64 + 1, p.seq);
-            seqs.push((first + i as u64, p.hlc));
-            if p.sig.is_some() {
-                durable.signed.insert(p.author, p.seq);
-            }
-        }
-        Ok(())
+impl Shared {
+    /// The replies whose records are all durable.
+    fn ready(&mut self) -> Vec<Reply> {
+        let durable = self.replica.durable_mark();
+        let n = self.replies.partition_point(|(m, _)| *m <= durable);
+        self.replies.drain(..n).map(|(_, r)| r).collect()
     }
 }
 
 /// Answers a request with the fatal error that stopped the log.
 fn refuse(req: Request, e: &str) {
     match req {
-        Request::Flush(None) => {}
-        Request::Flush(Some(tx)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
+        Request::Flush(tx) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
         Request::Append(_, tx) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
         Request::Import(_, tx) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
     }
 }
 
-/// Records made by the committer and not yet taken by the syncer, with the
-/// replies to send once they are durable.
-#[derive(Default)]
-struct Batch {
-    pending: Vec<Pending>,
-    replies: Vec<Reply>,
-    /// The committer has stopped: take what is left and end.
-    closed: bool,
-    /// A batch is being written and synced (by the syncer, or inline by the
-    /// committer when nothing else waits); batches finish in order.
-    syncing: bool,
-}
-
-impl Batch {
-    fn is_empty(&self) -> bool {
-        self.pending.is_empty() && self.replies.is_empty()
-    }
-}
-
-/// The hand-off between committer and syncer.
-#[derive(Default)]
-struct Handoff {
-    next: Mutex<Batch>,
-    /// Signalled when `next` gains records or closes (syncer waits), and when
-    /// the syncer takes it (committer waits while it is full).
-    changed: std::sync::Condvar,
-}
-
-impl Handoff {
-    fn lock(&self) -> MutexGuard<'_, Batch> {
-        self.next.lock().expect("hand-off lock poisoned")
-    }
-}
-
-/// The committer: see the module docs. It makes events while the syncer
-/// writes and syncs the batch before, so the CPU work and the `fdatasync`
-/// overlap, and everything made during one sync goes into the next.
+/// The committer: see the module docs. It hands requests to the replica
+/// while the syncer writes and syncs the batch before, so the CPU work and
+/// the `fdatasync` overlap, and everything applied during one sync goes
+/// into the next batch.
 fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
-    let handoff = Arc::new(Handoff::default());
     let syncer = {
-        let (inner, handoff) = (inner.clone(), handoff.clone());
+        let inner = inner.clone();
         std::thread::Builder::new()
             .name("weftlog-sync".into())
-            .spawn(move || sync_loop(&inner, &handoff))
+            .spawn(move || sync_loop(&inner))
     };
     let syncer = match syncer {
         Ok(s) => s,
         Err(e) => {
             let e = format!("cannot start the sync thread: {e}");
-            inner.lock().failed = Some(e.clone());
+            inner.lock().replica.handle_write_failed(e.clone());
             while let Some(req) = rx.blocking_recv() {
                 refuse(req, &e);
             }
@@ -827,8 +616,6 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         }
     };
     let mut reqs = Vec::new();
-    let (mut pending, mut replies) = (Vec::new(), Vec::new());
-    let mut buf = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         reqs.push(first);
         while reqs.len() < MAX_BATCH {
@@ -837,135 +624,113 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        {
-            let mut g = inner.lock();
-            let failed = g.failed.clone();
-            // Received events were applied before anything below.
-            pending.append(&mut g.received);
-            for req in reqs.drain(..) {
-                match &failed {
-                    None => replies.extend(inner.apply(&mut g, req, &mut pending)),
-                    Some(e) => refuse(req, e),
-                }
-            }
+        let mut g = inner.lock();
+        while g.replica.pending_len() >= MAX_BATCH_RECORDS && g.replica.failed().is_none() {
+            inner.changed.notify_all();
+            g = inner.changed.wait(g).expect("node state lock poisoned");
         }
-        if pending.is_empty() && replies.is_empty() {
-            continue;
+        for req in reqs.drain(..) {
+            inner.apply(&mut g, req);
         }
-        let mut next = handoff.lock();
-        if !next.syncing && next.is_empty() && rx.is_empty() {
-            // Nothing else is waiting: sync here rather than wake the syncer,
-            // which saves a thread hop on an idle or single-writer node.
-            next.syncing = true;
-            drop(next);
-            let batch = Batch {
-                pending: std::mem::take(&mut pending),
-                replies: std::mem::take(&mut replies),
-                ..Batch::default()
-            };
-            finish(inner, batch, &mut buf);
-            handoff.lock().syncing = false;
-            handoff.changed.notify_all();
-            continue;
+        // Replies to requests that queued nothing new (a flush, a command
+        // id already durable) may go at once, unless a batch is being
+        // finished: its feed goes out before them (`finish` sends them).
+        let ready = if g.syncing { Vec::new() } else { g.ready() };
+        let inline = if !g.syncing && rx.is_empty() {
+            // Nothing else is waiting: sync here rather than wake the
+            // syncer, which saves a thread hop on an idle or single-writer
+            // node.
+            g.replica.poll_batch(MAX_BATCH_RECORDS)
+        } else {
+            None
+        };
+        g.syncing |= inline.is_some();
+        drop(g);
+        inner.changed.notify_all();
+        for r in ready {
+            r.send(None);
         }
-        while next.pending.len() >= MAX_BATCH_RECORDS {
-            next = handoff.changed.wait(next).expect("hand-off lock poisoned");
+        if let Some(batch) = inline {
+            finish(inner, batch);
         }
-        // Replies without records still wait for the syncer: the event they
-        // name may be in the batch it is syncing now.
-        next.pending.append(&mut pending);
-        next.replies.append(&mut replies);
-        handoff.changed.notify_all();
     }
-    // Events received after the last request still go to the log.
-    let rest = std::mem::take(&mut inner.lock().received);
-    let mut next = handoff.lock();
-    next.pending.extend(rest);
-    next.closed = true;
-    handoff.changed.notify_all();
-    drop(next);
+    inner.lock().closed = true;
+    inner.changed.notify_all();
     let _ = syncer.join();
 }
 
-/// Takes what the committer made and finishes it.
-fn sync_loop(inner: &Inner, handoff: &Handoff) {
-    let mut buf = Vec::new();
+/// The syncer: takes the next batch from the replica whenever none is being
+/// written, and finishes it. Ends once the committer has stopped and
+/// everything is written (events received after the last request too).
+fn sync_loop(inner: &Inner) {
+    let mut g = inner.lock();
     loop {
-        let batch = {
-            let mut next = handoff.lock();
-            while (next.is_empty() || next.syncing) && !next.closed {
-                next = handoff.changed.wait(next).expect("hand-off lock poisoned");
+        if !g.syncing {
+            if let Some(batch) = g.replica.poll_batch(MAX_BATCH_RECORDS) {
+                g.syncing = true;
+                drop(g);
+                // The committer may wait for pending records to drain.
+                inner.changed.notify_all();
+                finish(inner, batch);
+                g = inner.lock();
+                continue;
             }
-            if next.is_empty() {
-                return; // closed and drained
+            if g.closed {
+                return;
             }
-            next.syncing = true;
-            let batch = Batch {
-                pending: std::mem::take(&mut next.pending),
-                replies: std::mem::take(&mut next.replies),
-                ..Batch::default()
-            };
-            handoff.changed.notify_all();
-            batch
-        };
-        finish(inner, batch, &mut buf);
-        handoff.lock().syncing = false;
-        handoff.changed.notify_all();
+        }
+        g = inner.changed.wait(g).expect("node state lock poisoned");
     }
 }
 
-/// Writes and syncs a batch, then acknowledges it (or reports the failure
-/// that stopped the log).
-fn finish(inner: &Inner, mut batch: Batch, buf: &mut Vec<u8>) {
-    let failed = inner.lock().failed.clone();
-    let failed = match failed {
-        Some(e) => Some(e),
-        None if batch.pending.is_empty() => None,
-        None => inner.write(&mut batch.pending, buf).err().inspect(|e| {
-            inner.lock().failed = Some(e.clone());
-        }),
+/// Writes and syncs a batch, tells the replica, then acknowledges what
+/// became durable (or reports the failure that stopped the log). Called by
+/// whichever thread set `syncing`; clears it when done.
+fn finish(inner: &Inner, batch: Batch) {
+    let written = {
+        let mut log = inner.log.lock().expect("log lock poisoned");
+        let first = log.records();
+        log.append(batch.frames(), batch.len() as u64)
+            .map(|()| first)
+            .map_err(|e| e.to_string())
     };
-    if failed.is_none() && !batch.pending.is_empty() && inner.feed.receiver_count() > 0 {
-        let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for p in batch.pending.iter().filter(|p| p.sig.is_some()) {
-            heads.insert(p.author, p.seq);
+    let mut g = inner.lock();
+    let committed = match written {
+        Ok(first) => Some(g.replica.handle_durable(batch, first)),
+        Err(e) => {
+            g.replica.handle_write_failed(e);
+            None
         }
-        let events = batch.pending.into_iter().map(|p| (p.id, p.bytes)).collect();
+    };
+    let durable = g.ready();
+    // After a failure nothing more becomes durable: the rest is refused.
+    let refused: Vec<Reply> = match committed {
+        Some(_) => Vec::new(),
+        None => g.replies.drain(..).map(|(_, r)| r).collect(),
+    };
+    let failed = g.replica.failed().map(str::to_string);
+    drop(g);
+    if let Some(c) = committed.filter(|_| inner.feed.receiver_count() > 0) {
         // No receiver left is not an error: nobody is listening.
         let _ = inner.feed.send(Arc::new(Committed {
-            heads: heads.into_iter().collect(),
-            events,
+            heads: c.heads,
+            events: c.events,
         }));
     }
-    for r in batch.replies {
+    for r in durable {
+        r.send(None);
+    }
+    for r in refused {
         r.send(failed.as_deref());
     }
-}
-
-type Loaded = (State, Log<FileStorage>, Recovery, Durable);
-
-/// Recovers and folds the log in `log_dir` ([`log::open_committed`]: an
-/// interrupted batch is cut, each author's last signature verified), and
-/// indexes the durable records for sync.
-fn load(log_dir: &Path) -> Result<Loaded, NodeOpenError> {
-    let storage = || FileStorage::new(log_dir).map_err(OpenError::Io);
-    let fresh = || (State::new(), Durable::default(), 0u64);
-    let (log, recovery, (state, durable, _)) =
-        log::open_committed(storage, fresh, |(state, durable, index), frame, event| {
-            durable
-                .authors
-                .entry(event.author)
-                .or_default()
-                .push((*index, event.hlc));
-            if frame.sig.is_some() {
-                durable.signed.insert(event.author, event.seq);
-            }
-            match state.insert(event, frame.id).map_err(|e| e.to_string())? {
-                Inserted::New => {}
-                Inserted::Duplicate => return Err("the event is in the log twice".into()),
-            }
-            *index += 1;
-            Ok(())
-        })?;
-    Ok((state, log, recovery, durable))
+    // Cleared only now, so that feeds and replies go out in batch order.
+    let mut g = inner.lock();
+    g.syncing = false;
+    // Replies the committer queued meanwhile whose records were durable.
+    let late = g.ready();
+    drop(g);
+    inner.changed.notify_all();
+    for r in late {
+        r.send(None);
+    }
 }

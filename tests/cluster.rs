@@ -678,7 +678,13 @@ fn cluster_converges(n: usize) {
             "{}: gossip counters: {g}",
             p.name
         );
-        for k in ["duplicates", "announcements_sent", "tree_repairs", "prunes", "rounds"] {
+        for k in [
+            "duplicates",
+            "announcements_sent",
+            "tree_repairs",
+            "prunes",
+            "rounds",
+        ] {
             assert!(g[k].is_u64(), "{}: gossip.{k} missing: {g}", p.name);
         }
         eprintln!("{}: gossip {g}", p.name);

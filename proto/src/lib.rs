@@ -8,9 +8,12 @@
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
 //! - [`log`]: record framing, segments and recovery over a storage trait;
 //! - [`exchange`]: export files and the checks an import makes;
+//! - [`replica`]: one node's state, group commit and durable indexes, and
+//!   the store sync sessions use, without IO;
 //! - [`sync`]: the sync protocol between two replicas, as a state machine;
-//! - [`peers`]: a node's peer policy (connections, dialling, live push,
-//!   anti-entropy), as a state machine that owns its sync sessions.
+//! - [`peers`]: a node's peer policy (connections, dialling, live push along
+//!   a broadcast tree, anti-entropy), as a state machine that owns its sync
+//!   sessions.
 #![warn(missing_docs)]
 
 pub mod event;
@@ -19,6 +22,7 @@ pub mod hlc;
 pub mod id;
 pub mod log;
 pub mod peers;
+pub mod replica;
 pub mod state;
 pub mod sync;
 

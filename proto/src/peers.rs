@@ -484,7 +484,11 @@ impl Peers {
         });
         let grafts = self.wanted.values().map(|w| w.at_ms);
         let next = self.start_next.then_some(0);
-        dials.chain(grafts).chain(self.next_round_ms).chain(next).min()
+        dials
+            .chain(grafts)
+            .chain(self.next_round_ms)
+            .chain(next)
+            .min()
     }
 
     /// Dials `target` from now on (at once), until a connection with the

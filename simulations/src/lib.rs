@@ -21,17 +21,20 @@
 //!
 //! # The node
 //!
-//! [`node::SimNode`] does what `src/node.rs` does, without threads: local
-//! commands become events against the current state at once, received
-//! events are applied at once, and both are written by the next group
-//! commit (the last own event signed, a commit mark on the batch's last
-//! record, one sync). A sync takes virtual time; appends are acknowledged
+//! [`node::SimNode`] is a shell around the node's
+//! [`Replica`](weftlog_proto::replica::Replica), the same core `src/node.rs`
+//! drives with threads and files: local commands become events against
+//! the current state at once, received events are applied at once, and
+//! both are written by the next group commit (the last own event signed, a
+//! commit mark on the batch's last record, one sync, no batch ending inside
+//! a received run). A sync takes virtual time; appends are acknowledged
 //! and the batch's signed heads pushed to every session
 //! (`Session::handle_stored`) when it ends. The node advertises and serves
-//! only durable, signed heads. A crash during a write tears it (a seeded
-//! prefix of the unsynced bytes survives); a restart recovers as `load()`
-//! does: torn tail cut, records after the last commit mark cut, the log
-//! folded again, head signatures verified, the clock re-seeded.
+//! only durable, signed heads, read back from its log. A crash during a
+//! write tears it (a seeded prefix of the unsynced bytes survives); a
+//! restart recovers as the node does (`Replica::open`): torn tail cut,
+//! records after the last commit mark cut, the log folded again, head
+//! signatures verified, the clock re-seeded.
 //!
 //! # The network, and what "loss", "duplication", "reordering" mean here
 //!

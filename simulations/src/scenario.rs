@@ -289,14 +289,6 @@ pub struct NodeParams {
     pub fsync_ms: f64,
     /// Mean of the exponential part of an fdatasync's time.
     pub fsync_jitter_ms: f64,
-    /// Thread interleaving of the real node: probability that its
-    /// committer takes a batch, and applies a local command waiting in its
-    /// queue, between two inserts of one received run (0: never; the
-    /// simulator then stores each received message whole, as a
-    /// single-threaded node would). A share of the same size of local
-    /// commands waits in the committer's queue for such a moment (up to
-    /// 20 ms).
-    pub race: f64,
 }
 
 impl Default for NodeParams {
@@ -304,7 +296,6 @@ impl Default for NodeParams {
         NodeParams {
             fsync_ms: 0.5,
             fsync_jitter_ms: 0.5,
-            race: 0.0,
         }
     }
 }
@@ -716,9 +707,6 @@ impl Scenario {
         }
         if f.shapes.contains(&Shape::Site) && self.sites.is_none() {
             return Err("shape \"site\" needs [sites]".into());
-        }
-        if !(0.0..=1.0).contains(&self.node.race) {
-            return Err("node.race must be in [0, 1]".into());
         }
         if self.peers.window == 0 {
             return Err("peers.window must be at least 1".into());

@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
 use weftlog_proto::state::{Invalid, PrepareError};
-use weftlog_proto::sync::{SessionConfig, Store, SyncError};
+use weftlog_proto::sync::{SessionConfig, SyncError};
 use weftlog_proto::{EventId, Keypair, NodeId};
 
-use crate::node::{Race, Sabotage, SimNode};
+use crate::node::{Sabotage, SimNode};
 use crate::oracle::{self, NodeFinal};
 use crate::report::{RunReport, Timeline, Violation};
 use crate::rng::Rng;
@@ -88,11 +88,6 @@ enum Ev {
     },
     Restart {
         node: usize,
-        epoch: u64,
-    },
-    Unpark {
-        node: usize,
-        token: u64,
         epoch: u64,
     },
     ClockStepNext,
@@ -222,9 +217,6 @@ pub(crate) struct Sim<'a> {
     workload: Workload,
     /// Ops made and not yet acknowledged: what they were.
     outstanding: BTreeMap<EventId, Tag>,
-    /// Commands parked in a node's committer queue, by token.
-    parked: BTreeMap<u64, Tag>,
-    next_token: u64,
     acked: BTreeMap<EventId, (usize, u64)>,
     trace: blake3::Hasher,
     report: RunReport,
@@ -276,13 +268,7 @@ impl<'a> Sim<'a> {
                 Sabotage::None
             };
             let id = key.node_id();
-            let mut node = SimNode::new(key, sabotage)?;
-            if sc.node.race > 0.0 {
-                node.set_race(Race::new(
-                    sc.node.race,
-                    Rng::derive(seed, &format!("race {i}")),
-                ));
-            }
+            let node = SimNode::new(key, sabotage)?;
             ids.push(node.id());
             let skew = sc.faults.clock_skew_ms;
             let drift = sc.faults.clock_drift_ppm;
@@ -327,8 +313,6 @@ impl<'a> Sim<'a> {
             rng_peers: Rng::derive(seed, "peers"),
             workload: Workload::new(sc, seed),
             outstanding: BTreeMap::new(),
-            parked: BTreeMap::new(),
-            next_token: 0,
             acked: BTreeMap::new(),
             trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
             report: RunReport {
@@ -601,12 +585,6 @@ impl<'a> Sim<'a> {
                     self.restart(node);
                 }
             }
-            Ev::Unpark { node, token, epoch } => {
-                if self.slots[node].epoch == epoch {
-                    self.slots[node].node.unpark(token);
-                    self.raced(node);
-                }
-            }
             Ev::ClockStepNext => self.clock_step_next(),
             Ev::Sample => self.sample(),
             Ev::ConvergeCheck => self.converge_check(),
@@ -715,7 +693,8 @@ impl<'a> Sim<'a> {
             self.tr(b'D', &[conn, d as u64], &msg.bytes);
             let now = ms(self.now);
             let s = &mut self.slots[to];
-            s.peers.handle_message(conn, &msg.bytes, now, &mut s.node);
+            s.peers
+                .handle_message(conn, &msg.bytes, now, &mut s.node.store());
             self.after_policy(to);
             if self.conns.contains_key(&conn) {
                 self.drive(conn, d);
@@ -737,7 +716,7 @@ impl<'a> Sim<'a> {
             let node = c.ends[side];
             let now = ms(self.now);
             let s = &mut self.slots[node];
-            let msg = s.peers.poll_transmit(conn, now, &s.node);
+            let msg = s.peers.poll_transmit(conn, now, &s.node.store());
             let quiet = msg.is_none();
             if let Some(msg) = msg {
                 self.send(conn, side, msg);
@@ -761,7 +740,6 @@ impl<'a> Sim<'a> {
             }
         }
         if self.slots[node].node.take_received() {
-            self.raced(node);
             self.request_commit(node);
         }
         self.arm(node);
@@ -842,7 +820,8 @@ impl<'a> Sim<'a> {
         s.timer_at = None;
         if self.phase != Phase::Done {
             let now = ms(self.now);
-            s.peers.handle_timeout(now, &s.node, &mut self.rng_peers);
+            s.peers
+                .handle_timeout(now, &s.node.store(), &mut self.rng_peers);
         }
         self.after_policy(node);
     }
@@ -949,10 +928,10 @@ impl<'a> Sim<'a> {
         let (ea, eb) = (self.slots[a].epoch, self.slots[b].epoch);
         let s = &mut self.slots[a];
         s.peers
-            .handle_connected(id, ib, true, eb, Some(target), now, &s.node);
+            .handle_connected(id, ib, true, eb, Some(target), now, &s.node.store());
         let s = &mut self.slots[b];
         s.peers
-            .handle_connected(id, ia, false, ea, None, now, &s.node);
+            .handle_connected(id, ia, false, ea, None, now, &s.node.store());
         self.after_policy(a);
         self.after_policy(b);
     }
@@ -1120,7 +1099,8 @@ impl<'a> Sim<'a> {
         }
         // Live push: the policy learns of the batch's signed heads.
         let s = &mut self.slots[node];
-        s.peers.handle_stored(&c.heads, &s.node, &mut self.rng_peers);
+        s.peers
+            .handle_stored(&c.heads, &s.node.store(), &mut self.rng_peers);
         self.after_policy(node);
         self.request_commit(node);
     }
@@ -1163,28 +1143,7 @@ impl<'a> Sim<'a> {
         let Some(cmd) = self.workload.next(&view) else {
             return;
         };
-        if self.sc.node.race > 0.0 && self.rng_node.chance(self.sc.node.race) {
-            // The command waits in the committer's queue: it may run in
-            // the middle of a received run.
-            self.report.appends.attempted += 1;
-            let token = self.next_token;
-            self.next_token += 1;
-            self.parked.insert(token, cmd.tag);
-            let wall = self.wall_ms(node);
-            self.slots[node].node.park(token, wall, cmd.draft);
-            let epoch = self.slots[node].epoch;
-            self.after(20 * MS, Ev::Unpark { node, token, epoch });
-            return;
-        }
         self.command_at(node, cmd);
-    }
-
-    /// Handles the parked commands the node's committer ran.
-    fn raced(&mut self, node: usize) {
-        for (token, res) in self.slots[node].node.take_raced() {
-            let tag = self.parked.remove(&token).unwrap_or(Tag::Set);
-            self.append_result(node, tag, res);
-        }
     }
 
     fn command_at(&mut self, node: usize, cmd: crate::workload::Cmd) {
@@ -1790,14 +1749,6 @@ impl<'a> Sim<'a> {
             grafts: total.grafts,
             prunes: total.prunes,
         };
-        let hits: u64 = self.slots.iter().map(|s| s.node.race_hits()).sum();
-        if hits > 0 {
-            *self
-                .report
-                .faults
-                .entry("committer_races".into())
-                .or_default() += hits;
-        }
         self.report.event_frames = sent;
         self.report.duplicate_deliveries = duplicates;
         if self.slots.iter().all(|s| s.node.is_up()) {

@@ -1,0 +1,1191 @@
+//! The replica: one node's folded state, its group commit and the indexes
+//! of its durable log, as a state machine that does no IO.
+//!
+//! A node (`src/node.rs`: threads and files) and a simulated node
+//! (`weftlog-sim`: virtual time and a simulated disk) are shells around one
+//! [`Replica`]. The replica owns every rule between a command or a received
+//! event and the log; the shell owns the threads, the clock and the
+//! storage. The replica never touches storage: it hands out the bytes to
+//! write ([`Batch::frames`]) and is told when they are durable.
+//!
+//! # The model
+//!
+//! - **Pending records.** A local command becomes an event against the
+//!   current [`State`] at once ([`Replica::handle_append`]: idempotency by
+//!   command id and expected-version checks are [`State::append_local`]'s,
+//!   stamped by the replica's [`HlcClock`] from the shell's `now_ms`).
+//!   Events received by sync ([`Replica::handle_received`], through
+//!   [`ReplicaStore`]) and imported files ([`Replica::handle_import`], all
+//!   or nothing) are applied at once too. Each new event is queued as a
+//!   pending record, in the order it was applied, so the log is written in
+//!   causal order. Readers of [`Replica::state`] may see an event a moment
+//!   before it is durable; a crash loses only what was never acknowledged.
+//! - **Group commit.** [`Replica::poll_batch`] takes pending records, in
+//!   order, signs the batch's last own record (the signature covers every
+//!   own record before it through `prev`), and frames them
+//!   ([`log::encode_frame_with`], the commit mark on the batch's last
+//!   record). The shell appends the frames, syncs, and calls
+//!   [`Replica::handle_durable`]; only then are appends acknowledged and
+//!   the batch's signed heads pushed to sync sessions.
+//! - **Durable indexes.** Per author, each durable seq's log record index
+//!   and hlc (what [`sync::Store::fetch`] reads back from the log), and the
+//!   highest durable seq whose record carries a signature: the signed
+//!   heads, which are what sync advertises ([`Replica::frontier`]).
+//! - **Failure is fatal.** A failed write or sync
+//!   ([`Replica::handle_write_failed`]) stops the replica: no more batches,
+//!   and appends and imports are refused with the reason until the node is
+//!   reopened ([`Replica::open`]: recovery decides what is on disk).
+//!
+//! # A batch never ends inside a received run
+//!
+//! Sync stores an author's events in runs that end at a signed event
+//! (`sync` module docs). Until the run's signed end arrives, its events are
+//! applied but their author's signed head is below them. A batch that
+//! ended there, with an own event (or any signed event) that depends on the
+//! run, would make that event a durable signed head whose dependency is not
+//! advertised: a peer lacking the run would fail the round ("depends on
+//! event …, which the peer never sent"). So a record closes a batch only
+//! if no received run is open after it, and [`Replica::poll_batch`] ends
+//! every batch at such a record. A run left open (the session failed in
+//! its middle, having stored part of it) is closed by
+//! [`Replica::handle_received_end`], which [`ReplicaStore`] calls when it
+//! is dropped.
+//!
+//! # Order of calls
+//!
+//! 1. [`Replica::open`] over the log's storage: recovery
+//!    ([`log::open_committed`]), the fold, the indexes, the clock.
+//! 2. Any number of inputs, in any order: [`Replica::handle_append`],
+//!    [`Replica::handle_import`], and received events through a
+//!    [`ReplicaStore`] (one per `Session::handle_message` call, dropped
+//!    after it). [`Replica::mark`] after an input is the point in the queue
+//!    its reply waits for.
+//! 3. [`Replica::poll_batch`]; append [`Batch::frames`] to the [`Log`] at
+//!    record index `first` and sync; then [`Replica::handle_durable`] with
+//!    the batch and `first` (batches become durable in the order they were
+//!    polled: at most one is written at a time), or
+//!    [`Replica::handle_write_failed`]. Replies whose mark is at most
+//!    [`Committed::mark`] are now durable; push [`Committed::heads`] to
+//!    the sync sessions.
+//!
+//! # Threads
+//!
+//! The replica is a plain value; a threaded shell keeps it behind a lock.
+//! A [`ReplicaStore`] reaches the replica through an [`Access`], which may
+//! take that lock at the store's first insert and hold it until the store
+//! is dropped: signature checks (in the session, before any insert) run
+//! outside the lock, and a received run is stored whole before anyone
+//! else sees the replica.
+
+use std::cell::{OnceCell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::event::{Event, Keypair, Signature};
+use crate::exchange::{self, Incoming};
+use crate::hlc::{Hlc, HlcClock};
+use crate::id::{EventId, NodeId};
+use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
+use crate::state::{self, Draft, Inserted, Invalid, PrepareError, State};
+use crate::sync::{self, Head, Stored};
+
+/// One node's replica. See the module docs for the model and the order of
+/// calls.
+#[derive(Debug)]
+pub struct Replica {
+    key: Keypair,
+    id: NodeId,
+    state: State,
+    clock: HlcClock,
+    /// Records applied and not yet taken by [`Replica::poll_batch`].
+    pending: VecDeque<Pending>,
+    /// Authors whose last queued record is an unsigned received one: a run
+    /// whose signed end has not arrived.
+    open: BTreeSet<NodeId>,
+    /// Records queued since open: the position after the last one.
+    queued: u64,
+    /// The position after the last record that may end a batch.
+    closed: u64,
+    /// The position after the last record taken by `poll_batch`.
+    taken: u64,
+    /// The position after the last durable batch.
+    durable_at: u64,
+    /// Own records queued and not yet durable.
+    unacked: u64,
+    /// Per author, each durable seq's (log record index, hlc), `[seq - 1]`.
+    durable: BTreeMap<NodeId, Vec<(u64, Hlc)>>,
+    /// Per author, the highest durable seq whose record carries a signature.
+    signed: BTreeMap<NodeId, u64>,
+    /// Records in the durable log.
+    records: u64,
+    /// Why the log stopped, after a failed write or sync.
+    failed: Option<String>,
+}
+
+/// A record applied to the state and waiting for a group commit.
+#[derive(Debug)]
+struct Pending {
+    bytes: Vec<u8>,
+    id: EventId,
+    author: NodeId,
+    seq: u64,
+    hlc: Hlc,
+    sig: Option<Signature>,
+    /// No received run is open after this record: a batch may end here.
+    closes: bool,
+}
+
+/// A point in the replica's queue of records: everything applied before it
+/// was taken. Compare with [`Committed::mark`] to know whether it is
+/// durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mark(u64);
+
+/// What [`Replica::handle_append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Event id.
+    pub id: EventId,
+    /// Author.
+    pub author: NodeId,
+    /// Seq.
+    pub seq: u64,
+    /// Hlc.
+    pub hlc: Hlc,
+    /// Stream.
+    pub stream: String,
+    /// Stream version after the event.
+    pub version: u64,
+    /// Whether the command id was already in the log (nothing was appended;
+    /// this is that command's event).
+    pub existing: bool,
+}
+
+/// What [`Replica::handle_import`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    /// New events stored.
+    pub imported: u64,
+    /// Events already present.
+    pub duplicates: u64,
+}
+
+/// Why [`Replica::handle_append`] made nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The command was refused.
+    #[error(transparent)]
+    Refused(#[from] PrepareError),
+    /// A write or sync failed earlier; the node must be reopened.
+    #[error("the log is unusable after a failed write or sync: {0}")]
+    Failed(String),
+}
+
+/// Why [`Replica::handle_import`] stored nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// An event was refused.
+    #[error(transparent)]
+    Refused(#[from] exchange::ImportError),
+    /// A write or sync failed earlier; the node must be reopened.
+    #[error("the log is unusable after a failed write or sync: {0}")]
+    Failed(String),
+}
+
+/// Records taken by [`Replica::poll_batch`], to be written as one commit.
+#[derive(Debug)]
+pub struct Batch {
+    records: Vec<Pending>,
+    /// Queue positions of the batch: `[first, end)`.
+    first: u64,
+    end: u64,
+    /// The frames, made on first use (outside any lock the shell holds).
+    frames: OnceCell<Vec<u8>>,
+}
+
+/// What became durable with a batch ([`Replica::handle_durable`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Everything queued before this mark is durable.
+    pub mark: Mark,
+    /// Records written.
+    pub records: u64,
+    /// Bytes written (frames).
+    pub bytes: u64,
+    /// The node's own events in the batch, now acknowledged: `(id, seq)`.
+    pub acked: Vec<(EventId, u64)>,
+    /// Per author, the highest seq in the batch that carries a signature,
+    /// ascending by author: what sync sessions may now push
+    /// ([`sync::Session::handle_stored`]).
+    pub heads: Vec<(NodeId, u64)>,
+    /// The batch's events in log order: `(id, encoded event)`.
+    pub events: Vec<(EventId, Vec<u8>)>,
+}
+
+impl Replica {
+    /// An empty replica of `key`'s node, as [`Replica::open`] makes over an
+    /// empty log.
+    pub fn new(key: Keypair) -> Replica {
+        Replica {
+            id: key.node_id(),
+            key,
+            state: State::new(),
+            clock: HlcClock::default(),
+            pending: VecDeque::new(),
+            open: BTreeSet::new(),
+            queued: 0,
+            closed: 0,
+            taken: 0,
+            durable_at: 0,
+            unacked: 0,
+            durable: BTreeMap::new(),
+            signed: BTreeMap::new(),
+            records: 0,
+            failed: None,
+        }
+    }
+
+    /// Opens the log over `storage` ([`log::open_committed`]: a torn tail
+    /// and an interrupted batch are cut, each author's last signature is
+    /// verified), folds it, indexes its records, and seeds the clock with
+    /// the largest hlc. `storage` opens the storage afresh for each pass.
+    pub fn open<S: Storage>(
+        key: Keypair,
+        storage: impl FnMut() -> Result<S, OpenError>,
+    ) -> Result<(Replica, Log<S>, Recovery), OpenError> {
+        let fresh = || Replica::new(Keypair::from_secret(key.secret()));
+        let (log, recovery, mut replica) =
+            log::open_committed(storage, fresh, |r, frame, event| {
+                match r.state.insert(event, frame.id).map_err(|e| e.to_string())? {
+                    Inserted::New => {}
+                    Inserted::Duplicate => return Err("the event is in the log twice".into()),
+                }
+                r.index(
+                    r.records,
+                    event.author,
+                    event.seq,
+                    event.hlc,
+                    frame.sig.is_some(),
+                );
+                r.records += 1;
+                Ok(())
+            })?;
+        debug_assert_eq!(replica.records, log.records());
+        replica.clock = HlcClock::new(replica.state.max_hlc());
+        Ok((replica, log, recovery))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The node's key.
+    pub fn keypair(&self) -> &Keypair {
+        &self.key
+    }
+
+    /// The folded state: every event applied, durable or not.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The folded state, by value.
+    pub fn into_state(self) -> State {
+        self.state
+    }
+
+    /// Why the log stopped, if a write or sync failed.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Runs a local command at wall time `now_ms`: the event is applied at
+    /// once and queued for the next batch. A command id already in the log
+    /// gives that command's event (`existing`) and queues nothing.
+    pub fn handle_append(&mut self, draft: Draft, now_ms: u64) -> Result<Appended, AppendError> {
+        if let Some(why) = &self.failed {
+            return Err(AppendError::Failed(why.clone()));
+        }
+        match self
+            .state
+            .append_local(self.id, &mut self.clock, now_ms, draft)?
+        {
+            state::Appended::Existing(rec) => Ok(Appended {
+                id: rec.id,
+                author: rec.author,
+                seq: rec.seq,
+                hlc: rec.hlc,
+                stream: rec.stream,
+                version: rec.version,
+                existing: true,
+            }),
+            state::Appended::New { event, bytes, id } => {
+                let version = self.state.version(&event.stream);
+                self.queue(
+                    Pending {
+                        bytes,
+                        id,
+                        author: self.id,
+                        seq: event.seq,
+                        hlc: event.hlc,
+                        sig: None,
+                        closes: false,
+                    },
+                    false,
+                );
+                Ok(Appended {
+                    id,
+                    author: self.id,
+                    seq: event.seq,
+                    hlc: event.hlc,
+                    stream: event.stream,
+                    version,
+                    existing: false,
+                })
+            }
+        }
+    }
+
+    /// Imports authenticated events ([`exchange::authenticate`]): every one
+    /// is checked against its causal past first, and either all new ones
+    /// are applied and queued, or none.
+    pub fn handle_import(&mut self, items: Vec<Incoming>) -> Result<Imported, ImportError> {
+        if let Some(why) = &self.failed {
+            return Err(ImportError::Failed(why.clone()));
+        }
+        let mut scratch = self.state.clone();
+        let mut new = Vec::new();
+        let mut duplicates = 0;
+        for item in items {
+            match scratch.insert(&item.event, item.id) {
+                Ok(Inserted::New) => new.push(item),
+                Ok(Inserted::Duplicate) => duplicates += 1,
+                Err(e) => return Err(exchange::ImportError::event(&item, e).into()),
+            }
+        }
+        self.clock.observe(scratch.max_hlc());
+        self.state = scratch;
+        let imported = new.len() as u64;
+        // `authenticate` ends every author's run signed; should a caller
+        // skip it, the import must still not hold batches back for ever.
+        let mut unsigned_ends: BTreeSet<NodeId> = BTreeSet::new();
+        for item in &new {
+            if item.sig.is_none() {
+                unsigned_ends.insert(item.event.author);
+            } else {
+                unsigned_ends.remove(&item.event.author);
+            }
+        }
+        for item in new {
+            self.queue(
+                Pending {
+                    bytes: item.bytes,
+                    id: item.id,
+                    author: item.event.author,
+                    seq: item.event.seq,
+                    hlc: item.event.hlc,
+                    sig: item.sig,
+                    closes: false,
+                },
+                true,
+            );
+        }
+        if !unsigned_ends.is_empty() {
+            self.open.retain(|a| !unsigned_ends.contains(a));
+            self.close_if_none_open();
+        }
+        Ok(Imported {
+            imported,
+            duplicates,
+        })
+    }
+
+    /// Stores an authenticated event received by sync, as
+    /// [`sync::Store::insert`] does: checked against its causal past
+    /// ([`State::insert`]: on error nothing changes), applied, observed by
+    /// the clock, and queued with its signature. Call
+    /// [`Replica::handle_received_end`] after the last insert of a
+    /// session's call; [`ReplicaStore`] does both.
+    pub fn handle_received(
+        &mut self,
+        event: &Event,
+        id: EventId,
+        bytes: &[u8],
+        sig: Option<Signature>,
+    ) -> Result<Inserted, Invalid> {
+        let r = self.state.insert(event, id)?;
+        if r == Inserted::New {
+            self.clock.observe(event.hlc);
+            self.queue(
+                Pending {
+                    bytes: bytes.to_vec(),
+                    id,
+                    author: event.author,
+                    seq: event.seq,
+                    hlc: event.hlc,
+                    sig,
+                    closes: false,
+                },
+                true,
+            );
+        }
+        Ok(r)
+    }
+
+    /// Ends a run of received events: runs still open (their signed end
+    /// never came: the session failed in their middle) no longer hold
+    /// batches back. Their events are written unsigned, and advertised once
+    /// a later signed event of their author arrives.
+    pub fn handle_received_end(&mut self) {
+        if !self.open.is_empty() {
+            self.open.clear();
+            self.close_if_none_open();
+        }
+    }
+
+    /// Takes the next batch: pending records in order, at most
+    /// `max_records` (at least one), ending at a record that closes a batch
+    /// (see the module docs; a received run longer than `max_records` is
+    /// taken whole). Signs the batch's last own record. `None` when nothing
+    /// can be taken, or after a failed write.
+    pub fn poll_batch(&mut self, max_records: usize) -> Option<Batch> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let avail = (self.closed - self.taken) as usize;
+        if avail == 0 {
+            return None;
+        }
+        let max = max_records.max(1);
+        let n = if avail <= max {
+            avail
+        } else {
+            let closes = |k: &usize| self.pending[*k - 1].closes;
+            (1..=max)
+                .rev()
+                .find(closes)
+                .or_else(|| (max + 1..=avail).find(closes))
+                // Invariant: the record before `closed` closes a batch.
+                .expect("a record closes a batch at `closed`")
+        };
+        let mut records: Vec<Pending> = self.pending.drain(..n).collect();
+        let first = self.taken;
+        self.taken += n as u64;
+        if let Some(p) = records.iter_mut().rev().find(|p| p.author == self.id) {
+            if p.sig.is_none() {
+                p.sig = Some(self.key.sign(&p.id));
+            }
+        }
+        Some(Batch {
+            records,
+            first,
+            end: self.taken,
+            frames: OnceCell::new(),
+        })
+    }
+
+    /// The shell appended `batch`'s frames to the log at record index
+    /// `first_record` and synced them: indexes them and says what became
+    /// durable.
+    ///
+    /// # Panics
+    /// If `batch` is not the oldest batch polled and not yet durable, or if
+    /// `first_record` is not the number of records in the durable log.
+    pub fn handle_durable(&mut self, batch: Batch, first_record: u64) -> Committed {
+        assert_eq!(
+            batch.first, self.durable_at,
+            "batches become durable in the order they were polled"
+        );
+        assert_eq!(
+            first_record, self.records,
+            "the batch must follow the durable log"
+        );
+        let bytes = batch.frames().len() as u64;
+        let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut acked = Vec::new();
+        let mut events = Vec::with_capacity(batch.records.len());
+        for p in batch.records {
+            let signed = p.sig.is_some();
+            self.index(self.records, p.author, p.seq, p.hlc, signed);
+            self.records += 1;
+            if signed {
+                heads.insert(p.author, p.seq);
+            }
+            if p.author == self.id {
+                acked.push((p.id, p.seq));
+            }
+            events.push((p.id, p.bytes));
+        }
+        self.unacked -= acked.len() as u64;
+        self.durable_at = batch.end;
+        Committed {
+            mark: Mark(batch.end),
+            records: events.len() as u64,
+            bytes,
+            acked,
+            heads: heads.into_iter().collect(),
+            events,
+        }
+    }
+
+    /// A write or sync of a batch failed: the replica stops. No more
+    /// batches; appends and imports are refused with `why` until the node
+    /// is reopened. The first reason is kept.
+    pub fn handle_write_failed(&mut self, why: String) {
+        self.failed.get_or_insert(why);
+    }
+
+    /// The point in the queue after everything applied so far.
+    pub fn mark(&self) -> Mark {
+        Mark(self.queued)
+    }
+
+    /// The point in the queue up to which everything is durable.
+    pub fn durable_mark(&self) -> Mark {
+        Mark(self.durable_at)
+    }
+
+    /// Whether records wait for a batch.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Records waiting for a batch.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Own records applied and not yet durable (pending, or in a batch
+    /// being written).
+    pub fn unacked(&self) -> u64 {
+        self.unacked
+    }
+
+    /// Records in the durable log.
+    pub fn durable_len(&self) -> u64 {
+        self.records
+    }
+
+    /// A durable event's log record index and hlc.
+    pub fn durable_record(&self, author: &NodeId, seq: u64) -> Option<(u64, Hlc)> {
+        self.durable
+            .get(author)?
+            .get(seq.checked_sub(1)? as usize)
+            .copied()
+    }
+
+    /// Per author, the highest durable seq whose record carries a signature.
+    pub fn signed_heads(&self) -> &BTreeMap<NodeId, u64> {
+        &self.signed
+    }
+
+    /// What sync advertises: the signed heads, ascending by author. They
+    /// are causally closed (no batch ends inside a received run).
+    pub fn frontier(&self) -> Vec<Head> {
+        self.signed
+            .iter()
+            .filter_map(|(&author, &seq)| {
+                let id = self.state.event_id(&author, seq)?;
+                Some(Head { author, seq, id })
+            })
+            .collect()
+    }
+
+    /// Queues a new record. `received` for events from peers or files,
+    /// whose unsigned runs stay open until their signed end.
+    fn queue(&mut self, mut p: Pending, received: bool) {
+        if p.sig.is_some() {
+            self.open.remove(&p.author);
+        } else if received {
+            self.open.insert(p.author);
+        }
+        if p.author == self.id {
+            self.unacked += 1;
+        }
+        p.closes = self.open.is_empty();
+        self.queued += 1;
+        if p.closes {
+            self.closed = self.queued;
+        }
+        self.pending.push_back(p);
+    }
+
+    /// Lets a batch end after the last queued record if no run is open.
+    fn close_if_none_open(&mut self) {
+        if !self.open.is_empty() {
+            return;
+        }
+        if let Some(last) = self.pending.back_mut() {
+            last.closes = true;
+            self.closed = self.queued;
+        }
+    }
+
+    /// Indexes durable record `record`.
+    fn index(&mut self, record: u64, author: NodeId, seq: u64, hlc: Hlc, signed: bool) {
+        let seqs = self.durable.entry(author).or_default();
+        debug_assert_eq!(seqs.len() as u64 + 1, seq, "log out of chain order");
+        seqs.push((record, hlc));
+        if signed {
+            self.signed.insert(author, seq);
+        }
+    }
+}
+
+impl Batch {
+    /// The batch's frames, one byte buffer: append it to the log as is.
+    pub fn frames(&self) -> &[u8] {
+        self.frames.get_or_init(|| {
+            let mut out = Vec::new();
+            let n = self.records.len();
+            for (i, p) in self.records.iter().enumerate() {
+                encode_frame_with(&mut out, &p.bytes, &p.id, p.sig.as_ref(), i + 1 == n);
+            }
+            out
+        })
+    }
+
+    /// Records in the batch.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether the batch holds no record (only after [`Batch::retain_own`]).
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The mark that becomes durable with the batch.
+    pub fn mark(&self) -> Mark {
+        Mark(self.end)
+    }
+
+    /// Test hook (the simulator's sabotage of a node that never writes
+    /// received events): drops the batch's received records.
+    #[doc(hidden)]
+    pub fn retain_own(&mut self, id: NodeId) {
+        self.records.retain(|p| p.author == id);
+        self.frames = OnceCell::new();
+    }
+}
+
+/// How a [`ReplicaStore`] reaches the replica and the log it describes.
+///
+/// A threaded shell keeps the replica behind a lock: `read` may take it
+/// for the call, and `write` takes it at the first call and holds it until
+/// the access is dropped, so that a received run is stored whole (module
+/// docs). A single-threaded shell simply lends the replica.
+pub trait Access {
+    /// Runs `f` on the replica.
+    fn read<T>(&self, f: impl FnOnce(&Replica) -> T) -> T;
+    /// Runs `f` on the replica to store received events.
+    fn write<T>(&mut self, f: impl FnOnce(&mut Replica) -> T) -> T;
+    /// Reads durable log record `record` (checked as it is read): the
+    /// event's encoding, its id and its signature. `None` if it cannot be
+    /// read.
+    fn read_record(&self, record: u64) -> Option<(Vec<u8>, EventId, Option<Signature>)>;
+}
+
+/// [`Access`] for a single-threaded shell: the replica and its log, lent
+/// for as long as the store lives.
+#[derive(Debug)]
+pub struct Lent<'a, S> {
+    replica: &'a mut Replica,
+    log: RefCell<Option<&'a mut Log<S>>>,
+}
+
+impl<'a, S: Storage> Lent<'a, S> {
+    /// Lends `replica` and the log it describes (`None` while the shell has
+    /// no log open: nothing can be fetched).
+    pub fn new(replica: &'a mut Replica, log: Option<&'a mut Log<S>>) -> Lent<'a, S> {
+        Lent {
+            replica,
+            log: RefCell::new(log),
+        }
+    }
+}
+
+impl<S: Storage> Access for Lent<'_, S> {
+    fn read<T>(&self, f: impl FnOnce(&Replica) -> T) -> T {
+        f(self.replica)
+    }
+
+    fn write<T>(&mut self, f: impl FnOnce(&mut Replica) -> T) -> T {
+        f(self.replica)
+    }
+
+    fn read_record(&self, record: u64) -> Option<(Vec<u8>, EventId, Option<Signature>)> {
+        let mut log = self.log.borrow_mut();
+        read_record(log.as_mut()?, record)
+    }
+}
+
+/// Reads record `record` of `log` for [`Access::read_record`].
+pub fn read_record<S: Storage>(
+    log: &mut Log<S>,
+    record: u64,
+) -> Option<(Vec<u8>, EventId, Option<Signature>)> {
+    let (read, _) = log
+        .read_with(record, |f| (f.bytes.to_vec(), f.id, f.sig))
+        .ok()?;
+    Some(read)
+}
+
+/// A replica as a [`sync::Store`] for sync sessions: it advertises and
+/// serves only durable events, each author up to its last signed one, and
+/// queues received events for the next batch.
+///
+/// Make one per `Session` call that may insert (`handle_message`) and drop
+/// it after: dropping it ends the received input
+/// ([`Replica::handle_received_end`]).
+#[derive(Debug)]
+pub struct ReplicaStore<A: Access> {
+    access: A,
+    /// An insert was made: end the received input on drop.
+    inserted: bool,
+}
+
+impl<A: Access> ReplicaStore<A> {
+    /// A store over `access`.
+    pub fn new(access: A) -> ReplicaStore<A> {
+        ReplicaStore {
+            access,
+            inserted: false,
+        }
+    }
+}
+
+impl<A: Access> Drop for ReplicaStore<A> {
+    fn drop(&mut self) {
+        if self.inserted {
+            self.access.write(Replica::handle_received_end);
+        }
+    }
+}
+
+impl<A: Access> sync::Store for ReplicaStore<A> {
+    fn frontier(&self) -> Vec<Head> {
+        self.access.read(Replica::frontier)
+    }
+
+    fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
+        self.access.read(|r| r.state.event_id(author, seq))
+    }
+
+    fn contains(&self, id: &EventId) -> bool {
+        self.access.read(|r| r.state.contains(id))
+    }
+
+    fn hlc(&self, author: &NodeId, seq: u64) -> Option<Hlc> {
+        self.access
+            .read(|r| r.durable_record(author, seq))
+            .map(|(_, hlc)| hlc)
+    }
+
+    fn fetch(&self, author: &NodeId, seq: u64) -> Option<Stored> {
+        let (record, hlc) = self.access.read(|r| r.durable_record(author, seq))?;
+        let (bytes, id, sig) = self.access.read_record(record)?;
+        Some(Stored {
+            bytes,
+            id,
+            hlc,
+            sig,
+        })
+    }
+
+    fn insert(
+        &mut self,
+        event: &Event,
+        id: EventId,
+        bytes: &[u8],
+        sig: Option<Signature>,
+    ) -> Result<Inserted, Invalid> {
+        self.inserted = true;
+        self.access
+            .write(|r| r.handle_received(event, id, bytes, sig))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::event::Op;
+    use crate::log::MemStorage;
+    use crate::sync::{MemStore, Session, SessionConfig, SessionEvent, Store, SyncError};
+
+    const CLUSTER: [u8; 32] = [9; 32];
+
+    fn key(secret: u8) -> Keypair {
+        Keypair::from_secret([secret; 32])
+    }
+
+    fn edit(v: &str) -> Draft {
+        Draft {
+            stream: "attendee/1".into(),
+            kind: "Edited".into(),
+            ops: vec![Op::Set {
+                field: "email".into(),
+                value: format!("{v:?}").into_bytes(),
+                supersedes: vec![],
+            }],
+            ..Draft::default()
+        }
+    }
+
+    /// A replica over fresh in-memory storage, with its log.
+    fn open(secret: u8) -> (Replica, Log<MemStorage>) {
+        let (r, log, recovery) = Replica::open(key(secret), || Ok(MemStorage::new())).unwrap();
+        assert_eq!(recovery.torn, None);
+        (r, log)
+    }
+
+    /// Writes the next batch as a shell does; `None` if there is none.
+    fn commit(r: &mut Replica, log: &mut Log<MemStorage>) -> Option<Committed> {
+        let batch = r.poll_batch(usize::MAX)?;
+        let first = log.records();
+        log.append(batch.frames(), batch.len() as u64).unwrap();
+        Some(r.handle_durable(batch, first))
+    }
+
+    /// A run of `n` events by peer X, made in one commit (signed at its
+    /// end), as sync hands them to a store; and X's id.
+    fn peer_run(n: usize) -> (NodeId, Vec<Received>) {
+        let kx = key(7);
+        let mut x = MemStore::new();
+        let drafts = (0..n).map(|i| edit(&format!("x{i}")));
+        x.commit(&kx, &mut HlcClock::default(), 1_000, drafts)
+            .unwrap();
+        (kx.node_id(), received(&x, kx.node_id()))
+    }
+
+    /// An event as sync hands it to a store: `(event, id, bytes, sig)`.
+    type Received = (Event, EventId, Vec<u8>, Option<Signature>);
+
+    /// A peer's events as sync hands them to a store.
+    fn received(peer: &MemStore, author: NodeId) -> Vec<Received> {
+        (1..)
+            .map_while(|seq| peer.get(&author, seq))
+            .map(|s| {
+                let (event, id) = Event::decode(&s.bytes).unwrap();
+                (event, id, s.bytes.clone(), s.sig)
+            })
+            .collect()
+    }
+
+    /// Shuttles messages between a replica and a `MemStore` until both are
+    /// quiet; returns what the `MemStore`'s session reported.
+    fn sync_with(
+        r: &mut Replica,
+        log: &mut Log<MemStorage>,
+        peer: &mut MemStore,
+        peer_id: NodeId,
+    ) -> Vec<SessionEvent> {
+        let mut cr = SessionConfig::new(CLUSTER, r.id());
+        cr.peer = Some(peer_id);
+        let mut cp = SessionConfig::new(CLUSTER, peer_id);
+        cp.peer = Some(r.id());
+        fn store<'a>(
+            r: &'a mut Replica,
+            log: &'a mut Log<MemStorage>,
+        ) -> ReplicaStore<Lent<'a, MemStorage>> {
+            ReplicaStore::new(Lent::new(r, Some(log)))
+        }
+        let mut sr = Session::new(cr, &store(r, log));
+        let mut sp = Session::new(cp, &*peer);
+        loop {
+            let mut quiet = true;
+            while let Some(m) = sr.poll_transmit(&store(r, log)) {
+                let _ = sp.handle_message(&m, peer);
+                quiet = false;
+            }
+            while let Some(m) = sp.poll_transmit(&*peer) {
+                let _ = sr.handle_message(&m, &mut store(r, log));
+                quiet = false;
+            }
+            if quiet {
+                break;
+            }
+        }
+        std::iter::from_fn(|| sp.poll_event()).collect()
+    }
+
+    fn failures(events: &[SessionEvent]) -> Vec<&SyncError> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Failed(err) => Some(err),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_append_is_acknowledged_and_advertised_once_its_batch_is_durable() {
+        let (mut r, mut log) = open(1);
+        let a = r.handle_append(edit("a"), 1_000).unwrap();
+        let b = r.handle_append(edit("b"), 1_001).unwrap();
+        assert_eq!((a.seq, b.seq, b.version, b.existing), (1, 2, 2, false));
+        let wait = r.mark();
+        assert!(r.durable_mark() < wait && r.has_pending());
+        assert_eq!(r.unacked(), 2);
+        // Applied at once, advertised only once durable.
+        assert_eq!(r.state().len(), 2);
+        assert!(r.frontier().is_empty());
+        let batch = r.poll_batch(16).unwrap();
+        assert_eq!(batch.len(), 2);
+        assert!(r.poll_batch(16).is_none(), "one batch in flight takes all");
+        let first = log.records();
+        log.append(batch.frames(), batch.len() as u64).unwrap();
+        let c = r.handle_durable(batch, first);
+        assert!(c.mark >= wait);
+        assert_eq!(c.acked, vec![(a.id, 1), (b.id, 2)]);
+        assert_eq!(c.heads, vec![(r.id(), 2)]);
+        assert_eq!(c.events.len(), 2);
+        assert_eq!(r.unacked(), 0);
+        assert_eq!(r.durable_len(), 2);
+        assert_eq!(
+            r.frontier(),
+            vec![Head {
+                author: r.id(),
+                seq: 2,
+                id: b.id
+            }]
+        );
+        // Served from the log: the batch's last own event is signed.
+        let store = ReplicaStore::new(Lent::new(&mut r, Some(&mut log)));
+        let got = store.fetch(&a.author, 2).unwrap();
+        assert_eq!((got.id, got.hlc), (b.id, b.hlc));
+        crate::event::verify(&a.author, &b.id, &got.sig.unwrap()).unwrap();
+        assert_eq!(store.fetch(&a.author, 1).unwrap().sig, None);
+        assert_eq!(store.hlc(&a.author, 1), Some(a.hlc));
+        assert!(store.fetch(&a.author, 3).is_none());
+    }
+
+    #[test]
+    fn a_command_id_already_applied_is_the_existing_event() {
+        let (mut r, mut log) = open(1);
+        let mut d = edit("a");
+        d.meta.command_id = Some("c-1".into());
+        let a = r.handle_append(d.clone(), 1_000).unwrap();
+        let mark = r.mark();
+        let again = r.handle_append(d, 1_001).unwrap();
+        assert!(again.existing && again.id == a.id);
+        assert_eq!(r.mark(), mark, "nothing queued");
+        commit(&mut r, &mut log).unwrap();
+        let mut stale = edit("b");
+        stale.expected_version = Some(0);
+        assert!(matches!(
+            r.handle_append(stale, 1_002),
+            Err(AppendError::Refused(PrepareError::VersionMismatch { .. }))
+        ));
+    }
+
+    /// The bug this guards against: a node whose committer ran between two
+    /// inserts of one received run wrote a batch [X1, L] (X1 an unsigned
+    /// received event, L an own event depending on it). It then advertised
+    /// L, signed and durable, but not X1 (X's signed head was below it), so
+    /// a peer lacking X1 failed the round on L's dependency.
+    #[test]
+    fn a_batch_never_ends_inside_a_received_run() {
+        let (x, run) = peer_run(2);
+        assert!(
+            run[0].3.is_none() && run[1].3.is_some(),
+            "one run, signed at its end"
+        );
+        let (mut n, mut log) = open(2);
+        let l0 = n.handle_append(edit("n0"), 500).unwrap();
+        // The committer's interleaving: X1 stored, a local command applied
+        // (it depends on X1), a batch taken, and only then X2.
+        let (e, id, bytes, sig) = &run[0];
+        n.handle_received(e, *id, bytes, *sig).unwrap();
+        let l1 = n.handle_append(edit("n1"), 2_000).unwrap();
+        let c = commit(&mut n, &mut log).unwrap();
+        // What N advertises is causally closed: a peer syncs cleanly.
+        let kp = key(3);
+        let mut p = MemStore::new();
+        let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
+        assert!(failures(&at_p).is_empty(), "{at_p:?}");
+        // Because the batch ended before the open run.
+        assert_eq!(c.acked, vec![(l0.id, 1)]);
+        assert_eq!(p.len(), 1);
+        assert!(n.poll_batch(usize::MAX).is_none(), "X1 and L wait for X2");
+        // The run's end closes it: everything goes in one batch.
+        let (e, id, bytes, sig) = &run[1];
+        n.handle_received(e, *id, bytes, *sig).unwrap();
+        let c = commit(&mut n, &mut log).unwrap();
+        assert_eq!(c.records, 3);
+        assert_eq!(c.acked, vec![(l1.id, 2)]);
+        let mut heads = vec![(x, 2), (n.id(), 2)];
+        heads.sort();
+        assert_eq!(c.heads, heads);
+        let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
+        assert!(failures(&at_p).is_empty(), "{at_p:?}");
+        assert_eq!(p.len(), 4);
+    }
+
+    #[test]
+    fn a_run_left_open_is_released_when_the_received_input_ends() {
+        let (x, run) = peer_run(2);
+        let (mut n, mut log) = open(2);
+        {
+            // A session stored X1 and then failed: the store is dropped.
+            let mut store = ReplicaStore::new(Lent::new(&mut n, Some(&mut log)));
+            let (e, id, bytes, sig) = &run[0];
+            assert_eq!(store.insert(e, *id, bytes, *sig), Ok(Inserted::New));
+        }
+        let c = commit(&mut n, &mut log).unwrap();
+        assert_eq!(c.records, 1);
+        assert!(c.heads.is_empty(), "written, but not advertised");
+        assert!(n.frontier().is_empty());
+        assert_eq!(n.durable_record(&x, 1).map(|(rec, _)| rec), Some(0));
+    }
+
+    #[test]
+    fn batches_end_at_closing_records_within_the_limit() {
+        let (x, run) = peer_run(5);
+        let (mut n, mut log) = open(2);
+        n.handle_append(edit("a"), 500).unwrap();
+        n.handle_append(edit("b"), 501).unwrap();
+        for (e, id, bytes, sig) in &run {
+            n.handle_received(e, *id, bytes, *sig).unwrap();
+        }
+        n.handle_append(edit("c"), 3_000).unwrap();
+        // Two own records close; the run of five closes at its signed end,
+        // so a limit of three takes the own records, then the run whole.
+        let sizes: Vec<u64> = std::iter::from_fn(|| {
+            let batch = n.poll_batch(3)?;
+            let first = log.records();
+            log.append(batch.frames(), batch.len() as u64).unwrap();
+            Some(n.handle_durable(batch, first).records)
+        })
+        .collect();
+        assert_eq!(sizes, vec![2, 5, 1]);
+        assert_eq!(n.durable_len(), 8);
+        assert_eq!(n.signed_heads()[&x], 5);
+        assert_eq!(n.signed_heads()[&n.id()], 3);
+    }
+
+    #[test]
+    fn a_received_run_goes_through_a_session_whole() {
+        let kx = key(7);
+        let mut x = MemStore::new();
+        for i in 0..3 {
+            let drafts = (0..4).map(|j| edit(&format!("x{i}.{j}")));
+            x.commit(&kx, &mut HlcClock::default(), 1_000 + i, drafts)
+                .unwrap();
+        }
+        let (mut n, mut log) = open(2);
+        let at_x = sync_with(&mut n, &mut log, &mut x, kx.node_id());
+        assert!(failures(&at_x).is_empty(), "{at_x:?}");
+        assert_eq!(n.state().len(), 12);
+        let c = commit(&mut n, &mut log).unwrap();
+        assert_eq!(c.records, 12);
+        assert_eq!(c.heads, vec![(kx.node_id(), 12)]);
+        assert!(c.acked.is_empty());
+        assert_eq!(n.frontier(), x.frontier());
+    }
+
+    #[test]
+    fn an_import_is_all_or_nothing() {
+        let (_, run) = peer_run(2);
+        let incoming = |seqs: &[u64]| -> Vec<Incoming> {
+            run.iter()
+                .filter(|(e, ..)| seqs.contains(&e.seq))
+                .cloned()
+                .map(|(event, id, bytes, sig)| Incoming {
+                    event,
+                    id,
+                    bytes,
+                    sig,
+                })
+                .collect()
+        };
+        let (mut n, mut log) = open(2);
+        n.handle_append(edit("n"), 500).unwrap();
+        let (len, mark, hash) = (n.state().len(), n.mark(), n.state().state_hash());
+        // X2 without X1: its chain predecessor is missing.
+        assert!(matches!(
+            n.handle_import(incoming(&[2])),
+            Err(ImportError::Refused(exchange::ImportError::Event { .. }))
+        ));
+        assert_eq!(
+            (n.state().len(), n.mark(), n.state().state_hash()),
+            (len, mark, hash)
+        );
+        let done = n.handle_import(incoming(&[1, 2])).unwrap();
+        assert_eq!(
+            done,
+            Imported {
+                imported: 2,
+                duplicates: 0
+            }
+        );
+        let again = n.handle_import(incoming(&[1, 2])).unwrap();
+        assert_eq!(
+            again,
+            Imported {
+                imported: 0,
+                duplicates: 2
+            }
+        );
+        let c = commit(&mut n, &mut log).unwrap();
+        assert_eq!(c.records, 3);
+        assert_eq!(c.heads.len(), 2, "the import kept X2's signature");
+    }
+
+    #[test]
+    fn a_reopen_after_a_torn_batch_keeps_what_was_durable() {
+        let (mut r, mut log) = open(1);
+        r.handle_append(edit("a"), 1_000).unwrap();
+        r.handle_append(edit("b"), 1_001).unwrap();
+        commit(&mut r, &mut log).unwrap();
+        let hash = r.state().state_hash();
+        r.handle_append(edit("c"), 1_002).unwrap();
+        r.handle_append(edit("d"), 1_003).unwrap();
+        let batch = r.poll_batch(usize::MAX).unwrap();
+        // The write is issued, the sync never returns, half of it lands.
+        let disk = Rc::new(RefCell::new(log.into_storage()));
+        disk.borrow_mut().fail_sync = true;
+        let (mut log, ..) = Log::open(disk.clone(), |_| Ok(())).unwrap();
+        assert!(log.append(batch.frames(), 2).is_err());
+        r.handle_write_failed("injected".into());
+        disk.borrow_mut().fail_sync = false;
+        disk.borrow_mut().crash(batch.frames().len() / 2);
+        let (mut r, log, recovery) = Replica::open(key(1), || Ok(disk.clone())).unwrap();
+        assert!(recovery.torn.is_some());
+        assert_eq!((log.records(), r.durable_len()), (2, 2));
+        assert_eq!(r.state().state_hash(), hash);
+        assert_eq!(r.signed_heads()[&r.id()], 2);
+        assert_eq!(r.failed(), None);
+        // The clock is above the recovered events; new events follow them.
+        let e = r.handle_append(edit("e"), 10).unwrap();
+        assert_eq!(e.seq, 3);
+        assert!(e.hlc > Hlc::from_ms(1_001));
+    }
+
+    #[test]
+    fn a_failed_write_is_fatal() {
+        let (mut r, mut log) = open(1);
+        r.handle_append(edit("a"), 1_000).unwrap();
+        let batch = r.poll_batch(usize::MAX).unwrap();
+        drop(batch);
+        r.handle_write_failed("disk on fire".into());
+        r.handle_write_failed("later".into());
+        assert_eq!(r.failed(), Some("disk on fire"));
+        assert!(r.poll_batch(usize::MAX).is_none());
+        assert_eq!(
+            r.handle_append(edit("b"), 1_001),
+            Err(AppendError::Failed("disk on fire".into()))
+        );
+        assert!(matches!(
+            r.handle_import(Vec::new()),
+            Err(ImportError::Failed(_))
+        ));
+        assert_eq!(r.unacked(), 1, "never acknowledged");
+        assert!(commit(&mut r, &mut log).is_none());
+    }
+}
