@@ -1904,6 +1904,8 @@ struct PropagateRun {
     connect_secs: f64,
     /// Events sent by all sessions / deliveries needed (events × others).
     sends_per_delivery: f64,
+    /// Received events already held, per event delivered (gossip counters).
+    duplicates_per_delivery: f64,
     shutdown_secs: f64,
 }
 
@@ -2046,6 +2048,13 @@ fn weft_propagate_run(cfg: &Config, seed: u64) -> Result<PropagateRun> {
     });
     let sent: u64 = rows.iter().filter_map(|r| r["events_sent"].as_u64()).sum();
     let needed = (warm + m) * (k as u64 - 1);
+    let (delivered, duplicates) = daemons.iter().fold((0, 0), |(d, u), x| {
+        let g = x.gossip();
+        (
+            d + g["delivered"].as_u64().unwrap_or(0),
+            u + g["duplicates"].as_u64().unwrap_or(0),
+        )
+    });
     let (shutdown_secs, r) = time(|| {
         rt.block_on(async {
             let handles: Vec<_> = daemons
@@ -2073,6 +2082,7 @@ fn weft_propagate_run(cfg: &Config, seed: u64) -> Result<PropagateRun> {
         ack,
         connect_secs,
         sends_per_delivery: sent as f64 / needed as f64,
+        duplicates_per_delivery: duplicates as f64 / delivered.max(1) as f64,
         shutdown_secs,
     })
 }
@@ -2124,7 +2134,7 @@ fn bench_propagate(cfg: &Config, report: &mut Report) -> Result<()> {
     );
     let (mut applied, mut durable, mut local, mut ack) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut sends, mut connect) = (Vec::new(), Vec::new());
+    let (mut sends, mut connect, mut dups) = (Vec::new(), Vec::new(), Vec::new());
     let show = |v: &[f64]| {
         if v.is_empty() {
             return "-".to_string();
@@ -2141,13 +2151,14 @@ fn bench_propagate(cfg: &Config, report: &mut Report) -> Result<()> {
         let w = weft_propagate_run(cfg, seed)?;
         let l = local_append_latencies(cfg, seed)?;
         println!(
-            "  run {run}: mesh up in {:.0} ms | applied {} | durable {} | origin ack {} | lone node append {} | {:.2} sends per delivery | shutdown {:.2} s",
+            "  run {run}: mesh up in {:.0} ms | applied {} | durable {} | origin ack {} | lone node append {} | {:.2} sends per delivery | {:.2} duplicates per delivered event | shutdown {:.2} s",
             w.connect_secs * 1e3,
             show(&w.applied),
             show(&w.durable),
             show(&w.ack),
             show(&l),
             w.sends_per_delivery,
+            w.duplicates_per_delivery,
             w.shutdown_secs,
         );
         applied.push(w.applied);
@@ -2155,6 +2166,7 @@ fn bench_propagate(cfg: &Config, report: &mut Report) -> Result<()> {
         ack.push(w.ack);
         local.push(l);
         sends.push(w.sends_per_delivery);
+        dups.push(w.duplicates_per_delivery);
         connect.push(w.connect_secs * 1e3);
     }
     let mut figures = vec![(
@@ -2186,6 +2198,10 @@ fn bench_propagate(cfg: &Config, report: &mut Report) -> Result<()> {
             );
             if tag == "p50" {
                 extra.insert("sends_per_delivery".into(), json!(round2(median(&sends))));
+                extra.insert(
+                    "duplicates_per_delivery".into(),
+                    json!(round2(median(&dups))),
+                );
                 extra.insert("mesh_up_ms".into(), json!(median(&connect).round()));
             }
             report.add(

@@ -567,6 +567,24 @@ impl Shared {
         self: &Arc<Self>,
         f: impl FnOnce(&mut Peers, &mut crate::node::SyncStore<'_>, &mut OsRandom) -> T,
     ) -> T {
+        self.run_policy(true, f)
+    }
+
+    /// [`Shared::policy`] for a call that changes nothing other connections
+    /// or the timer care about (taking a message to send): it wakes them
+    /// only if the call queued events.
+    fn policy_quiet<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Peers, &mut crate::node::SyncStore<'_>) -> T,
+    ) -> T {
+        self.run_policy(false, |p, store, _| f(p, store))
+    }
+
+    fn run_policy<T>(
+        self: &Arc<Self>,
+        wake: bool,
+        f: impl FnOnce(&mut Peers, &mut crate::node::SyncStore<'_>, &mut OsRandom) -> T,
+    ) -> T {
         let (out, events) = {
             let mut p = lock(&self.peers);
             let mut store = self.node.sync_store();
@@ -575,13 +593,15 @@ impl Shared {
             let events: Vec<PeerEvent> = std::iter::from_fn(|| p.poll_event()).collect();
             (out, events)
         };
-        for e in events {
-            self.carry_out(e);
+        if wake || !events.is_empty() {
+            for e in events {
+                self.carry_out(e);
+            }
+            for c in lock(&self.conns).values() {
+                c.wake.notify_one();
+            }
+            self.timer.notify_one();
         }
-        for c in lock(&self.conns).values() {
-            c.wake.notify_one();
-        }
-        self.timer.notify_one();
         out
     }
 
@@ -967,35 +987,6 @@ async fn drive(
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     end
-}
-
-impl Shared {
-    /// [`Shared::policy`] for a call that changes nothing other connections
-    /// or the timer care about (taking a message to send): carries out its
-    /// events but wakes nobody unless it queued some.
-    fn policy_quiet<T>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut Peers, &mut crate::node::SyncStore<'_>) -> T,
-    ) -> T {
-        let (out, events) = {
-            let mut p = lock(&self.peers);
-            let mut store = self.node.sync_store();
-            let out = f(&mut p, &mut store);
-            drop(store);
-            let events: Vec<PeerEvent> = std::iter::from_fn(|| p.poll_event()).collect();
-            (out, events)
-        };
-        if !events.is_empty() {
-            for e in events {
-                self.carry_out(e);
-            }
-            for c in lock(&self.conns).values() {
-                c.wake.notify_one();
-            }
-            self.timer.notify_one();
-        }
-        out
-    }
 }
 
 /// The mDNS service type nodes announce.

@@ -4,8 +4,12 @@
 //! `weftlog-proto`: the same [`State`](weftlog_proto::State) fold, the same
 //! [`Log`](weftlog_proto::log::Log) format and recovery over
 //! [`MemStorage`](weftlog_proto::log::MemStorage) (which keeps a durable and
-//! a pending image and tears the pending one on a crash), and the same sync
-//! [`Session`](weftlog_proto::sync::Session)s. Only the network, the disk's
+//! a pending image and tears the pending one on a crash), the same
+//! [`Replica`](weftlog_proto::replica::Replica), and the same peer policy,
+//! [`Peers`](weftlog_proto::peers::Peers), with its sync sessions, broadcast
+//! tree, dialling, backoff and anti-entropy, configured by the node's own
+//! [`PeersConfig`](weftlog_proto::peers::PeersConfig) (a scenario's
+//! `[peers]` table). Only the network, the disk's
 //! timing, the clocks and the users are simulated. A run is a function of
 //! its scenario and one seed: [`run`] twice gives the same trace hash.
 //!
@@ -28,8 +32,8 @@
 //! both are written by the next group commit (the last own event signed, a
 //! commit mark on the batch's last record, one sync, no batch ending inside
 //! a received run). A sync takes virtual time; appends are acknowledged
-//! and the batch's signed heads pushed to every session
-//! (`Session::handle_stored`) when it ends. The node advertises and serves
+//! and the batch's signed heads handed to the node's peer policy
+//! (`Peers::handle_stored`: live push along the tree) when it ends. The node advertises and serves
 //! only durable, signed heads, read back from its log. A crash during a
 //! write tears it (a seeded prefix of the unsynced bytes survives); a
 //! restart recovers as the node does (`Replica::open`): torn tail cut,
@@ -38,9 +42,14 @@
 //!
 //! # The network, and what "loss", "duplication", "reordering" mean here
 //!
-//! Nodes keep one connection per pair of the topology (a mesh, a random
-//! graph, or sites: a mesh per site plus gateway links across the WAN),
-//! with a session at each end, as the daemon does. A connection stands for
+//! Each node's policy dials its neighbours in the topology (a mesh, a random
+//! graph, or sites: a mesh per site plus gateway links across the WAN), both
+//! ends of every link, as nodes that list each other with `--peer` do; the
+//! policy keeps one connection per pair, as in the daemon. A dial completes
+//! after one round trip if the path is up both ways and the peer runs, and
+//! fails after the policy's connect timeout otherwise; a restarted node is
+//! a new incarnation (its epoch), whose connection replaces the old one at
+//! once. A connection stands for
 //! a QUIC stream: **reliable and ordered while it is up**, so packet-level
 //! faults never reach a session as such:
 //!
@@ -62,10 +71,13 @@
 //! **Partitions** cut directed links (one-way cuts too). Messages on a cut
 //! direction wait (the transport retransmits them once it heals); a
 //! direction cut for the idle timeout breaks the connection (both sessions
-//! dropped, in-flight messages lost), and the dial loop reconnects with
-//! backoff (doubling, with jitter) once both directions are up. A crashed
-//! node's connections break at once. Each node starts an anti-entropy round
-//! with a random connected peer every period.
+//! dropped, in-flight messages lost), and the policies redial with their
+//! backoff. A crashed node's connections break at once, and its policy is
+//! gone with the process: the restart makes a new one. Timers (dials,
+//! grafts, anti-entropy) are the policy's own deadlines
+//! ([`Peers::poll_timeout`](weftlog_proto::peers::Peers::poll_timeout)),
+//! scheduled as events on virtual time; its randomness is a stream of the
+//! seed.
 //!
 //! **Clocks**: each node's hybrid logical clock is fed virtual time plus a
 //! per-node offset, drift and steps.
