@@ -219,6 +219,9 @@ struct Inner {
     changed: Condvar,
     log: Mutex<Log<FileStorage>>,
     feed: broadcast::Sender<Arc<Committed>>,
+    /// Received events waiting for a dependency, shared by every sync
+    /// session (`None` while a store holds it).
+    pool: Mutex<Option<weftlog_proto::sync::Pool>>,
 }
 
 /// An open node. Safe to share between threads; its append and import
@@ -318,6 +321,7 @@ impl Node {
             changed: Condvar::new(),
             log: Mutex::new(log),
             feed: broadcast::channel(FEED_CAP).0,
+            pool: Mutex::new(Some(weftlog_proto::sync::Pool::new())),
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
         let committer = {
@@ -520,6 +524,16 @@ impl Access for NodeAccess<'_> {
             &mut self.inner.log.lock().expect("log lock poisoned"),
             record,
         )
+    }
+
+    fn take_pool(&mut self) -> Option<weftlog_proto::sync::Pool> {
+        self.inner.pool.lock().ok()?.take()
+    }
+
+    fn put_pool(&mut self, pool: weftlog_proto::sync::Pool) {
+        if let Ok(mut slot) = self.inner.pool.lock() {
+            *slot = Some(pool);
+        }
     }
 }
 

@@ -687,7 +687,7 @@ impl Peers {
         if self.links.is_empty() {
             self.next_round_ms = None;
         }
-        if !l.synced && !l.deferred {
+        if !l.synced && !l.deferred && self.links.values().any(|l| l.deferred) {
             // A catching-up link ended: let a waiting one start (at the
             // next timeout, which is now).
             self.start_next = true;

@@ -86,7 +86,7 @@ use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
 use crate::state::{self, Draft, Inserted, Invalid, PrepareError, State};
-use crate::sync::{self, Head, Stored};
+use crate::sync::{self, Head, Pool, Stored};
 
 /// One node's replica. See the module docs for the model and the order of
 /// calls.
@@ -686,6 +686,17 @@ pub trait Access {
     /// event's encoding, its id and its signature. `None` if it cannot be
     /// read.
     fn read_record(&self, record: u64) -> Option<(Vec<u8>, EventId, Option<Signature>)>;
+    /// Takes the pool of received events waiting for a dependency that all
+    /// the node's sessions share ([`sync::Store::pool`]), if the shell keeps
+    /// one and nobody else holds it now; the store gives it back with
+    /// [`Access::put_pool`] when it is dropped.
+    fn take_pool(&mut self) -> Option<Pool> {
+        None
+    }
+    /// Gives back what [`Access::take_pool`] took.
+    fn put_pool(&mut self, pool: Pool) {
+        drop(pool);
+    }
 }
 
 /// [`Access`] for a single-threaded shell: the replica and its log, lent
@@ -694,6 +705,7 @@ pub trait Access {
 pub struct Lent<'a, S> {
     replica: &'a mut Replica,
     log: RefCell<Option<&'a mut Log<S>>>,
+    pool: Option<&'a mut Option<Pool>>,
 }
 
 impl<'a, S: Storage> Lent<'a, S> {
@@ -703,7 +715,15 @@ impl<'a, S: Storage> Lent<'a, S> {
         Lent {
             replica,
             log: RefCell::new(log),
+            pool: None,
         }
+    }
+
+    /// Lends the shell's shared pool too (a slot: `None` while a store
+    /// holds it).
+    pub fn with_pool(mut self, pool: &'a mut Option<Pool>) -> Lent<'a, S> {
+        self.pool = Some(pool);
+        self
     }
 }
 
@@ -719,6 +739,16 @@ impl<S: Storage> Access for Lent<'_, S> {
     fn read_record(&self, record: u64) -> Option<(Vec<u8>, EventId, Option<Signature>)> {
         let mut log = self.log.borrow_mut();
         read_record(log.as_mut()?, record)
+    }
+
+    fn take_pool(&mut self) -> Option<Pool> {
+        self.pool.as_mut()?.take()
+    }
+
+    fn put_pool(&mut self, pool: Pool) {
+        if let Some(slot) = self.pool.as_mut() {
+            **slot = Some(pool);
+        }
     }
 }
 
@@ -743,6 +773,10 @@ pub fn read_record<S: Storage>(
 #[derive(Debug)]
 pub struct ReplicaStore<A: Access> {
     access: A,
+    /// The shared pool, taken from the shell at the first use.
+    pool: Option<Pool>,
+    /// Whether it was asked for (it is taken once per store).
+    pool_asked: bool,
     /// An insert was made: end the received input on drop.
     inserted: bool,
 }
@@ -752,6 +786,8 @@ impl<A: Access> ReplicaStore<A> {
     pub fn new(access: A) -> ReplicaStore<A> {
         ReplicaStore {
             access,
+            pool: None,
+            pool_asked: false,
             inserted: false,
         }
     }
@@ -759,6 +795,9 @@ impl<A: Access> ReplicaStore<A> {
 
 impl<A: Access> Drop for ReplicaStore<A> {
     fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            self.access.put_pool(pool);
+        }
         if self.inserted {
             self.access.write(Replica::handle_received_end);
         }
@@ -805,6 +844,14 @@ impl<A: Access> sync::Store for ReplicaStore<A> {
         self.inserted = true;
         self.access
             .write(|r| r.handle_received(event, id, bytes, sig))
+    }
+
+    fn pool(&mut self) -> Option<&mut Pool> {
+        if !self.pool_asked {
+            self.pool_asked = true;
+            self.pool = self.access.take_pool();
+        }
+        self.pool.as_mut()
     }
 }
 

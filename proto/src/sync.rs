@@ -1949,7 +1949,8 @@ impl Session {
         }
         self.peer = Some((hello.node, version));
         if hello.digest == self.snapshot_digest {
-            // Same frontier as our snapshot: the peer holds all of it.
+            // Same frontier as our snapshot: the peer holds exactly that.
+            self.peer_has.clear();
             for h in std::mem::take(&mut self.snapshot) {
                 raise(&mut self.peer_has, h.author, h.seq);
             }
@@ -2004,6 +2005,11 @@ impl Session {
             return Err(SyncError::FrontierDigestMismatch);
         }
         self.known = true;
+        // The peer's frontier is the truth about what it holds: what this
+        // end believed beyond it (events sent that the peer could not store
+        // yet, or dropped with a session) is forgotten, so the round sends
+        // it again rather than never.
+        self.peer_has.clear();
         let mut branches = Vec::new();
         for h in &heads {
             match store.event_id(&h.author, h.seq) {

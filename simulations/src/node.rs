@@ -101,6 +101,9 @@ pub struct SimNode {
     disk: Disk,
     /// `None` while the node is down.
     log: Option<Log<Disk>>,
+    /// Received events waiting for a dependency, shared by the node's sync
+    /// sessions (`None` while a store holds it); lost in a crash.
+    pool: Option<weftlog_proto::sync::Pool>,
     /// The batch being written.
     inflight: Option<Batch>,
     /// Test-only breakage; [`Sabotage::None`] in every real run.
@@ -120,6 +123,7 @@ impl SimNode {
             replica,
             disk,
             log: Some(log),
+            pool: Some(weftlog_proto::sync::Pool::new()),
             inflight: None,
             sabotage,
         })
@@ -143,7 +147,7 @@ impl SimNode {
     /// The node as a store for sync sessions (the replica's one store):
     /// make one per session call and drop it after.
     pub fn store(&mut self) -> SimStore<'_> {
-        ReplicaStore::new(Lent::new(&mut self.replica, self.log.as_mut()))
+        ReplicaStore::new(Lent::new(&mut self.replica, self.log.as_mut()).with_pool(&mut self.pool))
     }
 
     /// What the node advertises: its durable, signed heads.
@@ -245,6 +249,7 @@ impl SimNode {
             ..Crashed::default()
         };
         let log = self.log.take();
+        self.pool = Some(weftlog_proto::sync::Pool::new());
         if self.sabotage == Sabotage::LoseSynced {
             // A disk that lies about fdatasync: the last synced record is
             // damaged (and whatever was being written is lost).
