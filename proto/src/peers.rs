@@ -57,7 +57,7 @@
 //!
 //! Sessions push along an epidemic broadcast tree (Plumtree: Leitão,
 //! Pereira, Rodrigues, "Epidemic Broadcast Trees", SRDS 2007; `PROTOCOL.md`
-//! §9.8): each link is eager (events pushed at once) or lazy (heads
+//! §9.7): each link is eager (events pushed at once) or lazy (heads
 //! announced), and a link that delivers only duplicates is pruned, so the
 //! eager links settle into a spanning tree and each node receives each
 //! event about once. The sessions carry out Prune and Graft; this policy
