@@ -369,6 +369,9 @@ pub struct Peers {
     wanted: BTreeMap<(NodeId, u64), Wanted>,
     /// A deferred first round may start (a catching-up link closed).
     start_next: bool,
+    /// Connections whose session may have something new to send since
+    /// [`Peers::take_dirty`] last took them.
+    dirty: BTreeSet<ConnId>,
 }
 
 impl Peers {
@@ -389,6 +392,7 @@ impl Peers {
             stats: PeerStats::default(),
             wanted: BTreeMap::new(),
             start_next: false,
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -469,6 +473,14 @@ impl Peers {
             peer: t.peer,
             last_error: t.last_error.clone(),
         })
+    }
+
+    /// The connections that may have something new to send since the last
+    /// call, ascending: a shell that drives connections one by one calls
+    /// [`Peers::poll_transmit`] for these (and for a connection whose send
+    /// queue drained) rather than for all.
+    pub fn take_dirty(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.dirty).into_iter().collect()
     }
 
     /// The next event for the shell.
@@ -606,6 +618,7 @@ impl Peers {
             },
         );
         self.kept.insert(peer, conn);
+        self.dirty.insert(conn);
         // Targets pointing at this node need not dial while it is kept.
         for t in self.targets.values_mut() {
             if t.peer == Some(peer) && t.dial != Dial::Dialing {
@@ -642,6 +655,7 @@ impl Peers {
         }
         // A failure is reported by the session's events.
         let _ = l.session.handle_message(bytes, store);
+        self.dirty.insert(conn);
         self.session_events(conn, now_ms, &*store);
     }
 
@@ -742,6 +756,7 @@ impl Peers {
             for &(author, seq) in heads {
                 l.session.handle_stored(author, seq, store);
             }
+            self.dirty.insert(*c);
         }
     }
 
@@ -894,6 +909,7 @@ impl Peers {
                 if let Some(l) = self.links.get_mut(&conn).filter(|l| !l.closing) {
                     if l.session.graft(store) {
                         self.stats.grafts += 1;
+                        self.dirty.insert(conn);
                     }
                 }
             }
@@ -909,6 +925,7 @@ impl Peers {
         }
         if l.session.start_round(store) {
             self.stats.rounds += 1;
+            self.dirty.insert(conn);
         } else {
             l.round_wanted = true;
         }
@@ -938,6 +955,7 @@ impl Peers {
                     if l.round_wanted && l.session.start_round(store) {
                         l.round_wanted = false;
                         self.stats.rounds += 1;
+                        self.dirty.insert(conn);
                     }
                 }
                 SessionEvent::Received { count, heads } => {

@@ -732,7 +732,7 @@ impl<'a> Sim<'a> {
     /// every connection of the node send, and re-arms its timer.
     fn after_policy(&mut self, node: usize) {
         self.node_events(node);
-        let conns: Vec<ConnId> = self.slots[node].conns.iter().copied().collect();
+        let conns = self.slots[node].peers.take_dirty();
         for conn in conns {
             if let Some(c) = self.conns.get(&conn) {
                 let side = if c.ends[0] == node { 0 } else { 1 };
