@@ -11,7 +11,7 @@
 //! reply. The committer drains every request that has arrived and hands
 //! each to the replica (so later requests in a batch see earlier ones);
 //! each reply waits for the replica's [`Mark`] at that moment to become
-//! durable. A syncer thread takes the next batch from the replica
+//! durable. A writer thread takes the next batch from the replica
 //! ([`Replica::poll_batch`]) whenever the one before is durable, writes its
 //! frames, makes them durable with one `fdatasync`, tells the replica
 //! ([`Replica::handle_durable`]), and only then replies; so the CPU work of
@@ -161,7 +161,7 @@ pub const QUEUE_CAP: usize = 4096;
 /// Requests the committer takes from the queue at once, at most.
 pub const MAX_BATCH: usize = 4096;
 /// Records one group commit takes at most ([`Replica::poll_batch`]); the
-/// committer pauses while this many wait for the syncer.
+/// committer pauses while this many wait for the writer.
 pub const MAX_BATCH_RECORDS: usize = 65_536;
 
 /// What the node's threads share under one lock: the replica, and the
@@ -170,10 +170,10 @@ struct Shared {
     replica: Replica,
     /// Replies waiting for their mark to become durable, ascending by mark.
     replies: VecDeque<(Mark, Reply)>,
-    /// A batch is being written and synced (by the syncer, or inline by the
+    /// A batch is being written and synced (by the writer, or inline by the
     /// committer when nothing else waits); batches finish in order.
     syncing: bool,
-    /// The committer has stopped: the syncer writes what is left, and ends.
+    /// The committer has stopped: the writer writes what is left, and ends.
     closed: bool,
 }
 
@@ -208,13 +208,13 @@ impl Reply {
     }
 }
 
-/// What the committer and syncer threads and the node's handles share.
+/// What the committer and writer threads and the node's handles share.
 struct Inner {
     key: Keypair,
     id: NodeId,
     shared: Mutex<Shared>,
     /// Signalled when records are queued or the committer closes (the
-    /// syncer waits), and when a batch is taken or finished (the committer
+    /// writer waits), and when a batch is taken or finished (the committer
     /// waits while too many records are pending).
     changed: Condvar,
     log: Mutex<Log<FileStorage>>,
@@ -484,13 +484,13 @@ impl Node {
 /// Make one per [`Session`](weftlog_proto::sync::Session) call and drop it
 /// after: from its first insert until it is dropped it holds the node's
 /// state lock, so signature checks run outside the lock and a received run
-/// is stored whole before the syncer can take any of it (the replica never
+/// is stored whole before the writer can take any of it (the replica never
 /// ends a batch inside a run either; see [`weftlog_proto::replica`]).
 pub type SyncStore<'a> = ReplicaStore<NodeAccess<'a>>;
 
 /// How a [`SyncStore`] reaches the node's replica and log: reads take the
 /// state lock for the call, inserts take it at the first and hold it until
-/// the store is dropped, which then wakes the syncer.
+/// the store is dropped, which then wakes the writer.
 pub struct NodeAccess<'a> {
     inner: &'a Inner,
     held: RefCell<Option<MutexGuard<'a, Shared>>>,
@@ -540,7 +540,7 @@ impl Access for NodeAccess<'_> {
 impl Drop for NodeAccess<'_> {
     fn drop(&mut self) {
         if self.held.get_mut().take().is_some() {
-            // Received events may be queued: the syncer takes them.
+            // Received events may be queued: the writer takes them.
             self.inner.changed.notify_all();
         }
     }
@@ -608,17 +608,17 @@ fn refuse(req: Request, e: &str) {
 }
 
 /// The committer: see the module docs. It hands requests to the replica
-/// while the syncer writes and syncs the batch before, so the CPU work and
+/// while the writer writes and syncs the batch before, so the CPU work and
 /// the `fdatasync` overlap, and everything applied during one sync goes
 /// into the next batch.
 fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
-    let syncer = {
+    let writer = {
         let inner = inner.clone();
         std::thread::Builder::new()
-            .name("weftlog-sync".into())
-            .spawn(move || sync_loop(&inner))
+            .name("weftlog-fsync".into())
+            .spawn(move || fsync_loop(&inner))
     };
-    let syncer = match syncer {
+    let writer = match writer {
         Ok(s) => s,
         Err(e) => {
             let e = format!("cannot start the sync thread: {e}");
@@ -652,7 +652,7 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         let ready = if g.syncing { Vec::new() } else { g.ready() };
         let inline = if !g.syncing && rx.is_empty() {
             // Nothing else is waiting: sync here rather than wake the
-            // syncer, which saves a thread hop on an idle or single-writer
+            // writer, which saves a thread hop on an idle or single-writer
             // node.
             g.replica.poll_batch(MAX_BATCH_RECORDS)
         } else {
@@ -670,13 +670,13 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
     }
     inner.lock().closed = true;
     inner.changed.notify_all();
-    let _ = syncer.join();
+    let _ = writer.join();
 }
 
-/// The syncer: takes the next batch from the replica whenever none is being
+/// The writer: takes the next batch from the replica whenever none is being
 /// written, and finishes it. Ends once the committer has stopped and
 /// everything is written (events received after the last request too).
-fn sync_loop(inner: &Inner) {
+fn fsync_loop(inner: &Inner) {
     let mut g = inner.lock();
     loop {
         if !g.syncing {

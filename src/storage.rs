@@ -92,7 +92,7 @@ impl Storage for FileStorage {
         self.file(segment)?.write_all_at(data, offset)
     }
 
-    fn sync(&mut self, segment: u64) -> io::Result<()> {
+    fn sync_data(&mut self, segment: u64) -> io::Result<()> {
         self.file(segment)?.sync_data()
     }
 

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         bytes.extend_from_slice(data);
     }
     storage.write_at(0, 0, &bytes).unwrap();
-    storage.sync(0).unwrap();
+    storage.sync_data(0).unwrap();
     let mut first = Vec::new();
     let Ok((log, _)) = Log::open(storage, |f| {
         first.push(f.id);

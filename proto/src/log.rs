@@ -54,7 +54,7 @@ pub const FRAME_OVERHEAD: usize = 4 + 1 + 4 + 32;
 pub const SIG_BYTES: usize = 64;
 
 /// Storage for log segments. Every call is synchronous; writes need not be
-/// durable until `sync` returns.
+/// durable until `sync_data` returns.
 pub trait Storage {
     /// The segments present, by base record index, in any order.
     fn list(&mut self) -> io::Result<Vec<u64>>;
@@ -67,7 +67,7 @@ pub trait Storage {
     /// Writes bytes at an offset of a segment, growing it if needed.
     fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes a segment's written bytes and size durable (fdatasync).
-    fn sync(&mut self, segment: u64) -> io::Result<()>;
+    fn sync_data(&mut self, segment: u64) -> io::Result<()>;
     /// Cuts a segment to `len` bytes, durably.
     fn truncate(&mut self, segment: u64, len: u64) -> io::Result<()>;
     /// Removes a segment, durably.
@@ -96,8 +96,8 @@ impl<S: Storage> Storage for std::rc::Rc<std::cell::RefCell<S>> {
     fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()> {
         self.borrow_mut().write_at(segment, offset, data)
     }
-    fn sync(&mut self, segment: u64) -> io::Result<()> {
-        self.borrow_mut().sync(segment)
+    fn sync_data(&mut self, segment: u64) -> io::Result<()> {
+        self.borrow_mut().sync_data(segment)
     }
     fn truncate(&mut self, segment: u64, len: u64) -> io::Result<()> {
         self.borrow_mut().truncate(segment, len)
@@ -498,7 +498,7 @@ impl<S: Storage> Log<S> {
                 // Created, but its header never became durable.
                 storage.truncate(seg, 0)?;
                 storage.write_at(seg, 0, &header(SEGMENT_MAGIC))?;
-                storage.sync(seg)?;
+                storage.sync_data(seg)?;
                 recovery.torn = Some(TornTail {
                     segment: seg,
                     offset: 0,
@@ -568,7 +568,7 @@ impl<S: Storage> Log<S> {
         if segments.is_empty() {
             storage.create(0)?;
             storage.write_at(0, 0, &header(SEGMENT_MAGIC))?;
-            storage.sync(0)?;
+            storage.sync_data(0)?;
             segments.push(Segment {
                 base: 0,
                 end: HEADER_BYTES as u64,
@@ -639,7 +639,7 @@ impl<S: Storage> Log<S> {
             }
             seg.alloc = target;
         }
-        self.storage.sync(seg.base)?;
+        self.storage.sync_data(seg.base)?;
         let mut off = 0;
         while off < frames.len() {
             // The caller's frames are whole (encode_frame made them).
@@ -851,7 +851,7 @@ pub fn open_committed<S: Storage, T>(
 #[derive(Debug, Clone)]
 pub struct MemStorage {
     segments: std::collections::BTreeMap<u64, MemSegment>,
-    /// When set, `sync` fails (to test that failed syncs are fatal).
+    /// When set, `sync_data` fails (to test that failed fsyncs are fatal).
     pub fail_sync: bool,
     /// The zero-fill step ([`Storage::alloc_step`]); 64 KiB by default, to
     /// keep copies of in-memory segments small.
@@ -974,7 +974,7 @@ impl Storage for MemStorage {
         s.pending.push((offset, data.to_vec()));
         Ok(())
     }
-    fn sync(&mut self, segment: u64) -> io::Result<()> {
+    fn sync_data(&mut self, segment: u64) -> io::Result<()> {
         if self.fail_sync {
             return Err(io::Error::other("injected sync failure"));
         }
@@ -1014,7 +1014,7 @@ mod tests {
         let mut s = MemStorage::new();
         s.create(0).unwrap();
         s.write_at(0, 0, &[1; 10]).unwrap();
-        s.sync(0).unwrap();
+        s.sync_data(0).unwrap();
         s.write_at(0, 6, &[2; 8]).unwrap();
         s.write_at(0, 20, &[3; 4]).unwrap();
         s.write_at(0, 2, &[4; 3]).unwrap();

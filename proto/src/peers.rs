@@ -1165,6 +1165,48 @@ mod tests {
         }
     }
 
+    /// A lazy link announces; the event does not come by any tree; after
+    /// the graft timeout the announcer is grafted and delivers it.
+    #[test]
+    fn an_announced_event_that_does_not_arrive_is_grafted_after_the_timeout() {
+        let lazy = |secret: u8| {
+            let key = Keypair::from_secret([secret; 32]);
+            let config = PeersConfig {
+                eager: false,
+                ..PeersConfig::default()
+            };
+            let peers = Peers::new(config, SessionConfig::new(CLUSTER, key.node_id()));
+            (key, MemStore::new(), peers)
+        };
+        let (mut a, mut b) = (lazy(1), lazy(2));
+        let mut rng = Seq(7);
+        let (ia, ib) = (a.0.node_id(), b.0.node_id());
+        a.2.handle_connected(3, ib, true, 1, None, 0, &a.1);
+        b.2.handle_connected(3, ia, false, 1, None, 0, &b.1);
+        shuttle(&mut a, &mut b, 3, 0);
+        events(&mut b.2);
+        a.1.commit(&a.0, &mut HlcClock::default(), 1_000, [draft("x")])
+            .unwrap();
+        let head = (ia, 1);
+        a.2.handle_stored(&[head], &a.1, &mut rng);
+        shuttle(&mut a, &mut b, 3, 10);
+        assert_eq!(b.1.len(), 0, "a lazy link only announces");
+        let graft_at = b.2.poll_timeout().unwrap();
+        assert_eq!(graft_at, 10 + PeersConfig::default().graft_timeout_ms);
+        b.2.handle_timeout(graft_at - 1, &b.1, &mut rng);
+        assert_eq!(b.2.stats().grafts, 0, "not before the timeout");
+        b.2.handle_timeout(graft_at, &b.1, &mut rng);
+        assert_eq!(b.2.stats().grafts, 1);
+        shuttle(&mut a, &mut b, 3, graft_at);
+        assert_eq!(b.1.len(), 1, "the graft brought the event");
+        assert!(events(&mut b.2)
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Received { count: 1, .. })));
+        // Arrived: nothing is left to graft.
+        b.2.handle_stored(&[head], &b.1, &mut rng);
+        assert!(b.2.poll_timeout().is_none_or(|t| t > graft_at + 1_000));
+    }
+
     #[test]
     fn a_connection_syncs_and_reports_the_round() {
         let mut a = node(1);

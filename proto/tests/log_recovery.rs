@@ -258,7 +258,7 @@ fn write_segment(s: &mut MemStorage, base: u64, recs: &[Rec], zeros: usize) {
     s.write_at(base, 0, &data).unwrap();
     s.write_at(base, data.len() as u64, &vec![0; zeros])
         .unwrap();
-    s.sync(base).unwrap();
+    s.sync_data(base).unwrap();
 }
 
 /// Frames are laid out as `FrameLayout` says, and each part of a frame is
