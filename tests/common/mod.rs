@@ -1,6 +1,9 @@
-//! Helpers shared by the integration tests: running the binary, and a small
-//! seeded generator so that every schedule and every garbage byte replays.
+//! Helpers shared by the integration tests: running the binary, a `weftlog
+//! run` server process ([`server`]), and a small seeded generator so that
+//! every schedule and every garbage byte replays.
 #![allow(dead_code)] // each test file uses a subset
+
+pub mod server;
 
 use std::path::Path;
 use std::process::Command;
