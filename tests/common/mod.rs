@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: running the binary, a `weftlog
-//! run` server process ([`server`]), and a small seeded generator so that
-//! every schedule and every garbage byte replays.
+//! run` server process ([`server`]), loop counts from the environment, and a
+//! small seeded generator so that every schedule and every garbage byte
+//! replays.
 #![allow(dead_code)] // each test file uses a subset
 
 pub mod server;
@@ -30,6 +31,30 @@ pub fn weftlog(data: &Path, args: &[&str]) -> Run {
         code: out.status.code(),
         stdout: String::from_utf8(out.stdout).expect("stdout is UTF-8"),
         stderr: String::from_utf8(out.stderr).expect("stderr is UTF-8"),
+    }
+}
+
+/// A count taken from the environment variable `name`, `default` when it
+/// is unset: how long a loop test runs (CI keeps the defaults; a longer run
+/// sets the variable).
+///
+/// # Panics
+///
+/// If the variable is set but is not a positive integer: a run that asked
+/// for a count should not quietly run another.
+#[track_caller]
+pub fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Err(std::env::VarError::NotPresent) => default,
+        Err(std::env::VarError::NotUnicode(v)) => {
+            panic!("{name}={v:?} is not a count: set it to a positive integer, or unset it for {default}")
+        }
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!(
+                "{name}={v:?} is not a count: set it to a positive integer, or unset it for {default}"
+            ),
+        },
     }
 }
 
