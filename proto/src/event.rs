@@ -299,6 +299,14 @@ impl Op {
         }
     }
 
+    /// Whether the op works on a bounded (escrow) counter.
+    pub fn is_escrow(&self) -> bool {
+        matches!(
+            self,
+            Op::EscrowInit { .. } | Op::EscrowTransfer { .. } | Op::EscrowConsume { .. }
+        )
+    }
+
     fn check(&self, author: NodeId) -> Result<(), EventError> {
         name("field or counter name", self.target(), MAX_NAME_BYTES)?;
         let bad = |why| EventError::BadEscrow {

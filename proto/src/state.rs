@@ -16,12 +16,37 @@
 //!   the same on every replica (`DESIGN.md` §2: validity is a pure function
 //!   of the event and its causal past).
 //!
+//! **Commands take effect once.** Events of one stream that carry the same
+//! command id (a client's retry that reached two nodes) take effect once:
+//! the first in canonical order (ascending `(hlc, author, seq, id)`) does,
+//! the others are kept, counted in the stream's version and listed under
+//! the stream's `duplicates`, with no other effect: their register writes
+//! supersede nothing and show nowhere, their counter deltas and escrow ops
+//! count nowhere in the read model. A late event can become the first. So
+//! that the result is still a function of the event set, the first event's
+//! effects are kept in a form that can be undone ([`Command::undo`]), and
+//! every register write that a command's event removed is kept, with the
+//! number of events in effect that name it ([`Grave`]), until no event can
+//! bring it back. Undoing a write restores the writes it removed that no
+//! other event in effect names; that is what a replay in canonical order
+//! shows, where the undone event never removed them. Counters, escrow
+//! counters and accounts exist once any event of the stream touches them,
+//! a duplicate included, so that undoing never leaves an entry that a replay
+//! would not have made, or drops one it would.
+//!
+//! Escrow validity follows the same rule within the event's causal past: the
+//! rights an author holds there leave out the ops of every event that is a
+//! duplicate *in that past* (an event of the same stream and command id that
+//! sorts first is in it too). A desk that sold seats for a command another
+//! desk had already carried out gets those rights back once it learns of the
+//! other sale.
+//!
 //! Causal pasts are answered from a per-author history of vector-clock
 //! changes: `hist[a][b]` lists `(seq of a, highest seq of b seen)` each time
 //! `a`'s knowledge of `b` grows, so "is `(b, t)` in the past of `a`'s event
 //! `s`" is one binary search. It costs memory only when deps add knowledge.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
@@ -81,8 +106,15 @@ pub struct Account {
 impl Account {
     /// Rights the node holds now, by everything this replica knows.
     pub fn rights(&self) -> u128 {
-        // Never negative: each op was checked against a subset of `received`.
-        (self.init + self.received).saturating_sub(self.sent + self.consumed)
+        self.balance().max(0) as u128
+    }
+
+    /// Rights held minus rights owed. Negative only when the node spent
+    /// rights that an event turned out to be a duplicate no longer gives it
+    /// (see the module docs); the debt is repaid before it may spend again.
+    pub fn balance(&self) -> i128 {
+        // Each sum is at most a few times 2^64 per event: far inside i128.
+        (self.init + self.received) as i128 - (self.sent + self.consumed) as i128
     }
 }
 
@@ -95,10 +127,19 @@ pub struct Escrow {
     pub consumed: u128,
     /// Each node's account.
     pub accounts: BTreeMap<NodeId, Account>,
-    /// Transfers by recipient: `(sender index, sender seq, amount)`; for
-    /// validity checks only (indices are replica-local, so not encoded).
+    /// Transfers by recipient: `(sender index, sender seq, amount)`, the
+    /// duplicates' included; for validity checks only (indices are
+    /// replica-local, so not encoded).
     #[serde(skip)]
     incoming: BTreeMap<NodeId, Vec<(u32, u64, u64)>>,
+    /// The ops of events that are duplicates on this replica, by author
+    /// (`received` unused): with `accounts`, the sums over every event.
+    #[serde(skip)]
+    dup: BTreeMap<NodeId, Account>,
+    /// Command ids of this stream carried by more than one event, one of
+    /// which has an op on this counter: validity looks at them.
+    #[serde(skip)]
+    contested: BTreeSet<String>,
 }
 
 /// One stream's read model.
@@ -112,6 +153,30 @@ pub struct Stream {
     pub counters: BTreeMap<String, i128>,
     /// Bounded counters.
     pub escrow: BTreeMap<String, Escrow>,
+    /// Command ids carried by more than one event of the stream: which
+    /// event took effect, and which did not.
+    pub duplicates: BTreeMap<String, Duplicated>,
+    /// Per field, writes removed by an event that may yet be undone.
+    #[serde(skip)]
+    graves: BTreeMap<String, BTreeMap<Dot, Grave>>,
+}
+
+/// The events of one stream that carry one command id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Duplicated {
+    /// The first in canonical order: the one that took effect.
+    pub took_effect: EventId,
+    /// The others, ascending in canonical order: kept, with no effect.
+    pub ignored: Vec<EventId>,
+}
+
+/// A register write removed by an event that may be undone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Grave {
+    written: Written,
+    /// Events in effect that name the write in `supersedes`; at zero it
+    /// stands again.
+    namers: u32,
 }
 
 impl Stream {
@@ -127,7 +192,8 @@ pub fn shown(writes: &BTreeMap<Dot, Written>) -> Option<(&Dot, &Written)> {
     writes.iter().max_by_key(|(d, w)| (w.hlc, d.author))
 }
 
-/// The idempotency record of a command: the event it produced.
+/// The idempotency record of a command: the event that took effect (the
+/// first in canonical order of the stream's events with its command id).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandRecord {
     /// The event's id.
@@ -140,8 +206,47 @@ pub struct CommandRecord {
     pub hlc: Hlc,
     /// Its stream.
     pub stream: String,
-    /// The stream's version right after it.
+    /// The stream's version right after this replica inserted it.
     pub version: u64,
+}
+
+/// The events of one stream carrying one command id, as this replica holds
+/// them.
+#[derive(Clone, Debug)]
+struct Command {
+    stream: String,
+    /// Ascending in canonical order: the first took effect.
+    members: Vec<Member>,
+    /// The first member's ops, `Set` values left empty: what to undo should
+    /// an event that sorts before it arrive.
+    undo: Vec<Op>,
+}
+
+/// One event of a [`Command`].
+#[derive(Clone, Debug)]
+struct Member {
+    hlc: Hlc,
+    author: NodeId,
+    seq: u64,
+    id: EventId,
+    /// The stream's version right after this replica inserted it.
+    version: u64,
+    /// Its escrow ops, for rights in a causal past.
+    escrow: Vec<Op>,
+}
+
+impl Member {
+    /// The canonical order's key.
+    fn key(&self) -> (Hlc, NodeId, u64, EventId) {
+        (self.hlc, self.author, self.seq, self.id)
+    }
+
+    fn dot(&self) -> Dot {
+        Dot {
+            author: self.author,
+            seq: self.seq,
+        }
+    }
 }
 
 /// Result of [`State::insert`].
@@ -297,7 +402,8 @@ pub struct State {
     author_ix: BTreeMap<NodeId, u32>,
     index: HashMap<EventId, Loc, IdHasher>,
     streams: BTreeMap<String, Stream>,
-    commands: HashMap<String, CommandRecord, IdHasher>,
+    /// By command id, one entry per stream that uses it.
+    commands: HashMap<String, Vec<Command>, IdHasher>,
     max_hlc: Hlc,
 }
 
@@ -376,9 +482,27 @@ impl State {
         self.streams.get(stream).map_or(0, |s| s.version)
     }
 
-    /// The event a command id produced, if it is in the log.
-    pub fn command(&self, command_id: &str) -> Option<&CommandRecord> {
-        self.commands.get(command_id)
+    /// The event that took effect for a command id in a stream, if this
+    /// replica holds one (see the module docs).
+    pub fn command(&self, stream: &str, command_id: &str) -> Option<CommandRecord> {
+        let c = self.command_entry(stream, command_id)?;
+        // A command entry is made with its first member and never emptied.
+        let m = c.members.first().expect("a command with no event");
+        Some(CommandRecord {
+            id: m.id,
+            author: m.author,
+            seq: m.seq,
+            hlc: m.hlc,
+            stream: c.stream.clone(),
+            version: m.version,
+        })
+    }
+
+    fn command_entry(&self, stream: &str, command_id: &str) -> Option<&Command> {
+        self.commands
+            .get(command_id)?
+            .iter()
+            .find(|c| c.stream == stream)
     }
 
     /// Every field with more than one standing write: `(stream, field, writes)`,
@@ -552,13 +676,16 @@ impl State {
                 }
                 | Op::EscrowConsume { counter, amount } => {
                     let stream = self.streams.get(&event.stream);
-                    let held = self.rights_in_past(stream, counter, &event.author, vc);
+                    let held =
+                        self.rights_in_past(&event.stream, stream, counter, &event.author, vc);
                     let slot = delta_slot(&mut delta, counter);
-                    let available = (held as i128 + *slot).max(0) as u128;
-                    if *amount as u128 > available {
+                    // Negative when the author owes rights (see
+                    // `rights_in_past`): the debt is repaid first.
+                    let available = held + *slot;
+                    if *amount as i128 > available {
                         return Err(Invalid::InsufficientRights {
                             counter: counter.clone(),
-                            held: available,
+                            held: available.max(0) as u128,
                             wanted: *amount as u128,
                         });
                     }
@@ -569,29 +696,51 @@ impl State {
         Ok(())
     }
 
-    /// Rights `author` holds on `counter` in the causal past `vc`.
+    /// Rights `author` holds on `counter` in the causal past `vc`: its own
+    /// inits, transfers and consumption (its whole chain is in the past)
+    /// and the transfers to it in the past, leaving out the ops of events
+    /// that are duplicates in that past (see the module docs). Negative
+    /// when the author spent rights that an event it relied on no longer
+    /// gives it (that event turned out to be a duplicate): a debt.
     fn rights_in_past(
         &self,
+        name: &str,
         stream: Option<&Stream>,
         counter: &str,
         author: &NodeId,
         vc: &[u64],
-    ) -> u128 {
+    ) -> i128 {
         let Some(esc) = stream.and_then(|s| s.escrow.get(counter)) else {
             return 0;
         };
-        let Some(acct) = esc.accounts.get(author) else {
-            return 0;
-        };
+        let none = Account::default();
+        let acct = esc.accounts.get(author).unwrap_or(&none);
+        let dup = esc.dup.get(author).unwrap_or(&none);
         let received: u128 = esc.incoming.get(author).map_or(0, |v| {
             v.iter()
                 .filter(|(from, seq, _)| vc.get(*from as usize).is_some_and(|&s| s >= *seq))
                 .map(|&(_, _, amt)| amt as u128)
                 .sum()
         });
-        // Own inits, sends and consumption are all in the own chain, hence
-        // in the past; received-in-past never exceeds `acct.received`.
-        (acct.init + received).saturating_sub(acct.sent + acct.consumed)
+        // Sums over every event, duplicates included: at most a few times
+        // 2^64 per event count, far inside i128.
+        let mut held = (acct.init + dup.init + received) as i128
+            - (acct.sent + dup.sent + acct.consumed + dup.consumed) as i128;
+        for cmd in &esc.contested {
+            let Some(c) = self.command_entry(name, cmd) else {
+                continue;
+            };
+            let mut past = c
+                .members
+                .iter()
+                .filter(|m| self.in_past(&m.dot(), author, vc));
+            // The first in the past takes effect there; the rest do not.
+            past.next();
+            for m in past {
+                held += escrow_delta(&m.escrow, counter, &m.author, author);
+            }
+        }
+        held
     }
 
     fn apply(&mut self, event: &Event, id: EventId, ix: Option<u32>, vc: Option<Vec<u64>>) {
@@ -650,21 +799,72 @@ impl State {
             None => self.streams.entry(event.stream.clone()).or_default(),
         };
         stream.version += 1;
-        for op in &event.ops {
-            apply_op(stream, op, dot, ix, event.hlc);
+        let Some(cmd) = &event.meta.command_id else {
+            for op in &event.ops {
+                apply_op(stream, op, dot, ix, event.hlc, false);
+            }
+            return;
+        };
+        let member = Member {
+            hlc: event.hlc,
+            author: event.author,
+            seq: event.seq,
+            id,
+            version: stream.version,
+            escrow: event
+                .ops
+                .iter()
+                .filter(|op| op.is_escrow())
+                .cloned()
+                .collect(),
+        };
+        let entries = match self.commands.get_mut(cmd.as_str()) {
+            Some(e) => e,
+            None => self.commands.entry(cmd.clone()).or_default(),
+        };
+        let Some(c) = entries.iter_mut().find(|c| c.stream == event.stream) else {
+            for op in &event.ops {
+                apply_op(stream, op, dot, ix, event.hlc, true);
+            }
+            entries.push(Command {
+                stream: event.stream.clone(),
+                members: vec![member],
+                undo: undo_ops(&event.ops),
+            });
+            return;
+        };
+        let key = member.key();
+        let pos = c.members.partition_point(|m| m.key() < key);
+        if pos == 0 {
+            // It sorts first: the event in effect until now becomes a
+            // duplicate, and this one takes effect.
+            let old = &c.members[0];
+            undo(stream, &c.undo, old.dot());
+            for op in &event.ops {
+                apply_op(stream, op, dot, ix, event.hlc, true);
+            }
+            c.undo = undo_ops(&event.ops);
+        } else {
+            for op in &event.ops {
+                apply_duplicate(stream, op, dot, ix);
+            }
         }
-        if let Some(cmd) = &event.meta.command_id {
-            let version = stream.version;
-            self.commands
-                .entry(cmd.clone())
-                .or_insert_with(|| CommandRecord {
-                    id,
-                    author: event.author,
-                    seq: event.seq,
-                    hlc: event.hlc,
-                    stream: event.stream.clone(),
-                    version,
-                });
+        c.members.insert(pos, member);
+        stream.duplicates.insert(
+            cmd.clone(),
+            Duplicated {
+                took_effect: c.members[0].id,
+                ignored: c.members[1..].iter().map(|m| m.id).collect(),
+            },
+        );
+        for m in &c.members {
+            for op in &m.escrow {
+                if let Some(e) = stream.escrow.get_mut(op.target()) {
+                    if !e.contested.contains(cmd.as_str()) {
+                        e.contested.insert(cmd.clone());
+                    }
+                }
+            }
         }
     }
 
@@ -718,9 +918,9 @@ impl State {
             .meta
             .command_id
             .as_deref()
-            .and_then(|c| self.command(c))
+            .and_then(|c| self.command(&draft.stream, c))
         {
-            return Ok(Made::Existing(cmd.clone()));
+            return Ok(Made::Existing(cmd));
         }
         let actual = self.version(&draft.stream);
         if let Some(expected) = draft.expected_version {
@@ -818,7 +1018,60 @@ fn delta_slot<'a, 'b>(delta: &'b mut Vec<(&'a str, i128)>, counter: &'a str) -> 
     &mut delta[i].1
 }
 
-fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc) {
+/// The change `ops` (escrow ops of one event by `by`) make to the rights
+/// of `author` on `counter`.
+fn escrow_delta(ops: &[Op], counter: &str, by: &NodeId, author: &NodeId) -> i128 {
+    let mut d = 0i128;
+    for op in ops {
+        match op {
+            Op::EscrowInit {
+                counter: c,
+                capacity,
+            } if c == counter && by == author => {
+                d += *capacity as i128;
+            }
+            Op::EscrowTransfer {
+                counter: c,
+                to,
+                amount,
+            } if c == counter => {
+                if by == author {
+                    d -= *amount as i128;
+                }
+                if to == author {
+                    d += *amount as i128;
+                }
+            }
+            Op::EscrowConsume { counter: c, amount } if c == counter && by == author => {
+                d -= *amount as i128;
+            }
+            _ => {}
+        }
+    }
+    // The rights a duplicate's ops would have changed go back.
+    -d
+}
+
+/// `ops` as [`undo`] needs them: register values are read back from the
+/// stream, so they are not kept twice.
+fn undo_ops(ops: &[Op]) -> Vec<Op> {
+    ops.iter()
+        .map(|op| match op {
+            Op::Set {
+                field, supersedes, ..
+            } => Op::Set {
+                field: field.clone(),
+                value: Vec::new(),
+                supersedes: supersedes.clone(),
+            },
+            op => op.clone(),
+        })
+        .collect()
+}
+
+/// Applies one op of an event in effect. `undoable`: the event carries a
+/// command id, so the writes it removes are kept as graves.
+fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc, undoable: bool) {
     match op {
         Op::Set {
             field,
@@ -830,7 +1083,27 @@ fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc) {
                 None => stream.fields.entry(field.clone()).or_default(),
             };
             for d in supersedes {
-                writes.remove(d);
+                match writes.remove(d) {
+                    Some(written) if undoable => {
+                        let graves = match stream.graves.get_mut(field.as_str()) {
+                            Some(g) => g,
+                            None => stream.graves.entry(field.clone()).or_default(),
+                        };
+                        graves.insert(*d, Grave { written, namers: 1 });
+                    }
+                    Some(_) => {}
+                    None => {
+                        // Removed already; if an undoable event did it, one
+                        // more event in effect now names it.
+                        if let Some(g) = stream
+                            .graves
+                            .get_mut(field.as_str())
+                            .and_then(|g| g.get_mut(d))
+                        {
+                            g.namers += 1;
+                        }
+                    }
+                }
             }
             writes.insert(
                 dot,
@@ -869,6 +1142,117 @@ fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc) {
             let e = stream.escrow.entry(counter.clone()).or_default();
             e.accounts.entry(dot.author).or_default().consumed += *amount as u128;
             e.consumed += *amount as u128;
+        }
+    }
+}
+
+/// Records one op of a duplicate: no effect on values, but the entries it
+/// touches exist (as a replay would make them), and its escrow ops count
+/// for validity.
+fn apply_duplicate(stream: &mut Stream, op: &Op, dot: Dot, ix: u32) {
+    match op {
+        Op::Set { .. } => {}
+        Op::Add { counter, .. } => {
+            stream.counters.entry(counter.clone()).or_default();
+        }
+        Op::EscrowInit { counter, capacity } => {
+            let e = stream.escrow.entry(counter.clone()).or_default();
+            e.accounts.entry(dot.author).or_default();
+            e.dup.entry(dot.author).or_default().init += *capacity as u128;
+        }
+        Op::EscrowTransfer {
+            counter,
+            to,
+            amount,
+        } => {
+            let e = stream.escrow.entry(counter.clone()).or_default();
+            e.accounts.entry(dot.author).or_default();
+            e.accounts.entry(*to).or_default();
+            e.dup.entry(dot.author).or_default().sent += *amount as u128;
+            e.incoming
+                .entry(*to)
+                .or_default()
+                .push((ix, dot.seq, *amount));
+        }
+        Op::EscrowConsume { counter, amount } => {
+            let e = stream.escrow.entry(counter.clone()).or_default();
+            e.accounts.entry(dot.author).or_default();
+            e.dup.entry(dot.author).or_default().consumed += *amount as u128;
+        }
+    }
+}
+
+/// Undoes the ops (from [`undo_ops`]) of the event at `dot`, which took
+/// effect and is now a duplicate: the stream becomes what it would be had
+/// the event been a duplicate from the start.
+fn undo(stream: &mut Stream, ops: &[Op], dot: Dot) {
+    for op in ops {
+        match op {
+            Op::Set {
+                field, supersedes, ..
+            } => {
+                // An earlier op of the event may have emptied the field.
+                if let Some(writes) = stream.fields.get_mut(field.as_str()) {
+                    writes.remove(&dot);
+                }
+                if let Some(graves) = stream.graves.get_mut(field.as_str()) {
+                    // Its own write, if an undoable event removed it, never
+                    // stands again.
+                    graves.remove(&dot);
+                    for d in supersedes {
+                        let Some(g) = graves.get_mut(d) else {
+                            continue;
+                        };
+                        g.namers -= 1;
+                        if g.namers == 0 {
+                            // Just seen in the map.
+                            let g = graves.remove(d).expect("grave present");
+                            stream
+                                .fields
+                                .entry(field.clone())
+                                .or_default()
+                                .insert(*d, g.written);
+                        }
+                    }
+                    if graves.is_empty() {
+                        stream.graves.remove(field.as_str());
+                    }
+                }
+                if stream
+                    .fields
+                    .get(field.as_str())
+                    .is_some_and(BTreeMap::is_empty)
+                {
+                    stream.fields.remove(field.as_str());
+                }
+            }
+            Op::Add { counter, delta } => {
+                if let Some(c) = stream.counters.get_mut(counter.as_str()) {
+                    *c -= *delta as i128;
+                }
+            }
+            Op::EscrowInit { counter, capacity } => {
+                let e = stream.escrow.entry(counter.clone()).or_default();
+                e.capacity -= *capacity as u128;
+                e.accounts.entry(dot.author).or_default().init -= *capacity as u128;
+                e.dup.entry(dot.author).or_default().init += *capacity as u128;
+            }
+            Op::EscrowTransfer {
+                counter,
+                to,
+                amount,
+            } => {
+                let e = stream.escrow.entry(counter.clone()).or_default();
+                e.accounts.entry(dot.author).or_default().sent -= *amount as u128;
+                e.accounts.entry(*to).or_default().received -= *amount as u128;
+                e.dup.entry(dot.author).or_default().sent += *amount as u128;
+            }
+            Op::EscrowConsume { counter, amount } => {
+                let e = stream.escrow.entry(counter.clone()).or_default();
+                e.accounts.entry(dot.author).or_default().consumed -= *amount as u128;
+                e.consumed -= *amount as u128;
+                e.dup.entry(dot.author).or_default().consumed += *amount as u128;
+            }
         }
     }
 }

@@ -290,6 +290,18 @@ fn summary_table(s: &Summary) -> String {
             s.escrow_consumed, s.escrow_capacity, s.oversell_refused
         ),
     );
+    if s.retries.sent > 0 {
+        row(
+            "client retries",
+            format!(
+                "{} commands retried at another node ({} answered with the event in effect); {} ran on two nodes; {} duplicate events took no effect",
+                s.retries.sent,
+                s.retries.answered_existing,
+                s.retries.carried_twice,
+                s.retries.duplicates
+            ),
+        );
+    }
     row(
         "time",
         format!(

@@ -6,6 +6,11 @@
 //! writes of each field are recomputed from the events' causal pasts
 //! (vector clocks built here from `prev` and `deps`), and escrow totals are
 //! recounted from the ops in the log.
+//!
+//! Commands take effect once: of the events of one stream that carry one
+//! command id, only the first in canonical order `(hlc, author, seq, id)`
+//! counts ([`in_effect`], computed here from the log); the oracles leave the
+//! others out, and [`commands`] checks that the state agrees.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,6 +37,106 @@ pub struct Reloaded<'a> {
     /// Its log reopened and folded again, and every record in log order;
     /// or why recovery failed.
     pub log: Result<(State, Vec<(Event, EventId)>), String>,
+}
+
+/// Per event of `events`, whether it takes effect: it carries no command
+/// id, or it is the first in canonical order of its stream's events with
+/// that command id.
+pub fn in_effect(events: &[(Event, EventId)]) -> Vec<bool> {
+    let first = first_of_commands(events);
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, (e, _))| {
+            e.meta
+                .command_id
+                .as_deref()
+                .is_none_or(|c| first[&(e.stream.as_str(), c)].0 == i)
+        })
+        .collect()
+}
+
+/// Per (stream, command id): the index of the first event in canonical
+/// order, and how many events carry it.
+fn first_of_commands(events: &[(Event, EventId)]) -> BTreeMap<(&str, &str), (usize, usize)> {
+    let key = |i: usize| {
+        let (e, id) = &events[i];
+        (e.hlc, e.author, e.seq, *id)
+    };
+    let mut first: BTreeMap<(&str, &str), (usize, usize)> = BTreeMap::new();
+    for (i, (e, _)) in events.iter().enumerate() {
+        if let Some(c) = e.meta.command_id.as_deref() {
+            let f = first.entry((e.stream.as_str(), c)).or_insert((i, 0));
+            f.1 += 1;
+            if key(i) < key(f.0) {
+                f.0 = i;
+            }
+        }
+    }
+    first
+}
+
+/// What the command oracle counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommandStats {
+    /// (stream, command id) pairs in the log.
+    pub commands: u64,
+    /// Of those, carried by more than one event.
+    pub carried_twice: u64,
+    /// Events that took no effect (duplicates).
+    pub duplicates: u64,
+}
+
+/// Commands take effect once: for every (stream, command id) in the log,
+/// the state's record names the first event in canonical order, and the
+/// stream lists the others as ignored.
+pub fn commands(events: &[(Event, EventId)], state: &State) -> Result<CommandStats, Vec<String>> {
+    let mut out = Vec::new();
+    let mut stats = CommandStats::default();
+    let mut members: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    for (i, (e, _)) in events.iter().enumerate() {
+        if let Some(c) = e.meta.command_id.as_deref() {
+            members.entry((e.stream.as_str(), c)).or_default().push(i);
+        }
+    }
+    for ((stream, cmd), mut m) in members {
+        stats.commands += 1;
+        m.sort_by_key(|&i| {
+            let (e, id) = &events[i];
+            (e.hlc, e.author, e.seq, *id)
+        });
+        let first = events[m[0]].1;
+        match state.command(stream, cmd) {
+            Some(rec) if rec.id == first => {}
+            Some(rec) => out.push(format!(
+                "{stream} command {cmd}: event {} took effect, but {} sorts first",
+                rec.id.short(),
+                first.short()
+            )),
+            None => out.push(format!("{stream} command {cmd}: no record")),
+        }
+        let listed = state.stream(stream).and_then(|s| s.duplicates.get(cmd));
+        if m.len() > 1 {
+            stats.carried_twice += 1;
+            stats.duplicates += m.len() as u64 - 1;
+            let ignored: Vec<EventId> = m[1..].iter().map(|&i| events[i].1).collect();
+            if listed.is_none_or(|d| d.took_effect != first || d.ignored != ignored) {
+                out.push(format!(
+                    "{stream} command {cmd}: {} events carry it, the stream lists {listed:?}",
+                    m.len()
+                ));
+            }
+        } else if listed.is_some() {
+            out.push(format!(
+                "{stream} command {cmd}: one event carries it, but it is listed as duplicated"
+            ));
+        }
+    }
+    if out.is_empty() {
+        Ok(stats)
+    } else {
+        Err(out)
+    }
 }
 
 fn hex8(b: &[u8; 32]) -> String {
@@ -178,7 +283,7 @@ pub fn causal_order(events: &[(Event, EventId)]) -> Result<(), String> {
 
 /// Escrow: on every counter, consumption never exceeds capacity, no account
 /// gives away or uses more than it got, and the totals match a recount of
-/// the ops in the log. Returns the consumption and capacity summed over
+/// the ops in the log (of the events in effect). Returns the consumption and capacity summed over
 /// counters.
 pub fn escrow(
     streams: &BTreeMap<String, Stream>,
@@ -186,7 +291,11 @@ pub fn escrow(
 ) -> Result<(u128, u128), Vec<String>> {
     let mut out = Vec::new();
     let mut recount: BTreeMap<(&str, &str), (u128, u128)> = BTreeMap::new();
-    for (e, _) in events {
+    let effective = in_effect(events);
+    for (i, (e, _)) in events.iter().enumerate() {
+        if !effective[i] {
+            continue;
+        }
         for op in &e.ops {
             match op {
                 Op::EscrowInit { counter, capacity } => {
@@ -267,7 +376,10 @@ pub struct ConflictStats {
 /// past. So every pair of concurrent same-field writes that no later write
 /// superseded shows as a conflict, and nothing else does. Causal pasts are
 /// computed here from the events' `prev` and `deps` (`events` in a causal
-/// order, as a log holds them).
+/// order, as a log holds them). In a stream where a command was carried out
+/// twice, the duplicate's write never stood, and a write it superseded
+/// stands unless an event in effect supersedes it too: there the standing
+/// writes are those in effect that no event in effect names.
 pub fn conflicts(
     events: &[(Event, EventId)],
     streams: &BTreeMap<String, Stream>,
@@ -283,8 +395,17 @@ pub fn conflicts(
     let mut vcs: Vec<Vec<u64>> = Vec::with_capacity(events.len());
     // (stream, field) -> [(dot, index of its vc)]
     let mut writes: BTreeMap<(&str, &str), Vec<(Dot, usize)>> = BTreeMap::new();
+    // (stream, field) -> dots named by events in effect.
+    let mut named: BTreeMap<(&str, &str), BTreeSet<Dot>> = BTreeMap::new();
+    let effective = in_effect(events);
+    let duplicated: BTreeSet<&str> = events
+        .iter()
+        .zip(&effective)
+        .filter(|(_, &eff)| !eff)
+        .map(|((e, _), _)| e.stream.as_str())
+        .collect();
     let mut out = Vec::new();
-    for (e, id) in events {
+    for ((e, id), &eff) in events.iter().zip(&effective) {
         let mut vc = vec![0u64; width];
         for p in e.prev.iter().chain(e.deps.iter()) {
             let Some(&i) = vc_of.get(p) else {
@@ -303,8 +424,18 @@ pub fn conflicts(
         let i = vcs.len();
         vcs.push(vc);
         vc_of.insert(*id, i);
+        if !eff {
+            continue;
+        }
         for op in &e.ops {
-            if let Op::Set { field, .. } = op {
+            if let Op::Set {
+                field, supersedes, ..
+            } = op
+            {
+                named
+                    .entry((&e.stream, field))
+                    .or_default()
+                    .extend(supersedes.iter().copied());
                 writes.entry((&e.stream, field)).or_default().push((
                     Dot {
                         author: e.author,
@@ -324,12 +455,17 @@ pub fn conflicts(
     };
     for ((stream, field), ws) in &writes {
         let mut standing: BTreeSet<Dot> = BTreeSet::new();
+        let by_name = duplicated.contains(stream);
+        let names = named.get(&(*stream, *field));
         for (i, w) in ws.iter().enumerate() {
-            if !ws
-                .iter()
-                .enumerate()
-                .any(|(j, o)| j != i && o.0 != w.0 && in_past(w, o))
-            {
+            let stands = if by_name {
+                names.is_none_or(|n| !n.contains(&w.0))
+            } else {
+                !ws.iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.0 != w.0 && in_past(w, o))
+            };
+            if stands {
                 standing.insert(w.0);
             }
             for o in &ws[i + 1..] {

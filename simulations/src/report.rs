@@ -64,6 +64,32 @@ pub struct Timeline {
     pub final_heal_ms: u64,
 }
 
+/// Client retries: commands whose request timed out at one node and that
+/// the client sent again, with the same command id, to another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Retries {
+    /// Commands sent again to another node.
+    pub sent: u64,
+    /// Of those, answered with the event already in effect (the node knew
+    /// the command).
+    pub answered_existing: u64,
+    /// (stream, command id) pairs carried by more than one event at the end
+    /// (the command ran on two nodes out of touch).
+    pub carried_twice: u64,
+    /// Events that took no effect at the end (duplicates); the command
+    /// oracle checks every command took effect once.
+    pub duplicates: u64,
+}
+
+impl std::ops::AddAssign for Retries {
+    fn add_assign(&mut self, o: Retries) {
+        self.sent += o.sent;
+        self.answered_existing += o.answered_existing;
+        self.carried_twice += o.carried_twice;
+        self.duplicates += o.duplicates;
+    }
+}
+
 /// Gossip counters of a run (every node, every incarnation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Gossip {
@@ -93,6 +119,8 @@ pub struct RunReport {
     pub events: u64,
     /// Commands and their fate.
     pub appends: Appends,
+    /// Client retries at another node.
+    pub retries: Retries,
     /// Sync messages sent.
     pub messages: u64,
     /// Their bytes (length prefixes included).
@@ -127,7 +155,8 @@ pub struct RunReport {
     pub convergence_interrupted: u64,
     /// Sales and escrow uses refused because the node held too few rights.
     pub oversell_refused: u64,
-    /// Seats (escrow rights) consumed by acknowledged appends.
+    /// Seats (escrow rights) consumed at the end (node 0's state: events
+    /// that took effect).
     pub escrow_consumed: u64,
     /// Total escrow capacity.
     pub escrow_capacity: u64,
@@ -218,6 +247,8 @@ pub struct Summary {
     pub events: u64,
     /// Commands and their fate.
     pub appends: Appends,
+    /// Client retries at another node, summed.
+    pub retries: Retries,
     /// Sync messages.
     pub messages: u64,
     /// Their bytes.
@@ -283,6 +314,7 @@ impl Summary {
             a.refused_other += r.appends.refused_other;
             a.node_down += r.appends.node_down;
             a.lost_unacked += r.appends.lost_unacked;
+            s.retries += r.retries;
             s.messages += r.messages;
             s.bytes += r.bytes;
             s.duplicate_deliveries += r.duplicate_deliveries;
@@ -352,6 +384,14 @@ impl Summary {
             self.appends.node_down,
             self.appends.lost_unacked,
         );
+        if self.retries.sent > 0 {
+            let r = &self.retries;
+            let _ = writeln!(
+                o,
+                "  retries       {} commands retried at another node ({} answered with the event in effect); {} ran on two nodes, {} duplicate events took no effect",
+                r.sent, r.answered_existing, r.carried_twice, r.duplicates
+            );
+        }
         let _ = writeln!(
             o,
             "  traffic       {} messages, {} ({} events delivered, {} duplicate deliveries: {:.2} per delivered event)",

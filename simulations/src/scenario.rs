@@ -201,8 +201,34 @@ pub struct Scenario {
     /// Faults at fixed times.
     #[serde(default)]
     pub schedule: Vec<Scheduled>,
+    /// How clients behave when a node does not answer.
+    #[serde(default)]
+    pub clients: Clients,
     /// What the users do.
     pub workload: Workload,
+}
+
+/// Clients that fail over: a request that times out at one node is sent
+/// again, with the same command id, to another node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Clients {
+    /// Share of user commands (registrations, edits, counters, sales; not
+    /// the desks' own rights moves) that are retried at another node. When
+    /// above zero, every user command carries a command id.
+    pub retry: f64,
+    /// How long a client waits before it retries elsewhere, ms (uniform in
+    /// the range).
+    pub retry_after_ms: [f64; 2],
+}
+
+impl Default for Clients {
+    fn default() -> Clients {
+        Clients {
+            retry: 0.0,
+            retry_after_ms: [200.0, 3000.0],
+        }
+    }
 }
 
 fn default_quiesce_s() -> f64 {
@@ -701,6 +727,16 @@ impl Scenario {
                     "faults.{what} = {r:?}: must be [lo, hi], 0 <= lo <= hi"
                 ));
             }
+        }
+        let c = &self.clients;
+        if !(0.0..=1.0).contains(&c.retry) {
+            return Err(format!("clients.retry = {}: must be in [0, 1]", c.retry));
+        }
+        let r = c.retry_after_ms;
+        if !(r[0] >= 0.0 && r[0] <= r[1]) {
+            return Err(format!(
+                "clients.retry_after_ms = {r:?}: must be [lo, hi], 0 <= lo <= hi"
+            ));
         }
         if f.partitions_per_min > 0.0 && f.shapes.is_empty() {
             return Err("faults.shapes is empty but partitions_per_min > 0".into());

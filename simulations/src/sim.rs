@@ -13,7 +13,7 @@ use crate::oracle::{self, NodeFinal};
 use crate::report::{RunReport, Timeline, Violation};
 use crate::rng::Rng;
 use crate::scenario::{Link, Scenario, Scheduled, Shape, Topology};
-use crate::workload::{Tag, View, Workload};
+use crate::workload::{View, Workload};
 use crate::{Progress, RunOptions};
 
 /// Virtual microseconds.
@@ -70,6 +70,12 @@ enum Ev {
         since: Us,
     },
     Command,
+    /// A client whose request timed out sends it again, with the same
+    /// command id, to `node`.
+    Retry {
+        node: usize,
+        cmd: Box<crate::workload::Cmd>,
+    },
     PartitionNext,
     PartitionHeal {
         id: u64,
@@ -214,9 +220,10 @@ pub(crate) struct Sim<'a> {
     rng_disk: Rng,
     rng_node: Rng,
     rng_peers: Rng,
+    rng_client: Rng,
+    /// Command ids handed out (`[clients] retry`).
+    next_command: u64,
     workload: Workload,
-    /// Ops made and not yet acknowledged: what they were.
-    outstanding: BTreeMap<EventId, Tag>,
     acked: BTreeMap<EventId, (usize, u64)>,
     trace: blake3::Hasher,
     report: RunReport,
@@ -311,8 +318,9 @@ impl<'a> Sim<'a> {
             rng_disk: Rng::derive(seed, "disk"),
             rng_node,
             rng_peers: Rng::derive(seed, "peers"),
+            rng_client: Rng::derive(seed, "clients"),
+            next_command: 0,
             workload: Workload::new(sc, seed),
-            outstanding: BTreeMap::new(),
             acked: BTreeMap::new(),
             trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
             report: RunReport {
@@ -570,6 +578,7 @@ impl<'a> Sim<'a> {
             } => self.dial_failed(node, epoch, target, "no answer"),
             Ev::IdleCheck { from, to, since } => self.idle_check(from, to, since),
             Ev::Command => self.command(),
+            Ev::Retry { node, cmd } => self.retry(node, *cmd),
             Ev::PartitionNext => self.partition_next(),
             Ev::PartitionHeal { id } => self.partition_heal(id),
             Ev::PartitionRoll { id } => self.partition_roll(id),
@@ -1093,9 +1102,6 @@ impl<'a> Sim<'a> {
             self.report.appends.acked += 1;
             self.report.events += 1;
             self.period_appends += 1;
-            if let Some(Tag::Consume(n)) = self.outstanding.remove(id) {
-                self.report.escrow_consumed += n;
-            }
         }
         // Live push: the policy learns of the batch's signed heads.
         let s = &mut self.slots[node];
@@ -1140,29 +1146,62 @@ impl<'a> Sim<'a> {
             ids: &self.ids,
             connected: &connected,
         };
-        let Some(cmd) = self.workload.next(&view) else {
+        let Some(mut cmd) = self.workload.next(&view) else {
             return;
         };
+        let clients = &self.sc.clients;
+        if clients.retry > 0.0 && cmd.tag.from_client() {
+            self.next_command += 1;
+            cmd.draft.meta.command_id = Some(format!("c{}", self.next_command));
+            if self.rng_client.chance(clients.retry) {
+                let other = self.rng_client.index(self.sc.nodes - 1);
+                let other = if other >= node { other + 1 } else { other };
+                let [lo, hi] = clients.retry_after_ms;
+                let wait = us_of_ms(self.rng_client.uniform(lo, hi)).max(1);
+                self.after(
+                    wait,
+                    Ev::Retry {
+                        node: other,
+                        cmd: Box::new(cmd.clone()),
+                    },
+                );
+            }
+        }
         self.command_at(node, cmd);
+    }
+
+    /// A client retries a command at `node` (see [`Ev::Retry`]).
+    fn retry(&mut self, node: usize, cmd: crate::workload::Cmd) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        self.report.retries.sent += 1;
+        self.tr(b'y', &[node as u64], b"");
+        if !self.slots[node].node.is_up() {
+            self.report.appends.attempted += 1;
+            self.report.appends.node_down += 1;
+            return;
+        }
+        self.report.appends.attempted += 1;
+        let wall = self.wall_ms(node);
+        let res = self.slots[node].node.append(wall, cmd.draft);
+        if matches!(res, Ok(None)) {
+            self.report.retries.answered_existing += 1;
+        }
+        self.append_result(node, res);
     }
 
     fn command_at(&mut self, node: usize, cmd: crate::workload::Cmd) {
         self.report.appends.attempted += 1;
         let wall = self.wall_ms(node);
         let res = self.slots[node].node.append(wall, cmd.draft);
-        self.append_result(node, cmd.tag, res);
+        self.append_result(node, res);
     }
 
-    fn append_result(
-        &mut self,
-        node: usize,
-        tag: Tag,
-        res: Result<Option<(EventId, u64)>, PrepareError>,
-    ) {
+    fn append_result(&mut self, node: usize, res: Result<Option<(EventId, u64)>, PrepareError>) {
         match res {
             Ok(Some((id, seq))) => {
                 self.tr(b'P', &[node as u64, seq], &id.0);
-                self.outstanding.insert(id, tag);
                 self.request_commit(node);
             }
             Ok(None) => {}
@@ -1810,8 +1849,24 @@ impl<'a> Sim<'a> {
             if let Err(v) = oracle::causal_order(&events) {
                 found.push(("causal-order", format!("node {ix}: {v}")));
             }
+            match oracle::commands(&events, s.node.state()) {
+                Ok(stats) if ix == 0 => {
+                    self.report.retries.carried_twice = stats.carried_twice;
+                    self.report.retries.duplicates = stats.duplicates;
+                }
+                Ok(_) => {}
+                Err(vs) => {
+                    for v in vs.into_iter().take(3) {
+                        found.push(("commands", format!("node {ix}: {v}")));
+                    }
+                }
+            }
             match oracle::escrow(s.node.state().streams(), &events) {
-                Ok((_, capacity)) if ix == 0 => self.report.escrow_capacity = capacity as u64,
+                Ok((consumed, capacity)) if ix == 0 => {
+                    // From the state: a sale retried on two nodes counts once.
+                    self.report.escrow_consumed = consumed as u64;
+                    self.report.escrow_capacity = capacity as u64;
+                }
                 Ok(_) => {}
                 Err(vs) => {
                     for v in vs {

@@ -30,6 +30,14 @@ pub enum Tag {
     Register,
 }
 
+impl Tag {
+    /// Whether a client sends it (and may retry it at another node), as
+    /// opposed to the setup and the desks' own rights moves.
+    pub fn from_client(self) -> bool {
+        matches!(self, Tag::Set | Tag::Add | Tag::Consume(_) | Tag::Register)
+    }
+}
+
 /// A command for one node.
 #[derive(Clone, Debug)]
 pub struct Cmd {
