@@ -512,14 +512,30 @@ pub fn frontier_of(v: &Value) -> Result<BTreeMap<NodeId, u64>> {
 }
 
 /// The lines `log` prints: events in canonical order, one JSON object per
-/// line, only `stream`'s if given.
+/// line, only `stream`'s if given. An event whose command took effect
+/// through another event (a retry carried out on two nodes) names that
+/// event in `"duplicate_of"`: it is kept, with no effect.
 pub fn log_lines(node: &Node, stream: Option<&str>) -> Result<String> {
     let mut rows = Vec::new();
+    // Events with a command id: (row, stream, command id).
+    let mut commands = Vec::new();
     node.scan(|e, id| {
         if stream.is_none_or(|s| s == e.stream) {
-            rows.push(((e.hlc, e.author, e.seq), json::event(e, &id)));
+            if let Some(cmd) = &e.meta.command_id {
+                commands.push((rows.len(), e.stream.clone(), cmd.clone()));
+            }
+            rows.push(((e.hlc, e.author, e.seq, id), json::event(e, &id)));
         }
     })?;
+    // After the scan: the state is not read under the log's lock.
+    node.with_state(|s| {
+        for (row, stream, cmd) in commands {
+            let (key, v) = &mut rows[row];
+            if let Some(first) = s.command(&stream, &cmd).filter(|r| r.id != key.3) {
+                v["duplicate_of"] = first.id.to_string().into();
+            }
+        }
+    });
     rows.sort_unstable_by_key(|r| r.0);
     let mut out = String::new();
     for (_, v) in rows {

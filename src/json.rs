@@ -138,13 +138,30 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
             )
         })
         .collect();
-    json!({
+    let mut v = json!({
         "stream": name,
         "version": s.version,
         "fields": fields,
         "counters": counters,
         "escrow": escrow,
-    })
+    });
+    if !s.duplicates.is_empty() {
+        let dups: Map<String, Value> = s
+            .duplicates
+            .iter()
+            .map(|(c, d)| {
+                (
+                    c.clone(),
+                    json!({
+                        "took_effect": d.took_effect.to_string(),
+                        "ignored": d.ignored.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    }),
+                )
+            })
+            .collect();
+        v["duplicates"] = Value::Object(dups);
+    }
+    v
 }
 
 /// An integer as a JSON number (i64 when it fits, else a decimal string).

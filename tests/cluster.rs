@@ -5,8 +5,9 @@
 //! or of its own appends loses nothing it acknowledged and catches up after
 //! a restart; a node off the member list is refused; SIGTERM shuts down
 //! cleanly and keeps what was received, even when it comes right after the
-//! ready line; and the CLI, given the data directory of a running node,
-//! goes through its HTTP API.
+//! ready line; the CLI, given the data directory of a running node, goes
+//! through its HTTP API; and a command carried out by two partitioned nodes
+//! counts once after the heal.
 //!
 //! Every process is owned by a [`Proc`] whose `Drop` kills and reaps it, so
 //! a failing test leaves nothing running. Waits poll every 50 ms up to
@@ -1602,6 +1603,133 @@ fn a_restarted_node_reconnects_at_once() {
         eprintln!(
             "round {round}: the restarted node (the {larger} id) reached its peer {:?} after its ready line",
             t0.elapsed()
+        );
+    }
+}
+
+/// A client's command reaches two nodes that cannot see each other (it
+/// timed out at one and was retried at the other): both carry it out. After
+/// the heal it counts once on both: one event took effect (the first in
+/// canonical order), the other is kept, listed as ignored and marked in the
+/// log, and a further retry anywhere answers with the event in effect.
+#[test]
+fn a_command_taken_by_two_partitioned_nodes_counts_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs = [tmp.path().join("a"), tmp.path().join("b")];
+    for d in &dirs {
+        init(d);
+    }
+    let ports: Vec<String> = (0..2)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            Proc::start(
+                ["a", "b"][i],
+                &dirs[i],
+                Opts {
+                    peers: vec![ports[1 - i].clone()],
+                    listen: Some(ports[i].clone()),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // Ten seats, five of them held by each node.
+    a.append(
+        "session/7",
+        json!({"kind": "SessionOpened", "escrow_init": {"seats": 10},
+               "escrow_transfer": [{"counter": "seats", "to": b.id, "amount": 5}]}),
+    );
+    converge(&[a, b], Some(1), "setup");
+
+    a.partition(&[&b.id]);
+    b.partition(&[&a.id]);
+    let purchase = json!({
+        "kind": "SeatsPurchased",
+        "command_id": "order-42",
+        "escrow_consume": {"seats": 2},
+        "add": {"orders": 1},
+        "set": {"last_buyer": "Ada"},
+    });
+    let (code_a, ea) = a.post("/v1/streams/session/7/events", &purchase);
+    let (code_b, eb) = b.post("/v1/streams/session/7/events", &purchase);
+    assert_eq!((code_a, code_b), (201, 201), "{ea} {eb}");
+    // Each side alone counts it once.
+    for (n, e) in [(a, &ea), (b, &eb)] {
+        let s = n.get_json("/v1/streams/session/7");
+        assert_eq!(s["escrow"]["seats"]["consumed"], 2, "{}: {s}", n.name);
+        let (code, again) = n.post("/v1/streams/session/7/events", &purchase);
+        assert_eq!((code, &again["id"]), (200, &e["id"]), "{}", n.name);
+    }
+
+    a.partition(&[]);
+    b.partition(&[]);
+    let statuses = converge(&[a, b], Some(3), "after the heal");
+    assert_eq!(statuses[0]["state_hash"], statuses[1]["state_hash"]);
+
+    let key = |e: &Value| {
+        (
+            e["hlc"].as_u64().unwrap(),
+            e["author"].as_str().unwrap().to_string(),
+        )
+    };
+    let (first, ignored) = if key(&ea) < key(&eb) {
+        (&ea, &eb)
+    } else {
+        (&eb, &ea)
+    };
+    for n in [a, b] {
+        let s = n.get_json("/v1/streams/session/7");
+        assert_eq!(
+            s["escrow"]["seats"]["consumed"], 2,
+            "{}: counted once: {s}",
+            n.name
+        );
+        assert_eq!(s["counters"]["orders"], 1, "{}: {s}", n.name);
+        assert_eq!(s["fields"]["last_buyer"]["value"], "Ada", "{}: {s}", n.name);
+        assert!(
+            s["fields"]["last_buyer"]["conflict"].is_null(),
+            "{}: {s}",
+            n.name
+        );
+        assert_eq!(
+            s["version"], 3,
+            "{}: both events are in the stream: {s}",
+            n.name
+        );
+        let d = &s["duplicates"]["order-42"];
+        assert_eq!(d["took_effect"], first["id"], "{}: {s}", n.name);
+        assert_eq!(d["ignored"], json!([ignored["id"]]), "{}: {s}", n.name);
+        // A further retry, on either node, names the event in effect.
+        let (code, again) = n.post("/v1/streams/session/7/events", &purchase);
+        assert_eq!(code, 200, "{}: {again}", n.name);
+        assert_eq!(again["id"], first["id"], "{}", n.name);
+        assert_eq!(again["existing"], true, "{}", n.name);
+        // The log keeps both and marks the one without effect.
+        let (code, log) = n.get("/v1/log?stream=session/7");
+        assert_eq!(code, 200);
+        let marked: Vec<Value> = log
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["meta"]["command_id"] == "order-42")
+            .map(|e| json!([e["id"], e["duplicate_of"]]))
+            .collect();
+        assert_eq!(
+            marked.len(),
+            2,
+            "{}: both events are in the log: {log}",
+            n.name
+        );
+        assert!(
+            marked.contains(&json!([first["id"], null]))
+                && marked.contains(&json!([ignored["id"], first["id"]])),
+            "{}: {marked:?}",
+            n.name
         );
     }
 }

@@ -82,6 +82,13 @@
 //! **Clocks**: each node's hybrid logical clock is fed virtual time plus a
 //! per-node offset, drift and steps.
 //!
+//! **Clients** (`[clients]`): with `retry` above zero every user command
+//! carries a command id, and that share of them is sent again, after
+//! `retry_after_ms`, to another node, as a client whose request timed out
+//! fails over. The other node answers with the event in effect if it holds
+//! one, or carries the command out a second time if it cannot see the first
+//! (a partition, or sync not yet done).
+//!
 //! # Oracles
 //!
 //! After the final heal (every cut lifted, every node restarted) the run
@@ -93,7 +100,10 @@
 //! each log in causal order; escrow never over capacity and its totals
 //! matching a recount of the log; every field's standing writes exactly the
 //! writes no other write to it saw (so concurrent same-field edits show as
-//! conflicts on every node unless superseded). During the run, a failed
+//! conflicts on every node unless superseded); every (stream, command id)
+//! taking effect once, through the first of its events in canonical order,
+//! the others listed as ignored (duplicates are left out of the escrow
+//! recount and the field check, as the fold leaves them out). During the run, a failed
 //! sync session, an equivocation, a failed recovery or write is a violation
 //! too: in honest traffic none of them may happen.
 

@@ -592,4 +592,40 @@ mod tests {
         let e = escrow(&streams, &[]).unwrap_err();
         assert!(e.iter().any(|v| v.contains("over capacity")), "{e:?}");
     }
+
+    #[test]
+    fn a_command_that_counted_twice_is_caught() {
+        let (ka, kb) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+        let order = |who: &str| {
+            let mut d = rename(who);
+            d.meta.command_id = Some("order-1".into());
+            d
+        };
+        let mut a = MemStore::new();
+        let mut b = MemStore::new();
+        a.commit(&ka, &mut HlcClock::default(), 1_000, [order("a")])
+            .unwrap();
+        b.commit(&kb, &mut HlcClock::default(), 2_000, [order("b")])
+            .unwrap();
+        // `b` holds a's event too: it took effect (it sorts first).
+        let s = a.get(&ka.node_id(), 1).unwrap().clone();
+        let e = Event::decode_trusted(&s.bytes).unwrap();
+        weftlog_proto::sync::Store::insert(&mut b, &e, s.id, &s.bytes, s.sig).unwrap();
+        let events = events_of(&b, &[&ka, &kb]);
+        let stats = commands(&events, b.state()).unwrap();
+        assert_eq!(
+            (stats.commands, stats.carried_twice, stats.duplicates),
+            (1, 1, 1)
+        );
+        // A state that kept the event it saw first (its own) is caught, as
+        // is one that does not list the duplicate.
+        let e = commands(&events, a.state()).unwrap_err();
+        assert!(e.iter().any(|v| v.contains("the stream lists")), "{e:?}");
+        let mut own = MemStore::new();
+        own.commit(&kb, &mut HlcClock::default(), 2_000, [order("b")])
+            .unwrap();
+        let e = commands(&events, own.state()).unwrap_err();
+        assert!(e.iter().any(|v| v.contains("sorts first")), "{e:?}");
+        assert!(e.iter().any(|v| v.contains("the stream lists")), "{e:?}");
+    }
 }

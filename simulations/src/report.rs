@@ -9,7 +9,7 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
     /// Which oracle: `convergence`, `acknowledged`, `causal-order`,
-    /// `escrow`, `conflicts`, `durability`, `session`, `equivocation`,
+    /// `escrow`, `conflicts`, `commands`, `durability`, `session`, `equivocation`,
     /// `recovery`, `determinism`.
     pub oracle: String,
     /// Virtual time, ms.
