@@ -468,6 +468,9 @@ fn causal_shuffle(events: &[(Event, EventId)], rng: &mut Rng) -> Vec<usize> {
     out
 }
 
+/// An event's place in the canonical order.
+type CanonicalKey = (Hlc, NodeId, u64, EventId);
+
 /// The canonical order: ascending `(hlc, author, seq)`.
 fn canonical_order(events: &[(Event, EventId)]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..events.len()).collect();
@@ -987,8 +990,7 @@ proptest! {
             assert_same(&s, &replay, &format!("order {n}"));
         }
         let in_effect = effective(all, |_| true);
-        let mut members: BTreeMap<(String, String), Vec<(Hlc, NodeId, u64, EventId)>> =
-            BTreeMap::new();
+        let mut members: BTreeMap<(String, String), Vec<CanonicalKey>> = BTreeMap::new();
         for (i, (e, id)) in all.iter().enumerate() {
             if let Some(cmd) = &e.meta.command_id {
                 members
