@@ -363,8 +363,11 @@ pub struct AppendArgs {
     /// Fail unless the stream is at this version (number of events).
     #[arg(long, value_name = "N")]
     pub expect_version: Option<u64>,
-    /// Idempotency key: if an event with this command id is in the log,
-    /// nothing is appended and that event is returned.
+    /// Idempotency key, per stream and across the cluster: if this stream
+    /// holds an event with this command id, nothing is appended and the
+    /// event that took effect is returned. Two nodes out of touch that both
+    /// carry it out agree, once they exchange, that the first in canonical
+    /// order took effect; the other is kept with no effect.
     #[arg(long, value_name = "ID")]
     pub command_id: Option<String>,
     /// The acting user, recorded in the event.
