@@ -1055,7 +1055,9 @@ impl Storage for MemStorage {
             .segments
             .get_mut(&segment)
             .ok_or(io::ErrorKind::NotFound)?;
-        let fits = self.space.map_or(data.len(), |left| data.len().min(left as usize));
+        let fits = self
+            .space
+            .map_or(data.len(), |left| data.len().min(left as usize));
         if fits > 0 {
             s.pending.push((offset, data[..fits].to_vec()));
         }
@@ -1152,7 +1154,11 @@ mod tests {
             assert!(matches!(&e, AppendError::Full(io) if is_full(io)), "{e}");
             assert_eq!((log.records(), log.bytes() as usize), (3, end));
             let now = disk.borrow_mut().read(0).unwrap();
-            assert_eq!(now, image[..end], "budget {budget}: cut back to the last record");
+            assert_eq!(
+                now,
+                image[..end],
+                "budget {budget}: cut back to the last record"
+            );
             assert_eq!(reopen_after_crash(&disk), (3, None), "budget {budget}");
         }
         disk.borrow_mut().space = None;
