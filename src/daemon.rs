@@ -371,6 +371,7 @@ impl Daemon {
     pub async fn status(&self) -> Value {
         let node = &self.shared.node;
         let mut status = node.with_state(|s| crate::json::status(&node.id(), s));
+        write_status(node, &mut status);
         let peers = self.peers().await;
         let blocked: Vec<String> = self.blocked().iter().map(|n| n.to_string()).collect();
         let forks: Vec<Value> = self.forks().iter().map(Fork::json).collect();
@@ -510,6 +511,55 @@ impl Daemon {
             Err(e) => warn!("flushing received events at shutdown: {e}"),
         }
     }
+}
+
+/// Adds to a `status` object what it says of the node's writes (the running
+/// node's, and from the CLI a stopped node's): `writes` (`"ok"`, `"paused:
+/// disk full"`, or `"stopped: <why>"` after a fatal failure), `disk_full`
+/// (`null`, or `since_ms`, `last_try_ms`, `tries` and the storage `error`
+/// while writes are paused; see [`crate::node`]) and `disk_free_bytes`
+/// (space left for the data directory, `null` if unknown).
+pub fn write_status(node: &Node, status: &mut Value) {
+    let Value::Object(m) = status else { return };
+    let full = node.disk_full();
+    let writes = match (node.failed(), &full) {
+        (Some(why), _) => format!("stopped: {why}"),
+        (None, Some(_)) => "paused: disk full".to_string(),
+        (None, None) => "ok".to_string(),
+    };
+    m.insert("writes".into(), json!(writes));
+    m.insert(
+        "disk_full".into(),
+        match full {
+            Some(f) => json!({
+                "since_ms": f.since_ms,
+                "last_try_ms": f.last_try_ms,
+                "tries": f.tries,
+                "error": f.error,
+            }),
+            None => Value::Null,
+        },
+    );
+    m.insert("disk_free_bytes".into(), json!(free_bytes(node.dir())));
+}
+
+/// Bytes available to the process on the file system holding `dir`
+/// (`statvfs`), if it can be asked.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `st` is a writable
+    // statvfs buffer, both live for the call.
+    let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // Both are narrower than u64 on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn transport(idle: Duration) -> quinn::TransportConfig {

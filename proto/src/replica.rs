@@ -225,7 +225,9 @@ pub enum AppendError {
     #[error("the log is unusable after a failed write or sync: {0}")]
     Failed(String),
     /// The disk is full ([`Replica::disk_full`]): nothing was applied.
-    #[error("disk full ({0}): appends resume by themselves when space is freed")]
+    #[error(
+        "disk full ({0}): refused, nothing stored; appends resume by themselves when space is freed"
+    )]
     DiskFull(String),
 }
 
@@ -240,7 +242,9 @@ pub enum ImportError {
     #[error("the log is unusable after a failed write or sync: {0}")]
     Failed(String),
     /// The disk is full ([`Replica::disk_full`]): nothing was stored.
-    #[error("disk full ({0}): imports resume by themselves when space is freed")]
+    #[error(
+        "disk full ({0}): refused, nothing stored; imports resume by themselves when space is freed"
+    )]
     DiskFull(String),
 }
 
