@@ -682,7 +682,6 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             let v = match target(dir)? {
                 Target::Local(node) => {
                     let mut v = node.with_state(|s| json::status(&node.id(), s));
-                    crate::daemon::write_status(&node, &mut v);
                     let forks = crate::daemon::read_equivocations(dir);
                     if let Value::Object(m) = &mut v {
                         m.insert("equivocations".into(), Value::Array(forks));

@@ -366,8 +366,8 @@ impl Daemon {
         (at > 0).then_some(at)
     }
 
-    /// `weftlog status` plus `peers`, `blocked`, `equivocations` and
-    /// `last_round_ms`.
+    /// `weftlog status` plus `writes` and `disk_full` ([`write_status`]),
+    /// `peers`, `blocked`, `equivocations` and `last_round_ms`.
     pub async fn status(&self) -> Value {
         let node = &self.shared.node;
         let mut status = node.with_state(|s| crate::json::status(&node.id(), s));
@@ -513,12 +513,11 @@ impl Daemon {
     }
 }
 
-/// Adds to a `status` object what it says of the node's writes (the running
-/// node's, and from the CLI a stopped node's): `writes` (`"ok"`, `"paused:
+/// Adds to a running node's `status` object what it says of the node's
+/// writes (a stopped node has none to report): `writes` (`"ok"`, `"paused:
 /// disk full"`, or `"stopped: <why>"` after a fatal failure), `disk_full`
 /// (`null`, or `since_ms`, `last_try_ms`, `tries` and the storage `error`
-/// while writes are paused; see [`crate::node`]) and `disk_free_bytes`
-/// (space left for the data directory, `null` if unknown).
+/// while writes are paused; see [`crate::node`]).
 pub fn write_status(node: &Node, status: &mut Value) {
     let Value::Object(m) = status else { return };
     let full = node.disk_full();
@@ -540,26 +539,6 @@ pub fn write_status(node: &Node, status: &mut Value) {
             None => Value::Null,
         },
     );
-    m.insert("disk_free_bytes".into(), json!(free_bytes(node.dir())));
-}
-
-/// Bytes available to the process on the file system holding `dir`
-/// (`statvfs`), if it can be asked.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `path` is a NUL-terminated string and `st` is a writable
-    // statvfs buffer, both live for the call.
-    let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    // Both are narrower than u64 on some targets.
-    #[allow(clippy::unnecessary_cast)]
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn transport(idle: Duration) -> quinn::TransportConfig {
