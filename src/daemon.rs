@@ -366,11 +366,12 @@ impl Daemon {
         (at > 0).then_some(at)
     }
 
-    /// `weftlog status` plus `peers`, `blocked`, `equivocations` and
-    /// `last_round_ms`.
+    /// `weftlog status` plus `writes` and `disk_full` ([`write_status`]),
+    /// `peers`, `blocked`, `equivocations` and `last_round_ms`.
     pub async fn status(&self) -> Value {
         let node = &self.shared.node;
         let mut status = node.with_state(|s| crate::json::status(&node.id(), s));
+        write_status(node, &mut status);
         let peers = self.peers().await;
         let blocked: Vec<String> = self.blocked().iter().map(|n| n.to_string()).collect();
         let forks: Vec<Value> = self.forks().iter().map(Fork::json).collect();
@@ -510,6 +511,34 @@ impl Daemon {
             Err(e) => warn!("flushing received events at shutdown: {e}"),
         }
     }
+}
+
+/// Adds to a running node's `status` object what it says of the node's
+/// writes (a stopped node has none to report): `writes` (`"ok"`, `"paused:
+/// disk full"`, or `"stopped: <why>"` after a fatal failure), `disk_full`
+/// (`null`, or `since_ms`, `last_try_ms`, `tries` and the storage `error`
+/// while writes are paused; see [`crate::node`]).
+pub fn write_status(node: &Node, status: &mut Value) {
+    let Value::Object(m) = status else { return };
+    let full = node.disk_full();
+    let writes = match (node.failed(), &full) {
+        (Some(why), _) => format!("stopped: {why}"),
+        (None, Some(_)) => "paused: disk full".to_string(),
+        (None, None) => "ok".to_string(),
+    };
+    m.insert("writes".into(), json!(writes));
+    m.insert(
+        "disk_full".into(),
+        match full {
+            Some(f) => json!({
+                "since_ms": f.since_ms,
+                "last_try_ms": f.last_try_ms,
+                "tries": f.tries,
+                "error": f.error,
+            }),
+            None => Value::Null,
+        },
+    );
 }
 
 fn transport(idle: Duration) -> quinn::TransportConfig {

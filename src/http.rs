@@ -4,14 +4,14 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match; 422 when the command is refused (an oversell, say); 400 on a malformed body |
+//! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match; 422 when the command is refused (an oversell, say); 400 on a malformed body; 507 while the disk is full (nothing stored; appends resume by themselves once space is freed) |
 //! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
 //! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
-//! | `GET /v1/status` | `status`, plus `peers`, `blocked` and `equivocations` |
+//! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked` and `equivocations` |
 //! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it); `event: lagged` if this client fell behind and missed some |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
-//! | `POST /v1/import` | imports an export file (body: its bytes); `{"imported","duplicates"}` |
+//! | `POST /v1/import` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
@@ -81,6 +81,7 @@ impl From<AppendError> for ApiError {
         let code = match &e {
             AppendError::Refused(PrepareError::VersionMismatch { .. }) => StatusCode::CONFLICT,
             AppendError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppendError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(code, e.to_string())
@@ -304,6 +305,9 @@ async fn import(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiError
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("import refused, nothing stored: {e}"),
         )),
+        Err(e @ NodeImportError::DiskFull(_)) => {
+            Err(ApiError(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))
+        }
         Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }

@@ -21,6 +21,25 @@
 //! A failed write or sync is fatal: the replica refuses every later append
 //! until the node is reopened (and recovery has decided what is on disk).
 //!
+//! A full disk is not fatal. When a write or the zero-fill ahead of it
+//! fails with `ENOSPC` or `EDQUOT`, the log undoes it (it ends at its last
+//! record, on disk too) and the replica keeps the batch
+//! ([`weftlog_proto::replica`], "A full disk pauses"). Until the batch is
+//! durable: appends and imports are refused at once with
+//! [`AppendError::DiskFull`] / [`NodeImportError::DiskFull`] (nothing of
+//! them applied); replies already waiting for the kept batch or for what
+//! queued behind it keep waiting, since their events are applied and will
+//! be written (they are neither acknowledged nor refused; a client that
+//! gives up and retries with the same command id is refused while the disk
+//! is full and gets the existing event once it is durable); a flush fails
+//! at once with [`AppendError::DiskFull`] (it applied nothing); events
+//! received by sync are applied and queued, and neither advertised nor
+//! acknowledged. The writer tries the kept batch again every
+//! [`DISK_FULL_RETRY`]; once it is durable everything continues by itself,
+//! in order. [`Node::disk_full`] says since when. A node closed while the
+//! disk is full tries once more, then answers the replies still waiting
+//! with an error: those events were never written (nor acknowledged).
+//!
 //! State is updated when an event is made, before it is durable, so readers
 //! may see an event a moment before its append is acknowledged. A crash can
 //! lose only unacknowledged events.
@@ -33,20 +52,20 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use weftlog_proto::event::{Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
-use weftlog_proto::log::{Log, OpenError, Recovery};
+use weftlog_proto::log::{self, Log, OpenError, Recovery};
 use weftlog_proto::replica::{self, Access, Batch, Mark, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::{EventId, NodeId};
 
 use crate::storage::{sync_dir, FileStorage};
 
-pub use weftlog_proto::replica::{Appended, Imported};
+pub use weftlog_proto::replica::{Appended, DiskFull, Imported};
 
 /// The secret key file in a data directory.
 pub const KEY_FILE: &str = "node.key";
@@ -108,6 +127,12 @@ pub enum AppendError {
     /// The log failed earlier or now; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Fatal(String),
+    /// The disk is full (the storage error): refused, nothing applied.
+    /// Appends resume by themselves once space is freed.
+    #[error(
+        "disk full ({0}): refused, nothing stored; appends resume by themselves when space is freed"
+    )]
+    DiskFull(String),
 }
 
 impl From<replica::AppendError> for AppendError {
@@ -115,6 +140,7 @@ impl From<replica::AppendError> for AppendError {
         match e {
             replica::AppendError::Refused(e) => AppendError::Refused(e),
             replica::AppendError::Failed(why) => AppendError::Fatal(why),
+            replica::AppendError::DiskFull(why) => AppendError::DiskFull(why),
             e => AppendError::Fatal(e.to_string()),
         }
     }
@@ -130,6 +156,12 @@ pub enum NodeImportError {
     /// The log failed; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Fatal(String),
+    /// The disk is full (the storage error): refused, nothing stored.
+    /// Imports resume by themselves once space is freed.
+    #[error(
+        "disk full ({0}): refused, nothing stored; imports resume by themselves when space is freed"
+    )]
+    DiskFull(String),
 }
 
 impl From<replica::ImportError> for NodeImportError {
@@ -137,6 +169,7 @@ impl From<replica::ImportError> for NodeImportError {
         match e {
             replica::ImportError::Refused(e) => NodeImportError::Refused(e),
             replica::ImportError::Failed(why) => NodeImportError::Fatal(why),
+            replica::ImportError::DiskFull(why) => NodeImportError::DiskFull(why),
             e => NodeImportError::Fatal(e.to_string()),
         }
     }
@@ -163,6 +196,9 @@ pub const MAX_BATCH: usize = 4096;
 /// Records one group commit takes at most ([`Replica::poll_batch`]); the
 /// committer pauses while this many wait for the writer.
 pub const MAX_BATCH_RECORDS: usize = 65_536;
+/// How long the writer waits before it tries a batch again after the disk
+/// was full ([`replica::DISK_FULL_RETRY_MS`]).
+pub const DISK_FULL_RETRY: Duration = Duration::from_millis(replica::DISK_FULL_RETRY_MS);
 
 /// What the node's threads share under one lock: the replica, and the
 /// replies waiting for it.
@@ -375,6 +411,18 @@ impl Node {
         f(self.lock().replica.state())
     }
 
+    /// Whether writes are paused because the disk is full (see the module
+    /// docs): since when, how many tries, the last storage error.
+    pub fn disk_full(&self) -> Option<DiskFull> {
+        self.lock().replica.disk_full().cloned()
+    }
+
+    /// Why the log stopped for good (a failed sync, or a write failure
+    /// other than a full disk), if it did: the node must be reopened.
+    pub fn failed(&self) -> Option<String> {
+        self.lock().replica.failed().map(str::to_string)
+    }
+
     fn sender(&self) -> &mpsc::Sender<Request> {
         // Invariant: only `drop` takes the sender.
         self.tx.as_ref().expect("node is open")
@@ -404,7 +452,8 @@ impl Node {
     }
 
     /// Waits until everything applied so far (appends, imports, events
-    /// received by sync) is durable.
+    /// received by sync) is durable. Fails at once with
+    /// [`AppendError::DiskFull`] while the disk is full.
     ///
     /// # Panics
     /// If called from within an async runtime.
@@ -575,7 +624,10 @@ impl Inner {
             return refuse(req, e);
         }
         let reply = match req {
-            Request::Flush(tx) => Reply::Flush(tx),
+            Request::Flush(tx) => match g.replica.disk_full() {
+                Some(full) => return drop(tx.send(Err(AppendError::DiskFull(full.error.clone())))),
+                None => Reply::Flush(tx),
+            },
             Request::Append(draft, tx) => match g.replica.handle_append(draft, wall_ms()) {
                 Ok(a) => Reply::Append(tx, a),
                 Err(e) => return drop(tx.send(Err(e.into()))),
@@ -639,7 +691,11 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
             }
         }
         let mut g = inner.lock();
-        while g.replica.pending_len() >= MAX_BATCH_RECORDS && g.replica.failed().is_none() {
+        // While the disk is full nothing drains, and requests are refused.
+        while g.replica.pending_len() >= MAX_BATCH_RECORDS
+            && g.replica.failed().is_none()
+            && g.replica.disk_full().is_none()
+        {
             inner.changed.notify_all();
             g = inner.changed.wait(g).expect("node state lock poisoned");
         }
@@ -650,10 +706,10 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         // id already durable) may go at once, unless a batch is being
         // finished: its feed goes out before them (`finish` sends them).
         let ready = if g.syncing { Vec::new() } else { g.ready() };
-        let inline = if !g.syncing && rx.is_empty() {
+        let inline = if !g.syncing && rx.is_empty() && g.replica.disk_full().is_none() {
             // Nothing else is waiting: sync here rather than wake the
             // writer, which saves a thread hop on an idle or single-writer
-            // node.
+            // node. (While the disk is full, the writer alone retries.)
             g.replica.poll_batch(MAX_BATCH_RECORDS)
         } else {
             None
@@ -676,10 +732,38 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
 /// The writer: takes the next batch from the replica whenever none is being
 /// written, and finishes it. Ends once the committer has stopped and
 /// everything is written (events received after the last request too).
+/// While the disk is full it tries the kept batch every [`DISK_FULL_RETRY`];
+/// once the committer has stopped, it tries once more and then gives up
+/// ([`give_up`]).
 fn fsync_loop(inner: &Inner) {
     let mut g = inner.lock();
+    // While the disk is full: when to try the kept batch again.
+    let mut retry_at: Option<Instant> = None;
+    // The committer stopped while the disk was full, and the kept batch
+    // was tried once more since.
+    let mut tried_after_close = false;
     loop {
         if !g.syncing {
+            if g.replica.disk_full().is_some() {
+                if g.closed {
+                    if tried_after_close {
+                        return give_up(g);
+                    }
+                    tried_after_close = true;
+                } else {
+                    let at = *retry_at.get_or_insert_with(|| Instant::now() + DISK_FULL_RETRY);
+                    let now = Instant::now();
+                    if now < at {
+                        g = inner
+                            .changed
+                            .wait_timeout(g, at - now)
+                            .expect("node state lock poisoned")
+                            .0;
+                        continue;
+                    }
+                }
+                retry_at = None;
+            }
             if let Some(batch) = g.replica.poll_batch(MAX_BATCH_RECORDS) {
                 g.syncing = true;
                 drop(g);
@@ -697,6 +781,28 @@ fn fsync_loop(inner: &Inner) {
     }
 }
 
+/// The node closes while the disk is full: the replies still waiting are
+/// answered with an error. Their events were applied but never written,
+/// nor acknowledged; the log ends at its last durable record.
+fn give_up(mut g: MutexGuard<'_, Shared>) {
+    let why = g
+        .replica
+        .disk_full()
+        .map_or_else(String::new, |f| f.error.clone());
+    let waiting: Vec<Reply> = g.replies.drain(..).map(|(_, r)| r).collect();
+    let own = g.replica.unacked();
+    drop(g);
+    tracing::warn!(
+        own_events = own,
+        "closing with the disk full ({why}): what was applied since it filled was never \
+         written (nor acknowledged)"
+    );
+    let msg = format!("the node stopped while the disk was full ({why}); not stored");
+    for r in waiting {
+        r.send(Some(&msg));
+    }
+}
+
 /// Writes and syncs a batch, tells the replica, then acknowledges what
 /// became durable (or reports the failure that stopped the log). Called by
 /// whichever thread set `syncing`; clears it when done.
@@ -706,23 +812,53 @@ fn finish(inner: &Inner, batch: Batch) {
         let first = log.records();
         log.append(batch.frames(), batch.len() as u64)
             .map(|()| first)
-            .map_err(|e| e.to_string())
     };
     let mut g = inner.lock();
+    let was_full = g.replica.disk_full().map(|f| f.tries);
     let committed = match written {
-        Ok(first) => Some(g.replica.handle_durable(batch, first)),
+        Ok(first) => {
+            if let Some(tries) = was_full {
+                tracing::info!(
+                    tries,
+                    "disk space freed: the kept batch is written, writes resume"
+                );
+            }
+            Some(g.replica.handle_durable(batch, first))
+        }
+        Err(log::AppendError::Full(e)) => {
+            let e = e.to_string();
+            if was_full.is_none() {
+                tracing::warn!(
+                    "disk full ({e}): appends and imports are refused, and the batch is \
+                     tried again every {DISK_FULL_RETRY:?}"
+                );
+            }
+            g.replica.handle_write_full(batch, e, wall_ms());
+            None
+        }
         Err(e) => {
-            g.replica.handle_write_failed(e);
+            g.replica.handle_write_failed(e.to_string());
             None
         }
     };
     let durable = g.ready();
-    // After a failure nothing more becomes durable: the rest is refused.
-    let refused: Vec<Reply> = match committed {
-        Some(_) => Vec::new(),
-        None => g.replies.drain(..).map(|(_, r)| r).collect(),
+    // After a fatal failure nothing more becomes durable: the rest is
+    // refused. While the disk is full, replies wait for the kept batch,
+    // except flushes, which applied nothing.
+    let refused: Vec<Reply> = if g.replica.failed().is_some() {
+        g.replies.drain(..).map(|(_, r)| r).collect()
+    } else if g.replica.disk_full().is_some() {
+        let (flushes, rest): (VecDeque<_>, VecDeque<_>) = g
+            .replies
+            .drain(..)
+            .partition(|(_, r)| matches!(r, Reply::Flush(_)));
+        g.replies = rest;
+        flushes.into_iter().map(|(_, r)| r).collect()
+    } else {
+        Vec::new()
     };
     let failed = g.replica.failed().map(str::to_string);
+    let full = g.replica.disk_full().map(|f| f.error.clone());
     drop(g);
     if let Some(c) = committed.filter(|_| inner.feed.receiver_count() > 0) {
         // No receiver left is not an error: nobody is listening.
@@ -735,7 +871,12 @@ fn finish(inner: &Inner, batch: Batch) {
         r.send(None);
     }
     for r in refused {
-        r.send(failed.as_deref());
+        match (&full, r) {
+            (Some(e), Reply::Flush(tx)) if failed.is_none() => {
+                drop(tx.send(Err(AppendError::DiskFull(e.clone()))))
+            }
+            (_, r) => r.send(failed.as_deref()),
+        }
     }
     // Cleared only now, so that feeds and replies go out in batch order.
     let mut g = inner.lock();

@@ -20,6 +20,15 @@
 //! already has and its `fdatasync` need not commit a new file size. Zeros are
 //! never a frame (n = 0 is invalid), so an all-zero tail is the clean end.
 //!
+//! A full disk (`ENOSPC` or `EDQUOT` from a write, a zero-fill or the
+//! creation of a segment) is not fatal: [`Log::append`] undoes what it wrote
+//! (it cuts the segment back to its last record, or removes the segment it
+//! had just created), durably, and returns [`AppendError::Full`]; the log is
+//! exactly as before the call and accepts the same frames again once space
+//! is freed. Every other failure, and any failed sync (a full disk reported
+//! by `fdatasync` included), is fatal: the log refuses further appends until
+//! it is reopened.
+//!
 //! Recovery on open: a frame that is incomplete or fails a check, in the
 //! last segment, with no valid frame after it, is a torn tail: truncated and
 //! reported. When its header check passes, its length is trusted, and the
@@ -421,17 +430,34 @@ pub enum OpenError {
     },
 }
 
-/// Why an append failed. After any failure the log refuses further appends
-/// (a failed fsync is fatal): reopen it to recover.
+/// Why an append failed. After [`AppendError::Full`] the log is as it was
+/// and takes the same append again; after any other failure it refuses
+/// further appends (a failed fsync is fatal): reopen it to recover.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppendError {
     /// Storage failed during this append.
     #[error("log write or sync failed: {0}")]
     Io(#[from] io::Error),
+    /// Storage ran out of space ([`is_full`]) while writing the frames,
+    /// zero-filling ahead of them or creating a segment. What the append
+    /// wrote was undone, durably: the log ends at its last record, and the
+    /// append may be tried again.
+    #[error("log storage is full: {0}")]
+    Full(io::Error),
     /// An earlier append failed.
     #[error("the log stopped accepting appends after a failed write or sync; reopen it")]
     Poisoned,
+}
+
+/// Whether a storage error means the storage is out of space: `ENOSPC`
+/// ([`io::ErrorKind::StorageFull`]) or `EDQUOT`
+/// ([`io::ErrorKind::QuotaExceeded`]).
+pub fn is_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// One segment: base record index, bytes of records (with the header), and
@@ -601,13 +627,15 @@ impl<S: Storage> Log<S> {
     }
 
     /// Appends `count` whole frames held in `frames` and syncs them: when this
-    /// returns `Ok`, they are durable.
+    /// returns `Ok`, they are durable. On [`AppendError::Full`] nothing of
+    /// them stays in the log (see the module docs); on any other error the
+    /// log is unusable.
     pub fn append(&mut self, frames: &[u8], count: u64) -> Result<(), AppendError> {
         if self.poisoned {
             return Err(AppendError::Poisoned);
         }
         let r = self.append_inner(frames, count);
-        if r.is_err() {
+        if matches!(r, Err(AppendError::Io(_))) {
             self.poisoned = true;
         }
         r
@@ -615,30 +643,25 @@ impl<S: Storage> Log<S> {
 
     fn append_inner(&mut self, frames: &[u8], count: u64) -> Result<(), AppendError> {
         // Invariant: `segments` is never empty after open.
-        let mut seg = *self.segments.last().expect("open made a segment");
-        if seg.end >= SEGMENT_TARGET_BYTES {
-            seg = Segment {
+        let last = *self.segments.last().expect("open made a segment");
+        let fresh = last.end >= SEGMENT_TARGET_BYTES;
+        let mut seg = if fresh {
+            Segment {
                 base: self.records,
                 end: HEADER_BYTES as u64,
                 alloc: HEADER_BYTES as u64,
-            };
-            self.storage.create(seg.base)?;
-            self.storage.write_at(seg.base, 0, &header(SEGMENT_MAGIC))?;
+            }
+        } else {
+            last
+        };
+        if let Err(e) = self.write_frames(&mut seg, fresh, frames) {
+            return Err(self.undo_write(seg, fresh, e));
+        }
+        if fresh {
             self.segments.push(seg);
         }
         let end = seg.end + frames.len() as u64;
-        self.storage.write_at(seg.base, seg.end, frames)?;
-        if end > seg.alloc {
-            // Zero-fill ahead; the sync below makes the new size durable.
-            let target = end.max(seg.alloc + self.storage.alloc_step());
-            let mut at = end;
-            while at < target {
-                let n = (target - at).min(ZEROS.len() as u64);
-                self.storage.write_at(seg.base, at, &ZEROS[..n as usize])?;
-                at += n;
-            }
-            seg.alloc = target;
-        }
+        // A failed sync is fatal, whatever its error (`AppendError::Io`).
         self.storage.sync_data(seg.base)?;
         let mut off = 0;
         while off < frames.len() {
@@ -663,6 +686,60 @@ impl<S: Storage> Log<S> {
         *self.segments.last_mut().expect("segment") = seg;
         self.records += count;
         Ok(())
+    }
+
+    /// Writes `frames` after the records of `seg` (creating it first if
+    /// `fresh`) and zero-fills ahead of them, raising `seg.alloc`. Nothing is
+    /// synced.
+    fn write_frames(&mut self, seg: &mut Segment, fresh: bool, frames: &[u8]) -> io::Result<()> {
+        if fresh {
+            self.storage.create(seg.base)?;
+            self.storage.write_at(seg.base, 0, &header(SEGMENT_MAGIC))?;
+        }
+        let end = seg.end + frames.len() as u64;
+        self.storage.write_at(seg.base, seg.end, frames)?;
+        if end > seg.alloc {
+            // Zero-fill ahead; the sync after this makes the new size durable.
+            let target = end.max(seg.alloc + self.storage.alloc_step());
+            let mut at = end;
+            while at < target {
+                let n = (target - at).min(ZEROS.len() as u64);
+                self.storage.write_at(seg.base, at, &ZEROS[..n as usize])?;
+                at += n;
+            }
+            seg.alloc = target;
+        }
+        Ok(())
+    }
+
+    /// After [`Log::write_frames`] failed with `e`: if the storage is full,
+    /// undoes the write durably (a fresh segment is removed; otherwise the
+    /// segment is cut back to its last record, dropping any partial frame
+    /// and the zero-fill past it) and returns [`AppendError::Full`]. Any
+    /// other error, or a failure to undo, is fatal ([`AppendError::Io`]).
+    fn undo_write(&mut self, seg: Segment, fresh: bool, e: io::Error) -> AppendError {
+        if !is_full(&e) {
+            return AppendError::Io(e);
+        }
+        let undone = if fresh {
+            // `create` itself may have failed: then there is nothing to remove.
+            match self.storage.remove(seg.base) {
+                Err(r) if r.kind() != io::ErrorKind::NotFound => Err(r),
+                _ => Ok(()),
+            }
+        } else {
+            self.storage.truncate(seg.base, seg.end).map(|()| {
+                // Invariant: `seg` is the last segment (not fresh).
+                self.segments.last_mut().expect("segment").alloc = seg.end;
+            })
+        };
+        match undone {
+            Ok(()) => AppendError::Full(e),
+            Err(r) => AppendError::Io(io::Error::new(
+                r.kind(),
+                format!("{e}; undoing the partial write failed too: {r}"),
+            )),
+        }
     }
 
     /// Reads every record again, in log order.
@@ -856,6 +933,12 @@ pub struct MemStorage {
     /// The zero-fill step ([`Storage::alloc_step`]); 64 KiB by default, to
     /// keep copies of in-memory segments small.
     pub alloc_step: u64,
+    /// Bytes that writes may still store (to test a full disk); `None`
+    /// (the default) for no limit. A write that does not fit stores the
+    /// part that does, as a short write on a full file system does, and
+    /// fails with [`io::ErrorKind::StorageFull`]. Truncating or removing
+    /// does not give space back: set it again to free space.
+    pub space: Option<u64>,
 }
 
 impl Default for MemStorage {
@@ -864,6 +947,7 @@ impl Default for MemStorage {
             segments: Default::default(),
             fail_sync: false,
             alloc_step: 64 * 1024,
+            space: None,
         }
     }
 }
@@ -971,7 +1055,21 @@ impl Storage for MemStorage {
             .segments
             .get_mut(&segment)
             .ok_or(io::ErrorKind::NotFound)?;
-        s.pending.push((offset, data.to_vec()));
+        let fits = self
+            .space
+            .map_or(data.len(), |left| data.len().min(left as usize));
+        if fits > 0 {
+            s.pending.push((offset, data[..fits].to_vec()));
+        }
+        if let Some(left) = &mut self.space {
+            *left -= fits as u64;
+        }
+        if fits < data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on the simulated device",
+            ));
+        }
         Ok(())
     }
     fn sync_data(&mut self, segment: u64) -> io::Result<()> {
@@ -1005,7 +1103,142 @@ impl Storage for MemStorage {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
     use super::*;
+
+    type Disk = Rc<RefCell<MemStorage>>;
+
+    /// `n` frames of `size`-byte events, the last marked as a commit's end.
+    /// The events are arbitrary bytes: a log checks framing, not events.
+    fn frames(tag: u8, n: usize, size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let event = vec![tag.wrapping_add(i as u8) | 1; size];
+            let id = EventId(*blake3::hash(&event).as_bytes());
+            encode_frame_with(&mut out, &event, &id, None, i + 1 == n);
+        }
+        out
+    }
+
+    /// What a reopen after a crash right now finds: records and torn tail.
+    fn reopen_after_crash(disk: &Disk) -> (u64, Option<TornTail>) {
+        let mut copy = disk.borrow().clone();
+        copy.crash(0);
+        let (log, recovery) = Log::open(copy, |_| Ok(())).unwrap();
+        (log.records(), recovery.torn)
+    }
+
+    /// A full disk at any point of an append (before the frames, inside
+    /// them, inside the zero-fill past them) leaves the log exactly at its
+    /// last record, in memory and on disk, and the same append succeeds
+    /// once space is freed.
+    #[test]
+    fn a_full_disk_undoes_the_append_and_the_same_append_succeeds_later() {
+        let disk: Disk = Rc::new(RefCell::new(MemStorage {
+            alloc_step: 4096,
+            ..MemStorage::new()
+        }));
+        let (mut log, _) = Log::open(disk.clone(), |_| Ok(())).unwrap();
+        log.append(&frames(1, 3, 100), 3).unwrap();
+        let end = log.bytes() as usize;
+        let image = disk.borrow_mut().read(0).unwrap();
+        // Smaller than a zero-fill step: once a failed append has cut the
+        // allocation back, the retries zero-fill past the frames.
+        let batch = frames(2, 20, 100);
+        assert!(batch.len() < 4096);
+        for budget in [0, 1, 700, batch.len() - 1, batch.len(), batch.len() + 100] {
+            disk.borrow_mut().space = Some(budget as u64);
+            let e = log.append(&batch, 20).unwrap_err();
+            assert!(matches!(&e, AppendError::Full(io) if is_full(io)), "{e}");
+            assert_eq!((log.records(), log.bytes() as usize), (3, end));
+            let now = disk.borrow_mut().read(0).unwrap();
+            assert_eq!(
+                now,
+                image[..end],
+                "budget {budget}: cut back to the last record"
+            );
+            assert_eq!(reopen_after_crash(&disk), (3, None), "budget {budget}");
+        }
+        disk.borrow_mut().space = None;
+        log.append(&batch, 20).unwrap();
+        log.append(&frames(3, 1, 10), 1).unwrap();
+        assert_eq!(log.records(), 24);
+        assert_eq!(reopen_after_crash(&disk), (24, None));
+    }
+
+    /// The same when the append starts a new segment: the segment made for
+    /// it is removed, and made again by the retry.
+    #[test]
+    fn a_full_disk_removes_a_segment_made_for_the_append() {
+        let disk: Disk = Rc::new(RefCell::new(MemStorage::new()));
+        let (mut log, _) = Log::open(disk.clone(), |_| Ok(())).unwrap();
+        let big = frames(1, 1, MAX_EVENT_BYTES);
+        let mut n = 0;
+        while log.bytes() < SEGMENT_TARGET_BYTES {
+            log.append(&big, 1).unwrap();
+            n += 1;
+        }
+        for budget in [0, 8, 100] {
+            disk.borrow_mut().space = Some(budget);
+            assert!(matches!(log.append(&big, 1), Err(AppendError::Full(_))));
+            assert_eq!(disk.borrow_mut().list().unwrap(), vec![0]);
+            assert_eq!(log.records(), n);
+        }
+        assert_eq!(reopen_after_crash(&disk), (n, None));
+        disk.borrow_mut().space = None;
+        log.append(&big, 1).unwrap();
+        let mut segs = disk.borrow_mut().list().unwrap();
+        segs.sort();
+        assert_eq!(segs, vec![0, n]);
+        assert_eq!(reopen_after_crash(&disk), (n + 1, None));
+    }
+
+    /// Storage whose syncs fail as a full disk would report it.
+    struct FullOnSync(MemStorage);
+
+    impl Storage for FullOnSync {
+        fn list(&mut self) -> io::Result<Vec<u64>> {
+            self.0.list()
+        }
+        fn read(&mut self, segment: u64) -> io::Result<Vec<u8>> {
+            self.0.read(segment)
+        }
+        fn create(&mut self, segment: u64) -> io::Result<()> {
+            self.0.create(segment)
+        }
+        fn read_at(&mut self, segment: u64, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+            self.0.read_at(segment, offset, len)
+        }
+        fn write_at(&mut self, segment: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.0.write_at(segment, offset, data)
+        }
+        fn sync_data(&mut self, _: u64) -> io::Result<()> {
+            Err(io::ErrorKind::StorageFull.into())
+        }
+        fn truncate(&mut self, segment: u64, len: u64) -> io::Result<()> {
+            self.0.truncate(segment, len)
+        }
+        fn remove(&mut self, segment: u64) -> io::Result<()> {
+            self.0.remove(segment)
+        }
+    }
+
+    /// A failed sync is fatal even when it says the disk is full: what it
+    /// leaves on disk is unknown, so only a reopen (recovery) may decide.
+    #[test]
+    fn a_failed_sync_is_fatal_even_when_the_disk_is_full() {
+        let (made, _) = Log::open(MemStorage::new(), |_| Ok(())).unwrap();
+        let (mut log, _) = Log::open(FullOnSync(made.into_storage()), |_| Ok(())).unwrap();
+        let e = log.append(&frames(1, 1, 10), 1).unwrap_err();
+        assert!(matches!(&e, AppendError::Io(io) if is_full(io)), "{e}");
+        assert!(matches!(
+            log.append(&frames(1, 1, 10), 1),
+            Err(AppendError::Poisoned)
+        ));
+        assert_eq!(log.records(), 0);
+    }
 
     /// `read_at` copies only the range, and agrees with the whole live
     /// image (durable bytes with the pending writes laid over them).

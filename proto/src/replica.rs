@@ -35,6 +35,28 @@
 //!   ([`Replica::handle_write_failed`]) stops the replica: no more batches,
 //!   and appends and imports are refused with the reason until the node is
 //!   reopened ([`Replica::open`]: recovery decides what is on disk).
+//! - **A full disk pauses.** A write that ran out of space
+//!   ([`log::AppendError::Full`]: the log undid it and ends at its last
+//!   record) is handed back with [`Replica::handle_write_full`]. The
+//!   replica keeps the batch, as it was (same records, same signature,
+//!   same frames), and [`Replica::poll_batch`] gives it again, first, until
+//!   it is durable; the shell tries it again every [`DISK_FULL_RETRY_MS`].
+//!   Meanwhile appends and imports are refused with
+//!   [`AppendError::DiskFull`] (nothing of them is applied), and
+//!   [`Replica::disk_full`] says since when and why. What was applied
+//!   before stays applied and queued: the kept batch, then the pending
+//!   records behind it, are written in order once space is freed, so
+//!   nothing is reordered and nothing applied is dropped. Replies waiting
+//!   for them keep waiting (they are neither acknowledged nor refused),
+//!   and nothing of them is advertised or pushed before it is durable,
+//!   since the frontier and [`Committed::heads`] come from durable records
+//!   only. Events received by sync meanwhile are still applied and queued
+//!   behind the kept batch (they are not acknowledged either, so their
+//!   senders keep them and would send them again after a restart): what
+//!   the replica holds in memory while full grows only with what the
+//!   cluster appends meanwhile. A command id retried while full is refused
+//!   like any append; retried once the kept batch is durable, it gives the
+//!   existing event.
 //!
 //! # A batch never ends inside a received run
 //!
@@ -88,6 +110,10 @@ use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
 use crate::state::{self, Draft, Inserted, Invalid, PrepareError, State};
 use crate::sync::{self, Head, Pool, Stored};
 
+/// How long a shell waits, after a write ran out of space, before it tries
+/// the kept batch again ([`Replica::handle_write_full`]).
+pub const DISK_FULL_RETRY_MS: u64 = 500;
+
 /// One node's replica. See the module docs for the model and the order of
 /// calls.
 #[derive(Debug)]
@@ -119,6 +145,25 @@ pub struct Replica {
     records: u64,
     /// Why the log stopped, after a failed write or sync.
     failed: Option<String>,
+    /// Set while a write ran out of space and its batch is not yet durable.
+    full: Option<DiskFull>,
+    /// The batch whose write ran out of space, given again by `poll_batch`.
+    kept: Option<Batch>,
+}
+
+/// A write ran out of space ([`Replica::handle_write_full`]): appends and
+/// imports are refused until its batch is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskFull {
+    /// When the first write ran out of space, by the shell's clock
+    /// (milliseconds since the Unix epoch).
+    pub since_ms: u64,
+    /// When the kept batch was last tried, by the shell's clock.
+    pub last_try_ms: u64,
+    /// Writes of the kept batch that ran out of space so far.
+    pub tries: u64,
+    /// The storage error of the last try.
+    pub error: String,
 }
 
 /// A record applied to the state and waiting for a group commit.
@@ -179,6 +224,11 @@ pub enum AppendError {
     /// A write or sync failed earlier; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Failed(String),
+    /// The disk is full ([`Replica::disk_full`]): nothing was applied.
+    #[error(
+        "disk full ({0}): refused, nothing stored; appends resume by themselves when space is freed"
+    )]
+    DiskFull(String),
 }
 
 /// Why [`Replica::handle_import`] stored nothing.
@@ -191,6 +241,11 @@ pub enum ImportError {
     /// A write or sync failed earlier; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Failed(String),
+    /// The disk is full ([`Replica::disk_full`]): nothing was stored.
+    #[error(
+        "disk full ({0}): refused, nothing stored; imports resume by themselves when space is freed"
+    )]
+    DiskFull(String),
 }
 
 /// Records taken by [`Replica::poll_batch`], to be written as one commit.
@@ -243,6 +298,8 @@ impl Replica {
             signed: BTreeMap::new(),
             records: 0,
             failed: None,
+            full: None,
+            kept: None,
         }
     }
 
@@ -301,12 +358,21 @@ impl Replica {
         self.failed.as_deref()
     }
 
+    /// Whether a write ran out of space and its batch is not yet durable
+    /// ([`Replica::handle_write_full`]).
+    pub fn disk_full(&self) -> Option<&DiskFull> {
+        self.full.as_ref()
+    }
+
     /// Runs a local command at wall time `now_ms`: the event is applied at
     /// once and queued for the next batch. A command id already in the log
     /// gives that command's event (`existing`) and queues nothing.
     pub fn handle_append(&mut self, draft: Draft, now_ms: u64) -> Result<Appended, AppendError> {
         if let Some(why) = &self.failed {
             return Err(AppendError::Failed(why.clone()));
+        }
+        if let Some(full) = &self.full {
+            return Err(AppendError::DiskFull(full.error.clone()));
         }
         match self
             .state
@@ -354,6 +420,9 @@ impl Replica {
     pub fn handle_import(&mut self, items: Vec<Incoming>) -> Result<Imported, ImportError> {
         if let Some(why) = &self.failed {
             return Err(ImportError::Failed(why.clone()));
+        }
+        if let Some(full) = &self.full {
+            return Err(ImportError::DiskFull(full.error.clone()));
         }
         let mut scratch = self.state.clone();
         let mut new = Vec::new();
@@ -449,10 +518,14 @@ impl Replica {
     /// `max_records` (at least one), ending at a record that closes a batch
     /// (see the module docs; a received run longer than `max_records` is
     /// taken whole). Signs the batch's last own record. `None` when nothing
-    /// can be taken, or after a failed write.
+    /// can be taken, or after a failed write. A batch kept after a write ran
+    /// out of space ([`Replica::handle_write_full`]) comes first, as it was.
     pub fn poll_batch(&mut self, max_records: usize) -> Option<Batch> {
         if self.failed.is_some() {
             return None;
+        }
+        if let Some(kept) = self.kept.take() {
+            return Some(kept);
         }
         let avail = (self.closed - self.taken) as usize;
         if avail == 0 {
@@ -520,6 +593,7 @@ impl Replica {
         }
         self.unacked -= acked.len() as u64;
         self.durable_at = batch.end;
+        self.full = None;
         Committed {
             mark: Mark(batch.end),
             records: events.len() as u64,
@@ -535,6 +609,32 @@ impl Replica {
     /// is reopened. The first reason is kept.
     pub fn handle_write_failed(&mut self, why: String) {
         self.failed.get_or_insert(why);
+    }
+
+    /// The write of `batch` ran out of space at wall time `now_ms`, and the
+    /// log undid it ([`log::AppendError::Full`]): the replica keeps the
+    /// batch for [`Replica::poll_batch`] to give again, and refuses appends
+    /// and imports until it is durable (module docs). Try it again after
+    /// [`DISK_FULL_RETRY_MS`].
+    ///
+    /// # Panics
+    /// If `batch` is not the oldest batch polled and not yet durable.
+    pub fn handle_write_full(&mut self, batch: Batch, error: String, now_ms: u64) {
+        assert_eq!(
+            batch.first, self.durable_at,
+            "only the batch being written can be kept"
+        );
+        debug_assert!(self.kept.is_none(), "one batch is written at a time");
+        let full = self.full.get_or_insert(DiskFull {
+            since_ms: now_ms,
+            last_try_ms: now_ms,
+            tries: 0,
+            error: String::new(),
+        });
+        full.last_try_ms = now_ms;
+        full.tries += 1;
+        full.error = error;
+        self.kept = Some(batch);
     }
 
     /// The point in the queue after everything applied so far.
@@ -1212,6 +1312,105 @@ mod tests {
         let e = r.handle_append(edit("e"), 10).unwrap();
         assert_eq!(e.seq, 3);
         assert!(e.hlc > Hlc::from_ms(1_001));
+    }
+
+    /// A write that runs out of space pauses the replica: its batch is
+    /// kept and given again as it was; appends and imports are refused with
+    /// nothing applied; nothing of it is acknowledged or advertised;
+    /// received events queue behind it. Once space is freed, the kept batch
+    /// and then what queued behind it become durable, the pause ends, a
+    /// retried command id gives the existing event, and a reopen finds
+    /// every record and no torn tail.
+    #[test]
+    fn a_full_disk_pauses_appends_until_the_kept_batch_is_written() {
+        let disk = Rc::new(RefCell::new(MemStorage::new()));
+        let (mut r, mut log, _) = Replica::open(key(1), || Ok(disk.clone())).unwrap();
+        let write = |r: &mut Replica, log: &mut Log<Rc<RefCell<MemStorage>>>| {
+            let batch = r.poll_batch(usize::MAX).unwrap();
+            let first = log.records();
+            match log.append(batch.frames(), batch.len() as u64) {
+                Ok(()) => Some(r.handle_durable(batch, first)),
+                Err(crate::log::AppendError::Full(e)) => {
+                    r.handle_write_full(
+                        batch,
+                        e.to_string(),
+                        2_000 + r.disk_full().map_or(0, |f| f.tries),
+                    );
+                    None
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let a = r.handle_append(edit("a"), 1_000).unwrap();
+        write(&mut r, &mut log).unwrap();
+        let mut d = edit("b");
+        d.meta.command_id = Some("c-b".into());
+        let b = r.handle_append(d.clone(), 1_001).unwrap();
+        let wait = r.mark();
+        disk.borrow_mut().space = Some(10);
+        assert!(write(&mut r, &mut log).is_none());
+        let full = r.disk_full().unwrap().clone();
+        assert_eq!((full.since_ms, full.tries), (2_000, 1));
+        assert!(full.error.contains("no space left"), "{}", full.error);
+        // Refused, nothing applied: a new command, a retry of the kept one,
+        // an import.
+        let hash = r.state().state_hash();
+        let refused = r.handle_append(edit("c"), 2_001).unwrap_err();
+        assert!(matches!(refused, AppendError::DiskFull(_)));
+        assert!(refused.to_string().starts_with("disk full"), "{refused}");
+        assert!(matches!(
+            r.handle_append(d.clone(), 2_001),
+            Err(AppendError::DiskFull(_))
+        ));
+        assert!(matches!(
+            r.handle_import(Vec::new()),
+            Err(ImportError::DiskFull(_))
+        ));
+        assert_eq!(r.state().state_hash(), hash);
+        // Not acknowledged, not advertised.
+        assert!(r.durable_mark() < wait);
+        assert_eq!(r.unacked(), 1);
+        let a_head = Head {
+            author: r.id(),
+            seq: 1,
+            id: a.id,
+        };
+        assert_eq!(r.frontier(), vec![a_head]);
+        // Received events still queue, behind the kept batch.
+        let (x, run) = peer_run(2);
+        for (e, id, bytes, sig) in &run {
+            r.handle_received(e, *id, bytes, *sig).unwrap();
+        }
+        r.handle_received_end();
+        // Still full: the same batch again, which fails again.
+        disk.borrow_mut().space = Some(0);
+        assert!(write(&mut r, &mut log).is_none());
+        let full = r.disk_full().unwrap();
+        assert_eq!(
+            (full.since_ms, full.last_try_ms, full.tries),
+            (2_000, 2_001, 2)
+        );
+        assert_eq!(r.frontier(), vec![a_head]);
+        // Space is freed: the kept batch first, then the received run.
+        disk.borrow_mut().space = None;
+        let c = write(&mut r, &mut log).unwrap();
+        assert_eq!((c.records, c.acked.clone()), (1, vec![(b.id, 2)]));
+        assert!(c.mark >= wait);
+        assert_eq!(r.disk_full(), None);
+        let c = write(&mut r, &mut log).unwrap();
+        assert_eq!(c.heads, vec![(x, 2)]);
+        assert!(r.poll_batch(usize::MAX).is_none());
+        // A retried command id gives the existing event.
+        let again = r.handle_append(d, 3_000).unwrap();
+        assert!(again.existing && again.id == b.id);
+        let hash = r.state().state_hash();
+        drop(log);
+        let (reopened, log, recovery) = Replica::open(key(1), || Ok(disk.clone())).unwrap();
+        assert_eq!(recovery.torn, None);
+        assert_eq!(log.records(), 4);
+        assert_eq!(reopened.state().state_hash(), hash);
+        // Appends work again.
+        r.handle_append(edit("c"), 3_001).unwrap();
     }
 
     #[test]
