@@ -314,7 +314,7 @@ fn expect_version_mismatch_names_both_versions_and_writes_nothing() {
 }
 
 #[test]
-fn command_id_twice_returns_the_first_event_and_appends_nothing() {
+fn command_id_twice_in_a_stream_returns_the_first_event_and_appends_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("node");
     init(&data);
@@ -340,8 +340,30 @@ fn command_id_twice_returns_the_first_event_and_appends_nothing() {
     assert_eq!(second["existing"], true);
     assert_eq!(snapshot(&data), before, "a repeated command appended");
 
-    // The same command id with a different body is still the first event.
+    // The same command id with a different body, in the same stream, is
+    // still the first event.
     let third = json(
+        &data,
+        &[
+            "append",
+            "--stream",
+            "order/7",
+            "--kind",
+            "Other",
+            "--command-id",
+            "cmd-42",
+        ],
+    );
+    assert_eq!(third["id"], first["id"]);
+    assert_eq!(third["existing"], true);
+    assert_eq!(snapshot(&data), before);
+    let g = json(&data, &["get", "--stream", "order/7"]);
+    assert_eq!(g["counters"]["seats"], 2);
+    assert_eq!(g["version"], 1);
+
+    // The key is (stream, command id): in another stream it is another
+    // command.
+    let other = json(
         &data,
         &[
             "append",
@@ -353,12 +375,9 @@ fn command_id_twice_returns_the_first_event_and_appends_nothing() {
             "cmd-42",
         ],
     );
-    assert_eq!(third["id"], first["id"]);
-    assert_eq!(third["stream"], "order/7");
-    assert_eq!(snapshot(&data), before);
-    let g = json(&data, &["get", "--stream", "order/7"]);
-    assert_eq!(g["counters"]["seats"], 2);
-    assert_eq!(g["version"], 1);
+    assert_eq!(other.get("existing"), None);
+    assert_eq!(other["stream"], "order/8");
+    assert_ne!(other["id"], first["id"]);
 }
 
 #[test]
