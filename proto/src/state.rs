@@ -214,12 +214,20 @@ pub struct CommandRecord {
 /// them.
 #[derive(Clone, Debug)]
 struct Command {
-    stream: String,
-    /// Ascending in canonical order: the first took effect.
-    members: Vec<Member>,
+    /// The event that took effect: the first in canonical order.
+    first: Member,
+    /// The others, ascending in canonical order (almost always none).
+    rest: Vec<Member>,
     /// The first member's ops, `Set` values left empty: what to undo should
     /// an event that sorts before it arrive.
     undo: Vec<Op>,
+}
+
+impl Command {
+    /// Every member, ascending in canonical order.
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
 }
 
 /// One event of a [`Command`].
@@ -402,8 +410,8 @@ pub struct State {
     author_ix: BTreeMap<NodeId, u32>,
     index: HashMap<EventId, Loc, IdHasher>,
     streams: BTreeMap<String, Stream>,
-    /// By command id, one entry per stream that uses it.
-    commands: HashMap<String, Vec<Command>, IdHasher>,
+    /// By stream, then command id.
+    commands: HashMap<String, HashMap<String, Command, IdHasher>, IdHasher>,
     max_hlc: Hlc,
 }
 
@@ -485,24 +493,19 @@ impl State {
     /// The event that took effect for a command id in a stream, if this
     /// replica holds one (see the module docs).
     pub fn command(&self, stream: &str, command_id: &str) -> Option<CommandRecord> {
-        let c = self.command_entry(stream, command_id)?;
-        // A command entry is made with its first member and never emptied.
-        let m = c.members.first().expect("a command with no event");
+        let m = &self.command_entry(stream, command_id)?.first;
         Some(CommandRecord {
             id: m.id,
             author: m.author,
             seq: m.seq,
             hlc: m.hlc,
-            stream: c.stream.clone(),
+            stream: stream.to_string(),
             version: m.version,
         })
     }
 
     fn command_entry(&self, stream: &str, command_id: &str) -> Option<&Command> {
-        self.commands
-            .get(command_id)?
-            .iter()
-            .find(|c| c.stream == stream)
+        self.commands.get(stream)?.get(command_id)
     }
 
     /// Every field with more than one standing write: `(stream, field, writes)`,
@@ -730,10 +733,7 @@ impl State {
             let Some(c) = self.command_entry(name, cmd) else {
                 continue;
             };
-            let mut past = c
-                .members
-                .iter()
-                .filter(|m| self.in_past(&m.dot(), author, vc));
+            let mut past = c.members().filter(|m| self.in_past(&m.dot(), author, vc));
             // The first in the past takes effect there; the rest do not.
             past.next();
             for m in past {
@@ -818,46 +818,50 @@ impl State {
                 .cloned()
                 .collect(),
         };
-        let entries = match self.commands.get_mut(cmd.as_str()) {
+        let entries = match self.commands.get_mut(event.stream.as_str()) {
             Some(e) => e,
-            None => self.commands.entry(cmd.clone()).or_default(),
+            None => self.commands.entry(event.stream.clone()).or_default(),
         };
-        let Some(c) = entries.iter_mut().find(|c| c.stream == event.stream) else {
+        let Some(c) = entries.get_mut(cmd.as_str()) else {
             for op in &event.ops {
                 apply_op(stream, op, dot, ix, event.hlc, true);
             }
-            entries.push(Command {
-                stream: event.stream.clone(),
-                members: vec![member],
-                undo: undo_ops(&event.ops),
-            });
+            entries.insert(
+                cmd.clone(),
+                Command {
+                    first: member,
+                    rest: Vec::new(),
+                    undo: undo_ops(&event.ops),
+                },
+            );
             return;
         };
         let key = member.key();
-        let pos = c.members.partition_point(|m| m.key() < key);
-        if pos == 0 {
+        if key < c.first.key() {
             // It sorts first: the event in effect until now becomes a
             // duplicate, and this one takes effect.
-            let old = &c.members[0];
-            undo(stream, &c.undo, old.dot());
+            undo(stream, &c.undo, c.first.dot());
             for op in &event.ops {
                 apply_op(stream, op, dot, ix, event.hlc, true);
             }
             c.undo = undo_ops(&event.ops);
+            let old = std::mem::replace(&mut c.first, member);
+            c.rest.insert(0, old);
         } else {
             for op in &event.ops {
                 apply_duplicate(stream, op, dot, ix);
             }
+            let pos = c.rest.partition_point(|m| m.key() < key);
+            c.rest.insert(pos, member);
         }
-        c.members.insert(pos, member);
         stream.duplicates.insert(
             cmd.clone(),
             Duplicated {
-                took_effect: c.members[0].id,
-                ignored: c.members[1..].iter().map(|m| m.id).collect(),
+                took_effect: c.first.id,
+                ignored: c.rest.iter().map(|m| m.id).collect(),
             },
         );
-        for m in &c.members {
+        for m in c.members() {
             for op in &m.escrow {
                 if let Some(e) = stream.escrow.get_mut(op.target()) {
                     if !e.contested.contains(cmd.as_str()) {
