@@ -2,6 +2,7 @@
 //! `serde_json::Map`s, which keep keys sorted, so output is deterministic.
 
 use serde_json::{json, Map, Value};
+use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::state::{shown, Stream, Written};
 use weftlog_proto::{Dot, Event, EventId, Op, State};
 
@@ -177,8 +178,28 @@ pub fn conflicts(state: &State) -> Vec<Value> {
         .collect()
 }
 
-/// The output of `status`.
+/// The output of `status`, at this host's wall time ([`status_at`]).
 pub fn status(node: &weftlog_proto::NodeId, state: &State) -> Value {
+    status_at(node, state, crate::node::wall_ms())
+}
+
+/// The output of `status` at wall time `now_ms`: `node`, `events`,
+/// `frontier`, `state_hash`, and `ahead`: the events beyond the clock's
+/// horizon ([`State::ahead`]: stored, but not yet followed by this node's
+/// clock), as `bound_ms` ([`MAX_CLOCK_AHEAD_MS`]), `events` (how many) and
+/// `furthest` (`author`, `seq`, `id`, `hlc`, `ahead_ms`: how far its hlc is
+/// ahead of `now_ms`; `null` when there is none).
+pub fn status_at(node: &weftlog_proto::NodeId, state: &State, now_ms: u64) -> Value {
+    let ahead = state.ahead(now_ms);
+    let furthest = ahead.furthest.map_or(Value::Null, |f| {
+        json!({
+            "author": f.author.to_string(),
+            "seq": f.seq,
+            "id": f.id.to_string(),
+            "hlc": f.hlc.0,
+            "ahead_ms": f.ahead_ms,
+        })
+    });
     let frontier: Map<String, Value> = state
         .frontier()
         .iter()
@@ -199,5 +220,10 @@ pub fn status(node: &weftlog_proto::NodeId, state: &State) -> Value {
         "events": state.len(),
         "frontier": frontier,
         "state_hash": hash,
+        "ahead": {
+            "bound_ms": MAX_CLOCK_AHEAD_MS,
+            "events": ahead.events,
+            "furthest": furthest,
+        },
     })
 }

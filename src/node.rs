@@ -344,7 +344,8 @@ impl Node {
         let key = Keypair::from_secret(secret);
         let log_dir = dir.join(LOG_DIR);
         let storage = || FileStorage::new(&log_dir).map_err(OpenError::Io);
-        let (replica, log, recovery) = Replica::open(Keypair::from_secret(secret), storage)?;
+        let (replica, log, recovery) =
+            Replica::open(Keypair::from_secret(secret), wall_ms(), storage)?;
         let inner = Arc::new(Inner {
             id: key.node_id(),
             key,
@@ -564,7 +565,12 @@ impl Access for NodeAccess<'_> {
     }
 
     fn write<T>(&mut self, f: impl FnOnce(&mut Replica) -> T) -> T {
-        let g = self.held.get_mut().get_or_insert_with(|| self.inner.lock());
+        let g = self.held.get_mut().get_or_insert_with(|| {
+            let mut g = self.inner.lock();
+            // Received events are observed against it (the clock's horizon).
+            g.replica.handle_time(wall_ms());
+            g
+        });
         f(&mut g.replica)
     }
 
@@ -632,7 +638,7 @@ impl Inner {
                 Ok(a) => Reply::Append(tx, a),
                 Err(e) => return drop(tx.send(Err(e.into()))),
             },
-            Request::Import(items, tx) => match g.replica.handle_import(items) {
+            Request::Import(items, tx) => match g.replica.handle_import(items, wall_ms()) {
                 Ok(i) => Reply::Import(tx, i),
                 Err(e) => return drop(tx.send(Err(e.into()))),
             },

@@ -518,9 +518,20 @@ fn log_prints_canonical_order_and_filters_by_stream_and_conflicts_and_status_hav
     let s = json(&data, &["status"]);
     assert_eq!(
         keys(&s),
-        set_of(&["node", "events", "frontier", "state_hash", "equivocations"])
+        set_of(&[
+            "node",
+            "events",
+            "frontier",
+            "state_hash",
+            "ahead",
+            "equivocations"
+        ])
     );
     assert_eq!(s["equivocations"], serde_json::json!([]));
+    assert_eq!(
+        s["ahead"],
+        serde_json::json!({"bound_ms": 60_000, "events": 0, "furthest": null})
+    );
     assert_eq!(s["node"], me.as_str());
     assert_eq!(s["events"], 6);
     assert!(hex64(s["state_hash"].as_str().unwrap()));

@@ -31,6 +31,20 @@
 //!   and hlc (what [`sync::Store::fetch`] reads back from the log), and the
 //!   highest durable seq whose record carries a signature: the signed
 //!   heads, which are what sync advertises ([`Replica::frontier`]).
+//! - **The clock's horizon.** The clock follows received and imported
+//!   events only up to [`Hlc::horizon`] of the wall time (`hlc` module
+//!   docs): it is seeded on [`Replica::open`] from the largest hlc within
+//!   the horizon of the `now_ms` given there, observes an imported or
+//!   received event only within the horizon of the last wall time the
+//!   shell gave ([`Replica::open`], [`Replica::handle_append`],
+//!   [`Replica::handle_import`], [`Replica::handle_time`]), and a new local
+//!   event takes as deps only events within the horizon of its own `now_ms`
+//!   ([`State::prepare`]). Received events are never held back or refused
+//!   by the clock: they are stored as usual and listed by
+//!   [`State::ahead`]. The last wall time given is at most the true one
+//!   (unless the wall clock stepped back), so a shell that gives it rarely
+//!   only makes the clock observe less; a new event's hlc is above its
+//!   deps' in any case.
 //! - **Failure is fatal.** A failed write or sync
 //!   ([`Replica::handle_write_failed`]) stops the replica: no more batches,
 //!   and appends and imports are refused with the reason until the node is
@@ -149,6 +163,9 @@ pub struct Replica {
     full: Option<DiskFull>,
     /// The batch whose write ran out of space, given again by `poll_batch`.
     kept: Option<Batch>,
+    /// The last wall time the shell gave: received events are observed
+    /// against it (module docs, "The clock's horizon").
+    wall_ms: u64,
 }
 
 /// A write ran out of space ([`Replica::handle_write_full`]): appends and
@@ -300,15 +317,18 @@ impl Replica {
             failed: None,
             full: None,
             kept: None,
+            wall_ms: 0,
         }
     }
 
     /// Opens the log over `storage` ([`log::open_committed`]: a torn tail
     /// and an interrupted batch are cut, each author's last signature is
     /// verified), folds it, indexes its records, and seeds the clock with
-    /// the largest hlc. `storage` opens the storage afresh for each pass.
+    /// the largest hlc within [`Hlc::horizon`] of the wall time `now_ms`.
+    /// `storage` opens the storage afresh for each pass.
     pub fn open<S: Storage>(
         key: Keypair,
+        now_ms: u64,
         storage: impl FnMut() -> Result<S, OpenError>,
     ) -> Result<(Replica, Log<S>, Recovery), OpenError> {
         let fresh = || Replica::new(Keypair::from_secret(key.secret()));
@@ -329,7 +349,8 @@ impl Replica {
                 Ok(())
             })?;
         debug_assert_eq!(replica.records, log.records());
-        replica.clock = HlcClock::new(replica.state.max_hlc());
+        replica.clock = HlcClock::new(replica.state.max_hlc_within(Hlc::horizon(now_ms)));
+        replica.wall_ms = now_ms;
         Ok((replica, log, recovery))
     }
 
@@ -368,6 +389,7 @@ impl Replica {
     /// once and queued for the next batch. A command id already in the log
     /// gives that command's event (`existing`) and queues nothing.
     pub fn handle_append(&mut self, draft: Draft, now_ms: u64) -> Result<Appended, AppendError> {
+        self.wall_ms = now_ms;
         if let Some(why) = &self.failed {
             return Err(AppendError::Failed(why.clone()));
         }
@@ -414,10 +436,16 @@ impl Replica {
         }
     }
 
-    /// Imports authenticated events ([`exchange::authenticate`]): every one
-    /// is checked against its causal past first, and either all new ones
-    /// are applied and queued, or none.
-    pub fn handle_import(&mut self, items: Vec<Incoming>) -> Result<Imported, ImportError> {
+    /// Imports authenticated events ([`exchange::authenticate`]) at wall
+    /// time `now_ms`: every one is checked against its causal past first,
+    /// and either all new ones are applied and queued, or none. The clock
+    /// observes the largest hlc within [`Hlc::horizon`]`(now_ms)`.
+    pub fn handle_import(
+        &mut self,
+        items: Vec<Incoming>,
+        now_ms: u64,
+    ) -> Result<Imported, ImportError> {
+        self.wall_ms = now_ms;
         if let Some(why) = &self.failed {
             return Err(ImportError::Failed(why.clone()));
         }
@@ -434,7 +462,8 @@ impl Replica {
                 Err(e) => return Err(exchange::ImportError::event(&item, e).into()),
             }
         }
-        self.clock.observe(scratch.max_hlc());
+        self.clock
+            .observe(scratch.max_hlc_within(Hlc::horizon(now_ms)));
         self.state = scratch;
         let imported = new.len() as u64;
         // `authenticate` ends every author's run signed; should a caller
@@ -474,7 +503,8 @@ impl Replica {
     /// Stores an authenticated event received by sync, as
     /// [`sync::Store::insert`] does: checked against its causal past
     /// ([`State::insert`]: on error nothing changes), applied, observed by
-    /// the clock, and queued with its signature. Call
+    /// the clock if within [`Hlc::horizon`] of the last wall time given
+    /// (module docs), and queued with its signature. Call
     /// [`Replica::handle_received_end`] after the last insert of a
     /// session's call; [`ReplicaStore`] does both.
     pub fn handle_received(
@@ -486,7 +516,7 @@ impl Replica {
     ) -> Result<Inserted, Invalid> {
         let r = self.state.insert(event, id)?;
         if r == Inserted::New {
-            self.clock.observe(event.hlc);
+            self.clock.observe_at(event.hlc, self.wall_ms);
             self.queue(
                 Pending {
                     bytes: bytes.to_vec(),
@@ -501,6 +531,12 @@ impl Replica {
             );
         }
         Ok(r)
+    }
+
+    /// The shell's wall time: received events are observed against the last
+    /// one given (module docs, "The clock's horizon").
+    pub fn handle_time(&mut self, now_ms: u64) {
+        self.wall_ms = now_ms;
     }
 
     /// Ends a run of received events: runs still open (their signed end
@@ -961,6 +997,7 @@ mod tests {
 
     use super::*;
     use crate::event::Op;
+    use crate::hlc::MAX_CLOCK_AHEAD_MS;
     use crate::log::MemStorage;
     use crate::sync::{MemStore, Session, SessionConfig, SessionEvent, Store, SyncError};
 
@@ -985,7 +1022,7 @@ mod tests {
 
     /// A replica over fresh in-memory storage, with its log.
     fn open(secret: u8) -> (Replica, Log<MemStorage>) {
-        let (r, log, recovery) = Replica::open(key(secret), || Ok(MemStorage::new())).unwrap();
+        let (r, log, recovery) = Replica::open(key(secret), 0, || Ok(MemStorage::new())).unwrap();
         assert_eq!(recovery.torn, None);
         (r, log)
     }
@@ -1256,14 +1293,14 @@ mod tests {
         let (len, mark, hash) = (n.state().len(), n.mark(), n.state().state_hash());
         // X2 without X1: its chain predecessor is missing.
         assert!(matches!(
-            n.handle_import(incoming(&[2])),
+            n.handle_import(incoming(&[2]), 500),
             Err(ImportError::Refused(exchange::ImportError::Event { .. }))
         ));
         assert_eq!(
             (n.state().len(), n.mark(), n.state().state_hash()),
             (len, mark, hash)
         );
-        let done = n.handle_import(incoming(&[1, 2])).unwrap();
+        let done = n.handle_import(incoming(&[1, 2]), 500).unwrap();
         assert_eq!(
             done,
             Imported {
@@ -1271,7 +1308,7 @@ mod tests {
                 duplicates: 0
             }
         );
-        let again = n.handle_import(incoming(&[1, 2])).unwrap();
+        let again = n.handle_import(incoming(&[1, 2]), 500).unwrap();
         assert_eq!(
             again,
             Imported {
@@ -1302,7 +1339,7 @@ mod tests {
         r.handle_write_failed("injected".into());
         disk.borrow_mut().fail_sync = false;
         disk.borrow_mut().crash(batch.frames().len() / 2);
-        let (mut r, log, recovery) = Replica::open(key(1), || Ok(disk.clone())).unwrap();
+        let (mut r, log, recovery) = Replica::open(key(1), 10, || Ok(disk.clone())).unwrap();
         assert!(recovery.torn.is_some());
         assert_eq!((log.records(), r.durable_len()), (2, 2));
         assert_eq!(r.state().state_hash(), hash);
@@ -1324,7 +1361,7 @@ mod tests {
     #[test]
     fn a_full_disk_pauses_appends_until_the_kept_batch_is_written() {
         let disk = Rc::new(RefCell::new(MemStorage::new()));
-        let (mut r, mut log, _) = Replica::open(key(1), || Ok(disk.clone())).unwrap();
+        let (mut r, mut log, _) = Replica::open(key(1), 1_000, || Ok(disk.clone())).unwrap();
         let write = |r: &mut Replica, log: &mut Log<Rc<RefCell<MemStorage>>>| {
             let batch = r.poll_batch(usize::MAX).unwrap();
             let first = log.records();
@@ -1363,7 +1400,7 @@ mod tests {
             Err(AppendError::DiskFull(_))
         ));
         assert!(matches!(
-            r.handle_import(Vec::new()),
+            r.handle_import(Vec::new(), 2_000),
             Err(ImportError::DiskFull(_))
         ));
         assert_eq!(r.state().state_hash(), hash);
@@ -1405,12 +1442,170 @@ mod tests {
         assert!(again.existing && again.id == b.id);
         let hash = r.state().state_hash();
         drop(log);
-        let (reopened, log, recovery) = Replica::open(key(1), || Ok(disk.clone())).unwrap();
+        let (reopened, log, recovery) = Replica::open(key(1), 3_000, || Ok(disk.clone())).unwrap();
         assert_eq!(recovery.torn, None);
         assert_eq!(log.records(), 4);
         assert_eq!(reopened.state().state_hash(), hash);
         // Appends work again.
         r.handle_append(edit("c"), 3_001).unwrap();
+    }
+
+    /// A wall time of the clock tests: 2023-11-14.
+    const T: u64 = 1_700_000_000_000;
+    /// How far ahead the fast clocks of the clock tests run.
+    const TEN_MIN: u64 = 600_000;
+
+    /// Stores `from`'s event `(author, seq)` in `to`, as sync would.
+    fn give(to: &mut MemStore, from: &MemStore, author: NodeId, seq: u64) {
+        let s = from.get(&author, seq).unwrap();
+        let (e, id) = Event::decode(&s.bytes).unwrap();
+        assert_eq!(to.insert(&e, id, &s.bytes, s.sig), Ok(Inserted::New));
+    }
+
+    /// Feeds a peer's events to `n` as sync does, the peer's order.
+    fn receive_all(n: &mut Replica, peer: &MemStore, author: NodeId) {
+        for (e, id, bytes, sig) in received(peer, author) {
+            assert_eq!(n.handle_received(&e, id, &bytes, sig), Ok(Inserted::New));
+        }
+        n.handle_received_end();
+    }
+
+    /// Own event `seq` of `n`, decoded from the pending queue or the log.
+    fn own_event(n: &Replica, log: &mut Log<MemStorage>, seq: u64) -> Event {
+        let pending = n.pending.iter().find(|p| p.author == n.id && p.seq == seq);
+        let bytes = match pending {
+            Some(p) => p.bytes.clone(),
+            None => {
+                let (record, _) = n.durable_record(&n.id, seq).unwrap();
+                read_record(log, record).unwrap().0
+            }
+        };
+        Event::decode(&bytes).unwrap().0
+    }
+
+    /// X's clock runs ten minutes ahead from its second event on; Y, whose
+    /// clock also ran ahead, builds on it. N, with a true clock, stores all
+    /// of it, but neither follows nor depends on what is beyond its
+    /// horizon until its wall time catches up.
+    #[test]
+    fn an_event_far_ahead_is_stored_but_not_followed_until_the_wall_time_catches_up() {
+        let (kx, ky) = (key(7), key(8));
+        let (x, y) = (kx.node_id(), ky.node_id());
+        let (mut sx, mut sy) = (MemStore::new(), MemStore::new());
+        let (mut cx, mut cy) = (HlcClock::default(), HlcClock::default());
+        let x1 = sx.commit(&kx, &mut cx, T, [edit("x1")]).unwrap()[0];
+        let x2 = sx.commit(&kx, &mut cx, T + TEN_MIN, [edit("x2")]).unwrap()[0];
+        give(&mut sy, &sx, x, 1);
+        let y1 = sy.commit(&ky, &mut cy, T, [edit("y1")]).unwrap()[0];
+        give(&mut sy, &sx, x, 2);
+        let y2 = sy
+            .commit(&ky, &mut cy, T + TEN_MIN + 5, [edit("y2")])
+            .unwrap()[0];
+        let hlc = |s: &MemStore, a: NodeId, seq: u64| s.get(&a, seq).unwrap().hlc;
+        let (y1_hlc, y2_hlc) = (hlc(&sy, y, 1), hlc(&sy, y, 2));
+        assert!(y2_hlc > hlc(&sx, x, 2), "y2 follows x2");
+
+        let (mut n, mut log) = open(2);
+        n.handle_time(T + 1_000);
+        receive_all(&mut n, &sx, x);
+        receive_all(&mut n, &sy, y);
+        // Stored, as every replica stores it; the clock followed x1 and y1.
+        assert_eq!(n.state().len(), 4);
+        assert!(n.state().contains(&x2) && n.state().contains(&y2));
+        assert_eq!(n.clock.last(), y1_hlc);
+        let ahead = n.state().ahead(T + 1_000);
+        assert_eq!(ahead.events, 2);
+        let far = ahead.furthest.unwrap();
+        assert_eq!((far.author, far.seq, far.id, far.hlc), (y, 2, y2, y2_hlc));
+        assert_eq!(far.ahead_ms, TEN_MIN + 5 - 1_000);
+
+        // N's next event depends on y1 (which implies x1), not on x2 or
+        // y2, and carries N's wall time; its write leaves y2's standing.
+        let n1 = n.handle_append(edit("n1"), T + 1_000).unwrap();
+        assert_eq!(n1.hlc, Hlc::from_ms(T + 1_000));
+        let e1 = own_event(&n, &mut log, 1);
+        assert_eq!(e1.deps, vec![y1]);
+        let Op::Set { supersedes, .. } = &e1.ops[0] else {
+            unreachable!()
+        };
+        assert!(supersedes.is_empty(), "y2 is the only standing write");
+        let email = &n.state().stream("attendee/1").unwrap().fields["email"];
+        assert_eq!(email.len(), 2, "n1 is concurrent with y2: a conflict");
+        commit(&mut n, &mut log).unwrap();
+
+        // Reopened, the clock is seeded below the horizon: from n1.
+        let disk = log.into_storage();
+        let (mut n, mut log, _) = Replica::open(key(2), T + 1_500, || Ok(disk.clone())).unwrap();
+        assert_eq!(n.clock.last(), n1.hlc);
+        assert_eq!(n.state().ahead(T + 1_500).events, 2);
+
+        // When x2 is within the horizon but y2 is not, x2 is a dep (X's
+        // latest event within the horizon; y1, Y's, is in n1's past).
+        let at = T + TEN_MIN - MAX_CLOCK_AHEAD_MS + 2;
+        n.handle_append(edit("n2"), at).unwrap();
+        let e2 = own_event(&n, &mut log, 2);
+        assert_eq!(e2.deps, vec![x2]);
+        assert_eq!(e2.hlc, Hlc(hlc(&sx, x, 2).0 + 1), "just above x2");
+        assert_eq!(n.state().ahead(at).events, 1);
+
+        // Once the wall time has passed y2, it is an ordinary dep.
+        let late = T + TEN_MIN + 10;
+        n.handle_append(edit("n3"), late).unwrap();
+        let e3 = own_event(&n, &mut log, 3);
+        assert_eq!(e3.deps, vec![y2]);
+        assert_eq!(e3.hlc, Hlc::from_ms(late));
+        let email = &n.state().stream("attendee/1").unwrap().fields["email"];
+        assert_eq!(email.len(), 1, "n3 supersedes y2 and n2");
+        assert_eq!(n.state().ahead(late), Default::default());
+        commit(&mut n, &mut log).unwrap();
+
+        // Every event N made is valid elsewhere: a peer syncs cleanly and
+        // folds to the same state.
+        let kp = key(3);
+        let mut p = MemStore::new();
+        let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
+        assert!(failures(&at_p).is_empty(), "{at_p:?}");
+        assert_eq!(p.len(), 7);
+        assert_eq!(p.state().state_hash(), n.state().state_hash());
+        assert!(p.state().contains(&x1));
+    }
+
+    #[test]
+    fn an_import_is_observed_only_within_the_horizon() {
+        let kx = key(7);
+        let mut sx = MemStore::new();
+        let mut cx = HlcClock::default();
+        sx.commit(&kx, &mut cx, T, [edit("x1")]).unwrap();
+        sx.commit(&kx, &mut cx, T + TEN_MIN, [edit("x2")]).unwrap();
+        let items = received(&sx, kx.node_id())
+            .into_iter()
+            .map(|(event, id, bytes, sig)| Incoming {
+                event,
+                id,
+                bytes,
+                sig,
+            })
+            .collect();
+        let (mut n, _log) = open(2);
+        let done = n.handle_import(items, T).unwrap();
+        assert_eq!(done.imported, 2);
+        assert_eq!(n.clock.last(), Hlc::from_ms(T));
+        let a = n.handle_append(edit("n1"), T + 1).unwrap();
+        assert_eq!(a.hlc, Hlc::from_ms(T + 1));
+    }
+
+    /// A node's own events are beyond its horizon only if its wall clock
+    /// stepped back: the clock never goes back, so the chain goes on above
+    /// them.
+    #[test]
+    fn after_a_step_back_the_clock_stays_above_its_own_events() {
+        let (mut n, _log) = open(1);
+        let a = n.handle_append(edit("a"), T + TEN_MIN).unwrap();
+        let b = n.handle_append(edit("b"), T).unwrap();
+        assert_eq!(b.hlc, Hlc(a.hlc.0 + 1));
+        let ahead = n.state().ahead(T);
+        assert_eq!(ahead.events, 2);
+        assert_eq!(ahead.furthest.unwrap().id, b.id);
     }
 
     #[test]
@@ -1428,7 +1623,7 @@ mod tests {
             Err(AppendError::Failed("disk on fire".into()))
         );
         assert!(matches!(
-            r.handle_import(Vec::new()),
+            r.handle_import(Vec::new(), 1_001),
             Err(ImportError::Failed(_))
         ));
         assert_eq!(r.unacked(), 1, "never acknowledged");

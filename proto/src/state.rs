@@ -41,6 +41,16 @@
 //! desk had already carried out gets those rights back once it learns of the
 //! other sale.
 //!
+//! **The clock's horizon.** A local event ([`State::prepare`]) depends on
+//! the events of its replica at most [`crate::hlc::MAX_CLOCK_AHEAD_MS`]
+//! past the wall time it is made at ([`Hlc::horizon`], `hlc` module docs):
+//! per other author, its latest such event, and its `Set`s supersede only
+//! the writes in that causal past. So a peer whose clock runs far ahead
+//! does not drag this replica's hlcs with it; its events are inserted,
+//! folded and listed ([`State::ahead`]) like any other, and become deps
+//! once the wall time catches up. Validity ([`State::insert`]) knows
+//! nothing of the horizon.
+//!
 //! Causal pasts are answered from a per-author history of vector-clock
 //! changes: `hist[a][b]` lists `(seq of a, highest seq of b seen)` each time
 //! `a`'s knowledge of `b` grows, so "is `(b, t)` in the past of `a`'s event
@@ -208,6 +218,30 @@ pub struct CommandRecord {
     pub stream: String,
     /// The stream's version right after this replica inserted it.
     pub version: u64,
+}
+
+/// The events beyond the local clock's horizon ([`State::ahead`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ahead {
+    /// How many events have an hlc beyond the horizon.
+    pub events: u64,
+    /// The one furthest ahead: the head of its author's chain.
+    pub furthest: Option<AheadEvent>,
+}
+
+/// One event beyond the local clock's horizon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AheadEvent {
+    /// Its author.
+    pub author: NodeId,
+    /// Its seq.
+    pub seq: u64,
+    /// Its id.
+    pub id: EventId,
+    /// Its hlc.
+    pub hlc: Hlc,
+    /// How far its hlc's milliseconds are ahead of the wall time asked about.
+    pub ahead_ms: u64,
 }
 
 /// The events of one stream carrying one command id, as this replica holds
@@ -944,13 +978,16 @@ impl State {
             }
             None => (1, None, Hlc::ZERO),
         };
-        let deps = self.unmerged_heads(ix);
+        let deps = self.unmerged_heads(ix, Hlc::horizon(now_ms));
         if deps.len() > MAX_DOTS {
             return Err(PrepareError::TooManyDeps(deps.len()));
         }
-        for d in &deps {
-            after = after.max(self.index[d].hlc);
+        let dep_locs: Vec<Loc> = deps.iter().map(|d| self.index[d]).collect();
+        for d in &dep_locs {
+            after = after.max(d.hlc);
         }
+        let vc = self.causal_vc(ix, &dep_locs);
+        let past = self.vc_or_own(ix, &vc);
         let stream = self.streams.get(&draft.stream);
         let mut ops = draft.ops;
         for op in &mut ops {
@@ -958,9 +995,17 @@ impl State {
                 field, supersedes, ..
             } = op
             {
+                // The standing writes in the event's causal past: all of
+                // them, unless one is beyond the clock's horizon (not a dep
+                // yet); that one stays, concurrent with this write.
                 *supersedes = stream
                     .and_then(|s| s.fields.get(field.as_str()))
-                    .map_or_else(Vec::new, |w| w.keys().copied().collect());
+                    .map_or_else(Vec::new, |w| {
+                        w.keys()
+                            .filter(|d| self.in_past(d, &author, past))
+                            .copied()
+                            .collect()
+                    });
             }
         }
         let event = Event {
@@ -977,25 +1022,27 @@ impl State {
             meta: draft.meta,
         };
         event.check().map_err(Invalid::from)?;
-        let dep_locs: Vec<Loc> = event.deps.iter().map(|d| self.index[d]).collect();
-        let vc = self.causal_vc(ix, &dep_locs);
         self.check_ops(&event, self.vc_or_own(ix, &vc))?;
         Ok(Made::New(event, vc))
     }
 
-    /// Heads of other authors that `author`'s chain does not imply, minus
-    /// those implied by another such head; sorted by id.
-    fn unmerged_heads(&self, author: Option<u32>) -> Vec<EventId> {
+    /// The deps of a new event by `author`: each other author's latest
+    /// event with an hlc at most `horizon` that `author`'s chain does not
+    /// imply, minus those implied by another such event; sorted by id.
+    ///
+    /// The events at or below `horizon` are causally closed (hlcs grow
+    /// along `prev` and `deps`), so these are the heads of that closed set:
+    /// an event beyond the horizon, and every event whose causal past holds
+    /// one, is left out (its hlc is above it), and none within is lost.
+    fn unmerged_heads(&self, author: Option<u32>, horizon: Hlc) -> Vec<EventId> {
         let own = author.map(|a| &self.authors[a as usize].vc);
-        let cands: Vec<(u32, u64)> = self
-            .authors
-            .iter()
-            .enumerate()
-            .filter(|(x, a)| {
-                Some(*x as u32) != author
-                    && own.and_then(|vc| vc.get(*x)).copied().unwrap_or(0) < a.seq()
+        let cands: Vec<(u32, u64)> = (0..self.authors.len() as u32)
+            .filter(|&x| Some(x) != author)
+            .filter_map(|x| {
+                let seen = own.and_then(|vc| vc.get(x as usize)).copied().unwrap_or(0);
+                let seq = self.latest_within(x, horizon);
+                (seq > seen).then_some((x, seq))
             })
-            .map(|(x, a)| (x as u32, a.seq()))
             .collect();
         let mut deps: Vec<EventId> = cands
             .iter()
@@ -1008,6 +1055,67 @@ impl State {
             .collect();
         deps.sort_unstable();
         deps
+    }
+
+    /// The seq of author `x`'s latest event with an hlc at most `limit`
+    /// (0 if none). An author's hlcs grow along its chain, so it is a
+    /// binary search over its events, made only when the head is beyond.
+    fn latest_within(&self, x: u32, limit: Hlc) -> u64 {
+        let a = &self.authors[x as usize];
+        if a.head_hlc <= limit {
+            return a.seq();
+        }
+        // Every id of an author's chain is in the index.
+        a.ids.partition_point(|id| self.index[id].hlc <= limit) as u64
+    }
+
+    /// The largest hlc of any event at most `limit` ([`Hlc::ZERO`] if
+    /// none): what a clock opened at wall time `now_ms` is seeded from,
+    /// with `limit` = [`Hlc::horizon`]`(now_ms)`.
+    pub fn max_hlc_within(&self, limit: Hlc) -> Hlc {
+        if self.max_hlc <= limit {
+            return self.max_hlc;
+        }
+        (0..self.authors.len() as u32)
+            .filter_map(|x| {
+                let seq = self.latest_within(x, limit);
+                let id = self.authors[x as usize]
+                    .ids
+                    .get(seq.checked_sub(1)? as usize)?;
+                Some(self.index[id].hlc)
+            })
+            .max()
+            .unwrap_or(Hlc::ZERO)
+    }
+
+    /// The events beyond the clock's horizon at wall time `now_ms`
+    /// ([`Hlc::horizon`]): stored and folded, but neither observed by the
+    /// local clock nor taken as deps until the wall time catches up.
+    pub fn ahead(&self, now_ms: u64) -> Ahead {
+        let horizon = Hlc::horizon(now_ms);
+        let mut out = Ahead::default();
+        if self.max_hlc <= horizon {
+            return out;
+        }
+        // By author id, so that ties go the same way on every replica.
+        for &x in self.author_ix.values() {
+            let a = &self.authors[x as usize];
+            if a.head_hlc <= horizon {
+                continue;
+            }
+            out.events += a.seq() - self.latest_within(x, horizon);
+            if out.furthest.as_ref().is_none_or(|f| a.head_hlc > f.hlc) {
+                out.furthest = Some(AheadEvent {
+                    author: a.id,
+                    seq: a.seq(),
+                    // An author in the index has at least one event.
+                    id: *a.ids.last().expect("author with no events"),
+                    hlc: a.head_hlc,
+                    ahead_ms: a.head_hlc.ms().saturating_sub(now_ms),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -1257,6 +1365,149 @@ fn undo(stream: &mut Stream, ops: &[Op], dot: Dot) {
                 e.consumed -= *amount as u128;
                 e.dup.entry(dot.author).or_default().consumed += *amount as u128;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Keypair;
+    use crate::hlc::MAX_CLOCK_AHEAD_MS;
+
+    /// A wall time: 2023-11-14.
+    const T: u64 = 1_700_000_000_000;
+
+    /// One author with its own replica and clock, `skew_ms` ahead of `T`.
+    struct Node {
+        id: NodeId,
+        state: State,
+        clock: HlcClock,
+        skew_ms: u64,
+        /// Events in the order this replica inserted them (a causal order).
+        order: Vec<(Event, EventId)>,
+    }
+
+    impl Node {
+        /// Makes and inserts a local event at the node's wall time `wall`.
+        fn make(&mut self, wall: u64, draft: Draft) -> Event {
+            let e = match self.state.prepare(self.id, &mut self.clock, wall, draft) {
+                Ok(Prepared::New(e)) => e,
+                other => panic!("prepare refused a valid draft: {other:?}"),
+            };
+            let (_, id) = e.seal();
+            assert_eq!(self.state.insert(&e, id), Ok(Inserted::New));
+            self.order.push((e.clone(), id));
+            e
+        }
+
+        /// Inserts everything `from` holds, in `from`'s order, at `wall`.
+        fn merge(&mut self, from: &[(Event, EventId)], wall: u64) {
+            for (e, id) in from {
+                match self.state.insert(e, *id) {
+                    Ok(Inserted::New) => {
+                        self.clock.observe_at(e.hlc, wall);
+                        self.order.push((e.clone(), *id));
+                    }
+                    Ok(Inserted::Duplicate) => {}
+                    Err(err) => panic!("a replica refused {id:?}: {err}"),
+                }
+            }
+        }
+    }
+
+    fn draft(stream: u64, v: u64) -> Draft {
+        Draft {
+            stream: format!("s/{stream}"),
+            kind: "Edited".into(),
+            ops: vec![
+                Op::Set {
+                    field: "f".into(),
+                    value: v.to_string().into_bytes(),
+                    supersedes: vec![],
+                },
+                Op::Add {
+                    counter: "n".into(),
+                    delta: 1,
+                },
+            ],
+            ..Draft::default()
+        }
+    }
+
+    /// Three honest nodes and one whose clock runs ten minutes ahead, over
+    /// twenty minutes of writes and random exchanges: the honest nodes'
+    /// events stay within the bound of their wall time, they depend on the
+    /// fast node's events once their wall time catches up, and every
+    /// replica folds to the same state hash.
+    #[test]
+    fn replicas_converge_whatever_clock_a_peer_runs_on() {
+        let skews = [0, 0, 0, 600_000];
+        let fast = Keypair::from_secret([4; 32]).node_id();
+        let mut nodes: Vec<Node> = skews
+            .iter()
+            .enumerate()
+            .map(|(i, &skew_ms)| Node {
+                id: Keypair::from_secret([i as u8 + 1; 32]).node_id(),
+                state: State::new(),
+                clock: HlcClock::default(),
+                skew_ms,
+                order: Vec::new(),
+            })
+            .collect();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (mut held_back, mut caught_up) = (0, 0);
+        for round in 0..120u64 {
+            let now = T + round * 10_000;
+            for n in &mut nodes {
+                let wall = now + n.skew_ms;
+                if next() % 3 == 0 {
+                    continue;
+                }
+                let ahead = n.state.ahead(wall).events;
+                let e = n.make(wall, draft(next() % 3, round));
+                if n.skew_ms == 0 {
+                    assert!(
+                        e.hlc.ms() <= wall + MAX_CLOCK_AHEAD_MS,
+                        "round {round}: an honest hlc {:?} runs ahead of wall time {wall}",
+                        e.hlc
+                    );
+                    held_back += u64::from(ahead > 0);
+                    caught_up += e
+                        .deps
+                        .iter()
+                        .filter(|d| n.state.dot_of(d).is_some_and(|d| d.author == fast))
+                        .count();
+                }
+            }
+            let a = (next() % 4) as usize;
+            let b = (next() % 4) as usize;
+            if a != b {
+                let from = nodes[b].order.clone();
+                let wall = now + nodes[a].skew_ms;
+                nodes[a].merge(&from, wall);
+            }
+        }
+        assert!(held_back > 0, "the fast node's events were never ahead");
+        assert!(caught_up > 0, "the fast node's events never became deps");
+        for _ in 0..2 {
+            for a in 0..nodes.len() {
+                for b in 0..nodes.len() {
+                    let from = nodes[b].order.clone();
+                    nodes[a].merge(&from, T);
+                }
+            }
+        }
+        let hash = nodes[0].state.state_hash();
+        for n in &nodes {
+            assert_eq!(n.state.len(), nodes[0].state.len());
+            assert_eq!(n.state.state_hash(), hash);
         }
     }
 }

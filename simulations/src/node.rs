@@ -20,7 +20,8 @@
 //!   keeps a seeded prefix of the unsynced bytes. A restart recovers with
 //!   [`Replica::open`], as the node does (torn tail cut, the records after
 //!   the last commit mark cut, the log folded again, each author's last
-//!   signature verified, the clock re-seeded from the largest hlc);
+//!   signature verified, the clock re-seeded from the largest hlc within
+//!   the horizon of the node's wall time at restart);
 //! - fault hooks for tests ([`Sabotage`]) that prove the oracles catch a
 //!   broken node.
 //!
@@ -116,7 +117,8 @@ impl SimNode {
     /// A node with a fresh, empty log.
     pub fn new(key: Keypair, sabotage: Sabotage) -> Result<SimNode, String> {
         let disk = Disk::default();
-        let (replica, log, _) = open(&key, &disk)?;
+        // An empty log: no hlc to bound, any wall time will do.
+        let (replica, log, _) = open(&key, &disk, 0)?;
         Ok(SimNode {
             key,
             seen: replica.mark(),
@@ -287,10 +289,11 @@ impl SimNode {
         out
     }
 
-    /// Restarts a crashed node: recovery as the module docs say.
-    pub fn restart(&mut self) -> Result<Restarted, String> {
+    /// Restarts a crashed node at its wall time `now_ms`: recovery as the
+    /// module docs say.
+    pub fn restart(&mut self, now_ms: u64) -> Result<Restarted, String> {
         debug_assert!(!self.is_up());
-        let (replica, log, torn) = open(&self.key, &self.disk)?;
+        let (replica, log, torn) = open(&self.key, &self.disk, now_ms)?;
         let records = log.records();
         self.seen = replica.mark();
         self.replica = replica;
@@ -303,7 +306,8 @@ impl SimNode {
     /// state and every record in log order. For the oracles.
     pub fn reload(&self) -> Result<(State, Vec<(Event, EventId)>), String> {
         let copy_of_disk = Rc::new(RefCell::new(self.disk.borrow().clone()));
-        let (replica, mut log, _) = open(&self.key, &copy_of_disk)?;
+        // Only the state is used: the clock's seed does not matter.
+        let (replica, mut log, _) = open(&self.key, &copy_of_disk, 0)?;
         let mut events = Vec::new();
         log.scan(|frame| {
             let e = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
@@ -319,10 +323,15 @@ fn copy(key: &Keypair) -> Keypair {
     Keypair::from_secret(key.secret())
 }
 
-/// Recovers the log on `disk` into a replica ([`Replica::open`]).
-fn open(key: &Keypair, disk: &Disk) -> Result<(Replica, Log<Disk>, Option<TornTail>), String> {
-    let (replica, log, recovery) =
-        Replica::open(copy(key), || Ok(disk.clone())).map_err(|e| format!("recovery: {e}"))?;
+/// Recovers the log on `disk` into a replica ([`Replica::open`]) at wall
+/// time `now_ms`.
+fn open(
+    key: &Keypair,
+    disk: &Disk,
+    now_ms: u64,
+) -> Result<(Replica, Log<Disk>, Option<TornTail>), String> {
+    let (replica, log, recovery) = Replica::open(copy(key), now_ms, || Ok(disk.clone()))
+        .map_err(|e| format!("recovery: {e}"))?;
     Ok((replica, log, recovery.torn))
 }
 
@@ -360,7 +369,7 @@ mod tests {
         // Half of the second batch reaches the disk: it is cut whole.
         let crashed = n.crash(0.5);
         assert!(crashed.in_write && crashed.unacked == 2);
-        let r = n.restart().unwrap();
+        let r = n.restart(1_004).unwrap();
         assert_eq!(r.records, 2);
         assert!(r.torn.is_some());
         assert_eq!(n.state().len(), 2);
@@ -376,7 +385,7 @@ mod tests {
         n.append(1_000, draft("1")).unwrap();
         assert!(n.start_commit());
         n.crash(2.0);
-        n.restart().unwrap();
+        n.restart(1_001).unwrap();
         assert_eq!(n.state().len(), 1);
         let (state, events) = n.reload().unwrap();
         assert_eq!(state.state_hash(), n.state().state_hash());

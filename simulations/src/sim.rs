@@ -1533,7 +1533,8 @@ impl<'a> Sim<'a> {
         if self.slots[node].node.is_up() {
             return;
         }
-        match self.slots[node].node.restart() {
+        let wall = self.wall_ms(node);
+        match self.slots[node].node.restart(wall) {
             Ok(r) => {
                 let synced = self.slots[node].synced_at_crash;
                 if r.records < synced {
