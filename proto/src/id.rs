@@ -88,19 +88,72 @@ impl fmt::Display for PointFault {
     }
 }
 
-/// Checks 32 bytes as an ed25519 point: canonical, and not of small order.
-/// The rule of `PROTOCOL.md` §3 for keys and for a signature's R.
-pub fn check_point(bytes: &[u8; 32]) -> Result<VerifyingKey, PointFault> {
-    // ed25519-dalek decodes leniently (ZIP-215: y taken mod p, the sign bit
-    // of x = 0 ignored); re-encoding gives the canonical bytes, so a
-    // round trip that changes them finds every non-canonical encoding.
-    let key = VerifyingKey::from_bytes(bytes).map_err(|_| PointFault::NotOnCurve)?;
-    if key.to_edwards().compress().as_bytes() != bytes {
+/// The canonical encodings of the eight points of small order (8P is the
+/// identity): the identity, the point of order 2, two of order 4 and four
+/// of order 8. Every other point of small order encoding is non-canonical.
+pub const SMALL_ORDER_POINTS: [[u8; 32]; 8] = [
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000080"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"),
+];
+
+/// 64 hex digits as 32 bytes, at compile time.
+const fn hex32(s: &str) -> [u8; 32] {
+    const fn digit(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("not a lowercase hex digit"),
+        }
+    }
+    let s = s.as_bytes();
+    assert!(s.len() == 64);
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = digit(s[2 * i]) << 4 | digit(s[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
+
+/// Checks the encoding of a point without decoding it: canonical, and not
+/// one of [`SMALL_ORDER_POINTS`]. Byte comparisons only, so cheap enough
+/// for every event's author; [`check_point`] adds the decoding.
+pub fn check_encoding(bytes: &[u8; 32]) -> Result<(), PointFault> {
+    // y is the low 255 bits, little-endian; p = 2^255 - 19 is ed ff … ff 7f.
+    let top_y = bytes[31] & 0x7f;
+    let middle_ones = bytes[1..31].iter().all(|&b| b == 0xff);
+    if top_y == 0x7f && middle_ones && bytes[0] >= 0xed {
         return Err(PointFault::NonCanonical);
     }
-    if key.is_weak() {
+    // x = 0 exactly when y = 1 or y = p - 1 (x^2 = (y^2 - 1) / (d y^2 + 1)),
+    // and then the sign bit must be 0.
+    if bytes[31] & 0x80 != 0 {
+        let y_is_one = bytes[0] == 1 && bytes[1..31].iter().all(|&b| b == 0) && top_y == 0;
+        let y_is_minus_one = bytes[0] == 0xec && middle_ones && top_y == 0x7f;
+        if y_is_one || y_is_minus_one {
+            return Err(PointFault::NonCanonical);
+        }
+    }
+    if SMALL_ORDER_POINTS.contains(bytes) {
         return Err(PointFault::SmallOrder);
     }
+    Ok(())
+}
+
+/// Checks 32 bytes as an ed25519 point by the rule of `PROTOCOL.md` §3 for
+/// keys and for a signature's R: the canonical encoding of a curve point not
+/// of small order. Returns the point as a key.
+pub fn check_point(bytes: &[u8; 32]) -> Result<VerifyingKey, PointFault> {
+    check_encoding(bytes)?;
+    let key = VerifyingKey::from_bytes(bytes).map_err(|_| PointFault::NotOnCurve)?;
+    debug_assert!(!key.is_weak(), "SMALL_ORDER_POINTS is incomplete");
     Ok(key)
 }
 
@@ -192,6 +245,14 @@ impl NodeId {
     pub fn check_key(&self) -> Result<VerifyingKey, KeyError> {
         check_point(&self.0).map_err(|fault| KeyError { key: *self, fault })
     }
+
+    /// [`NodeId::check_key`] without decoding the point: the encoding is
+    /// canonical and not of small order. What it leaves out (that the bytes
+    /// are a curve point at all) fails [`crate::event::verify`] with the
+    /// same error, so where a signature is verified anyway this suffices.
+    pub fn check_encoding(&self) -> Result<(), KeyError> {
+        check_encoding(&self.0).map_err(|fault| KeyError { key: *self, fault })
+    }
 }
 
 /// 64 hex digits that are a usable key ([`NodeId::check_key`]).
@@ -234,20 +295,8 @@ mod tests {
     }
 
     fn id(hex: &str) -> NodeId {
-        NodeId(parse_hex32(hex, "a test key").unwrap())
+        NodeId(hex32(hex))
     }
-
-    /// The eight points of small order, canonically encoded.
-    const SMALL_ORDER: [&str; 8] = [
-        "0100000000000000000000000000000000000000000000000000000000000000",
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-        "0000000000000000000000000000000000000000000000000000000000000000",
-        "0000000000000000000000000000000000000000000000000000000000000080",
-        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
-        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
-        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
-        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
-    ];
 
     #[test]
     fn an_honest_key_passes() {
@@ -259,8 +308,12 @@ mod tests {
 
     #[test]
     fn weak_keys_are_refused() {
-        for hex in SMALL_ORDER {
-            let err = id(hex).check_key().unwrap_err();
+        for bytes in SMALL_ORDER_POINTS {
+            let hex = NodeId(bytes).to_string();
+            // Each is a point of small order, as ed25519-dalek finds it; eight
+            // distinct ones are the whole torsion subgroup.
+            assert!(VerifyingKey::from_bytes(&bytes).unwrap().is_weak());
+            let err = NodeId(bytes).check_key().unwrap_err();
             assert_eq!(err.fault, PointFault::SmallOrder, "{hex}");
             assert_eq!(
                 err.to_string(),
@@ -269,6 +322,64 @@ mod tests {
             let e = hex.parse::<NodeId>().unwrap_err();
             assert_eq!(e, ParseNodeIdError::Key(err));
         }
+        let distinct: std::collections::BTreeSet<_> = SMALL_ORDER_POINTS.into_iter().collect();
+        assert_eq!(distinct.len(), 8);
+    }
+
+    /// The rule as ed25519-dalek states it: decodes, re-encodes to the same
+    /// bytes, not weak.
+    fn reference(bytes: &[u8; 32]) -> bool {
+        VerifyingKey::from_bytes(bytes)
+            .is_ok_and(|k| k.to_edwards().compress().as_bytes() == bytes && !k.is_weak())
+    }
+
+    #[test]
+    fn the_byte_rule_equals_decoding_and_re_encoding() {
+        let mut cases: Vec<[u8; 32]> = Vec::new();
+        // Small y, y near p, and the small-order points, with either sign.
+        for y in 0u8..=40 {
+            let mut b = [0u8; 32];
+            b[0] = y;
+            cases.push(b);
+        }
+        let p = hex32("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+        for k in 0u8..=18 {
+            let mut above = p;
+            above[0] += k;
+            cases.push(above);
+            let mut below = p;
+            below[0] -= k + 1;
+            cases.push(below);
+        }
+        cases.extend(SMALL_ORDER_POINTS);
+        for b in cases.clone() {
+            let mut signed = b;
+            signed[31] ^= 0x80;
+            cases.push(signed);
+        }
+        // Honest keys, and seeded noise.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..4000u32 {
+            let mut b = [0u8; 32];
+            for chunk in b.chunks_mut(8) {
+                x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes()[..chunk.len()]);
+            }
+            if i % 4 == 0 {
+                b = crate::event::Keypair::from_secret(b).node_id().0;
+            }
+            cases.push(b);
+        }
+        let mut accepted = 0;
+        for b in &cases {
+            let ours = check_point(b);
+            assert_eq!(ours.is_ok(), reference(b), "{}", NodeId(*b));
+            accepted += usize::from(ours.is_ok());
+        }
+        assert!(accepted > 1000, "{accepted}");
     }
 
     #[test]
