@@ -52,7 +52,8 @@ const SIG_CONTEXT: &[u8] = b"weftlog/v1/event-id";
 pub struct Event {
     /// Format version; [`FORMAT_VERSION`].
     pub version: u8,
-    /// The node that made the event.
+    /// The node that made the event; its encoding must pass
+    /// [`NodeId::check_encoding`].
     pub author: NodeId,
     /// 1, 2, 3 … in the author's chain, no gaps.
     pub seq: u64,
@@ -118,7 +119,8 @@ pub enum Op {
     EscrowTransfer {
         /// Counter name.
         counter: String,
-        /// The node receiving the rights; not the author.
+        /// The node receiving the rights; not the author, and a usable key
+        /// ([`NodeId::check_key`]).
         to: NodeId,
         /// Rights moved; at least 1.
         amount: u64,
@@ -220,7 +222,9 @@ fn strictly_ascending<T: Ord>(items: &[T]) -> bool {
 }
 
 impl Event {
-    /// Checks the event's limits and the rules that need no other event.
+    /// Checks the event's limits and the rules that need no other event,
+    /// among them the key rule (`PROTOCOL.md` §3) on the author and on every
+    /// escrow transfer's recipient.
     pub fn check(&self) -> Result<(), EventError> {
         if self.version != FORMAT_VERSION {
             return Err(EventError::UnknownVersion(self.version));
