@@ -43,7 +43,9 @@ impl Members {
     }
 
     /// Parses a member file: one node id (64 hex digits) per line; blank
-    /// lines and lines starting with `#` are skipped.
+    /// lines and lines starting with `#` are skipped. A node id that is not
+    /// a usable key ([`NodeId::check_key`]: a weak or non-canonical one) is
+    /// refused, naming the line.
     pub fn parse(text: &str) -> Result<Members, String> {
         let mut set = BTreeSet::new();
         for (i, line) in text.lines().enumerate() {
@@ -105,7 +107,7 @@ pub fn node_certificate(
 }
 
 /// The node id a certificate holds: its subject public key, which must be
-/// an ed25519 key.
+/// a usable ed25519 key ([`NodeId::check_key`]).
 pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
     let bad = |why: &str| rustls::Error::General(format!("peer certificate: {why}"));
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -121,7 +123,10 @@ pub fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
         .as_ref()
         .try_into()
         .map_err(|_| bad("the ed25519 key is not 32 bytes"))?;
-    Ok(NodeId(key))
+    let id = NodeId(key);
+    // A weak key proves nothing: anyone can sign under it.
+    id.check_key().map_err(|e| bad(&e.to_string()))?;
+    Ok(id)
 }
 
 /// The node id the peer of a connection proved in the handshake.
@@ -325,4 +330,59 @@ pub fn client_config(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The identity point: a key of order 1, under which anyone can sign.
+    const IDENTITY: &str = "0100000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn a_member_list_with_a_weak_key_is_refused() {
+        let a = Keypair::from_secret([1; 32]).node_id();
+        let err =
+            Members::parse(&format!("{a}\n# the next one is weak\n{IDENTITY}\n")).unwrap_err();
+        assert_eq!(
+            err,
+            format!("line 3: node id {IDENTITY} is a weak (small-order) ed25519 key")
+        );
+        // y = p + 3: a point, but not its canonical encoding.
+        let non_canonical = "f0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f";
+        let err = Members::parse(non_canonical).unwrap_err();
+        assert!(
+            err.starts_with(&format!(
+                "line 1: node id {non_canonical} is not a canonical point encoding"
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_with_a_weak_key_proves_no_node_id() {
+        let key = Keypair::from_secret([5; 32]);
+        let (cert, _) = node_certificate(&key, 7).unwrap();
+        assert_eq!(node_id_of(&cert).unwrap(), key.node_id());
+        // The same certificate with its subject key replaced by the
+        // identity point (the signature over it is not what is checked here).
+        let der = cert.as_ref().to_vec();
+        let id = key.node_id().0;
+        let at = der
+            .windows(32)
+            .position(|w| w == id)
+            .expect("the certificate holds the key");
+        let mut weak = der.clone();
+        weak[at..at + 32].copy_from_slice(&NodeId([0; 32]).0);
+        weak[at] = 1;
+        let err = node_id_of(&CertificateDer::from(weak))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "peer certificate: node id {IDENTITY} is a weak (small-order) ed25519 key"
+            )),
+            "{err}"
+        );
+    }
 }

@@ -601,6 +601,81 @@ fn forged_and_oversized_events_are_refused() {
 }
 
 #[test]
+fn events_by_or_to_weak_keys_are_refused_naming_the_key() {
+    let s = setup();
+    let hlc = 1_800_000_000_000u64 << 16;
+    // R = the base point, S = 1: under a key of small order A, [S]B - [k]A
+    // = B = R for every message, so this "signs" anything with no secret
+    // key. ed25519-dalek's lenient `verify` takes it (PROTOCOL.md §8,
+    // vector 4).
+    let mut forged = [0u8; 64];
+    forged[..32].copy_from_slice(&[0x66; 32]);
+    forged[0] = 0x58;
+    forged[32] = 1;
+    let forged = Some(Signature(forged));
+    let escrow = vec![Op::EscrowInit {
+        counter: "seats".into(),
+        capacity: 1000,
+    }];
+
+    // The identity point as author, and again encoded with y = p + 1.
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    let mut non_canonical = [0xff; 32];
+    non_canonical[0] = 0xee;
+    non_canonical[31] = 0x7f;
+    for (name, key, why) in [
+        (
+            "weak-author",
+            identity,
+            "is a weak (small-order) ed25519 key",
+        ),
+        (
+            "non-canonical-author",
+            non_canonical,
+            "is not a canonical point encoding",
+        ),
+    ] {
+        let author = NodeId(key);
+        let (bytes, id) = event(author, 1, None, hlc, escrow.clone()).seal();
+        s.refused(
+            name,
+            &file_of(&[(bytes, forged)]),
+            &[
+                &id.to_string(),
+                &format!("bad author: node id {author} {why}"),
+            ],
+        );
+    }
+
+    // An honest author's signed transfer to the identity point.
+    let alice = Keypair::from_secret([0x5e; 32]);
+    let first = event(alice.node_id(), 1, None, hlc, escrow.clone());
+    let (b1, _, id1) = signed(&first, &alice);
+    let to = NodeId(identity);
+    let transfer = event(
+        alice.node_id(),
+        2,
+        Some(id1),
+        hlc + 1,
+        vec![Op::EscrowTransfer {
+            counter: "seats".into(),
+            to,
+            amount: 10,
+        }],
+    );
+    let (b2, s2, id2) = signed(&transfer, &alice);
+    s.refused(
+        "transfer-to-weak-key",
+        &file_of(&[(b1, None), (b2, s2)]),
+        &[
+            &id2.to_string(),
+            &format!("bad recipient: node id {to} is a weak (small-order) ed25519 key"),
+        ],
+    );
+}
+
+#[test]
 fn escrow_consumption_beyond_causal_past_rights_is_refused() {
     let s = setup();
     let buyer = Keypair::from_secret([0x5b; 32]);

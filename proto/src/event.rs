@@ -8,12 +8,20 @@
 //! Signatures are not part of the event: an author signs the id of the last
 //! event of each batch it commits, and that signature covers every earlier
 //! event of the author through the `prev` hash chain.
+//!
+//! Verification is strict (`PROTOCOL.md` §3): the author must be a usable
+//! key ([`NodeId::check_key`]: canonical, not of small order), S must be
+//! below the group order, R must pass the same point rule as a key, and the
+//! cofactorless equation must hold, which is ed25519-dalek 2's
+//! `verify_strict` plus the key check. A lenient verifier accepts, for a
+//! small-order key, signatures that anyone can make without a secret key;
+//! replicas that verified differently would disagree on which events exist.
 
-use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey};
 use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
-use crate::id::{Dot, EventId, NodeId};
+use crate::id::{check_encoding, Dot, EventId, KeyError, NodeId, PointFault};
 
 /// The event format version this crate writes and the only one it reads.
 pub const FORMAT_VERSION: u8 = 1;
@@ -44,7 +52,8 @@ const SIG_CONTEXT: &[u8] = b"weftlog/v1/event-id";
 pub struct Event {
     /// Format version; [`FORMAT_VERSION`].
     pub version: u8,
-    /// The node that made the event.
+    /// The node that made the event; its encoding must pass
+    /// [`NodeId::check_encoding`].
     pub author: NodeId,
     /// 1, 2, 3 … in the author's chain, no gaps.
     pub seq: u64,
@@ -110,7 +119,8 @@ pub enum Op {
     EscrowTransfer {
         /// Counter name.
         counter: String,
-        /// The node receiving the rights; not the author.
+        /// The node receiving the rights; not the author, and a usable key
+        /// ([`NodeId::check_key`]).
         to: NodeId,
         /// Rights moved; at least 1.
         amount: u64,
@@ -167,6 +177,18 @@ pub enum EventError {
     /// Deps or supersedes not strictly ascending.
     #[error("{0} are not sorted ascending without duplicates")]
     Unsorted(&'static str),
+    /// The author is not a usable ed25519 key ([`NodeId::check_key`]).
+    #[error("bad author: {0}")]
+    BadAuthor(KeyError),
+    /// An escrow transfer's recipient is not a usable ed25519 key
+    /// ([`NodeId::check_key`]).
+    #[error("invalid escrow op on {counter:?}: bad recipient: {key}")]
+    BadRecipient {
+        /// Counter name.
+        counter: String,
+        /// Why the recipient was refused.
+        key: KeyError,
+    },
     /// The hlc is beyond [`Hlc::MAX`].
     #[error("hlc {0} is beyond the last valid timestamp (year 9999)")]
     ClockOutOfRange(Hlc),
@@ -200,11 +222,18 @@ fn strictly_ascending<T: Ord>(items: &[T]) -> bool {
 }
 
 impl Event {
-    /// Checks the event's limits and the rules that need no other event.
+    /// Checks the event's limits and the rules that need no other event,
+    /// among them the key rule (`PROTOCOL.md` §3) on the author and on every
+    /// escrow transfer's recipient.
     pub fn check(&self) -> Result<(), EventError> {
         if self.version != FORMAT_VERSION {
             return Err(EventError::UnknownVersion(self.version));
         }
+        // The encoding only: decoding the point costs microseconds, and a
+        // key that is no point fails its signature anyway.
+        self.author
+            .check_encoding()
+            .map_err(EventError::BadAuthor)?;
         if (self.seq == 1) != self.prev.is_none() || self.seq == 0 {
             return Err(EventError::BadChainStart {
                 seq: self.seq,
@@ -330,12 +359,13 @@ impl Op {
             Op::EscrowTransfer { to, .. } if *to == author => {
                 return Err(bad("transfer to its own author"))
             }
-            Op::EscrowTransfer { to, .. } if VerifyingKey::from_bytes(&to.0).is_err() => {
-                return Err(bad(
-                    "the recipient is not a node id (an ed25519 public key)",
-                ))
+            Op::EscrowTransfer { counter, to, .. } => {
+                to.check_key().map_err(|key| EventError::BadRecipient {
+                    counter: counter.clone(),
+                    key,
+                })?;
             }
-            Op::EscrowInit { .. } | Op::EscrowTransfer { .. } | Op::EscrowConsume { .. } => {}
+            Op::EscrowInit { .. } | Op::EscrowConsume { .. } => {}
         }
         Ok(())
     }
@@ -355,9 +385,15 @@ impl std::fmt::Debug for Signature {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SignatureError {
-    /// The author id is not a valid ed25519 public key.
-    #[error("author is not a valid ed25519 public key")]
-    BadKey,
+    /// The author is not a usable ed25519 key ([`NodeId::check_key`]).
+    #[error("{0}")]
+    BadKey(#[from] KeyError),
+    /// S is not below the group order L: a second encoding of a scalar.
+    #[error("the signature's S is not below the group order (a non-canonical scalar)")]
+    NonCanonicalS,
+    /// R is not the canonical encoding of a point of large order.
+    #[error("the signature's R {0}")]
+    BadR(PointFault),
     /// The signature does not verify.
     #[error("signature does not verify")]
     Invalid,
@@ -401,17 +437,46 @@ impl std::fmt::Debug for Keypair {
     }
 }
 
-/// Checks that `sig` is `author`'s signature over `id`.
+/// The order of the prime subgroup, L = 2^252 + 27742317777372353535851937790883648493,
+/// little-endian.
+const GROUP_ORDER: [u8; 32] = [
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// Whether 32 little-endian bytes are a scalar below [`GROUP_ORDER`].
+fn scalar_is_canonical(s: &[u8; 32]) -> bool {
+    for (b, l) in s.iter().rev().zip(GROUP_ORDER.iter().rev()) {
+        if b != l {
+            return b < l;
+        }
+    }
+    false
+}
+
+/// Checks that `sig` is `author`'s signature over `id`, by the strict rule
+/// of `PROTOCOL.md` §3: the author passes [`NodeId::check_key`], S is below
+/// the group order, R is the canonical encoding of a point not of small
+/// order, and `[S]B = R + [k]A` with `k = SHA-512(R ‖ A ‖ message)`.
+///
+/// The checks before `verify_strict` only name the reason; `verify_strict`
+/// makes them all again except the canonical encoding of the key.
 pub fn verify(author: &NodeId, id: &EventId, sig: &Signature) -> Result<(), SignatureError> {
-    let key = VerifyingKey::from_bytes(&author.0).map_err(|_| SignatureError::BadKey)?;
+    let key = author.check_key()?;
     let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
-    key.verify(&signed_message(id), &sig)
+    if !scalar_is_canonical(sig.s_bytes()) {
+        return Err(SignatureError::NonCanonicalS);
+    }
+    // verify_strict decodes R; a bad encoding is named here.
+    check_encoding(sig.r_bytes()).map_err(SignatureError::BadR)?;
+    key.verify_strict(&signed_message(id), &sig)
         .map_err(|_| SignatureError::Invalid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ed25519_dalek::{Verifier, VerifyingKey};
 
     pub(crate) fn sample(author: NodeId) -> Event {
         Event {
@@ -490,6 +555,128 @@ mod tests {
             amount: 1,
         }];
         assert!(matches!(e.check(), Err(EventError::BadEscrow { .. })));
+    }
+
+    /// The encoding of the base point B.
+    const BASE_POINT: [u8; 32] = [
+        0x58, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66,
+        0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66,
+        0x66, 0x66,
+    ];
+
+    /// A signature by the identity point made with no secret key: R = B,
+    /// S = 1, so [S]B - [k]A = B = R for every message.
+    fn forged() -> Signature {
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&BASE_POINT);
+        sig[32] = 1;
+        Signature(sig)
+    }
+
+    #[test]
+    fn small_order_key_forgery_is_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = NodeId(identity);
+        let (_, id) = sample(weak).seal();
+        // ed25519-dalek's lenient check takes the forgery.
+        let key = VerifyingKey::from_bytes(&weak.0).unwrap();
+        let sig = ed25519_dalek::Signature::from_bytes(&forged().0);
+        assert!(key.verify(&signed_message(&id), &sig).is_ok());
+        let err = verify(&weak, &id, &forged()).unwrap_err();
+        assert!(matches!(
+            err,
+            SignatureError::BadKey(KeyError { key, fault: PointFault::SmallOrder, .. }) if key == weak
+        ));
+        assert_eq!(
+            err.to_string(),
+            format!("node id {weak} is a weak (small-order) ed25519 key")
+        );
+        // The event itself is malformed: its author is no key.
+        let (bytes, _) = sample(weak).seal();
+        let err = Event::decode(&bytes).unwrap_err();
+        assert!(matches!(err, EventError::BadAuthor(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("bad author: node id {weak} is a weak (small-order) ed25519 key")
+        );
+    }
+
+    #[test]
+    fn a_non_canonical_s_is_refused() {
+        let k = Keypair::from_secret([9; 32]);
+        let (_, id) = sample(k.node_id()).seal();
+        let mut sig = k.sign(&id);
+        // S + L: the same scalar mod L, which the cofactorless equation
+        // alone would take.
+        let mut carry = 0u16;
+        for (b, l) in sig.0[32..].iter_mut().zip(GROUP_ORDER) {
+            let sum = *b as u16 + l as u16 + carry;
+            *b = sum as u8;
+            carry = sum >> 8;
+        }
+        assert_eq!(carry, 0);
+        assert_eq!(
+            verify(&k.node_id(), &id, &sig),
+            Err(SignatureError::NonCanonicalS)
+        );
+        let msg = SignatureError::NonCanonicalS.to_string();
+        assert!(msg.contains("not below the group order"), "{msg}");
+        assert!(!scalar_is_canonical(&GROUP_ORDER));
+        let mut below = GROUP_ORDER;
+        below[0] -= 1;
+        assert!(scalar_is_canonical(&below));
+    }
+
+    #[test]
+    fn a_bad_r_is_refused() {
+        let k = Keypair::from_secret([9; 32]);
+        let (_, id) = sample(k.node_id()).seal();
+        let good = k.sign(&id);
+        for (first, last, want) in [
+            // The identity, of order 1.
+            (1u8, 0u8, SignatureError::BadR(PointFault::SmallOrder)),
+            // The identity with the sign bit set on x = 0.
+            (1, 0x80, SignatureError::BadR(PointFault::NonCanonical)),
+            // y = 2: no point; verify_strict finds it.
+            (2, 0, SignatureError::Invalid),
+        ] {
+            let mut sig = good;
+            sig.0[..32].fill(0);
+            sig.0[0] = first;
+            sig.0[31] = last;
+            assert_eq!(verify(&k.node_id(), &id, &sig), Err(want));
+        }
+        let msg = SignatureError::BadR(PointFault::SmallOrder).to_string();
+        assert_eq!(msg, "the signature's R is a point of small order");
+    }
+
+    #[test]
+    fn an_escrow_transfer_to_a_weak_key_is_malformed() {
+        let k = Keypair::from_secret([7; 32]);
+        let mut e = sample(k.node_id());
+        let weak = NodeId([0; 32]);
+        e.ops = vec![Op::EscrowTransfer {
+            counter: "seats".into(),
+            to: weak,
+            amount: 1,
+        }];
+        let err = e.check().unwrap_err();
+        assert!(matches!(err, EventError::BadRecipient { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid escrow op on \"seats\": bad recipient: node id {weak} is a weak (small-order) ed25519 key"
+            )
+        );
+        // Bytes that are no point at all are refused the same way.
+        e.ops = vec![Op::EscrowTransfer {
+            counter: "seats".into(),
+            to: NodeId([2; 32]),
+            amount: 1,
+        }];
+        let err = e.check().unwrap_err().to_string();
+        assert!(err.contains("bad recipient"), "{err}");
     }
 
     #[test]

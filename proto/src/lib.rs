@@ -28,5 +28,5 @@ pub mod sync;
 
 pub use event::{Event, Keypair, Meta, Op, Signature};
 pub use hlc::{Hlc, HlcClock};
-pub use id::{Dot, EventId, NodeId};
+pub use id::{Dot, EventId, KeyError, NodeId};
 pub use state::{Draft, State};

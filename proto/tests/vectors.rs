@@ -1,10 +1,14 @@
 //! The test vectors printed in `PROTOCOL.md`: if the encoding, the id or the
 //! signature scheme changes, this test fails and the document must change
-//! (with a new format version).
+//! (with a new format version). The key and signature vectors are each
+//! refused, for the reason the document gives.
 
-use weftlog_proto::event::{Event, Keypair, Meta, Op, FORMAT_VERSION};
+use weftlog_proto::event::{
+    verify, Event, EventError, Keypair, Meta, Op, Signature, SignatureError, FORMAT_VERSION,
+};
+use weftlog_proto::id::PointFault;
 use weftlog_proto::log::encode_frame;
-use weftlog_proto::{Dot, EventId, Hlc};
+use weftlog_proto::{Dot, EventId, Hlc, KeyError, NodeId};
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -139,4 +143,136 @@ fn vectors_match_protocol_md() {
     printed += &format!("v3 frame {}\n", hex(&frame));
     println!("{printed}");
     assert!(!V3_FRAME.is_empty() && hex(&frame) == V3_FRAME, "{printed}");
+}
+
+// Key and signature vectors (PROTOCOL.md §3 and §8, vectors 4 to 9): each is
+// refused, for the reason given.
+
+/// The identity point (order 1), canonically encoded.
+const WEAK_KEY: &str = "0100000000000000000000000000000000000000000000000000000000000000";
+/// The identity again, encoded with y = p + 1.
+const NON_CANONICAL_WEAK_KEY: &str =
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f";
+/// The point with y = 3, of large order, encoded with y = p + 3.
+const NON_CANONICAL_KEY: &str = "f0ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f";
+/// R = the base point B, S = 1: for a key A of small order, [S]B - [k]A = B
+/// = R whatever the message, so no secret key is needed.
+const FORGED_SIG: &str = "58666666666666666666666666666666666666666666666666666666666666660100000000000000000000000000000000000000000000000000000000000000";
+const V4_BYTES: &str =
+    "010100000000000000000000000000000000000000000000000000000000000000010000808080c0d6fcf3c5010b637573746f6d65722f323012437573746f6d6572526567697374657265640100046e616d6505224164612200000000";
+const V4_ID: &str = "08a66af9820b8d833d6e3411e2caf34c1fa9076cf74e7722998646ed7db31620";
+const V5_BYTES: &str =
+    "01eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f010000808080c0d6fcf3c5010b637573746f6d65722f323012437573746f6d6572526567697374657265640100046e616d6505224164612200000000";
+const V5_ID: &str = "b797fef5ee3dde16471ca5a4b3f2472c37c5f2ddca6fa8f84c3daad687f1a8be";
+/// Vector 3's signature with S + L.
+const V6_SIG: &str = "b3b321215088be25e75e54fcb729297fdb5d6a71c7cebb06ef2a90c214b9deab6b82ba0f5437fa617463a3e21689604c1daa476764dc0f81c686c8dfaa40801c";
+/// Key 1 over vector 1's id with R = the identity: S = k·a, so that
+/// [S]B - [k]A is the identity.
+const V7_SIG: &str = "0100000000000000000000000000000000000000000000000000000000000000774fb258f078b99362c6dd193a2603a0f460d388b731871767b946734ca7a602";
+/// Key 1 over vector 1's id with R = the identity with the sign bit set
+/// (x = 0): S = k·a for that R.
+const V8_SIG: &str = "01000000000000000000000000000000000000000000000000000000000000805190e8bdfc1ba5e55772552e7fb49f0a18a92427180748b961117841da3e9f00";
+
+fn unhex<const N: usize>(s: &str) -> [u8; N] {
+    assert_eq!(s.len(), 2 * N, "{s}");
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}
+
+/// Whether ed25519-dalek's lenient `verify` takes the signature: the check
+/// that these vectors are what they claim to be.
+fn lenient(key: &NodeId, id: &EventId, sig: &Signature) -> bool {
+    use ed25519_dalek::Verifier;
+    let mut msg = b"weftlog/v1/event-id".to_vec();
+    msg.extend_from_slice(&id.0);
+    let Ok(k) = ed25519_dalek::VerifyingKey::from_bytes(&key.0) else {
+        return false;
+    };
+    k.verify(&msg, &ed25519_dalek::Signature::from_bytes(&sig.0))
+        .is_ok()
+}
+
+/// Vector 1 by another author.
+fn v1_by(author: NodeId) -> Event {
+    Event { author, ..v1() }
+}
+
+#[test]
+fn key_and_signature_vectors_match_protocol_md() {
+    let mut printed = String::new();
+    let forged = Signature(unhex(FORGED_SIG));
+
+    // Vectors 4 and 5: an event by a small-order key, with the forgery.
+    for (name, key, bytes, id, fault) in [
+        ("v4", WEAK_KEY, V4_BYTES, V4_ID, PointFault::SmallOrder),
+        (
+            "v5",
+            NON_CANONICAL_WEAK_KEY,
+            V5_BYTES,
+            V5_ID,
+            PointFault::NonCanonical,
+        ),
+    ] {
+        let author = NodeId(unhex(key));
+        let (b, i) = v1_by(author).seal();
+        printed += &format!("{name}\nbytes {}\nid {}\n", hex(&b), i);
+        if bytes.is_empty() {
+            continue;
+        }
+        assert_eq!(hex(&b), bytes, "{name} bytes");
+        assert_eq!(i.to_string(), id, "{name} id");
+        assert!(lenient(&author, &i, &forged), "{name}: not a forgery");
+        let refused = |e: &KeyError| e.key == author && e.fault == fault;
+        assert!(
+            matches!(Event::decode(&b), Err(EventError::BadAuthor(e)) if refused(&e)),
+            "{name}"
+        );
+        assert!(
+            matches!(verify(&author, &i, &forged), Err(SignatureError::BadKey(e)) if refused(&e)),
+            "{name}"
+        );
+    }
+
+    // Vector 6: vector 3's signature with S + L.
+    let (_, id3) = v3().seal();
+    let good = key(1).sign(&id3);
+    let s_plus_l = Signature(unhex(V6_SIG));
+    assert_eq!(s_plus_l.0[..32], good.0[..32]);
+    assert_eq!(verify(&key(1).node_id(), &id3, &good), Ok(()));
+    assert_eq!(
+        verify(&key(1).node_id(), &id3, &s_plus_l),
+        Err(SignatureError::NonCanonicalS)
+    );
+
+    // Vector 7: an R of small order, which the lenient check takes.
+    let (_, id1) = v1().seal();
+    let k1 = key(1).node_id();
+    let small_r = Signature(unhex(V7_SIG));
+    assert!(lenient(&k1, &id1, &small_r));
+    assert_eq!(
+        verify(&k1, &id1, &small_r),
+        Err(SignatureError::BadR(PointFault::SmallOrder))
+    );
+
+    // Vector 8: a non-canonical R.
+    let non_canonical_r = Signature(unhex(V8_SIG));
+    assert_eq!(
+        verify(&k1, &id1, &non_canonical_r),
+        Err(SignatureError::BadR(PointFault::NonCanonical))
+    );
+
+    // Vector 9: a non-canonical key of large order, which ed25519-dalek
+    // decodes and does not call weak; refused wherever a key is read.
+    let k9 = NodeId(unhex(NON_CANONICAL_KEY));
+    let lenient_key = ed25519_dalek::VerifyingKey::from_bytes(&k9.0).unwrap();
+    assert!(!lenient_key.is_weak());
+    let e = k9.check_key().unwrap_err();
+    assert_eq!((e.key, e.fault), (k9, PointFault::NonCanonical));
+    assert!(NON_CANONICAL_KEY.parse::<NodeId>().is_err());
+
+    println!("{printed}");
+    assert!(!V4_BYTES.is_empty() && !V5_BYTES.is_empty(), "{printed}");
 }
