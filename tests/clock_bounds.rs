@@ -11,15 +11,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::server::{agent, init, tail, Proc, ANTI_ENTROPY_MS, DEADLINE};
+use common::server::{init, tail, Opts, Proc, DEADLINE};
 use serde_json::{json, Value};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::Hlc;
@@ -44,79 +40,17 @@ fn wall_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Starts `weftlog run` like [`Proc::start`], with `env` added to its
-/// environment (the shared helper passes none).
-fn start(name: &str, dir: &Path, peers: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut args: Vec<String> = [
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--anti-entropy-ms",
-        ANTI_ENTROPY_MS,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for p in peers {
-        args.push("--peer".into());
-        args.push(p.to_string());
-    }
-    let log = dir.with_extension("stderr");
-    let stderr = File::options()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weftlog"))
-        .arg("--data")
-        .arg(dir)
-        .args(&args)
-        .env("RUST_LOG", "weftlog=debug")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn weftlog run");
-    let stdout = child.stdout.take().unwrap();
-    let mut p = Proc {
-        name: name.to_string(),
-        dir: dir.to_path_buf(),
-        log,
-        args,
-        child: Some(child),
-        id: String::new(),
-        quic: String::new(),
-        http: String::new(),
-        agent: agent(),
-    };
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        // Keep the pipe open (and drained) while the process lives.
-        let mut rest = String::new();
-        while matches!(reader.read_line(&mut rest), Ok(n) if n > 0) {
-            rest.clear();
-        }
-    });
-    let line = rx.recv_timeout(DEADLINE).unwrap_or_else(|_| {
-        panic!(
-            "{name}: no ready line within {DEADLINE:?}; stderr:\n{}",
-            tail(&p.log, 30)
-        )
-    });
-    let ready: Value = serde_json::from_str(&line)
-        .unwrap_or_else(|e| panic!("{name}: the ready line {line:?} is not JSON ({e})"));
-    let field = |k: &str| ready[k].as_str().unwrap().to_string();
-    p.id = field("node");
-    p.quic = field("quic");
-    p.http = field("http");
-    p
+/// Starts `weftlog run` with `env` added to its environment.
+fn start<'a>(name: &str, dir: &Path, peers: &[&str], env: &[(&'a str, &'a str)]) -> Proc {
+    Proc::start(
+        name,
+        dir,
+        Opts {
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            env: env.to_vec(),
+            ..Default::default()
+        },
+    )
 }
 
 /// The milliseconds of an hlc as `append` and `status` print it.

@@ -41,6 +41,7 @@ pub struct Proc {
     /// Where its stderr goes (appended over restarts).
     pub log: PathBuf,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
     pub id: String,
     pub quic: String,
@@ -66,6 +67,8 @@ pub struct Opts<'a> {
     pub listen: Option<String>,
     /// More arguments of `run`.
     pub extra: Vec<&'a str>,
+    /// More environment variables of the process (on every launch).
+    pub env: Vec<(&'a str, &'a str)>,
 }
 
 /// The last `n` lines of a file.
@@ -107,6 +110,11 @@ impl Proc {
             dir: dir.to_path_buf(),
             log,
             args,
+            env: opts
+                .env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             id: String::new(),
             quic: String::new(),
@@ -129,6 +137,7 @@ impl Proc {
             .arg(&self.dir)
             .args(&self.args)
             .env("RUST_LOG", "weftlog=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
