@@ -1542,10 +1542,10 @@ fn equivocation_is_detected_and_reported() {
 /// it as soon as the new incarnation dials in (the idle timeout here is
 /// 30 s, which is how long the dead connection would otherwise be kept, and
 /// refused the new one, when the restarted node has the larger id).
-#[test]
-fn a_restarted_node_reconnects_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dirs = [tmp.path().join("a"), tmp.path().join("b")];
+/// Two nodes `a` and `b` under `root`, each listing the other with
+/// `--peer` on a fixed loopback port, with `extra` arguments of `run`.
+fn pair(root: &Path, extra: Vec<&'static str>) -> Vec<Proc> {
+    let dirs = [root.join("a"), root.join("b")];
     for d in &dirs {
         init(d);
     }
@@ -1555,7 +1555,7 @@ fn a_restarted_node_reconnects_at_once() {
             s.local_addr().unwrap().to_string()
         })
         .collect();
-    let mut nodes: Vec<Proc> = (0..2)
+    (0..2)
         .map(|i| {
             Proc::start(
                 ["a", "b"][i],
@@ -1563,12 +1563,18 @@ fn a_restarted_node_reconnects_at_once() {
                 Opts {
                     peers: vec![ports[1 - i].clone()],
                     listen: Some(ports[i].clone()),
-                    extra: vec!["--idle-timeout-ms", "30000"],
+                    extra: extra.clone(),
                     ..Default::default()
                 },
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_restarted_node_reconnects_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = pair(tmp.path(), vec!["--idle-timeout-ms", "30000"]);
     for i in 0..2 {
         let other = nodes[1 - i].id.clone();
         wait_status(&nodes[i], "connected", |s| connected_to(s, &[&other]));
@@ -1615,29 +1621,7 @@ fn a_restarted_node_reconnects_at_once() {
 #[test]
 fn a_command_taken_by_two_partitioned_nodes_counts_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let dirs = [tmp.path().join("a"), tmp.path().join("b")];
-    for d in &dirs {
-        init(d);
-    }
-    let ports: Vec<String> = (0..2)
-        .map(|_| {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().to_string()
-        })
-        .collect();
-    let nodes: Vec<Proc> = (0..2)
-        .map(|i| {
-            Proc::start(
-                ["a", "b"][i],
-                &dirs[i],
-                Opts {
-                    peers: vec![ports[1 - i].clone()],
-                    listen: Some(ports[i].clone()),
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
+    let nodes = pair(tmp.path(), Vec::new());
     let (a, b) = (&nodes[0], &nodes[1]);
     // Ten seats, five of them held by each node.
     a.append(
