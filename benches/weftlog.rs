@@ -1540,7 +1540,7 @@ fn weft_replicate_run(cfg: &Config, n: u64) -> Result<ReplicateRun> {
             match feed.blocking_recv() {
                 Ok(c) => {
                     batches += 1;
-                    if c.heads.iter().any(|&(au, seq)| au == a_id && seq >= n) {
+                    if c.heads.iter().any(|h| h.author == a_id && h.seq >= n) {
                         let _ = done_tx.send((Instant::now(), batches));
                         return;
                     }

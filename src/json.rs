@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
-use weftlog_proto::state::{shown, Stream, Written};
+use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
 use weftlog_proto::{Dot, Event, EventId, Op, State};
 
 use crate::node::Appended;
@@ -89,14 +89,21 @@ pub fn event(e: &Event, id: &EventId) -> Value {
     })
 }
 
-fn written(d: &Dot, w: &Written) -> Value {
-    json!({ "value": bytes_value(&w.value), "author": d.author.to_string(), "hlc": w.hlc.0 })
+fn written(d: &WriteId, w: &Written) -> Value {
+    json!({
+        "value": bytes_value(&w.value),
+        "author": d.author.to_string(),
+        "seq": d.seq,
+        "event": d.event.to_string(),
+        "hlc": w.hlc.0,
+    })
 }
 
-/// The standing writes of a field, shown value first: descending `(hlc, author)`.
-fn conflict_values(writes: &std::collections::BTreeMap<Dot, Written>) -> Vec<Value> {
+/// The standing writes of a field, shown value first: descending
+/// `(hlc, author, seq, event)`.
+fn conflict_values(writes: &std::collections::BTreeMap<WriteId, Written>) -> Vec<Value> {
     let mut all: Vec<_> = writes.iter().collect();
-    all.sort_by_key(|(d, w)| std::cmp::Reverse((w.hlc, d.author)));
+    all.sort_by_key(|(d, w)| std::cmp::Reverse((w.hlc, **d)));
     all.into_iter().map(|(d, w)| written(d, w)).collect()
 }
 
@@ -129,14 +136,31 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
                 .iter()
                 .map(|(n, a)| (n.to_string(), number(a.rights() as i128)))
                 .collect();
-            (
-                c.clone(),
-                json!({
-                    "capacity": number(e.capacity as i128),
-                    "consumed": number(e.consumed as i128),
-                    "rights": rights,
-                }),
-            )
+            let mut v = json!({
+                "capacity": number(e.capacity as i128),
+                "consumed": number(e.consumed as i128),
+                "rights": rights,
+            });
+            if !e.overdrawn.is_empty() {
+                // Oversold, or a debt: who owes how many rights, and a
+                // forked author's spends past the fork.
+                let owed: Map<String, Value> = e
+                    .overdrawn
+                    .iter()
+                    .map(|(n, o)| {
+                        (
+                            n.to_string(),
+                            json!({
+                                "owed": number(o.owed as i128),
+                                "events": o.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                            }),
+                        )
+                    })
+                    .collect();
+                v["overdrawn"] = Value::Object(owed);
+                v["oversold"] = number(e.consumed.saturating_sub(e.capacity) as i128);
+            }
+            (c.clone(), v)
         })
         .collect();
     let mut v = json!({
@@ -163,6 +187,17 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
         v["duplicates"] = Value::Object(dups);
     }
     v
+}
+
+/// A fork record ([`State::forks`]): the author, the seq where its branches
+/// diverge, the events there, and each branch's head.
+pub fn fork(f: &Fork) -> Value {
+    json!({
+        "author": f.author.to_string(),
+        "seq": f.seq,
+        "events": f.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "heads": f.heads.iter().map(|(s, id)| json!({ "seq": s, "head": id.to_string() })).collect::<Vec<_>>(),
+    })
 }
 
 /// An integer as a JSON number (i64 when it fits, else a decimal string).
@@ -200,16 +235,32 @@ pub fn status_at(node: &weftlog_proto::NodeId, state: &State, now_ms: u64) -> Va
             "ahead_ms": f.ahead_ms,
         })
     });
-    let frontier: Map<String, Value> = state
-        .frontier()
-        .iter()
-        .map(|(a, (seq, head))| {
-            (
-                a.to_string(),
-                json!({ "seq": seq, "head": head.to_string() }),
-            )
-        })
-        .collect();
+    // Per author its highest head; an author that forked lists every
+    // branch head too.
+    let mut frontier: Map<String, Value> = Map::new();
+    for (a, seq, head) in state.frontier() {
+        let branch = json!({ "seq": seq, "head": head.to_string() });
+        match frontier.get_mut(&a.to_string()) {
+            None => {
+                frontier.insert(a.to_string(), branch);
+            }
+            Some(v) => {
+                let first = json!({ "seq": v["seq"], "head": v["head"] });
+                let branches = v
+                    .as_object_mut()
+                    .and_then(|o| o.get_mut("branches"))
+                    .and_then(Value::as_array_mut);
+                match branches {
+                    Some(b) => b.push(branch.clone()),
+                    None => v["branches"] = json!([first, branch.clone()]),
+                }
+                // Ascending by (seq, id): the last is the highest.
+                v["seq"] = branch["seq"].clone();
+                v["head"] = branch["head"].clone();
+            }
+        }
+    }
+    let forks: Vec<Value> = state.forks().iter().map(fork).collect();
     let hash: String = state
         .state_hash()
         .iter()
@@ -219,6 +270,7 @@ pub fn status_at(node: &weftlog_proto::NodeId, state: &State, now_ms: u64) -> Va
         "node": node.to_string(),
         "events": state.len(),
         "frontier": frontier,
+        "forks": forks,
         "state_hash": hash,
         "ahead": {
             "bound_ms": MAX_CLOCK_AHEAD_MS,

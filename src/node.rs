@@ -181,7 +181,7 @@ pub struct Committed {
     /// Per author, the highest seq in the batch that carries a signature,
     /// ascending by author: what sync sessions may now push
     /// ([`Session::handle_stored`](weftlog_proto::sync::Session::handle_stored)).
-    pub heads: Vec<(NodeId, u64)>,
+    pub heads: Vec<weftlog_proto::sync::Head>,
     /// The batch's events in log order: `(id, encoded event)`.
     pub events: Vec<(EventId, Vec<u8>)>,
 }

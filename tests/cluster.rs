@@ -636,7 +636,7 @@ fn sigkill_during_sync() {
             lost.len(),
             b_acked.len()
         );
-        let own = node.with_state(|s| s.frontier().get(&node.id()).map_or(0, |f| f.0));
+        let own = node.with_state(|s| s.max_seq(&node.id()));
         assert!(
             own >= b_acked.len() as u64,
             "B's chain is shorter than its acks"
@@ -1715,5 +1715,120 @@ fn a_command_taken_by_two_partitioned_nodes_counts_once() {
             "{}: {marked:?}",
             n.name
         );
+    }
+}
+
+/// The restore story: desk A's data directory is copied while it runs; A
+/// appends two more events, which reach B and C; A is stopped, restored
+/// from the copy, started with no peer reachable, and takes one append,
+/// which signs a second event at a seq it had used (a fork); then it is
+/// restarted with its peers. With no manual step, all three end with equal
+/// state hashes, the restored desk's append everywhere, the fork reported
+/// everywhere, and A's later appends reach the others.
+#[test]
+fn a_desk_restored_from_a_copy_forks_and_the_cluster_converges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db, dc) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    for d in [&da, &db, &dc] {
+        init(d);
+    }
+    let c = Proc::start("c", &dc, Opts::default());
+    let b = Proc::start(
+        "b",
+        &db,
+        Opts {
+            peers: vec![c.quic.clone()],
+            ..Opts::default()
+        },
+    );
+    let with_peers = || Opts {
+        peers: vec![b.quic.clone(), c.quic.clone()],
+        ..Opts::default()
+    };
+    let mut a = Proc::start("a", &da, with_peers());
+    a.append(
+        "attendee/1",
+        json!({"kind": "Registered", "set": {"name": "Ada"}}),
+    );
+    converge(&[&a, &b, &c], Some(1), "first event");
+    // The backup, taken while A runs.
+    let backup = tmp.path().join("a-backup");
+    copy_tree(&da, &backup);
+    for i in 0..2 {
+        a.append(
+            "attendee/1",
+            json!({"kind": "Edited", "set": {"email": format!("ada{i}@x")}}),
+        );
+    }
+    converge(&[&a, &b, &c], Some(3), "A's two later events");
+    a.sigkill();
+    fs::remove_dir_all(&da).unwrap();
+    copy_tree(&backup, &da);
+    // Offline: no peer reachable (the others never dial A).
+    let mut a = Proc::start("a", &da, Opts::default());
+    let offline = a.append(
+        "attendee/1",
+        json!({"kind": "Edited", "set": {"phone": "555"}}),
+    );
+    assert_eq!(
+        offline["seq"], 2,
+        "the restored desk reuses seq 2: {offline}"
+    );
+    a.sigterm();
+    let mut a = Proc::start("a", &da, with_peers());
+    let statuses = converge(&[&a, &b, &c], Some(4), "after the restored desk reconnects");
+    for (n, s) in [&a, &b, &c].iter().zip(&statuses) {
+        let forks = s["forks"].as_array().unwrap();
+        assert_eq!(forks.len(), 1, "{}: the fork is reported: {s}", n.name);
+        assert_eq!(forks[0]["author"], a.id.as_str(), "{}", n.name);
+        assert_eq!(forks[0]["seq"], 2, "{}", n.name);
+        assert_eq!(forks[0]["heads"].as_array().unwrap().len(), 2, "{}", n.name);
+        assert!(
+            n.log_ids()
+                .contains(&offline["id"].as_str().unwrap().to_string()),
+            "{}: the restored desk's append is kept",
+            n.name
+        );
+        let got = n.get_json("/v1/streams/attendee/1");
+        assert_eq!(got["fields"]["phone"]["value"], "555", "{}: {got}", n.name);
+        assert_eq!(
+            got["fields"]["email"]["value"], "ada1@x",
+            "{}: {got}",
+            n.name
+        );
+    }
+    // A keeps working on its own branch, and the others get it.
+    let later = a.append(
+        "attendee/1",
+        json!({"kind": "Edited", "set": {"company": "AE"}}),
+    );
+    assert_eq!(later["seq"], 3, "{later}");
+    converge(&[&a, &b, &c], Some(5), "A's append after the fork");
+    // And a restart of A does not lose track of its branch.
+    a.sigterm();
+    let a = Proc::start("a", &da, with_peers());
+    let again = a.append(
+        "attendee/1",
+        json!({"kind": "Edited", "set": {"notes": "vip"}}),
+    );
+    assert_eq!(again["seq"], 4, "{again}");
+    converge(&[&a, &b, &c], Some(6), "A's append after a restart");
+}
+
+/// Copies a directory tree (files and subdirectories).
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            fs::copy(e.path(), &target).unwrap();
+        }
     }
 }

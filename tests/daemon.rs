@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -210,7 +210,7 @@ async fn wait_mesh(ds: &[(&str, &Daemon)]) {
 struct Snap {
     len: u64,
     hash: [u8; 32],
-    frontier: BTreeMap<NodeId, (u64, EventId)>,
+    frontier: Vec<(NodeId, u64, EventId)>,
     conflicts: usize,
 }
 
@@ -228,7 +228,7 @@ impl Snap {
         let heads: Vec<String> = self
             .frontier
             .iter()
-            .map(|(a, (seq, id))| format!("{}:{seq}={}", a.short(), id.short()))
+            .map(|(a, seq, id)| format!("{}:{seq}={}", a.short(), id.short()))
             .collect();
         let hash: String = self.hash[..4].iter().map(|b| format!("{b:02x}")).collect();
         format!(
@@ -964,7 +964,12 @@ fn a_hostile_member_is_cut_off_and_nothing_is_stored() {
             .unwrap();
         assert_eq!(real.seq, 1);
         wait_until("a to receive b's real event", || {
-            let head = na.with_state(|s| s.frontier().get(&mb.id()).copied());
+            let head = na.with_state(|s| {
+                s.frontier()
+                    .into_iter()
+                    .find(|h| h.0 == mb.id())
+                    .map(|(_, seq, id)| (seq, id))
+            });
             match head {
                 Some((1, id)) if id == real.id => Ok(()),
                 other => Err(format!("a's head for b: {other:?}")),

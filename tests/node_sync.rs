@@ -86,7 +86,12 @@ fn two_nodes_converge_over_the_sync_protocol_and_keep_what_they_received() {
     let pushed = a
         .append(set("customer/0", "name", "Augusta Ada King"))
         .unwrap();
-    sa.handle_stored(pushed.author, pushed.seq, &a.sync_store());
+    let head = weftlog_proto::sync::Head {
+        author: pushed.author,
+        seq: pushed.seq,
+        id: pushed.id,
+    };
+    sa.handle_stored(head, &a.sync_store());
     shuttle(&a, &mut sa, &b, &mut sb);
     assert!(b.with_state(|s| s.contains(&pushed.id)));
     assert_eq!(b.with_state(|s| s.conflicts().count()), 0, "resolved");

@@ -85,7 +85,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::sync::{
-    Equivocation, Session, SessionConfig, SessionEvent, SessionStats, Store, SyncError,
+    Equivocation, Head, Session, SessionConfig, SessionEvent, SessionStats, Store, SyncError,
 };
 use crate::NodeId;
 
@@ -223,8 +223,8 @@ pub enum PeerEvent {
         peer: NodeId,
         /// How many.
         count: u64,
-        /// `(author, highest seq stored)`, ascending by author.
-        heads: Vec<(NodeId, u64)>,
+        /// Per author and branch, the highest event stored, ascending.
+        heads: Vec<Head>,
     },
     /// The peer showed a fork.
     Equivocation {
@@ -709,7 +709,7 @@ impl Peers {
     }
 
     /// Events were stored and are durable and signed (the node's committed
-    /// feed): `(author, highest seq)` per author. Every session pushes
+    /// feed): the highest per author and branch. Every session pushes
     /// what its peer is not known to hold.
     ///
     /// Eager links push; lazy links announce, but only
@@ -719,15 +719,16 @@ impl Peers {
     /// announcements is repaired by anti-entropy.
     pub fn handle_stored<S: Store + ?Sized>(
         &mut self,
-        heads: &[(NodeId, u64)],
+        heads: &[Head],
         store: &S,
         rng: &mut dyn Random,
     ) {
-        for &(author, seq) in heads {
+        for h in heads {
             // Announced events that arrived: no graft needed.
             let done: Vec<(NodeId, u64)> = self
                 .wanted
-                .range((author, 0)..=(author, seq))
+                .range((h.author, 0)..=(h.author, h.seq))
+                .filter(|(_, w)| store.contains(&w.id))
                 .map(|(k, _)| *k)
                 .collect();
             for k in done {
@@ -753,8 +754,8 @@ impl Peers {
             if !l.session.is_eager() && !announce.contains(c) {
                 continue;
             }
-            for &(author, seq) in heads {
-                l.session.handle_stored(author, seq, store);
+            for &h in heads {
+                l.session.handle_stored(h, store);
             }
             self.dirty.insert(*c);
         }
@@ -892,7 +893,7 @@ impl Peers {
             .collect();
         let mut grafted: BTreeSet<ConnId> = BTreeSet::new();
         for key in due {
-            if store.event_id(&key.0, key.1) == self.wanted.get(&key).map(|w| w.id) {
+            if self.wanted.get(&key).is_some_and(|w| store.contains(&w.id)) {
                 self.wanted.remove(&key);
                 continue;
             }
@@ -1187,7 +1188,7 @@ mod tests {
         events(&mut b.2);
         a.1.commit(&a.0, &mut HlcClock::default(), 1_000, [draft("x")])
             .unwrap();
-        let head = (ia, 1);
+        let head = a.1.frontier()[0];
         a.2.handle_stored(&[head], &a.1, &mut rng);
         shuttle(&mut a, &mut b, 3, 10);
         assert_eq!(b.1.len(), 0, "a lazy link only announces");

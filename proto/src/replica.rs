@@ -121,7 +121,7 @@ use crate::exchange::{self, Incoming};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
-use crate::state::{self, Draft, Inserted, Invalid, PrepareError, State};
+use crate::state::{self, Draft, Inserted, Invalid, PrepareError, Slot, State};
 use crate::sync::{self, Head, Pool, Stored};
 
 /// How long a shell waits, after a write ran out of space, before it tries
@@ -151,10 +151,13 @@ pub struct Replica {
     durable_at: u64,
     /// Own records queued and not yet durable.
     unacked: u64,
-    /// Per author, each durable seq's (log record index, hlc), `[seq - 1]`.
-    durable: BTreeMap<NodeId, Vec<(u64, Hlc)>>,
-    /// Per author, the highest durable seq whose record carries a signature.
-    signed: BTreeMap<NodeId, u64>,
+    /// Per lane of the state ([`State::slot_of`]), each durable event's
+    /// (log record index, hlc), by its index in the lane. An author that
+    /// never forked has one lane, seq 1 up.
+    durable: Vec<Vec<(u64, Hlc)>>,
+    /// Per lane, the index of the highest durable event whose record
+    /// carries a signature: the signed heads, one per branch.
+    signed: BTreeMap<u32, usize>,
     /// Records in the durable log.
     records: u64,
     /// Why the log stopped, after a failed write or sync.
@@ -287,10 +290,10 @@ pub struct Committed {
     pub bytes: u64,
     /// The node's own events in the batch, now acknowledged: `(id, seq)`.
     pub acked: Vec<(EventId, u64)>,
-    /// Per author, the highest seq in the batch that carries a signature,
-    /// ascending by author: what sync sessions may now push
+    /// Per author and branch, the highest event in the batch that carries
+    /// a signature, ascending: what sync sessions may now push
     /// ([`sync::Session::handle_stored`]).
-    pub heads: Vec<(NodeId, u64)>,
+    pub heads: Vec<Head>,
     /// The batch's events in log order: `(id, encoded event)`.
     pub events: Vec<(EventId, Vec<u8>)>,
 }
@@ -311,7 +314,7 @@ impl Replica {
             taken: 0,
             durable_at: 0,
             unacked: 0,
-            durable: BTreeMap::new(),
+            durable: Vec::new(),
             signed: BTreeMap::new(),
             records: 0,
             failed: None,
@@ -338,13 +341,7 @@ impl Replica {
                     Inserted::New => {}
                     Inserted::Duplicate => return Err("the event is in the log twice".into()),
                 }
-                r.index(
-                    r.records,
-                    event.author,
-                    event.seq,
-                    event.hlc,
-                    frame.sig.is_some(),
-                );
+                r.index(r.records, &frame.id, event.hlc, frame.sig.is_some());
                 r.records += 1;
                 Ok(())
             })?;
@@ -612,15 +609,20 @@ impl Replica {
             "the batch must follow the durable log"
         );
         let bytes = batch.frames().len() as u64;
-        let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut heads: BTreeMap<u32, Head> = BTreeMap::new();
         let mut acked = Vec::new();
         let mut events = Vec::with_capacity(batch.records.len());
         for p in batch.records {
             let signed = p.sig.is_some();
-            self.index(self.records, p.author, p.seq, p.hlc, signed);
+            let lane = self.index(self.records, &p.id, p.hlc, signed);
             self.records += 1;
             if signed {
-                heads.insert(p.author, p.seq);
+                let head = Head {
+                    author: p.author,
+                    seq: p.seq,
+                    id: p.id,
+                };
+                heads.insert(lane, head);
             }
             if p.author == self.id {
                 acked.push((p.id, p.seq));
@@ -635,7 +637,11 @@ impl Replica {
             records: events.len() as u64,
             bytes,
             acked,
-            heads: heads.into_iter().collect(),
+            heads: {
+                let mut h: Vec<Head> = heads.into_values().collect();
+                h.sort_unstable();
+                h
+            },
             events,
         }
     }
@@ -705,28 +711,44 @@ impl Replica {
     }
 
     /// A durable event's log record index and hlc.
+    /// On the chain [`State::event_id`] follows.
     pub fn durable_record(&self, author: &NodeId, seq: u64) -> Option<(u64, Hlc)> {
+        self.durable_record_of(&self.state.event_id(author, seq)?)
+    }
+
+    /// A durable event's log record index and hlc, by id.
+    pub fn durable_record_of(&self, id: &EventId) -> Option<(u64, Hlc)> {
+        let slot = self.state.slot_of(id)?;
         self.durable
-            .get(author)?
-            .get(seq.checked_sub(1)? as usize)
+            .get(slot.lane as usize)?
+            .get(slot.index)
             .copied()
     }
 
-    /// Per author, the highest durable seq whose record carries a signature.
-    pub fn signed_heads(&self) -> &BTreeMap<NodeId, u64> {
-        &self.signed
+    /// Per author, the highest durable seq whose record carries a signature
+    /// (on any branch).
+    pub fn signed_heads(&self) -> BTreeMap<NodeId, u64> {
+        let mut out = BTreeMap::new();
+        for h in self.frontier() {
+            out.insert(h.author, h.seq);
+        }
+        out
     }
 
-    /// What sync advertises: the signed heads, ascending by author. They
-    /// are causally closed (no batch ends inside a received run).
+    /// What sync advertises: the signed heads, one per author and branch,
+    /// ascending. They are causally closed (no batch ends inside a
+    /// received run).
     pub fn frontier(&self) -> Vec<Head> {
-        self.signed
+        let mut out: Vec<Head> = self
+            .signed
             .iter()
-            .filter_map(|(&author, &seq)| {
-                let id = self.state.event_id(&author, seq)?;
+            .filter_map(|(&lane, &index)| {
+                let (author, seq, id) = self.state.at_slot(Slot { lane, index })?;
                 Some(Head { author, seq, id })
             })
-            .collect()
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Queues a new record. `received` for events from peers or files,
@@ -759,14 +781,22 @@ impl Replica {
         }
     }
 
-    /// Indexes durable record `record`.
-    fn index(&mut self, record: u64, author: NodeId, seq: u64, hlc: Hlc, signed: bool) {
-        let seqs = self.durable.entry(author).or_default();
-        debug_assert_eq!(seqs.len() as u64 + 1, seq, "log out of chain order");
+    /// Indexes durable record `record`, the event `id` (applied to the
+    /// state). Returns its lane.
+    fn index(&mut self, record: u64, id: &EventId, hlc: Hlc, signed: bool) -> u32 {
+        // Every record is applied before it is indexed.
+        let slot = self.state.slot_of(id).expect("indexed events are applied");
+        let lane = slot.lane as usize;
+        if self.durable.len() <= lane {
+            self.durable.resize_with(lane + 1, Vec::new);
+        }
+        let seqs = &mut self.durable[lane];
+        debug_assert_eq!(seqs.len(), slot.index, "log out of chain order");
         seqs.push((record, hlc));
         if signed {
-            self.signed.insert(author, seq);
+            self.signed.insert(slot.lane, slot.index);
         }
+        slot.lane
     }
 }
 
@@ -949,6 +979,14 @@ impl<A: Access> sync::Store for ReplicaStore<A> {
         self.access.read(|r| r.state.event_id(author, seq))
     }
 
+    fn chain_id(&self, head: &EventId, seq: u64) -> Option<EventId> {
+        self.access.read(|r| r.state.chain_id(head, seq))
+    }
+
+    fn common_seq(&self, a: &EventId, b: &EventId) -> u64 {
+        self.access.read(|r| r.state.common_seq(a, b))
+    }
+
     fn contains(&self, id: &EventId) -> bool {
         self.access.read(|r| r.state.contains(id))
     }
@@ -960,7 +998,11 @@ impl<A: Access> sync::Store for ReplicaStore<A> {
     }
 
     fn fetch(&self, author: &NodeId, seq: u64) -> Option<Stored> {
-        let (record, hlc) = self.access.read(|r| r.durable_record(author, seq))?;
+        self.fetch_id(&self.access.read(|r| r.state.event_id(author, seq))?)
+    }
+
+    fn fetch_id(&self, id: &EventId) -> Option<Stored> {
+        let (record, hlc) = self.access.read(|r| r.durable_record_of(id))?;
         let (bytes, id, sig) = self.access.read_record(record)?;
         Some(Stored {
             bytes,
@@ -1021,6 +1063,11 @@ mod tests {
     }
 
     /// A replica over fresh in-memory storage, with its log.
+    /// `(author, seq)` of each head.
+    fn dots(heads: &[Head]) -> Vec<(NodeId, u64)> {
+        heads.iter().map(|h| (h.author, h.seq)).collect()
+    }
+
     fn open(secret: u8) -> (Replica, Log<MemStorage>) {
         let (r, log, recovery) = Replica::open(key(secret), 0, || Ok(MemStorage::new())).unwrap();
         assert_eq!(recovery.torn, None);
@@ -1127,7 +1174,7 @@ mod tests {
         let c = r.handle_durable(batch, first);
         assert!(c.mark >= wait);
         assert_eq!(c.acked, vec![(a.id, 1), (b.id, 2)]);
-        assert_eq!(c.heads, vec![(r.id(), 2)]);
+        assert_eq!(dots(&c.heads), vec![(r.id(), 2)]);
         assert_eq!(c.events.len(), 2);
         assert_eq!(r.unacked(), 0);
         assert_eq!(r.durable_len(), 2);
@@ -1205,7 +1252,7 @@ mod tests {
         assert_eq!(c.acked, vec![(l1.id, 2)]);
         let mut heads = vec![(x, 2), (n.id(), 2)];
         heads.sort();
-        assert_eq!(c.heads, heads);
+        assert_eq!(dots(&c.heads), heads);
         let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
         assert!(failures(&at_p).is_empty(), "{at_p:?}");
         assert_eq!(p.len(), 4);
@@ -1268,7 +1315,7 @@ mod tests {
         assert_eq!(n.state().len(), 12);
         let c = commit(&mut n, &mut log).unwrap();
         assert_eq!(c.records, 12);
-        assert_eq!(c.heads, vec![(kx.node_id(), 12)]);
+        assert_eq!(dots(&c.heads), vec![(kx.node_id(), 12)]);
         assert!(c.acked.is_empty());
         assert_eq!(n.frontier(), x.frontier());
     }
@@ -1435,7 +1482,7 @@ mod tests {
         assert!(c.mark >= wait);
         assert_eq!(r.disk_full(), None);
         let c = write(&mut r, &mut log).unwrap();
-        assert_eq!(c.heads, vec![(x, 2)]);
+        assert_eq!(dots(&c.heads), vec![(x, 2)]);
         assert!(r.poll_batch(usize::MAX).is_none());
         // A retried command id gives the existing event.
         let again = r.handle_append(d, 3_000).unwrap();

@@ -51,10 +51,41 @@
 //! once the wall time catches up. Validity ([`State::insert`]) knows
 //! nothing of the horizon.
 //!
-//! Causal pasts are answered from a per-author history of vector-clock
-//! changes: `hist[a][b]` lists `(seq of a, highest seq of b seen)` each time
-//! `a`'s knowledge of `b` grows, so "is `(b, t)` in the past of `a`'s event
-//! `s`" is one binary search. It costs memory only when deps add knowledge.
+//! **Forks converge.** An author that signs two events with one seq (a
+//! desk restored from a copy, a cloned machine) has two branches, and both
+//! are valid history: an event is valid by its own chain (its `prev` is its
+//! author's event at the seq before) and causal past, wherever other
+//! branches stand. Every replica that holds both keeps both, and the fold
+//! stays a function of the event set:
+//! - register writes are keyed by [`WriteId`] (dot and event id), so two
+//!   branches' writes to one field both stand, as a conflict; a `Set` names
+//!   writes by dot, and a dot names every event at that `(author, seq)` in
+//!   the writing event's causal past (both branches, once both are there);
+//! - the canonical order ends with the event id (`(hlc, author, seq, id)`);
+//! - an author's rights in a causal past count only its events in that
+//!   past: each branch may spend the rights held at the fork. The read
+//!   model then shows the account overdrawn ([`Escrow::overdrawn`]), with
+//!   the author's spends past the fork, identically everywhere;
+//! - [`State::forks`] lists each forked author, where it diverged, and its
+//!   branch heads; [`State::frontier`] has one head per branch.
+//!
+//! The forked author keeps working with the same key on its own branch:
+//! local events extend the chain this replica learned first, which for its
+//! own author is the one its own log holds first (a restored desk's own
+//! branch, whose events come before anything received from the other), and
+//! depend on the other branches like on any other author's events, which
+//! merges them in its past (and makes it repay an overdraft before it
+//! spends again).
+//!
+//! Causal pasts are answered from vector clocks over *lanes*: a lane is a
+//! run of one author's chain as this replica learned it (an author that
+//! never forked has one; a fork adds one from the seq where it diverges,
+//! whose earlier seqs are those of its parent lane). `hist[a][b]` lists
+//! `(seq of lane a, highest seq of lane b seen)` each time `a`'s knowledge
+//! of `b` grows, so "is `(b, t)` in the past of lane `a`'s event `s`" is one
+//! binary search. It costs memory only when deps add knowledge. Lanes are
+//! numbered in the order this replica learned them; nothing encoded or
+//! hashed depends on that.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -64,29 +95,95 @@ use crate::event::{Event, EventError, Meta, Op, FORMAT_VERSION, MAX_DOTS};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{Dot, EventId, NodeId};
 
-/// Where an event sits in its author's chain.
+/// An event's place in a [`State`]'s bookkeeping ([`State::slot_of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot {
+    /// The lane: a run of one author's chain.
+    pub lane: u32,
+    /// The event's index in the lane.
+    pub index: usize,
+}
+
+/// Where an event sits: its lane and seq.
 #[derive(Clone, Copy, Debug)]
 struct Loc {
-    author: u32,
+    lane: u32,
     seq: u64,
     hlc: Hlc,
 }
 
+/// A run of one author's chain, as this replica learned it. An author that
+/// never forked has one lane, seq 1 up to its head. A fork adds a lane: the
+/// events of the new branch from the seq where it diverges, whose earlier
+/// seqs are those of its `parent` lane up to `base` (none for a second
+/// seq 1). Lanes are this replica's bookkeeping, numbered in the order it
+/// learned them; nothing encoded or hashed depends on them.
 #[derive(Clone, Debug)]
-struct Author {
-    id: NodeId,
-    /// `ids[i]` is the id of seq `i + 1`.
+struct Lane {
+    author: NodeId,
+    /// Seqs `1..=base` are on `parent`.
+    base: u64,
+    parent: Option<u32>,
+    /// `ids[i]` is the id of seq `base + i + 1`.
     ids: Vec<EventId>,
     head_hlc: Hlc,
-    /// Vector clock of the head, dense by author index (missing = 0).
+    /// Vector clock of the head, dense by lane index (missing = 0): per
+    /// lane, the highest seq of it in the head's causal past.
     vc: Vec<u64>,
-    /// Per other author: `(own seq, other's seq)` each time knowledge grew.
+    /// Per other lane: `(own seq, other's seq)` each time knowledge grew.
     hist: Vec<Vec<(u64, u64)>>,
 }
 
-impl Author {
+impl Lane {
+    /// The head's seq.
     fn seq(&self) -> u64 {
-        self.ids.len() as u64
+        self.base + self.ids.len() as u64
+    }
+
+    /// The id at `seq`, if this lane holds that seq itself.
+    fn id_at(&self, seq: u64) -> Option<EventId> {
+        let i = seq.checked_sub(self.base + 1)?;
+        self.ids.get(usize::try_from(i).ok()?).copied()
+    }
+}
+
+/// One author's lanes.
+#[derive(Clone, Debug, Default)]
+struct Lanes {
+    /// In the order this replica learned them. Local events extend the
+    /// first: the chain this replica learned first, which for its own
+    /// author is the one in its own log (a restored desk's own branch).
+    all: Vec<u32>,
+}
+
+/// Where a new event goes.
+#[derive(Clone, Copy, Debug)]
+enum Place {
+    /// It extends a lane's head.
+    Extend(u32),
+    /// It starts a lane: after `parent`'s seq `base`, or a new seq 1.
+    Branch { parent: Option<u32>, base: u64 },
+}
+
+/// A register write: the event that made it, by dot and id. Sorted by
+/// dot, then id: two branches of a forked author can hold one dot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct WriteId {
+    /// The writing event's author.
+    pub author: NodeId,
+    /// Its seq.
+    pub seq: u64,
+    /// Its id.
+    pub event: EventId,
+}
+
+impl WriteId {
+    /// The dot a `Set` names the write by.
+    pub fn dot(&self) -> Dot {
+        Dot {
+            author: self.author,
+            seq: self.seq,
+        }
     }
 }
 
@@ -133,7 +230,8 @@ impl Account {
 pub struct Escrow {
     /// Sum of all inits.
     pub capacity: u128,
-    /// Sum of all consumption; never above `capacity`.
+    /// Sum of all consumption; above `capacity` only when an account is
+    /// [`Escrow::overdrawn`].
     pub consumed: u128,
     /// Each node's account.
     pub accounts: BTreeMap<NodeId, Account>,
@@ -150,6 +248,29 @@ pub struct Escrow {
     /// which has an op on this counter: validity looks at them.
     #[serde(skip)]
     contested: BTreeSet<String>,
+    /// Per author, what each of its events (duplicates included) did to
+    /// its own rights: `(lane, seq, change)`. For the rights of a forked
+    /// author, whose other branches are not in an event's causal past.
+    #[serde(skip)]
+    own: BTreeMap<NodeId, Vec<(u32, u64, i128)>>,
+    /// Accounts that spent more rights than they hold: a forked author that
+    /// spent the rights it held at the fork on two branches, or a node that
+    /// relied on an init or transfer that turned out to be a duplicate.
+    /// While this is not empty the counter may be oversold (`consumed` can
+    /// exceed `capacity`); it is a function of the events, so every
+    /// replica holding them shows the same.
+    pub overdrawn: BTreeMap<NodeId, Overdrawn>,
+}
+
+/// An account that spent more rights than it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Overdrawn {
+    /// Rights owed: minus [`Account::balance`].
+    pub owed: u128,
+    /// If the author forked: its events past the fork that spent rights on
+    /// this counter (consumed or transferred them), ascending by id. Empty
+    /// for a debt from a duplicate.
+    pub events: Vec<EventId>,
 }
 
 /// One stream's read model.
@@ -157,8 +278,8 @@ pub struct Escrow {
 pub struct Stream {
     /// Events in the stream.
     pub version: u64,
-    /// Register fields: the writes left standing, by dot. More than one is a conflict.
-    pub fields: BTreeMap<String, BTreeMap<Dot, Written>>,
+    /// Register fields: the writes left standing. More than one is a conflict.
+    pub fields: BTreeMap<String, BTreeMap<WriteId, Written>>,
     /// PN counters.
     pub counters: BTreeMap<String, i128>,
     /// Bounded counters.
@@ -168,7 +289,7 @@ pub struct Stream {
     pub duplicates: BTreeMap<String, Duplicated>,
     /// Per field, writes removed by an event that may yet be undone.
     #[serde(skip)]
-    graves: BTreeMap<String, BTreeMap<Dot, Grave>>,
+    graves: BTreeMap<String, BTreeMap<WriteId, Grave>>,
 }
 
 /// The events of one stream that carry one command id.
@@ -191,15 +312,15 @@ struct Grave {
 
 impl Stream {
     /// The displayed value of a field: the standing write with the greatest
-    /// `(hlc, author)`. `None` if the field was never written.
-    pub fn shown(&self, field: &str) -> Option<(&Dot, &Written)> {
+    /// `(hlc, author, seq, id)`. `None` if the field was never written.
+    pub fn shown(&self, field: &str) -> Option<(&WriteId, &Written)> {
         self.fields.get(field).and_then(shown)
     }
 }
 
-/// The standing write with the greatest `(hlc, author)`.
-pub fn shown(writes: &BTreeMap<Dot, Written>) -> Option<(&Dot, &Written)> {
-    writes.iter().max_by_key(|(d, w)| (w.hlc, d.author))
+/// The standing write with the greatest `(hlc, author, seq, id)`.
+pub fn shown(writes: &BTreeMap<WriteId, Written>) -> Option<(&WriteId, &Written)> {
+    writes.iter().max_by_key(|(w, v)| (v.hlc, *w))
 }
 
 /// The idempotency record of a command: the event that took effect (the
@@ -252,9 +373,9 @@ struct Command {
     first: Member,
     /// The others, ascending in canonical order (almost always none).
     rest: Vec<Member>,
-    /// The first member's ops, `Set` values left empty: what to undo should
-    /// an event that sorts before it arrive.
-    undo: Vec<Op>,
+    /// The first member's ops: what to undo should an event that sorts
+    /// before it arrive.
+    undo: Vec<UndoOp>,
 }
 
 impl Command {
@@ -283,12 +404,47 @@ impl Member {
         (self.hlc, self.author, self.seq, self.id)
     }
 
-    fn dot(&self) -> Dot {
-        Dot {
+    fn write(&self) -> WriteId {
+        WriteId {
             author: self.author,
             seq: self.seq,
+            event: self.id,
         }
     }
+}
+
+/// An event being applied: its write, lane and hlc.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    me: WriteId,
+    lane: u32,
+    hlc: Hlc,
+}
+
+/// One op of a command's first event, as [`undo`] needs it: register
+/// values are read back from the stream, so a `Set` keeps only its field
+/// and the writes it removed.
+#[derive(Clone, Debug)]
+enum UndoOp {
+    Set {
+        field: String,
+        removed: Vec<WriteId>,
+    },
+    Other(Op),
+}
+
+/// An author that signed two events with one seq: where its branches
+/// diverge first ([`State::forks`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fork {
+    /// The author.
+    pub author: NodeId,
+    /// The lowest seq held by more than one event.
+    pub seq: u64,
+    /// Every event at that seq, ascending.
+    pub events: Vec<EventId>,
+    /// The author's heads: one per branch, ascending by (seq, id).
+    pub heads: Vec<(u64, EventId)>,
 }
 
 /// Result of [`State::insert`].
@@ -307,31 +463,25 @@ pub enum Invalid {
     /// The event is malformed on its own.
     #[error(transparent)]
     Malformed(#[from] EventError),
-    /// Another event already holds this author's seq: a fork.
-    #[error("equivocation: seq {seq} of author {author} is already event {existing}")]
-    Equivocation {
-        /// The author.
-        author: NodeId,
-        /// The seq held twice.
-        seq: u64,
-        /// The event already there.
-        existing: EventId,
-    },
-    /// The author's chain is not contiguous here.
-    #[error("chain gap: author {author} is at seq {have}, this event has seq {got}")]
+    /// The event's `prev` is not present.
+    #[error("chain gap: author {author} is at seq {have}, this event has seq {got} and its prev is not present")]
     Gap {
         /// The author.
         author: NodeId,
-        /// The last seq present.
+        /// The author's highest seq present (on any branch).
         have: u64,
         /// The event's seq.
         got: u64,
     },
-    /// `prev` is not the author's previous event.
-    #[error("broken chain: prev is not the id of seq {} of its author", .seq - 1)]
+    /// `prev` is present but is not the author's event at the seq before.
+    #[error("broken chain: prev {prev} is not an event of author {author} at seq {}", .seq - 1)]
     BrokenChain {
+        /// The author.
+        author: NodeId,
         /// The event's seq.
         seq: u64,
+        /// The prev it names.
+        prev: EventId,
     },
     /// A dep is not present.
     #[error("missing dependency {0}")]
@@ -411,7 +561,7 @@ pub enum Appended {
 
 /// A checked event and the clock `causal_vc` computed for it.
 enum Made {
-    New(Event, Option<Vec<u64>>),
+    New(Event, Place, Option<Vec<u64>>),
     Existing(CommandRecord),
 }
 
@@ -440,8 +590,8 @@ pub enum PrepareError {
 /// A replica's folded state. See the module docs.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    authors: Vec<Author>,
-    author_ix: BTreeMap<NodeId, u32>,
+    lanes: Vec<Lane>,
+    authors: BTreeMap<NodeId, Lanes>,
     index: HashMap<EventId, Loc, IdHasher>,
     streams: BTreeMap<String, Stream>,
     /// By stream, then command id.
@@ -480,33 +630,183 @@ impl State {
         self.index.contains_key(id)
     }
 
-    /// Author → (highest seq, id of that event), ascending by author.
-    pub fn frontier(&self) -> BTreeMap<NodeId, (u64, EventId)> {
-        self.author_ix
-            .iter()
-            .map(|(id, &ix)| {
-                let a = &self.authors[ix as usize];
-                // Every author in the index has inserted at least seq 1.
-                (
-                    *id,
-                    (a.seq(), *a.ids.last().expect("author with no events")),
-                )
+    /// Every branch head: `(author, seq, id)`, ascending. One per author,
+    /// unless it forked: then one per branch.
+    pub fn frontier(&self) -> Vec<(NodeId, u64, EventId)> {
+        let mut out: Vec<(NodeId, u64, EventId)> = self
+            .authors
+            .values()
+            .flat_map(|l| &l.all)
+            .filter_map(|&x| {
+                let l = &self.lanes[x as usize];
+                Some((l.author, l.seq(), *l.ids.last()?))
             })
-            .collect()
+            .collect();
+        out.sort_unstable();
+        out
     }
 
-    /// The id of an author's event by seq.
+    /// An author's highest seq, on any branch (0 if none).
+    pub fn max_seq(&self, author: &NodeId) -> u64 {
+        self.authors.get(author).map_or(0, |l| {
+            l.all
+                .iter()
+                .map(|&x| self.lanes[x as usize].seq())
+                .max()
+                .unwrap_or(0)
+        })
+    }
+
+    /// The id of an author's event by seq, on the chain this replica
+    /// learned first, the one local events extend ([`State::append_local`]).
+    /// Other branches: [`State::chain_id`].
     pub fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
-        let a = &self.authors[*self.author_ix.get(author)? as usize];
-        a.ids.get(seq.checked_sub(1)? as usize).copied()
+        let lane = self.local_lane(author)?;
+        self.lane_chain_id(lane, seq)
+    }
+
+    /// The id of the event at `seq` in the chain that ends at `head` (its
+    /// own seq included), if this replica holds `head`.
+    pub fn chain_id(&self, head: &EventId, seq: u64) -> Option<EventId> {
+        let loc = self.index.get(head)?;
+        if seq > loc.seq {
+            return None;
+        }
+        self.lane_chain_id(loc.lane, seq)
+    }
+
+    /// The id at `seq` on lane `x` or the lanes it branched from.
+    fn lane_chain_id(&self, mut x: u32, seq: u64) -> Option<EventId> {
+        loop {
+            let l = &self.lanes[x as usize];
+            if seq > l.base {
+                return l.id_at(seq);
+            }
+            x = l.parent?;
+        }
+    }
+
+    /// The highest seq at which the chains ending at `a` and `b` (both of
+    /// one author, both held) hold the same event: every lower seq is
+    /// shared too. 0 if they share nothing or either is not held.
+    pub fn common_seq(&self, a: &EventId, b: &EventId) -> u64 {
+        let (Some(la), Some(lb)) = (self.index.get(a), self.index.get(b)) else {
+            return 0;
+        };
+        if self.lanes[la.lane as usize].author != self.lanes[lb.lane as usize].author {
+            return 0;
+        }
+        // Chains agree on a prefix, so "same event at s" is monotone.
+        let (mut lo, mut hi) = (0, la.seq.min(lb.seq));
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.lane_chain_id(la.lane, mid) == self.lane_chain_id(lb.lane, mid) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
     }
 
     /// The `(author, seq)` of an event.
     pub fn dot_of(&self, id: &EventId) -> Option<Dot> {
         self.index.get(id).map(|l| Dot {
-            author: self.authors[l.author as usize].id,
+            author: self.lanes[l.lane as usize].author,
             seq: l.seq,
         })
+    }
+
+    /// The hlc of an event.
+    pub fn hlc_of(&self, id: &EventId) -> Option<Hlc> {
+        self.index.get(id).map(|l| l.hlc)
+    }
+
+    /// Every author that signed two events with one seq, ascending by
+    /// author: a function of the events held, the same on every replica
+    /// holding them.
+    pub fn forks(&self) -> Vec<Fork> {
+        self.authors
+            .iter()
+            .filter_map(|(author, lanes)| {
+                let at = self.fork_seq(lanes)? + 1;
+                let events: BTreeSet<EventId> = lanes
+                    .all
+                    .iter()
+                    .filter_map(|&x| self.lanes[x as usize].id_at(at))
+                    .collect();
+                let mut heads: Vec<(u64, EventId)> = lanes
+                    .all
+                    .iter()
+                    .filter_map(|&x| {
+                        let l = &self.lanes[x as usize];
+                        Some((l.seq(), *l.ids.last()?))
+                    })
+                    .collect();
+                heads.sort_unstable();
+                Some(Fork {
+                    author: *author,
+                    seq: at,
+                    events: events.into_iter().collect(),
+                    heads,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether an author forked.
+    pub fn is_forked(&self, author: &NodeId) -> bool {
+        self.authors.get(author).is_some_and(|l| l.all.len() > 1)
+    }
+
+    /// The highest seq all of an author's branches share, if it forked.
+    /// Lanes start where branches diverge, in whatever order they were
+    /// learned, so the least base is the lowest divergence.
+    fn fork_seq(&self, lanes: &Lanes) -> Option<u64> {
+        if lanes.all.len() < 2 {
+            return None;
+        }
+        let mut roots = 0;
+        let mut least = u64::MAX;
+        for &x in &lanes.all {
+            let l = &self.lanes[x as usize];
+            match l.parent {
+                None => roots += 1,
+                Some(_) => least = least.min(l.base),
+            }
+        }
+        Some(if roots > 1 { 0 } else { least })
+    }
+
+    /// Where an event sits in this replica's bookkeeping: its lane (a run
+    /// of one author's chain, numbered in the order this state learned
+    /// them) and its index in the lane. Stable for the life of the state;
+    /// for indexes kept beside it (a replica's log positions), never for
+    /// anything encoded or hashed.
+    pub fn slot_of(&self, id: &EventId) -> Option<Slot> {
+        let l = self.index.get(id)?;
+        Some(Slot {
+            lane: l.lane,
+            index: (l.seq - self.lanes[l.lane as usize].base - 1) as usize,
+        })
+    }
+
+    /// The event at a slot: `(author, seq, id)`.
+    pub fn at_slot(&self, slot: Slot) -> Option<(NodeId, u64, EventId)> {
+        let l = self.lanes.get(slot.lane as usize)?;
+        let id = *l.ids.get(slot.index)?;
+        Some((l.author, l.base + slot.index as u64 + 1, id))
+    }
+
+    /// The seq of the head local events of `author` extend (0 if none).
+    pub fn local_seq(&self, author: &NodeId) -> u64 {
+        self.local_lane(author)
+            .map_or(0, |x| self.lanes[x as usize].seq())
+    }
+
+    /// The lane local events of `author` extend: the first it learned.
+    fn local_lane(&self, author: &NodeId) -> Option<u32> {
+        self.authors.get(author)?.all.first().copied()
     }
 
     /// A stream's read model.
@@ -544,7 +844,7 @@ impl State {
 
     /// Every field with more than one standing write: `(stream, field, writes)`,
     /// ascending by stream then field.
-    pub fn conflicts(&self) -> impl Iterator<Item = (&str, &str, &BTreeMap<Dot, Written>)> {
+    pub fn conflicts(&self) -> impl Iterator<Item = (&str, &str, &BTreeMap<WriteId, Written>)> {
         self.streams.iter().flat_map(|(s, st)| {
             st.fields
                 .iter()
@@ -570,7 +870,7 @@ impl State {
         if a == other {
             return seq;
         }
-        let Some(h) = self.authors[a as usize].hist.get(other as usize) else {
+        let Some(h) = self.lanes[a as usize].hist.get(other as usize) else {
             return 0;
         };
         match h.partition_point(|&(s, _)| s <= seq) {
@@ -579,23 +879,24 @@ impl State {
         }
     }
 
-    /// The vector clock of a new event by `author` (if known) with `deps`,
-    /// or `None` when the deps add nothing to the author's own clock.
-    fn causal_vc(&self, author: Option<u32>, deps: &[Loc]) -> Option<Vec<u64>> {
-        let own: &[u64] = author.map_or(&[], |a| &self.authors[a as usize].vc);
+    /// The vector clock of a new event on lane `own` (if it extends one)
+    /// with `deps` (a new branch's `prev` among them), or `None` when the
+    /// deps add nothing to the lane's own clock.
+    fn causal_vc(&self, own: Option<u32>, deps: &[Loc]) -> Option<Vec<u64>> {
+        let base: &[u64] = own.map_or(&[], |a| &self.lanes[a as usize].vc);
         let mut vc: Option<Vec<u64>> = None;
         for d in deps {
-            let cur = vc.as_deref().unwrap_or(own);
-            if Some(d.author) != author && cur.get(d.author as usize).is_some_and(|&v| v >= d.seq) {
+            let cur = vc.as_deref().unwrap_or(base);
+            if Some(d.lane) != own && cur.get(d.lane as usize).is_some_and(|&v| v >= d.seq) {
                 continue; // already implied
             }
             let vc = vc.get_or_insert_with(|| {
-                let mut v = own.to_vec();
-                v.resize(self.authors.len(), 0);
+                let mut v = base.to_vec();
+                v.resize(self.lanes.len(), 0);
                 v
             });
             for (x, slot) in vc.iter_mut().enumerate() {
-                let v = self.vc_at(d.author, d.seq, x as u32);
+                let v = self.vc_at(d.lane, d.seq, x as u32);
                 if v > *slot {
                     *slot = v;
                 }
@@ -605,56 +906,74 @@ impl State {
     }
 
     /// The clock `causal_vc` describes.
-    fn vc_or_own<'a>(&'a self, author: Option<u32>, vc: &'a Option<Vec<u64>>) -> &'a [u64] {
+    fn vc_or_own<'a>(&'a self, own: Option<u32>, vc: &'a Option<Vec<u64>>) -> &'a [u64] {
         match vc {
             Some(v) => v,
-            None => author.map_or(&[], |a| &self.authors[a as usize].vc),
+            None => own.map_or(&[], |a| &self.lanes[a as usize].vc),
         }
     }
 
+    /// Where `event` goes, if its chain is sound here.
+    fn place(&self, event: &Event) -> Result<(Place, Option<Loc>), Invalid> {
+        let lanes = self.authors.get(&event.author);
+        let Some(prev) = event.prev else {
+            // Seq 1 (`Event::check`). A second seq 1 is a fork too.
+            return Ok((
+                Place::Branch {
+                    parent: None,
+                    base: 0,
+                },
+                None,
+            ));
+        };
+        let Some(&loc) = self.index.get(&prev) else {
+            return Err(Invalid::Gap {
+                author: event.author,
+                have: self.max_seq(&event.author),
+                got: event.seq,
+            });
+        };
+        let lane = &self.lanes[loc.lane as usize];
+        if lane.author != event.author || loc.seq + 1 != event.seq {
+            return Err(Invalid::BrokenChain {
+                author: event.author,
+                seq: event.seq,
+                prev,
+            });
+        }
+        debug_assert!(lanes.is_some(), "an author's event is in the index");
+        let place = if lane.seq() == loc.seq {
+            Place::Extend(loc.lane)
+        } else {
+            // `prev` already has a successor: a fork.
+            Place::Branch {
+                parent: Some(loc.lane),
+                base: loc.seq,
+            }
+        };
+        Ok((place, Some(loc)))
+    }
+
     /// Checks `event` (whose id is `id`) against this replica and applies it.
-    /// On error nothing changes.
+    /// On error nothing changes. An event at a seq its author already used
+    /// (a fork) is valid history like any other: it starts a branch, and
+    /// [`State::forks`] lists the author.
     pub fn insert(&mut self, event: &Event, id: EventId) -> Result<Inserted, Invalid> {
         if self.index.contains_key(&id) {
             return Ok(Inserted::Duplicate);
         }
         event.check()?;
-        let ix = self.author_ix.get(&event.author).copied();
-        let (have, head_hlc) = match ix {
-            Some(ix) => {
-                let a = &self.authors[ix as usize];
-                (a.seq(), a.head_hlc)
-            }
-            None => (0, Hlc::ZERO),
-        };
-        if event.seq <= have {
-            let a = &self.authors[ix.expect("have > 0 implies known") as usize];
-            return Err(Invalid::Equivocation {
-                author: event.author,
-                seq: event.seq,
-                existing: a.ids[(event.seq - 1) as usize],
-            });
-        }
-        if event.seq != have + 1 {
-            return Err(Invalid::Gap {
-                author: event.author,
-                have,
-                got: event.seq,
-            });
-        }
-        if let Some(ix) = ix {
-            if event.prev != self.authors[ix as usize].ids.last().copied() {
-                return Err(Invalid::BrokenChain { seq: event.seq });
-            }
-            if event.hlc <= head_hlc {
+        let (place, prev) = self.place(event)?;
+        if let Some(prev) = prev {
+            if event.hlc <= prev.hlc {
                 return Err(Invalid::ClockNotAfter {
                     hlc: event.hlc,
                     of: "prev",
-                    other: head_hlc,
+                    other: prev.hlc,
                 });
             }
         }
-        let mut deps = Vec::with_capacity(event.deps.len());
+        let mut deps = Vec::with_capacity(event.deps.len() + 1);
         for d in &event.deps {
             let loc = *self.index.get(d).ok_or(Invalid::MissingDep(*d))?;
             if event.hlc <= loc.hlc {
@@ -666,25 +985,60 @@ impl State {
             }
             deps.push(loc);
         }
-        let vc = self.causal_vc(ix, &deps);
-        self.check_ops(event, self.vc_or_own(ix, &vc))?;
-        self.apply(event, id, ix, vc);
+        let own = match place {
+            Place::Extend(x) => Some(x),
+            Place::Branch { .. } => {
+                // A new lane's past starts with its prev's.
+                deps.extend(prev);
+                None
+            }
+        };
+        let vc = self.causal_vc(own, &deps);
+        self.check_ops(event, self.vc_or_own(own, &vc))?;
+        self.apply(event, id, place, vc);
         Ok(Inserted::New)
     }
 
-    /// Whether `dot` is in the causal past of a new event by `author` with
-    /// vector clock `vc` (which excludes the event itself).
-    fn in_past(&self, dot: &Dot, author: &NodeId, vc: &[u64]) -> bool {
-        if dot.author == *author {
-            // Own earlier events; `vc` may lack the new author's slot.
-            return self
-                .author_ix
-                .get(author)
-                .is_some_and(|&a| dot.seq <= self.authors[a as usize].seq());
+    /// Whether an event at `dot` is in the causal past `vc`.
+    fn in_past(&self, dot: &Dot, vc: &[u64]) -> bool {
+        self.authors.get(&dot.author).is_some_and(|l| {
+            l.all.iter().any(|&x| {
+                self.lanes[x as usize].base < dot.seq
+                    && vc.get(x as usize).is_some_and(|&v| v >= dot.seq)
+            })
+        })
+    }
+
+    /// Whether the event `id` is in the causal past `vc`.
+    fn id_in_past(&self, id: &EventId, vc: &[u64]) -> bool {
+        self.index
+            .get(id)
+            .is_some_and(|l| vc.get(l.lane as usize).is_some_and(|&v| v >= l.seq))
+    }
+
+    /// The writes a `Set` naming `dots` removes, in the causal past `vc`:
+    /// every event at each dot there (one, unless its author forked and
+    /// both branches are in the past).
+    fn resolve(&self, dots: &[Dot], vc: &[u64]) -> Vec<WriteId> {
+        let mut out = Vec::with_capacity(dots.len());
+        for dot in dots {
+            let Some(l) = self.authors.get(&dot.author) else {
+                continue;
+            };
+            for &x in &l.all {
+                let lane = &self.lanes[x as usize];
+                if vc.get(x as usize).is_some_and(|&v| v >= dot.seq) {
+                    if let Some(event) = lane.id_at(dot.seq) {
+                        out.push(WriteId {
+                            author: dot.author,
+                            seq: dot.seq,
+                            event,
+                        });
+                    }
+                }
+            }
         }
-        self.author_ix
-            .get(&dot.author)
-            .is_some_and(|&b| vc.get(b as usize).is_some_and(|&v| v >= dot.seq))
+        out
     }
 
     fn check_ops(&self, event: &Event, vc: &[u64]) -> Result<(), Invalid> {
@@ -696,7 +1050,7 @@ impl State {
                     field, supersedes, ..
                 } => {
                     for dot in supersedes {
-                        if !self.in_past(dot, &event.author, vc) {
+                        if !self.in_past(dot, vc) {
                             return Err(Invalid::SupersedesUnseen {
                                 field: field.clone(),
                                 dot: *dot,
@@ -734,11 +1088,12 @@ impl State {
     }
 
     /// Rights `author` holds on `counter` in the causal past `vc`: its own
-    /// inits, transfers and consumption (its whole chain is in the past)
-    /// and the transfers to it in the past, leaving out the ops of events
-    /// that are duplicates in that past (see the module docs). Negative
-    /// when the author spent rights that an event it relied on no longer
-    /// gives it (that event turned out to be a duplicate): a debt.
+    /// inits, transfers and consumption in that past (its whole chain,
+    /// unless it forked: then only the branches in the past) and the
+    /// transfers to it in the past, leaving out the ops of events that are
+    /// duplicates in that past (see the module docs). Negative when the
+    /// author spent rights that it turned out not to hold (an event it
+    /// relied on is a duplicate, or it spent them on two branches): a debt.
     fn rights_in_past(
         &self,
         name: &str,
@@ -763,11 +1118,25 @@ impl State {
         // 2^64 per event count, far inside i128.
         let mut held = (acct.init + dup.init + received) as i128
             - (acct.sent + dup.sent + acct.consumed + dup.consumed) as i128;
+        let beyond = self.authors.get(author).is_some_and(|l| {
+            l.all
+                .iter()
+                .any(|&x| vc.get(x as usize).copied().unwrap_or(0) < self.lanes[x as usize].seq())
+        });
+        if beyond {
+            // It forked, and events of another branch are not in the past:
+            // they do not count.
+            for &(lane, seq, change) in esc.own.get(author).into_iter().flatten() {
+                if vc.get(lane as usize).is_none_or(|&v| v < seq) {
+                    held -= change;
+                }
+            }
+        }
         for cmd in &esc.contested {
             let Some(c) = self.command_entry(name, cmd) else {
                 continue;
             };
-            let mut past = c.members().filter(|m| self.in_past(&m.dot(), author, vc));
+            let mut past = c.members().filter(|m| self.id_in_past(&m.id, vc));
             // The first in the past takes effect there; the rest do not.
             past.next();
             for m in past {
@@ -777,131 +1146,247 @@ impl State {
         held
     }
 
-    fn apply(&mut self, event: &Event, id: EventId, ix: Option<u32>, vc: Option<Vec<u64>>) {
-        let ix = match ix {
-            Some(ix) => ix,
-            None => {
-                let ix = self.authors.len() as u32;
-                self.authors.push(Author {
-                    id: event.author,
+    fn apply(&mut self, event: &Event, id: EventId, place: Place, vc: Option<Vec<u64>>) {
+        let forked =
+            matches!(place, Place::Branch { .. }) && self.authors.contains_key(&event.author);
+        let ix = match place {
+            Place::Extend(x) => x,
+            Place::Branch { parent, base } => {
+                let ix = self.lanes.len() as u32;
+                self.lanes.push(Lane {
+                    author: event.author,
+                    base,
+                    parent,
                     ids: Vec::new(),
                     head_hlc: Hlc::ZERO,
                     vc: Vec::new(),
                     hist: Vec::new(),
                 });
-                self.author_ix.insert(event.author, ix);
+                self.authors.entry(event.author).or_default().all.push(ix);
                 ix
             }
         };
-        let author = &mut self.authors[ix as usize];
+        // The writes each `Set` removes, resolved in the event's past.
+        let resolved: Vec<Vec<WriteId>> = {
+            let past = self.vc_or_own(Some(ix), &vc);
+            event
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Set { supersedes, .. } => self.resolve(supersedes, past),
+                    _ => Vec::new(),
+                })
+                .collect()
+        };
+        let lane = &mut self.lanes[ix as usize];
         if let Some(mut vc) = vc {
-            // Record where knowledge of other authors grew.
+            // Record where knowledge of other lanes grew.
             for (x, &v) in vc.iter().enumerate() {
-                if x as u32 != ix && v > author.vc.get(x).copied().unwrap_or(0) {
-                    if author.hist.len() <= x {
-                        author.hist.resize_with(x + 1, Vec::new);
+                if x as u32 != ix && v > lane.vc.get(x).copied().unwrap_or(0) {
+                    if lane.hist.len() <= x {
+                        lane.hist.resize_with(x + 1, Vec::new);
                     }
-                    author.hist[x].push((event.seq, v));
+                    lane.hist[x].push((event.seq, v));
                 }
             }
-            if vc.len() < author.vc.len() {
-                vc.resize(author.vc.len(), 0);
+            if vc.len() < lane.vc.len() {
+                vc.resize(lane.vc.len(), 0);
             }
-            author.vc = vc;
+            lane.vc = vc;
         }
-        if author.vc.len() <= ix as usize {
-            author.vc.resize(ix as usize + 1, 0);
+        if lane.vc.len() <= ix as usize {
+            lane.vc.resize(ix as usize + 1, 0);
         }
-        author.vc[ix as usize] = event.seq;
-        author.ids.push(id);
-        author.head_hlc = event.hlc;
+        lane.vc[ix as usize] = event.seq;
+        lane.ids.push(id);
+        lane.head_hlc = event.hlc;
         self.index.insert(
             id,
             Loc {
-                author: ix,
+                lane: ix,
                 seq: event.seq,
                 hlc: event.hlc,
             },
         );
         self.max_hlc = self.max_hlc.max(event.hlc);
-        let dot = Dot {
+        let me = WriteId {
             author: event.author,
             seq: event.seq,
+            event: id,
+        };
+        let at = At {
+            me,
+            lane: ix,
+            hlc: event.hlc,
         };
         let stream = match self.streams.get_mut(&event.stream) {
             Some(s) => s,
             None => self.streams.entry(event.stream.clone()).or_default(),
         };
         stream.version += 1;
-        let Some(cmd) = &event.meta.command_id else {
-            for op in &event.ops {
-                apply_op(stream, op, dot, ix, event.hlc, false);
+        // Accounts whose balance may have changed: `(counter, node)`.
+        let mut touched: Vec<(&str, NodeId)> = Vec::new();
+        let mut undone: Option<(NodeId, Vec<Op>)> = None;
+        'fold: {
+            let Some(cmd) = &event.meta.command_id else {
+                for (op, r) in event.ops.iter().zip(&resolved) {
+                    apply_op(stream, op, r, at, false);
+                }
+                break 'fold;
+            };
+            let member = Member {
+                hlc: event.hlc,
+                author: event.author,
+                seq: event.seq,
+                id,
+                version: stream.version,
+                escrow: event
+                    .ops
+                    .iter()
+                    .filter(|op| op.is_escrow())
+                    .cloned()
+                    .collect(),
+            };
+            let entries = match self.commands.get_mut(event.stream.as_str()) {
+                Some(e) => e,
+                None => self.commands.entry(event.stream.clone()).or_default(),
+            };
+            let Some(c) = entries.get_mut(cmd.as_str()) else {
+                for (op, r) in event.ops.iter().zip(&resolved) {
+                    apply_op(stream, op, r, at, true);
+                }
+                entries.insert(
+                    cmd.clone(),
+                    Command {
+                        first: member,
+                        rest: Vec::new(),
+                        undo: undo_ops(&event.ops, resolved),
+                    },
+                );
+                break 'fold;
+            };
+            let key = member.key();
+            if key < c.first.key() {
+                // It sorts first: the event in effect until now becomes a
+                // duplicate, and this one takes effect.
+                undo(stream, &c.undo, c.first.write());
+                for (op, r) in event.ops.iter().zip(&resolved) {
+                    apply_op(stream, op, r, at, true);
+                }
+                c.undo = undo_ops(&event.ops, resolved);
+                let old = std::mem::replace(&mut c.first, member);
+                undone = Some((old.author, old.escrow.clone()));
+                c.rest.insert(0, old);
+            } else {
+                for op in &event.ops {
+                    apply_duplicate(stream, op, at);
+                }
+                let pos = c.rest.partition_point(|m| m.key() < key);
+                c.rest.insert(pos, member);
             }
-            return;
-        };
-        let member = Member {
-            hlc: event.hlc,
-            author: event.author,
-            seq: event.seq,
-            id,
-            version: stream.version,
-            escrow: event
-                .ops
-                .iter()
-                .filter(|op| op.is_escrow())
-                .cloned()
-                .collect(),
-        };
-        let entries = match self.commands.get_mut(event.stream.as_str()) {
-            Some(e) => e,
-            None => self.commands.entry(event.stream.clone()).or_default(),
-        };
-        let Some(c) = entries.get_mut(cmd.as_str()) else {
-            for op in &event.ops {
-                apply_op(stream, op, dot, ix, event.hlc, true);
-            }
-            entries.insert(
+            stream.duplicates.insert(
                 cmd.clone(),
-                Command {
-                    first: member,
-                    rest: Vec::new(),
-                    undo: undo_ops(&event.ops),
+                Duplicated {
+                    took_effect: c.first.id,
+                    ignored: c.rest.iter().map(|m| m.id).collect(),
                 },
             );
-            return;
-        };
-        let key = member.key();
-        if key < c.first.key() {
-            // It sorts first: the event in effect until now becomes a
-            // duplicate, and this one takes effect.
-            undo(stream, &c.undo, c.first.dot());
-            for op in &event.ops {
-                apply_op(stream, op, dot, ix, event.hlc, true);
-            }
-            c.undo = undo_ops(&event.ops);
-            let old = std::mem::replace(&mut c.first, member);
-            c.rest.insert(0, old);
-        } else {
-            for op in &event.ops {
-                apply_duplicate(stream, op, dot, ix);
-            }
-            let pos = c.rest.partition_point(|m| m.key() < key);
-            c.rest.insert(pos, member);
-        }
-        stream.duplicates.insert(
-            cmd.clone(),
-            Duplicated {
-                took_effect: c.first.id,
-                ignored: c.rest.iter().map(|m| m.id).collect(),
-            },
-        );
-        for m in c.members() {
-            for op in &m.escrow {
-                if let Some(e) = stream.escrow.get_mut(op.target()) {
-                    if !e.contested.contains(cmd.as_str()) {
-                        e.contested.insert(cmd.clone());
+            for m in c.members() {
+                for op in &m.escrow {
+                    if let Some(e) = stream.escrow.get_mut(op.target()) {
+                        if !e.contested.contains(cmd.as_str()) {
+                            e.contested.insert(cmd.clone());
+                        }
                     }
                 }
+            }
+        }
+        // What the event did to its author's own rights, per counter: every
+        // escrow op made its counter's entry above.
+        for op in event.ops.iter().filter(|op| op.is_escrow()) {
+            let counter = op.target();
+            let change = -escrow_delta(
+                std::slice::from_ref(op),
+                counter,
+                &event.author,
+                &event.author,
+            );
+            if let Some(e) = stream.escrow.get_mut(counter) {
+                let own = e.own.entry(event.author).or_default();
+                match own.last_mut() {
+                    Some(last) if last.0 == ix && last.1 == event.seq => last.2 += change,
+                    _ => own.push((ix, event.seq, change)),
+                }
+            }
+        }
+        let undone = undone
+            .iter()
+            .flat_map(|(by, ops)| ops.iter().map(move |op| (*by, op)));
+        let ops = event.ops.iter().map(|op| (event.author, op)).chain(undone);
+        for (by, op) in ops.filter(|(_, op)| op.is_escrow()) {
+            touched.push((op.target(), by));
+            if let Op::EscrowTransfer { to, .. } = op {
+                touched.push((op.target(), *to));
+            }
+        }
+        let mut marks: Vec<(String, String, NodeId)> = touched
+            .into_iter()
+            .map(|(c, a)| (event.stream.clone(), c.to_string(), a))
+            .collect();
+        if forked {
+            // The author's spends past the fork, on every counter it used.
+            for (n, s) in &self.streams {
+                for (c, e) in &s.escrow {
+                    if e.own.contains_key(&event.author) {
+                        marks.push((n.clone(), c.clone(), event.author));
+                    }
+                }
+            }
+        }
+        marks.sort_unstable();
+        marks.dedup();
+        for (n, c, a) in marks {
+            self.mark_overdrawn(&n, &c, &a);
+        }
+    }
+
+    /// Brings `author`'s entry in `counter`'s [`Escrow::overdrawn`] up to date.
+    fn mark_overdrawn(&mut self, stream: &str, counter: &str, author: &NodeId) {
+        let Some(e) = self.streams.get(stream).and_then(|s| s.escrow.get(counter)) else {
+            return;
+        };
+        let balance = e.accounts.get(author).map_or(0, Account::balance);
+        let entry = (balance < 0).then(|| {
+            let fork = self.authors.get(author).and_then(|l| self.fork_seq(l));
+            let mut events: Vec<EventId> = match fork {
+                None => Vec::new(),
+                Some(f) => e
+                    .own
+                    .get(author)
+                    .into_iter()
+                    .flatten()
+                    .filter(|&&(_, seq, change)| seq > f && change < 0)
+                    .filter_map(|&(lane, seq, _)| self.lanes[lane as usize].id_at(seq))
+                    .collect(),
+            };
+            events.sort_unstable();
+            Overdrawn {
+                owed: balance.unsigned_abs(),
+                events,
+            }
+        });
+        // Looked up above.
+        let e = self
+            .streams
+            .get_mut(stream)
+            .and_then(|s| s.escrow.get_mut(counter))
+            .expect("escrow present");
+        match entry {
+            Some(o) => {
+                e.overdrawn.insert(*author, o);
+            }
+            None => {
+                e.overdrawn.remove(author);
             }
         }
     }
@@ -917,7 +1402,7 @@ impl State {
     ) -> Result<Prepared, PrepareError> {
         Ok(match self.make(author, clock, now_ms, draft)? {
             Made::Existing(rec) => Prepared::Existing(rec),
-            Made::New(event, _) => Prepared::New(event),
+            Made::New(event, _, _) => Prepared::New(event),
         })
     }
 
@@ -933,13 +1418,12 @@ impl State {
     ) -> Result<Appended, PrepareError> {
         match self.make(author, clock, now_ms, draft)? {
             Made::Existing(rec) => Ok(Appended::Existing(rec)),
-            Made::New(event, vc) => {
+            Made::New(event, place, vc) => {
                 let (bytes, id) = event.seal();
                 // `make` checked the event against this very state; a new
-                // event by this author at the next seq cannot be present.
+                // event by this author after its local head cannot be present.
                 debug_assert!(!self.index.contains_key(&id));
-                let ix = self.author_ix.get(&author).copied();
-                self.apply(&event, id, ix, vc);
+                self.apply(&event, id, place, vc);
                 Ok(Appended::New { event, bytes, id })
             }
         }
@@ -970,15 +1454,28 @@ impl State {
                 });
             }
         }
-        let ix = self.author_ix.get(&author).copied();
-        let (seq, prev, mut after) = match ix {
-            Some(ix) => {
-                let a = &self.authors[ix as usize];
-                (a.seq() + 1, a.ids.last().copied(), a.head_hlc)
+        let own = self.local_lane(&author);
+        let (seq, prev, mut after, place) = match own {
+            Some(x) => {
+                let l = &self.lanes[x as usize];
+                (
+                    l.seq() + 1,
+                    l.ids.last().copied(),
+                    l.head_hlc,
+                    Place::Extend(x),
+                )
             }
-            None => (1, None, Hlc::ZERO),
+            None => (
+                1,
+                None,
+                Hlc::ZERO,
+                Place::Branch {
+                    parent: None,
+                    base: 0,
+                },
+            ),
         };
-        let deps = self.unmerged_heads(ix, Hlc::horizon(now_ms));
+        let deps = self.unmerged_heads(own, Hlc::horizon(now_ms));
         if deps.len() > MAX_DOTS {
             return Err(PrepareError::TooManyDeps(deps.len()));
         }
@@ -986,8 +1483,8 @@ impl State {
         for d in &dep_locs {
             after = after.max(d.hlc);
         }
-        let vc = self.causal_vc(ix, &dep_locs);
-        let past = self.vc_or_own(ix, &vc);
+        let vc = self.causal_vc(own, &dep_locs);
+        let past = self.vc_or_own(own, &vc);
         let stream = self.streams.get(&draft.stream);
         let mut ops = draft.ops;
         for op in &mut ops {
@@ -998,14 +1495,17 @@ impl State {
                 // The standing writes in the event's causal past: all of
                 // them, unless one is beyond the clock's horizon (not a dep
                 // yet); that one stays, concurrent with this write.
-                *supersedes = stream
+                let mut dots: Vec<Dot> = stream
                     .and_then(|s| s.fields.get(field.as_str()))
                     .map_or_else(Vec::new, |w| {
                         w.keys()
-                            .filter(|d| self.in_past(d, &author, past))
-                            .copied()
+                            .filter(|w| self.id_in_past(&w.event, past))
+                            .map(WriteId::dot)
                             .collect()
                     });
+                // Two branches of a forked author may share a dot.
+                dots.dedup();
+                *supersedes = dots;
             }
         }
         let event = Event {
@@ -1022,24 +1522,26 @@ impl State {
             meta: draft.meta,
         };
         event.check().map_err(Invalid::from)?;
-        self.check_ops(&event, self.vc_or_own(ix, &vc))?;
-        Ok(Made::New(event, vc))
+        self.check_ops(&event, self.vc_or_own(own, &vc))?;
+        Ok(Made::New(event, place, vc))
     }
 
-    /// The deps of a new event by `author`: each other author's latest
-    /// event with an hlc at most `horizon` that `author`'s chain does not
-    /// imply, minus those implied by another such event; sorted by id.
+    /// The deps of a new event on lane `own`: each other lane's latest
+    /// event with an hlc at most `horizon` that `own` does not imply, minus
+    /// those implied by another such event; sorted by id. The author's own
+    /// other branches are lanes like any other: depending on them merges
+    /// the branches in its past.
     ///
     /// The events at or below `horizon` are causally closed (hlcs grow
     /// along `prev` and `deps`), so these are the heads of that closed set:
     /// an event beyond the horizon, and every event whose causal past holds
     /// one, is left out (its hlc is above it), and none within is lost.
-    fn unmerged_heads(&self, author: Option<u32>, horizon: Hlc) -> Vec<EventId> {
-        let own = author.map(|a| &self.authors[a as usize].vc);
-        let cands: Vec<(u32, u64)> = (0..self.authors.len() as u32)
-            .filter(|&x| Some(x) != author)
+    fn unmerged_heads(&self, own: Option<u32>, horizon: Hlc) -> Vec<EventId> {
+        let seen = own.map(|a| &self.lanes[a as usize].vc);
+        let cands: Vec<(u32, u64)> = (0..self.lanes.len() as u32)
+            .filter(|&x| Some(x) != own)
             .filter_map(|x| {
-                let seen = own.and_then(|vc| vc.get(x as usize)).copied().unwrap_or(0);
+                let seen = seen.and_then(|vc| vc.get(x as usize)).copied().unwrap_or(0);
                 let seq = self.latest_within(x, horizon);
                 (seq > seen).then_some((x, seq))
             })
@@ -1051,22 +1553,25 @@ impl State {
                     .iter()
                     .any(|&(b, bseq)| b != c && self.vc_at(b, bseq, c) >= cseq)
             })
-            .map(|&(c, cseq)| self.authors[c as usize].ids[(cseq - 1) as usize])
+            .filter_map(|&(c, cseq)| self.lanes[c as usize].id_at(cseq))
             .collect();
         deps.sort_unstable();
         deps
     }
 
-    /// The seq of author `x`'s latest event with an hlc at most `limit`
-    /// (0 if none). An author's hlcs grow along its chain, so it is a
-    /// binary search over its events, made only when the head is beyond.
+    /// The seq of lane `x`'s latest event with an hlc at most `limit` (0
+    /// if none of its own events is). A lane's hlcs grow along it, so it is
+    /// a binary search over its events, made only when the head is beyond.
     fn latest_within(&self, x: u32, limit: Hlc) -> u64 {
-        let a = &self.authors[x as usize];
-        if a.head_hlc <= limit {
-            return a.seq();
+        let l = &self.lanes[x as usize];
+        if l.head_hlc <= limit {
+            return l.seq();
         }
-        // Every id of an author's chain is in the index.
-        a.ids.partition_point(|id| self.index[id].hlc <= limit) as u64
+        // Every id of a lane is in the index.
+        match l.ids.partition_point(|id| self.index[id].hlc <= limit) as u64 {
+            0 => 0,
+            n => l.base + n,
+        }
     }
 
     /// The largest hlc of any event at most `limit` ([`Hlc::ZERO`] if
@@ -1076,13 +1581,11 @@ impl State {
         if self.max_hlc <= limit {
             return self.max_hlc;
         }
-        (0..self.authors.len() as u32)
+        (0..self.lanes.len() as u32)
             .filter_map(|x| {
                 let seq = self.latest_within(x, limit);
-                let id = self.authors[x as usize]
-                    .ids
-                    .get(seq.checked_sub(1)? as usize)?;
-                Some(self.index[id].hlc)
+                let id = self.lanes[x as usize].id_at(seq)?;
+                Some(self.index[&id].hlc)
             })
             .max()
             .unwrap_or(Hlc::ZERO)
@@ -1097,22 +1600,26 @@ impl State {
         if self.max_hlc <= horizon {
             return out;
         }
-        // By author id, so that ties go the same way on every replica.
-        for &x in self.author_ix.values() {
-            let a = &self.authors[x as usize];
-            if a.head_hlc <= horizon {
-                continue;
-            }
-            out.events += a.seq() - self.latest_within(x, horizon);
-            if out.furthest.as_ref().is_none_or(|f| a.head_hlc > f.hlc) {
-                out.furthest = Some(AheadEvent {
-                    author: a.id,
-                    seq: a.seq(),
-                    // An author in the index has at least one event.
-                    id: *a.ids.last().expect("author with no events"),
-                    hlc: a.head_hlc,
-                    ahead_ms: a.head_hlc.ms().saturating_sub(now_ms),
-                });
+        // By author id, then lane, so that ties go the same way on every
+        // replica that learned the branches in the same order.
+        for lanes in self.authors.values() {
+            for &x in &lanes.all {
+                let l = &self.lanes[x as usize];
+                if l.head_hlc <= horizon {
+                    continue;
+                }
+                let within = self.latest_within(x, horizon).max(l.base);
+                out.events += l.seq() - within;
+                if out.furthest.as_ref().is_none_or(|f| l.head_hlc > f.hlc) {
+                    out.furthest = Some(AheadEvent {
+                        author: l.author,
+                        seq: l.seq(),
+                        // A lane has at least one event.
+                        id: *l.ids.last().expect("lane with no events"),
+                        hlc: l.head_hlc,
+                        ahead_ms: l.head_hlc.ms().saturating_sub(now_ms),
+                    });
+                }
             }
         }
         out
@@ -1164,37 +1671,32 @@ fn escrow_delta(ops: &[Op], counter: &str, by: &NodeId, author: &NodeId) -> i128
     -d
 }
 
-/// `ops` as [`undo`] needs them: register values are read back from the
-/// stream, so they are not kept twice.
-fn undo_ops(ops: &[Op]) -> Vec<Op> {
+/// `ops` as [`undo`] needs them, with the writes each `Set` removed.
+fn undo_ops(ops: &[Op], resolved: Vec<Vec<WriteId>>) -> Vec<UndoOp> {
     ops.iter()
-        .map(|op| match op {
-            Op::Set {
-                field, supersedes, ..
-            } => Op::Set {
+        .zip(resolved)
+        .map(|(op, removed)| match op {
+            Op::Set { field, .. } => UndoOp::Set {
                 field: field.clone(),
-                value: Vec::new(),
-                supersedes: supersedes.clone(),
+                removed,
             },
-            op => op.clone(),
+            op => UndoOp::Other(op.clone()),
         })
         .collect()
 }
 
-/// Applies one op of an event in effect. `undoable`: the event carries a
-/// command id, so the writes it removes are kept as graves.
-fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc, undoable: bool) {
+/// Applies one op of an event in effect; `removes` are the writes a `Set`
+/// supersedes, resolved in the event's past. `undoable`: the event carries
+/// a command id, so the writes it removes are kept as graves.
+fn apply_op(stream: &mut Stream, op: &Op, removes: &[WriteId], at: At, undoable: bool) {
+    let author = at.me.author;
     match op {
-        Op::Set {
-            field,
-            value,
-            supersedes,
-        } => {
+        Op::Set { field, value, .. } => {
             let writes = match stream.fields.get_mut(field.as_str()) {
                 Some(w) => w,
                 None => stream.fields.entry(field.clone()).or_default(),
             };
-            for d in supersedes {
+            for d in removes {
                 match writes.remove(d) {
                     Some(written) if undoable => {
                         let graves = match stream.graves.get_mut(field.as_str()) {
@@ -1218,9 +1720,9 @@ fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc, undoable:
                 }
             }
             writes.insert(
-                dot,
+                at.me,
                 Written {
-                    hlc,
+                    hlc: at.hlc,
                     value: value.clone(),
                 },
             );
@@ -1235,7 +1737,7 @@ fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc, undoable:
         Op::EscrowInit { counter, capacity } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
             e.capacity += *capacity as u128;
-            e.accounts.entry(dot.author).or_default().init += *capacity as u128;
+            e.accounts.entry(author).or_default().init += *capacity as u128;
         }
         Op::EscrowTransfer {
             counter,
@@ -1243,16 +1745,16 @@ fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc, undoable:
             amount,
         } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
-            e.accounts.entry(dot.author).or_default().sent += *amount as u128;
+            e.accounts.entry(author).or_default().sent += *amount as u128;
             e.accounts.entry(*to).or_default().received += *amount as u128;
             e.incoming
                 .entry(*to)
                 .or_default()
-                .push((ix, dot.seq, *amount));
+                .push((at.lane, at.me.seq, *amount));
         }
         Op::EscrowConsume { counter, amount } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
-            e.accounts.entry(dot.author).or_default().consumed += *amount as u128;
+            e.accounts.entry(author).or_default().consumed += *amount as u128;
             e.consumed += *amount as u128;
         }
     }
@@ -1261,7 +1763,8 @@ fn apply_op(stream: &mut Stream, op: &Op, dot: Dot, ix: u32, hlc: Hlc, undoable:
 /// Records one op of a duplicate: no effect on values, but the entries it
 /// touches exist (as a replay would make them), and its escrow ops count
 /// for validity.
-fn apply_duplicate(stream: &mut Stream, op: &Op, dot: Dot, ix: u32) {
+fn apply_duplicate(stream: &mut Stream, op: &Op, at: At) {
+    let author = at.me.author;
     match op {
         Op::Set { .. } => {}
         Op::Add { counter, .. } => {
@@ -1269,8 +1772,8 @@ fn apply_duplicate(stream: &mut Stream, op: &Op, dot: Dot, ix: u32) {
         }
         Op::EscrowInit { counter, capacity } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
-            e.accounts.entry(dot.author).or_default();
-            e.dup.entry(dot.author).or_default().init += *capacity as u128;
+            e.accounts.entry(author).or_default();
+            e.dup.entry(author).or_default().init += *capacity as u128;
         }
         Op::EscrowTransfer {
             counter,
@@ -1278,40 +1781,39 @@ fn apply_duplicate(stream: &mut Stream, op: &Op, dot: Dot, ix: u32) {
             amount,
         } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
-            e.accounts.entry(dot.author).or_default();
+            e.accounts.entry(author).or_default();
             e.accounts.entry(*to).or_default();
-            e.dup.entry(dot.author).or_default().sent += *amount as u128;
+            e.dup.entry(author).or_default().sent += *amount as u128;
             e.incoming
                 .entry(*to)
                 .or_default()
-                .push((ix, dot.seq, *amount));
+                .push((at.lane, at.me.seq, *amount));
         }
         Op::EscrowConsume { counter, amount } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
-            e.accounts.entry(dot.author).or_default();
-            e.dup.entry(dot.author).or_default().consumed += *amount as u128;
+            e.accounts.entry(author).or_default();
+            e.dup.entry(author).or_default().consumed += *amount as u128;
         }
     }
 }
 
-/// Undoes the ops (from [`undo_ops`]) of the event at `dot`, which took
-/// effect and is now a duplicate: the stream becomes what it would be had
-/// the event been a duplicate from the start.
-fn undo(stream: &mut Stream, ops: &[Op], dot: Dot) {
+/// Undoes the ops (from [`undo_ops`]) of the event that made `me`, which
+/// took effect and is now a duplicate: the stream becomes what it would be
+/// had the event been a duplicate from the start.
+fn undo(stream: &mut Stream, ops: &[UndoOp], me: WriteId) {
+    let author = me.author;
     for op in ops {
         match op {
-            Op::Set {
-                field, supersedes, ..
-            } => {
+            UndoOp::Set { field, removed } => {
                 // An earlier op of the event may have emptied the field.
                 if let Some(writes) = stream.fields.get_mut(field.as_str()) {
-                    writes.remove(&dot);
+                    writes.remove(&me);
                 }
                 if let Some(graves) = stream.graves.get_mut(field.as_str()) {
                     // Its own write, if an undoable event removed it, never
                     // stands again.
-                    graves.remove(&dot);
-                    for d in supersedes {
+                    graves.remove(&me);
+                    for d in removed {
                         let Some(g) = graves.get_mut(d) else {
                             continue;
                         };
@@ -1338,33 +1840,35 @@ fn undo(stream: &mut Stream, ops: &[Op], dot: Dot) {
                     stream.fields.remove(field.as_str());
                 }
             }
-            Op::Add { counter, delta } => {
+            UndoOp::Other(Op::Add { counter, delta }) => {
                 if let Some(c) = stream.counters.get_mut(counter.as_str()) {
                     *c -= *delta as i128;
                 }
             }
-            Op::EscrowInit { counter, capacity } => {
+            UndoOp::Other(Op::EscrowInit { counter, capacity }) => {
                 let e = stream.escrow.entry(counter.clone()).or_default();
                 e.capacity -= *capacity as u128;
-                e.accounts.entry(dot.author).or_default().init -= *capacity as u128;
-                e.dup.entry(dot.author).or_default().init += *capacity as u128;
+                e.accounts.entry(author).or_default().init -= *capacity as u128;
+                e.dup.entry(author).or_default().init += *capacity as u128;
             }
-            Op::EscrowTransfer {
+            UndoOp::Other(Op::EscrowTransfer {
                 counter,
                 to,
                 amount,
-            } => {
+            }) => {
                 let e = stream.escrow.entry(counter.clone()).or_default();
-                e.accounts.entry(dot.author).or_default().sent -= *amount as u128;
+                e.accounts.entry(author).or_default().sent -= *amount as u128;
                 e.accounts.entry(*to).or_default().received -= *amount as u128;
-                e.dup.entry(dot.author).or_default().sent += *amount as u128;
+                e.dup.entry(author).or_default().sent += *amount as u128;
             }
-            Op::EscrowConsume { counter, amount } => {
+            UndoOp::Other(Op::EscrowConsume { counter, amount }) => {
                 let e = stream.escrow.entry(counter.clone()).or_default();
-                e.accounts.entry(dot.author).or_default().consumed -= *amount as u128;
+                e.accounts.entry(author).or_default().consumed -= *amount as u128;
                 e.consumed -= *amount as u128;
-                e.dup.entry(dot.author).or_default().consumed += *amount as u128;
+                e.dup.entry(author).or_default().consumed += *amount as u128;
             }
+            // `undo_ops` keeps a `Set` as `UndoOp::Set`.
+            UndoOp::Other(Op::Set { .. }) => {}
         }
     }
 }
@@ -1509,5 +2013,247 @@ mod tests {
             assert_eq!(n.state.len(), nodes[0].state.len());
             assert_eq!(n.state.state_hash(), hash);
         }
+    }
+
+    fn op_draft(stream: &str, ops: Vec<Op>) -> Draft {
+        Draft {
+            stream: stream.into(),
+            kind: "Edited".into(),
+            ops,
+            ..Draft::default()
+        }
+    }
+
+    fn set(field: &str, v: &str) -> Op {
+        Op::Set {
+            field: field.into(),
+            value: v.as_bytes().to_vec(),
+            supersedes: vec![],
+        }
+    }
+
+    /// Inserts `events` in order, each once; panics on a refusal.
+    fn fold(events: &[&(Event, EventId)]) -> State {
+        let mut s = State::new();
+        for (e, id) in events {
+            assert_eq!(s.insert(e, *id), Ok(Inserted::New), "{id:?}");
+        }
+        s
+    }
+
+    /// A desk restored from a copy signs a second event at seq 3: every
+    /// replica holding both branches keeps both, whatever order it learned
+    /// them in, shows the same hash, surfaces the two writes of one field
+    /// as a conflict, marks the seat sold twice, and lists the fork.
+    #[test]
+    fn forked_branches_are_both_kept_and_fold_alike_in_any_order() {
+        let key = Keypair::from_secret([7; 32]);
+        let a = key.node_id();
+        let mut clock = HlcClock::default();
+        let mut base = State::new();
+        let made = |s: &mut State, clock: &mut HlcClock, wall: u64, d: Draft| {
+            let Appended::New { event, id, .. } = s.append_local(a, clock, wall, d).unwrap() else {
+                panic!("new event expected");
+            };
+            (event, id)
+        };
+        let e1 = made(
+            &mut base,
+            &mut clock,
+            T,
+            op_draft(
+                "session/1",
+                vec![Op::EscrowInit {
+                    counter: "seats".into(),
+                    capacity: 1,
+                }],
+            ),
+        );
+        let e2 = made(
+            &mut base,
+            &mut clock,
+            T + 1,
+            op_draft("attendee/1", vec![set("name", "\"Ada\"")]),
+        );
+        // The copy, taken here, and the original go separate ways.
+        let mut copy = base.clone();
+        let mut copy_clock = clock.clone();
+        let sell = |_branch: &str| {
+            op_draft(
+                "session/1",
+                vec![Op::EscrowConsume {
+                    counter: "seats".into(),
+                    amount: 1,
+                }],
+            )
+        };
+        let x3 = made(
+            &mut base,
+            &mut clock,
+            T + 10,
+            op_draft("attendee/1", vec![set("name", "\"Ada L\"")]),
+        );
+        let x4 = made(&mut base, &mut clock, T + 11, sell("x"));
+        let y3 = made(
+            &mut copy,
+            &mut copy_clock,
+            T + 20,
+            op_draft("attendee/1", vec![set("name", "\"Ada B\"")]),
+        );
+        let y4 = made(&mut copy, &mut copy_clock, T + 21, sell("y"));
+        assert_eq!((x3.0.seq, y3.0.seq), (3, 3));
+        let orders: [Vec<&(Event, EventId)>; 3] = [
+            vec![&e1, &e2, &x3, &x4, &y3, &y4],
+            vec![&e1, &e2, &y3, &y4, &x3, &x4],
+            vec![&e1, &e2, &y3, &x3, &x4, &y4],
+        ];
+        let states: Vec<State> = orders.iter().map(|o| fold(o)).collect();
+        for s in &states[1..] {
+            assert_eq!(s.state_hash(), states[0].state_hash());
+            assert_eq!(s.frontier(), states[0].frontier());
+            assert_eq!(s.forks(), states[0].forks());
+        }
+        let s = &states[0];
+        assert_eq!(s.len(), 6);
+        let forks = s.forks();
+        assert_eq!(forks.len(), 1);
+        assert_eq!(forks[0].author, a);
+        assert_eq!(forks[0].seq, 3);
+        let mut at3 = vec![x3.1, y3.1];
+        at3.sort();
+        assert_eq!(forks[0].events, at3);
+        assert_eq!(forks[0].heads.len(), 2);
+        assert_eq!(s.frontier().len(), 2, "one head per branch");
+        // Both names stand: a conflict, nothing dropped.
+        let names = &s.stream("attendee/1").unwrap().fields["name"];
+        let values: Vec<&[u8]> = names.values().map(|w| &w.value[..]).collect();
+        assert_eq!(values.len(), 2, "{values:?}");
+        // One seat, sold on both branches: marked the same everywhere.
+        let seats = &s.stream("session/1").unwrap().escrow["seats"];
+        assert_eq!((seats.capacity, seats.consumed), (1, 2));
+        let mut spent = vec![x4.1, y4.1];
+        spent.sort();
+        assert_eq!(
+            seats.overdrawn.get(&a),
+            Some(&Overdrawn {
+                owed: 1,
+                events: spent
+            })
+        );
+        // Each branch was valid in its own past: both sales passed.
+        // A third node that saw both writes resolves the conflict with one
+        // write naming the dot (a, 3), which names both events.
+        let mut c = states[1].clone();
+        let mut cc = HlcClock::default();
+        let ck = Keypair::from_secret([8; 32]).node_id();
+        let Appended::New {
+            event: r, id: rid, ..
+        } = c
+            .append_local(
+                ck,
+                &mut cc,
+                T + 100,
+                op_draft("attendee/1", vec![set("name", "\"Ada King\"")]),
+            )
+            .unwrap()
+        else {
+            panic!("new event expected");
+        };
+        let Op::Set { supersedes, .. } = &r.ops[0] else {
+            unreachable!()
+        };
+        assert_eq!(supersedes.len(), 1, "one dot for both branches' writes");
+        let names = &c.stream("attendee/1").unwrap().fields["name"];
+        assert_eq!(names.len(), 1);
+        let mut d = states[2].clone();
+        assert_eq!(d.insert(&r, rid), Ok(Inserted::New));
+        assert_eq!(d.state_hash(), c.state_hash());
+    }
+
+    /// The forked author keeps working on its own branch: its next event
+    /// extends the branch it made, depends on the other one (merging them
+    /// in its past), and owes the seat it sold twice before it may sell.
+    #[test]
+    fn a_forked_author_extends_its_own_branch_and_repays_first() {
+        let key = Keypair::from_secret([9; 32]);
+        let a = key.node_id();
+        let mut s0 = State::new();
+        let mut clock = HlcClock::default();
+        let init = op_draft(
+            "session/1",
+            vec![Op::EscrowInit {
+                counter: "seats".into(),
+                capacity: 2,
+            }],
+        );
+        let sell = op_draft(
+            "session/1",
+            vec![Op::EscrowConsume {
+                counter: "seats".into(),
+                amount: 2,
+            }],
+        );
+        let Appended::New {
+            event: e1, id: i1, ..
+        } = s0.append_local(a, &mut clock, T, init).unwrap()
+        else {
+            panic!()
+        };
+        let mut other = s0.clone();
+        let mut oclock = clock.clone();
+        let Appended::New {
+            event: x2, id: ix2, ..
+        } = other
+            .append_local(a, &mut oclock, T + 5, sell.clone())
+            .unwrap()
+        else {
+            panic!()
+        };
+        let Appended::New { id: iy2, .. } = s0.append_local(a, &mut clock, T + 6, sell).unwrap()
+        else {
+            panic!()
+        };
+        // The restored desk learns of the other branch.
+        assert_eq!(s0.insert(&x2, ix2), Ok(Inserted::New));
+        assert!(s0.is_forked(&a));
+        assert_eq!(s0.event_id(&a, 2), Some(iy2), "its own branch");
+        let Appended::New { event: y3, .. } = s0
+            .append_local(
+                a,
+                &mut clock,
+                T + 7,
+                op_draft("attendee/1", vec![set("badge", "true")]),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((y3.seq, y3.prev), (3, Some(iy2)));
+        assert_eq!(y3.deps, vec![ix2], "merges the other branch");
+        // Rights: 2 held at the fork, 4 sold: 2 owed, no more sales.
+        let err = s0
+            .append_local(
+                a,
+                &mut clock,
+                T + 8,
+                op_draft(
+                    "session/1",
+                    vec![Op::EscrowConsume {
+                        counter: "seats".into(),
+                        amount: 1,
+                    }],
+                ),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PrepareError::Invalid(Invalid::InsufficientRights { .. })
+            ),
+            "{err}"
+        );
+        let seats = &s0.stream("session/1").unwrap().escrow["seats"];
+        assert_eq!(seats.overdrawn[&a].owed, 2);
+        let _ = (e1, i1);
     }
 }

@@ -61,8 +61,8 @@
 //!   Every cycle of eager links makes such duplicates somewhere, so the
 //!   eager links thin out to a spanning tree, over which each node receives
 //!   each event once, whatever its source.
-//! - **Graft.** An IHave for events the replica lacks (or holds another
-//!   event at that seq: a fork, to be fetched) is reported as
+//! - **Graft.** An IHave for events the replica lacks (a head whose id it
+//!   does not hold, a branch of a fork included) is reported as
 //!   [`SessionEvent::Announced`]. The node's policy starts a timer; if the
 //!   events have not come by another link when it fires, the tree is broken
 //!   and the policy calls [`Session::graft`]: the session sends Graft (with
@@ -75,7 +75,7 @@
 //!   counted as a duplicate and skipped, neither decoded nor verified (only
 //!   its author and seq are read, from the fixed start of the encoding). An
 //!   event at an `(author, seq)` held with another id is not a duplicate: it
-//!   is checked in full, and proves a fork.
+//!   is checked in full, proves a fork, and is stored (see "Forks").
 //!
 //! The session needs no timer of its own: the transport is reliable and
 //! ordered, and the two timers that matter (anti-entropy rounds, grafts)
@@ -87,8 +87,9 @@
 //! Every received event passes, in order: the wire frame's length and flags
 //! (the id is recomputed: blake3 of the bytes, and a held id ends the checks
 //! there); [`Event::decode`] (canonical encoding, limits); the chain within
-//! the stream (each author's events arrive in seq order, each linked to the
-//! one before by `prev`); the author's signature. A signature covers the
+//! the stream (each event continues an open run of its author by `prev`, or
+//! starts one: its `prev` is held, or no run of the author is open); the
+//! author's signature. A signature covers the
 //! whole run before it through `prev`, so unsigned events are held until a
 //! signed later event of the same author verifies, and then the run is
 //! released into the [`Pool`]. Pooled events are stored through
@@ -119,19 +120,35 @@
 //! ([`MAX_POOL_EVENTS`], [`MAX_POOL_BYTES`]); passing either fails the
 //! session whose event would pass it.
 //!
-//! # Equivocation
+//! # Forks
 //!
-//! Two events with the same `(author, seq)` are a fork. The session reports
-//! each forked author once as a claim, when the peer's frontier names an
-//! `(author, seq)` that the store holds with another id, and once with
-//! proof, when such an event arrives in a run whose signature verifies (or
-//! a signed event's `prev` names another id than the store's). Either end
-//! that detects a fork sends the peer its own branch from the forked seq, so
-//! that both ends get a signed proof. The forked author's events from this
-//! peer are then ignored for the rest of the session; events of others that
-//! depend on them can never be stored, and wait in the pool, reported at
-//! the peer's Done as missing. A deterministic rule to choose between the
-//! branches (`DESIGN.md` §2) is the store's business, not the session's.
+//! Two events with the same `(author, seq)` are a fork (a data directory
+//! restored from a copy, a cloned machine). Both branches are valid
+//! history, and replicas exchange and keep both (the `state` module docs
+//! say how the fold treats them), so that any two replicas holding the same
+//! events show the same state, whatever order they learned the branches in.
+//!
+//! - A frontier, IHave or Graft may name several heads of one author, one
+//!   per branch, strictly ascending by `(author, seq, id)` (version 3).
+//! - The session learns that an author forked from the frontiers (two
+//!   heads of one author, or a head at a seq the store holds with another
+//!   id) or from a received signed run (an event at a seq held with
+//!   another id). It reports [`SessionEvent::Equivocation`] once per
+//!   author, and from then on sends that author's chains **by head**: for
+//!   each branch head the store holds, the chain that ends there, from the
+//!   first event the peer is not known to hold (the highest seq it shares
+//!   with a head the peer holds, [`Store::common_seq`]). What the peer
+//!   holds of a forked author is kept as heads ("tips"), not as a seq.
+//! - When a branch is new to both ends, neither can tell where it diverges
+//!   from the other's: the end that sees the peer's head at a seq it holds
+//!   with another id sends its branch from the first seq, and the peer
+//!   skips what it holds by id (a one-time cost, the length of the shared
+//!   prefix, per pair that first meets the fork). The next round knows the
+//!   heads and sends only the rest.
+//! - Received events are stored by id: an event waits in the pool until
+//!   its `prev` and deps are held, and is stored whichever branch it is on.
+//!   A message may interleave two branches of one author; each unsigned run
+//!   is matched to its branch by `prev`.
 //!
 //! # The store contract
 //!
@@ -253,12 +270,14 @@ use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared, State};
 
 /// The sync protocol version this build prefers (the highest it speaks).
 /// Version 2 added live push along an epidemic broadcast tree (IHave,
-/// Graft, Prune).
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The lowest sync protocol version this build speaks. Version 1 peers are
-/// refused at Hello: they flood every push and fail a round on an event
-/// whose dependency came over another connection.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Graft, Prune); version 3, forks: a frontier, IHave or Graft may name
+/// several heads of one author (one per branch), and both branches of a
+/// fork are exchanged.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The lowest sync protocol version this build speaks. Older peers are
+/// refused at Hello: a version 2 peer refuses a frontier with two heads of
+/// one author in the middle of a round, and drops a forked author's events.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// Bytes of the length prefix in front of every message on a stream.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Fixed bytes of a wire frame besides the event and the signature.
@@ -360,7 +379,8 @@ const _: () = assert!(MAX_MESSAGE_BYTES <= u32::MAX as usize);
 const _: () = assert!(1 + 3 + MAX_IHAVE_HEADS * (32 + 10 + 32) <= MAX_MESSAGE_BYTES);
 const _: () = assert!(1 + 3 + MAX_GRAFT_HEADS * (32 + 10 + 32) <= MAX_MESSAGE_BYTES);
 
-/// One author's head: its highest seq and that event's id.
+/// A branch head: an author's highest seq on one of its chains (it has one
+/// unless it forked) and that event's id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Head {
     /// The author.
@@ -394,7 +414,8 @@ pub enum Message {
     Hello(Hello),
     /// 1: the sender's frontier, ascending by author, when digests differ.
     Frontier {
-        /// At most [`MAX_FRONTIER_ENTRIES`] heads, strictly ascending by author.
+        /// At most [`MAX_FRONTIER_ENTRIES`] heads, strictly ascending by
+        /// `(author, seq, id)`.
         heads: Vec<Head>,
     },
     /// 2: wire frames (`PROTOCOL.md` §9), concatenated.
@@ -414,14 +435,15 @@ pub enum Message {
     /// 5: a lazy link's announcement: heads of events the sender stored
     /// since its last one, instead of the events.
     IHave {
-        /// At most [`MAX_IHAVE_HEADS`] heads, strictly ascending by author.
+        /// At most [`MAX_IHAVE_HEADS`] heads, strictly ascending by
+        /// `(author, seq, id)`.
         heads: Vec<Head>,
     },
     /// 6: makes the link eager at both ends; the receiver pushes what the
     /// sender lacks.
     Graft {
         /// The sender's heads for the authors it was told about, at most
-        /// [`MAX_GRAFT_HEADS`], strictly ascending by author.
+        /// [`MAX_GRAFT_HEADS`], strictly ascending by `(author, seq, id)`.
         heads: Vec<Head>,
     },
     /// 7: makes the link lazy at both ends: the sender received only
@@ -525,12 +547,23 @@ pub struct Stored {
 
 /// What a session needs from a replica. See the module docs for the
 /// contract on heads and signatures.
+///
+/// An author that forked has several chains. `event_id`, `hlc` and `fetch`
+/// by `(author, seq)` follow one of them (the replica's choice, the same on
+/// every call: [`State::event_id`]); `chain_id`, `common_seq` and
+/// `fetch_id` reach the others.
 pub trait Store {
-    /// Every author's head, strictly ascending by author. The events up to
+    /// Every branch head, strictly ascending by `(author, seq, id)`: one per
+    /// author, or one per branch of an author that forked. The events up to
     /// the heads are causally closed and each head carries a signature.
     fn frontier(&self) -> Vec<Head>;
     /// The id of an author's event by seq.
     fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId>;
+    /// The id of the event at `seq` in the chain that ends at `head`.
+    fn chain_id(&self, head: &EventId, seq: u64) -> Option<EventId>;
+    /// The highest seq at which the chains ending at `a` and `b` hold the
+    /// same event (0 if none, or if either is not held).
+    fn common_seq(&self, a: &EventId, b: &EventId) -> u64;
     /// Whether the event is stored.
     fn contains(&self, id: &EventId) -> bool;
     /// The hlc of an author's event by seq (the merge's sort key; cheaper
@@ -538,6 +571,8 @@ pub trait Store {
     fn hlc(&self, author: &NodeId, seq: u64) -> Option<Hlc>;
     /// An author's event by seq.
     fn fetch(&self, author: &NodeId, seq: u64) -> Option<Stored>;
+    /// An event by id.
+    fn fetch_id(&self, id: &EventId) -> Option<Stored>;
     /// Checks an authenticated event against the replica and stores it with
     /// its signature, as [`State::insert`] does: on error nothing changes.
     fn insert(
@@ -594,8 +629,6 @@ pub struct Pool {
 /// A report for the origin of a pooled event.
 #[derive(Clone, Debug)]
 enum Mail {
-    /// A pooled event proved a fork.
-    Fork(Equivocation),
     /// The store refused a pooled event.
     Refused(SyncError),
 }
@@ -670,7 +703,12 @@ impl Pool {
     /// merged with the run's into one, stored whole, labelled by the
     /// highest signed seq among them. Nothing is added if the run would
     /// pass a limit.
-    fn add_run(&mut self, run: Vec<Pending>, seg: u64, origin: u64) -> Result<u64, SyncError> {
+    fn add_run(
+        &mut self,
+        run: Vec<Pending>,
+        seg: (u64, EventId),
+        origin: u64,
+    ) -> Result<u64, SyncError> {
         let Some(author) = run.first().map(|p| p.event.author) else {
             return Ok(0);
         };
@@ -681,7 +719,7 @@ impl Pool {
                 max_bytes: self.max_bytes,
             });
         }
-        let merged: BTreeSet<u64> = run
+        let merged: BTreeSet<(u64, EventId)> = run
             .iter()
             .filter_map(|p| self.ids.get(&p.id))
             .filter_map(|k| self.entries.get(k).map(|e| e.seg))
@@ -807,7 +845,7 @@ impl Default for Pool {
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
     state: State,
-    events: BTreeMap<(NodeId, u64), Stored>,
+    events: BTreeMap<EventId, Stored>,
     pool: Pool,
 }
 
@@ -837,9 +875,9 @@ impl MemStore {
         frontier_digest(&self.frontier())
     }
 
-    /// An author's event by seq.
+    /// An author's event by seq (on the chain [`State::event_id`] follows).
     pub fn get(&self, author: &NodeId, seq: u64) -> Option<&Stored> {
-        self.events.get(&(*author, seq))
+        self.events.get(&self.state.event_id(author, seq)?)
     }
 
     /// The events its sessions received that wait for a dependency.
@@ -867,14 +905,14 @@ impl MemStore {
         Ok(Some(id))
     }
 
-    /// Ends a batch: signs `key`'s author's head. Returns its id, or `None`
-    /// when the author has no event.
+    /// Ends a batch: signs `key`'s author's head (the one its local events
+    /// extend). Returns its id, or `None` when the author has no event.
     pub fn sign(&mut self, key: &Keypair) -> Option<EventId> {
         let author = key.node_id();
-        let (&(_, _), stored) = self
-            .events
-            .range_mut((author, 0)..=(author, u64::MAX))
-            .next_back()?;
+        let id = self
+            .state
+            .event_id(&author, self.state.local_seq(&author))?;
+        let stored = self.events.get_mut(&id)?;
         stored.sig = Some(key.sign(&stored.id));
         Some(stored.id)
     }
@@ -913,7 +951,7 @@ impl Store for MemStore {
         self.state
             .frontier()
             .into_iter()
-            .map(|(author, (seq, id))| Head { author, seq, id })
+            .map(|(author, seq, id)| Head { author, seq, id })
             .collect()
     }
 
@@ -921,16 +959,28 @@ impl Store for MemStore {
         self.state.event_id(author, seq)
     }
 
+    fn chain_id(&self, head: &EventId, seq: u64) -> Option<EventId> {
+        self.state.chain_id(head, seq)
+    }
+
+    fn common_seq(&self, a: &EventId, b: &EventId) -> u64 {
+        self.state.common_seq(a, b)
+    }
+
     fn contains(&self, id: &EventId) -> bool {
         self.state.contains(id)
     }
 
     fn hlc(&self, author: &NodeId, seq: u64) -> Option<Hlc> {
-        self.events.get(&(*author, seq)).map(|s| s.hlc)
+        self.state.hlc_of(&self.state.event_id(author, seq)?)
     }
 
     fn fetch(&self, author: &NodeId, seq: u64) -> Option<Stored> {
-        self.events.get(&(*author, seq)).cloned()
+        self.fetch_id(&self.state.event_id(author, seq)?)
+    }
+
+    fn fetch_id(&self, id: &EventId) -> Option<Stored> {
+        self.events.get(id).cloned()
     }
 
     fn insert(
@@ -943,7 +993,7 @@ impl Store for MemStore {
         let r = self.state.insert(event, id)?;
         if r == Inserted::New {
             self.events.insert(
-                (event.author, event.seq),
+                id,
                 Stored {
                     bytes: bytes.to_vec(),
                     id,
@@ -1019,20 +1069,23 @@ pub enum SessionEvent {
     /// The Hello digests are equal: the round is over, nothing to exchange.
     InSync,
     /// Events were stored: from the peer, or from the pool, whichever
-    /// session received them. `heads` holds, per author, the highest seq
-    /// stored (always a signed event): tell every session, this one
-    /// included ([`Session::handle_stored`]).
+    /// session received them. `heads` holds, per author and branch, the
+    /// highest event stored (always a signed event): tell every session,
+    /// this one included ([`Session::handle_stored`]).
     Received {
         /// Events stored.
         count: u64,
-        /// `(author, highest seq stored)`, ascending by author.
-        heads: Vec<(NodeId, u64)>,
+        /// Ascending.
+        heads: Vec<Head>,
     },
     /// The peer's Done arrived: everything it sent is stored.
     PeerDone,
     /// Both ends have sent and received Done: the round is over.
     RoundDone,
-    /// A fork: two events with one `(author, seq)`.
+    /// A fork: two events with one `(author, seq)`. Both branches are
+    /// exchanged and stored like any other events (the fold keeps both,
+    /// `state` module docs); this only tells the shell, once per author and
+    /// session.
     Equivocation(Equivocation),
     /// The peer (its end lazy) announced heads this replica lacks, or holds
     /// with another id at that seq (a fork: its branch must be fetched to
@@ -1368,16 +1421,21 @@ impl Phase {
     }
 }
 
-/// One author's events to send: seqs `next..=end`. Exactly one heap entry
-/// per cursor, keyed by the hlc of `next`.
+/// One chain's events to send: seqs `next..=end`. At least one heap entry
+/// per cursor, keyed by the hlc of `next`; entries whose seq is not the
+/// cursor's `next` are stale and skipped.
 #[derive(Clone, Copy, Debug)]
 struct Cursor {
     next: u64,
     end: u64,
-    /// Sends a forked author's branch (so the peer gets the proof): not
-    /// skipped by what the peer holds.
-    branch: bool,
+    /// `None`: the author's chain as [`Store::event_id`] follows it, skipped
+    /// as far as the peer is known to hold it. `Some`: the chain that ends
+    /// at this event, a branch of an author that forked, sent in full.
+    head: Option<EventId>,
 }
+
+/// A cursor's key: the author, and for a branch the head it was made for.
+type CursorKey = (NodeId, Option<EventId>);
 
 /// A received event not yet stored.
 #[derive(Clone, Debug)]
@@ -1386,8 +1444,9 @@ struct Pending {
     id: EventId,
     bytes: Vec<u8>,
     sig: Option<Signature>,
-    /// The seq of the signed event that ends its segment (set on release).
-    seg: u64,
+    /// The seq and id of the signed event that ends its segment (set on
+    /// release).
+    seg: (u64, EventId),
     /// The pool tag of the session that received it (set on release).
     origin: u64,
 }
@@ -1402,22 +1461,15 @@ impl Pending {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Fork {
-    proven: bool,
-    branch_sent: bool,
-}
-
 /// What the drain decided about one released event.
 enum Verdict {
     Store,
     Duplicate,
     Wait,
-    Fork(Equivocation),
 }
 
-/// Heap key: `(hlc of next, author, next)`, smallest first.
-type HeapEntry = Reverse<(Hlc, NodeId, u64)>;
+/// Heap key: `(hlc of next, author, next, branch)`, smallest first.
+type HeapEntry = Reverse<(Hlc, NodeId, u64, Option<EventId>)>;
 
 /// One end of a sync connection. See the module docs for the protocol and
 /// the order of calls.
@@ -1439,14 +1491,20 @@ pub struct Session {
     /// Set once the peer's frontier is known (equal digests or Frontier):
     /// from then on both ends push and accept Events, IHave, Graft, Prune.
     known: bool,
-    /// Per author, the highest seq the peer is known to hold.
+    /// Per author, the highest seq the peer is known to hold, on the chain
+    /// [`Store::event_id`] follows.
     peer_has: BTreeMap<NodeId, u64>,
-    cursors: BTreeMap<NodeId, Cursor>,
+    /// Per author that forked: heads held here that the peer is known to
+    /// hold (with everything before them on their chains), none on
+    /// another's chain.
+    tips: BTreeMap<NodeId, Vec<Head>>,
+    cursors: BTreeMap<CursorKey, Cursor>,
     heap: BinaryHeap<HeapEntry>,
     sent_done: bool,
     got_done: bool,
-    /// Per author, received events no signature covers yet: a chain.
-    runs: BTreeMap<NodeId, Vec<Pending>>,
+    /// Per author, received events no signature covers yet: chains (more
+    /// than one only while a forked author's branches cross).
+    runs: BTreeMap<NodeId, Vec<Vec<Pending>>>,
     /// Events and bytes in `runs`.
     run_events: usize,
     run_bytes: usize,
@@ -1463,6 +1521,8 @@ pub struct Session {
     eager: bool,
     /// Lazy: per author, the highest seq stored and not yet announced.
     announce: BTreeMap<NodeId, u64>,
+    /// Lazy: heads of forked authors' branches stored and not yet announced.
+    announce_branches: BTreeSet<Head>,
     /// Per author, the highest seq [`Session::handle_stored`] offered. A
     /// live push carries only what was stored since: what the peer is not
     /// known to hold from before was offered already (pushed, or announced
@@ -1480,7 +1540,11 @@ pub struct Session {
     prune_sent: bool,
     /// Live pushes in a row from the peer that carried only duplicates.
     dup_streak: u32,
-    forks: BTreeMap<NodeId, Fork>,
+    /// Authors seen to fork in this session (reported once each): their
+    /// branches are sent by head ([`Session::tips`]).
+    forked: BTreeSet<NodeId>,
+    /// Authors whose fork this session reported.
+    reported: BTreeSet<NodeId>,
     events: VecDeque<SessionEvent>,
     stats: SessionStats,
 }
@@ -1501,6 +1565,7 @@ impl Session {
             goodbye: None,
             known: false,
             peer_has: BTreeMap::new(),
+            tips: BTreeMap::new(),
             cursors: BTreeMap::new(),
             heap: BinaryHeap::new(),
             sent_done: false,
@@ -1513,12 +1578,14 @@ impl Session {
             own_pool: Pool::new(),
             eager,
             announce: BTreeMap::new(),
+            announce_branches: BTreeSet::new(),
             offered: BTreeMap::new(),
             announced: BTreeMap::new(),
             wanted: BTreeSet::new(),
             prune_sent: false,
             dup_streak: 0,
-            forks: BTreeMap::new(),
+            forked: BTreeSet::new(),
+            reported: BTreeSet::new(),
             events: VecDeque::new(),
             stats: SessionStats::default(),
         };
@@ -1626,13 +1693,29 @@ impl Session {
         true
     }
 
-    /// Tells the session that the event `(author, seq)` was stored, made
-    /// locally or received from any peer; it must be signed (the end of a
-    /// batch). If the peer is not known to hold it, an eager end queues it
-    /// and the author's events before it that the peer lacks to send; a
-    /// lazy end queues its head for the next IHave.
-    pub fn handle_stored<S: Store + ?Sized>(&mut self, author: NodeId, seq: u64, store: &S) {
-        if self.phase == Phase::Closed || !self.known || self.forks.contains_key(&author) {
+    /// Tells the session that the event `head` was stored, made locally or
+    /// received from any peer; it must be signed (the end of a batch). If
+    /// the peer is not known to hold it, an eager end queues it and the
+    /// author's events before it that the peer lacks to send; a lazy end
+    /// queues it for the next IHave.
+    pub fn handle_stored<S: Store + ?Sized>(&mut self, head: Head, store: &S) {
+        if self.phase == Phase::Closed || !self.known {
+            return;
+        }
+        let Head { author, seq, id } = head;
+        if self.forked.contains(&author) || store.event_id(&author, seq) != Some(id) {
+            // A branch of a forked author.
+            self.forked.insert(author);
+            if self.peer_holds(store, &head) {
+                return;
+            }
+            if !self.eager {
+                self.announce_branches.insert(head);
+                return;
+            }
+            if let Err(e) = self.add_branch(store, head) {
+                self.fail(e);
+            }
             return;
         }
         let has = self.peer_has.get(&author).copied().unwrap_or(0);
@@ -1646,9 +1729,90 @@ impl Session {
             return;
         }
         // A cursor that already runs for the author is extended.
-        if let Err(e) = self.add_cursor(store, author, has.max(offered) + 1, seq, false) {
+        if let Err(e) = self.add_cursor(store, author, has.max(offered) + 1, seq) {
             self.fail(e);
         }
+    }
+
+    /// The highest seq of the chain ending at `head` that the peer is
+    /// known to hold: its tips of the author, and the chain `event_id`
+    /// follows as far as `peer_has` says.
+    fn held_on<S: Store + ?Sized>(&self, store: &S, head: &Head) -> u64 {
+        let mut have = 0;
+        for t in self.tips.get(&head.author).into_iter().flatten() {
+            have = have.max(store.common_seq(&head.id, &t.id));
+        }
+        let along = self
+            .peer_has
+            .get(&head.author)
+            .copied()
+            .unwrap_or(0)
+            .min(head.seq);
+        if along > have && store.chain_id(&head.id, along) == store.event_id(&head.author, along) {
+            have = along;
+        }
+        have
+    }
+
+    /// Whether the peer is known to hold `head`.
+    fn peer_holds<S: Store + ?Sized>(&self, store: &S, head: &Head) -> bool {
+        self.held_on(store, head) >= head.seq
+    }
+
+    /// Records that the peer holds `head` (and its chain), which this
+    /// replica holds too.
+    fn note_held<S: Store + ?Sized>(&mut self, store: &S, head: Head) {
+        if !self.forked.contains(&head.author)
+            && store.event_id(&head.author, head.seq) == Some(head.id)
+        {
+            raise(&mut self.peer_has, head.author, head.seq);
+            return;
+        }
+        if self.peer_holds(store, &head) {
+            return;
+        }
+        let tips = self.tips.entry(head.author).or_default();
+        // Tips the new one implies go; there are as many as branches.
+        tips.retain(|t| store.common_seq(&t.id, &head.id) < t.seq);
+        tips.push(head);
+    }
+
+    /// Queues the chain ending at `head` from the first event the peer is
+    /// not known to hold, or extends a branch cursor this chain continues.
+    fn add_branch<S: Store + ?Sized>(&mut self, store: &S, head: Head) -> Result<(), SyncError> {
+        let from = self.held_on(store, &head) + 1;
+        if from > head.seq {
+            return Ok(());
+        }
+        for (key, c) in self.cursors.iter_mut() {
+            if key.0 != head.author {
+                continue;
+            }
+            let Some(h) = c.head else { continue };
+            if c.end <= head.seq && store.chain_id(&head.id, c.end) == Some(h) {
+                c.head = Some(head.id);
+                c.end = head.seq;
+                return Ok(());
+            }
+            if c.end >= head.seq && store.chain_id(&h, head.seq) == Some(head.id) {
+                return Ok(()); // already on its way
+            }
+        }
+        let hlc = branch_hlc(store, &head.id, from).ok_or(SyncError::LocalMissing {
+            author: head.author,
+            seq: from,
+        })?;
+        self.cursors.insert(
+            (head.author, Some(head.id)),
+            Cursor {
+                next: from,
+                end: head.seq,
+                head: Some(head.id),
+            },
+        );
+        self.heap
+            .push(Reverse((hlc, head.author, from, Some(head.id))));
+        Ok(())
     }
 
     /// Stores the events waiting in the pool whose past is now complete.
@@ -1663,7 +1827,7 @@ impl Session {
         }
         let r = self.with_pool(store, |s, store, pool, _| {
             s.drain(store, pool)?;
-            s.read_mail(store, pool)
+            s.read_mail(pool)
         });
         if let Err(e) = r {
             self.fail(e);
@@ -1691,7 +1855,7 @@ impl Session {
                 s.drain(store, pool)?;
             }
             s.handle_inner(bytes, store, pool)?;
-            s.read_mail(store, pool)
+            s.read_mail(pool)
         });
         if let Err(e) = &r {
             self.fail(e.clone());
@@ -1772,14 +1936,9 @@ impl Session {
 
     /// Acts on what other sessions' drains found about this session's
     /// pooled events.
-    fn read_mail<S: Store + ?Sized>(
-        &mut self,
-        store: &mut S,
-        pool: &mut Pool,
-    ) -> Result<(), SyncError> {
+    fn read_mail(&mut self, pool: &mut Pool) -> Result<(), SyncError> {
         for m in pool.collect_mail(self.me()) {
             match m {
-                Mail::Fork(e) => self.proven_fork(e, &*store)?,
                 Mail::Refused(err) => return Err(err),
             }
         }
@@ -1787,7 +1946,7 @@ impl Session {
     }
 
     /// The heads of the next IHave, if a lazy end has any to announce:
-    /// queued heads the peer is not known to hold, ascending by author.
+    /// queued heads the peer is not known to hold, ascending.
     fn next_ihave<S: Store + ?Sized>(&mut self, store: &S) -> Option<Vec<Head>> {
         let mut heads = Vec::new();
         while heads.len() < MAX_IHAVE_HEADS {
@@ -1796,7 +1955,7 @@ impl Session {
             };
             let has = self.peer_has.get(&author).copied().unwrap_or(0);
             let told = self.announced.get(&author).copied().unwrap_or(0);
-            if seq <= has.max(told) || self.forks.contains_key(&author) {
+            if seq <= has.max(told) {
                 continue;
             }
             if let Some(id) = store.event_id(&author, seq) {
@@ -1804,6 +1963,16 @@ impl Session {
                 raise(&mut self.announced, author, seq);
             }
         }
+        while heads.len() < MAX_IHAVE_HEADS {
+            let Some(h) = self.announce_branches.pop_first() else {
+                break;
+            };
+            if !self.peer_holds(store, &h) {
+                heads.push(h);
+            }
+        }
+        heads.sort_unstable();
+        heads.dedup();
         (!heads.is_empty()).then_some(heads)
     }
 
@@ -1841,6 +2010,7 @@ impl Session {
         self.run_events = 0;
         self.run_bytes = 0;
         self.announce.clear();
+        self.announce_branches.clear();
         self.wanted.clear();
         self.events.push_back(SessionEvent::Failed(err));
     }
@@ -1951,20 +2121,30 @@ impl Session {
         if hello.digest == self.snapshot_digest {
             // Same frontier as our snapshot: the peer holds exactly that.
             self.peer_has.clear();
+            self.tips.clear();
             for h in std::mem::take(&mut self.snapshot) {
-                raise(&mut self.peer_has, h.author, h.seq);
+                if store.contains(&h.id) {
+                    self.note_held(store, h);
+                }
             }
             self.known = true;
             self.phase = Phase::Live;
             self.events.push_back(SessionEvent::InSync);
             if self.eager {
                 // Push what was stored since the snapshot.
-                return self.rebuild_cursors(store, &[]);
+                return self.rebuild_cursors(store);
             }
             // Announce it.
             for h in store.frontier() {
+                if self.forked.contains(&h.author) || store.event_id(&h.author, h.seq) != Some(h.id)
+                {
+                    if !self.peer_holds(store, &h) {
+                        self.announce_branches.insert(h);
+                    }
+                    continue;
+                }
                 let has = self.peer_has.get(&h.author).copied().unwrap_or(0);
-                if h.seq > has && !self.forks.contains_key(&h.author) {
+                if h.seq > has {
                     raise(&mut self.announce, h.author, h.seq);
                 }
             }
@@ -1993,9 +2173,9 @@ impl Session {
                 entries: heads.len(),
             });
         }
-        if heads.windows(2).any(|w| w[0].author >= w[1].author) {
+        if heads.windows(2).any(|w| w[0] >= w[1]) {
             return Err(SyncError::FrontierInvalid(
-                "authors are not strictly ascending",
+                "heads are not strictly ascending by (author, seq, id)",
             ));
         }
         if heads.iter().any(|h| h.seq == 0) {
@@ -2010,91 +2190,101 @@ impl Session {
         // yet, or dropped with a session) is forgotten, so the round sends
         // it again rather than never.
         self.peer_has.clear();
-        let mut branches = Vec::new();
+        self.tips.clear();
+        let ours = store.frontier();
+        for w in ours.windows(2) {
+            if w[0].author == w[1].author {
+                self.forked.insert(w[0].author);
+            }
+        }
+        for w in heads.windows(2) {
+            if w[0].author == w[1].author {
+                self.forked.insert(w[0].author);
+            }
+        }
         for h in &heads {
+            if store.contains(&h.id) {
+                self.note_held(store, *h);
+                continue;
+            }
             match store.event_id(&h.author, h.seq) {
-                Some(held) if held != h.id => {
-                    let known = self.forks.contains_key(&h.author);
-                    let fork = self.forks.entry(h.author).or_default();
-                    if !known {
-                        self.events
-                            .push_back(SessionEvent::Equivocation(Equivocation {
-                                author: h.author,
-                                seq: h.seq,
-                                held,
-                                other: h.id,
-                                proven: false,
-                            }));
-                    }
-                    if !fork.branch_sent {
-                        fork.branch_sent = true;
-                        branches.push((h.author, h.seq));
-                    }
+                Some(held) => {
+                    // Another event at that seq here: the peer holds a
+                    // branch this replica lacks, and lacks ours from
+                    // where they diverge (unknown here: from the start).
+                    self.claim_fork(Equivocation {
+                        author: h.author,
+                        seq: h.seq,
+                        held,
+                        other: h.id,
+                        proven: false,
+                    });
                 }
                 // Only authors this replica holds: nothing else is ever sent
-                // to the peer, and the map stays bounded by the store.
-                _ if store.event_id(&h.author, 1).is_some() => {
+                // to the peer, and the map stays bounded by the store. The
+                // peer is ahead on this chain, or on a branch that forked
+                // above it: then its events tell, and the next round sends
+                // ours by head.
+                None if store.event_id(&h.author, 1).is_some() => {
                     raise(&mut self.peer_has, h.author, h.seq)
                 }
-                _ => {}
+                None => {}
             }
         }
         self.phase = Phase::Streaming;
         self.sent_done = false;
         self.got_done = false;
-        self.rebuild_cursors(store, &branches)
+        self.rebuild_cursors(store)
+    }
+
+    /// Reports a fork of `e.author` (once per session) and from now on
+    /// sends its chains by head.
+    /// Whether the author was not known to fork in this session before.
+    /// What the peer holds of its chains is known by heads from now on:
+    /// a seq says nothing about which branch.
+    fn claim_fork(&mut self, e: Equivocation) -> bool {
+        if self.reported.insert(e.author) {
+            self.events.push_back(SessionEvent::Equivocation(e));
+        }
+        self.peer_has.remove(&e.author);
+        self.forked.insert(e.author)
     }
 
     /// Replaces the send queue by the store's events the peer is not known
-    /// to hold, plus the branches of forked authors: those being sent, and
-    /// new ones from the seqs given.
-    fn rebuild_cursors<S: Store + ?Sized>(
-        &mut self,
-        store: &S,
-        branches: &[(NodeId, u64)],
-    ) -> Result<(), SyncError> {
-        let running: Vec<(NodeId, Cursor)> = self
-            .cursors
-            .iter()
-            .filter(|(_, c)| c.branch)
-            .map(|(a, c)| (*a, *c))
-            .collect();
+    /// to hold: per author, the chain `event_id` follows above what the
+    /// peer holds of it, and for an author that forked each branch from
+    /// where the peer's known heads leave it.
+    fn rebuild_cursors<S: Store + ?Sized>(&mut self, store: &S) -> Result<(), SyncError> {
         self.cursors.clear();
         self.heap.clear();
-        for (author, c) in running {
-            self.add_cursor(store, author, c.next, c.end, true)?;
-        }
-        let frontier = store.frontier();
-        for h in &frontier {
-            if self.forks.contains_key(&h.author) {
+        for h in store.frontier() {
+            if self.forked.contains(&h.author) {
+                self.add_branch(store, h)?;
+                // What will have been sent counts for the next branches.
+                self.tips.entry(h.author).or_default().push(h);
                 continue;
             }
             let has = self.peer_has.get(&h.author).copied().unwrap_or(0);
             if h.seq > has {
-                self.add_cursor(store, h.author, has + 1, h.seq, false)?;
-            }
-        }
-        for &(author, from) in branches {
-            if let Ok(i) = frontier.binary_search_by_key(&author, |h| h.author) {
-                self.add_cursor(store, author, from, frontier[i].seq, true)?;
+                self.add_cursor(store, h.author, has + 1, h.seq)?;
             }
         }
         Ok(())
     }
 
-    /// Queues `author`'s seqs `from..=to`, or extends its cursor to `to`.
+    /// Queues `author`'s seqs `from..=to` on the chain `event_id` follows,
+    /// or extends its cursor to `to`.
     fn add_cursor<S: Store + ?Sized>(
         &mut self,
         store: &S,
         author: NodeId,
         from: u64,
         to: u64,
-        branch: bool,
     ) -> Result<(), SyncError> {
         if from > to {
             return Ok(());
         }
-        if let Some(c) = self.cursors.get_mut(&author) {
+        if let Some(c) = self.cursors.get_mut(&(author, None)) {
             c.end = c.end.max(to);
             return Ok(());
         }
@@ -2102,14 +2292,14 @@ impl Session {
             .hlc(&author, from)
             .ok_or(SyncError::LocalMissing { author, seq: from })?;
         self.cursors.insert(
-            author,
+            (author, None),
             Cursor {
                 next: from,
                 end: to,
-                branch,
+                head: None,
             },
         );
-        self.heap.push(Reverse((hlc, author, from)));
+        self.heap.push(Reverse((hlc, author, from, None)));
         Ok(())
     }
 
@@ -2121,24 +2311,27 @@ impl Session {
         let target = self.config.events_bytes_target.clamp(1, MAX_FRAME_BYTES);
         let mut frames = Vec::new();
         let mut count = 0u64;
-        while let Some(&Reverse((_, author, queued))) = self.heap.peek() {
-            // Invariant: one heap entry per cursor, removed together.
-            let Some(c) = self.cursors.get_mut(&author) else {
-                debug_assert!(false, "heap entry without a cursor");
-                self.heap.pop();
+        while let Some(&Reverse((_, author, queued, branch))) = self.heap.peek() {
+            let key = (author, branch);
+            let Some(c) = self.cursors.get_mut(&key) else {
+                self.heap.pop(); // its cursor is done
                 continue;
             };
-            debug_assert_eq!(c.next, queued);
-            let has = self.peer_has.get(&author).copied().unwrap_or(0);
-            let seq = if c.branch {
-                queued
-            } else {
-                queued.max(has.saturating_add(1))
+            if c.next != queued {
+                self.heap.pop(); // stale
+                continue;
+            }
+            let seq = match c.head {
+                Some(_) => queued,
+                None => {
+                    let has = self.peer_has.get(&author).copied().unwrap_or(0);
+                    queued.max(has.saturating_add(1))
+                }
             };
             if seq > c.end {
                 // The peer got the rest meanwhile (from us or by its own pushes).
                 self.heap.pop();
-                self.cursors.remove(&author);
+                self.cursors.remove(&key);
                 continue;
             }
             if seq != queued {
@@ -2147,13 +2340,16 @@ impl Session {
                 let hlc = store
                     .hlc(&author, seq)
                     .ok_or(SyncError::LocalMissing { author, seq })?;
-                self.heap.push(Reverse((hlc, author, seq)));
+                self.heap.push(Reverse((hlc, author, seq, branch)));
                 continue;
             }
             let end = c.end;
-            let stored = store
-                .fetch(&author, seq)
-                .ok_or(SyncError::LocalMissing { author, seq })?;
+            let head = c.head;
+            let stored = match head {
+                None => store.fetch(&author, seq),
+                Some(h) => store.chain_id(&h, seq).and_then(|id| store.fetch_id(&id)),
+            }
+            .ok_or(SyncError::LocalMissing { author, seq })?;
             if seq == end && stored.sig.is_none() {
                 return Err(SyncError::LocalUnsigned { author, seq });
             }
@@ -2163,18 +2359,24 @@ impl Session {
             }
             self.heap.pop();
             if seq == end {
-                self.cursors.remove(&author);
+                self.cursors.remove(&key);
             } else {
-                c.next = seq + 1;
-                let hlc = store.hlc(&author, seq + 1).ok_or(SyncError::LocalMissing {
+                let hlc = match head {
+                    None => store.hlc(&author, seq + 1),
+                    Some(h) => branch_hlc(store, &h, seq + 1),
+                }
+                .ok_or(SyncError::LocalMissing {
                     author,
                     seq: seq + 1,
                 })?;
-                self.heap.push(Reverse((hlc, author, seq + 1)));
+                if let Some(c) = self.cursors.get_mut(&key) {
+                    c.next = seq + 1;
+                }
+                self.heap.push(Reverse((hlc, author, seq + 1, branch)));
             }
             encode_wire_frame(&mut frames, &stored.bytes, stored.sig.as_ref());
             count += 1;
-            if !self.forks.contains_key(&author) {
+            if head.is_none() {
                 raise(&mut self.peer_has, author, seq);
             }
         }
@@ -2198,22 +2400,21 @@ impl Session {
         self.stats.announcements_received += heads.len() as u64;
         let mut lacking = Vec::new();
         for h in heads {
-            if self.forks.get(&h.author).is_some_and(|f| f.proven) {
-                continue; // the peer's events of a proven fork are ignored
+            if store.contains(&h.id) {
+                self.note_held(store, h);
+                continue;
             }
             match store.event_id(&h.author, h.seq) {
-                Some(held) if held == h.id => raise(&mut self.peer_has, h.author, h.seq),
-                // Another event at that seq: fork evidence, to be fetched.
-                Some(_) => lacking.push(h),
-                None => {
-                    // Only authors this replica holds are tracked.
-                    if store.event_id(&h.author, 1).is_some() {
-                        raise(&mut self.peer_has, h.author, h.seq);
-                    }
-                    if !pool.contains(&h.id) {
-                        lacking.push(h);
-                    }
+                // Another event at that seq: a branch, to be fetched.
+                Some(_) => self.forked.extend([h.author]),
+                // Only authors this replica holds are tracked.
+                None if store.event_id(&h.author, 1).is_some() => {
+                    raise(&mut self.peer_has, h.author, h.seq)
                 }
+                None => {}
+            }
+            if !pool.contains(&h.id) {
+                lacking.push(h);
             }
         }
         if !lacking.is_empty() {
@@ -2235,9 +2436,9 @@ impl Session {
     ) -> Result<(), SyncError> {
         check_heads("Graft", &heads, MAX_GRAFT_HEADS)?;
         self.stats.grafts_received += 1;
-        for h in &heads {
-            if store.event_id(&h.author, h.seq) == Some(h.id) {
-                raise(&mut self.peer_has, h.author, h.seq);
+        for h in heads {
+            if store.contains(&h.id) {
+                self.note_held(store, h);
             }
         }
         self.eager = true;
@@ -2245,8 +2446,9 @@ impl Session {
         self.dup_streak = 0;
         // Everything the peer lacks is pushed now: nothing to announce.
         self.announce.clear();
+        self.announce_branches.clear();
         self.events.push_back(SessionEvent::Grafted);
-        self.rebuild_cursors(store, &[])
+        self.rebuild_cursors(store)
     }
 
     fn on_events<S: Store + ?Sized>(
@@ -2266,6 +2468,10 @@ impl Session {
         let mut index = 0;
         let mut released = false;
         let (mut fresh, mut dups) = (0u64, 0u64);
+        // Signed heads of forked authors received, and authors found to
+        // fork in this message.
+        let mut got: Vec<Head> = Vec::new();
+        let mut new_forks: Vec<NodeId> = Vec::new();
         while offset < frames.len() {
             let (bytes, sig, used) =
                 decode_wire_frame(&frames[offset..]).map_err(|source| SyncError::Frame {
@@ -2281,13 +2487,13 @@ impl Session {
             if store.contains(&id) || pool.contains(&id) {
                 // A duplicate, known by its id: neither decoded nor
                 // verified. Only its author and seq are read (the bytes are
-                // those of an event held here), unless a run of its author
-                // is open: then it is checked as the run's next event.
-                let dot =
-                    peek_dot(bytes).filter(|(a, _)| self.runs.get(a).is_none_or(|r| r.is_empty()));
-                if let Some((author, seq)) = dot {
-                    if !self.forks.contains_key(&author) {
-                        raise(&mut self.peer_has, author, seq);
+                // those of an event held here). An open run cannot need it:
+                // what is held has its whole chain held too, so the run's
+                // next event names a held prev and starts a run of its own.
+                if let Some((author, seq)) = peek_dot(bytes) {
+                    if store.contains(&id) {
+                        self.note_held(&*store, Head { author, seq, id });
+                        self.drop_held_runs(author, &*store);
                     }
                     self.stats.duplicates += 1;
                     dups += 1;
@@ -2305,25 +2511,37 @@ impl Session {
                 author,
                 seq: event.seq,
             };
-            if self.forks.get(&author).is_some_and(|f| f.proven) {
-                continue; // the other branch of a proven fork
-            }
-            if let Some(last) = self.runs.get(&author).and_then(|r| r.last()) {
-                let why = if event.seq != last.event.seq.saturating_add(1) {
-                    Some("its seq does not follow")
-                } else if event.prev != Some(last.id) {
-                    Some("its prev is not that event")
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    return Err(SyncError::BrokenRun {
-                        event: eref,
-                        after_seq: last.event.seq,
-                        why,
-                    });
+            // The run this event continues: the one that ends at its prev.
+            // Else it starts one: its prev is held (or it is seq 1), or no
+            // run of its author is open (it waits for its prev).
+            let runs = self.runs.entry(author).or_default();
+            let run_ix = match runs
+                .iter()
+                .position(|r| r.last().is_some_and(|l| Some(l.id) == event.prev))
+            {
+                Some(i) => i,
+                None => {
+                    let held = event
+                        .prev
+                        .is_none_or(|p| store.contains(&p) || pool.contains(&p));
+                    if !held {
+                        if let Some(last) = runs.iter().filter_map(|r| r.last()).next() {
+                            let why = if event.seq != last.event.seq.saturating_add(1) {
+                                "its seq does not follow"
+                            } else {
+                                "its prev is not that event"
+                            };
+                            return Err(SyncError::BrokenRun {
+                                event: eref,
+                                after_seq: last.event.seq,
+                                why,
+                            });
+                        }
+                    }
+                    runs.push(Vec::new());
+                    runs.len() - 1
                 }
-            }
+            };
             if let Some(sig) = &sig {
                 verify(&author, &id, sig).map_err(|source| SyncError::BadSignature {
                     event: eref,
@@ -2343,29 +2561,68 @@ impl Session {
             self.run_bytes += bytes.len();
             fresh += 1;
             let signed = sig.is_some();
-            self.runs.entry(author).or_default().push(Pending {
+            let runs = self.runs.entry(author).or_default();
+            runs[run_ix].push(Pending {
                 event,
                 id,
                 bytes: bytes.to_vec(),
                 sig,
-                seg: 0,
+                seg: (0, id),
                 origin: me,
             });
             if signed {
                 // The signature covers the whole run through `prev`: it is
                 // authenticated, and the peer holds it.
-                let run = self.runs.remove(&author).unwrap_or_default();
+                let run = runs.swap_remove(run_ix);
+                if runs.is_empty() {
+                    self.runs.remove(&author);
+                }
                 self.run_events -= run.len();
                 self.run_bytes -= run.iter().map(|p| p.bytes.len()).sum::<usize>();
-                if !self.forks.contains_key(&author) {
+                // An event at a seq held here with another id proves a
+                // fork: both branches are kept.
+                let fork = run.iter().find_map(|p| {
+                    let held = store.event_id(&author, p.event.seq)?;
+                    (held != p.id).then_some(Equivocation {
+                        author,
+                        seq: p.event.seq,
+                        held,
+                        other: p.id,
+                        proven: true,
+                    })
+                });
+                if let Some(e) = fork {
+                    if self.claim_fork(e) {
+                        new_forks.push(author);
+                    }
+                }
+                if self.forked.contains(&author) {
+                    got.push(Head {
+                        author,
+                        seq: eref.seq,
+                        id,
+                    });
+                } else {
                     raise(&mut self.peer_has, author, eref.seq);
                 }
-                self.stats.duplicates += pool.add_run(run, eref.seq, me)?;
+                self.stats.duplicates += pool.add_run(run, (eref.seq, id), me)?;
                 released = true;
             }
         }
         if released {
             self.drain(store, pool)?;
+        }
+        for h in got {
+            if store.contains(&h.id) {
+                self.note_held(&*store, h);
+            }
+        }
+        for author in new_forks {
+            // The peer holds another branch: send it ours, from where its
+            // branch leaves ours.
+            for h in store.frontier().into_iter().filter(|h| h.author == author) {
+                self.add_branch(&*store, h)?;
+            }
         }
         if live && fresh > 0 {
             self.dup_streak = 0;
@@ -2385,14 +2642,40 @@ impl Session {
         Ok(())
     }
 
+    /// Drops `author`'s open runs whose last event the store now holds
+    /// (another link brought them, signed): their whole chain is held.
+    fn drop_held_runs<S: Store + ?Sized>(&mut self, author: NodeId, store: &S) {
+        let Some(runs) = self.runs.get_mut(&author) else {
+            return;
+        };
+        let mut dropped = (0, 0);
+        runs.retain(|r| {
+            let held = r.last().is_some_and(|l| store.contains(&l.id));
+            if held {
+                dropped.0 += r.len();
+                dropped.1 += r.iter().map(|p| p.bytes.len()).sum::<usize>();
+            }
+            !held
+        });
+        if runs.is_empty() {
+            self.runs.remove(&author);
+        }
+        self.run_events -= dropped.0;
+        self.run_bytes -= dropped.1;
+        self.stats.duplicates += dropped.0 as u64;
+    }
+
     fn on_done<S: Store + ?Sized>(
         &mut self,
         store: &mut S,
         pool: &mut Pool,
     ) -> Result<(), SyncError> {
         self.drain(store, pool)?;
-        if let Some(run) = self.runs.values().find(|r| !r.is_empty()) {
-            // Invariant: the run is not empty.
+        let authors: Vec<NodeId> = self.runs.keys().copied().collect();
+        for a in authors {
+            self.drop_held_runs(a, &*store);
+        }
+        if let Some(run) = self.runs.values().flatten().find(|r| !r.is_empty()) {
             return Err(SyncError::Unsigned {
                 first: run[0].eref(),
                 last_seq: run[run.len() - 1].event.seq,
@@ -2418,52 +2701,18 @@ impl Session {
     }
 
     /// What to do with a pooled event, given the store and the events
-    /// this drain pass accepted before it (`tent`, `tent_ids`).
-    fn verdict<S: Store + ?Sized>(
-        p: &Pending,
-        store: &S,
-        tent: &BTreeMap<(NodeId, u64), EventId>,
-        tent_ids: &BTreeSet<EventId>,
-    ) -> Verdict {
-        let (a, seq) = (p.event.author, p.event.seq);
-        let held = |s: u64| tent.get(&(a, s)).copied().or_else(|| store.event_id(&a, s));
-        match held(seq) {
-            Some(x) if x == p.id => return Verdict::Duplicate,
-            Some(x) => {
-                return Verdict::Fork(Equivocation {
-                    author: a,
-                    seq,
-                    held: x,
-                    other: p.id,
-                    proven: true,
-                })
-            }
-            None => {}
+    /// this drain pass accepted before it (`tent`): by id alone, so that
+    /// both branches of a fork are stored.
+    fn verdict<S: Store + ?Sized>(p: &Pending, store: &S, tent: &BTreeSet<EventId>) -> Verdict {
+        let held = |id: &EventId| tent.contains(id) || store.contains(id);
+        if held(&p.id) {
+            return Verdict::Duplicate;
         }
-        if let Some(prev) = p.event.prev {
-            // `Event::check` (in decode) made `prev` present exactly when seq > 1.
-            match held(seq - 1) {
-                None => return Verdict::Wait,
-                Some(x) if x != prev => {
-                    return Verdict::Fork(Equivocation {
-                        author: a,
-                        seq: seq - 1,
-                        held: x,
-                        other: prev,
-                        proven: true,
-                    })
-                }
-                Some(_) => {}
-            }
+        if p.event.prev.iter().chain(&p.event.deps).all(held) {
+            Verdict::Store
+        } else {
+            Verdict::Wait
         }
-        if p.event
-            .deps
-            .iter()
-            .any(|d| !tent_ids.contains(d) && !store.contains(d))
-        {
-            return Verdict::Wait;
-        }
-        Verdict::Store
     }
 
     /// Stores every segment in the pool that can be stored whole, in
@@ -2483,21 +2732,18 @@ impl Session {
         store: &mut S,
         pool: &mut Pool,
     ) -> Result<(), SyncError> {
-        let me = self.me();
-        let mut excluded: BTreeSet<(NodeId, u64)> = BTreeSet::new();
+        let mut excluded: BTreeSet<(NodeId, (u64, EventId))> = BTreeSet::new();
         loop {
-            let mut tent: BTreeMap<(NodeId, u64), EventId> = BTreeMap::new();
-            let mut tent_ids: BTreeSet<EventId> = BTreeSet::new();
-            let mut seg_accepted: BTreeSet<(NodeId, u64)> = BTreeSet::new();
+            let mut tent: BTreeSet<EventId> = BTreeSet::new();
+            let mut seg_accepted: BTreeSet<(NodeId, (u64, EventId))> = BTreeSet::new();
             let mut accepted: Vec<(PoolKey, bool)> = Vec::new();
             let mut again = false;
-            let mut fork = None;
             for (key, p) in &pool.entries {
                 let seg = (p.event.author, p.seg);
                 if excluded.contains(&seg) {
                     continue;
                 }
-                let store_it = match Self::verdict(p, &*store, &tent, &tent_ids) {
+                let store_it = match Self::verdict(p, &*store, &tent) {
                     Verdict::Store => true,
                     Verdict::Duplicate => false,
                     Verdict::Wait => {
@@ -2505,25 +2751,10 @@ impl Session {
                         excluded.insert(seg);
                         continue;
                     }
-                    Verdict::Fork(e) => {
-                        fork = Some((e, p.origin));
-                        break;
-                    }
                 };
                 accepted.push((*key, store_it));
-                tent.insert((p.event.author, p.event.seq), p.id);
-                tent_ids.insert(p.id);
+                tent.insert(p.id);
                 seg_accepted.insert(seg);
-            }
-            if let Some((e, origin)) = fork {
-                // The forked author's events from that peer are dropped.
-                pool.drop_author(e.author, origin);
-                if origin == me {
-                    self.proven_fork(e, &*store)?;
-                } else {
-                    pool.post(origin, Mail::Fork(e));
-                }
-                continue;
             }
             if again {
                 continue;
@@ -2547,7 +2778,7 @@ impl Session {
     ) -> Result<bool, SyncError> {
         let me = self.me();
         let mut count = 0u64;
-        let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut heads: BTreeSet<Head> = BTreeSet::new();
         let mut result = Ok(false);
         for (key, store_it) in accepted {
             let Some(p) = pool.take(&key) else {
@@ -2561,7 +2792,24 @@ impl Session {
             match store.insert(&p.event, p.id, &p.bytes, p.sig) {
                 Ok(Inserted::New) => {
                     count += 1;
-                    raise(&mut heads, p.event.author, p.event.seq);
+                    if p.sig.is_some() {
+                        // A signed head; what it extends is no longer one.
+                        if let Some(prev) = p.event.prev {
+                            heads.remove(&Head {
+                                author: p.event.author,
+                                seq: p.event.seq - 1,
+                                id: prev,
+                            });
+                        }
+                        heads.retain(|h| {
+                            h.author != p.event.author || store.chain_id(&p.id, h.seq) != Some(h.id)
+                        });
+                        heads.insert(Head {
+                            author: p.event.author,
+                            seq: p.event.seq,
+                            id: p.id,
+                        });
+                    }
                 }
                 Ok(Inserted::Duplicate) => self.stats.duplicates += 1,
                 Err(source) => {
@@ -2590,46 +2838,6 @@ impl Session {
         }
         result
     }
-
-    /// A signed event proves that `e.author` forked: report it (once), drop
-    /// the author's unsigned events from this peer (its pooled ones are
-    /// dropped by the caller), and send the peer our branch.
-    fn proven_fork<S: Store + ?Sized>(
-        &mut self,
-        e: Equivocation,
-        store: &S,
-    ) -> Result<(), SyncError> {
-        let author = e.author;
-        let fork = self.forks.entry(author).or_default();
-        let first_proof = !fork.proven;
-        fork.proven = true;
-        let send_branch = !fork.branch_sent && store.event_id(&author, e.seq).is_some();
-        fork.branch_sent |= send_branch;
-        if first_proof {
-            self.events.push_back(SessionEvent::Equivocation(e));
-        }
-        for p in self.runs.remove(&author).unwrap_or_default() {
-            self.run_events -= 1;
-            self.run_bytes -= p.bytes.len();
-        }
-        if self.cursors.get(&author).is_some_and(|c| !c.branch) {
-            self.cursors.remove(&author);
-            self.heap.retain(|Reverse((_, a, _))| *a != author);
-        }
-        if send_branch {
-            let head = store
-                .frontier()
-                .into_iter()
-                .find(|h| h.author == author)
-                .map_or(e.seq, |h| h.seq);
-            if self.cursors.contains_key(&author) {
-                // A branch cursor already runs; it covers the rest.
-                return Ok(());
-            }
-            self.add_cursor(store, author, e.seq, head, true)?;
-        }
-        Ok(())
-    }
 }
 
 /// Checks the heads of an IHave or Graft: the limit, strictly ascending
@@ -2642,10 +2850,10 @@ fn check_heads(message: &'static str, heads: &[Head], max: usize) -> Result<(), 
             max,
         });
     }
-    if heads.windows(2).any(|w| w[0].author >= w[1].author) {
+    if heads.windows(2).any(|w| w[0] >= w[1]) {
         return Err(SyncError::InvalidHeads {
             message,
-            why: "authors are not strictly ascending",
+            why: "heads are not strictly ascending by (author, seq, id)",
         });
     }
     if heads.iter().any(|h| h.seq == 0) {
@@ -2664,6 +2872,11 @@ fn peek_dot(bytes: &[u8]) -> Option<(NodeId, u64)> {
     let (author, rest): (NodeId, _) = postcard::take_from_bytes(bytes.get(1..)?).ok()?;
     let (seq, _): (u64, _) = postcard::take_from_bytes(rest).ok()?;
     Some((author, seq))
+}
+
+/// The hlc of the event at `seq` on the chain that ends at `head`.
+fn branch_hlc<S: Store + ?Sized>(store: &S, head: &EventId, seq: u64) -> Option<Hlc> {
+    Some(store.fetch_id(&store.chain_id(head, seq)?)?.hlc)
 }
 
 /// `map[k] = max(map[k], v)`.

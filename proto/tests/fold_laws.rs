@@ -17,7 +17,7 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use weftlog_proto::event::FORMAT_VERSION;
 use weftlog_proto::state::{
-    Account, Draft, Inserted, Invalid, PrepareError, Prepared, State, Written,
+    Account, Draft, Inserted, Invalid, PrepareError, Prepared, State, WriteId, Written,
 };
 use weftlog_proto::{Dot, Event, EventId, Hlc, HlcClock, Keypair, Meta, NodeId, Op};
 
@@ -771,7 +771,11 @@ fn assert_matches_model(state: &State, events: &[(Event, EventId)]) {
                     "{name}.{field}: the two laws"
                 );
             }
-            assert_eq!(s.fields[field], expect, "{name}.{field}: standing writes");
+            assert_eq!(
+                by_dot(&s.fields[field]),
+                expect,
+                "{name}.{field}: standing writes"
+            );
             if expect.len() > 1 {
                 conflicts.push((name.clone(), field.clone(), expect.clone()));
             }
@@ -781,7 +785,7 @@ fn assert_matches_model(state: &State, events: &[(Event, EventId)]) {
                 .max_by_key(|(d, w)| (w.hlc, d.author))
                 .map(|(d, _)| *d);
             assert_eq!(
-                s.shown(field).map(|(d, _)| *d),
+                s.shown(field).map(|(d, _)| d.dot()),
                 shown,
                 "{name}.{field}: shown"
             );
@@ -796,7 +800,7 @@ fn assert_matches_model(state: &State, events: &[(Event, EventId)]) {
     }
     let got: Vec<(String, String, BTreeMap<Dot, Written>)> = state
         .conflicts()
-        .map(|(s, f, w)| (s.to_string(), f.to_string(), w.clone()))
+        .map(|(s, f, w)| (s.to_string(), f.to_string(), by_dot(w)))
         .collect();
     assert_eq!(got, conflicts, "conflicts");
     // Frontier: each author's chain is 1..=n and the head is its last event.
@@ -806,7 +810,16 @@ fn assert_matches_model(state: &State, events: &[(Event, EventId)]) {
         assert_eq!(e.seq, slot.0 + 1, "chain order");
         *slot = (e.seq, *id);
     }
+    let frontier: Vec<(NodeId, u64, EventId)> = frontier
+        .into_iter()
+        .map(|(a, (s, id))| (a, s, id))
+        .collect();
     assert_eq!(state.frontier(), frontier, "frontier");
+}
+
+/// Standing writes by dot: one event per dot where no author forked.
+fn by_dot(writes: &BTreeMap<WriteId, Written>) -> BTreeMap<Dot, Written> {
+    writes.iter().map(|(w, v)| (w.dot(), v.clone())).collect()
 }
 
 /// Escrow bookkeeping on one replica, whose events are `events`: the sums
@@ -1314,7 +1327,10 @@ fn concurrent_writes_to_one_field_conflict_until_superseded() {
         assert_eq!(conflicts.len(), 1, "{who}: {conflicts:?}");
         let (s, f, writes) = conflicts[0];
         assert_eq!((s, f), (stream, "name"), "{who}");
-        let values: BTreeMap<Dot, &[u8]> = writes.iter().map(|(d, w)| (*d, &w.value[..])).collect();
+        let values: BTreeMap<Dot, &[u8]> = writes
+            .iter()
+            .map(|(d, w)| (d.dot(), &w.value[..]))
+            .collect();
         assert_eq!(
             values,
             BTreeMap::from([(dot_a, &b"\"Ada L\""[..]), (dot_b, &b"\"Ada B\""[..])]),
@@ -1322,8 +1338,8 @@ fn concurrent_writes_to_one_field_conflict_until_superseded() {
         );
         let st = n.state.stream(stream).unwrap();
         assert_eq!(
-            st.shown("name").unwrap().0,
-            &shown_name,
+            st.shown("name").unwrap().0.dot(),
+            shown_name,
             "{who}: display value"
         );
         // Different fields: both merged, no conflict.

@@ -278,9 +278,9 @@ impl Mesh {
                     self.log.push((node, peer, e));
                 }
             }
-            for (author, seq) in heads {
+            for h in heads {
                 for s in links.values_mut() {
-                    s.handle_stored(author, seq, &*store);
+                    s.handle_stored(h, &*store);
                 }
             }
             if let Some(after) = self.graft_after_ms {
@@ -319,8 +319,13 @@ impl Mesh {
             .commit(author, clock, now, [d])
             .expect("a valid draft");
         let dot = store.state().dot_of(&made[0]).expect("just made");
+        let head = Head {
+            author: dot.author,
+            seq: dot.seq,
+            id: made[0],
+        };
         for s in links.values_mut() {
-            s.handle_stored(dot.author, dot.seq, &*store);
+            s.handle_stored(head, &*store);
         }
         self.settle(node);
         made[0]
@@ -641,8 +646,13 @@ fn a_lazy_link_announces_and_a_graft_fetches() {
             .commit(&key(a), clock, EPOCH_MS + i, [draft(i)])
             .unwrap();
         let dot = store.state().dot_of(&made[0]).unwrap();
+        let head = Head {
+            author: dot.author,
+            seq: dot.seq,
+            id: made[0],
+        };
         for s in links.values_mut() {
-            s.handle_stored(dot.author, dot.seq, &*store);
+            s.handle_stored(head, &*store);
         }
     }
     m.settle(a);
@@ -725,9 +735,16 @@ fn a_dependency_arriving_over_another_session_releases_the_event() {
         .filter(|(n, p, e)| *n == z && *p == x && matches!(e, SessionEvent::Received { .. }))
         .map(|(_, _, e)| e)
         .collect();
-    let mut heads = vec![(key(x).node_id(), 1), (key(y).node_id(), 1)];
-    heads.sort();
-    assert_eq!(got[0], &SessionEvent::Received { count: 2, heads });
+    let SessionEvent::Received { count, heads } = got[0] else {
+        unreachable!("filtered");
+    };
+    let mut want = vec![(key(x).node_id(), 1), (key(y).node_id(), 1)];
+    want.sort();
+    assert_eq!(*count, 2);
+    assert_eq!(
+        heads.iter().map(|h| (h.author, h.seq)).collect::<Vec<_>>(),
+        want
+    );
     assert_eq!(m.nodes[z].links[&y].stats().events_stored, 0);
 }
 
@@ -1048,14 +1065,14 @@ fn bad_ihave_graft_and_prune_are_refused() {
             }),
             SyncError::InvalidHeads {
                 message: "IHave",
-                why: "authors are not strictly ascending",
+                why: "heads are not strictly ascending by (author, seq, id)",
             },
         ),
         (
             encode(&Message::Graft { heads: unsorted }),
             SyncError::InvalidHeads {
                 message: "Graft",
-                why: "authors are not strictly ascending",
+                why: "heads are not strictly ascending by (author, seq, id)",
             },
         ),
         (
@@ -1148,6 +1165,15 @@ impl Store for NoPool {
     fn event_id(&self, author: &NodeId, seq: u64) -> Option<EventId> {
         self.0.event_id(author, seq)
     }
+    fn chain_id(&self, head: &EventId, seq: u64) -> Option<EventId> {
+        self.0.chain_id(head, seq)
+    }
+    fn common_seq(&self, a: &EventId, b: &EventId) -> u64 {
+        self.0.common_seq(a, b)
+    }
+    fn fetch_id(&self, id: &EventId) -> Option<weftlog_proto::sync::Stored> {
+        self.0.fetch_id(id)
+    }
     fn contains(&self, id: &EventId) -> bool {
         self.0.contains(id)
     }
@@ -1230,7 +1256,11 @@ fn a_private_pool_is_retried_after_another_session_stored() {
         zy.poll_event(),
         Some(SessionEvent::Received {
             count: 1,
-            heads: vec![(ky.node_id(), 1)]
+            heads: vec![Head {
+                author: ky.node_id(),
+                seq: 1,
+                id: e2
+            }]
         })
     );
     // Its Done finds nothing missing.

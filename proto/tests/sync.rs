@@ -310,7 +310,7 @@ fn stored(p: &mut Peer, author: usize) {
         .into_iter()
         .find(|h| h.author == id(author));
     if let Some(h) = head {
-        p.session.handle_stored(h.author, h.seq, &p.store);
+        p.session.handle_stored(h, &p.store);
         p.collect();
     }
 }
@@ -671,8 +671,8 @@ fn events_relay_through_a_middle_peer() {
         bc.store = ba.store.clone();
         for e in ba.events[before..].iter().cloned() {
             if let SessionEvent::Received { heads, .. } = e {
-                for (author, seq) in heads {
-                    bc.session.handle_stored(author, seq, &bc.store);
+                for h in heads {
+                    bc.session.handle_stored(h, &bc.store);
                 }
             }
         }
@@ -1358,9 +1358,10 @@ fn wrong_cluster_version_or_peer_is_refused() {
     assert!(err.to_string().contains("cluster 43434343"), "{err}");
     v.assert_refused(&err);
 
-    // A peer too new, and a version 1 peer (which floods and fails rounds
-    // on a dependency another link brings): refused at Hello, both named.
-    for (theirs_min, theirs_max) in [(3, 4), (1, 1)] {
+    // A peer too new, a version 2 peer (which drops a forked author's
+    // events and refuses a frontier with two heads of one author) and a
+    // version 1 peer (which floods): refused at Hello, both named.
+    for (theirs_min, theirs_max) in [(4, 5), (2, 2), (1, 1)] {
         let mut v = Victim::new(MemStore::new());
         let err = v
             .feed(&[encode(&Message::Hello(Hello {
@@ -1388,9 +1389,9 @@ fn wrong_cluster_version_or_peer_is_refused() {
         );
         v.assert_refused(&err);
     }
-    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (2, 2));
+    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (3, 3));
 
-    // A newer peer that still speaks 2 is fine.
+    // A newer peer that still speaks 3 is fine.
     let mut v = Victim::new(MemStore::new());
     v.feed(&[encode(&Message::Hello(Hello {
         min_version: 1,
@@ -1400,7 +1401,7 @@ fn wrong_cluster_version_or_peer_is_refused() {
         digest: frontier_digest(&[]),
     }))])
     .unwrap();
-    assert_eq!(v.peer.session.version(), Some(2));
+    assert_eq!(v.peer.session.version(), Some(3));
     assert_eq!(v.peer.events, vec![SessionEvent::InSync]);
 
     let mut c = SessionConfig::new(CLUSTER, id(4));
@@ -1544,8 +1545,12 @@ fn forked(q_extra: usize) -> (MemStore, MemStore) {
     (p, q)
 }
 
+/// Two replicas holding different branches of a forked author exchange
+/// both: each reports the fork once (naming both ids), keeps its own branch
+/// as the one `event_id` follows, and both end with the same events and
+/// state hash; a later round finds them in sync.
 #[test]
-fn equivocation_is_reported_with_both_ids() {
+fn a_fork_is_reported_once_and_both_branches_converge() {
     for q_extra in [0, 2] {
         let (p, q) = forked(q_extra);
         let x = p.event_id(&id(0), 3).unwrap();
@@ -1556,37 +1561,41 @@ fn equivocation_is_reported_with_both_ids() {
         pump(&mut a, &mut b);
         assert!(a.failures().is_empty() && b.failures().is_empty());
         for (peer, held, other) in [(&a, x, y), (&b, y, x)] {
-            let proofs: Vec<Equivocation> = peer
-                .equivocations()
-                .into_iter()
-                .filter(|e| e.proven)
-                .collect();
-            assert_eq!(
-                proofs,
-                vec![Equivocation {
-                    author: id(0),
-                    seq: 3,
-                    held,
-                    other,
-                    proven: true
-                }],
-                "q_extra = {q_extra}: {:?}",
-                peer.events
-            );
-            // Each replica keeps its branch.
+            let reports = peer.equivocations();
+            assert_eq!(reports.len(), 1, "q_extra = {q_extra}: {:?}", peer.events);
+            let e = reports[0];
+            assert_eq!((e.author, e.seq), (id(0), 3), "q_extra = {q_extra}");
+            let mut both = [e.held, e.other];
+            both.sort();
+            let mut want = [held, other];
+            want.sort();
+            assert_eq!(both, want, "q_extra = {q_extra}");
+            // Each replica keeps its branch as its own, and holds the other.
             assert_eq!(peer.store.event_id(&id(0), 3), Some(held));
+            assert!(peer.store.contains(&other));
+            assert!(peer.store.state().is_forked(&id(0)));
         }
+        assert_eq!(a.store.len(), b.store.len(), "q_extra = {q_extra}");
+        assert_eq!(a.store.state().state_hash(), b.store.state().state_hash());
+        assert_eq!(a.store.frontier(), b.store.frontier());
+        assert_eq!(a.store.frontier_digest(), b.store.frontier_digest());
         // The honest author's event crossed over.
         assert_eq!(a.store.event_id(&id(1), 2), b.store.event_id(&id(1), 2));
         assert!(b.store.event_id(&id(1), 2).is_some());
-        // A later round neither re-reports nor re-sends the branch.
+        // A later round is in sync: nothing re-reported, re-sent or failed.
         let before = (a.events.len(), b.events.len());
+        let sent = a.session.stats().events_sent + b.session.stats().events_sent;
         assert!(a.session.start_round(&a.store));
         pump(&mut a, &mut b);
         assert!(a.events[before.0..]
             .iter()
             .chain(&b.events[before.1..])
             .all(|e| !matches!(e, SessionEvent::Equivocation(_) | SessionEvent::Failed(_))));
+        assert!(a.events[before.0..].contains(&SessionEvent::InSync));
+        assert_eq!(
+            a.session.stats().events_sent + b.session.stats().events_sent,
+            sent
+        );
     }
 }
 

@@ -185,7 +185,7 @@ impl SimNode {
     }
 
     /// Per author, the highest durable signed seq.
-    pub fn signed_heads(&self) -> &std::collections::BTreeMap<NodeId, u64> {
+    pub fn signed_heads(&self) -> std::collections::BTreeMap<NodeId, u64> {
         self.replica.signed_heads()
     }
 
@@ -362,7 +362,13 @@ mod tests {
         assert!(n.start_commit());
         let c = n.finish_commit().unwrap();
         assert_eq!(c.acked.len(), 2);
-        assert_eq!(c.heads, vec![(n.id(), 2)]);
+        assert_eq!(
+            c.heads
+                .iter()
+                .map(|h| (h.author, h.seq))
+                .collect::<Vec<_>>(),
+            vec![(n.id(), 2)]
+        );
         n.append(1_002, draft("3")).unwrap();
         n.append(1_003, draft("4")).unwrap();
         assert!(n.start_commit());

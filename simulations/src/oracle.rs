@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use weftlog_proto::state::{Escrow, State, Stream};
+use weftlog_proto::state::{Escrow, State, Stream, WriteId};
 use weftlog_proto::sync::{frontier_digest, Head};
 use weftlog_proto::{Dot, Event, EventId, NodeId, Op};
 
@@ -155,13 +155,22 @@ pub fn convergence(nodes: &[NodeFinal<'_>]) -> Vec<String> {
     for n in &nodes[1..] {
         let f = n.state.frontier();
         if f != f0 {
-            let missing: u64 = f0
+            let top = |f: &[(NodeId, u64, EventId)]| -> BTreeMap<NodeId, u64> {
+                let mut m = BTreeMap::new();
+                for &(a, s, _) in f {
+                    let e = m.entry(a).or_insert(0);
+                    *e = s.max(*e);
+                }
+                m
+            };
+            let (t0, t) = (top(&f0), top(&f));
+            let missing: u64 = t0
                 .iter()
-                .map(|(a, (s, _))| s.saturating_sub(f.get(a).map_or(0, |x| x.0)))
+                .map(|(a, s)| s.saturating_sub(t.get(a).copied().unwrap_or(0)))
                 .sum();
-            let extra: u64 = f
+            let extra: u64 = t
                 .iter()
-                .map(|(a, (s, _))| s.saturating_sub(f0.get(a).map_or(0, |x| x.0)))
+                .map(|(a, s)| s.saturating_sub(t0.get(a).copied().unwrap_or(0)))
                 .sum();
             out.push(format!(
                 "node {} and node {} hold different events: node {} lacks {missing} of node {}'s, node {} lacks {extra}",
@@ -480,7 +489,7 @@ pub fn conflicts(
         let shown: BTreeSet<Dot> = streams
             .get(*stream)
             .and_then(|s| s.fields.get(*field))
-            .map(|w| w.keys().copied().collect())
+            .map(|w| w.keys().map(WriteId::dot).collect())
             .unwrap_or_default();
         if shown != standing {
             out.push(format!(

@@ -1588,7 +1588,7 @@ impl<'a> Sim<'a> {
             if !s.node.is_up() {
                 continue;
             }
-            for (a, (seq, _)) in s.node.state().frontier() {
+            for (a, seq, _) in s.node.state().frontier() {
                 let e = u.entry(a).or_insert(0);
                 *e = (*e).max(seq);
             }
@@ -1640,8 +1640,8 @@ impl<'a> Sim<'a> {
     fn open_measure(&mut self) {
         let mut target: BTreeMap<NodeId, u64> = BTreeMap::new();
         for s in &self.slots {
-            for (a, &seq) in s.node.signed_heads() {
-                let e = target.entry(*a).or_insert(0);
+            for (a, seq) in s.node.signed_heads() {
+                let e = target.entry(a).or_insert(0);
                 *e = (*e).max(seq);
             }
         }
