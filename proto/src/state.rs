@@ -675,6 +675,11 @@ impl State {
     /// Whether `dot` is in the causal past of a new event by `author` with
     /// vector clock `vc` (which excludes the event itself).
     fn in_past(&self, dot: &Dot, author: &NodeId, vc: &[u64]) -> bool {
+        if dot.seq == 0 {
+            // Names no event. (Below, 0 <= anything would make the answer
+            // depend on which authors this replica happens to know.)
+            return false;
+        }
         if dot.author == *author {
             // Own earlier events; `vc` may lack the new author's slot.
             return self
