@@ -1421,6 +1421,77 @@ fn wrong_cluster_version_or_peer_is_refused() {
     assert_eq!(err, SyncError::OwnNodeId(id(4)));
 }
 
+/// A peer whose versions share none with ours is refused at its Hello, and
+/// only there: the refusing end sends its own Hello (even a quiet end,
+/// which had not sent one) before its Error, so the peer can refuse in
+/// turn and both ends report the same two ranges, each from its side. A
+/// later Hello cannot change the connection's version.
+#[test]
+fn a_peer_of_another_version_is_refused_at_hello_and_gets_our_hello() {
+    let old_hello = |min_version, max_version| {
+        encode(&Message::Hello(Hello {
+            min_version,
+            max_version,
+            cluster: CLUSTER,
+            node: id(ATTACKER),
+            digest: frontier_digest(&[]),
+        }))
+    };
+    for quiet in [false, true] {
+        let mut c = SessionConfig::new(CLUSTER, id(4));
+        c.round_at_start = !quiet;
+        let mut v = Victim::with(c, MemStore::new());
+        let err = v.feed(&[old_hello(1, 1)]).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(
+            text,
+            format!(
+                "no common sync protocol version: this node speaks \
+                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer 1..=1"
+            )
+        );
+        assert_eq!(
+            v.peer.events.last(),
+            Some(&SessionEvent::Failed(err.clone()))
+        );
+        let mut sent = Vec::new();
+        while let Some(m) = v.peer.session.poll_transmit(&v.peer.store) {
+            sent.push(decode_message(&m).unwrap().unwrap().0);
+        }
+        assert_eq!(
+            sent,
+            vec![
+                Message::Hello(Hello {
+                    min_version: MIN_PROTOCOL_VERSION,
+                    max_version: PROTOCOL_VERSION,
+                    cluster: CLUSTER,
+                    node: id(4),
+                    digest: frontier_digest(&[]),
+                }),
+                Message::Error { reason: text },
+            ],
+            "quiet: {quiet}"
+        );
+    }
+
+    // Agreed at the first Hello; a later one (a new round) that would agree
+    // on another version is a broken peer, named as such.
+    let mut v = Victim::new(MemStore::new());
+    v.feed(&[old_hello(2, 2)]).unwrap();
+    assert_eq!(v.peer.session.version(), Some(2));
+    v.feed(&[old_hello(2, 9)]).unwrap();
+    let err = v.feed(&[old_hello(3, 3)]).unwrap_err();
+    assert_eq!(
+        err,
+        SyncError::VersionChanged {
+            first: 2,
+            theirs_min: 3,
+            theirs_max: 3
+        }
+    );
+    v.assert_refused(&err);
+}
+
 #[test]
 fn messages_out_of_order_and_bad_frontiers_are_refused() {
     let (w, s) = one_event();
