@@ -373,7 +373,10 @@ mod tests {
         let mut twice = events.clone();
         twice.insert(2, events[1].clone());
         let err = refused(&file(&twice, false));
-        assert!(err.contains("record 2 repeats the record before it"), "{err}");
+        assert!(
+            err.contains("record 2 repeats the record before it"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -388,7 +391,10 @@ mod tests {
         encode_frame(&mut data, &bytes, &id, None);
         assert_eq!(
             refused(&data),
-            format!("{}: 1 trailing bytes after the event", describe(&id, &e.author, 1))
+            format!(
+                "{}: 1 trailing bytes after the event",
+                describe(&id, &e.author, 1)
+            )
         );
         assert_eq!(describe_bytes(&id, &[1, 2]), format!("event {id}"));
     }

@@ -1220,8 +1220,8 @@ mod tests {
     #[test]
     fn a_peer_of_another_version_is_refused_naming_both() {
         use crate::sync::{
-            decode_message, encode_message, frontier_digest, Hello, Message,
-            MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+            decode_message, encode_message, frontier_digest, Hello, Message, MIN_PROTOCOL_VERSION,
+            PROTOCOL_VERSION,
         };
         let mut a = node(1);
         let old = Keypair::from_secret([2; 32]).node_id();
