@@ -1244,8 +1244,8 @@ pub enum SyncError {
         /// The event as messages name it: the id, with the author and seq
         /// when the start of its bytes reads as them.
         event: String,
-        /// What is wrong.
-        source: EventError,
+        /// What is wrong (boxed: errors stay small).
+        source: Box<EventError>,
     },
     /// An event does not continue its author's run in the stream: a seq
     /// out of order, or a `prev` that is not the event before it.
@@ -2334,7 +2334,7 @@ impl Session {
                 index: at,
                 id,
                 event: describe_bytes(&id, bytes),
-                source,
+                source: Box::new(source),
             })?;
             let author = event.author;
             let eref = EventRef {
