@@ -1091,3 +1091,17 @@ fn start_mdns(shared: &Arc<Shared>) -> Result<mdns_sd::ServiceDaemon, mdns_sd::E
     });
     Ok(mdns)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cluster id vector of `PROTOCOL.md` §9.8.
+    #[test]
+    fn cluster_id_matches_protocol_md() {
+        assert_eq!(
+            hex(&cluster_id("default")),
+            "7ef1716e4e9b7c396868dcd6ba8a58af2f2eb2b0b8cfb655f2a41fde781e05ab"
+        );
+    }
+}

@@ -359,6 +359,43 @@ mod tests {
         );
     }
 
+    /// The certificate `PROTOCOL.md` §9.8 describes: self-signed by the
+    /// node key, CN the node id, one extension (subjectAltName `weftlog`),
+    /// the incarnation as its serial, and the peer reads back both.
+    #[test]
+    fn the_node_certificate_is_as_protocol_md_says() {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        assert_eq!((ALPN, SERVER_NAME), (&b"weftlog/1"[..], "weftlog"));
+        let key = Keypair::from_secret([5; 32]);
+        let incarnation = 0x8123_4567_89ab_cdef;
+        let (cert, _) = node_certificate(&key, incarnation).unwrap();
+        let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).unwrap();
+        assert_eq!(x509.version(), x509_parser::x509::X509Version::V3);
+        assert_eq!(x509.subject(), x509.issuer());
+        let cn = x509.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), key.node_id().to_string());
+        assert_eq!(
+            x509.public_key().algorithm.algorithm.to_id_string(),
+            "1.3.101.112"
+        );
+        assert_eq!(
+            x509.public_key().subject_public_key.data.as_ref(),
+            &key.node_id().0
+        );
+        let exts = x509.extensions();
+        assert_eq!(exts.len(), 1, "{exts:?}");
+        match exts[0].parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                assert_eq!(san.general_names, vec![GeneralName::DNSName("weftlog")]);
+            }
+            other => panic!("unexpected extension {other:?}"),
+        }
+        // The top bit is cleared: a positive serial below 2^63.
+        let serial = incarnation & (u64::MAX >> 1);
+        assert_eq!(x509.raw_serial(), &serial.to_be_bytes()[..]);
+        assert_eq!(node_id_of(&cert).unwrap(), key.node_id());
+    }
+
     #[test]
     fn a_certificate_with_a_weak_key_proves_no_node_id() {
         let key = Keypair::from_secret([5; 32]);

@@ -15,7 +15,7 @@
 //! its state (which checks deps, clocks and validity) and stores them only
 //! if every one passed.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use crate::event::{verify, Event, Signature};
 use crate::hlc::Hlc;
@@ -111,7 +111,7 @@ pub struct Outgoing {
 /// If an author's last event has no signature (callers check this first:
 /// it is a fact about their log, not about any input).
 pub fn write_export(mut events: Vec<Outgoing>) -> Vec<u8> {
-    events.sort_unstable_by_key(|e| (e.hlc, e.author, e.seq));
+    events.sort_unstable_by_key(|e| (e.hlc, e.author, e.seq, e.id));
     let mut last: BTreeMap<NodeId, u64> = BTreeMap::new();
     for e in &events {
         let s = last.entry(e.author).or_insert(0);
@@ -129,36 +129,79 @@ pub fn write_export(mut events: Vec<Outgoing>) -> Vec<u8> {
     out
 }
 
-/// Reads an export file: every frame, id, encoding and limit is checked.
-/// Repeated events are kept once.
+/// Reads an export file: every frame, id, encoding and limit is checked,
+/// and the frames must be what [`write_export`] writes (`PROTOCOL.md` §5):
+/// no commit-end flag, and events strictly ascending in canonical order
+/// (so none twice), whatever an import would make of other files.
 pub fn read_export(data: &[u8]) -> Result<Vec<Incoming>, ImportError> {
     check_header(data, EXPORT_MAGIC, "the file").map_err(ImportError::Header)?;
     let mut off = HEADER_BYTES;
-    let mut out = Vec::new();
-    let mut seen = HashSet::new();
+    let mut out: Vec<Incoming> = Vec::new();
     while off < data.len() {
         let index = out.len();
-        let (frame, used) = decode_frame(&data[off..]).map_err(|e| ImportError::Frame {
+        let bad_frame = |reason: String| ImportError::Frame {
             index,
             offset: off,
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let (frame, used) = decode_frame(&data[off..]).map_err(|e| bad_frame(e.to_string()))?;
+        if frame.commit_end {
+            return Err(bad_frame(
+                "flag bit 1 (a log commit's end) is set; export files never carry it".into(),
+            ));
+        }
         let (event, id) = Event::decode(frame.bytes).map_err(|e| ImportError::Event {
-            event: format!("event {}", frame.id),
+            event: describe_bytes(&frame.id, frame.bytes),
             reason: e.to_string(),
         })?;
         debug_assert_eq!(id, frame.id);
-        if seen.insert(id) {
-            out.push(Incoming {
-                event,
-                id,
-                bytes: frame.bytes.to_vec(),
-                sig: frame.sig,
-            });
+        let item = Incoming {
+            event,
+            id,
+            bytes: frame.bytes.to_vec(),
+            sig: frame.sig,
+        };
+        if let Some(before) = out.last() {
+            let (a, b) = (canonical_key(before), canonical_key(&item));
+            if b <= a {
+                let why = if a == b {
+                    format!("record {index} repeats the record before it")
+                } else {
+                    format!(
+                        "record {index} is out of canonical order: it sorts before {}",
+                        before.describe()
+                    )
+                };
+                return Err(ImportError::event(&item, why));
+            }
         }
+        out.push(item);
         off += used;
     }
     Ok(out)
+}
+
+/// An event's place in canonical order: `(hlc, author, seq, id)`.
+fn canonical_key(item: &Incoming) -> (Hlc, NodeId, u64, EventId) {
+    (item.event.hlc, item.event.author, item.event.seq, item.id)
+}
+
+/// How messages name an event whose bytes did not decode: by id, with the
+/// author and seq when the start of the encoding (`PROTOCOL.md` §2: the
+/// version byte, the author, the seq) reads as such.
+pub(crate) fn describe_bytes(id: &EventId, bytes: &[u8]) -> String {
+    match peek_dot(bytes) {
+        Some((author, seq)) => describe(id, &author, seq),
+        None => format!("event {id}"),
+    }
+}
+
+/// The author and seq at the start of an event's encoding, the rest left
+/// unread.
+pub(crate) fn peek_dot(bytes: &[u8]) -> Option<(NodeId, u64)> {
+    let (author, rest): (NodeId, _) = postcard::take_from_bytes(bytes.get(1..)?).ok()?;
+    let (seq, _): (u64, _) = postcard::take_from_bytes(rest).ok()?;
+    Some((author, seq))
 }
 
 /// Checks each author's run in `items`: contiguous seqs linked by `prev`,
@@ -216,4 +259,143 @@ pub fn authenticate(items: &mut [Incoming]) -> Result<(), ImportError> {
     }
     items.sort_unstable_by_key(|i| (i.event.hlc, i.event.author, i.event.seq));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Keypair, Meta, Op, FORMAT_VERSION};
+    use crate::log::{encode_frame_with, SEGMENT_MAGIC};
+
+    /// Two signed events by each of two authors, as [`write_export`] takes
+    /// them.
+    fn outgoing() -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for k in [1u8, 2] {
+            let key = Keypair::from_secret([k; 32]);
+            let mut prev = None;
+            for seq in 1..=2u64 {
+                let e = Event {
+                    version: FORMAT_VERSION,
+                    author: key.node_id(),
+                    seq,
+                    prev,
+                    deps: vec![],
+                    hlc: Hlc::from_ms(1_700_000_000_000 + 10 * seq + u64::from(k)),
+                    stream: "s".into(),
+                    kind: "K".into(),
+                    ops: vec![Op::Add {
+                        counter: "n".into(),
+                        delta: 1,
+                    }],
+                    payload: vec![],
+                    meta: Meta::default(),
+                };
+                let (bytes, id) = e.seal();
+                prev = Some(id);
+                out.push(Outgoing {
+                    bytes,
+                    id,
+                    author: e.author,
+                    seq,
+                    hlc: e.hlc,
+                    sig: Some(key.sign(&id)),
+                });
+            }
+        }
+        out
+    }
+
+    /// An export file of `events` in the order given, frames as `frame`
+    /// writes them.
+    fn file(events: &[Outgoing], commit_end: bool) -> Vec<u8> {
+        let mut out = header(EXPORT_MAGIC).to_vec();
+        for e in events {
+            encode_frame_with(&mut out, &e.bytes, &e.id, e.sig.as_ref(), commit_end);
+        }
+        out
+    }
+
+    fn refused(data: &[u8]) -> String {
+        read_export(data).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_written_file_reads_back_in_canonical_order() {
+        let data = write_export(outgoing());
+        let mut items = read_export(&data).unwrap();
+        assert_eq!(items.len(), 4);
+        authenticate(&mut items).unwrap();
+        assert!(items
+            .windows(2)
+            .all(|w| canonical_key(&w[0]) < canonical_key(&w[1])));
+    }
+
+    /// A reader refuses what no writer makes (`PROTOCOL.md` §5), so that two
+    /// readers never disagree on a file.
+    #[test]
+    fn frames_no_writer_makes_are_refused() {
+        let mut events = outgoing();
+        events.sort_by_key(|e| (e.hlc, e.author, e.seq, e.id));
+        assert!(read_export(&file(&events, false)).is_ok());
+
+        // Reserved header bytes, in an export and in a segment.
+        let mut bad = file(&events, false);
+        bad[13] = 1;
+        assert_eq!(
+            refused(&bad),
+            "not a weftlog export: the file has non-zero reserved header bytes (12 to 15)"
+        );
+        let mut seg = header(SEGMENT_MAGIC).to_vec();
+        seg[15] = 0x80;
+        assert!(check_header(&seg, SEGMENT_MAGIC, "segment")
+            .unwrap_err()
+            .contains("reserved"));
+
+        // The commit-end flag of a log.
+        let err = refused(&file(&events, true));
+        assert_eq!(
+            err,
+            format!(
+                "record 0 at byte {HEADER_BYTES}: flag bit 1 (a log commit's end) is set; export files never carry it"
+            )
+        );
+
+        // Out of canonical order.
+        let mut swapped = events.clone();
+        swapped.swap(1, 2);
+        let err = refused(&file(&swapped, false));
+        let second = &swapped[2];
+        assert!(err.starts_with(&describe(&second.id, &second.author, second.seq)));
+        assert!(err.contains("record 2 is out of canonical order"), "{err}");
+
+        // An event twice.
+        let mut twice = events.clone();
+        twice.insert(2, events[1].clone());
+        let err = refused(&file(&twice, false));
+        assert!(
+            err.contains("record 2 repeats the record before it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_event_that_does_not_decode_is_named_by_author_and_seq() {
+        let events = outgoing();
+        let e = &events[0];
+        // A trailing byte: it decodes, but is not canonical.
+        let mut bytes = e.bytes.clone();
+        bytes.push(0);
+        let id = EventId(*blake3::hash(&bytes).as_bytes());
+        let mut data = header(EXPORT_MAGIC).to_vec();
+        encode_frame(&mut data, &bytes, &id, None);
+        assert_eq!(
+            refused(&data),
+            format!(
+                "{}: 1 trailing bytes after the event",
+                describe(&id, &e.author, 1)
+            )
+        );
+        assert_eq!(describe_bytes(&id, &[1, 2]), format!("event {id}"));
+    }
 }

@@ -42,7 +42,7 @@ use std::ops::Range;
 use std::collections::BTreeMap;
 
 use crate::event::{verify, Event, Signature, MAX_EVENT_BYTES};
-use crate::exchange::describe;
+use crate::exchange::{describe, describe_bytes};
 use crate::id::{EventId, NodeId};
 
 /// Segment header magic.
@@ -332,7 +332,8 @@ pub fn header(magic: [u8; 8]) -> [u8; HEADER_BYTES] {
     h
 }
 
-/// Checks a file header; the error says what is wrong.
+/// Checks a file header: magic, version, and zeros in the reserved bytes;
+/// the error says what is wrong.
 pub fn check_header(data: &[u8], magic: [u8; 8], what: &str) -> Result<(), String> {
     if data.len() < HEADER_BYTES {
         return Err(format!(
@@ -349,6 +350,13 @@ pub fn check_header(data: &[u8], magic: [u8; 8], what: &str) -> Result<(), Strin
     if v != LOG_VERSION {
         return Err(format!(
             "{what} has format version {v}; this build reads version {LOG_VERSION}"
+        ));
+    }
+    // Reserved: a writer of this version writes zeros, so a reader that
+    // took anything else would read files that version never makes.
+    if data[12..HEADER_BYTES] != [0; 4] {
+        return Err(format!(
+            "{what} has non-zero reserved header bytes (12 to 15)"
         ));
     }
     Ok(())
@@ -419,12 +427,14 @@ pub enum OpenError {
         reason: String,
     },
     /// A record is intact but the caller refused its event.
-    #[error("log record {index} (event {id}) is refused: {reason}")]
+    #[error("log record {index} ({event}) is refused: {reason}")]
     Refused {
         /// The record's index in the log.
         index: u64,
         /// The event's id.
         id: EventId,
+        /// The event as messages name it: id, author and seq.
+        event: String,
         /// Why.
         reason: String,
     },
@@ -547,6 +557,7 @@ impl<S: Storage> Log<S> {
                         visit(frame).map_err(|reason| OpenError::Refused {
                             index: records,
                             id: frame.id,
+                            event: describe_bytes(&frame.id, frame.bytes),
                             reason,
                         })?;
                         positions.push(Position {
@@ -762,6 +773,7 @@ impl<S: Storage> Log<S> {
                 visit(frame).map_err(|reason| OpenError::Refused {
                     index,
                     id: frame.id,
+                    event: describe_bytes(&frame.id, frame.bytes),
                     reason,
                 })?;
                 index += 1;
@@ -913,7 +925,8 @@ pub fn open_committed<S: Storage, T>(
             verify(author, id, sig).map_err(|e| OpenError::Refused {
                 index: *index,
                 id: *id,
-                reason: format!("{}: head signature: {e}", describe(id, author, *seq)),
+                event: describe(id, author, *seq),
+                reason: format!("head signature: {e}"),
             })?;
         }
         recovery.records = log.records();

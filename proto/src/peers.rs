@@ -199,7 +199,8 @@ pub enum PeerEvent {
         code: u32,
         /// Why, for the peer and the log.
         reason: String,
-        /// A last message to send before closing.
+        /// Last messages to send before closing (whole messages, one after
+        /// the other).
         last: Option<Vec<u8>>,
     },
     /// The peer's first message arrived on the kept connection.
@@ -1011,7 +1012,12 @@ impl Peers {
             return;
         };
         if let Some(e) = failed {
-            let last = l.session.poll_transmit(store);
+            // The session's goodbye: its Error, after its unsent Hello
+            // when it refused the peer's versions.
+            let mut last: Option<Vec<u8>> = None;
+            while let Some(m) = l.session.poll_transmit(store) {
+                last.get_or_insert_with(Vec::new).extend_from_slice(&m);
+            }
             l.closing = true;
             let reason = describe_failure(&e);
             self.events.push_back(PeerEvent::SessionFailed {
@@ -1206,6 +1212,66 @@ mod tests {
         // Arrived: nothing is left to graft.
         b.2.handle_stored(&[head], &b.1, &mut rng);
         assert!(b.2.poll_timeout().is_none_or(|t| t > graft_at + 1_000));
+    }
+
+    /// A peer that shares no version is refused at its Hello: the node
+    /// reports the failure naming both ranges (the daemon logs it), and
+    /// the goodbye it writes before closing is its own Hello, then the
+    /// Error with the same text, so that the peer refuses and logs in turn.
+    #[test]
+    fn a_peer_of_another_version_is_refused_naming_both() {
+        use crate::sync::{
+            decode_message, encode_message, frontier_digest, Hello, Message, MIN_PROTOCOL_VERSION,
+            PROTOCOL_VERSION,
+        };
+        let mut a = node(1);
+        let old = Keypair::from_secret([2; 32]).node_id();
+        a.2.handle_connected(4, old, false, 1, None, 0, &a.1);
+        let mut hello = Vec::new();
+        encode_message(
+            &Message::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                cluster: CLUSTER,
+                node: old,
+                digest: frontier_digest(&[]),
+            }),
+            &mut hello,
+        );
+        a.2.handle_message(4, &hello, 0, &mut a.1);
+        let want = format!(
+            "no common sync protocol version: this node speaks \
+             {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer 1..=1"
+        );
+        let evs = events(&mut a.2);
+        let failed = evs.iter().find_map(|e| match e {
+            PeerEvent::SessionFailed { peer, error, .. } if *peer == old => {
+                Some(describe_failure(error))
+            }
+            _ => None,
+        });
+        assert_eq!(failed.as_deref(), Some(want.as_str()));
+        let last = evs
+            .iter()
+            .find_map(|e| match e {
+                PeerEvent::Close {
+                    conn: 4,
+                    code: close::PROTOCOL,
+                    last,
+                    ..
+                } => last.clone(),
+                _ => None,
+            })
+            .expect("a goodbye");
+        let (first, used) = decode_message(&last).unwrap().unwrap();
+        assert!(matches!(
+            first,
+            Message::Hello(Hello { min_version, max_version, .. })
+                if (min_version, max_version) == (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+        ));
+        let (second, rest) = decode_message(&last[used..]).unwrap().unwrap();
+        assert_eq!(second, Message::Error { reason: want });
+        assert_eq!(used + rest, last.len());
     }
 
     #[test]

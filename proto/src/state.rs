@@ -999,7 +999,9 @@ impl State {
         Ok(Inserted::New)
     }
 
-    /// Whether an event at `dot` is in the causal past `vc`.
+    /// Whether an event at `dot` is in the causal past `vc`. A dot with
+    /// seq 0 names no event (`base < 0` never holds), whatever authors this
+    /// replica knows.
     fn in_past(&self, dot: &Dot, vc: &[u64]) -> bool {
         self.authors.get(&dot.author).is_some_and(|l| {
             l.all.iter().any(|&x| {

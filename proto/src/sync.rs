@@ -262,7 +262,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::{
     verify, Event, EventError, Keypair, Signature, SignatureError, MAX_EVENT_BYTES,
 };
-use crate::exchange::describe;
+use crate::exchange::{describe, describe_bytes};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{FrameError, SIG_BYTES};
@@ -1222,6 +1222,18 @@ pub enum SyncError {
         /// The peer's highest version.
         theirs_max: u16,
     },
+    /// A later Hello of the peer's does not agree on the version its first
+    /// Hello agreed on (a peer's versions cannot change within a
+    /// connection).
+    #[error("the peer's Hello speaks {theirs_min}..={theirs_max}, which does not give the version {first} its first Hello agreed on for this connection")]
+    VersionChanged {
+        /// The version agreed at the first Hello.
+        first: u16,
+        /// The later Hello's lowest version.
+        theirs_min: u16,
+        /// The later Hello's highest version.
+        theirs_max: u16,
+    },
     /// The peer belongs to another cluster.
     #[error("the peer is in cluster {}…, this node in cluster {}…", short_hex(.theirs), short_hex(.ours))]
     WrongCluster {
@@ -1276,14 +1288,17 @@ pub enum SyncError {
         source: FrameError,
     },
     /// A frame's event is malformed (encoding, canonical form, limits).
-    #[error("frame {index} of an Events message, event {id}: {source}")]
+    #[error("frame {index} of an Events message, {event}: {source}")]
     Event {
         /// The frame's index in the message.
         index: usize,
         /// The id the frame carries (checked against the bytes).
         id: EventId,
-        /// What is wrong.
-        source: EventError,
+        /// The event as messages name it: the id, with the author and seq
+        /// when the start of its bytes reads as them.
+        event: String,
+        /// What is wrong (boxed: errors stay small).
+        source: Box<EventError>,
     },
     /// An event does not continue its author's run in the stream: a seq
     /// out of order, or a `prev` that is not the event before it.
@@ -1486,8 +1501,10 @@ pub struct Session {
     peer_digest: [u8; 32],
     /// Hello, Frontier, Graft, Prune: sent before any IHave or Events.
     control: VecDeque<Message>,
-    /// The Error message to send after a failure.
-    goodbye: Option<Vec<u8>>,
+    /// What to send after a failure: the Error message, preceded by our
+    /// unsent Hello when the peer's versions were refused (so that it can
+    /// name both ranges itself, `PROTOCOL.md` §9.2).
+    goodbye: VecDeque<Vec<u8>>,
     /// Set once the peer's frontier is known (equal digests or Frontier):
     /// from then on both ends push and accept Events, IHave, Graft, Prune.
     known: bool,
@@ -1562,7 +1579,7 @@ impl Session {
             snapshot_digest: [0; 32],
             peer_digest: [0; 32],
             control: VecDeque::new(),
-            goodbye: None,
+            goodbye: VecDeque::new(),
             known: false,
             peer_has: BTreeMap::new(),
             tips: BTreeMap::new(),
@@ -1873,7 +1890,7 @@ impl Session {
     /// from the store only here, one message at a time.
     pub fn poll_transmit<S: Store + ?Sized>(&mut self, store: &S) -> Option<Vec<u8>> {
         if self.phase == Phase::Closed {
-            return self.goodbye.take();
+            return self.goodbye.pop_front();
         }
         if let Some(msg) = self.control.pop_front() {
             return Some(self.encode(&msg));
@@ -1885,7 +1902,7 @@ impl Session {
         match self.next_events(store) {
             Err(e) => {
                 self.fail(e);
-                return self.goodbye.take();
+                return self.goodbye.pop_front();
             }
             Ok(Some(frames)) => return Some(self.encode(&Message::Events { frames })),
             Ok(None) => {}
@@ -1995,13 +2012,20 @@ impl Session {
             return;
         }
         self.phase = Phase::Closed;
+        if matches!(err, SyncError::VersionMismatch { .. }) {
+            // A quiet end answers a Hello with its own: the peer refused
+            // for its versions still gets it, and refuses in turn, naming
+            // both ranges from its side.
+            if let Some(hello) = self.control.iter().find(|m| matches!(m, Message::Hello(_))) {
+                let hello = hello.clone();
+                let out = self.encode(&hello);
+                self.goodbye.push_back(out);
+            }
+        }
         if !matches!(err, SyncError::Peer { .. }) {
             let reason = truncate(err.to_string(), MAX_REASON_BYTES);
-            let mut out = Vec::new();
-            encode_message(&Message::Error { reason }, &mut out);
-            self.stats.messages_sent += 1;
-            self.stats.bytes_sent += out.len() as u64;
-            self.goodbye = Some(out);
+            let out = self.encode(&Message::Error { reason });
+            self.goodbye.push_back(out);
         }
         self.control.clear();
         self.cursors.clear();
@@ -2091,9 +2115,21 @@ impl Session {
             _ => return Err(self.unexpected("Hello")),
         }
         let version = PROTOCOL_VERSION.min(hello.max_version);
-        if hello.min_version > hello.max_version
-            || version < MIN_PROTOCOL_VERSION.max(hello.min_version)
-        {
+        let common = hello.min_version <= hello.max_version
+            && version >= MIN_PROTOCOL_VERSION.max(hello.min_version);
+        if let Some((_, first)) = self.peer {
+            // The connection's version was agreed at its first Hello, and
+            // a peer's build does not change within a connection: a later
+            // Hello that would agree on another is a broken peer, not a
+            // version to refuse in the middle of a sync.
+            if !common || version != first {
+                return Err(SyncError::VersionChanged {
+                    first,
+                    theirs_min: hello.min_version,
+                    theirs_max: hello.max_version,
+                });
+            }
+        } else if !common {
             return Err(SyncError::VersionMismatch {
                 ours_min: MIN_PROTOCOL_VERSION,
                 ours_max: PROTOCOL_VERSION,
@@ -2503,7 +2539,8 @@ impl Session {
             let (event, _) = Event::decode(bytes).map_err(|source| SyncError::Event {
                 index: at,
                 id,
-                source,
+                event: describe_bytes(&id, bytes),
+                source: Box::new(source),
             })?;
             let author = event.author;
             let eref = EventRef {

@@ -1704,3 +1704,61 @@ fn append_local_equals_prepare_then_insert() {
         Appended::Existing(_)
     ));
 }
+
+/// A dot with seq 0 names no event, so it is in no event's causal past:
+/// a `Set` superseding one is refused by every replica, whether or not the
+/// replica happens to know the dot's author (validity is a function of the
+/// event and its causal past, `PROTOCOL.md` §2).
+#[test]
+fn superseding_a_dot_with_seq_zero_is_refused_whatever_the_replica_knows() {
+    let (a, b) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+    let event = |author: &Keypair, ops: Vec<Op>| Event {
+        version: FORMAT_VERSION,
+        author: author.node_id(),
+        seq: 1,
+        prev: None,
+        deps: vec![],
+        hlc: Hlc::from_ms(1_000),
+        stream: "s".into(),
+        kind: "K".into(),
+        ops,
+        payload: vec![],
+        meta: Meta::default(),
+    };
+    // `a`'s first event, unrelated to `b`'s below.
+    let ea = event(
+        &a,
+        vec![Op::Add {
+            counter: "n".into(),
+            delta: 1,
+        }],
+    );
+    let eb = event(
+        &b,
+        vec![Op::Set {
+            field: "f".into(),
+            value: b"1".to_vec(),
+            supersedes: vec![Dot {
+                author: a.node_id(),
+                seq: 0,
+            }],
+        }],
+    );
+    let (_, id_a) = ea.seal();
+    let (_, id_b) = eb.seal();
+    let knows_a = {
+        let mut s = State::new();
+        s.insert(&ea, id_a).unwrap();
+        s
+    };
+    for mut replica in [State::new(), knows_a] {
+        assert!(
+            matches!(
+                replica.insert(&eb, id_b),
+                Err(Invalid::SupersedesUnseen { .. })
+            ),
+            "a replica that knows {} authors took it",
+            replica.frontier().len()
+        );
+    }
+}

@@ -1422,6 +1422,80 @@ fn wrong_cluster_version_or_peer_is_refused() {
     assert_eq!(err, SyncError::OwnNodeId(id(4)));
 }
 
+/// A peer whose versions share none with ours is refused at its Hello, and
+/// only there: the refusing end sends its own Hello (even a quiet end,
+/// which had not sent one) before its Error, so the peer can refuse in
+/// turn and both ends report the same two ranges, each from its side. A
+/// later Hello cannot change the connection's version.
+#[test]
+fn a_peer_of_another_version_is_refused_at_hello_and_gets_our_hello() {
+    let old_hello = |min_version, max_version| {
+        encode(&Message::Hello(Hello {
+            min_version,
+            max_version,
+            cluster: CLUSTER,
+            node: id(ATTACKER),
+            digest: frontier_digest(&[]),
+        }))
+    };
+    for quiet in [false, true] {
+        let mut c = SessionConfig::new(CLUSTER, id(4));
+        c.round_at_start = !quiet;
+        let mut v = Victim::with(c, MemStore::new());
+        let err = v.feed(&[old_hello(1, 1)]).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(
+            text,
+            format!(
+                "no common sync protocol version: this node speaks \
+                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}, the peer 1..=1"
+            )
+        );
+        assert_eq!(
+            v.peer.events.last(),
+            Some(&SessionEvent::Failed(err.clone()))
+        );
+        let mut sent = Vec::new();
+        while let Some(m) = v.peer.session.poll_transmit(&v.peer.store) {
+            sent.push(decode_message(&m).unwrap().unwrap().0);
+        }
+        assert_eq!(
+            sent,
+            vec![
+                Message::Hello(Hello {
+                    min_version: MIN_PROTOCOL_VERSION,
+                    max_version: PROTOCOL_VERSION,
+                    cluster: CLUSTER,
+                    node: id(4),
+                    digest: frontier_digest(&[]),
+                }),
+                Message::Error { reason: text },
+            ],
+            "quiet: {quiet}"
+        );
+    }
+
+    // Agreed at the first Hello; a later one (a new round) must agree on
+    // the same version. This build speaks one version, so a later Hello
+    // that would change it shares none with ours and is refused as such.
+    let mut v = Victim::new(MemStore::new());
+    v.feed(&[old_hello(PROTOCOL_VERSION, PROTOCOL_VERSION)])
+        .unwrap();
+    assert_eq!(v.peer.session.version(), Some(PROTOCOL_VERSION));
+    v.feed(&[old_hello(PROTOCOL_VERSION, 9)]).unwrap();
+    let err = v
+        .feed(&[old_hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 1)])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SyncError::VersionMismatch { .. } | SyncError::VersionChanged { .. }
+        ),
+        "{err}"
+    );
+    v.assert_refused(&err);
+}
+
 #[test]
 fn messages_out_of_order_and_bad_frontiers_are_refused() {
     let (w, s) = one_event();

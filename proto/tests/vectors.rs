@@ -1,7 +1,9 @@
 //! The test vectors printed in `PROTOCOL.md`: if the encoding, the id or the
 //! signature scheme changes, this test fails and the document must change
 //! (with a new format version). The key and signature vectors are each
-//! refused, for the reason the document gives.
+//! refused, for the reason the document gives. Run with
+//! `WEFTLOG_PRINT_VECTORS=1` (and `--nocapture`) to print the read-model
+//! vector's bytes after a format change.
 
 use weftlog_proto::event::{
     verify, Event, EventError, Keypair, Meta, Op, Signature, SignatureError, FORMAT_VERSION,
@@ -275,4 +277,178 @@ fn key_and_signature_vectors_match_protocol_md() {
 
     println!("{printed}");
     assert!(!V4_BYTES.is_empty() && !V5_BYTES.is_empty(), "{printed}");
+}
+
+// The read-model vector (PROTOCOL.md §7 and §8, vector 10): a small state,
+// its canonical read model and its state hash.
+
+/// Whether to print the vectors' bytes (`WEFTLOG_PRINT_VECTORS=1`), to
+/// update `PROTOCOL.md` and the constants here after a format change.
+fn print_vectors() -> bool {
+    std::env::var_os("WEFTLOG_PRINT_VECTORS").is_some_and(|v| v == "1")
+}
+
+/// An event of vector 10: stream `event/keynote`, kind `Changed`, no
+/// payload, hlc = (1,700,000,000,000 + `ms`) << 16.
+fn v10_event(
+    author: u8,
+    seq: u64,
+    prev: Option<EventId>,
+    deps: Vec<EventId>,
+    ms: u64,
+    ops: Vec<Op>,
+    command_id: Option<&str>,
+) -> Event {
+    Event {
+        version: FORMAT_VERSION,
+        author: key(author).node_id(),
+        seq,
+        prev,
+        deps,
+        hlc: Hlc::from_ms(1_700_000_000_000 + ms),
+        stream: "event/keynote".into(),
+        kind: "Changed".into(),
+        ops,
+        payload: vec![],
+        meta: Meta {
+            command_id: command_id.map(String::from),
+            user: None,
+        },
+    }
+}
+
+/// Vector 10's four events, in an order a replica may insert them:
+/// 1. key 1, seq 1, +0 ms, command `open-1`: `EscrowInit { seats, 10 }`,
+///    `EscrowTransfer { seats, to: key 2, 4 }`, `Add { views, 3 }`;
+/// 2. key 2, seq 1, +1 ms, no deps, command `open-1` (the same command
+///    carried out at another node: a duplicate, 1 sorts first):
+///    `EscrowInit { seats, 10 }`, `Add { views, 3 }`;
+/// 3. key 1, seq 2, +2 ms, prev 1: `Set { title, "\"Keynote\"", [] }`;
+/// 4. key 2, seq 2, +3 ms, prev 2, deps [1]: `Set { title,
+///    "\"Opening keynote\"", [] }` (concurrent with 3: a conflict),
+///    `EscrowConsume { seats, 1 }` (rights key 2 received in 1),
+///    `Add { views, -1 }`.
+fn v10_events() -> Vec<Event> {
+    let seats = || "seats".to_string();
+    let views = || "views".to_string();
+    let title = |v: &str| Op::Set {
+        field: "title".into(),
+        value: v.as_bytes().to_vec(),
+        supersedes: vec![],
+    };
+    let e1 = v10_event(
+        1,
+        1,
+        None,
+        vec![],
+        0,
+        vec![
+            Op::EscrowInit {
+                counter: seats(),
+                capacity: 10,
+            },
+            Op::EscrowTransfer {
+                counter: seats(),
+                to: key(2).node_id(),
+                amount: 4,
+            },
+            Op::Add {
+                counter: views(),
+                delta: 3,
+            },
+        ],
+        Some("open-1"),
+    );
+    let id1 = e1.seal().1;
+    let e2 = v10_event(
+        2,
+        1,
+        None,
+        vec![],
+        1,
+        vec![
+            Op::EscrowInit {
+                counter: seats(),
+                capacity: 10,
+            },
+            Op::Add {
+                counter: views(),
+                delta: 3,
+            },
+        ],
+        Some("open-1"),
+    );
+    let id2 = e2.seal().1;
+    let e3 = v10_event(1, 2, Some(id1), vec![], 2, vec![title("\"Keynote\"")], None);
+    let e4 = v10_event(
+        2,
+        2,
+        Some(id2),
+        vec![id1],
+        3,
+        vec![
+            title("\"Opening keynote\""),
+            Op::EscrowConsume {
+                counter: seats(),
+                amount: 1,
+            },
+            Op::Add {
+                counter: views(),
+                delta: -1,
+            },
+        ],
+        None,
+    );
+    vec![e1, e2, e3, e4]
+}
+
+const V10_READ_MODEL: &str = "010d6576656e742f6b65796e6f74650401057469746c65028139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b3940219684c6de62556d1f8e03e726dc40a3f87ccde263a809729dc53c41c31576a5580808cc0d6fcf3c50111224f70656e696e67206b65796e6f7465228a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c02ebf494997c111f15b96d66a9ee5538a66ceeb85bdaa8fc59c9bbbe96b1acfde6808088c0d6fcf3c50109224b65796e6f7465220105766965777304010573656174730a01028139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394000400018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0a0004000001066f70656e2d311fe7061c0295447edea36eb5436916447c531816244533e17a1d7bd43388680e015e93049affc9f6e72ad5a4c3bc5d70f71feeea15e9d5ff20524feda336e01795";
+/// The ids of vector 10's events, in the order listed.
+const V10_IDS: [&str; 4] = [
+    "1fe7061c0295447edea36eb5436916447c531816244533e17a1d7bd43388680e",
+    "5e93049affc9f6e72ad5a4c3bc5d70f71feeea15e9d5ff20524feda336e01795",
+    "ebf494997c111f15b96d66a9ee5538a66ceeb85bdaa8fc59c9bbbe96b1acfde6",
+    "19684c6de62556d1f8e03e726dc40a3f87ccde263a809729dc53c41c31576a55",
+];
+const V10_STATE_HASH: &str = "9ec2af46b6b264e4e57155e2ce2f97a21efa4eaa96485c63c6179af9024c549a";
+
+#[test]
+fn read_model_vector_matches_protocol_md() {
+    use weftlog_proto::state::Inserted;
+    use weftlog_proto::State;
+
+    let events = v10_events();
+    let sealed: Vec<(Event, EventId)> = events.iter().map(|e| (e.clone(), e.seal().1)).collect();
+    // Two causal orders give the same bytes.
+    let mut hashes = Vec::new();
+    let mut model = Vec::new();
+    for order in [[0, 1, 2, 3], [1, 0, 3, 2]] {
+        let mut state = State::new();
+        for i in order {
+            let (e, id) = &sealed[i];
+            assert_eq!(state.insert(e, *id), Ok(Inserted::New), "event {}", i + 1);
+        }
+        model = state.canonical_read_model();
+        hashes.push(state.state_hash());
+    }
+    assert_eq!(hashes[0], hashes[1]);
+    let printed = format!(
+        "v10\nevents {}\nread-model {}\nstate-hash {}\n",
+        sealed
+            .iter()
+            .map(|(_, id)| id.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        hex(&model),
+        hex(&hashes[0])
+    );
+    if print_vectors() {
+        println!("{printed}");
+    }
+    for ((_, id), want) in sealed.iter().zip(V10_IDS) {
+        assert_eq!(id.to_string(), want, "{printed}");
+    }
+    assert_eq!(hex(&model), V10_READ_MODEL, "{printed}");
+    assert_eq!(hex(&hashes[0]), V10_STATE_HASH, "{printed}");
+    assert_eq!(*blake3::hash(&model).as_bytes(), hashes[0]);
 }
