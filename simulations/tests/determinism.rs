@@ -9,7 +9,7 @@ use weftlog_sim::{run, RunOptions};
 
 #[test]
 fn every_scenario_replays_its_seeds_exactly() {
-    for sc in Scenario::builtin() {
+    for sc in Scenario::ci() {
         let seeds = SeedRange {
             start: sc.seeds.start,
             end: sc.seeds.start + 3,
