@@ -219,7 +219,7 @@ pub fn simulate(
 ) -> Result<Outcome, SimulateError> {
     let scenarios: Vec<(Scenario, Option<String>)> = match &args.scenario {
         Some(s) => vec![(Scenario::load(s)?, Some(s.clone()))],
-        None => Scenario::builtin().into_iter().map(|s| (s, None)).collect(),
+        None => Scenario::ci().into_iter().map(|s| (s, None)).collect(),
     };
     if let Some(n) = args.nodes {
         if n < 2 {

@@ -269,6 +269,9 @@ fn summary_table(s: &Summary) -> String {
         .map(|(k, v)| format!("{k}: {v}"))
         .collect();
     row("faults", faults.join(", "));
+    if let Some(a) = s.adversary() {
+        row("adversary", a);
+    }
     row(
         "conflicts",
         format!(

@@ -80,7 +80,24 @@
 //! seed.
 //!
 //! **Clocks**: each node's hybrid logical clock is fed virtual time plus a
-//! per-node offset, drift and steps.
+//! per-node offset, drift, steps and jumps (`clock_jumps_per_min`: the wall
+//! clock far ahead, ten minutes by default, and back). The node's wall time
+//! reaches its replica as in the daemon: with each append, at a restart,
+//! and through `Replica::handle_time` before each message the node handles
+//! and each timer, so that the clock observes received events only within
+//! the horizon of that time.
+//!
+//! **Restores** (`restores_per_min`, `kind = "restore"`): a copy of a
+//! node's synced storage is taken, and later the node crashes and restarts
+//! from the copy, with its peers reachable or cut off for a while. The
+//! restored node signs again seqs it had signed: its author forks.
+//!
+//! **Byzantine members** (`[byzantine]`): honest nodes whose sync sessions'
+//! messages are rewritten where bytes leave the node, before the
+//! transport: frames sent twice, frames of earlier messages replayed, frames
+//! shuffled within a message, messages swapped. Every frame is a valid,
+//! signed event the node's own session sent. See `README.md` for which
+//! rewrites receivers refuse today.
 //!
 //! **Clients** (`[clients]`): with `retry` above zero every user command
 //! carries a command id, and that share of them is sent again, after
@@ -103,9 +120,16 @@
 //! conflicts on every node unless superseded); every (stream, command id)
 //! taking effect once, through the first of its events in canonical order,
 //! the others listed as ignored (duplicates are left out of the escrow
-//! recount and the field check, as the fold leaves them out). During the run, a failed
-//! sync session, an equivocation, a failed recovery or write is a violation
-//! too: in honest traffic none of them may happen.
+//! recount and the field check, as the fold leaves them out). With jumped
+//! clocks: no node's event is more than `hlc::MAX_CLOCK_AHEAD_MS` past the
+//! highest wall time its clock has shown, and no node whose clock never
+//! jumped ends with a latest local event that far past its wall time. With
+//! restores: acknowledged events count as kept on whichever branch any node
+//! holds them; every node that holds both branches of a fork has reported
+//! it; the escrow read model is the same on every node. During the run, a
+//! failed sync session, an equivocation by an author that was never
+//! restored, a failed recovery or write is a violation too: in honest
+//! traffic none of them may happen.
 
 #![warn(missing_docs)]
 

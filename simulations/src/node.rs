@@ -37,7 +37,7 @@ use weftlog_proto::log::{Log, MemStorage, TornTail};
 use weftlog_proto::replica::{AppendError, Batch, Lent, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::sync::Head;
-use weftlog_proto::{EventId, NodeId};
+use weftlog_proto::{EventId, Hlc, NodeId};
 
 pub use weftlog_proto::replica::Committed;
 
@@ -111,6 +111,8 @@ pub struct SimNode {
     sabotage: Sabotage,
     /// The replica's queue as of the last [`SimNode::take_received`].
     seen: weftlog_proto::replica::Mark,
+    /// The hlc of the last event a local command made.
+    last_hlc: Option<Hlc>,
 }
 
 impl SimNode {
@@ -128,6 +130,7 @@ impl SimNode {
             pool: Some(weftlog_proto::sync::Pool::new()),
             inflight: None,
             sabotage,
+            last_hlc: None,
         })
     }
 
@@ -198,11 +201,51 @@ impl SimNode {
     pub fn append(&mut self, now_ms: u64, draft: Draft) -> AppendResult {
         assert!(self.is_up(), "append on a node that is down");
         match self.replica.handle_append(draft, now_ms) {
-            Ok(a) => Ok((!a.existing).then_some((a.id, a.seq))),
+            Ok(a) => {
+                if !a.existing {
+                    self.last_hlc = Some(a.hlc);
+                }
+                Ok((!a.existing).then_some((a.id, a.seq)))
+            }
             Err(AppendError::Refused(e)) => Err(e),
             // Invariant: a failed write takes the node down.
             Err(e) => unreachable!("append on a failed node: {e}"),
         }
+    }
+
+    /// The hlc of the last event a local command made (since the node was
+    /// made; restarts keep it).
+    pub fn last_hlc(&self) -> Option<Hlc> {
+        self.last_hlc
+    }
+
+    /// Tells the replica the node's wall time, as the node does before it
+    /// stores received events ([`Replica::handle_time`]): its clock
+    /// observes them only within the horizon of that time. Nothing while
+    /// the node is down.
+    pub fn handle_time(&mut self, now_ms: u64) {
+        if self.is_up() {
+            self.replica.handle_time(now_ms);
+        }
+    }
+
+    /// A copy of the node's storage as a backup of its data directory
+    /// takes it: what is synced (a write under way is not in it).
+    pub fn backup(&self) -> MemStorage {
+        let mut copy = self.disk.borrow().clone();
+        copy.crash(0);
+        copy
+    }
+
+    /// Puts `backup` in place of the node's storage, as an operator
+    /// restoring a data directory from a copy does. The node must be down;
+    /// its next [`SimNode::restart`] recovers from the copy.
+    ///
+    /// # Panics
+    /// If the node is up.
+    pub fn restore(&mut self, backup: MemStorage) {
+        assert!(!self.is_up(), "restore on a node that is up");
+        *self.disk.borrow_mut() = backup;
     }
 
     /// Starts a group commit of what waits, if nothing is being written:

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::state::{Escrow, State, Stream, WriteId};
 use weftlog_proto::sync::{frontier_digest, Head};
 use weftlog_proto::{Dot, Event, EventId, NodeId, Op};
@@ -230,6 +231,152 @@ pub fn acknowledged(acked: &BTreeMap<EventId, (usize, u64)>, n: &Reloaded<'_>) -
     out
 }
 
+/// Nothing acknowledged is lost, in a run where authors may fork (a node
+/// restored from an old copy of its storage): an acknowledged event counts
+/// as kept if its id is held anywhere, on whichever branch. `held` is every
+/// id in any node's state or log. (That every node holds the same events is
+/// the convergence oracle's question.)
+pub fn acknowledged_anywhere(
+    acked: &BTreeMap<EventId, (usize, u64)>,
+    held: &BTreeSet<EventId>,
+) -> Vec<String> {
+    let lost: Vec<(&EventId, &(usize, u64))> =
+        acked.iter().filter(|(id, _)| !held.contains(id)).collect();
+    match lost.first() {
+        None => Vec::new(),
+        Some((id, (by, at_ms))) => vec![format!(
+            "{} acknowledged events are held by no node, first {} (acknowledged by node {by} at {at_ms} ms)",
+            lost.len(),
+            id.short()
+        )],
+    }
+}
+
+/// The forks a log holds both branches of: per author, the seqs that more
+/// than one event of the log carries.
+pub fn forks_held(events: &[(Event, EventId)]) -> BTreeMap<NodeId, BTreeSet<u64>> {
+    let mut ids: BTreeMap<(NodeId, u64), BTreeSet<EventId>> = BTreeMap::new();
+    for (e, id) in events {
+        ids.entry((e.author, e.seq)).or_default().insert(*id);
+    }
+    let mut out: BTreeMap<NodeId, BTreeSet<u64>> = BTreeMap::new();
+    for ((author, seq), set) in ids {
+        if set.len() > 1 {
+            out.entry(author).or_default().insert(seq);
+        }
+    }
+    out
+}
+
+/// Forks are reported on every node: each author whose two branches node
+/// `ix` holds (`held`, from [`forks_held`] over its log) is among the
+/// equivocations the node reported (`reported`: what its sessions told it,
+/// as the daemon records them in its equivocation file and status).
+pub fn forks_reported(
+    ix: usize,
+    held: &BTreeMap<NodeId, BTreeSet<u64>>,
+    reported: &BTreeSet<NodeId>,
+) -> Vec<String> {
+    held.iter()
+        .filter(|(a, _)| !reported.contains(a))
+        .map(|(a, seqs)| {
+            format!(
+                "node {ix} holds both branches of author {} at {} seqs (first {}) but never reported the fork",
+                a.short(),
+                seqs.len(),
+                seqs.first().copied().unwrap_or(0)
+            )
+        })
+        .collect()
+}
+
+/// Escrow oversell is marked identically: every node's escrow read model
+/// (capacity, consumption, each account) is the same. Convergence of state
+/// hashes implies it; this names the counter that differs.
+// Once the read model marks a forked author's double spends (an oversell
+// mark on `Escrow`), that mark is part of `Escrow` and compared here too;
+// a check that each double spend is marked belongs beside this one then.
+pub fn escrow_identical(nodes: &[(usize, &State)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some((ix0, first)) = nodes.first() else {
+        return out;
+    };
+    // The read model as served (its serialized form): the private
+    // bookkeeping is replica-local.
+    let model = |st: &State| -> BTreeMap<(String, String), String> {
+        st.streams()
+            .iter()
+            .flat_map(|(name, s)| {
+                s.escrow.iter().map(move |(c, e)| {
+                    let shown = serde_json::to_string(e).unwrap_or_else(|e| e.to_string());
+                    ((name.clone(), c.clone()), shown)
+                })
+            })
+            .collect()
+    };
+    let m0 = model(first);
+    for (ix, st) in &nodes[1..] {
+        let m = model(st);
+        if m != m0 {
+            let which = m0
+                .iter()
+                .find(|(k, v)| m.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .or_else(|| m.keys().find(|k| !m0.contains_key(*k)).cloned())
+                .unwrap_or_default();
+            out.push(format!(
+                "node {ix0} and node {ix} mark escrow differently: {} {} differs",
+                which.0, which.1
+            ));
+        }
+    }
+    out
+}
+
+/// What the clock oracle looks at for one node.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClockView {
+    /// The node.
+    pub ix: usize,
+    /// Whether its own wall clock ever jumped.
+    pub jumped: bool,
+    /// The hlc of its latest local event, ms.
+    pub last_hlc_ms: Option<u64>,
+    /// Its wall time at the end, ms.
+    pub wall_ms: u64,
+    /// The first local event whose hlc was more than
+    /// [`MAX_CLOCK_AHEAD_MS`] past the highest wall time the node's clock
+    /// had shown: (hlc ms, that wall time ms).
+    pub first_ahead: Option<(u64, u64)>,
+}
+
+/// A clock that jumps ahead drags no other: no node ever made an event
+/// more than [`MAX_CLOCK_AHEAD_MS`] past the highest wall time its clock had
+/// shown, and after the final heal no node whose clock never jumped has a
+/// latest local event more than that past its wall time.
+pub fn clock(nodes: &[ClockView]) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in nodes {
+        if let Some((hlc, wall)) = n.first_ahead {
+            out.push(format!(
+                "node {} made an event at hlc {hlc} ms, {} ms past the highest wall time its clock had shown",
+                n.ix,
+                hlc - wall
+            ));
+        }
+        match n.last_hlc_ms {
+            Some(hlc) if !n.jumped && hlc > n.wall_ms.saturating_add(MAX_CLOCK_AHEAD_MS) => out
+                .push(format!(
+                    "node {}'s latest local event is at hlc {hlc} ms, {} ms past its wall time",
+                    n.ix,
+                    hlc - n.wall_ms
+                )),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The node's log, reopened, folds to the state the node runs with.
 pub fn durability(n: &Reloaded<'_>) -> Vec<String> {
     let mut out = Vec::new();
@@ -257,35 +404,36 @@ pub fn durability(n: &Reloaded<'_>) -> Vec<String> {
 }
 
 /// Every record's `prev` and deps come before it in the log, and each
-/// author's records follow its chain.
+/// author's records follow its chain: a record's seq is one more than its
+/// `prev`'s. A forked author (two events with one seq, each following its
+/// own `prev`) has two chains; each is checked as a chain, so a log that
+/// holds both branches passes.
 pub fn causal_order(events: &[(Event, EventId)]) -> Result<(), String> {
-    let mut seen: BTreeSet<EventId> = BTreeSet::new();
-    let mut heads: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let mut seen: BTreeMap<EventId, u64> = BTreeMap::new();
     for (i, (e, id)) in events.iter().enumerate() {
-        let head = heads.entry(e.author).or_insert(0);
-        if e.seq != *head + 1 {
-            return Err(format!(
-                "record {i} ({}) is seq {} of its author, whose last record was seq {head}",
-                id.short(),
-                e.seq
-            ));
-        }
-        *head = e.seq;
-        if let Some(p) = e.prev.filter(|p| !seen.contains(p)) {
+        if let Some(p) = e.prev.filter(|p| !seen.contains_key(p)) {
             return Err(format!(
                 "record {i} ({}) comes before its prev {}",
                 id.short(),
                 p.short()
             ));
         }
-        if let Some(d) = e.deps.iter().find(|d| !seen.contains(d)) {
+        let after = e.prev.map_or(0, |p| seen[&p]);
+        if e.seq != after + 1 {
+            return Err(format!(
+                "record {i} ({}) is seq {} of its author, but its prev is seq {after}",
+                id.short(),
+                e.seq
+            ));
+        }
+        if let Some(d) = e.deps.iter().find(|d| !seen.contains_key(d)) {
             return Err(format!(
                 "record {i} ({}) comes before its dependency {}",
                 id.short(),
                 d.short()
             ));
         }
-        seen.insert(*id);
+        seen.insert(*id, e.seq);
     }
     Ok(())
 }
@@ -636,5 +784,134 @@ mod tests {
         let e = commands(&events, own.state()).unwrap_err();
         assert!(e.iter().any(|v| v.contains("sorts first")), "{e:?}");
         assert!(e.iter().any(|v| v.contains("the stream lists")), "{e:?}");
+    }
+}
+
+#[cfg(test)]
+mod adversary_tests {
+    use super::*;
+    use weftlog_proto::sync::MemStore;
+    use weftlog_proto::{Draft, HlcClock, Keypair};
+
+    fn edit(v: &str) -> Draft {
+        Draft {
+            stream: "c/1".into(),
+            kind: "Renamed".into(),
+            ops: vec![Op::Set {
+                field: "name".into(),
+                value: v.as_bytes().to_vec(),
+                supersedes: vec![],
+            }],
+            ..Draft::default()
+        }
+    }
+
+    /// Two branches of one author: seqs 1-2 shared, then seq 3 twice (as a
+    /// node restored from a copy taken at seq 2 makes), in one log.
+    fn forked_log() -> (NodeId, Vec<(Event, EventId)>) {
+        let k = Keypair::from_secret([7; 32]);
+        let mut a = MemStore::new();
+        let mut clock = HlcClock::default();
+        for (i, v) in ["x", "y"].iter().enumerate() {
+            a.append(&k, &mut clock, 1_000 + i as u64, edit(v)).unwrap();
+        }
+        let mut b = a.clone();
+        let mut clock_b = clock.clone();
+        a.append(&k, &mut clock, 2_000, edit("a")).unwrap();
+        b.append(&k, &mut clock_b, 2_001, edit("b")).unwrap();
+        let mut log = Vec::new();
+        for seq in 1..=3 {
+            let s = a.get(&k.node_id(), seq).unwrap();
+            log.push((Event::decode_trusted(&s.bytes).unwrap(), s.id));
+        }
+        let s = b.get(&k.node_id(), 3).unwrap();
+        log.push((Event::decode_trusted(&s.bytes).unwrap(), s.id));
+        (k.node_id(), log)
+    }
+
+    #[test]
+    fn a_log_holding_both_branches_of_a_fork_is_in_causal_order() {
+        let (_, log) = forked_log();
+        causal_order(&log).unwrap();
+        // A branch's event before the event it follows is still caught.
+        let mut bad = log.clone();
+        bad.swap(1, 3);
+        assert!(causal_order(&bad).is_err());
+    }
+
+    #[test]
+    fn a_node_holding_both_branches_must_report_the_fork() {
+        let (author, log) = forked_log();
+        let held = forks_held(&log);
+        assert_eq!(held[&author], BTreeSet::from([3]));
+        let v = forks_reported(2, &held, &BTreeSet::new());
+        assert!(v[0].contains("never reported"), "{v:?}");
+        assert!(forks_reported(2, &held, &BTreeSet::from([author])).is_empty());
+        assert!(forks_held(&log[..3]).is_empty());
+    }
+
+    #[test]
+    fn an_acknowledged_event_counts_as_kept_on_either_branch() {
+        let (_, log) = forked_log();
+        let acked: BTreeMap<EventId, (usize, u64)> =
+            log.iter().map(|(_, id)| (*id, (0, 5))).collect();
+        let held: BTreeSet<EventId> = log.iter().map(|(_, id)| *id).collect();
+        assert!(acknowledged_anywhere(&acked, &held).is_empty());
+        let mut one_branch = held.clone();
+        one_branch.remove(&log[3].1);
+        let v = acknowledged_anywhere(&acked, &one_branch);
+        assert!(
+            v[0].starts_with("1 acknowledged events are held by no node"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_clock_dragged_past_the_bound_is_caught() {
+        let wall = 1_000_000;
+        let ok = ClockView {
+            ix: 0,
+            last_hlc_ms: Some(wall + MAX_CLOCK_AHEAD_MS),
+            wall_ms: wall,
+            ..ClockView::default()
+        };
+        assert!(clock(&[ok]).is_empty());
+        let dragged = ClockView {
+            last_hlc_ms: Some(wall + MAX_CLOCK_AHEAD_MS + 1),
+            ..ok
+        };
+        assert_eq!(clock(&[dragged]).len(), 1);
+        // The node whose own clock jumped may be ahead of its wall time
+        // after the jump back, but never past what its clock had shown.
+        let jumped = ClockView {
+            jumped: true,
+            ..dragged
+        };
+        assert!(clock(&[jumped]).is_empty());
+        let ahead = ClockView {
+            first_ahead: Some((wall + 600_000, wall)),
+            ..jumped
+        };
+        assert!(clock(&[ahead])[0].contains("600000 ms past"));
+    }
+
+    #[test]
+    fn escrow_marked_differently_is_caught() {
+        let mut a = MemStore::new();
+        let k = Keypair::from_secret([8; 32]);
+        let init = Draft {
+            stream: "event/keynote".into(),
+            kind: "Opened".into(),
+            ops: vec![Op::EscrowInit {
+                counter: "seats".into(),
+                capacity: 10,
+            }],
+            ..Draft::default()
+        };
+        let b = a.clone();
+        a.append(&k, &mut HlcClock::default(), 1_000, init).unwrap();
+        assert!(escrow_identical(&[(0, a.state()), (1, a.state())]).is_empty());
+        let v = escrow_identical(&[(0, a.state()), (1, b.state())]);
+        assert!(v[0].contains("event/keynote seats"), "{v:?}");
     }
 }

@@ -9,8 +9,9 @@ use serde::Serialize;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
     /// Which oracle: `convergence`, `acknowledged`, `causal-order`,
-    /// `escrow`, `conflicts`, `commands`, `durability`, `session`, `equivocation`,
-    /// `recovery`, `determinism`.
+    /// `escrow`, `escrow-marks`, `conflicts`, `commands`, `durability`,
+    /// `session`, `equivocation`, `forks`, `clock`, `recovery`,
+    /// `determinism`.
     pub oracle: String,
     /// Virtual time, ms.
     pub at_ms: u64,
@@ -144,6 +145,9 @@ pub struct RunReport {
     pub faults: BTreeMap<String, u64>,
     /// Fields in conflict at the end (same on every node).
     pub conflicts: u64,
+    /// Forked `(author, seq)` pairs in the cluster at the end (two events
+    /// for one seq, over every node's log): made by restores.
+    pub forks: u64,
     /// Pairs of concurrent writes to one field in the final event set.
     pub concurrent_writes: u64,
     /// Convergence time after each full heal, virtual ms.
@@ -263,6 +267,8 @@ pub struct Summary {
     pub faults: BTreeMap<String, u64>,
     /// Fields in conflict at the end, summed over seeds.
     pub conflicts: u64,
+    /// Forked `(author, seq)` pairs at the end, summed over seeds.
+    pub forks: u64,
     /// Pairs of concurrent same-field writes, summed over seeds.
     pub concurrent_writes: u64,
     /// Convergence after each full heal (final heals included).
@@ -290,6 +296,46 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The clock jumps, restores and Byzantine rewrites, with counts, in
+    /// one line; `None` when there were none.
+    pub fn adversary(&self) -> Option<String> {
+        let f = |k: &str| self.faults.get(k).copied().unwrap_or(0);
+        let mut parts = Vec::new();
+        if f("clock_jumps") > 0 {
+            parts.push(format!(
+                "{} clock jumps ahead ({} back)",
+                f("clock_jumps"),
+                f("clock_jumps_back")
+            ));
+        }
+        if f("backups") > 0 || f("restores") > 0 {
+            parts.push(format!(
+                "{} restores from {} copies ({} cut off at restart); {} forked seqs at the end, {} fork reports",
+                f("restores"),
+                f("backups"),
+                f("restores_isolated"),
+                self.forks,
+                f("forks_reported")
+            ));
+        }
+        let byz = [
+            "byzantine_frames_duplicated",
+            "byzantine_frames_replayed",
+            "byzantine_messages_reordered",
+            "byzantine_messages_swapped",
+        ];
+        if byz.iter().any(|k| f(k) > 0) {
+            parts.push(format!(
+                "Byzantine: {} frames sent twice, {} old frames replayed, {} messages reordered, {} swapped",
+                f(byz[0]),
+                f(byz[1]),
+                f(byz[2]),
+                f(byz[3])
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
     /// Sums the runs of one scenario; `wall_s` is the elapsed wall time of
     /// all of them (they may have run in parallel).
     pub fn of(runs: &[RunReport], wall_s: f64) -> Summary {
@@ -326,6 +372,7 @@ impl Summary {
                 *s.faults.entry(k.clone()).or_default() += v;
             }
             s.conflicts += r.conflicts;
+            s.forks += r.forks;
             s.concurrent_writes += r.concurrent_writes;
             conv.extend_from_slice(&r.convergence_ms);
             fin.extend(r.final_convergence_ms);
@@ -421,6 +468,9 @@ impl Summary {
                 faults.join(", ")
             }
         );
+        if let Some(a) = self.adversary() {
+            let _ = writeln!(o, "  adversary     {a}");
+        }
         let _ = writeln!(
             o,
             "  conflicts     {} fields in conflict at the end ({} pairs of concurrent same-field writes)",

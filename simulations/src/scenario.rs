@@ -25,7 +25,19 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../scenarios/crash-oneway.toml"),
     ),
     ("rolling", include_str!("../scenarios/rolling.toml")),
+    ("adversary", include_str!("../scenarios/adversary.toml")),
+    (
+        "venue-restore",
+        include_str!("../scenarios/venue-restore.toml"),
+    ),
 ];
+
+/// Built-in scenarios left out of the CI seed set ([`Scenario::ci`]) and of
+/// a bare `weftlog simulate`: restores make forks, which do not converge
+/// until the core keeps both branches of a fork. Run them by name
+/// (`--scenario venue-restore`); take a name off this list to put its
+/// seeds in CI.
+pub const FORK_SCENARIOS: &[&str] = &["venue-restore"];
 
 /// Why a scenario could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +216,10 @@ pub struct Scenario {
     /// How clients behave when a node does not answer.
     #[serde(default)]
     pub clients: Clients,
+    /// Byzantine members: nodes whose sessions replay, duplicate and
+    /// reorder the valid events they send. None by default.
+    #[serde(default)]
+    pub byzantine: Byzantine,
     /// What the users do.
     pub workload: Workload,
 }
@@ -228,6 +244,67 @@ impl Default for Clients {
             retry: 0.0,
             retry_after_ms: [200.0, 3000.0],
         }
+    }
+}
+
+/// Byzantine members (`[byzantine]`): the listed nodes run the honest
+/// node, but what their sync sessions send is rewritten where bytes leave
+/// the node, before the transport: every Events message is taken apart into
+/// its wire frames (valid, signed events, as the session made them) and put
+/// back together with frames sent twice, frames of earlier messages sent
+/// again, and frames in another order. Nothing is forged: every frame is one
+/// the node's own session sent at some point. Receivers must neither fail
+/// nor split, and the cluster must converge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Byzantine {
+    /// The Byzantine nodes.
+    pub nodes: Vec<usize>,
+    /// Probability, per event frame sent, that it is sent twice in a row.
+    pub duplicate: f64,
+    /// Probability, per Events message, that frames the node sent before
+    /// (on any connection, in any earlier round) go in front of its frames.
+    pub replay: f64,
+    /// Most old frames one replay adds.
+    pub replay_frames: usize,
+    /// Probability, per Events message, that its frames are shuffled. Each
+    /// author's frames keep their seq order unless `reorder_same_author`.
+    pub reorder: f64,
+    /// Probability, per Events message, that it is held back and sent after
+    /// the next Events message on its connection (or before the next other
+    /// message, whichever comes first).
+    pub swap: f64,
+    /// Let reordering put one author's frames out of seq order too, within
+    /// a message and across swapped messages (the protocol requires seq
+    /// order: receivers refuse such a stream; see the README).
+    pub reorder_same_author: bool,
+    /// Let duplicates and replays land while a run of the frame's author
+    /// is open in the stream (after an unsigned frame of that author, before
+    /// the signed one that ends the run). Off, only signed frames are sent
+    /// twice or replayed, and only where no run of their author is open:
+    /// receivers refuse the rest today (see the README).
+    pub open_runs: bool,
+}
+
+impl Default for Byzantine {
+    fn default() -> Byzantine {
+        Byzantine {
+            nodes: Vec::new(),
+            duplicate: 0.0,
+            replay: 0.0,
+            replay_frames: 8,
+            reorder: 0.0,
+            swap: 0.0,
+            reorder_same_author: false,
+            open_runs: false,
+        }
+    }
+}
+
+impl Byzantine {
+    /// Whether any node is Byzantine.
+    pub fn enabled(&self) -> bool {
+        !self.nodes.is_empty()
     }
 }
 
@@ -393,6 +470,30 @@ pub struct Faults {
     pub clock_steps_per_min: f64,
     /// A step is up to this large, either way.
     pub clock_step_ms: f64,
+    /// A node's wall clock jumps far ahead (a wrong RTC, a zone error) this
+    /// often per minute (over the whole cluster), and back after
+    /// `clock_jump_s`.
+    pub clock_jumps_per_min: f64,
+    /// How far a jump moves the clock ahead, ms (10 minutes by default).
+    pub clock_jump_ms: f64,
+    /// A jumped clock comes back after uniformly between these, seconds.
+    pub clock_jump_s: [f64; 2],
+    /// Restores per minute (over the whole cluster): a copy of a node's
+    /// storage is taken (what is synced), and `restore_age_s` later the
+    /// node crashes and restarts from that copy. The node then signs again
+    /// seqs it had already signed: a fork.
+    pub restores_per_min: f64,
+    /// The copy is this old when restored, uniformly between, seconds.
+    pub restore_age_s: [f64; 2],
+    /// The restored node is down for uniformly between these, seconds.
+    pub restore_down_s: [f64; 2],
+    /// Share of restores after which the node restarts cut off from every
+    /// peer (and makes events on its old copy before it hears of its
+    /// newer ones).
+    pub restore_isolated: f64,
+    /// Such a node stays cut off for uniformly between these, seconds,
+    /// after its restart.
+    pub restore_isolated_s: [f64; 2],
 }
 
 impl Default for Faults {
@@ -410,6 +511,14 @@ impl Default for Faults {
             clock_drift_ppm: 0.0,
             clock_steps_per_min: 0.0,
             clock_step_ms: 1_000.0,
+            clock_jumps_per_min: 0.0,
+            clock_jump_ms: 600_000.0,
+            clock_jump_s: [2.0, 10.0],
+            restores_per_min: 0.0,
+            restore_age_s: [2.0, 10.0],
+            restore_down_s: [0.5, 3.0],
+            restore_isolated: 0.5,
+            restore_isolated_s: [2.0, 8.0],
         }
     }
 }
@@ -469,6 +578,39 @@ pub enum Scheduled {
         /// By how much.
         ms: i64,
     },
+    /// A node's wall clock jumps `ms` ahead (10 minutes by default) and
+    /// back after `for_s`.
+    ClockJump {
+        /// When.
+        at_s: f64,
+        /// Which node.
+        node: usize,
+        /// How far ahead.
+        #[serde(default = "d_jump_ms")]
+        ms: u64,
+        /// How long it stays ahead.
+        for_s: f64,
+    },
+    /// A copy of a node's storage is taken at `at_s - age_s`; at `at_s` the
+    /// node crashes, and after `down_s` it restarts from the copy, cut off
+    /// from every peer for `isolate_s` more if that is above zero.
+    Restore {
+        /// When the node crashes.
+        at_s: f64,
+        /// Which node.
+        node: usize,
+        /// How old the copy is then.
+        age_s: f64,
+        /// Down for.
+        down_s: f64,
+        /// Cut off from its peers after the restart for this long.
+        #[serde(default)]
+        isolate_s: f64,
+    },
+}
+
+fn d_jump_ms() -> u64 {
+    600_000
 }
 
 impl Scheduled {
@@ -479,7 +621,9 @@ impl Scheduled {
             | Scheduled::Cut { at_s, .. }
             | Scheduled::SiteSplit { at_s, .. }
             | Scheduled::Crash { at_s, .. }
-            | Scheduled::ClockStep { at_s, .. } => *at_s,
+            | Scheduled::ClockStep { at_s, .. }
+            | Scheduled::ClockJump { at_s, .. }
+            | Scheduled::Restore { at_s, .. } => *at_s,
         }
     }
 }
@@ -655,6 +799,14 @@ impl Scenario {
             .collect()
     }
 
+    /// The built-in scenarios CI runs: all but [`FORK_SCENARIOS`].
+    pub fn ci() -> Vec<Scenario> {
+        Scenario::builtin()
+            .into_iter()
+            .filter(|s| !FORK_SCENARIOS.contains(&s.name.as_str()))
+            .collect()
+    }
+
     /// The seeds of a long run.
     pub fn long_seeds(&self) -> SeedRange {
         self.long_seeds.unwrap_or(SeedRange {
@@ -721,12 +873,39 @@ impl Scenario {
         for (what, r) in [
             ("partition_s", f.partition_s),
             ("crash_down_s", f.crash_down_s),
+            ("clock_jump_s", f.clock_jump_s),
+            ("restore_age_s", f.restore_age_s),
+            ("restore_down_s", f.restore_down_s),
+            ("restore_isolated_s", f.restore_isolated_s),
         ] {
             if !(r[0] >= 0.0 && r[0] <= r[1]) {
                 return Err(format!(
                     "faults.{what} = {r:?}: must be [lo, hi], 0 <= lo <= hi"
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&f.restore_isolated) {
+            return Err(format!(
+                "faults.restore_isolated = {}: must be in [0, 1]",
+                f.restore_isolated
+            ));
+        }
+        if !(f.clock_jump_ms >= 0.0 && f.clock_jump_ms.is_finite()) {
+            return Err("faults.clock_jump_ms must not be negative".into());
+        }
+        let b = &self.byzantine;
+        for (what, p) in [
+            ("duplicate", b.duplicate),
+            ("replay", b.replay),
+            ("reorder", b.reorder),
+            ("swap", b.swap),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("byzantine.{what} = {p}: must be in [0, 1]"));
+            }
+        }
+        if let Some(x) = b.nodes.iter().find(|&&x| x >= n) {
+            return Err(format!("byzantine.nodes names node {x}, but nodes = {n}"));
         }
         let c = &self.clients;
         if !(0.0..=1.0).contains(&c.retry) {
@@ -777,8 +956,24 @@ impl Scenario {
                     Some(sites) if *site < sites.count => {}
                     _ => return Err(format!("schedule: site_split names site {site}")),
                 },
-                Scheduled::Crash { node, .. } | Scheduled::ClockStep { node, .. } => {
-                    check("crash or clock step", &[*node])?
+                Scheduled::Crash { node, .. }
+                | Scheduled::ClockStep { node, .. }
+                | Scheduled::ClockJump { node, .. } => {
+                    check("crash or clock step or jump", &[*node])?
+                }
+                Scheduled::Restore {
+                    node,
+                    at_s,
+                    age_s,
+                    down_s,
+                    isolate_s,
+                } => {
+                    check("restore", &[*node])?;
+                    if !(*age_s >= 0.0 && *age_s <= *at_s && *down_s >= 0.0 && *isolate_s >= 0.0) {
+                        return Err(format!(
+                            "schedule: restore at {at_s} s: age_s must be in [0, at_s], down_s and isolate_s not negative"
+                        ));
+                    }
                 }
             }
         }
@@ -813,5 +1008,40 @@ mod tests {
         "#;
         let e = Scenario::from_toml(text, "t").unwrap_err().to_string();
         assert!(e.contains("typo"), "{e}");
+    }
+
+    #[test]
+    fn adversary_knobs_are_checked() {
+        let base = r#"
+            name = "t"
+            seeds = "1..2"
+            nodes = 3
+            duration_s = 10
+            [workload]
+            kind = "random"
+            rate_per_node_s = 1
+        "#;
+        let with = |extra: &str| Scenario::from_toml(&format!("{base}\n{extra}"), "t");
+        let ok = with(
+            "[byzantine]\nnodes = [2]\nduplicate = 0.1\n[faults]\nclock_jumps_per_min = 2\nrestores_per_min = 1\n[[schedule]]\nkind = \"restore\"\nat_s = 5\nnode = 1\nage_s = 2\ndown_s = 1\n[[schedule]]\nkind = \"clock_jump\"\nat_s = 3\nnode = 0\nfor_s = 2",
+        )
+        .unwrap();
+        assert_eq!(ok.byzantine.nodes, vec![2]);
+        assert_eq!(ok.faults.clock_jump_ms, 600_000.0);
+        for (extra, what) in [
+            ("[byzantine]\nnode = [2]", "node"),
+            ("[byzantine]\nnodes = [3]", "byzantine.nodes"),
+            ("[byzantine]\nnodes = [1]\nreplay = 2", "byzantine.replay"),
+            ("[faults]\nrestore_isolated = 1.5", "restore_isolated"),
+            ("[faults]\nrestore_age_s = [5.0, 1.0]", "restore_age_s"),
+            ("[faults]\nclock_jump = 5", "clock_jump"),
+            (
+                "[[schedule]]\nkind = \"restore\"\nat_s = 1\nnode = 1\nage_s = 2\ndown_s = 1",
+                "age_s",
+            ),
+        ] {
+            let e = with(extra).unwrap_err().to_string();
+            assert!(e.contains(what), "{extra}: {e}");
+        }
     }
 }

@@ -3,10 +3,15 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
+use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
+use weftlog_proto::log::MemStorage;
 use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
 use weftlog_proto::state::{Invalid, PrepareError};
-use weftlog_proto::sync::{SessionConfig, SyncError};
-use weftlog_proto::{EventId, Keypair, NodeId};
+use weftlog_proto::sync::{
+    decode_message, decode_wire_frame, encode_message, Message, SessionConfig, SyncError,
+    MAX_MESSAGE_BYTES,
+};
+use weftlog_proto::{Event, EventId, Keypair, NodeId};
 
 use crate::node::{Sabotage, SimNode};
 use crate::oracle::{self, NodeFinal};
@@ -28,6 +33,8 @@ const EPOCH_MS: f64 = 1_735_689_600_000.0;
 const MAX_RETRANSMITS: u32 = 8;
 /// How often open convergence measurements are checked.
 const CONVERGE_TICK: Us = 10 * MS;
+/// Frames a Byzantine member keeps for replays.
+const BYZ_HISTORY: usize = 1024;
 /// The cluster id every node shares.
 const CLUSTER: [u8; 32] = *b"weftlog-sim cluster id v1.......";
 
@@ -97,6 +104,26 @@ enum Ev {
         epoch: u64,
     },
     ClockStepNext,
+    ClockJumpNext,
+    /// A jumped clock comes back (`gen`: the jump's).
+    ClockJumpBack {
+        node: usize,
+        gen: u64,
+    },
+    RestoreNext,
+    /// A copy of the node's storage is taken; `age` later, it is restored.
+    Backup {
+        node: usize,
+        age: Us,
+        down: Us,
+        isolate: Us,
+    },
+    /// The node crashes (if up) and restarts from its copy after `down`.
+    Restore {
+        node: usize,
+        down: Us,
+        isolate: Us,
+    },
     Sample,
     ConvergeCheck,
     FinalHeal,
@@ -172,6 +199,27 @@ struct Slot {
     crash_in_write: Option<Us>,
     /// Records synced before the last crash: recovery must return them all.
     synced_at_crash: u64,
+    /// How far the clock is jumped ahead now, ms.
+    jump_ms: f64,
+    /// Bumped by each jump.
+    jump_gen: u64,
+    /// Whether the clock ever jumped.
+    jumped: bool,
+    /// The highest wall time the node's clock has shown.
+    max_wall_ms: u64,
+    /// A copy of the storage, waiting to be restored.
+    backup: Option<MemStorage>,
+    /// Whether the node was ever restored from a copy (its author may fork).
+    restored: bool,
+    /// Own acknowledged events that no other running node held when the
+    /// node was restored: unless the copy holds them, the restore lost them.
+    restore_only_here: BTreeSet<EventId>,
+    /// Forked authors the node's sessions reported (the node records them,
+    /// as the daemon's equivocation file does, across restarts).
+    forks: BTreeSet<NodeId>,
+    /// An own event whose hlc was beyond the horizon of the highest wall
+    /// time the node's clock had shown: (hlc ms, that wall time ms).
+    clock_ahead: Option<(u64, u64)>,
 }
 
 struct Partition {
@@ -221,6 +269,16 @@ pub(crate) struct Sim<'a> {
     rng_node: Rng,
     rng_peers: Rng,
     rng_client: Rng,
+    rng_byz: Rng,
+    /// Byzantine members: each node's frames sent so far (the last
+    /// [`BYZ_HISTORY`]), for replays.
+    byz_history: BTreeMap<usize, VecDeque<Frame>>,
+    /// Byzantine members: per connection direction, the authors whose run
+    /// is open in the stream (their last frame sent was unsigned).
+    byz_open: BTreeMap<(ConnId, usize), BTreeSet<NodeId>>,
+    /// Byzantine members: an Events message held back per connection
+    /// direction.
+    byz_held: BTreeMap<(ConnId, usize), Vec<u8>>,
     /// Command ids handed out (`[clients] retry`).
     next_command: u64,
     workload: Workload,
@@ -292,6 +350,15 @@ impl<'a> Sim<'a> {
                 step_ms: 0.0,
                 crash_in_write: None,
                 synced_at_crash: 0,
+                jump_ms: 0.0,
+                jump_gen: 0,
+                jumped: false,
+                max_wall_ms: 0,
+                backup: None,
+                restored: false,
+                restore_only_here: BTreeSet::new(),
+                forks: BTreeSet::new(),
+                clock_ahead: None,
             });
         }
         let duration = us_of_s(sc.duration_s);
@@ -319,6 +386,10 @@ impl<'a> Sim<'a> {
             rng_node,
             rng_peers: Rng::derive(seed, "peers"),
             rng_client: Rng::derive(seed, "clients"),
+            rng_byz: Rng::derive(seed, "byzantine"),
+            byz_history: BTreeMap::new(),
+            byz_open: BTreeMap::new(),
+            byz_held: BTreeMap::new(),
             next_command: 0,
             workload: Workload::new(sc, seed),
             acked: BTreeMap::new(),
@@ -477,7 +548,7 @@ impl<'a> Sim<'a> {
     fn wall_ms(&self, node: usize) -> u64 {
         let s = &self.slots[node];
         let t = self.now as f64 / MS as f64;
-        (EPOCH_MS + t + s.skew_ms + s.step_ms + s.drift_ppm * t / 1e6).max(0.0) as u64
+        (EPOCH_MS + t + s.skew_ms + s.step_ms + s.jump_ms + s.drift_ppm * t / 1e6).max(0.0) as u64
     }
 
     // ----- running -----
@@ -521,9 +592,40 @@ impl<'a> Sim<'a> {
         }
         for index in 0..self.sc.schedule.len() {
             let at = us_of_s(self.sc.schedule[index].at_s());
-            if at < self.duration {
+            if at >= self.duration {
+                continue;
+            }
+            if let Scheduled::Restore {
+                node,
+                age_s,
+                down_s,
+                isolate_s,
+                ..
+            } = self.sc.schedule[index]
+            {
+                // The copy is taken `age_s` before the restore.
+                let age = us_of_s(age_s);
+                let ev = Ev::Backup {
+                    node,
+                    age,
+                    down: us_of_s(down_s),
+                    isolate: us_of_s(isolate_s),
+                };
+                self.at(at.saturating_sub(age), ev);
+            } else {
                 self.at(at, Ev::ScheduledFault { index });
             }
+        }
+        if self.sc.faults.clock_jumps_per_min > 0.0 {
+            let d = us_of_s(
+                self.rng_fault
+                    .exp(60.0 / self.sc.faults.clock_jumps_per_min),
+            );
+            self.at(warmup + d, Ev::ClockJumpNext);
+        }
+        if self.sc.faults.restores_per_min > 0.0 {
+            let d = us_of_s(self.rng_fault.exp(60.0 / self.sc.faults.restores_per_min));
+            self.at(warmup + d, Ev::RestoreNext);
         }
         if self.sc.faults.clock_skew_ms > 0.0 {
             let skewed = self.slots.iter().filter(|s| s.skew_ms != 0.0).count() as u64;
@@ -595,6 +697,20 @@ impl<'a> Sim<'a> {
                 }
             }
             Ev::ClockStepNext => self.clock_step_next(),
+            Ev::ClockJumpNext => self.clock_jump_next(),
+            Ev::ClockJumpBack { node, gen } => self.clock_jump_back(node, gen),
+            Ev::RestoreNext => self.restore_next(),
+            Ev::Backup {
+                node,
+                age,
+                down,
+                isolate,
+            } => self.backup(node, age, down, isolate),
+            Ev::Restore {
+                node,
+                down,
+                isolate,
+            } => self.restore(node, down, isolate),
             Ev::Sample => self.sample(),
             Ev::ConvergeCheck => self.converge_check(),
             Ev::FinalHeal => self.final_heal(),
@@ -653,7 +769,126 @@ impl<'a> Sim<'a> {
         Some(ready)
     }
 
+    /// Sends a message a node's session made: as it is, or rewritten if
+    /// the node is Byzantine.
     fn send(&mut self, conn: u64, d: usize, bytes: Vec<u8>) {
+        let from = self.conns[&conn].ends[d];
+        if !self.sc.byzantine.nodes.contains(&from) {
+            self.send_raw(conn, d, bytes);
+            return;
+        }
+        for m in self.byzantine(conn, d, from, bytes) {
+            if !self.conns.contains_key(&conn) {
+                return;
+            }
+            if let Ok(Some((Message::Events { frames }, _))) = decode_message(&m) {
+                let open = self.byz_open.entry((conn, d)).or_default();
+                for f in split_frames(&frames).unwrap_or_default() {
+                    if let Some(a) = f.author {
+                        if f.signed {
+                            open.remove(&a);
+                        } else {
+                            open.insert(a);
+                        }
+                    }
+                }
+            }
+            self.send_raw(conn, d, m);
+        }
+    }
+
+    /// What a Byzantine member sends instead of `bytes` (see
+    /// [`crate::scenario::Byzantine`]): nothing (held back), or one or two
+    /// messages.
+    fn byzantine(&mut self, conn: u64, d: usize, from: usize, bytes: Vec<u8>) -> Vec<Vec<u8>> {
+        let b = self.sc.byzantine.clone();
+        let frames = match decode_message(&bytes) {
+            Ok(Some((Message::Events { frames }, _))) => frames,
+            _ => {
+                // Any other message: what was held back goes first.
+                let mut out: Vec<Vec<u8>> = self.byz_held.remove(&(conn, d)).into_iter().collect();
+                out.push(bytes);
+                return out;
+            }
+        };
+        let Some(original) = split_frames(&frames) else {
+            return vec![bytes];
+        };
+        let mut out: Vec<Frame> = Vec::with_capacity(original.len());
+        let open = self.byz_open.get(&(conn, d)).cloned().unwrap_or_default();
+        // Where receivers accept a frame again today (see `open_runs`).
+        let allowed =
+            |f: &Frame| b.open_runs || (f.signed && f.author.is_some_and(|a| !open.contains(&a)));
+        let history = self.byz_history.entry(from).or_default();
+        if !history.is_empty() && self.rng_byz.chance(b.replay) {
+            let k = self.rng_byz.range(1, b.replay_frames.max(1) as u64) as usize;
+            let mut picked: Vec<usize> =
+                (0..k).map(|_| self.rng_byz.index(history.len())).collect();
+            picked.sort_unstable();
+            picked.dedup();
+            for i in picked {
+                if allowed(&history[i]) {
+                    out.push(history[i].clone());
+                }
+            }
+            let n = out.len() as u64;
+            *self
+                .report
+                .faults
+                .entry("byzantine_frames_replayed".into())
+                .or_default() += n;
+        }
+        let mut duplicated = 0;
+        for f in &original {
+            out.push(f.clone());
+            if self.rng_byz.chance(b.duplicate) && (b.open_runs || f.signed) {
+                out.push(f.clone());
+                duplicated += 1;
+            }
+        }
+        if duplicated > 0 {
+            *self
+                .report
+                .faults
+                .entry("byzantine_frames_duplicated".into())
+                .or_default() += duplicated;
+        }
+        if out.len() > 1 && self.rng_byz.chance(b.reorder) {
+            if b.reorder_same_author {
+                self.rng_byz.shuffle(&mut out);
+            } else {
+                out = interleave(out, &mut self.rng_byz);
+            }
+            self.fault("byzantine_messages_reordered");
+        }
+        let history = self.byz_history.entry(from).or_default();
+        for f in original {
+            if history.len() >= BYZ_HISTORY {
+                history.pop_front();
+            }
+            history.push_back(f);
+        }
+        let mut msg = Vec::new();
+        if encode_events(&out, &mut msg).is_none() {
+            msg = bytes;
+        }
+        if let Some(held) = self.byz_held.remove(&(conn, d)) {
+            // The held message goes after this one, unless that would put
+            // one author's frames out of seq order and that is not allowed.
+            if b.reorder_same_author || disjoint_authors(&held, &msg) {
+                self.fault("byzantine_messages_swapped");
+                return vec![msg, held];
+            }
+            return vec![held, msg];
+        }
+        if self.rng_byz.chance(b.swap) {
+            self.byz_held.insert((conn, d), msg);
+            return Vec::new();
+        }
+        vec![msg]
+    }
+
+    fn send_raw(&mut self, conn: u64, d: usize, bytes: Vec<u8>) {
         let (from, to) = {
             let c = &self.conns[&conn];
             (c.ends[d], c.ends[1 - d])
@@ -701,7 +936,10 @@ impl<'a> Sim<'a> {
             let msg = c.chans[d].queue.pop_front().expect("front checked");
             self.tr(b'D', &[conn, d as u64], &msg.bytes);
             let now = ms(self.now);
+            let wall = self.wall_ms(to);
             let s = &mut self.slots[to];
+            // As the node does before it stores received events.
+            s.node.handle_time(wall);
             s.peers
                 .handle_message(conn, &msg.bytes, now, &mut s.node.store());
             self.after_policy(to);
@@ -775,17 +1013,30 @@ impl<'a> Sim<'a> {
                     self.request_commit(node);
                 }
                 PeerEvent::Equivocation { proof: eq, .. } => {
-                    self.violation(
-                        "equivocation",
-                        format!(
-                            "node {node} saw two events for seq {} of author {} ({} and {}, {})",
-                            eq.seq,
-                            eq.author.short(),
-                            eq.held.short(),
-                            eq.other.short(),
-                            if eq.proven { "proven" } else { "claimed" }
-                        ),
-                    );
+                    let restored = self
+                        .ids
+                        .iter()
+                        .position(|i| *i == eq.author)
+                        .is_some_and(|a| self.slots[a].restored);
+                    if !restored {
+                        self.violation(
+                            "equivocation",
+                            format!(
+                                "node {node} saw two events for seq {} of author {} ({} and {}, {})",
+                                eq.seq,
+                                eq.author.short(),
+                                eq.held.short(),
+                                eq.other.short(),
+                                if eq.proven { "proven" } else { "claimed" }
+                            ),
+                        );
+                    } else if self.slots[node].forks.insert(eq.author) {
+                        // A restored node's author forked: expected. The
+                        // node records it (as the daemon's equivocation
+                        // file does), once per author.
+                        self.fault("forks_reported");
+                        self.tr(b'f', &[node as u64, eq.seq], &eq.author.0);
+                    }
                 }
                 PeerEvent::SessionFailed { peer, error, .. }
                     if !matches!(error, SyncError::Peer { .. }) =>
@@ -829,6 +1080,9 @@ impl<'a> Sim<'a> {
         s.timer_at = None;
         if self.phase != Phase::Done {
             let now = ms(self.now);
+            let wall = self.wall_ms(node);
+            let s = &mut self.slots[node];
+            s.node.handle_time(wall);
             s.peers
                 .handle_timeout(now, &s.node.store(), &mut self.rng_peers);
         }
@@ -851,6 +1105,8 @@ impl<'a> Sim<'a> {
             }
         }
         self.fault(&format!("connections_closed_{}", why.replace(' ', "_")));
+        self.byz_held.retain(|(c, _), _| *c != conn);
+        self.byz_open.retain(|(c, _), _| *c != conn);
         let now = ms(self.now);
         for end in [a, b] {
             let s = &mut self.slots[end];
@@ -1185,6 +1441,7 @@ impl<'a> Sim<'a> {
         self.report.appends.attempted += 1;
         let wall = self.wall_ms(node);
         let res = self.slots[node].node.append(wall, cmd.draft);
+        self.check_clock(node, wall);
         if matches!(res, Ok(None)) {
             self.report.retries.answered_existing += 1;
         }
@@ -1195,7 +1452,23 @@ impl<'a> Sim<'a> {
         self.report.appends.attempted += 1;
         let wall = self.wall_ms(node);
         let res = self.slots[node].node.append(wall, cmd.draft);
+        self.check_clock(node, wall);
         self.append_result(node, res);
+    }
+
+    /// The clock oracle, on each local event: its hlc is at most
+    /// [`MAX_CLOCK_AHEAD_MS`] past the highest wall time the node's clock
+    /// has shown, whatever it received from a clock that jumped ahead.
+    fn check_clock(&mut self, node: usize, wall: u64) {
+        let s = &mut self.slots[node];
+        s.max_wall_ms = s.max_wall_ms.max(wall);
+        if let Some(hlc) = s.node.last_hlc() {
+            if hlc.ms() > s.max_wall_ms.saturating_add(MAX_CLOCK_AHEAD_MS)
+                && s.clock_ahead.is_none()
+            {
+                s.clock_ahead = Some((hlc.ms(), s.max_wall_ms));
+            }
+        }
     }
 
     fn append_result(&mut self, node: usize, res: Result<Option<(EventId, u64)>, PrepareError>) {
@@ -1460,6 +1733,14 @@ impl<'a> Sim<'a> {
                 self.fault("clock_steps");
                 self.tr(b'k', &[node as u64, step as u64], &[]);
             }
+            Scheduled::ClockJump {
+                node,
+                ms: jump,
+                for_s,
+                ..
+            } => self.clock_jump(node, jump, us_of_s(for_s)),
+            // Scheduled as a backup (`run`).
+            Scheduled::Restore { .. } => {}
         }
     }
 
@@ -1547,6 +1828,24 @@ impl<'a> Sim<'a> {
                     );
                 }
                 self.fault("restarts");
+                // What only this node held, and its copy does not, the
+                // restore lost: an operator's loss, not the protocol's.
+                let only_here = std::mem::take(&mut self.slots[node].restore_only_here);
+                let state = self.slots[node].node.state();
+                let lost: Vec<EventId> = only_here
+                    .into_iter()
+                    .filter(|id| !state.contains(id))
+                    .collect();
+                for id in &lost {
+                    self.acked.remove(id);
+                }
+                if !lost.is_empty() {
+                    *self
+                        .report
+                        .faults
+                        .entry("acked_lost_in_restores".into())
+                        .or_default() += lost.len() as u64;
+                }
                 if r.torn.is_some() {
                     self.fault("torn_tails_recovered");
                 }
@@ -1577,6 +1876,137 @@ impl<'a> Sim<'a> {
         self.slots[node].step_ms += step;
         self.fault("clock_steps");
         self.tr(b'k', &[node as u64, step as i64 as u64], &[]);
+    }
+
+    fn clock_jump_next(&mut self) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let f = &self.sc.faults;
+        let d = us_of_s(self.rng_fault.exp(60.0 / f.clock_jumps_per_min));
+        self.after(d.max(1), Ev::ClockJumpNext);
+        let node = self.rng_fault.index(self.sc.nodes);
+        let jump = f.clock_jump_ms as u64;
+        let len = us_of_s(self.rng_fault.uniform(f.clock_jump_s[0], f.clock_jump_s[1]));
+        if self.slots[node].jump_ms == 0.0 {
+            self.clock_jump(node, jump, len);
+        }
+    }
+
+    /// `node`'s wall clock jumps `jump` ms ahead, and back after `len`.
+    fn clock_jump(&mut self, node: usize, jump: u64, len: Us) {
+        if self.slots[node].jump_ms != 0.0 {
+            // The jump replaces one under way, which ends here.
+            self.fault("clock_jumps_back");
+        }
+        let s = &mut self.slots[node];
+        s.jump_ms = jump as f64;
+        s.jumped = true;
+        s.jump_gen += 1;
+        let gen = s.jump_gen;
+        self.fault("clock_jumps");
+        self.tr(b'j', &[node as u64, jump], &[]);
+        self.after(len.max(1), Ev::ClockJumpBack { node, gen });
+    }
+
+    fn clock_jump_back(&mut self, node: usize, gen: u64) {
+        let s = &mut self.slots[node];
+        if s.jump_gen != gen || s.jump_ms == 0.0 {
+            return;
+        }
+        s.jump_ms = 0.0;
+        self.fault("clock_jumps_back");
+        self.tr(b'J', &[node as u64], &[]);
+    }
+
+    fn restore_next(&mut self) {
+        if self.phase != Phase::Main {
+            return;
+        }
+        let f = &self.sc.faults;
+        let d = us_of_s(self.rng_fault.exp(60.0 / f.restores_per_min));
+        self.after(d.max(1), Ev::RestoreNext);
+        let node = self.rng_fault.index(self.sc.nodes);
+        let age = us_of_s(
+            self.rng_fault
+                .uniform(f.restore_age_s[0], f.restore_age_s[1]),
+        );
+        let down = us_of_s(
+            self.rng_fault
+                .uniform(f.restore_down_s[0], f.restore_down_s[1]),
+        );
+        let isolate = if self.rng_fault.chance(f.restore_isolated) {
+            us_of_s(
+                self.rng_fault
+                    .uniform(f.restore_isolated_s[0], f.restore_isolated_s[1]),
+            )
+        } else {
+            0
+        };
+        self.backup(node, age, down, isolate);
+    }
+
+    /// A copy of `node`'s storage is taken, to be restored `age` later.
+    fn backup(&mut self, node: usize, age: Us, down: Us, isolate: Us) {
+        if self.phase != Phase::Main || self.slots[node].backup.is_some() {
+            return;
+        }
+        let copy = self.slots[node].node.backup();
+        self.slots[node].backup = Some(copy);
+        self.fault("backups");
+        self.tr(b'b', &[node as u64, age], &[]);
+        self.after(
+            age,
+            Ev::Restore {
+                node,
+                down,
+                isolate,
+            },
+        );
+    }
+
+    /// `node` crashes (if it runs) and restarts from its copy after `down`
+    /// (or when its restart is due, if it was down), cut off from every
+    /// peer until `isolate` after that if `isolate` is above zero.
+    fn restore(&mut self, node: usize, down: Us, isolate: Us) {
+        if self.phase != Phase::Main {
+            self.slots[node].backup = None;
+            return;
+        }
+        let Some(copy) = self.slots[node].backup.take() else {
+            return;
+        };
+        if isolate > 0 {
+            let n = self.sc.nodes;
+            let cuts: Vec<(usize, usize)> = (0..n)
+                .filter(|&b| b != node)
+                .flat_map(|b| [(node, b), (b, node)])
+                .collect();
+            self.start_partition(Shape::Isolate, cuts, down + isolate);
+            self.fault("restores_isolated");
+        }
+        let only_here: BTreeSet<EventId> = self
+            .acked
+            .iter()
+            .filter(|(id, (by, _))| {
+                *by == node
+                    && !self
+                        .slots
+                        .iter()
+                        .enumerate()
+                        .any(|(i, s)| i != node && s.node.state().contains(id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        self.crash(node, down);
+        let s = &mut self.slots[node];
+        s.restore_only_here.extend(only_here);
+        s.node.restore(copy);
+        // Recovery returns the copy, not what was synced before the crash.
+        s.synced_at_crash = 0;
+        s.restored = true;
+        self.fault("restores");
+        self.tr(b'B', &[node as u64], &[]);
     }
 
     // ----- measuring -----
@@ -1727,6 +2157,9 @@ impl<'a> Sim<'a> {
             self.partition_heal(id);
         }
         for node in 0..self.sc.nodes {
+            let gen = self.slots[node].jump_gen;
+            self.clock_jump_back(node, gen);
+            self.slots[node].backup = None;
             self.slots[node].crash_in_write = None;
             if !self.slots[node].node.is_up() {
                 self.restart(node);
@@ -1827,6 +2260,47 @@ impl<'a> Sim<'a> {
             found.push(("convergence", v));
         }
         drop(finals);
+        let states: Vec<(usize, &weftlog_proto::State)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(ix, s)| (ix, s.node.state()))
+            .collect();
+        for v in oracle::escrow_identical(&states) {
+            found.push(("escrow-marks", v));
+        }
+        let clocks: Vec<oracle::ClockView> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(ix, s)| oracle::ClockView {
+                ix,
+                jumped: s.jumped,
+                last_hlc_ms: s.node.last_hlc().map(|h| h.ms()),
+                wall_ms: self.wall_ms(ix),
+                first_ahead: s.clock_ahead,
+            })
+            .collect();
+        for v in oracle::clock(&clocks) {
+            found.push(("clock", v));
+        }
+        if self.slots.iter().any(|s| s.jumped) {
+            // The jumps reached the others: events still beyond their
+            // clock's horizon (`State::ahead`), summed over the nodes.
+            let ahead: u64 = (0..self.slots.len())
+                .map(|ix| self.slots[ix].node.state().ahead(self.wall_ms(ix)).events)
+                .sum();
+            *self
+                .report
+                .faults
+                .entry("events_ahead_at_end".into())
+                .or_default() += ahead;
+        }
+        // With a restored node, authors may fork: an acknowledged event is
+        // kept if any node holds it, on whichever branch.
+        let forking = self.slots.iter().any(|s| s.restored);
+        let mut held: BTreeSet<EventId> = BTreeSet::new();
+        let mut dots: BTreeMap<(NodeId, u64), BTreeSet<EventId>> = BTreeMap::new();
         // One node's log at a time (they are large); node 0's events are
         // kept for the conflict oracle, which checks every node's standing
         // writes against them (the event sets are equal, or the
@@ -1841,12 +2315,29 @@ impl<'a> Sim<'a> {
             for v in oracle::durability(&r) {
                 found.push(("durability", v));
             }
-            for v in oracle::acknowledged(&self.acked, &r) {
-                found.push(("acknowledged", v));
+            if !forking {
+                for v in oracle::acknowledged(&self.acked, &r) {
+                    found.push(("acknowledged", v));
+                }
             }
             let Ok((_, events)) = r.log else {
                 continue;
             };
+            if forking {
+                held.extend(events.iter().map(|(_, id)| *id));
+                held.extend(
+                    self.acked
+                        .keys()
+                        .filter(|id| s.node.state().contains(id))
+                        .copied(),
+                );
+            }
+            for (e, id) in &events {
+                dots.entry((e.author, e.seq)).or_default().insert(*id);
+            }
+            for v in oracle::forks_reported(ix, &oracle::forks_held(&events), &s.forks) {
+                found.push(("forks", v));
+            }
             if let Err(v) = oracle::causal_order(&events) {
                 found.push(("causal-order", format!("node {ix}: {v}")));
             }
@@ -1879,6 +2370,12 @@ impl<'a> Sim<'a> {
                 events0 = Some(events);
             }
         }
+        if forking {
+            for v in oracle::acknowledged_anywhere(&self.acked, &held) {
+                found.push(("acknowledged", v));
+            }
+        }
+        self.report.forks = dots.values().filter(|ids| ids.len() > 1).count() as u64;
         if let Some(events) = &events0 {
             for (ix, s) in self.slots.iter().enumerate() {
                 match oracle::conflicts(events, s.node.state().streams()) {
@@ -1908,5 +2405,84 @@ impl<'a> Sim<'a> {
 impl Random for Rng {
     fn next_u64(&mut self) -> u64 {
         Rng::next_u64(self)
+    }
+}
+
+/// One wire frame a Byzantine member sends, with what it needs to know
+/// of it.
+#[derive(Clone)]
+struct Frame {
+    bytes: Vec<u8>,
+    /// The event's author, if it decodes.
+    author: Option<NodeId>,
+    /// Whether the frame carries a signature (it ends its author's run).
+    signed: bool,
+}
+
+/// The wire frames of an Events message, each whole; `None` if they do not
+/// split (a session never makes such a message).
+fn split_frames(frames: &[u8]) -> Option<Vec<Frame>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < frames.len() {
+        let (event, sig, len) = decode_wire_frame(&frames[off..]).ok()?;
+        out.push(Frame {
+            bytes: frames[off..off + len].to_vec(),
+            author: Event::decode_trusted(event).ok().map(|e| e.author),
+            signed: sig.is_some(),
+        });
+        off += len;
+    }
+    Some(out)
+}
+
+/// An Events message of `frames`, or `None` if it would be too large.
+fn encode_events(frames: &[Frame], out: &mut Vec<u8>) -> Option<()> {
+    let total: usize = frames.iter().map(|f| f.bytes.len()).sum();
+    if total + 16 > MAX_MESSAGE_BYTES || frames.is_empty() {
+        return None;
+    }
+    let msg = Message::Events {
+        frames: frames
+            .iter()
+            .flat_map(|f| f.bytes.iter().copied())
+            .collect(),
+    };
+    encode_message(&msg, out);
+    Some(())
+}
+
+/// `frames` in a random order that keeps each author's frames in the order
+/// they had (a random merge of the authors' sequences).
+fn interleave(frames: Vec<Frame>, rng: &mut Rng) -> Vec<Frame> {
+    let mut by_author: BTreeMap<Option<NodeId>, VecDeque<Frame>> = BTreeMap::new();
+    for f in frames {
+        by_author.entry(f.author).or_default().push_back(f);
+    }
+    let mut queues: Vec<VecDeque<Frame>> = by_author.into_values().collect();
+    let mut out = Vec::new();
+    while !queues.is_empty() {
+        let i = rng.index(queues.len());
+        if let Some(f) = queues[i].pop_front() {
+            out.push(f);
+        }
+        if queues[i].is_empty() {
+            queues.swap_remove(i);
+        }
+    }
+    out
+}
+
+/// Whether two Events messages carry frames of no common author.
+fn disjoint_authors(a: &[u8], b: &[u8]) -> bool {
+    let authors = |m: &[u8]| -> Option<BTreeSet<NodeId>> {
+        let Ok(Some((Message::Events { frames }, _))) = decode_message(m) else {
+            return None;
+        };
+        split_frames(&frames)?.iter().map(|f| f.author).collect()
+    };
+    match (authors(a), authors(b)) {
+        (Some(x), Some(y)) => x.is_disjoint(&y),
+        _ => false,
     }
 }
