@@ -1719,10 +1719,8 @@ impl Session {
         if self.phase == Phase::Closed || !self.known {
             return;
         }
-        let Head { author, seq, id } = head;
-        if self.forked.contains(&author) || store.event_id(&author, seq) != Some(id) {
-            // A branch of a forked author.
-            self.forked.insert(author);
+        let Head { author, seq, .. } = head;
+        if self.on_branch(store, &head) {
             if self.peer_holds(store, &head) {
                 return;
             }
@@ -1749,6 +1747,21 @@ impl Session {
         if let Err(e) = self.add_cursor(store, author, has.max(offered) + 1, seq) {
             self.fail(e);
         }
+    }
+
+    /// Whether `head` is sent by head (a branch of an author that forked):
+    /// its author is known to fork in this session, or `head` is not on
+    /// the chain `event_id` follows (the author forked in the store).
+    fn on_branch<S: Store + ?Sized>(&mut self, store: &S, head: &Head) -> bool {
+        if self.forked.contains(&head.author) {
+            return true;
+        }
+        if store.event_id(&head.author, head.seq) != Some(head.id) {
+            self.peer_has.remove(&head.author);
+            self.forked.insert(head.author);
+            return true;
+        }
+        false
     }
 
     /// The highest seq of the chain ending at `head` that the peer is
@@ -2172,8 +2185,7 @@ impl Session {
             }
             // Announce it.
             for h in store.frontier() {
-                if self.forked.contains(&h.author) || store.event_id(&h.author, h.seq) != Some(h.id)
-                {
+                if self.on_branch(store, &h) {
                     if !self.peer_holds(store, &h) {
                         self.announce_branches.insert(h);
                     }
@@ -2293,8 +2305,14 @@ impl Session {
     fn rebuild_cursors<S: Store + ?Sized>(&mut self, store: &S) -> Result<(), SyncError> {
         self.cursors.clear();
         self.heap.clear();
-        for h in store.frontier() {
-            if self.forked.contains(&h.author) {
+        let frontier = store.frontier();
+        for w in frontier.windows(2) {
+            if w[0].author == w[1].author {
+                self.forked.insert(w[0].author);
+            }
+        }
+        for h in frontier {
+            if self.on_branch(store, &h) {
                 self.add_branch(store, h)?;
                 // What will have been sent counts for the next branches.
                 self.tips.entry(h.author).or_default().push(h);
@@ -2520,6 +2538,18 @@ impl Session {
             offset += used;
             index += 1;
             self.stats.events_received += 1;
+            let in_run = |runs: &BTreeMap<NodeId, Vec<Vec<Pending>>>| {
+                peek_dot(bytes).is_some_and(|(a, _)| {
+                    runs.get(&a)
+                        .is_some_and(|rs| rs.iter().flatten().any(|p| p.id == id))
+                })
+            };
+            if in_run(&self.runs) {
+                // Sent again while its run is still open here.
+                self.stats.duplicates += 1;
+                dups += 1;
+                continue;
+            }
             if store.contains(&id) || pool.contains(&id) {
                 // A duplicate, known by its id: neither decoded nor
                 // verified. Only its author and seq are read (the bytes are
@@ -2558,9 +2588,13 @@ impl Session {
             {
                 Some(i) => i,
                 None => {
-                    let held = event
-                        .prev
-                        .is_none_or(|p| store.contains(&p) || pool.contains(&p));
+                    // Its prev may sit inside another open run (a branch
+                    // leaving it): it then waits in the pool for that run.
+                    let held = event.prev.is_none_or(|p| {
+                        store.contains(&p)
+                            || pool.contains(&p)
+                            || runs.iter().flatten().any(|q| q.id == p)
+                    });
                     if !held {
                         if let Some(last) = runs.iter().filter_map(|r| r.last()).next() {
                             let why = if event.seq != last.event.seq.saturating_add(1) {
@@ -2659,6 +2693,8 @@ impl Session {
             // branch leaves ours.
             for h in store.frontier().into_iter().filter(|h| h.author == author) {
                 self.add_branch(&*store, h)?;
+                // What will have been sent counts for the next branches.
+                self.tips.entry(h.author).or_default().push(h);
             }
         }
         if live && fresh > 0 {
