@@ -312,6 +312,13 @@ impl Daemon {
         &self.shared.node
     }
 
+    /// Who may connect (`run --members`). It gates connections only: the
+    /// HTTP API also marks events by non-members in `log` and `status`, and
+    /// refuses them at import unless asked not to.
+    pub fn members(&self) -> &Members {
+        &self.shared.members
+    }
+
     /// The QUIC address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared
@@ -367,10 +374,16 @@ impl Daemon {
     }
 
     /// `weftlog status` plus `writes` and `disk_full` ([`write_status`]),
-    /// `peers`, `blocked`, `equivocations` and `last_round_ms`.
+    /// `peers`, `blocked`, `equivocations`, `last_round_ms` and
+    /// `non_members` ([`crate::json::non_members`]).
     pub async fn status(&self) -> Value {
         let node = &self.shared.node;
-        let mut status = node.with_state(|s| crate::json::status(&node.id(), s));
+        let (mut status, non_members) = node.with_state(|s| {
+            (
+                crate::json::status(&node.id(), s),
+                crate::json::non_members(s, &self.shared.members),
+            )
+        });
         write_status(node, &mut status);
         let peers = self.peers().await;
         let blocked: Vec<String> = self.blocked().iter().map(|n| n.to_string()).collect();
@@ -381,6 +394,7 @@ impl Daemon {
             m.insert("equivocations".into(), Value::Array(forks));
             m.insert("last_round_ms".into(), json!(self.last_round_ms()));
             m.insert("gossip".into(), self.gossip());
+            m.insert("non_members".into(), non_members);
         }
         status
     }

@@ -7,6 +7,7 @@ use weftlog_proto::state::{shown, Stream, Written};
 use weftlog_proto::{Dot, Event, EventId, Op, State};
 
 use crate::node::Appended;
+use crate::tls::Members;
 
 /// Register values and payloads are JSON text by convention; anything else
 /// is shown as `{"hex": "…"}`.
@@ -86,6 +87,39 @@ pub fn event(e: &Event, id: &EventId) -> Value {
         "ops": e.ops.iter().map(op).collect::<Vec<_>>(),
         "payload": if e.payload.is_empty() { Value::Null } else { bytes_value(&e.payload) },
         "meta": meta,
+    })
+}
+
+/// Marks an event object as `log` prints it with `"non_member": true` if
+/// `members` does not name its author. Only a mark: such an event is as
+/// valid as any other (membership gates connections, not validity).
+pub fn mark_non_member(v: &mut Value, author: &weftlog_proto::NodeId, members: &Members) {
+    if !members.admits(author) {
+        v["non_member"] = Value::Bool(true);
+    }
+}
+
+/// `status`'s `non_members`: `null` without a member list; otherwise the
+/// authors of events this node holds that the list does not name, as
+/// `authors` (`author`, `seq`: its highest seq held, ascending by author)
+/// and `events` (the sum of those seqs).
+pub fn non_members(state: &State, members: &Members) -> Value {
+    if matches!(members, Members::Anyone) {
+        return Value::Null;
+    }
+    let authors: Vec<(String, u64)> = state
+        .frontier()
+        .iter()
+        .filter(|(a, _)| !members.admits(a))
+        .map(|(a, (seq, _))| (a.to_string(), *seq))
+        .collect();
+    let events: u64 = authors.iter().map(|(_, s)| s).sum();
+    json!({
+        "authors": authors
+            .iter()
+            .map(|(a, s)| json!({ "author": a, "seq": s }))
+            .collect::<Vec<_>>(),
+        "events": events,
     })
 }
 

@@ -45,7 +45,7 @@
 //! lose only unacknowledged events.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -162,6 +162,23 @@ pub enum NodeImportError {
         "disk full ({0}): refused, nothing stored; imports resume by themselves when space is freed"
     )]
     DiskFull(String),
+    /// The file holds events by authors the caller's member list does not
+    /// name ([`Node::import_admitting`]): refused at the edge, nothing
+    /// stored. The events are valid; the caller may accept them.
+    #[error(
+        "the file holds events by {} not on the member list: {}; nothing stored (membership gates connections, not validity: accept them with `weftlog import --allow-non-members`, or `POST /v1/import?allow_non_members=true`)",
+        plural(.0.len(), "a node", "nodes"),
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    NonMembers(Vec<NodeId>),
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        one.to_string()
+    } else {
+        format!("{n} {many}")
+    }
 }
 
 impl From<replica::ImportError> for NodeImportError {
@@ -473,8 +490,32 @@ impl Node {
     /// # Panics
     /// If called from within an async runtime.
     pub fn import(&self, data: &[u8]) -> Result<Imported, NodeImportError> {
+        self.import_admitting(data, |_| true)
+    }
+
+    /// [`Node::import`], refused at the edge ([`NodeImportError::NonMembers`],
+    /// naming them, nothing stored) if any event's author is one `admits`
+    /// refuses. Only an edge check: events of non-members that arrive by
+    /// sync are stored like any other.
+    ///
+    /// # Panics
+    /// If called from within an async runtime.
+    pub fn import_admitting(
+        &self,
+        data: &[u8],
+        admits: impl Fn(&NodeId) -> bool,
+    ) -> Result<Imported, NodeImportError> {
         let mut items = exchange::read_export(data)?;
+        // Authenticated first: an author is named only once it signed.
         exchange::authenticate(&mut items)?;
+        let refused: BTreeSet<NodeId> = items
+            .iter()
+            .map(|i| i.event.author)
+            .filter(|a| !admits(a))
+            .collect();
+        if !refused.is_empty() {
+            return Err(NodeImportError::NonMembers(refused.into_iter().collect()));
+        }
         let (tx, rx) = oneshot::channel();
         let fatal = || NodeImportError::Fatal("the node is shutting down".into());
         self.sender()
