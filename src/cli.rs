@@ -354,6 +354,12 @@ pub struct RunArgs {
     /// (and redialled).
     #[arg(long, value_name = "MS", default_value_t = PeersConfig::default().idle_timeout_ms, value_parser = clap::value_parser!(u64).range(300..))]
     pub idle_timeout_ms: u64,
+    /// Milliseconds appends wait at start, when the node has peers, for a
+    /// peer to confirm how much of this node's own log it holds (a node
+    /// restored from a backup takes its later events back first, rather
+    /// than fork). 0 does not wait. Offline, appends go ahead after it.
+    #[arg(long, value_name = "MS", default_value_t = crate::daemon::CONFIRM_WAIT.as_millis() as u64)]
+    pub confirm_wait_ms: u64,
 }
 
 /// Arguments of `append`.

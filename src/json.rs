@@ -6,7 +6,7 @@ use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::state::{shown, Stream, Written};
 use weftlog_proto::{Dot, Event, EventId, Op, State};
 
-use crate::node::Appended;
+use crate::node::{Appended, OwnFrontier};
 use crate::tls::Members;
 
 /// Register values and payloads are JSON text by convention; anything else
@@ -120,6 +120,20 @@ pub fn non_members(state: &State, members: &Members) -> Value {
             .map(|(a, s)| json!({ "author": a, "seq": s }))
             .collect::<Vec<_>>(),
         "events": events,
+    })
+}
+
+/// `status`'s `own_frontier`: whether a peer confirmed this node's own log
+/// since it started (`confirmed`), `by` which peers, `at_ms` (wall clock,
+/// the first), `seq` (its highest own seq then), and `wait_until_ms`: until
+/// when appends waited for it (`null` if they were not held: no peers).
+pub fn own_frontier(o: &OwnFrontier) -> Value {
+    json!({
+        "confirmed": o.confirmed,
+        "by": o.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "at_ms": o.at_ms,
+        "seq": o.seq,
+        "wait_until_ms": o.wait_until_ms,
     })
 }
 

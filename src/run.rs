@@ -43,6 +43,7 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     config.policy.anti_entropy_ms = args.anti_entropy_ms;
     config.policy.idle_timeout_ms = args.idle_timeout_ms;
     config.mdns = args.mdns;
+    config.confirm_wait = Duration::from_millis(args.confirm_wait_ms);
     let addr_file = dir.join(HTTP_ADDR_FILE);
     let result = rt.block_on(async {
         let daemon = Arc::new(Daemon::start(node.clone(), config).await?);
