@@ -8,7 +8,7 @@
 //! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
 //! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true` |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
-//! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked`, `equivocations` and `non_members` (`null` without `--members`) |
+//! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked`, `equivocations`, `non_members` (`null` without `--members`) and `own_frontier` (whether, by whom and when a peer confirmed this node's own log since it started) |
 //! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it, marks included); `event: lagged` if this client fell behind and missed some |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |

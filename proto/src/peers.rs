@@ -1246,6 +1246,18 @@ mod tests {
         assert!(ev
             .iter()
             .any(|e| matches!(e, PeerEvent::Synced { at_ms: 5, .. })));
+        // Each end learns how much of its own log the other holds: A's
+        // event reached B; B has none of its own.
+        assert!(ev.contains(&PeerEvent::OwnHead {
+            peer: ia,
+            seq: 0,
+            at_ms: 5
+        }));
+        assert!(events(&mut a.2).contains(&PeerEvent::OwnHead {
+            peer: ib,
+            seq: 1,
+            at_ms: 5
+        }));
     }
 
     #[test]
