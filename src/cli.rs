@@ -19,6 +19,7 @@ use crate::json;
 use crate::node::{self, Node};
 use crate::remote::{self, Remote};
 use crate::storage::sync_dir;
+use crate::tls::Members;
 
 /// weftlog: a leaderless, CRDT-based replicated event log for systems that
 /// must keep working while disconnected.
@@ -84,14 +85,25 @@ pub enum Command {
         /// Only this stream's events.
         #[arg(long)]
         stream: Option<String>,
+        /// Mark events whose author this member list does not name
+        /// ("non_member": true). While the node runs, its own `run
+        /// --members` list applies instead.
+        #[arg(long, value_name = "FILE")]
+        members: Option<PathBuf>,
     },
     /// List fields with concurrent values, one JSON object per line.
     Conflicts,
     /// Node id, event count, frontier (per author: highest seq and its id),
     /// the state hash (equal on nodes holding the same events) and the
     /// equivocations (forks) seen by sync. While the node runs: also its
-    /// peers and the partition blocks.
-    Status,
+    /// peers and the partition blocks. With a member list (`--members`, or
+    /// the running node's): `non_members`, the authors it does not name.
+    Status {
+        /// Count the authors this member list does not name. While the
+        /// node runs, its own `run --members` list applies instead.
+        #[arg(long, value_name = "FILE")]
+        members: Option<PathBuf>,
+    },
     /// Write the events another node lacks (or all of them) to a file.
     Export {
         /// The other node's `weftlog status` output; without it, export all.
@@ -102,9 +114,21 @@ pub enum Command {
         out: PathBuf,
     },
     /// Verify and store the events of an export file: all of them, or none.
+    ///
+    /// With a member list (`--members`, or the running node's), a file
+    /// holding events by authors the list does not name is refused, naming
+    /// them, unless --allow-non-members is given. Membership gates
+    /// connections only: such events are valid, and sync stores them.
     Import {
         /// The export file.
         file: PathBuf,
+        /// Refuse events by authors this member list does not name. While
+        /// the node runs, its own `run --members` list applies instead.
+        #[arg(long, value_name = "FILE")]
+        members: Option<PathBuf>,
+        /// Store events by non-members too.
+        #[arg(long)]
+        allow_non_members: bool,
     },
     /// Run the node: sync with peers over QUIC (mutual TLS, members only)
     /// and serve the HTTP API to local clients, until SIGTERM or Ctrl-C.
@@ -331,6 +355,12 @@ pub struct RunArgs {
     /// (and redialled).
     #[arg(long, value_name = "MS", default_value_t = PeersConfig::default().idle_timeout_ms, value_parser = clap::value_parser!(u64).range(300..))]
     pub idle_timeout_ms: u64,
+    /// Milliseconds appends wait at start, when the node has peers, for a
+    /// peer to confirm how much of this node's own log it holds (a node
+    /// restored from a backup takes its later events back first, rather
+    /// than fork). 0 does not wait. Offline, appends go ahead after it.
+    #[arg(long, value_name = "MS", default_value_t = crate::daemon::CONFIRM_WAIT.as_millis() as u64)]
+    pub confirm_wait_ms: u64,
 }
 
 /// Arguments of `append`.
@@ -518,8 +548,10 @@ pub fn frontier_of(v: &Value) -> Result<BTreeMap<NodeId, u64>> {
 /// The lines `log` prints: events in canonical order, one JSON object per
 /// line, only `stream`'s if given. An event whose command took effect
 /// through another event (a retry carried out on two nodes) names that
-/// event in `"duplicate_of"`: it is kept, with no effect.
-pub fn log_lines(node: &Node, stream: Option<&str>) -> Result<String> {
+/// event in `"duplicate_of"`: it is kept, with no effect. An event whose
+/// author `members` does not name is marked `"non_member": true`
+/// ([`json::mark_non_member`]).
+pub fn log_lines(node: &Node, stream: Option<&str>, members: &Members) -> Result<String> {
     let mut rows = Vec::new();
     // Events with a command id: (row, stream, command id).
     let mut commands = Vec::new();
@@ -528,7 +560,9 @@ pub fn log_lines(node: &Node, stream: Option<&str>) -> Result<String> {
             if let Some(cmd) = &e.meta.command_id {
                 commands.push((rows.len(), e.stream.clone(), cmd.clone()));
             }
-            rows.push(((e.hlc, e.author, e.seq, id), json::event(e, &id)));
+            let mut v = json::event(e, &id);
+            json::mark_non_member(&mut v, &e.author, members);
+            rows.push(((e.hlc, e.author, e.seq, id), v));
         }
     })?;
     // After the scan: the state is not read under the log's lock.
@@ -673,10 +707,13 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 print(out, &r.get_json(&path)?)?;
             }
         },
-        Command::Log { stream } => {
+        Command::Log { stream, members } => {
             let text = match target(dir)? {
-                Target::Local(node) => log_lines(&node, stream.as_deref())?,
+                Target::Local(node) => {
+                    log_lines(&node, stream.as_deref(), &read_members(members.as_deref())?)?
+                }
                 Target::Remote(r) => {
+                    running_list(members.as_deref())?;
                     let path = match &stream {
                         Some(s) => format!("/v1/log?stream={}", remote::encode(s, false)),
                         None => "/v1/log".into(),
@@ -698,17 +735,23 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 print(out, &v)?;
             }
         }
-        Command::Status => {
+        Command::Status { members } => {
             let v = match target(dir)? {
                 Target::Local(node) => {
+                    let members = read_members(members.as_deref())?;
                     let mut v = node.with_state(|s| json::status(&node.id(), s));
+                    let non_members = node.with_state(|s| json::non_members(s, &members));
                     let forks = crate::daemon::read_equivocations(dir);
                     if let Value::Object(m) = &mut v {
                         m.insert("equivocations".into(), Value::Array(forks));
+                        m.insert("non_members".into(), non_members);
                     }
                     v
                 }
-                Target::Remote(r) => r.get_json("/v1/status")?,
+                Target::Remote(r) => {
+                    running_list(members.as_deref())?;
+                    r.get_json("/v1/status")?
+                }
             };
             print(out, &v)?;
         }
@@ -740,7 +783,11 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 &json!({ "exported": n, "out": path.display().to_string(), "bytes": data.len() }),
             )?;
         }
-        Command::Import { file } => {
+        Command::Import {
+            file,
+            members,
+            allow_non_members,
+        } => {
             let len = fs::metadata(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?
                 .len();
@@ -751,14 +798,22 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let v = match target(dir)? {
                 Target::Local(node) => {
-                    let r = node.import(&data).with_context(|| {
-                        format!("import of {} refused, nothing stored", file.display())
-                    })?;
+                    let members = read_members(members.as_deref())?;
+                    let r = node
+                        .import_admitting(&data, |a| allow_non_members || members.admits(a))
+                        .with_context(|| {
+                            format!("import of {} refused, nothing stored", file.display())
+                        })?;
                     json!({ "imported": r.imported, "duplicates": r.duplicates })
                 }
                 Target::Remote(r) => {
+                    running_list(members.as_deref())?;
+                    let path = match allow_non_members {
+                        true => "/v1/import?allow_non_members=true",
+                        false => "/v1/import",
+                    };
                     let (b, _) = r
-                        .post("/v1/import", &data, false)
+                        .post(path, &data, false)
                         .with_context(|| format!("import of {}", file.display()))?;
                     serde_json::from_slice(&b)?
                 }
@@ -770,6 +825,29 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         Command::Demo => crate::demo::run(out)?,
     }
     Ok(())
+}
+
+/// Reads a member file (`--members`): one node id per line, `#` comments
+/// allowed ([`Members::parse`]). Without one, [`Members::Anyone`].
+pub fn read_members(path: Option<&Path>) -> Result<Members> {
+    let Some(path) = path else {
+        return Ok(Members::Anyone);
+    };
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read the member list {}", path.display()))?;
+    Members::parse(&text).map_err(|e| anyhow!("member list {}: {e}", path.display()))
+}
+
+/// A command given `--members` while the node runs: the running node's own
+/// list applies, so a second one would mislead.
+fn running_list(members: Option<&Path>) -> Result<()> {
+    match members {
+        Some(p) => bail!(
+            "the node is running: it applies its own `run --members` list, so --members {} is not used; drop it",
+            p.display()
+        ),
+        None => Ok(()),
+    }
 }
 
 /// The state folded from the events with hlc <= `at`. The log is in causal

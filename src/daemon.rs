@@ -58,6 +58,9 @@ pub const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages queued between the reader, the connection loop and the writer,
 /// each way, when [`PeersConfig::window`] does not say otherwise.
 pub const QUEUE_MESSAGES: usize = 16;
+/// How long `weftlog run` holds appends at start, by default, for a peer
+/// to confirm the node's own log ([`Config::confirm_wait`]).
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(3);
 /// The equivocation file in a data directory: one JSON object per line.
 pub const EQUIVOCATIONS_FILE: &str = "equivocations.jsonl";
 
@@ -76,11 +79,16 @@ pub struct Config {
     pub policy: PeersConfig,
     /// Announce this node and find peers with mDNS.
     pub mdns: bool,
+    /// How long appends wait at start for a peer to confirm this node's
+    /// own log ([`Node::await_confirmation`]), when the node has peers to
+    /// dial or finds them by mDNS; zero holds nothing.
+    pub confirm_wait: Duration,
 }
 
 impl Config {
     /// Defaults: no peers, anyone admitted, cluster "default", the policy's
-    /// defaults ([`PeersConfig::default`]), no mDNS.
+    /// defaults ([`PeersConfig::default`]), no mDNS, appends not held at
+    /// start (`weftlog run` holds them [`CONFIRM_WAIT`] by default).
     pub fn new(listen: SocketAddr) -> Config {
         Config {
             listen,
@@ -89,6 +97,7 @@ impl Config {
             cluster: cluster_id("default"),
             policy: PeersConfig::default(),
             mdns: false,
+            confirm_wait: Duration::ZERO,
         }
     }
 }
@@ -261,6 +270,10 @@ impl Daemon {
         })?;
         endpoint.set_default_client_config(client);
         let me = node.id();
+        if !config.peers.is_empty() || config.mdns {
+            // Before any session or HTTP request: the first append waits.
+            node.await_confirmation(config.confirm_wait);
+        }
         let forks = load_forks(node.dir());
         let policy = Peers::new(
             config.policy.clone(),
@@ -310,6 +323,13 @@ impl Daemon {
     /// The node served.
     pub fn node(&self) -> &Arc<Node> {
         &self.shared.node
+    }
+
+    /// Who may connect (`run --members`). It gates connections only: the
+    /// HTTP API also marks events by non-members in `log` and `status`, and
+    /// refuses them at import unless asked not to.
+    pub fn members(&self) -> &Members {
+        &self.shared.members
     }
 
     /// The QUIC address actually bound.
@@ -367,10 +387,17 @@ impl Daemon {
     }
 
     /// `weftlog status` plus `writes` and `disk_full` ([`write_status`]),
-    /// `peers`, `blocked`, `equivocations` and `last_round_ms`.
+    /// `peers`, `blocked`, `equivocations`, `last_round_ms`,
+    /// `non_members` ([`crate::json::non_members`]) and `own_frontier`
+    /// ([`crate::json::own_frontier`]).
     pub async fn status(&self) -> Value {
         let node = &self.shared.node;
-        let mut status = node.with_state(|s| crate::json::status(&node.id(), s));
+        let (mut status, non_members) = node.with_state(|s| {
+            (
+                crate::json::status(&node.id(), s),
+                crate::json::non_members(s, &self.shared.members),
+            )
+        });
         write_status(node, &mut status);
         let peers = self.peers().await;
         let blocked: Vec<String> = self.blocked().iter().map(|n| n.to_string()).collect();
@@ -381,6 +408,11 @@ impl Daemon {
             m.insert("equivocations".into(), Value::Array(forks));
             m.insert("last_round_ms".into(), json!(self.last_round_ms()));
             m.insert("gossip".into(), self.gossip());
+            m.insert("non_members".into(), non_members);
+            m.insert(
+                "own_frontier".into(),
+                crate::json::own_frontier(&node.own_frontier()),
+            );
         }
         status
     }
@@ -670,6 +702,12 @@ impl Shared {
             PeerEvent::Synced { .. } => {
                 let now = crate::node::wall_ms();
                 self.last_round_wall_ms.fetch_max(now, Ordering::Relaxed);
+            }
+            PeerEvent::OwnHead { peer, seq, .. } => {
+                let first = !self.node.own_frontier().confirmed;
+                if self.node.handle_own_head(peer, seq) && first {
+                    info!(%peer, seq = self.node.own_frontier().seq, "own log confirmed by a peer");
+                }
             }
             PeerEvent::SessionFailed { peer, error, .. } => {
                 warn!(%peer, "sync session failed: {}", weftlog_proto::peers::describe_failure(&error));

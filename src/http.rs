@@ -6,12 +6,12 @@
 //! |---|---|
 //! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match; 422 when the command is refused (an oversell, say); 400 on a malformed body; 507 while the disk is full (nothing stored; appends resume by themselves once space is freed) |
 //! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
-//! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line |
+//! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true` |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
-//! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked` and `equivocations` |
-//! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it); `event: lagged` if this client fell behind and missed some |
+//! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked`, `equivocations`, `non_members` (`null` without `--members`) and `own_frontier` (whether, by whom and when a peer confirmed this node's own log since it started) |
+//! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it, marks included); `event: lagged` if this client fell behind and missed some |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
-//! | `POST /v1/import` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 507 while the disk is full |
+//! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
@@ -38,6 +38,7 @@ use weftlog_proto::{Event, Hlc, Meta, NodeId, Op};
 use crate::daemon::Daemon;
 use crate::json;
 use crate::node::{AppendError, Committed, NodeImportError};
+use crate::tls::Members;
 
 /// Largest request body: an export file up to the import limit.
 pub const MAX_BODY_BYTES: usize = weftlog_proto::exchange::MAX_EXPORT_BYTES as usize;
@@ -250,11 +251,13 @@ struct LogQuery {
 
 async fn log(AxState(d): Shared, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
     let node = d.node().clone();
-    let text =
-        tokio::task::spawn_blocking(move || crate::cli::log_lines(&node, q.stream.as_deref()))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+    let members = d.members().clone();
+    let text = tokio::task::spawn_blocking(move || {
+        crate::cli::log_lines(&node, q.stream.as_deref(), &members)
+    })
+    .await
+    .map_err(internal)?
+    .map_err(internal)?;
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], text).into_response())
 }
 
@@ -292,11 +295,26 @@ async fn export(AxState(d): Shared, body: Bytes) -> Result<Response, ApiError> {
         .into_response())
 }
 
-async fn import(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    /// Store events by authors not on the member list too.
+    #[serde(default)]
+    allow_non_members: bool,
+}
+
+async fn import(
+    AxState(d): Shared,
+    Query(q): Query<ImportQuery>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
     let node = d.node().clone();
-    let r = tokio::task::spawn_blocking(move || node.import(&body))
-        .await
-        .map_err(internal)?;
+    let members = d.members().clone();
+    let r = tokio::task::spawn_blocking(move || {
+        node.import_admitting(&body, |a| q.allow_non_members || members.admits(a))
+    })
+    .await
+    .map_err(internal)?;
     match r {
         Ok(r) => Ok(Json(
             json!({ "imported": r.imported, "duplicates": r.duplicates }),
@@ -304,6 +322,10 @@ async fn import(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiError
         Err(e @ NodeImportError::Refused(_)) => Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("import refused, nothing stored: {e}"),
+        )),
+        Err(e @ NodeImportError::NonMembers(_)) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("import refused: {e}"),
         )),
         Err(e @ NodeImportError::DiskFull(_)) => {
             Err(ApiError(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))
@@ -338,13 +360,16 @@ struct Feed {
     rx: broadcast::Receiver<Arc<Committed>>,
     queue: VecDeque<SseEvent>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    members: Members,
 }
 
-fn sse_events(batch: &Committed, queue: &mut VecDeque<SseEvent>) {
+fn sse_events(batch: &Committed, members: &Members, queue: &mut VecDeque<SseEvent>) {
     for (id, bytes) in &batch.events {
         // The node wrote these bytes after checking them.
         if let Ok(e) = Event::decode_trusted(bytes) {
-            let data = json::event(&e, id).to_string();
+            let mut v = json::event(&e, id);
+            json::mark_non_member(&mut v, &e.author, members);
+            let data = v.to_string();
             queue.push_back(
                 SseEvent::default()
                     .event("event")
@@ -360,6 +385,7 @@ async fn events(AxState(d): Shared) -> impl IntoResponse {
         rx: d.node().subscribe(),
         queue: VecDeque::new(),
         shutdown: d.shutdown_signal(),
+        members: d.members().clone(),
     };
     let stream = futures_util::stream::unfold(feed, |mut f| async move {
         loop {
@@ -371,7 +397,7 @@ async fn events(AxState(d): Shared) -> impl IntoResponse {
             }
             tokio::select! {
                 r = f.rx.recv() => match r {
-                    Ok(batch) => sse_events(&batch, &mut f.queue),
+                    Ok(batch) => sse_events(&batch, &f.members, &mut f.queue),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let data = json!({ "missed_batches": n }).to_string();
                         f.queue.push_back(SseEvent::default().event("lagged").data(data));

@@ -6,7 +6,8 @@ use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
 use weftlog_proto::{Dot, Event, EventId, Op, State};
 
-use crate::node::Appended;
+use crate::node::{Appended, OwnFrontier};
+use crate::tls::Members;
 
 /// Register values and payloads are JSON text by convention; anything else
 /// is shown as `{"hex": "…"}`.
@@ -86,6 +87,59 @@ pub fn event(e: &Event, id: &EventId) -> Value {
         "ops": e.ops.iter().map(op).collect::<Vec<_>>(),
         "payload": if e.payload.is_empty() { Value::Null } else { bytes_value(&e.payload) },
         "meta": meta,
+    })
+}
+
+/// Marks an event object as `log` prints it with `"non_member": true` if
+/// `members` does not name its author. Only a mark: such an event is as
+/// valid as any other (membership gates connections, not validity).
+pub fn mark_non_member(v: &mut Value, author: &weftlog_proto::NodeId, members: &Members) {
+    if !members.admits(author) {
+        v["non_member"] = Value::Bool(true);
+    }
+}
+
+/// `status`'s `non_members`: `null` without a member list; otherwise the
+/// authors of events this node holds that the list does not name, as
+/// `authors` (`author`, `seq`: its highest seq held, ascending by author)
+/// and `events` (the sum of those seqs).
+pub fn non_members(state: &State, members: &Members) -> Value {
+    if matches!(members, Members::Anyone) {
+        return Value::Null;
+    }
+    // Per author its highest seq, on any branch.
+    let mut highest: std::collections::BTreeMap<weftlog_proto::NodeId, u64> = Default::default();
+    for (a, seq, _) in state.frontier() {
+        if !members.admits(&a) {
+            let e = highest.entry(a).or_default();
+            *e = (*e).max(seq);
+        }
+    }
+    let authors: Vec<(String, u64)> = highest
+        .into_iter()
+        .map(|(a, seq)| (a.to_string(), seq))
+        .collect();
+    let events: u64 = authors.iter().map(|(_, s)| s).sum();
+    json!({
+        "authors": authors
+            .iter()
+            .map(|(a, s)| json!({ "author": a, "seq": s }))
+            .collect::<Vec<_>>(),
+        "events": events,
+    })
+}
+
+/// `status`'s `own_frontier`: whether a peer confirmed this node's own log
+/// since it started (`confirmed`), `by` which peers, `at_ms` (wall clock,
+/// the first), `seq` (its highest own seq then), and `wait_until_ms`: until
+/// when appends waited for it (`null` if they were not held: no peers).
+pub fn own_frontier(o: &OwnFrontier) -> Value {
+    json!({
+        "confirmed": o.confirmed,
+        "by": o.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "at_ms": o.at_ms,
+        "seq": o.seq,
+        "wait_until_ms": o.wait_until_ms,
     })
 }
 

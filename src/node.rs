@@ -40,12 +40,20 @@
 //! disk is full tries once more, then answers the replies still waiting
 //! with an error: those events were never written (nor acknowledged).
 //!
+//! A node with peers may be asked to hold appends until a peer has
+//! confirmed its own log ([`Node::await_confirmation`]; the rule is the
+//! replica's, [`weftlog_proto::replica`], "A restored node learns its own
+//! log"): the committer then waits, before it hands an append to the
+//! replica, until [`Replica::appends_held`] lets it go (a confirmation
+//! wakes it, [`Node::handle_own_head`]), so appends are held, never
+//! refused; requests queued behind a held append wait with it.
+//!
 //! State is updated when an event is made, before it is durable, so readers
 //! may see an event a moment before its append is acknowledged. A crash can
 //! lose only unacknowledged events.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -65,7 +73,7 @@ use weftlog_proto::{EventId, NodeId};
 
 use crate::storage::{sync_dir, FileStorage};
 
-pub use weftlog_proto::replica::{Appended, DiskFull, Imported};
+pub use weftlog_proto::replica::{Appended, DiskFull, Imported, OwnFrontier};
 
 /// The secret key file in a data directory.
 pub const KEY_FILE: &str = "node.key";
@@ -162,6 +170,23 @@ pub enum NodeImportError {
         "disk full ({0}): refused, nothing stored; imports resume by themselves when space is freed"
     )]
     DiskFull(String),
+    /// The file holds events by authors the caller's member list does not
+    /// name ([`Node::import_admitting`]): refused at the edge, nothing
+    /// stored. The events are valid; the caller may accept them.
+    #[error(
+        "the file holds events by {} not on the member list: {}; nothing stored (membership gates connections, not validity: accept them with `weftlog import --allow-non-members`, or `POST /v1/import?allow_non_members=true`)",
+        plural(.0.len(), "a node", "nodes"),
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    NonMembers(Vec<NodeId>),
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        one.to_string()
+    } else {
+        format!("{n} {many}")
+    }
 }
 
 impl From<replica::ImportError> for NodeImportError {
@@ -199,6 +224,10 @@ pub const MAX_BATCH_RECORDS: usize = 65_536;
 /// How long the writer waits before it tries a batch again after the disk
 /// was full ([`replica::DISK_FULL_RETRY_MS`]).
 pub const DISK_FULL_RETRY: Duration = Duration::from_millis(replica::DISK_FULL_RETRY_MS);
+
+/// Longest single wait of a held append before the committer looks at the
+/// wall clock again.
+const HOLD_POLL_MS: u64 = 100;
 
 /// What the node's threads share under one lock: the replica, and the
 /// replies waiting for it.
@@ -418,6 +447,33 @@ impl Node {
         self.lock().replica.disk_full().cloned()
     }
 
+    /// Holds appends until a peer confirms this node's own log (see
+    /// [`weftlog_proto::replica`], "A restored node learns its own log") or
+    /// `wait` passes. Call it after opening, before appends arrive, when the
+    /// node has peers to learn from; a zero `wait` holds nothing.
+    pub fn await_confirmation(&self, wait: Duration) {
+        if !wait.is_zero() {
+            let until = wall_ms().saturating_add(wait.as_millis() as u64);
+            self.lock().replica.await_confirmation(until);
+        }
+    }
+
+    /// A sync round with `peer` ended, the peer holding this node's own
+    /// events up to `seq` ([`Replica::handle_own_head`]): held appends go
+    /// if the peer confirmed the node's own log. Returns whether it did.
+    pub fn handle_own_head(&self, peer: NodeId, seq: u64) -> bool {
+        let confirmed = self.lock().replica.handle_own_head(peer, seq, wall_ms());
+        if confirmed {
+            self.inner.changed.notify_all();
+        }
+        confirmed
+    }
+
+    /// The node's own frontier as peers confirmed it.
+    pub fn own_frontier(&self) -> OwnFrontier {
+        self.lock().replica.own_frontier()
+    }
+
     /// Why the log stopped for good (a failed sync, or a write failure
     /// other than a full disk), if it did: the node must be reopened.
     pub fn failed(&self) -> Option<String> {
@@ -473,8 +529,32 @@ impl Node {
     /// # Panics
     /// If called from within an async runtime.
     pub fn import(&self, data: &[u8]) -> Result<Imported, NodeImportError> {
+        self.import_admitting(data, |_| true)
+    }
+
+    /// [`Node::import`], refused at the edge ([`NodeImportError::NonMembers`],
+    /// naming them, nothing stored) if any event's author is one `admits`
+    /// refuses. Only an edge check: events of non-members that arrive by
+    /// sync are stored like any other.
+    ///
+    /// # Panics
+    /// If called from within an async runtime.
+    pub fn import_admitting(
+        &self,
+        data: &[u8],
+        admits: impl Fn(&NodeId) -> bool,
+    ) -> Result<Imported, NodeImportError> {
         let mut items = exchange::read_export(data)?;
+        // Authenticated first: an author is named only once it signed.
         exchange::authenticate(&mut items)?;
+        let refused: BTreeSet<NodeId> = items
+            .iter()
+            .map(|i| i.event.author)
+            .filter(|a| !admits(a))
+            .collect();
+        if !refused.is_empty() {
+            return Err(NodeImportError::NonMembers(refused.into_iter().collect()));
+        }
         let (tx, rx) = oneshot::channel();
         let fatal = || NodeImportError::Fatal("the node is shutting down".into());
         self.sender()
@@ -704,6 +784,18 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
         {
             inner.changed.notify_all();
             g = inner.changed.wait(g).expect("node state lock poisoned");
+        }
+        if reqs.iter().any(|r| matches!(r, Request::Append(..))) {
+            // Held until a peer confirms the own log or the wait passes;
+            // a confirmation wakes this wait.
+            while let Some(until) = g.replica.appends_held(wall_ms()) {
+                let wait = until.saturating_sub(wall_ms()).clamp(1, HOLD_POLL_MS);
+                g = inner
+                    .changed
+                    .wait_timeout(g, Duration::from_millis(wait))
+                    .expect("node state lock poisoned")
+                    .0;
+            }
         }
         for req in reqs.drain(..) {
             inner.apply(&mut g, req);

@@ -21,18 +21,10 @@ use crate::tls::Members;
 
 /// Runs the daemon until a signal; see the module docs.
 pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
-    let members = match &args.members {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the member list {}", path.display()))?;
-            Members::parse(&text)
-                .map_err(|e| anyhow::anyhow!("member list {}: {e}", path.display()))?
-        }
-        None => {
-            warn!("no --members: any node that proves its id may sync with this one");
-            Members::Anyone
-        }
-    };
+    let members = cli::read_members(args.members.as_deref())?;
+    if matches!(members, Members::Anyone) {
+        warn!("no --members: any node that proves its id may sync with this one");
+    }
     let node = Arc::new(cli::open(dir)?);
     if let Members::Only(set) = &members {
         if !set.contains(&node.id()) {
@@ -51,6 +43,7 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     config.policy.anti_entropy_ms = args.anti_entropy_ms;
     config.policy.idle_timeout_ms = args.idle_timeout_ms;
     config.mdns = args.mdns;
+    config.confirm_wait = Duration::from_millis(args.confirm_wait_ms);
     let addr_file = dir.join(HTTP_ADDR_FILE);
     let result = rt.block_on(async {
         let daemon = Arc::new(Daemon::start(node.clone(), config).await?);

@@ -524,10 +524,12 @@ fn log_prints_canonical_order_and_filters_by_stream_and_conflicts_and_status_hav
             "frontier",
             "state_hash",
             "ahead",
-            "equivocations"
+            "equivocations",
+            "non_members"
         ])
     );
     assert_eq!(s["equivocations"], serde_json::json!([]));
+    assert_eq!(s["non_members"], Value::Null, "no member list");
     assert_eq!(
         s["ahead"],
         serde_json::json!({"bound_ms": 60_000, "events": 0, "furthest": null})

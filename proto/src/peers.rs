@@ -218,6 +218,19 @@ pub enum PeerEvent {
         /// When (the shell's clock, ms).
         at_ms: u64,
     },
+    /// A round with the peer ended (with [`PeerEvent::Synced`]): the peer
+    /// holds this node's own events up to `seq` (0: none), and everything
+    /// it sent is stored. Hand it to
+    /// [`Replica::handle_own_head`](crate::replica::Replica::handle_own_head):
+    /// it decides whether the peer confirmed the node's own frontier.
+    OwnHead {
+        /// The peer.
+        peer: NodeId,
+        /// The highest seq of this node's own events the peer holds.
+        seq: u64,
+        /// When (the shell's clock, ms).
+        at_ms: u64,
+    },
     /// Events from the peer were stored.
     Received {
         /// The peer.
@@ -954,6 +967,12 @@ impl Peers {
                         peer,
                         at_ms: now_ms,
                     });
+                    let me = self.session.node;
+                    self.events.push_back(PeerEvent::OwnHead {
+                        peer,
+                        seq: l.session.peer_heads().get(&me).copied().unwrap_or(0),
+                        at_ms: now_ms,
+                    });
                     if l.round_wanted && l.session.start_round(store) {
                         l.round_wanted = false;
                         self.stats.rounds += 1;
@@ -1294,6 +1313,18 @@ mod tests {
         assert!(ev
             .iter()
             .any(|e| matches!(e, PeerEvent::Synced { at_ms: 5, .. })));
+        // Each end learns how much of its own log the other holds: A's
+        // event reached B; B has none of its own.
+        assert!(ev.contains(&PeerEvent::OwnHead {
+            peer: ia,
+            seq: 0,
+            at_ms: 5
+        }));
+        assert!(events(&mut a.2).contains(&PeerEvent::OwnHead {
+            peer: ib,
+            seq: 1,
+            at_ms: 5
+        }));
     }
 
     #[test]

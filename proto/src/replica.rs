@@ -72,6 +72,25 @@
 //!   like any append; retried once the kept batch is durable, it gives the
 //!   existing event.
 //!
+//! # A restored node learns its own log before it appends
+//!
+//! A node whose data directory was restored from a backup holds less of
+//! its own log than its peers do; appending at once would sign a second
+//! event at a seq the cluster already holds (a fork). So a shell with
+//! peers calls [`Replica::await_confirmation`] after [`Replica::open`]:
+//! until a peer confirms the replica's own frontier, or the wait passes,
+//! [`Replica::handle_append`] makes nothing ([`AppendError::Unconfirmed`]),
+//! and the shell holds its appends (it does not refuse them) until
+//! [`Replica::appends_held`] says they may go. A peer confirms when a sync
+//! round with it ends ([`crate::peers::PeerEvent::OwnHead`], handed to
+//! [`Replica::handle_own_head`]) and the replica holds every own event the
+//! peer holds: the round has brought back whatever the backup lacked, so
+//! the next append takes the seq after them. Events by this node that come
+//! back by sync are stored like any other. Without peers, or once the wait
+//! passes (a desk offline must keep selling), appends go ahead unconfirmed;
+//! what follows a fork then is the fork handling's. A replica that is never
+//! asked to wait (the simulator's default) never holds an append.
+//!
 //! # A batch never ends inside a received run
 //!
 //! Sync stores an author's events in runs that end at a signed event
@@ -169,6 +188,39 @@ pub struct Replica {
     /// The last wall time the shell gave: received events are observed
     /// against it (module docs, "The clock's horizon").
     wall_ms: u64,
+    /// Whether peers confirmed the own log, and how long appends wait for
+    /// it (module docs, "A restored node learns its own log").
+    confirm: Confirm,
+}
+
+/// Peers that confirmed this replica's own frontier, at most: enough to
+/// show it was more than one, bounded however many peers a node has.
+pub const MAX_CONFIRMED_BY: usize = 16;
+
+/// The replica's own frontier as peers confirmed it ([`Replica::own_frontier`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnFrontier {
+    /// A peer's sync round ended with this replica holding every own event
+    /// the peer holds.
+    pub confirmed: bool,
+    /// The peers that confirmed it, ascending (at most [`MAX_CONFIRMED_BY`]).
+    pub by: Vec<NodeId>,
+    /// When it was first confirmed, by the shell's wall clock (ms).
+    pub at_ms: Option<u64>,
+    /// The highest own seq held when it was first confirmed.
+    pub seq: u64,
+    /// Appends wait for a confirmation until this wall time (ms); `None` if
+    /// the replica was never asked to wait ([`Replica::await_confirmation`]).
+    pub wait_until_ms: Option<u64>,
+}
+
+/// See [`OwnFrontier`].
+#[derive(Debug, Default)]
+struct Confirm {
+    by: BTreeSet<NodeId>,
+    at_ms: Option<u64>,
+    seq: u64,
+    until_ms: Option<u64>,
 }
 
 /// A write ran out of space ([`Replica::handle_write_full`]): appends and
@@ -249,6 +301,14 @@ pub enum AppendError {
         "disk full ({0}): refused, nothing stored; appends resume by themselves when space is freed"
     )]
     DiskFull(String),
+    /// No peer has confirmed the replica's own frontier yet and the wait
+    /// is not over ([`Replica::appends_held`]): nothing was applied. A
+    /// shell holds the append and gives it again later.
+    #[error("waiting until {until_ms} ms for a peer to confirm this node's own log")]
+    Unconfirmed {
+        /// The wall time (ms) after which appends go ahead unconfirmed.
+        until_ms: u64,
+    },
 }
 
 /// Why [`Replica::handle_import`] stored nothing.
@@ -321,6 +381,7 @@ impl Replica {
             full: None,
             kept: None,
             wall_ms: 0,
+            confirm: Confirm::default(),
         }
     }
 
@@ -392,6 +453,9 @@ impl Replica {
         }
         if let Some(full) = &self.full {
             return Err(AppendError::DiskFull(full.error.clone()));
+        }
+        if let Some(until_ms) = self.appends_held(now_ms) {
+            return Err(AppendError::Unconfirmed { until_ms });
         }
         match self
             .state
@@ -534,6 +598,69 @@ impl Replica {
     /// one given (module docs, "The clock's horizon").
     pub fn handle_time(&mut self, now_ms: u64) {
         self.wall_ms = now_ms;
+    }
+
+    /// Holds appends until a peer confirms the own frontier or the wall
+    /// time `until_ms` passes, whichever comes first (module docs, "A
+    /// restored node learns its own log"). A shell with peers calls it
+    /// after [`Replica::open`]; one without peers does not, and its appends
+    /// are never held. Nothing if a peer has confirmed already.
+    pub fn await_confirmation(&mut self, until_ms: u64) {
+        if self.confirm.at_ms.is_none() {
+            self.confirm.until_ms = Some(until_ms);
+        }
+    }
+
+    /// A sync round with `peer` ended at wall time `now_ms`, the peer
+    /// holding this node's own events up to `seq` (0: none;
+    /// [`crate::peers::PeerEvent::OwnHead`]). The peer confirms the own
+    /// frontier if the replica holds that much of its own log (applied,
+    /// durable or not): from then on appends are not held. Returns whether
+    /// it confirmed.
+    pub fn handle_own_head(&mut self, peer: NodeId, seq: u64, now_ms: u64) -> bool {
+        if peer == self.id {
+            return false;
+        }
+        if seq > 0 && self.state.event_id(&self.id, seq).is_none() {
+            // The peer holds more of this node's log than it does: the
+            // round did not bring it all (it waits for a dependency).
+            return false;
+        }
+        if self.confirm.at_ms.is_none() {
+            self.confirm.at_ms = Some(now_ms);
+            self.confirm.seq = self.own_seq();
+        }
+        if self.confirm.by.len() < MAX_CONFIRMED_BY {
+            self.confirm.by.insert(peer);
+        }
+        true
+    }
+
+    /// Whether appends are held at wall time `now_ms`: the wall time until
+    /// which they wait ([`Replica::await_confirmation`]) while no peer has
+    /// confirmed the own frontier and it has not passed; `None` when they
+    /// may go.
+    pub fn appends_held(&self, now_ms: u64) -> Option<u64> {
+        match self.confirm.until_ms {
+            Some(until) if self.confirm.at_ms.is_none() && now_ms < until => Some(until),
+            _ => None,
+        }
+    }
+
+    /// The own frontier as peers confirmed it, for status.
+    pub fn own_frontier(&self) -> OwnFrontier {
+        OwnFrontier {
+            confirmed: self.confirm.at_ms.is_some(),
+            by: self.confirm.by.iter().copied().collect(),
+            at_ms: self.confirm.at_ms,
+            seq: self.confirm.seq,
+            wait_until_ms: self.confirm.until_ms,
+        }
+    }
+
+    /// The highest own seq applied (on any branch).
+    fn own_seq(&self) -> u64 {
+        self.state.max_seq(&self.id)
     }
 
     /// Ends a run of received events: runs still open (their signed end
@@ -1396,6 +1523,82 @@ mod tests {
         let e = r.handle_append(edit("e"), 10).unwrap();
         assert_eq!(e.seq, 3);
         assert!(e.hlc > Hlc::from_ms(1_001));
+    }
+
+    /// A replica restored from a backup that lacks its last own events
+    /// holds appends until a peer confirms its own frontier; the round
+    /// that confirms it brings those events back (stored like any
+    /// received event), so the next append follows them instead of
+    /// forking. Offline, appends go ahead once the wait passes; a replica
+    /// never asked to wait never holds one.
+    #[test]
+    fn a_restored_replica_takes_its_own_events_back_before_it_appends() {
+        let (mut r, mut log) = open(1);
+        r.handle_append(edit("a"), 1_000).unwrap();
+        r.handle_append(edit("b"), 1_001).unwrap();
+        commit(&mut r, &mut log).unwrap();
+        assert_eq!(r.appends_held(1_001), None, "never asked to wait");
+        let backup = log.into_storage();
+        // The original goes on: two more events, which a peer receives.
+        let (mut r, mut log, _) = Replica::open(key(1), 1_002, || Ok(backup.clone())).unwrap();
+        r.handle_append(edit("c"), 1_002).unwrap();
+        r.handle_append(edit("d"), 1_003).unwrap();
+        commit(&mut r, &mut log).unwrap();
+        let kp = key(3);
+        let mut p = MemStore::new();
+        let at_p = sync_with(&mut r, &mut log, &mut p, kp.node_id());
+        assert!(failures(&at_p).is_empty(), "{at_p:?}");
+        assert_eq!(p.len(), 4);
+
+        // The backup comes back, with peers: appends are held.
+        let (mut n, mut log, _) = Replica::open(key(1), 2_000, || Ok(backup.clone())).unwrap();
+        n.await_confirmation(5_000);
+        assert_eq!(n.appends_held(2_000), Some(5_000));
+        assert_eq!(
+            n.handle_append(edit("e"), 2_000),
+            Err(AppendError::Unconfirmed { until_ms: 5_000 })
+        );
+        assert_eq!(n.mark(), Mark(0), "nothing applied");
+        // A peer that holds more of the own log than the replica does not
+        // confirm it.
+        assert!(!n.handle_own_head(kp.node_id(), 4, 2_100));
+        assert!(!n.own_frontier().confirmed);
+        // The round brings the own events back; then the peer confirms.
+        let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
+        assert!(failures(&at_p).is_empty(), "{at_p:?}");
+        assert!(n.state().event_id(&n.id(), 4).is_some());
+        assert!(n.handle_own_head(kp.node_id(), 4, 2_200));
+        assert_eq!(
+            n.own_frontier(),
+            OwnFrontier {
+                confirmed: true,
+                by: vec![kp.node_id()],
+                at_ms: Some(2_200),
+                seq: 4,
+                wait_until_ms: Some(5_000),
+            }
+        );
+        assert_eq!(n.appends_held(2_200), None);
+        let e = n.handle_append(edit("e"), 2_300).unwrap();
+        assert_eq!(e.seq, 5, "after the events taken back: no fork");
+        commit(&mut n, &mut log).unwrap();
+        let at_p = sync_with(&mut n, &mut log, &mut p, kp.node_id());
+        assert!(failures(&at_p).is_empty(), "{at_p:?}");
+        assert!(
+            !at_p
+                .iter()
+                .any(|e| matches!(e, SessionEvent::Equivocation(_))),
+            "{at_p:?}"
+        );
+        assert_eq!(p.len(), 5);
+
+        // Offline: the wait passes and appends go ahead.
+        let (mut m, ..) = Replica::open(key(1), 2_000, || Ok(backup.clone())).unwrap();
+        m.await_confirmation(3_000);
+        assert!(m.handle_append(edit("f"), 2_999).is_err());
+        assert_eq!(m.appends_held(3_000), None);
+        assert_eq!(m.handle_append(edit("f"), 3_000).unwrap().seq, 3);
+        assert!(!m.own_frontier().confirmed);
     }
 
     /// A write that runs out of space pauses the replica: its batch is
