@@ -521,6 +521,7 @@ fn log_prints_canonical_order_and_filters_by_stream_and_conflicts_and_status_hav
         set_of(&[
             "node",
             "events",
+            "forks",
             "frontier",
             "state_hash",
             "ahead",

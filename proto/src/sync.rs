@@ -1967,12 +1967,11 @@ impl Session {
     /// Acts on what other sessions' drains found about this session's
     /// pooled events.
     fn read_mail(&mut self, pool: &mut Pool) -> Result<(), SyncError> {
-        for m in pool.collect_mail(self.me()) {
-            match m {
-                Mail::Refused(err) => return Err(err),
-            }
+        // The first refusal ends the session.
+        match pool.collect_mail(self.me()).into_iter().next() {
+            Some(Mail::Refused(err)) => Err(err),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The heads of the next IHave, if a lazy end has any to announce:
@@ -2550,12 +2549,17 @@ impl Session {
                 dups += 1;
                 continue;
             }
-            if store.contains(&id) || pool.contains(&id) {
+            // A pooled event may be the signed end of a run open here (its
+            // signature covers the run): checked as the run's next event.
+            let ends_run = !store.contains(&id)
+                && peek_dot(bytes)
+                    .is_some_and(|(a, _)| self.runs.get(&a).is_some_and(|r| !r.is_empty()));
+            if (store.contains(&id) || pool.contains(&id)) && !ends_run {
                 // A duplicate, known by its id: neither decoded nor
                 // verified. Only its author and seq are read (the bytes are
-                // those of an event held here). An open run cannot need it:
-                // what is held has its whole chain held too, so the run's
-                // next event names a held prev and starts a run of its own.
+                // those of an event held here). An open run cannot need a
+                // stored one: what is stored has its whole chain stored, so
+                // the run's next event names a held prev.
                 if let Some((author, seq)) = peek_dot(bytes) {
                     if store.contains(&id) {
                         self.note_held(&*store, Head { author, seq, id });

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
-use weftlog_proto::state::{Escrow, State, Stream, WriteId};
+use weftlog_proto::state::{Escrow, State, Stream};
 use weftlog_proto::sync::{frontier_digest, Head};
 use weftlog_proto::{Dot, Event, EventId, NodeId, Op};
 
@@ -173,9 +173,17 @@ pub fn convergence(nodes: &[NodeFinal<'_>]) -> Vec<String> {
                 .iter()
                 .map(|(a, s)| s.saturating_sub(t0.get(a).copied().unwrap_or(0)))
                 .sum();
+            let only =
+                |a: &[(NodeId, u64, EventId)], b: &[(NodeId, u64, EventId)]| -> Vec<String> {
+                    a.iter()
+                        .filter(|h| !b.contains(h))
+                        .map(|(au, s, id)| format!("{}:{s}={}", au.short(), id.short()))
+                        .collect()
+                };
             out.push(format!(
-                "node {} and node {} hold different events: node {} lacks {missing} of node {}'s, node {} lacks {extra}",
-                first.ix, n.ix, n.ix, first.ix, first.ix
+                "node {} and node {} hold different events: node {} lacks {missing} of node {}'s, node {} lacks {extra} (heads only on node {}: {:?}; only on node {}: {:?})",
+                first.ix, n.ix, n.ix, first.ix, first.ix,
+                first.ix, only(&f0, &f), n.ix, only(&f, &f0)
             ));
             continue;
         }
@@ -268,26 +276,35 @@ pub fn forks_held(events: &[(Event, EventId)]) -> BTreeMap<NodeId, BTreeSet<u64>
     out
 }
 
-/// Forks are reported on every node: each author whose two branches node
-/// `ix` holds (`held`, from [`forks_held`] over its log) is among the
-/// equivocations the node reported (`reported`: what its sessions told it,
-/// as the daemon records them in its equivocation file and status).
+/// Forks are reported on every node: the authors whose two branches node
+/// `ix` holds (`held`, from [`forks_held`] over its log) are exactly the
+/// authors its replica lists as forked (`listed`: author → the lowest seq
+/// held twice, as status shows them), at the same seq.
 pub fn forks_reported(
     ix: usize,
     held: &BTreeMap<NodeId, BTreeSet<u64>>,
-    reported: &BTreeSet<NodeId>,
+    listed: &BTreeMap<NodeId, u64>,
 ) -> Vec<String> {
-    held.iter()
-        .filter(|(a, _)| !reported.contains(a))
+    let mut out: Vec<String> = held
+        .iter()
+        .filter(|(a, seqs)| listed.get(*a) != seqs.first())
         .map(|(a, seqs)| {
             format!(
-                "node {ix} holds both branches of author {} at {} seqs (first {}) but never reported the fork",
+                "node {ix} holds both branches of author {} at {} seqs (first {}) but lists {:?}",
                 a.short(),
                 seqs.len(),
-                seqs.first().copied().unwrap_or(0)
+                seqs.first().copied().unwrap_or(0),
+                listed.get(a)
             )
         })
-        .collect()
+        .collect();
+    for a in listed.keys().filter(|a| !held.contains_key(*a)) {
+        out.push(format!(
+            "node {ix} lists author {} as forked, but its log holds one branch",
+            a.short()
+        ));
+    }
+    out
 }
 
 /// Escrow oversell is marked identically: every node's escrow read model
@@ -491,25 +508,47 @@ pub fn escrow(
 }
 
 fn check_escrow(stream: &str, counter: &str, esc: &Escrow, out: &mut Vec<String>) {
-    if esc.consumed > esc.capacity {
-        out.push(format!(
-            "{stream} {counter}: consumed {} over capacity {}",
-            esc.consumed, esc.capacity
-        ));
-    }
-    let (mut init, mut used) = (0u128, 0u128);
+    // An account may spend more than it got only as a forked author that
+    // spent on two branches the rights it held at the fork; the read model
+    // must then mark it, with what it owes and its spends past the fork.
+    let (mut init, mut used, mut owed) = (0u128, 0u128, 0u128);
     for (node, a) in &esc.accounts {
         init += a.init;
         used += a.consumed;
-        if a.sent + a.consumed > a.init + a.received {
-            out.push(format!(
+        let (spent, got) = (a.sent + a.consumed, a.init + a.received);
+        match esc.overdrawn.get(node) {
+            Some(o) if spent > got && o.owed == spent - got && !o.events.is_empty() => {
+                owed += o.owed;
+            }
+            Some(o) => out.push(format!(
+                "{stream} {counter}: node {} is marked overdrawn by {} ({} events), but gave away {} and used {} of the {} it got",
+                node.short(),
+                o.owed,
+                o.events.len(),
+                a.sent,
+                a.consumed,
+                got
+            )),
+            None if spent > got => out.push(format!(
                 "{stream} {counter}: node {} gave away {} and used {} of the {} it got",
                 node.short(),
                 a.sent,
                 a.consumed,
-                a.init + a.received
-            ));
+                got
+            )),
+            None => {}
         }
+    }
+    if esc.overdrawn.keys().any(|n| !esc.accounts.contains_key(n)) {
+        out.push(format!(
+            "{stream} {counter}: an account is marked overdrawn that does not exist"
+        ));
+    }
+    if esc.consumed > esc.capacity + owed {
+        out.push(format!(
+            "{stream} {counter}: consumed {} over capacity {} (overdrawn accounts owe {owed})",
+            esc.consumed, esc.capacity
+        ));
     }
     if init != esc.capacity || used != esc.consumed {
         out.push(format!(
@@ -518,6 +557,10 @@ fn check_escrow(stream: &str, counter: &str, esc: &Escrow, out: &mut Vec<String>
         ));
     }
 }
+
+/// A write the conflict oracle follows: its dot, its event, the event's
+/// lane, and the index of the event's vector clock.
+type W = (Dot, EventId, usize, usize);
 
 /// What the conflict oracle counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -541,17 +584,15 @@ pub fn conflicts(
     events: &[(Event, EventId)],
     streams: &BTreeMap<String, Stream>,
 ) -> Result<ConflictStats, Vec<String>> {
-    // Vector clocks, dense by author index, of every event.
-    let mut author_ix: BTreeMap<NodeId, usize> = BTreeMap::new();
-    for (e, _) in events {
-        let n = author_ix.len();
-        author_ix.entry(e.author).or_insert(n);
-    }
-    let width = author_ix.len();
+    // Vector clocks over lanes (runs of one author's chain: one per
+    // author, plus one per branch of a forked author), of every event.
+    let mut lane_of: BTreeMap<EventId, usize> = BTreeMap::new();
+    // Per lane, its last event.
+    let mut tails: Vec<EventId> = Vec::new();
     let mut vc_of: BTreeMap<EventId, usize> = BTreeMap::new();
     let mut vcs: Vec<Vec<u64>> = Vec::with_capacity(events.len());
-    // (stream, field) -> [(dot, index of its vc)]
-    let mut writes: BTreeMap<(&str, &str), Vec<(Dot, usize)>> = BTreeMap::new();
+    // (stream, field) -> writes: (dot, event, lane, index of its vc)
+    let mut writes: BTreeMap<(&str, &str), Vec<W>> = BTreeMap::new();
     // (stream, field) -> dots named by events in effect.
     let mut named: BTreeMap<(&str, &str), BTreeSet<Dot>> = BTreeMap::new();
     let effective = in_effect(events);
@@ -563,7 +604,17 @@ pub fn conflicts(
         .collect();
     let mut out = Vec::new();
     for ((e, id), &eff) in events.iter().zip(&effective) {
-        let mut vc = vec![0u64; width];
+        // Its lane: its prev's, if prev is that lane's last; else a new one.
+        let lane = match e.prev.and_then(|p| lane_of.get(&p).map(|&l| (p, l))) {
+            Some((p, l)) if tails[l] == p => l,
+            _ => {
+                tails.push(*id);
+                tails.len() - 1
+            }
+        };
+        tails[lane] = *id;
+        lane_of.insert(*id, lane);
+        let mut vc = vec![0u64; tails.len()];
         for p in e.prev.iter().chain(e.deps.iter()) {
             let Some(&i) = vc_of.get(p) else {
                 out.push(format!(
@@ -577,7 +628,7 @@ pub fn conflicts(
                 *x = (*x).max(*y);
             }
         }
-        vc[author_ix[&e.author]] = e.seq;
+        vc[lane] = e.seq;
         let i = vcs.len();
         vcs.push(vc);
         vc_of.insert(*id, i);
@@ -598,6 +649,8 @@ pub fn conflicts(
                         author: e.author,
                         seq: e.seq,
                     },
+                    *id,
+                    lane,
                     i,
                 ));
             }
@@ -607,11 +660,9 @@ pub fn conflicts(
         return Err(out);
     }
     let mut stats = ConflictStats::default();
-    let in_past = |w: &(Dot, usize), of: &(Dot, usize)| -> bool {
-        vcs[of.1][author_ix[&w.0.author]] >= w.0.seq
-    };
+    let in_past = |w: &W, of: &W| -> bool { vcs[of.3].get(w.2).is_some_and(|&v| v >= w.0.seq) };
     for ((stream, field), ws) in &writes {
-        let mut standing: BTreeSet<Dot> = BTreeSet::new();
+        let mut standing: BTreeSet<(Dot, EventId)> = BTreeSet::new();
         let by_name = duplicated.contains(stream);
         let names = named.get(&(*stream, *field));
         for (i, w) in ws.iter().enumerate() {
@@ -620,13 +671,13 @@ pub fn conflicts(
             } else {
                 !ws.iter()
                     .enumerate()
-                    .any(|(j, o)| j != i && o.0 != w.0 && in_past(w, o))
+                    .any(|(j, o)| j != i && o.1 != w.1 && in_past(w, o))
             };
             if stands {
-                standing.insert(w.0);
+                standing.insert((w.0, w.1));
             }
             for o in &ws[i + 1..] {
-                if o.0 != w.0 && !in_past(w, o) && !in_past(o, w) {
+                if o.1 != w.1 && !in_past(w, o) && !in_past(o, w) {
                     stats.concurrent_pairs += 1;
                 }
             }
@@ -634,10 +685,10 @@ pub fn conflicts(
         if standing.len() > 1 {
             stats.conflicts += 1;
         }
-        let shown: BTreeSet<Dot> = streams
+        let shown: BTreeSet<(Dot, EventId)> = streams
             .get(*stream)
             .and_then(|s| s.fields.get(*field))
-            .map(|w| w.keys().map(WriteId::dot).collect())
+            .map(|w| w.keys().map(|k| (k.dot(), k.event)).collect())
             .unwrap_or_default();
         if shown != standing {
             out.push(format!(
@@ -844,9 +895,13 @@ mod adversary_tests {
         let (author, log) = forked_log();
         let held = forks_held(&log);
         assert_eq!(held[&author], BTreeSet::from([3]));
-        let v = forks_reported(2, &held, &BTreeSet::new());
-        assert!(v[0].contains("never reported"), "{v:?}");
-        assert!(forks_reported(2, &held, &BTreeSet::from([author])).is_empty());
+        let v = forks_reported(2, &held, &BTreeMap::new());
+        assert!(v[0].contains("but lists None"), "{v:?}");
+        assert!(forks_reported(2, &held, &BTreeMap::from([(author, 3)])).is_empty());
+        // At another seq, or an author whose log holds one branch: caught.
+        assert!(!forks_reported(2, &held, &BTreeMap::from([(author, 2)])).is_empty());
+        let other = NodeId([9; 32]);
+        assert!(!forks_reported(2, &BTreeMap::new(), &BTreeMap::from([(other, 1)])).is_empty());
         assert!(forks_held(&log[..3]).is_empty());
     }
 

@@ -2335,7 +2335,16 @@ impl<'a> Sim<'a> {
             for (e, id) in &events {
                 dots.entry((e.author, e.seq)).or_default().insert(*id);
             }
-            for v in oracle::forks_reported(ix, &oracle::forks_held(&events), &s.forks) {
+            // What status shows: the replica's fork list, a function of
+            // the events it holds, against the branches its log holds.
+            let listed: BTreeMap<NodeId, u64> = s
+                .node
+                .state()
+                .forks()
+                .iter()
+                .map(|f| (f.author, f.seq))
+                .collect();
+            for v in oracle::forks_reported(ix, &oracle::forks_held(&events), &listed) {
                 found.push(("forks", v));
             }
             if let Err(v) = oracle::causal_order(&events) {
