@@ -1447,8 +1447,10 @@ fn survivor_answers_when_peers_stop_together() {
 
 /// An author that signs two events with one seq (here: two data
 /// directories sharing one key) is caught by sync: the honest node that
-/// meets both branches reports the fork in `status`, with both ids, keeps
-/// the proof across a restart, and stores only the branch it had.
+/// meets both branches keeps both, reports the fork in `status` (the
+/// session's report with both ids, and the replica's fork list), and keeps
+/// the report across a restart; the forked author's other replica ends
+/// with the same events and state hash.
 #[test]
 fn equivocation_is_detected_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1504,37 +1506,51 @@ fn equivocation_is_detected_and_reported() {
             ..Opts::default()
         },
     );
-    let s = wait_status(&c, "c reporting the fork", |s| {
-        s["equivocations"]
-            .as_array()
-            .is_some_and(|e| e.iter().any(|f| f["proven"] == true))
+    let s = wait_status(&c, "c holding both branches and listing the fork", |s| {
+        s["events"] == 2
+            && s["forks"].as_array().is_some_and(|f| f.len() == 1)
+            && s["equivocations"].as_array().is_some_and(|e| !e.is_empty())
     });
     let forks = s["equivocations"].as_array().unwrap();
     assert_eq!(forks.len(), 1, "{s}");
     let f = &forks[0];
     assert_eq!(f["author"], x.as_str(), "{f}");
     assert_eq!(f["seq"], 1, "{f}");
-    assert_eq!(f["held"], id1.as_str(), "{f}");
-    assert_eq!(f["other"], id2.as_str(), "{f}");
-    // Only the branch c had is stored.
-    assert_eq!(s["events"], 1, "{s}");
+    let mut both = [f["held"].as_str().unwrap(), f["other"].as_str().unwrap()];
+    both.sort();
+    let mut want = [id1.as_str(), id2.as_str()];
+    want.sort();
+    assert_eq!(both, want, "{f}");
+    // Both branches are kept and listed, whatever order they came in.
+    let listed = &s["forks"][0];
+    assert_eq!(listed["author"], x.as_str(), "{s}");
+    assert_eq!(listed["seq"], 1, "{s}");
+    let mut events: Vec<&str> = listed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    events.sort();
+    assert_eq!(events, want, "{s}");
     assert_eq!(
-        s["frontier"][x.as_str()]["head"],
-        id1.as_str(),
-        "c kept its branch"
-    );
-    // The forked author's other replica learns of the fork as well (c sends
-    // it its branch as proof).
-    wait_status(&x2, "x2 reporting the fork", |s| {
-        s["equivocations"]
+        s["frontier"][x.as_str()]["branches"]
             .as_array()
-            .is_some_and(|e| e.iter().any(|f| f["author"] == x.as_str()))
+            .map(Vec::len),
+        Some(2),
+        "{s}"
+    );
+    // The forked author's other replica holds both and lists the fork too.
+    let s2 = wait_status(&x2, "x2 holding both branches", |s| {
+        s["events"] == 2 && s["forks"].as_array().is_some_and(|f| f.len() == 1)
     });
+    assert_eq!(s2["state_hash"], s["state_hash"], "{s2}");
     // The proof survives a restart and shows in the offline status too.
     let (code, _) = c.sigterm();
     assert!(code.success());
     let offline = cli_json(&dc, &["status"]);
     assert_eq!(offline["equivocations"], s["equivocations"], "{offline}");
+    assert_eq!(offline["forks"], s["forks"], "{offline}");
 }
 
 /// A node restarted after SIGKILL is reconnected at once, whichever of the
