@@ -10,12 +10,10 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::server::{init, tail, Opts, Proc, DEADLINE};
+use common::server::{converge_to, init, Opts, Proc};
 use serde_json::{json, Value};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::Hlc;
@@ -28,9 +26,6 @@ const LIBFAKETIME: [&str; 2] = [
 
 /// How far the fast and the slow node's clocks are off.
 const HOUR_MS: u64 = 3_600_000;
-
-/// Time between two polls of a condition.
-const POLL: Duration = Duration::from_millis(50);
 
 /// The test's (true) wall time.
 fn wall_ms() -> u64 {
@@ -56,35 +51,6 @@ fn start<'a>(name: &str, dir: &Path, peers: &[&str], env: &[(&'a str, &'a str)])
 /// The milliseconds of an hlc as `append` and `status` print it.
 fn hlc_ms(v: &Value) -> u64 {
     Hlc(v.as_u64().unwrap_or_else(|| panic!("not an hlc: {v}"))).ms()
-}
-
-/// Waits until every node holds `events` events and all state hashes are
-/// equal; returns the hash.
-fn converge(nodes: &[&Proc], events: u64) -> String {
-    let t0 = Instant::now();
-    loop {
-        let statuses: Vec<Value> = nodes.iter().map(|p| p.status()).collect();
-        let hashes: BTreeSet<&str> = statuses
-            .iter()
-            .map(|s| s["state_hash"].as_str().unwrap())
-            .collect();
-        if hashes.len() == 1 && statuses.iter().all(|s| s["events"] == events) {
-            return hashes.into_iter().next().unwrap().to_string();
-        }
-        if t0.elapsed() > DEADLINE {
-            let seen: Vec<String> = nodes
-                .iter()
-                .zip(&statuses)
-                .map(|(p, s)| format!("{}: {} events, {}", p.name, s["events"], s["state_hash"]))
-                .collect();
-            panic!(
-                "no convergence to {events} events within {DEADLINE:?}: {seen:?}; stderr of {}:\n{}",
-                nodes[0].name,
-                tail(&nodes[0].log, 30)
-            );
-        }
-        thread::sleep(POLL);
-    }
 }
 
 #[test]
@@ -133,9 +99,9 @@ fn a_fast_and_a_slow_clock_do_not_drag_the_honest_nodes() {
     );
     let s1 = write(&s, 1);
     assert!(hlc_ms(&s1["hlc"]) <= t0 - HOUR_MS + 60_000, "{s1} at {t0}");
-    converge(&all, 2);
+    converge_to(&all, 2);
     let f2 = write(&f, 2);
-    converge(&all, 3);
+    converge_to(&all, 3);
 
     // The honest nodes hold the fast node's events, but their new events
     // carry their own wall time, not the fast node's hour.
@@ -163,9 +129,9 @@ fn a_fast_and_a_slow_clock_do_not_drag_the_honest_nodes() {
             "slow: new event at hlc ms {ms}, wall time {before}: {e}"
         );
         events += 1;
-        converge(&all, events);
+        converge_to(&all, events);
     }
-    let hash = converge(&all, events);
+    let hash = converge_to(&all, events);
     eprintln!("converged: {events} events, state hash {hash}");
 
     // Status lists the fast node's events at every honest node: how many,

@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::server::{agent, init, post, tail, Opts, Proc, DEADLINE};
+use common::server::{agent, copy_dir, init, post, tail, Opts, Proc, DEADLINE};
 use serde_json::{json, Value};
 use weftlog::node::Node;
 use weftlog_proto::state::Draft;
@@ -1773,7 +1773,7 @@ fn a_desk_restored_from_a_copy_forks_and_the_cluster_converges() {
     converge(&[&a, &b, &c], Some(1), "first event");
     // The backup, taken while A runs.
     let backup = tmp.path().join("a-backup");
-    copy_tree(&da, &backup);
+    copy_dir(&da, &backup);
     for i in 0..2 {
         a.append(
             "attendee/1",
@@ -1783,7 +1783,7 @@ fn a_desk_restored_from_a_copy_forks_and_the_cluster_converges() {
     converge(&[&a, &b, &c], Some(3), "A's two later events");
     a.sigkill();
     fs::remove_dir_all(&da).unwrap();
-    copy_tree(&backup, &da);
+    copy_dir(&backup, &da);
     // Offline: no peer reachable (the others never dial A).
     let mut a = Proc::start("a", &da, Opts::default());
     let offline = a.append(
@@ -1833,18 +1833,4 @@ fn a_desk_restored_from_a_copy_forks_and_the_cluster_converges() {
     );
     assert_eq!(again["seq"], 4, "{again}");
     converge(&[&a, &b, &c], Some(6), "A's append after a restart");
-}
-
-/// Copies a directory tree (files and subdirectories).
-fn copy_tree(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &target);
-        } else {
-            fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }

@@ -12,15 +12,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::server::{init, tail, Opts, Proc, DEADLINE};
+use common::server::{converge_to, init, Opts, Proc};
 use common::{fails, weftlog};
-
-const POLL: Duration = Duration::from_millis(50);
 
 fn members_file(path: &Path, ids: &[&str]) {
     let mut text = String::from("# desks\n");
@@ -67,35 +63,6 @@ fn import(p: &Proc, query: &str, file: &Path) -> (u16, Value) {
     let code = r.status().as_u16();
     let text = r.body_mut().read_to_string().unwrap();
     (code, serde_json::from_str(&text).unwrap())
-}
-
-/// Waits until every node holds `events` events and all state hashes are
-/// equal.
-fn converge(nodes: &[&Proc], events: u64) {
-    let t0 = Instant::now();
-    loop {
-        let statuses: Vec<Value> = nodes.iter().map(|p| p.status()).collect();
-        let hashes: BTreeSet<&str> = statuses
-            .iter()
-            .map(|s| s["state_hash"].as_str().unwrap())
-            .collect();
-        if hashes.len() == 1 && statuses.iter().all(|s| s["events"] == events) {
-            return;
-        }
-        if t0.elapsed() > DEADLINE {
-            let seen: Vec<String> = nodes
-                .iter()
-                .zip(&statuses)
-                .map(|(p, s)| format!("{}: {} events", p.name, s["events"]))
-                .collect();
-            panic!(
-                "no convergence to {events} events: {seen:?}; stderr of {}:\n{}",
-                nodes[1].name,
-                tail(&nodes[1].log, 30)
-            );
-        }
-        thread::sleep(POLL);
-    }
 }
 
 /// The authors `GET /v1/log` marks `non_member`, and the authors of all
@@ -167,7 +134,7 @@ fn events_by_non_members_are_stored_forwarded_and_marked_both_ways() {
         },
     );
     a.append("desk/a", serde_json::json!({ "kind": "Opened" }));
-    converge(&[&a, &b, &c], 1);
+    converge_to(&[&a, &b, &c], 1);
     assert_eq!(non_members(&a), None, "a has no list");
     assert_eq!(non_members(&b), Some((BTreeSet::new(), 0)));
 
@@ -176,7 +143,7 @@ fn events_by_non_members_are_stored_forwarded_and_marked_both_ways() {
     let (code, v) = import(&a, "", &x_file);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["imported"], 2);
-    converge(&[&a, &b, &c], 3);
+    converge_to(&[&a, &b, &c], 3);
     let only_x: BTreeSet<String> = [x.clone()].into();
     for p in [&b, &c] {
         let (marked, all) = marks(p);
@@ -200,7 +167,7 @@ fn events_by_non_members_are_stored_forwarded_and_marked_both_ways() {
     let (code, v) = import(&b, "?allow_non_members=true", &y_file);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["imported"], 3);
-    converge(&[&a, &b, &c], 6);
+    converge_to(&[&a, &b, &c], 6);
     let x_and_y: BTreeSet<String> = [x.clone(), y.clone()].into();
     for p in [&b, &c] {
         assert_eq!(marks(p).0, x_and_y, "{}", p.name);

@@ -9,57 +9,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::server::{init, post, tail, Opts, Proc, DEADLINE};
-
-const POLL: Duration = Duration::from_millis(50);
-
-/// Copies a directory tree (a backup taken while the node runs).
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
-
-/// Waits until every node holds `events` events with one state hash.
-fn converge(nodes: &[&Proc], events: u64) {
-    let t0 = Instant::now();
-    loop {
-        let statuses: Vec<Value> = nodes.iter().map(|p| p.status()).collect();
-        let hashes: BTreeSet<&str> = statuses
-            .iter()
-            .map(|s| s["state_hash"].as_str().unwrap())
-            .collect();
-        if hashes.len() == 1 && statuses.iter().all(|s| s["events"] == events) {
-            return;
-        }
-        if t0.elapsed() > DEADLINE {
-            let seen: Vec<String> = nodes
-                .iter()
-                .zip(&statuses)
-                .map(|(p, s)| format!("{}: {} events", p.name, s["events"]))
-                .collect();
-            panic!(
-                "no convergence to {events} events: {seen:?}; stderr of {}:\n{}",
-                nodes[0].name,
-                tail(&nodes[0].log, 30)
-            );
-        }
-        thread::sleep(POLL);
-    }
-}
+use common::server::{converge_to, copy_dir, init, post, tail, Opts, Proc};
 
 fn sale(p: &Proc, n: u64) -> Value {
     p.append("desk/a", json!({ "kind": "Sold", "set": { "n": n } }))
@@ -91,7 +46,7 @@ fn a_restored_node_takes_its_own_events_back_before_it_appends() {
     );
     assert_eq!(sale(&a, 1)["seq"], 1);
     assert_eq!(sale(&a, 2)["seq"], 2);
-    converge(&[&a, &b, &c], 2);
+    converge_to(&[&a, &b, &c], 2);
     let s = a.status();
     assert_eq!(s["own_frontier"]["confirmed"], true, "{s}");
 
@@ -100,7 +55,7 @@ fn a_restored_node_takes_its_own_events_back_before_it_appends() {
     copy_dir(&da, &backup);
     assert_eq!(sale(&a, 3)["seq"], 3);
     assert_eq!(sale(&a, 4)["seq"], 4);
-    converge(&[&a, &b, &c], 4);
+    converge_to(&[&a, &b, &c], 4);
 
     // A's disk is lost; the backup comes back. Its peers keep it out for
     // a moment, so that an append surely arrives before any round.
@@ -123,7 +78,7 @@ fn a_restored_node_takes_its_own_events_back_before_it_appends() {
     let (code, e) = append.join().unwrap();
     assert_eq!(code, 201, "{e}");
     assert_eq!(e["seq"], 5, "appended after its own events taken back: {e}");
-    converge(&[&a, &b, &c], 5);
+    converge_to(&[&a, &b, &c], 5);
     let s = a.status();
     let own = &s["own_frontier"];
     assert_eq!(own["confirmed"], true, "{s}");

@@ -324,3 +324,48 @@ pub fn init(dir: &Path) -> String {
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     v["node"].as_str().unwrap().to_string()
 }
+
+/// Waits (polling every 50 ms, up to [`DEADLINE`]) until every node holds
+/// `events` events and all state hashes are equal; returns the hash.
+pub fn converge_to(nodes: &[&Proc], events: u64) -> String {
+    let t0 = Instant::now();
+    loop {
+        let statuses: Vec<Value> = nodes.iter().map(|p| p.status()).collect();
+        let hashes: BTreeSet<&str> = statuses
+            .iter()
+            .map(|s| s["state_hash"].as_str().unwrap())
+            .collect();
+        if hashes.len() == 1 && statuses.iter().all(|s| s["events"] == events) {
+            return hashes.into_iter().next().unwrap().to_string();
+        }
+        if t0.elapsed() > DEADLINE {
+            let mut msg = format!("no convergence to {events} events:\n");
+            for (p, s) in nodes.iter().zip(&statuses) {
+                msg.push_str(&format!(
+                    "{}: {} events, hash {}\n--- stderr (tail):\n{}\n",
+                    p.name,
+                    s["events"],
+                    s["state_hash"],
+                    tail(&p.log, 20)
+                ));
+            }
+            panic!("{msg}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Copies a directory tree (files and subdirectories): a data directory's
+/// backup, as an operator takes one.
+pub fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
