@@ -176,7 +176,7 @@ weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.
 const SIM_HELP: &str =
     "Built-in scenarios (simulations/scenarios/*.toml): random, venue, multi-site,\n\
 crash-oneway, rolling, adversary, venue-restore. Without --scenario, all of them\n\
-with their own seeds but venue-restore (restores fork; run it by name).\n\n\
+with their own seeds.\n\n\
 Examples:\n  \
 weftlog simulate                                  every scenario, its CI seeds\n  \
 weftlog simulate --scenario venue --seeds 1..200 --report venue.html\n  \

@@ -173,17 +173,25 @@ pub fn convergence(nodes: &[NodeFinal<'_>]) -> Vec<String> {
                 .iter()
                 .map(|(a, s)| s.saturating_sub(t0.get(a).copied().unwrap_or(0)))
                 .sum();
-            let only =
-                |a: &[(NodeId, u64, EventId)], b: &[(NodeId, u64, EventId)]| -> Vec<String> {
-                    a.iter()
-                        .filter(|h| !b.contains(h))
-                        .map(|(au, s, id)| format!("{}:{s}={}", au.short(), id.short()))
-                        .collect()
-                };
+            // Each head one side lacks, and whether the other holds the
+            // event at all (a head on one side but an inner event on the
+            // other means the two disagree on the chain, not the events).
+            let only = |a: &[(NodeId, u64, EventId)],
+                        b: &[(NodeId, u64, EventId)],
+                        other: &State|
+             -> Vec<String> {
+                a.iter()
+                    .filter(|h| !b.contains(h))
+                    .map(|(au, s, id)| {
+                        let held = if other.contains(id) { " (held)" } else { "" };
+                        format!("{}:{s}={}{held}", au.short(), id.short())
+                    })
+                    .collect()
+            };
             out.push(format!(
                 "node {} and node {} hold different events: node {} lacks {missing} of node {}'s, node {} lacks {extra} (heads only on node {}: {:?}; only on node {}: {:?})",
                 first.ix, n.ix, n.ix, first.ix, first.ix,
-                first.ix, only(&f0, &f), n.ix, only(&f, &f0)
+                first.ix, only(&f0, &f, n.state), n.ix, only(&f, &f0, first.state)
             ));
             continue;
         }

@@ -32,13 +32,6 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
-/// Built-in scenarios left out of the CI seed set ([`Scenario::ci`]) and of
-/// a bare `weftlog simulate`: restores make forks, which do not converge
-/// until the core keeps both branches of a fork. Run them by name
-/// (`--scenario venue-restore`); take a name off this list to put its
-/// seeds in CI.
-pub const FORK_SCENARIOS: &[&str] = &["venue-restore"];
-
 /// Why a scenario could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -799,12 +792,9 @@ impl Scenario {
             .collect()
     }
 
-    /// The built-in scenarios CI runs: all but [`FORK_SCENARIOS`].
+    /// The built-in scenarios CI runs: every one.
     pub fn ci() -> Vec<Scenario> {
         Scenario::builtin()
-            .into_iter()
-            .filter(|s| !FORK_SCENARIOS.contains(&s.name.as_str()))
-            .collect()
     }
 
     /// The seeds of a long run.

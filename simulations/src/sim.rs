@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::log::MemStorage;
 use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
-use weftlog_proto::state::{Invalid, PrepareError};
+use weftlog_proto::state::{Invalid, PrepareError, State};
 use weftlog_proto::sync::{
     decode_message, decode_wire_frame, encode_message, Message, SessionConfig, SyncError,
     MAX_MESSAGE_BYTES,
@@ -231,7 +231,8 @@ struct Partition {
 
 struct Measure {
     heal_at: Us,
-    target: BTreeMap<NodeId, u64>,
+    /// Every head any node advertised at the heal, on every branch.
+    target: BTreeSet<EventId>,
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -1985,18 +1986,29 @@ impl<'a> Sim<'a> {
             self.start_partition(Shape::Isolate, cuts, down + isolate);
             self.fault("restores_isolated");
         }
+        // What each node holds: a node that is down holds what its disk
+        // holds (its memory is gone, and a pending restore has already
+        // replaced the disk).
+        let on_disk: Vec<Option<State>> = (0..self.slots.len())
+            .map(|i| {
+                let n = &self.slots[i].node;
+                (!n.is_up()).then(|| n.reload().map(|(st, _)| st).unwrap_or_default())
+            })
+            .collect();
+        let holds = |i: usize, id: &EventId| match &on_disk[i] {
+            Some(st) => st.contains(id),
+            None => self.slots[i].node.state().contains(id),
+        };
+        // Any acknowledged event this node alone holds, its own or
+        // received: after earlier restores of the others, the only copy
+        // can be here.
         let only_here: BTreeSet<EventId> = self
             .acked
-            .iter()
-            .filter(|(id, (by, _))| {
-                *by == node
-                    && !self
-                        .slots
-                        .iter()
-                        .enumerate()
-                        .any(|(i, s)| i != node && s.node.state().contains(id))
+            .keys()
+            .filter(|id| {
+                holds(node, id) && !(0..self.slots.len()).any(|i| i != node && holds(i, id))
             })
-            .map(|(id, _)| *id)
+            .copied()
             .collect();
         self.crash(node, down);
         let s = &mut self.slots[node];
@@ -2068,13 +2080,12 @@ impl<'a> Sim<'a> {
     }
 
     fn open_measure(&mut self) {
-        let mut target: BTreeMap<NodeId, u64> = BTreeMap::new();
-        for s in &self.slots {
-            for (a, seq) in s.node.signed_heads() {
-                let e = target.entry(a).or_insert(0);
-                *e = (*e).max(seq);
-            }
-        }
+        let target: BTreeSet<EventId> = self
+            .slots
+            .iter()
+            .flat_map(|s| s.node.frontier())
+            .map(|h| h.id)
+            .collect();
         self.measures.push(Measure {
             heal_at: self.now,
             target,
@@ -2086,12 +2097,11 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn reached(&self, target: &BTreeMap<NodeId, u64>) -> bool {
-        self.slots.iter().filter(|s| s.node.is_up()).all(|s| {
-            target
-                .iter()
-                .all(|(a, &seq)| s.node.state().event_id(a, seq).is_some())
-        })
+    fn reached(&self, target: &BTreeSet<EventId>) -> bool {
+        self.slots
+            .iter()
+            .filter(|s| s.node.is_up())
+            .all(|s| target.iter().all(|id| s.node.state().contains(id)))
     }
 
     fn converge_check(&mut self) {
@@ -2135,15 +2145,15 @@ impl<'a> Sim<'a> {
     }
 
     /// Every node up, nothing waiting to be written, and every node's
-    /// durable, advertised frontier the same as its state's and as every
-    /// other node's.
+    /// durable, advertised frontier (every branch head of every author)
+    /// the same as its state's and as every other node's.
     fn quiescent(&self) -> bool {
-        let first = &self.slots[0].node;
+        let first = self.slots[0].node.frontier();
         self.slots.iter().all(|s| {
             s.node.is_up()
                 && !s.node.is_busy()
                 && s.node.durable_len() == s.node.state().len()
-                && s.node.signed_heads() == first.signed_heads()
+                && s.node.frontier() == first
         })
     }
 

@@ -1,12 +1,10 @@
 //! Every built-in scenario over its CI seeds — its long seeds with
 //! `WEFTLOG_SIM_LONG=1` — holds every oracle on every seed, and injects the
-//! faults it is about. CI runs at least 500 seeds in all. The scenarios of
-//! [`FORK_SCENARIOS`] (restores, which fork) are not in that set yet: their
-//! tests are ignored until forks converge (`cargo test -- --ignored`).
+//! faults it is about. CI runs at least 500 seeds in all.
 
 use weftlog_sim::cli::run_seeds;
 use weftlog_sim::report::Summary;
-use weftlog_sim::scenario::{Scenario, BUILTIN, FORK_SCENARIOS};
+use weftlog_sim::scenario::{Scenario, BUILTIN};
 use weftlog_sim::RunOptions;
 
 fn long() -> bool {
@@ -119,12 +117,9 @@ fn a_byzantine_member_and_clock_jumps_neither_fail_nor_split_nor_drag() {
     assert!(s.convergence.count > 0);
 }
 
-/// Restores fork the restored desk's author; the core keeps both branches
-/// and 39 of the 40 seeds pass. Seed 13 ends with one node holding a branch
-/// head another lacks (the tail of the branch the restore abandoned), so
-/// the scenario stays out of CI (see FORK_SCENARIOS) until that is found.
+/// Restores fork the restored desk's author; the core keeps both branches,
+/// every node reports the fork, and every node converges.
 #[test]
-#[ignore = "seed 13 of 40 does not converge: a restored desk's abandoned branch tail stays on one node"]
 fn restored_desks_fork_and_every_node_reports_and_converges() {
     let s = run_scenario("venue-restore");
     assert!(fault(&s, "restores") >= 2 * s.seeds);
@@ -162,9 +157,5 @@ fn ci_covers_at_least_500_seeds_and_every_scenario_file() {
         );
     }
     assert_eq!(Scenario::builtin().len(), BUILTIN.len());
-    assert_eq!(
-        Scenario::ci().len() + FORK_SCENARIOS.len(),
-        BUILTIN.len(),
-        "FORK_SCENARIOS names a scenario that is not built in"
-    );
+    assert_eq!(Scenario::ci().len(), BUILTIN.len());
 }
