@@ -326,11 +326,12 @@ impl Summary {
         ];
         if byz.iter().any(|k| f(k) > 0) {
             parts.push(format!(
-                "Byzantine: {} frames sent twice, {} old frames replayed, {} messages reordered, {} swapped",
+                "Byzantine: {} frames sent twice, {} old frames replayed, {} messages reordered, {} swapped; {} of its sessions refused (a run nothing ends)",
                 f(byz[0]),
                 f(byz[1]),
                 f(byz[2]),
-                f(byz[3])
+                f(byz[3]),
+                f("byzantine_sessions_refused")
             ));
         }
         (!parts.is_empty()).then(|| parts.join("; "))

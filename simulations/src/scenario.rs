@@ -273,9 +273,11 @@ pub struct Byzantine {
     pub reorder_same_author: bool,
     /// Let duplicates and replays land while a run of the frame's author
     /// is open in the stream (after an unsigned frame of that author, before
-    /// the signed one that ends the run). Off, only signed frames are sent
-    /// twice or replayed, and only where no run of their author is open:
-    /// receivers refuse the rest today (see the README).
+    /// the signed one that ends the run), and replay unsigned frames. Off,
+    /// only signed frames are sent twice or replayed, and only where no run
+    /// of their author is open. On, a replayed unsigned frame can open a
+    /// run that nothing ends: the receiver refuses that session (counted
+    /// as `byzantine_sessions_refused`; see the README).
     pub open_runs: bool,
 }
 

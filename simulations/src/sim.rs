@@ -1044,6 +1044,21 @@ impl<'a> Sim<'a> {
                 {
                     let peer = self.ids.iter().position(|i| *i == peer);
                     let peer = peer.unwrap_or(usize::MAX);
+                    let byzantine = self.sc.byzantine.nodes.contains(&peer);
+                    let local = matches!(
+                        error,
+                        SyncError::LocalMissing { .. }
+                            | SyncError::LocalUnsigned { .. }
+                            | SyncError::LocalFrontierTooLarge { .. }
+                    );
+                    if byzantine && !local {
+                        // A rewritten stream the receiver refuses (a run
+                        // a replayed unsigned frame opened and nothing
+                        // ends): the session ends, the peer redials, and
+                        // the oracles say whether anything was lost.
+                        self.fault("byzantine_sessions_refused");
+                        continue;
+                    }
                     self.violation(
                         "session",
                         format!("node {node}'s session with node {peer} failed: {error}"),
@@ -1105,7 +1120,14 @@ impl<'a> Sim<'a> {
                 self.pair_conns.remove(&key);
             }
         }
-        self.fault(&format!("connections_closed_{}", why.replace(' ', "_")));
+        // Policy reasons are short phrases; a session error names events,
+        // and is counted under one key (the error itself is traced).
+        let kind = if why.len() <= 48 && !why.contains(['(', ':']) {
+            why.replace(' ', "_")
+        } else {
+            "a_session_error".to_string()
+        };
+        self.fault(&format!("connections_closed_{kind}"));
         self.byz_held.retain(|(c, _), _| *c != conn);
         self.byz_open.retain(|(c, _), _| *c != conn);
         let now = ms(self.now);

