@@ -1522,6 +1522,9 @@ pub struct Session {
     /// Per author, received events no signature covers yet: chains (more
     /// than one only while a forked author's branches cross).
     runs: BTreeMap<NodeId, Vec<Vec<Pending>>>,
+    /// The ids of every event in `runs`: "is it in an open run?" without
+    /// a scan (a hostile peer may hold up to the pending limit open).
+    run_ids: BTreeSet<EventId>,
     /// Events and bytes in `runs`.
     run_events: usize,
     run_bytes: usize,
@@ -1588,6 +1591,7 @@ impl Session {
             sent_done: false,
             got_done: false,
             runs: BTreeMap::new(),
+            run_ids: BTreeSet::new(),
             run_events: 0,
             run_bytes: 0,
             pooled: (0, 0),
@@ -2043,6 +2047,7 @@ impl Session {
         self.cursors.clear();
         self.heap.clear();
         self.runs.clear();
+        self.run_ids.clear();
         self.run_events = 0;
         self.run_bytes = 0;
         self.announce.clear();
@@ -2537,13 +2542,7 @@ impl Session {
             offset += used;
             index += 1;
             self.stats.events_received += 1;
-            let in_run = |runs: &BTreeMap<NodeId, Vec<Vec<Pending>>>| {
-                peek_dot(bytes).is_some_and(|(a, _)| {
-                    runs.get(&a)
-                        .is_some_and(|rs| rs.iter().flatten().any(|p| p.id == id))
-                })
-            };
-            if in_run(&self.runs) {
+            if self.run_ids.contains(&id) {
                 // Sent again while its run is still open here.
                 self.stats.duplicates += 1;
                 dups += 1;
@@ -2595,9 +2594,7 @@ impl Session {
                     // Its prev may sit inside another open run (a branch
                     // leaving it): it then waits in the pool for that run.
                     let held = event.prev.is_none_or(|p| {
-                        store.contains(&p)
-                            || pool.contains(&p)
-                            || runs.iter().flatten().any(|q| q.id == p)
+                        store.contains(&p) || pool.contains(&p) || self.run_ids.contains(&p)
                     });
                     if !held {
                         if let Some(last) = runs.iter().filter_map(|r| r.last()).next() {
@@ -2637,6 +2634,7 @@ impl Session {
             fresh += 1;
             let signed = sig.is_some();
             let runs = self.runs.entry(author).or_default();
+            self.run_ids.insert(id);
             runs[run_ix].push(Pending {
                 event,
                 id,
@@ -2651,6 +2649,9 @@ impl Session {
                 let run = runs.swap_remove(run_ix);
                 if runs.is_empty() {
                     self.runs.remove(&author);
+                }
+                for p in &run {
+                    self.run_ids.remove(&p.id);
                 }
                 self.run_events -= run.len();
                 self.run_bytes -= run.iter().map(|p| p.bytes.len()).sum::<usize>();
@@ -2684,6 +2685,7 @@ impl Session {
                 released = true;
             }
         }
+        debug_assert_eq!(self.run_ids.len(), self.run_events, "run_ids indexes runs");
         if released {
             self.drain(store, pool)?;
         }
@@ -2726,9 +2728,13 @@ impl Session {
             return;
         };
         let mut dropped = (0, 0);
+        let ids = &mut self.run_ids;
         runs.retain(|r| {
             let held = r.last().is_some_and(|l| store.contains(&l.id));
             if held {
+                for p in r {
+                    ids.remove(&p.id);
+                }
                 dropped.0 += r.len();
                 dropped.1 += r.iter().map(|p| p.bytes.len()).sum::<usize>();
             }
