@@ -129,10 +129,7 @@ pub fn lacking(state: &State, ours: &[Head], theirs: &[Head]) -> Result<Vec<Span
                 });
             }
         }
-        by_author
-            .entry(h.author)
-            .or_default()
-            .insert((h.seq, h.id));
+        by_author.entry(h.author).or_default().insert((h.seq, h.id));
     }
     let mut ours: Vec<Head> = ours.to_vec();
     ours.sort_unstable();
@@ -288,10 +285,18 @@ mod tests {
         let mut a = Desk::new(1);
         let ids = a.append(5);
         // Equal: nothing.
-        assert!(lacking(&a.state, &a.heads(), &a.heads()).unwrap().is_empty());
+        assert!(lacking(&a.state, &a.heads(), &a.heads())
+            .unwrap()
+            .is_empty());
         // Nothing given: everything from seq 1.
         let all = lacking(&a.state, &a.heads(), &[]).unwrap();
-        assert_eq!(all, vec![Span { head: a.heads()[0], from: 1 }]);
+        assert_eq!(
+            all,
+            vec![Span {
+                head: a.heads()[0],
+                from: 1
+            }]
+        );
         // A head of another author changes nothing of ours.
         let mut b = Desk::new(2);
         b.append(1);
@@ -327,7 +332,9 @@ mod tests {
         // (not held): ours, x's chain, is all held there.
         let mut both = x.state.clone();
         take(&mut both, &y, &y.heads()[0]);
-        assert!(lacking(&x.state, &x.heads(), &heads(&both)).unwrap().is_empty());
+        assert!(lacking(&x.state, &x.heads(), &heads(&both))
+            .unwrap()
+            .is_empty());
         // The other holds x's chain up to 3 and y's branch: it lacks 4, 5,
         // found exactly through the held head.
         let mut other = y.state.clone();
@@ -365,7 +372,9 @@ mod tests {
         // The other holds y's branch: it lacks x's above the shared 2.
         let got = selected(&both, &ours, &y.heads());
         assert_eq!(got, xs.iter().copied().collect());
-        assert!(got.iter().all(|id| !common.contains(id) && !ys.contains(id)));
+        assert!(got
+            .iter()
+            .all(|id| !common.contains(id) && !ys.contains(id)));
         // The other holds x's branch: it lacks y's 3 and 4.
         assert_eq!(
             selected(&both, &ours, &x.heads()),
