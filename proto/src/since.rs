@@ -323,6 +323,32 @@ mod tests {
         assert!(lacking(&a.state, &a.heads(), &ahead.heads())
             .unwrap()
             .is_empty());
+        // The documented cost: if its 5 is on a branch that left ours at
+        // 2 (unseen here), a frontier cannot tell, and our 3 is not sent.
+        let mut base = Desk::new(1);
+        base.append(2);
+        let mut other = base.clone();
+        other.wall += 100;
+        other.append(3);
+        let ours = a.heads();
+        assert!(lacking(&a.state, &ours, &other.heads()).unwrap().is_empty());
+        // Once it names two heads, one we hold (the fork known there), the
+        // unheld one counts for nothing and the held one says what it has.
+        let two = [a.state.chain_id(&ours[0].id, 2).map(|id| Head {
+            author: a.author,
+            seq: 2,
+            id,
+        })];
+        let mut theirs: Vec<Head> = two.into_iter().flatten().collect();
+        theirs.extend(other.heads());
+        assert_eq!(
+            lacking(&a.state, &ours, &theirs).unwrap(),
+            vec![Span {
+                head: ours[0],
+                from: 3
+            }],
+            "the held head gives the divergence exactly"
+        );
     }
 
     #[test]
