@@ -2,7 +2,6 @@
 //! object, or one object per line for lists); errors go to stderr as one
 //! sentence with a non-zero exit code, and nothing is written.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -13,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 use weftlog_proto::peers::PeersConfig;
 use weftlog_proto::state::Draft;
-use weftlog_proto::{Hlc, Meta, NodeId, Op, State};
+use weftlog_proto::{Hlc, Meta, Op, State};
 
 use crate::json;
 use crate::node::{self, Node};
@@ -105,6 +104,18 @@ pub enum Command {
         members: Option<PathBuf>,
     },
     /// Write the events another node lacks (or all of them) to a file.
+    ///
+    /// The other node's `status` output names its branch heads: per author
+    /// in `frontier`, its `seq` and `head`, or each of its `branches` if the
+    /// author forked. For each branch head of this node, the file holds the
+    /// chain ending there above the highest seq it shares with the other's
+    /// heads of that author, each chain up to its last signed event: what
+    /// the other lacks, on every branch. A head this node does not hold is
+    /// taken to be ahead on the same chain if the author is not known to
+    /// fork; of an author that forked, this node cannot tell where that
+    /// head's chain leaves its own, so it sends that author's branches from
+    /// seq 1 (the import counts what it held as duplicates). A head naming
+    /// an event this node holds at another seq is refused.
     Export {
         /// The other node's `weftlog status` output; without it, export all.
         #[arg(long, value_name = "FRONTIER_FILE")]
@@ -512,8 +523,9 @@ fn print(out: &mut impl Write, v: &Value) -> Result<()> {
     Ok(())
 }
 
-/// The frontier in a file holding another node's `status` output.
-fn read_frontier(path: &Path) -> Result<BTreeMap<NodeId, u64>> {
+/// The branch heads in a file holding another node's `status` output
+/// ([`json::heads_of`]).
+fn read_frontier(path: &Path) -> Result<Vec<weftlog_proto::sync::Head>> {
     let text =
         fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
@@ -522,27 +534,7 @@ fn read_frontier(path: &Path) -> Result<BTreeMap<NodeId, u64>> {
             path.display()
         )
     })?;
-    frontier_of(&v).with_context(|| path.display().to_string())
-}
-
-/// The frontier (author → seq) in another node's `status` output.
-pub fn frontier_of(v: &Value) -> Result<BTreeMap<NodeId, u64>> {
-    let f = v
-        .get("frontier")
-        .and_then(Value::as_object)
-        .ok_or_else(|| {
-            anyhow!("no \"frontier\" object; pass another node's `weftlog status` output")
-        })?;
-    f.iter()
-        .map(|(author, e)| {
-            let a: NodeId = author.parse()?;
-            let seq = e
-                .get("seq")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| anyhow!("frontier entry {author} has no numeric \"seq\""))?;
-            Ok((a, seq))
-        })
-        .collect()
+    json::heads_of(&v).with_context(|| path.display().to_string())
 }
 
 /// The lines `log` prints: events in canonical order, one JSON object per
@@ -760,7 +752,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 Target::Local(node) => {
                     let since = match &since {
                         Some(p) => read_frontier(p)?,
-                        None => BTreeMap::new(),
+                        None => Vec::new(),
                     };
                     node.export(&since)?
                 }

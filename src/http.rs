@@ -37,7 +37,7 @@ use weftlog_proto::{Event, Hlc, Meta, NodeId, Op};
 
 use crate::daemon::Daemon;
 use crate::json;
-use crate::node::{AppendError, Committed, NodeImportError};
+use crate::node::{AppendError, Committed, ExportError, NodeImportError};
 use crate::tls::Members;
 
 /// Largest request body: an export file up to the import limit.
@@ -271,17 +271,21 @@ async fn status(AxState(d): Shared) -> Json<Value> {
 
 async fn export(AxState(d): Shared, body: Bytes) -> Result<Response, ApiError> {
     let since = if body.iter().all(u8::is_ascii_whitespace) {
-        BTreeMap::new()
+        Vec::new()
     } else {
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad(format!("the body is not a status JSON: {e}")))?;
-        crate::cli::frontier_of(&v).map_err(|e| ApiError::bad(e.to_string()))?
+        json::heads_of(&v).map_err(|e| ApiError::bad(format!("{e:#}")))?
     };
     let node = d.node().clone();
     let (data, n) = tokio::task::spawn_blocking(move || node.export(&since))
         .await
         .map_err(internal)?
-        .map_err(internal)?;
+        .map_err(|e| match e {
+            // The heads contradict what this node holds: the caller's input.
+            ExportError::Since(e) => ApiError::bad(format!("the other node's frontier: {e}")),
+            e => internal(e),
+        })?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),

@@ -1,10 +1,13 @@
 //! The JSON the CLI prints (and the HTTP API will serve). Objects are
 //! `serde_json::Map`s, which keep keys sorted, so output is deterministic.
 
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
+use weftlog_proto::since::MAX_SINCE_HEADS;
 use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
-use weftlog_proto::{Dot, Event, EventId, Op, State};
+use weftlog_proto::sync::Head;
+use weftlog_proto::{Dot, Event, EventId, NodeId, Op, State};
 
 use crate::node::{Appended, OwnFrontier};
 use crate::tls::Members;
@@ -265,6 +268,72 @@ pub fn conflicts(state: &State) -> Vec<Value> {
         .conflicts()
         .map(|(s, f, w)| json!({ "stream": s, "field": f, "values": conflict_values(w) }))
         .collect()
+}
+
+/// Every branch head in another node's `status` output ([`status_at`]):
+/// per author in `"frontier"`, each of its `"branches"` (`{"seq","head"}`)
+/// if it lists them (an author that forked), else its own `"seq"` and
+/// `"head"`. Ascending by `(author, seq, id)`. Refuses what is not that
+/// shape, naming the entry: no `"frontier"` object, an author or id that
+/// does not parse, a seq that is not a positive integer, a top-level head
+/// missing from the author's branches, more than [`MAX_SINCE_HEADS`] heads.
+pub fn heads_of(v: &Value) -> Result<Vec<Head>> {
+    let f = v
+        .get("frontier")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            anyhow!("no \"frontier\" object; pass another node's `weftlog status` output")
+        })?;
+    let mut out = Vec::new();
+    for (name, entry) in f {
+        let author: NodeId = name
+            .parse()
+            .map_err(|e| anyhow!("frontier entry {name:?}: not a node id ({e})"))?;
+        let top = head_of(author, entry).with_context(|| format!("frontier entry {name}"))?;
+        match entry.get("branches") {
+            None => out.push(top),
+            Some(b) => {
+                let b = b.as_array().ok_or_else(|| {
+                    anyhow!("frontier entry {name}: \"branches\" is not an array")
+                })?;
+                let mut found = false;
+                for (i, branch) in b.iter().enumerate() {
+                    let h = head_of(author, branch)
+                        .with_context(|| format!("frontier entry {name}, branch {i}"))?;
+                    found |= h == top;
+                    out.push(h);
+                    if out.len() > MAX_SINCE_HEADS {
+                        break;
+                    }
+                }
+                if !found {
+                    bail!("frontier entry {name}: its \"head\" is not among its \"branches\"");
+                }
+            }
+        }
+        if out.len() > MAX_SINCE_HEADS {
+            bail!("the frontier names more than {MAX_SINCE_HEADS} heads");
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// One `{"seq","head"}` object of a frontier entry.
+fn head_of(author: NodeId, v: &Value) -> Result<Head> {
+    let seq = v
+        .get("seq")
+        .and_then(Value::as_u64)
+        .filter(|&s| s > 0)
+        .ok_or_else(|| anyhow!("no positive integer \"seq\""))?;
+    let id: EventId = v
+        .get("head")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("no \"head\" (the id of the event at that seq)"))?
+        .parse()
+        .map_err(|e| anyhow!("\"head\" is not an event id ({e})"))?;
+    Ok(Head { author, seq, id })
 }
 
 /// The output of `status`, at this host's wall time ([`status_at`]).

@@ -53,7 +53,7 @@
 //! lose only unacknowledged events.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -68,7 +68,9 @@ use weftlog_proto::event::{Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
 use weftlog_proto::log::{self, Log, OpenError, Recovery};
 use weftlog_proto::replica::{self, Access, Batch, Mark, Replica, ReplicaStore};
+use weftlog_proto::since::SinceError;
 use weftlog_proto::state::{Draft, PrepareError, State};
+use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, NodeId};
 
 use crate::storage::{sync_dir, FileStorage};
@@ -181,6 +183,27 @@ pub enum NodeImportError {
     NonMembers(Vec<NodeId>),
 }
 
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// The other node's heads were refused (a contradiction or a limit):
+    /// nothing was written.
+    #[error("the other node's frontier: {0}")]
+    Since(#[from] SinceError),
+    /// The log could not be read.
+    #[error(transparent)]
+    Log(#[from] OpenError),
+    /// A log record is not the event the replica indexed there.
+    #[error("log record {record} is not event {id} as indexed")]
+    Mismatch {
+        /// The record index.
+        record: u64,
+        /// The event the replica indexed at it.
+        id: EventId,
+    },
+}
+
 fn plural(n: usize, one: &str, many: &str) -> String {
     if n == 1 {
         one.to_string()
@@ -206,7 +229,7 @@ pub struct Committed {
     /// Per author, the highest seq in the batch that carries a signature,
     /// ascending by author: what sync sessions may now push
     /// ([`Session::handle_stored`](weftlog_proto::sync::Session::handle_stored)).
-    pub heads: Vec<weftlog_proto::sync::Head>,
+    pub heads: Vec<Head>,
     /// The batch's events in log order: `(id, encoded event)`.
     pub events: Vec<(EventId, Vec<u8>)>,
 }
@@ -573,34 +596,51 @@ impl Node {
         })
     }
 
-    /// An export file holding every event past `since` (author → seq; all
-    /// events when empty), each author's run ending at its last signed
-    /// event, with the signatures the log holds.
-    pub fn export(&self, since: &BTreeMap<NodeId, u64>) -> Result<(Vec<u8>, usize), OpenError> {
-        // Per author: the seq of its last signed record. A run is exported
-        // up to it: a receiver must be able to authenticate every event.
-        let mut signed: BTreeMap<NodeId, u64> = BTreeMap::new();
+    /// An export file holding every event a node whose branch heads are
+    /// `since` lacks (all events when empty), each chain ending at its last
+    /// signed event, with the signatures the log holds, in log order. The
+    /// rule is [`since::lacking`](weftlog_proto::since::lacking)'s
+    /// ([`Replica::export_records`]); the count is the events written.
+    pub fn export(&self, since: &[Head]) -> Result<(Vec<u8>, usize), ExportError> {
+        // Chosen under the state lock, read after it: appends may go on.
+        let records = self.lock().replica.export_records(since)?;
+        let mut wanted = records.into_iter().peekable();
         let mut out = Vec::new();
+        let mut record = 0u64;
+        let mut mismatch = None;
         let mut log = self.inner.log.lock().expect("log lock poisoned");
         log.scan(|frame| {
+            let index = record;
+            record += 1;
+            let Some(&(at, id)) = wanted.peek() else {
+                return Ok(());
+            };
+            if at != index {
+                return Ok(());
+            }
+            wanted.next();
+            if frame.id != id {
+                mismatch.get_or_insert(ExportError::Mismatch { record: at, id });
+                return Ok(());
+            }
             let e = Event::decode_trusted(frame.bytes).map_err(|e| e.to_string())?;
-            if frame.sig.is_some() {
-                signed.insert(e.author, e.seq);
-            }
-            if e.seq > since.get(&e.author).copied().unwrap_or(0) {
-                out.push(Outgoing {
-                    bytes: frame.bytes.to_vec(),
-                    id: frame.id,
-                    author: e.author,
-                    seq: e.seq,
-                    hlc: e.hlc,
-                    sig: frame.sig,
-                });
-            }
+            out.push(Outgoing {
+                bytes: frame.bytes.to_vec(),
+                id: frame.id,
+                author: e.author,
+                seq: e.seq,
+                hlc: e.hlc,
+                sig: frame.sig,
+            });
             Ok(())
         })?;
         drop(log);
-        out.retain(|o| signed.get(&o.author).is_some_and(|&s| o.seq <= s));
+        if let Some(e) = mismatch {
+            return Err(e);
+        }
+        if let Some((record, id)) = wanted.next() {
+            return Err(ExportError::Mismatch { record, id });
+        }
         let n = out.len();
         Ok((exchange::write_export(out), n))
     }

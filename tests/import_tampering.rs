@@ -576,16 +576,21 @@ fn forged_and_oversized_events_are_refused() {
         ],
     );
 
-    // Two signed events with the same seq: a fork.
+    // Two events with the same seq (a fork, which a file may carry: both
+    // branches are valid history), one of them unsigned: that branch is
+    // not authenticated.
     let a = event(mallory.node_id(), 1, None, hlc, vec![]);
     let mut b = a.clone();
     b.kind = "Other".into();
-    let (ab, asig, _) = signed(&a, &mallory);
-    let (bb, bsig, _) = signed(&b, &mallory);
+    let (ab, asig, aid) = signed(&a, &mallory);
+    let (bb, bid) = b.seal();
+    let mut fork = vec![(aid, (ab, asig)), (bid, (bb, None))];
+    fork.sort_by_key(|(id, _)| *id);
+    let fork: Vec<_> = fork.into_iter().map(|(_, r)| r).collect();
     s.refused(
-        "equivocation",
-        &file_of(&[(ab, asig), (bb, bsig)]),
-        &["equivocation"],
+        "unsigned-branch",
+        &file_of(&fork),
+        &["not signed", &bid.to_string()],
     );
 
     // A run whose last event is unsigned, even if an earlier one is signed.

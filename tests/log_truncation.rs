@@ -533,7 +533,7 @@ fn with_imported_batch() -> WithBatch {
     let other_ids: Vec<EventId> = (0..4)
         .map(|i| o.append(draft(50 + i)).unwrap().id)
         .collect();
-    let (file, n) = o.export(&Default::default()).unwrap();
+    let (file, n) = o.export(&[]).unwrap();
     assert_eq!(n, 4);
     let (a, _) = open(&b.dir).unwrap();
     let r = a.import(&only_last_signed(&file)).unwrap();

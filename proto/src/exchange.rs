@@ -3,9 +3,9 @@
 //! An export file is a 16-byte header (magic `weftexp\0`, version) followed by
 //! log frames (see [`crate::log`]) in canonical order, ascending
 //! `(hlc, author, seq)`, which is a linear extension of causality. For each
-//! author, the file holds a contiguous run of its chain, and the last event
-//! of each run carries the author's signature, which covers the run through
-//! `prev`. Earlier events carry the signatures the log stored for them (the
+//! author, the file holds a contiguous run of its chain (or, of an author
+//! that forked, runs of its branches), and the last event of each run
+//! carries the author's signature, which covers the run through `prev`. Earlier events carry the signatures the log stored for them (the
 //! ends of the author's group commits), so a run never has to be held whole
 //! before it can be checked, and every signature present is verified.
 //!
@@ -105,7 +105,8 @@ pub struct Outgoing {
 }
 
 /// Writes an export file of `events`, with the signatures given. Each
-/// author's events must be a contiguous run ending at a signed event.
+/// author's events must be a contiguous run (or, of an author that forked,
+/// runs of its branches), each ending at a signed event.
 ///
 /// # Panics
 /// If an author's last event has no signature (callers check this first:
@@ -204,47 +205,31 @@ pub(crate) fn peek_dot(bytes: &[u8]) -> Option<(NodeId, u64)> {
     Some((author, seq))
 }
 
-/// Checks each author's run in `items`: contiguous seqs linked by `prev`,
-/// every signature present verifying, and the last event signed. Sorts
-/// `items` into canonical order.
+/// Checks each author's chains in `items` and sorts `items` into canonical
+/// order. An author with one event per seq in the file: a contiguous run,
+/// seqs linked by `prev`. An author that forked (two events at one seq,
+/// possible only when the file carries both branches): runs of its chains,
+/// each event whose `prev` is in the file one seq above it, and every run's
+/// end (an event no other in the file continues) signed, so that every
+/// event is covered by a signature through `prev`; where a run starts, the
+/// importer's state checks that it holds the `prev`. Either way every
+/// signature present must verify and an author's last event be signed.
 pub fn authenticate(items: &mut [Incoming]) -> Result<(), ImportError> {
-    items.sort_unstable_by_key(|i| (i.event.author, i.event.seq));
+    items.sort_unstable_by_key(|i| (i.event.author, i.event.seq, i.id));
     let mut i = 0;
     while i < items.len() {
         let author = items[i].event.author;
         let mut j = i;
         while j + 1 < items.len() && items[j + 1].event.author == author {
-            let (a, b) = (&items[j], &items[j + 1]);
-            if b.event.seq == a.event.seq {
-                return Err(ImportError::event(
-                    b,
-                    format!(
-                        "equivocation: the file holds two events with seq {}",
-                        b.event.seq
-                    ),
-                ));
-            }
-            if b.event.seq != a.event.seq + 1 {
-                return Err(ImportError::event(
-                    b,
-                    format!(
-                        "chain gap: the author's previous event in the file is seq {}",
-                        a.event.seq
-                    ),
-                ));
-            }
-            if b.event.prev != Some(a.id) {
-                return Err(ImportError::event(
-                    b,
-                    format!(
-                        "broken chain: prev is not the id of seq {} in the file",
-                        a.event.seq
-                    ),
-                ));
-            }
             j += 1;
         }
-        for item in &items[i..=j] {
+        let run = &items[i..=j];
+        if run.windows(2).any(|w| w[0].event.seq == w[1].event.seq) {
+            check_branches(run)?;
+        } else {
+            check_run(run)?;
+        }
+        for item in run {
             if let Some(sig) = &item.sig {
                 verify(&author, &item.id, sig).map_err(|e| ImportError::event(item, e))?;
             }
@@ -257,8 +242,69 @@ pub fn authenticate(items: &mut [Incoming]) -> Result<(), ImportError> {
         }
         i = j + 1;
     }
-    items.sort_unstable_by_key(|i| (i.event.hlc, i.event.author, i.event.seq));
+    items.sort_unstable_by_key(|i| (i.event.hlc, i.event.author, i.event.seq, i.id));
     Ok(())
+}
+
+/// One author's events, ascending by seq, one per seq: contiguous and
+/// linked by `prev`.
+fn check_run(run: &[Incoming]) -> Result<(), ImportError> {
+    for w in run.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if b.event.seq != a.event.seq + 1 {
+            return Err(ImportError::event(
+                b,
+                format!(
+                    "chain gap: the author's previous event in the file is seq {}",
+                    a.event.seq
+                ),
+            ));
+        }
+        if b.event.prev != Some(a.id) {
+            return Err(ImportError::event(
+                b,
+                format!(
+                    "broken chain: prev is not the id of seq {} in the file",
+                    a.event.seq
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One author's events, ascending by `(seq, id)`, holding a fork: each
+/// event whose `prev` is in the file sits one seq above it, and each run's
+/// end is signed.
+fn check_branches(run: &[Incoming]) -> Result<(), ImportError> {
+    let at: BTreeMap<EventId, usize> = run.iter().enumerate().map(|(k, e)| (e.id, k)).collect();
+    let mut continued = vec![false; run.len()];
+    for e in run {
+        let Some(k) = e.event.prev.and_then(|p| at.get(&p).copied()) else {
+            continue;
+        };
+        if e.event.seq != run[k].event.seq + 1 {
+            return Err(ImportError::event(
+                e,
+                format!(
+                    "broken chain: prev is the author's seq {} in the file",
+                    run[k].event.seq
+                ),
+            ));
+        }
+        continued[k] = true;
+    }
+    match run
+        .iter()
+        .zip(&continued)
+        .find(|(e, &c)| !c && e.sig.is_none())
+    {
+        Some((e, _)) => Err(ImportError::event(
+            e,
+            "the last event of one of the author's branches in the file is not signed",
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +364,66 @@ mod tests {
 
     fn refused(data: &[u8]) -> String {
         read_export(data).unwrap_err().to_string()
+    }
+
+    /// An author's event at `seq` after `prev`, `tag` telling branches apart.
+    fn by(key: &Keypair, seq: u64, prev: Option<EventId>, tag: u64, signed: bool) -> Outgoing {
+        let e = Event {
+            version: FORMAT_VERSION,
+            author: key.node_id(),
+            seq,
+            prev,
+            deps: vec![],
+            hlc: Hlc::from_ms(1_700_000_000_000 + 10 * seq + tag),
+            stream: "s".into(),
+            kind: "K".into(),
+            ops: vec![],
+            payload: vec![],
+            meta: Meta::default(),
+        };
+        let (bytes, id) = e.seal();
+        Outgoing {
+            bytes,
+            id,
+            author: e.author,
+            seq,
+            hlc: e.hlc,
+            sig: signed.then(|| key.sign(&id)),
+        }
+    }
+
+    #[test]
+    fn a_file_may_carry_both_branches_of_a_fork_each_ending_signed() {
+        let key = Keypair::from_secret([3; 32]);
+        let c1 = by(&key, 1, None, 0, false);
+        let x2 = by(&key, 2, Some(c1.id), 1, false);
+        let x3 = by(&key, 3, Some(x2.id), 1, true);
+        let y2 = by(&key, 2, Some(c1.id), 2, true);
+        let both = vec![c1.clone(), x2.clone(), x3.clone(), y2.clone()];
+        let mut items = read_export(&write_export(both)).unwrap();
+        authenticate(&mut items).unwrap();
+        assert_eq!(items.len(), 4);
+        // A branch whose end is unsigned is not authenticated, even though
+        // the author's highest event is signed.
+        let y2_unsigned = Outgoing {
+            sig: None,
+            ..y2.clone()
+        };
+        let mut items =
+            read_export(&write_export(vec![c1.clone(), x2.clone(), x3, y2_unsigned])).unwrap();
+        let e = authenticate(&mut items).unwrap_err().to_string();
+        assert!(
+            e.contains("not signed") && e.contains(&y2.id.to_string()),
+            "{e}"
+        );
+        // A run's event must sit one seq above its prev in the file.
+        let skip = by(&key, 3, Some(c1.id), 3, true);
+        let mut items = read_export(&write_export(vec![c1, x2, y2, skip.clone()])).unwrap();
+        let e = authenticate(&mut items).unwrap_err().to_string();
+        assert!(
+            e.contains("broken chain") && e.contains(&skip.id.to_string()),
+            "{e}"
+        );
     }
 
     #[test]

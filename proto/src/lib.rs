@@ -10,6 +10,8 @@
 //! - [`exchange`]: export files and the checks an import makes;
 //! - [`replica`]: one node's state, group commit and durable indexes, and
 //!   the store sync sessions use, without IO;
+//! - [`since`]: what another replica lacks, judged from its branch heads
+//!   (the rule an export file follows);
 //! - [`sync`]: the sync protocol between two replicas, as a state machine;
 //! - [`peers`]: a node's peer policy (connections, dialling, live push along
 //!   a broadcast tree, anti-entropy), as a state machine that owns its sync
@@ -23,6 +25,7 @@ pub mod id;
 pub mod log;
 pub mod peers;
 pub mod replica;
+pub mod since;
 pub mod state;
 pub mod sync;
 

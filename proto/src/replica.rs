@@ -140,6 +140,7 @@ use crate::exchange::{self, Incoming};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
+use crate::since::{self, SinceError};
 use crate::state::{self, Draft, Inserted, Invalid, PrepareError, Slot, State};
 use crate::sync::{self, Head, Pool, Stored};
 
@@ -876,6 +877,30 @@ impl Replica {
             .collect();
         out.sort_unstable();
         out
+    }
+
+    /// The durable log records an export file holds for a replica whose
+    /// branch heads are `theirs` (all of them when empty): the events of
+    /// [`since::lacking`] from this replica's signed durable heads
+    /// ([`Replica::frontier`]), so that each chain ends at a signed event,
+    /// as `(record index, id)` ascending by record (log order, which is
+    /// causal order), each event once.
+    pub fn export_records(&self, theirs: &[Head]) -> Result<Vec<(u64, EventId)>, SinceError> {
+        let spans = since::lacking(&self.state, &self.frontier(), theirs)?;
+        let mut out = BTreeMap::new();
+        for span in spans {
+            for id in span.ids(&self.state) {
+                match self.durable_record_of(&id) {
+                    Some((record, _)) => {
+                        out.insert(record, id);
+                    }
+                    // The log is in causal order: a durable head's chain is
+                    // durable.
+                    None => debug_assert!(false, "a durable head's chain is durable"),
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Queues a new record. `received` for events from peers or files,
