@@ -89,7 +89,10 @@
 //! back by sync are stored like any other. Without peers, or once the wait
 //! passes (a desk offline must keep selling), appends go ahead unconfirmed;
 //! what follows a fork then is the fork handling's. A replica that is never
-//! asked to wait (the simulator's default) never holds an append.
+//! asked to wait never holds an append. The simulator holds its nodes'
+//! commands by the same calls after each restart (not at the first start
+//! of a fresh cluster, which has nothing to learn), for
+//! [`CONFIRM_WAIT_MS`] unless its scenario says otherwise.
 //!
 //! # A batch never ends inside a received run
 //!
@@ -146,6 +149,13 @@ use crate::sync::{self, Head, Pool, Stored};
 /// How long a shell waits, after a write ran out of space, before it tries
 /// the kept batch again ([`Replica::handle_write_full`]).
 pub const DISK_FULL_RETRY_MS: u64 = 500;
+
+/// How long a shell with peers holds appends at start, by default, for a
+/// peer to confirm the own log ([`Replica::await_confirmation`]): many sync
+/// rounds on a LAN, and short enough that a desk cut off from its peers
+/// sells again soon. The node's `--confirm-wait-ms` and the simulator's
+/// `confirm_wait_ms` default to it.
+pub const CONFIRM_WAIT_MS: u64 = 3_000;
 
 /// One node's replica. See the module docs for the model and the order of
 /// calls.

@@ -22,6 +22,12 @@
 //!   the last commit mark cut, the log folded again, each author's last
 //!   signature verified, the clock re-seeded from the largest hlc within
 //!   the horizon of the node's wall time at restart);
+//! - the hold after a restart ([`SimNode::await_confirmation`]): the
+//!   replica's rule (`weftlog_proto::replica`, "A restored node learns its
+//!   own log before it appends") decides whether appends are held
+//!   ([`SimNode::appends_held`]) and when a peer's sync round releases them
+//!   ([`SimNode::handle_own_head`]); the simulator holds the commands that
+//!   arrive meanwhile, as the node's HTTP API holds its requests;
 //! - fault hooks for tests ([`Sabotage`]) that prove the oracles catch a
 //!   broken node.
 //!
@@ -34,7 +40,7 @@ use std::rc::Rc;
 
 use weftlog_proto::event::{Event, Keypair};
 use weftlog_proto::log::{Log, MemStorage, TornTail};
-use weftlog_proto::replica::{AppendError, Batch, Lent, Replica, ReplicaStore};
+use weftlog_proto::replica::{AppendError, Batch, Lent, OwnFrontier, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, Hlc, NodeId};
@@ -208,9 +214,39 @@ impl SimNode {
                 Ok((!a.existing).then_some((a.id, a.seq)))
             }
             Err(AppendError::Refused(e)) => Err(e),
+            // Invariant: the simulator holds commands while
+            // `appends_held` says so, and hands them over only after.
+            Err(e @ AppendError::Unconfirmed { .. }) => unreachable!("append while held: {e}"),
             // Invariant: a failed write takes the node down.
             Err(e) => unreachable!("append on a failed node: {e}"),
         }
+    }
+
+    /// Holds appends until a peer confirms the node's own log or its wall
+    /// time reaches `until_ms` ([`Replica::await_confirmation`]), as the
+    /// node does at start when it has peers.
+    pub fn await_confirmation(&mut self, until_ms: u64) {
+        self.replica.await_confirmation(until_ms);
+    }
+
+    /// A sync round with `peer` ended at wall time `now_ms`, the peer
+    /// holding the node's own events up to `seq`
+    /// ([`Replica::handle_own_head`]). Returns whether the peer confirmed
+    /// the node's own log.
+    pub fn handle_own_head(&mut self, peer: NodeId, seq: u64, now_ms: u64) -> bool {
+        self.replica.handle_own_head(peer, seq, now_ms)
+    }
+
+    /// Until which wall time (ms) appends are held, if they are at wall
+    /// time `now_ms` ([`Replica::appends_held`]).
+    pub fn appends_held(&self, now_ms: u64) -> Option<u64> {
+        self.replica.appends_held(now_ms)
+    }
+
+    /// The node's own frontier as peers confirmed it (status's
+    /// `own_frontier`).
+    pub fn own_frontier(&self) -> OwnFrontier {
+        self.replica.own_frontier()
     }
 
     /// The hlc of the last event a local command made (since the node was
