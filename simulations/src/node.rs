@@ -95,6 +95,10 @@ pub enum Sabotage {
     ForgetReceived,
     /// A crash also loses the last synced batch (acknowledged events).
     LoseSynced,
+    /// The node never holds appends after a restart (it skips
+    /// [`SimNode::await_confirmation`]), so a restored node appends on its
+    /// old copy while its peers hold its newer events.
+    SkipConfirmation,
     /// Not a node fault: the run's network draws from a process-wide
     /// counter, so that two runs of one seed differ.
     Nondeterministic,
@@ -226,7 +230,9 @@ impl SimNode {
     /// time reaches `until_ms` ([`Replica::await_confirmation`]), as the
     /// node does at start when it has peers.
     pub fn await_confirmation(&mut self, until_ms: u64) {
-        self.replica.await_confirmation(until_ms);
+        if self.sabotage != Sabotage::SkipConfirmation {
+            self.replica.await_confirmation(until_ms);
+        }
     }
 
     /// A sync round with `peer` ended at wall time `now_ms`, the peer
@@ -462,6 +468,34 @@ mod tests {
         // The clock is above the recovered events; new events follow them.
         let (_, seq) = n.append(500, draft("5")).unwrap().unwrap();
         assert_eq!(seq, 3);
+    }
+
+    #[test]
+    fn a_restarted_node_holds_appends_until_a_peer_confirms_its_log() {
+        let mut n = SimNode::new(Keypair::from_secret([6; 32]), Sabotage::None).unwrap();
+        n.append(1_000, draft("1")).unwrap();
+        assert!(n.start_commit());
+        n.finish_commit().unwrap();
+        n.crash(0.0);
+        n.restart(2_000).unwrap();
+        n.await_confirmation(5_000);
+        assert_eq!(n.appends_held(2_001), Some(5_000));
+        let peer = Keypair::from_secret([7; 32]).node_id();
+        // A peer holding more of the node's log than it does confirms
+        // nothing: the round did not bring it back.
+        assert!(!n.handle_own_head(peer, 2, 2_100));
+        assert_eq!(n.appends_held(2_100), Some(5_000));
+        assert!(n.handle_own_head(peer, 1, 2_200));
+        assert_eq!(n.appends_held(2_200), None);
+        let f = n.own_frontier();
+        assert!(f.confirmed && f.by == vec![peer] && f.at_ms == Some(2_200));
+        assert_eq!(n.append(2_300, draft("2")).unwrap().unwrap().1, 2);
+        // Unconfirmed, the hold ends with the wait.
+        n.crash(0.0);
+        n.restart(6_000).unwrap();
+        n.await_confirmation(9_000);
+        assert_eq!(n.appends_held(8_999), Some(9_000));
+        assert_eq!(n.appends_held(9_000), None);
     }
 
     #[test]

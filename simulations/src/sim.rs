@@ -204,6 +204,8 @@ struct RestoreWatch {
     /// or its disk if it was down): an own event at or below it that the
     /// node signs again is a fork.
     peer_max: u64,
+    /// The restart plus `confirm_wait_ms`: the end of the hold's bound.
+    bound_at: Us,
     /// When a peer holding own events beyond the copy first finished a
     /// sync round with the node.
     newer_round_at: Option<Us>,
@@ -2051,10 +2053,12 @@ impl<'a> Sim<'a> {
             })
             .max()
             .unwrap_or(0);
+        let bound_at = self.now + us_of_ms(self.sc.node.confirm_wait_ms as f64);
         self.slots[node].watch = Some(RestoreWatch {
             isolated,
             copy_seq,
             peer_max,
+            bound_at,
             newer_round_at: None,
             forked_at: None,
             forked_unconfirmed: false,
@@ -2063,9 +2067,10 @@ impl<'a> Sim<'a> {
 
     /// Ends `node`'s fork watch: counts the restore, and checks the
     /// `restore-fork` oracle: a restore with peers reachable at restart
-    /// must not fork once a peer that held newer own events finished a
-    /// sync round with the node (that round brings them back, and holds
-    /// its appends until it has).
+    /// must not fork when a peer that held newer own events was reachable
+    /// within the bound (it finished a sync round with the node before
+    /// `confirm_wait_ms` passed: the node holds its appends until a round
+    /// has brought them back).
     fn end_watch(&mut self, node: usize) {
         let Some(w) = self.slots[node].watch.take() else {
             return;
@@ -2081,11 +2086,11 @@ impl<'a> Sim<'a> {
         r.with_peers_forked += forked as u64;
         r.with_peers_forked_unconfirmed += (forked && w.forked_unconfirmed) as u64;
         if let (Some(fork), Some(round)) = (w.forked_at, w.newer_round_at) {
-            if round <= fork {
+            if round <= w.bound_at {
                 self.violation(
                     "restore-fork",
                     format!(
-                        "node {node}, restored with peers reachable (its copy to seq {}, peers to seq {}), forked at {} ms after a peer holding its newer events finished a round with it at {} ms",
+                        "node {node}, restored with peers reachable (its copy to seq {}, peers to seq {}), forked at {} ms, though a peer holding its newer events finished a round with it at {} ms, within the wait",
                         w.copy_seq,
                         w.peer_max,
                         ms(fork),
