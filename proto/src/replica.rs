@@ -231,6 +231,8 @@ struct Confirm {
     at_ms: Option<u64>,
     seq: u64,
     until_ms: Option<u64>,
+    /// The wait passed unconfirmed ([`Replica::appends_held`]).
+    waited: bool,
 }
 
 /// A write ran out of space ([`Replica::handle_write_full`]): appends and
@@ -618,6 +620,7 @@ impl Replica {
     pub fn await_confirmation(&mut self, until_ms: u64) {
         if self.confirm.at_ms.is_none() {
             self.confirm.until_ms = Some(until_ms);
+            self.confirm.waited = false;
         }
     }
 
@@ -649,10 +652,18 @@ impl Replica {
     /// Whether appends are held at wall time `now_ms`: the wall time until
     /// which they wait ([`Replica::await_confirmation`]) while no peer has
     /// confirmed the own frontier and it has not passed; `None` when they
-    /// may go.
-    pub fn appends_held(&self, now_ms: u64) -> Option<u64> {
+    /// may go. Once a call finds the wait passed, the hold is over for
+    /// good: a wall clock stepped back afterwards does not hold appends
+    /// again (that would leave requests waiting on a clock, not on peers).
+    pub fn appends_held(&mut self, now_ms: u64) -> Option<u64> {
         match self.confirm.until_ms {
-            Some(until) if self.confirm.at_ms.is_none() && now_ms < until => Some(until),
+            Some(until) if self.confirm.at_ms.is_none() && !self.confirm.waited => {
+                if now_ms < until {
+                    return Some(until);
+                }
+                self.confirm.waited = true;
+                None
+            }
             _ => None,
         }
     }
@@ -1609,6 +1620,9 @@ mod tests {
         assert_eq!(m.appends_held(3_000), None);
         assert_eq!(m.handle_append(edit("f"), 3_000).unwrap().seq, 3);
         assert!(!m.own_frontier().confirmed);
+        // A clock stepped back after the wait passed holds nothing again.
+        assert_eq!(m.appends_held(2_500), None);
+        assert_eq!(m.handle_append(edit("g"), 2_500).unwrap().seq, 4);
     }
 
     /// A write that runs out of space pauses the replica: its batch is

@@ -244,8 +244,9 @@ impl SimNode {
     }
 
     /// Until which wall time (ms) appends are held, if they are at wall
-    /// time `now_ms` ([`Replica::appends_held`]).
-    pub fn appends_held(&self, now_ms: u64) -> Option<u64> {
+    /// time `now_ms` ([`Replica::appends_held`]; once the wait has passed,
+    /// they are not held again).
+    pub fn appends_held(&mut self, now_ms: u64) -> Option<u64> {
         self.replica.appends_held(now_ms)
     }
 
@@ -496,6 +497,7 @@ mod tests {
         n.await_confirmation(9_000);
         assert_eq!(n.appends_held(8_999), Some(9_000));
         assert_eq!(n.appends_held(9_000), None);
+        assert_eq!(n.appends_held(8_000), None, "a clock stepped back");
     }
 
     #[test]

@@ -1510,8 +1510,13 @@ impl<'a> Sim<'a> {
     fn submit(&mut self, node: usize, cmd: crate::workload::Cmd, retry: bool) {
         self.report.appends.attempted += 1;
         let wall = self.wall_ms(node);
+        let held = self.slots[node].node.appends_held(wall).is_some();
+        if self.slots[node].holding && !held {
+            // The wait passed by the node's clock before its timer fired.
+            self.release(node);
+        }
         let s = &mut self.slots[node];
-        if !s.held.is_empty() || s.node.appends_held(wall).is_some() {
+        if held {
             s.held.push_back(HeldCmd {
                 cmd,
                 since: self.now,
