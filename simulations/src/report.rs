@@ -80,12 +80,12 @@ pub struct Restores {
     /// Restores after which the node restarted with its peers reachable.
     pub with_peers: u64,
     /// Of those, the restores whose author forked (the `restore-fork`
-    /// oracle allows it only when no peer that held the newer own events
-    /// finished a sync round with the node before it signed the fork).
+    /// oracle allows it only once the wait passed unconfirmed, or after a
+    /// peer that lacked some of the newer own events confirmed).
     pub with_peers_forked: u64,
     /// Of the forked ones, those whose hold ended unconfirmed (the wait
-    /// passed); the others were confirmed by a peer that lacked the newer
-    /// own events.
+    /// passed); the others were confirmed by a peer that lacked some of the
+    /// newer own events (one peer's confirmation lets appends go).
     pub with_peers_forked_unconfirmed: u64,
     /// Restores after which the node restarted cut off from every peer.
     pub isolated: u64,
@@ -399,7 +399,7 @@ impl Summary {
         let r = &self.restores;
         (r.with_peers + r.isolated > 0).then(|| {
             format!(
-                "{} with peers at restart: {} forked ({} after the wait passed unconfirmed), {} did not; {} cut off at restart: {} forked, {} did not",
+                "{} with peers at restart: {} forked ({} after the wait passed unconfirmed, the others confirmed by a peer lacking some newer own events), {} did not; {} cut off at restart: {} forked, {} did not",
                 r.with_peers,
                 r.with_peers_forked,
                 r.with_peers_forked_unconfirmed,

@@ -206,9 +206,10 @@ struct RestoreWatch {
     peer_max: u64,
     /// The restart plus `confirm_wait_ms`: the end of the hold's bound.
     bound_at: Us,
-    /// When a peer holding own events beyond the copy first finished a
-    /// sync round with the node.
-    newer_round_at: Option<Us>,
+    /// When a peer holding every own event any node held at the restart
+    /// (up to `peer_max`, beyond the copy) first finished a sync round
+    /// with the node: that round brings them all back.
+    full_round_at: Option<Us>,
     /// When the node first signed a seq another node held (the fork).
     forked_at: Option<Us>,
     /// Whether its hold was still on, or ended unconfirmed, when it forked.
@@ -1567,8 +1568,8 @@ impl<'a> Sim<'a> {
         let now = self.now;
         let s = &mut self.slots[node];
         if let Some(w) = s.watch.as_mut() {
-            if seq > w.copy_seq && w.newer_round_at.is_none() {
-                w.newer_round_at = Some(now);
+            if seq > w.copy_seq && seq >= w.peer_max && w.full_round_at.is_none() {
+                w.full_round_at = Some(now);
             }
         }
         let confirmed = s.node.handle_own_head(peer, seq, wall);
@@ -2064,7 +2065,7 @@ impl<'a> Sim<'a> {
             copy_seq,
             peer_max,
             bound_at,
-            newer_round_at: None,
+            full_round_at: None,
             forked_at: None,
             forked_unconfirmed: false,
         });
@@ -2072,10 +2073,12 @@ impl<'a> Sim<'a> {
 
     /// Ends `node`'s fork watch: counts the restore, and checks the
     /// `restore-fork` oracle: a restore with peers reachable at restart
-    /// must not fork when a peer that held newer own events was reachable
-    /// within the bound (it finished a sync round with the node before
-    /// `confirm_wait_ms` passed: the node holds its appends until a round
-    /// has brought them back).
+    /// must not fork by an append made unconfirmed before
+    /// `confirm_wait_ms` passed (the hold lets none go), nor after a peer
+    /// that held every newer own event finished a sync round with it (that
+    /// round brought them back). A peer that lacked some of them may
+    /// confirm first: the node then forks over the ones it lacked, which
+    /// the report counts.
     fn end_watch(&mut self, node: usize) {
         let Some(w) = self.slots[node].watch.take() else {
             return;
@@ -2090,20 +2093,25 @@ impl<'a> Sim<'a> {
         r.with_peers += 1;
         r.with_peers_forked += forked as u64;
         r.with_peers_forked_unconfirmed += (forked && w.forked_unconfirmed) as u64;
-        if let (Some(fork), Some(round)) = (w.forked_at, w.newer_round_at) {
-            if round <= w.bound_at {
-                self.violation(
-                    "restore-fork",
-                    format!(
-                        "node {node}, restored with peers reachable (its copy to seq {}, peers to seq {}), forked at {} ms, though a peer holding its newer events finished a round with it at {} ms, within the wait",
-                        w.copy_seq,
-                        w.peer_max,
-                        ms(fork),
-                        ms(round)
-                    ),
-                );
-            }
-        }
+        let Some(fork) = w.forked_at else {
+            return;
+        };
+        let why = if w.full_round_at.is_some_and(|round| round <= fork) {
+            "after a peer holding all its newer events finished a round with it"
+        } else if w.forked_unconfirmed && fork < w.bound_at {
+            "unconfirmed before the wait passed"
+        } else {
+            return;
+        };
+        self.violation(
+            "restore-fork",
+            format!(
+                "node {node}, restored with peers reachable (its copy to seq {}, peers to seq {}), forked at {} ms, {why}",
+                w.copy_seq,
+                w.peer_max,
+                ms(fork),
+            ),
+        );
     }
 
     fn clock_step_next(&mut self) {
