@@ -135,8 +135,9 @@
 //! restores: acknowledged events count as kept on whichever branch any node
 //! holds them; every node that holds both branches of a fork has reported
 //! it; the escrow read model is the same on every node; no restore with
-//! peers reachable at restart forks once a peer holding its newer events
-//! finished a sync round with it within the hold's bound (`restore-fork`). During the run, a
+//! peers reachable at restart forks by an append made unconfirmed within
+//! the hold's bound, or after a peer holding all its newer events finished
+//! a sync round with it (`restore-fork`). During the run, a
 //! failed sync session, an equivocation by an author that was never
 //! restored, a failed recovery or write is a violation too: in honest
 //! traffic none of them may happen.
