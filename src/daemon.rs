@@ -59,8 +59,9 @@ pub const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 /// each way, when [`PeersConfig::window`] does not say otherwise.
 pub const QUEUE_MESSAGES: usize = 16;
 /// How long `weftlog run` holds appends at start, by default, for a peer
-/// to confirm the node's own log ([`Config::confirm_wait`]).
-pub const CONFIRM_WAIT: Duration = Duration::from_secs(3);
+/// to confirm the node's own log ([`Config::confirm_wait`];
+/// [`weftlog_proto::replica::CONFIRM_WAIT_MS`]).
+pub const CONFIRM_WAIT: Duration = Duration::from_millis(weftlog_proto::replica::CONFIRM_WAIT_MS);
 /// The equivocation file in a data directory: one JSON object per line.
 pub const EQUIVOCATIONS_FILE: &str = "equivocations.jsonl";
 

@@ -89,7 +89,10 @@
 //! back by sync are stored like any other. Without peers, or once the wait
 //! passes (a desk offline must keep selling), appends go ahead unconfirmed;
 //! what follows a fork then is the fork handling's. A replica that is never
-//! asked to wait (the simulator's default) never holds an append.
+//! asked to wait never holds an append. The simulator holds its nodes'
+//! commands by the same calls after each restart (not at the first start
+//! of a fresh cluster, which has nothing to learn), for
+//! [`CONFIRM_WAIT_MS`] unless its scenario says otherwise.
 //!
 //! # A batch never ends inside a received run
 //!
@@ -147,6 +150,13 @@ use crate::sync::{self, Head, Pool, Stored};
 /// How long a shell waits, after a write ran out of space, before it tries
 /// the kept batch again ([`Replica::handle_write_full`]).
 pub const DISK_FULL_RETRY_MS: u64 = 500;
+
+/// How long a shell with peers holds appends at start, by default, for a
+/// peer to confirm the own log ([`Replica::await_confirmation`]): many sync
+/// rounds on a LAN, and short enough that a desk cut off from its peers
+/// sells again soon. The node's `--confirm-wait-ms` and the simulator's
+/// `confirm_wait_ms` default to it.
+pub const CONFIRM_WAIT_MS: u64 = 3_000;
 
 /// One node's replica. See the module docs for the model and the order of
 /// calls.
@@ -222,6 +232,8 @@ struct Confirm {
     at_ms: Option<u64>,
     seq: u64,
     until_ms: Option<u64>,
+    /// The wait passed unconfirmed ([`Replica::appends_held`]).
+    waited: bool,
 }
 
 /// A write ran out of space ([`Replica::handle_write_full`]): appends and
@@ -609,6 +621,7 @@ impl Replica {
     pub fn await_confirmation(&mut self, until_ms: u64) {
         if self.confirm.at_ms.is_none() {
             self.confirm.until_ms = Some(until_ms);
+            self.confirm.waited = false;
         }
     }
 
@@ -640,10 +653,18 @@ impl Replica {
     /// Whether appends are held at wall time `now_ms`: the wall time until
     /// which they wait ([`Replica::await_confirmation`]) while no peer has
     /// confirmed the own frontier and it has not passed; `None` when they
-    /// may go.
-    pub fn appends_held(&self, now_ms: u64) -> Option<u64> {
+    /// may go. Once a call finds the wait passed, the hold is over for
+    /// good: a wall clock stepped back afterwards does not hold appends
+    /// again (that would leave requests waiting on a clock, not on peers).
+    pub fn appends_held(&mut self, now_ms: u64) -> Option<u64> {
         match self.confirm.until_ms {
-            Some(until) if self.confirm.at_ms.is_none() && now_ms < until => Some(until),
+            Some(until) if self.confirm.at_ms.is_none() && !self.confirm.waited => {
+                if now_ms < until {
+                    return Some(until);
+                }
+                self.confirm.waited = true;
+                None
+            }
             _ => None,
         }
     }
@@ -1624,6 +1645,9 @@ mod tests {
         assert_eq!(m.appends_held(3_000), None);
         assert_eq!(m.handle_append(edit("f"), 3_000).unwrap().seq, 3);
         assert!(!m.own_frontier().confirmed);
+        // A clock stepped back after the wait passed holds nothing again.
+        assert_eq!(m.appends_held(2_500), None);
+        assert_eq!(m.handle_append(edit("g"), 2_500).unwrap().seq, 4);
     }
 
     /// A write that runs out of space pauses the replica: its batch is

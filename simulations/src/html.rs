@@ -269,8 +269,14 @@ fn summary_table(s: &Summary) -> String {
         .map(|(k, v)| format!("{k}: {v}"))
         .collect();
     row("faults", faults.join(", "));
+    if let Some(h) = s.held() {
+        row("held", h);
+    }
     if let Some(a) = s.adversary() {
         row("adversary", a);
+    }
+    if let Some(r) = s.restores() {
+        row("restores", r);
     }
     row(
         "conflicts",

@@ -89,8 +89,16 @@
 //!
 //! **Restores** (`restores_per_min`, `kind = "restore"`): a copy of a
 //! node's synced storage is taken, and later the node crashes and restarts
-//! from the copy, with its peers reachable or cut off for a while. The
-//! restored node signs again seqs it had signed: its author forks.
+//! from the copy, with its peers reachable or cut off for a while. A
+//! restored node that appends before it hears of its newer events signs
+//! again seqs it had signed: its author forks.
+//!
+//! **The hold after a restart** (`[node] confirm_wait_ms`): as the node at
+//! start, a restarted node with peers holds the commands it gets until a
+//! peer's sync round confirms its own log or the wait passes (the
+//! replica's rule, `Replica::appends_held`); they run in order when the
+//! hold ends, and a crash loses them. Restored with its peers reachable,
+//! the node takes its newer events back first and does not fork.
 //!
 //! **Byzantine members** (`[byzantine]`): honest nodes whose sync sessions'
 //! messages are rewritten where bytes leave the node, before the
@@ -126,7 +134,10 @@
 //! jumped ends with a latest local event that far past its wall time. With
 //! restores: acknowledged events count as kept on whichever branch any node
 //! holds them; every node that holds both branches of a fork has reported
-//! it; the escrow read model is the same on every node. During the run, a
+//! it; the escrow read model is the same on every node; no restore with
+//! peers reachable at restart forks by an append made unconfirmed within
+//! the hold's bound, or after a peer holding all its newer events finished
+//! a sync round with it (`restore-fork`). During the run, a
 //! failed sync session, an equivocation by an author that was never
 //! restored, a failed recovery or write is a violation too: in honest
 //! traffic none of them may happen.

@@ -22,6 +22,12 @@
 //!   the last commit mark cut, the log folded again, each author's last
 //!   signature verified, the clock re-seeded from the largest hlc within
 //!   the horizon of the node's wall time at restart);
+//! - the hold after a restart ([`SimNode::await_confirmation`]): the
+//!   replica's rule (`weftlog_proto::replica`, "A restored node learns its
+//!   own log before it appends") decides whether appends are held
+//!   ([`SimNode::appends_held`]) and when a peer's sync round releases them
+//!   ([`SimNode::handle_own_head`]); the simulator holds the commands that
+//!   arrive meanwhile, as the node's HTTP API holds its requests;
 //! - fault hooks for tests ([`Sabotage`]) that prove the oracles catch a
 //!   broken node.
 //!
@@ -34,7 +40,7 @@ use std::rc::Rc;
 
 use weftlog_proto::event::{Event, Keypair};
 use weftlog_proto::log::{Log, MemStorage, TornTail};
-use weftlog_proto::replica::{AppendError, Batch, Lent, Replica, ReplicaStore};
+use weftlog_proto::replica::{AppendError, Batch, Lent, OwnFrontier, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, Hlc, NodeId};
@@ -89,6 +95,10 @@ pub enum Sabotage {
     ForgetReceived,
     /// A crash also loses the last synced batch (acknowledged events).
     LoseSynced,
+    /// The node never holds appends after a restart (it skips
+    /// [`SimNode::await_confirmation`]), so a restored node appends on its
+    /// old copy while its peers hold its newer events.
+    SkipConfirmation,
     /// Not a node fault: the run's network draws from a process-wide
     /// counter, so that two runs of one seed differ.
     Nondeterministic,
@@ -208,9 +218,42 @@ impl SimNode {
                 Ok((!a.existing).then_some((a.id, a.seq)))
             }
             Err(AppendError::Refused(e)) => Err(e),
+            // Invariant: the simulator holds commands while
+            // `appends_held` says so, and hands them over only after.
+            Err(e @ AppendError::Unconfirmed { .. }) => unreachable!("append while held: {e}"),
             // Invariant: a failed write takes the node down.
             Err(e) => unreachable!("append on a failed node: {e}"),
         }
+    }
+
+    /// Holds appends until a peer confirms the node's own log or its wall
+    /// time reaches `until_ms` ([`Replica::await_confirmation`]), as the
+    /// node does at start when it has peers.
+    pub fn await_confirmation(&mut self, until_ms: u64) {
+        if self.sabotage != Sabotage::SkipConfirmation {
+            self.replica.await_confirmation(until_ms);
+        }
+    }
+
+    /// A sync round with `peer` ended at wall time `now_ms`, the peer
+    /// holding the node's own events up to `seq`
+    /// ([`Replica::handle_own_head`]). Returns whether the peer confirmed
+    /// the node's own log.
+    pub fn handle_own_head(&mut self, peer: NodeId, seq: u64, now_ms: u64) -> bool {
+        self.replica.handle_own_head(peer, seq, now_ms)
+    }
+
+    /// Until which wall time (ms) appends are held, if they are at wall
+    /// time `now_ms` ([`Replica::appends_held`]; once the wait has passed,
+    /// they are not held again).
+    pub fn appends_held(&mut self, now_ms: u64) -> Option<u64> {
+        self.replica.appends_held(now_ms)
+    }
+
+    /// The node's own frontier as peers confirmed it (status's
+    /// `own_frontier`).
+    pub fn own_frontier(&self) -> OwnFrontier {
+        self.replica.own_frontier()
     }
 
     /// The hlc of the last event a local command made (since the node was
@@ -426,6 +469,35 @@ mod tests {
         // The clock is above the recovered events; new events follow them.
         let (_, seq) = n.append(500, draft("5")).unwrap().unwrap();
         assert_eq!(seq, 3);
+    }
+
+    #[test]
+    fn a_restarted_node_holds_appends_until_a_peer_confirms_its_log() {
+        let mut n = SimNode::new(Keypair::from_secret([6; 32]), Sabotage::None).unwrap();
+        n.append(1_000, draft("1")).unwrap();
+        assert!(n.start_commit());
+        n.finish_commit().unwrap();
+        n.crash(0.0);
+        n.restart(2_000).unwrap();
+        n.await_confirmation(5_000);
+        assert_eq!(n.appends_held(2_001), Some(5_000));
+        let peer = Keypair::from_secret([7; 32]).node_id();
+        // A peer holding more of the node's log than it does confirms
+        // nothing: the round did not bring it back.
+        assert!(!n.handle_own_head(peer, 2, 2_100));
+        assert_eq!(n.appends_held(2_100), Some(5_000));
+        assert!(n.handle_own_head(peer, 1, 2_200));
+        assert_eq!(n.appends_held(2_200), None);
+        let f = n.own_frontier();
+        assert!(f.confirmed && f.by == vec![peer] && f.at_ms == Some(2_200));
+        assert_eq!(n.append(2_300, draft("2")).unwrap().unwrap().1, 2);
+        // Unconfirmed, the hold ends with the wait.
+        n.crash(0.0);
+        n.restart(6_000).unwrap();
+        n.await_confirmation(9_000);
+        assert_eq!(n.appends_held(8_999), Some(9_000));
+        assert_eq!(n.appends_held(9_000), None);
+        assert_eq!(n.appends_held(8_000), None, "a clock stepped back");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use serde::Serialize;
 pub struct Violation {
     /// Which oracle: `convergence`, `acknowledged`, `causal-order`,
     /// `escrow`, `escrow-marks`, `conflicts`, `commands`, `durability`,
-    /// `session`, `equivocation`, `forks`, `clock`, `recovery`,
-    /// `determinism`.
+    /// `session`, `equivocation`, `forks`, `restore-fork`, `clock`,
+    /// `recovery`, `determinism`.
     pub oracle: String,
     /// Virtual time, ms.
     pub at_ms: u64,
@@ -36,6 +36,71 @@ pub struct Appends {
     pub node_down: u64,
     /// Made but never acknowledged: the node crashed first.
     pub lost_unacked: u64,
+}
+
+/// Commands held after restarts: a node restarted with peers holds the
+/// commands it gets until a peer confirms its own log or
+/// `[node] confirm_wait_ms` passes, as the node's HTTP API holds append
+/// requests (they wait; none is refused).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Held {
+    /// Restarts after which the node held commands (one with peers).
+    pub restarts: u64,
+    /// Of those, the holds a peer's confirmation ended.
+    pub confirmed: u64,
+    /// Of those, the holds that ended when the wait passed unconfirmed.
+    pub timed_out: u64,
+    /// Commands held (counted in [`Appends::attempted`] too).
+    pub commands: u64,
+    /// Held commands lost when their node crashed before it let them go
+    /// (the client's request fails).
+    pub lost: u64,
+    /// Virtual ms the held commands waited, summed.
+    pub total_ms: u64,
+    /// The longest any command waited, virtual ms.
+    pub max_ms: u64,
+}
+
+impl std::ops::AddAssign for Held {
+    fn add_assign(&mut self, o: Held) {
+        self.restarts += o.restarts;
+        self.confirmed += o.confirmed;
+        self.timed_out += o.timed_out;
+        self.commands += o.commands;
+        self.lost += o.lost;
+        self.total_ms += o.total_ms;
+        self.max_ms = self.max_ms.max(o.max_ms);
+    }
+}
+
+/// Restores and whether the restored author forked: signed again a seq
+/// that another node held when it restarted from its copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Restores {
+    /// Restores after which the node restarted with its peers reachable.
+    pub with_peers: u64,
+    /// Of those, the restores whose author forked (the `restore-fork`
+    /// oracle allows it only once the wait passed unconfirmed, or after a
+    /// peer that lacked some of the newer own events confirmed).
+    pub with_peers_forked: u64,
+    /// Of the forked ones, those whose hold ended unconfirmed (the wait
+    /// passed); the others were confirmed by a peer that lacked some of the
+    /// newer own events (one peer's confirmation lets appends go).
+    pub with_peers_forked_unconfirmed: u64,
+    /// Restores after which the node restarted cut off from every peer.
+    pub isolated: u64,
+    /// Of those, the restores whose author forked.
+    pub isolated_forked: u64,
+}
+
+impl std::ops::AddAssign for Restores {
+    fn add_assign(&mut self, o: Restores) {
+        self.with_peers += o.with_peers;
+        self.with_peers_forked += o.with_peers_forked;
+        self.with_peers_forked_unconfirmed += o.with_peers_forked_unconfirmed;
+        self.isolated += o.isolated;
+        self.isolated_forked += o.isolated_forked;
+    }
 }
 
 /// Samples over virtual time, for plots.
@@ -122,6 +187,11 @@ pub struct RunReport {
     pub appends: Appends,
     /// Client retries at another node.
     pub retries: Retries,
+    /// Commands held after restarts until a peer confirmed the node's own
+    /// log.
+    pub held: Held,
+    /// Restores, with and without peers at restart, and which forked.
+    pub restores: Restores,
     /// Sync messages sent.
     pub messages: u64,
     /// Their bytes (length prefixes included).
@@ -253,6 +323,10 @@ pub struct Summary {
     pub appends: Appends,
     /// Client retries at another node, summed.
     pub retries: Retries,
+    /// Commands held after restarts, summed.
+    pub held: Held,
+    /// Restores and which forked, summed.
+    pub restores: Restores,
     /// Sync messages.
     pub messages: u64,
     /// Their bytes.
@@ -296,6 +370,47 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The commands held after restarts, in one line (the `held` line of
+    /// the text summary): how many restarts held commands, how many holds a
+    /// peer's confirmation ended and how many the wait, how many commands
+    /// waited, for how long (mean and max) and how many a crash lost;
+    /// `None` when no restart held any.
+    pub fn held(&self) -> Option<String> {
+        let h = &self.held;
+        (h.restarts > 0).then(|| {
+            format!(
+                "{} commands held for confirmation after {} restarts ({} confirmed by a peer, {} let go when the wait passed); waited mean {} ms, max {} ms; {} lost in crashes",
+                h.commands,
+                h.restarts,
+                h.confirmed,
+                h.timed_out,
+                h.total_ms / h.commands.max(1),
+                h.max_ms,
+                h.lost
+            )
+        })
+    }
+
+    /// The restores, in one line (the `restores` line of the text
+    /// summary): with peers reachable at restart, how many forked (and of
+    /// those, how many after the wait passed unconfirmed); cut off, how
+    /// many forked; `None` when there were none.
+    pub fn restores(&self) -> Option<String> {
+        let r = &self.restores;
+        (r.with_peers + r.isolated > 0).then(|| {
+            format!(
+                "{} with peers at restart: {} forked ({} after the wait passed unconfirmed, the others confirmed by a peer lacking some newer own events), {} did not; {} cut off at restart: {} forked, {} did not",
+                r.with_peers,
+                r.with_peers_forked,
+                r.with_peers_forked_unconfirmed,
+                r.with_peers - r.with_peers_forked,
+                r.isolated,
+                r.isolated_forked,
+                r.isolated - r.isolated_forked
+            )
+        })
+    }
+
     /// The clock jumps, restores and Byzantine rewrites, with counts, in
     /// one line; `None` when there were none.
     pub fn adversary(&self) -> Option<String> {
@@ -362,6 +477,8 @@ impl Summary {
             a.node_down += r.appends.node_down;
             a.lost_unacked += r.appends.lost_unacked;
             s.retries += r.retries;
+            s.held += r.held;
+            s.restores += r.restores;
             s.messages += r.messages;
             s.bytes += r.bytes;
             s.duplicate_deliveries += r.duplicate_deliveries;
@@ -469,8 +586,14 @@ impl Summary {
                 faults.join(", ")
             }
         );
+        if let Some(h) = self.held() {
+            let _ = writeln!(o, "  held          {h}");
+        }
         if let Some(a) = self.adversary() {
             let _ = writeln!(o, "  adversary     {a}");
+        }
+        if let Some(r) = self.restores() {
+            let _ = writeln!(o, "  restores      {r}");
         }
         let _ = writeln!(
             o,

@@ -387,13 +387,22 @@ pub struct NodeParams {
     pub fsync_ms: f64,
     /// Mean of the exponential part of an fdatasync's time.
     pub fsync_jitter_ms: f64,
+    /// After a restart, how long the node holds the commands it gets for a
+    /// peer to confirm its own log (the node's `--confirm-wait-ms`,
+    /// [`weftlog_proto::replica::CONFIRM_WAIT_MS`] by default); 0 holds
+    /// nothing.
+    pub confirm_wait_ms: u64,
 }
+
+/// The longest `confirm_wait_ms` a scenario may set: a minute.
+pub const MAX_CONFIRM_WAIT_MS: u64 = 60_000;
 
 impl Default for NodeParams {
     fn default() -> NodeParams {
         NodeParams {
             fsync_ms: 0.5,
             fsync_jitter_ms: 0.5,
+            confirm_wait_ms: weftlog_proto::replica::CONFIRM_WAIT_MS,
         }
     }
 }
@@ -880,6 +889,12 @@ impl Scenario {
             return Err(format!(
                 "faults.restore_isolated = {}: must be in [0, 1]",
                 f.restore_isolated
+            ));
+        }
+        if self.node.confirm_wait_ms > MAX_CONFIRM_WAIT_MS {
+            return Err(format!(
+                "node.confirm_wait_ms = {}: must be at most {MAX_CONFIRM_WAIT_MS}",
+                self.node.confirm_wait_ms
             ));
         }
         if !(f.clock_jump_ms >= 0.0 && f.clock_jump_ms.is_finite()) {

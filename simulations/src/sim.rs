@@ -110,6 +110,12 @@ enum Ev {
         node: usize,
         gen: u64,
     },
+    /// The node's wait for a peer to confirm its own log is due to pass:
+    /// its held commands go unless a confirmation let them go already.
+    HoldEnd {
+        node: usize,
+        epoch: u64,
+    },
     RestoreNext,
     /// A copy of the node's storage is taken; `age` later, it is restored.
     Backup {
@@ -178,6 +184,38 @@ struct Conn {
     chans: [Chan; 2],
 }
 
+/// A command a node holds until a peer confirms its own log.
+struct HeldCmd {
+    cmd: crate::workload::Cmd,
+    /// When it arrived.
+    since: Us,
+    /// Whether it is a client's retry ([`Ev::Retry`]).
+    retry: bool,
+}
+
+/// A node restarted from a restored copy, watched until its next restore
+/// or the end: did its author fork, and could a peer have told it better?
+struct RestoreWatch {
+    /// Whether it restarted cut off from every peer.
+    isolated: bool,
+    /// The highest own seq its copy held.
+    copy_seq: u64,
+    /// The highest own seq any other node held at the restart (its memory,
+    /// or its disk if it was down): an own event at or below it that the
+    /// node signs again is a fork.
+    peer_max: u64,
+    /// The restart plus `confirm_wait_ms`: the end of the hold's bound.
+    bound_at: Us,
+    /// When a peer holding every own event any node held at the restart
+    /// (up to `peer_max`, beyond the copy) first finished a sync round
+    /// with the node: that round brings them all back.
+    full_round_at: Option<Us>,
+    /// When the node first signed a seq another node held (the fork).
+    forked_at: Option<Us>,
+    /// Whether its hold was still on, or ended unconfirmed, when it forked.
+    forked_unconfirmed: bool,
+}
+
 /// A node and what the simulator keeps about it.
 struct Slot {
     node: SimNode,
@@ -211,6 +249,16 @@ struct Slot {
     backup: Option<MemStorage>,
     /// Whether the node was ever restored from a copy (its author may fork).
     restored: bool,
+    /// Set by a restore until the restart from the copy: whether that
+    /// restart is cut off from every peer.
+    restore_pending: Option<bool>,
+    /// The last restore, watched for a fork.
+    watch: Option<RestoreWatch>,
+    /// Commands held until a peer confirms the node's own log, in arrival
+    /// order (the node holds its requests in order).
+    held: VecDeque<HeldCmd>,
+    /// Whether a hold that began at the last restart has not ended yet.
+    holding: bool,
     /// Own acknowledged events that no other running node held when the
     /// node was restored: unless the copy holds them, the restore lost them.
     restore_only_here: BTreeSet<EventId>,
@@ -357,6 +405,10 @@ impl<'a> Sim<'a> {
                 max_wall_ms: 0,
                 backup: None,
                 restored: false,
+                restore_pending: None,
+                watch: None,
+                held: VecDeque::new(),
+                holding: false,
                 restore_only_here: BTreeSet::new(),
                 forks: BTreeSet::new(),
                 clock_ahead: None,
@@ -700,6 +752,11 @@ impl<'a> Sim<'a> {
             Ev::ClockStepNext => self.clock_step_next(),
             Ev::ClockJumpNext => self.clock_jump_next(),
             Ev::ClockJumpBack { node, gen } => self.clock_jump_back(node, gen),
+            Ev::HoldEnd { node, epoch } => {
+                if self.slots[node].epoch == epoch {
+                    self.hold_end(node);
+                }
+            }
             Ev::RestoreNext => self.restore_next(),
             Ev::Backup {
                 node,
@@ -1009,6 +1066,7 @@ impl<'a> Sim<'a> {
                     self.close(conn, &reason);
                 }
                 PeerEvent::Synced { .. } => self.report.rounds += 1,
+                PeerEvent::OwnHead { peer, seq, .. } => self.own_head(node, peer, seq),
                 PeerEvent::Received { count, .. } => {
                     self.tr(b'R', &[node as u64, count], &[]);
                     self.request_commit(node);
@@ -1461,22 +1519,122 @@ impl<'a> Sim<'a> {
             self.report.appends.node_down += 1;
             return;
         }
+        self.submit(node, cmd, true);
+    }
+
+    fn command_at(&mut self, node: usize, cmd: crate::workload::Cmd) {
+        self.submit(node, cmd, false);
+    }
+
+    /// A command reaches `node`: it runs at once, or waits behind the
+    /// node's hold while no peer has confirmed its own log (the node's
+    /// HTTP API holds append requests the same way: they wait, in order,
+    /// and none is refused).
+    fn submit(&mut self, node: usize, cmd: crate::workload::Cmd, retry: bool) {
         self.report.appends.attempted += 1;
+        let wall = self.wall_ms(node);
+        let held = self.slots[node].node.appends_held(wall).is_some();
+        if self.slots[node].holding && !held {
+            // The wait passed by the node's clock before its timer fired.
+            self.release(node);
+        }
+        let s = &mut self.slots[node];
+        if held {
+            s.held.push_back(HeldCmd {
+                cmd,
+                since: self.now,
+                retry,
+            });
+            self.report.held.commands += 1;
+            self.tr(b'h', &[node as u64], &[]);
+            return;
+        }
+        self.run_command(node, cmd, retry);
+    }
+
+    /// Runs a command at `node` (it is up and not holding).
+    fn run_command(&mut self, node: usize, cmd: crate::workload::Cmd, retry: bool) {
         let wall = self.wall_ms(node);
         let res = self.slots[node].node.append(wall, cmd.draft);
         self.check_clock(node, wall);
-        if matches!(res, Ok(None)) {
+        if retry && matches!(res, Ok(None)) {
             self.report.retries.answered_existing += 1;
+        }
+        if let Ok(Some((_, seq))) = res {
+            self.watch_append(node, seq);
         }
         self.append_result(node, res);
     }
 
-    fn command_at(&mut self, node: usize, cmd: crate::workload::Cmd) {
-        self.report.appends.attempted += 1;
+    /// The fork watch of a restored node, on each own event it makes.
+    fn watch_append(&mut self, node: usize, seq: u64) {
         let wall = self.wall_ms(node);
-        let res = self.slots[node].node.append(wall, cmd.draft);
-        self.check_clock(node, wall);
-        self.append_result(node, res);
+        let s = &mut self.slots[node];
+        let unconfirmed = !s.node.own_frontier().confirmed;
+        let now = self.now;
+        if let Some(w) = s.watch.as_mut() {
+            if w.forked_at.is_none() && seq <= w.peer_max {
+                w.forked_at = Some(now);
+                w.forked_unconfirmed = unconfirmed;
+                debug_assert!(s.node.appends_held(wall).is_none());
+                self.tr(b'x', &[node as u64, seq], &[]);
+            }
+        }
+    }
+
+    /// A sync round of `node` with `peer` ended, the peer holding `node`'s
+    /// own events up to `seq`: the replica decides whether that confirms
+    /// the node's own log, and a confirmation lets the held commands go.
+    fn own_head(&mut self, node: usize, peer: NodeId, seq: u64) {
+        let wall = self.wall_ms(node);
+        let now = self.now;
+        let s = &mut self.slots[node];
+        if let Some(w) = s.watch.as_mut() {
+            if seq > w.copy_seq && seq >= w.peer_max && w.full_round_at.is_none() {
+                w.full_round_at = Some(now);
+            }
+        }
+        let confirmed = s.node.handle_own_head(peer, seq, wall);
+        if confirmed && s.holding && s.node.appends_held(wall).is_none() {
+            self.release(node);
+        }
+    }
+
+    /// The wait of `node`'s hold is due: its held commands go unless the
+    /// node's clock says the wait has not passed (a clock stepped back).
+    fn hold_end(&mut self, node: usize) {
+        if !self.slots[node].node.is_up() || !self.slots[node].holding {
+            return;
+        }
+        let wall = self.wall_ms(node);
+        match self.slots[node].node.appends_held(wall) {
+            Some(until) => {
+                let epoch = self.slots[node].epoch;
+                let d = us_of_ms(until.saturating_sub(wall) as f64).max(MS);
+                self.after(d, Ev::HoldEnd { node, epoch });
+            }
+            None => self.release(node),
+        }
+    }
+
+    /// `node`'s hold ended (a peer confirmed its own log, or the wait
+    /// passed): its held commands run, in the order they arrived.
+    fn release(&mut self, node: usize) {
+        let s = &mut self.slots[node];
+        s.holding = false;
+        if s.node.own_frontier().confirmed {
+            self.report.held.confirmed += 1;
+        } else {
+            self.report.held.timed_out += 1;
+        }
+        let held = std::mem::take(&mut s.held);
+        self.tr(b'H', &[node as u64, held.len() as u64], &[]);
+        for h in held {
+            let waited = ms(self.now - h.since);
+            self.report.held.total_ms += waited;
+            self.report.held.max_ms = self.report.held.max_ms.max(waited);
+            self.run_command(node, h.cmd, h.retry);
+        }
     }
 
     /// The clock oracle, on each local event: its hlc is at most
@@ -1804,6 +1962,10 @@ impl<'a> Sim<'a> {
         s.epoch += 1;
         s.commit_scheduled = false;
         s.crash_in_write = None;
+        // Held requests die with the process: their clients see an error.
+        self.report.held.lost += s.held.len() as u64;
+        s.held.clear();
+        s.holding = false;
         let epoch = s.epoch;
         self.fault("crashes");
         if c.in_write {
@@ -1879,12 +2041,99 @@ impl<'a> Sim<'a> {
                 return;
             }
         }
+        if let Some(isolated) = self.slots[node].restore_pending.take() {
+            self.watch_restore(node, isolated);
+        }
+        // As the node at start: with peers, appends wait for one of them to
+        // confirm the own log, or for the wait to pass.
+        let wait = self.sc.node.confirm_wait_ms;
+        if wait > 0 && !self.neighbours[node].is_empty() {
+            let epoch = self.slots[node].epoch;
+            let s = &mut self.slots[node];
+            s.node.await_confirmation(wall.saturating_add(wait));
+            s.holding = true;
+            self.report.held.restarts += 1;
+            self.after(us_of_ms(wait as f64), Ev::HoldEnd { node, epoch });
+        }
         let now = ms(self.now);
         for i in 0..self.neighbours[node].len() {
             let b = self.neighbours[node][i];
             self.slots[node].peers.add_target(b as TargetId, now);
         }
         self.arm(node);
+    }
+
+    /// `node` restarted from a restored copy: starts its fork watch (the
+    /// last one ends, [`Sim::end_watch`]).
+    fn watch_restore(&mut self, node: usize, isolated: bool) {
+        self.end_watch(node);
+        let me = self.ids[node];
+        let copy_seq = self.slots[node].node.state().max_seq(&me);
+        let peer_max = (0..self.slots.len())
+            .filter(|&i| i != node)
+            .map(|i| {
+                let n = &self.slots[i].node;
+                if n.is_up() {
+                    n.state().max_seq(&me)
+                } else {
+                    n.reload().map_or(0, |(st, _)| st.max_seq(&me))
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        let bound_at = self.now + us_of_ms(self.sc.node.confirm_wait_ms as f64);
+        self.slots[node].watch = Some(RestoreWatch {
+            isolated,
+            copy_seq,
+            peer_max,
+            bound_at,
+            full_round_at: None,
+            forked_at: None,
+            forked_unconfirmed: false,
+        });
+    }
+
+    /// Ends `node`'s fork watch: counts the restore, and checks the
+    /// `restore-fork` oracle: a restore with peers reachable at restart
+    /// must not fork by an append made unconfirmed before
+    /// `confirm_wait_ms` passed (the hold lets none go), nor after a peer
+    /// that held every newer own event finished a sync round with it (that
+    /// round brought them back). A peer that lacked some of them may
+    /// confirm first: the node then forks over the ones it lacked, which
+    /// the report counts.
+    fn end_watch(&mut self, node: usize) {
+        let Some(w) = self.slots[node].watch.take() else {
+            return;
+        };
+        let r = &mut self.report.restores;
+        let forked = w.forked_at.is_some();
+        if w.isolated {
+            r.isolated += 1;
+            r.isolated_forked += forked as u64;
+            return;
+        }
+        r.with_peers += 1;
+        r.with_peers_forked += forked as u64;
+        r.with_peers_forked_unconfirmed += (forked && w.forked_unconfirmed) as u64;
+        let Some(fork) = w.forked_at else {
+            return;
+        };
+        let why = if w.full_round_at.is_some_and(|round| round <= fork) {
+            "after a peer holding all its newer events finished a round with it"
+        } else if w.forked_unconfirmed && fork < w.bound_at {
+            "unconfirmed before the wait passed"
+        } else {
+            return;
+        };
+        self.violation(
+            "restore-fork",
+            format!(
+                "node {node}, restored with peers reachable (its copy to seq {}, peers to seq {}), forked at {} ms, {why}",
+                w.copy_seq,
+                w.peer_max,
+                ms(fork),
+            ),
+        );
     }
 
     fn clock_step_next(&mut self) {
@@ -2039,6 +2288,7 @@ impl<'a> Sim<'a> {
         // Recovery returns the copy, not what was synced before the crash.
         s.synced_at_crash = 0;
         s.restored = true;
+        s.restore_pending = Some(isolate > 0);
         self.fault("restores");
         self.tr(b'B', &[node as u64], &[]);
     }
@@ -2173,6 +2423,7 @@ impl<'a> Sim<'a> {
         let first = self.slots[0].node.frontier();
         self.slots.iter().all(|s| {
             s.node.is_up()
+                && s.held.is_empty()
                 && !s.node.is_busy()
                 && s.node.durable_len() == s.node.state().len()
                 && s.node.frontier() == first
@@ -2256,6 +2507,9 @@ impl<'a> Sim<'a> {
         };
         self.report.event_frames = sent;
         self.report.duplicate_deliveries = duplicates;
+        for node in 0..self.slots.len() {
+            self.end_watch(node);
+        }
         if self.slots.iter().all(|s| s.node.is_up()) {
             self.check_oracles();
         }

@@ -57,3 +57,21 @@ fn a_disk_that_loses_synced_writes_is_caught() {
     }
     assert_eq!(caught, 4);
 }
+
+#[test]
+fn a_restored_node_that_does_not_wait_for_its_peers_is_caught() {
+    // Desk 4 is restored with its peers reachable in every seed; skipping
+    // the hold, it appends on its old copy before its first round ends in
+    // some of them.
+    let sc = Scenario::load("venue-restore").unwrap();
+    let caught = (1..=20).find(|&seed| {
+        let opts = RunOptions {
+            sabotage: Sabotage::SkipConfirmation,
+            sabotage_nodes: vec![4],
+            ..RunOptions::default()
+        };
+        let r = run_with(&sc, seed, &opts, &mut |_| {});
+        oracles(&r).contains(&"restore-fork")
+    });
+    assert!(caught.is_some(), "no seed of 1..=20 caught it");
+}

@@ -125,6 +125,34 @@ fn restored_desks_fork_and_every_node_reports_and_converges() {
     assert!(fault(&s, "restores") >= 2 * s.seeds);
     assert!(fault(&s, "restores_isolated") >= s.seeds);
     assert!(s.forks > 0 && fault(&s, "forks_reported") > 0);
+    // Restarted with peers, a desk holds its commands until a peer
+    // confirms its own log: restored that way it takes its newer events
+    // back first and rarely forks (only when the wait passes before any
+    // peer answers); restored while cut off, it forks.
+    let r = s.restores;
+    assert!(r.with_peers >= s.seeds && r.isolated >= s.seeds, "{r:?}");
+    assert!(r.isolated_forked * 2 > r.isolated, "{r:?}");
+    assert!(r.with_peers_forked * 10 < r.with_peers, "{r:?}");
+    assert!(s.held.commands > 0 && s.held.confirmed > 0, "{:?}", s.held);
+}
+
+/// Without the hold (`confirm_wait_ms = 0`, as a node started without
+/// peers), a desk restored with its peers reachable forks whenever a
+/// command reaches it before its first sync round ends.
+#[test]
+fn without_the_hold_restores_with_peers_fork_more() {
+    let run = |wait_ms: u64| {
+        let mut sc = Scenario::load("venue-restore").unwrap();
+        sc.node.confirm_wait_ms = wait_ms;
+        sc.seeds = weftlog_sim::SeedRange { start: 1, end: 21 };
+        run_scenario_as(sc, "venue-restore").restores
+    };
+    let (held, not) = (run(weftlog_proto::replica::CONFIRM_WAIT_MS), run(0));
+    assert_eq!(held.with_peers, not.with_peers);
+    assert!(
+        not.with_peers_forked > held.with_peers_forked,
+        "held {held:?}, not held {not:?}"
+    );
 }
 
 #[test]
