@@ -234,6 +234,10 @@ struct Confirm {
     until_ms: Option<u64>,
     /// The wait passed unconfirmed ([`Replica::appends_held`]).
     waited: bool,
+    /// The highest own seq any peer reported holding: a peer confirms only
+    /// once the replica holds that much, so a peer that lacks newer own
+    /// events cannot confirm after another reported them.
+    reported: u64,
 }
 
 /// A write ran out of space ([`Replica::handle_write_full`]): appends and
@@ -629,15 +633,20 @@ impl Replica {
     /// holding this node's own events up to `seq` (0: none;
     /// [`crate::peers::PeerEvent::OwnHead`]). The peer confirms the own
     /// frontier if the replica holds that much of its own log (applied,
-    /// durable or not): from then on appends are not held. Returns whether
-    /// it confirmed.
+    /// durable or not), and as much as any peer reported holding before:
+    /// from then on appends are not held. Returns whether it confirmed.
     pub fn handle_own_head(&mut self, peer: NodeId, seq: u64, now_ms: u64) -> bool {
         if peer == self.id {
             return false;
         }
-        if seq > 0 && self.state.event_id(&self.id, seq).is_none() {
-            // The peer holds more of this node's log than it does: the
-            // round did not bring it all (it waits for a dependency).
+        self.confirm.reported = self.confirm.reported.max(seq);
+        let want = self.confirm.reported;
+        if self.own_seq() < want {
+            // A peer holds more of this node's log than it does: the round
+            // did not bring it all (it waits for a dependency), or this
+            // peer lacks what another reported. (Any branch counts: once
+            // the author forked, appends go on the branch this replica's
+            // log holds, which need not be the longest.)
             return false;
         }
         if self.confirm.at_ms.is_none() {

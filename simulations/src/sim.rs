@@ -1560,20 +1560,65 @@ impl<'a> Sim<'a> {
         if retry && matches!(res, Ok(None)) {
             self.report.retries.answered_existing += 1;
         }
-        if let Ok(Some((_, seq))) = res {
-            self.watch_append(node, seq);
+        if let Ok(Some((id, seq))) = res {
+            self.watch_append(node, seq, id);
         }
         self.append_result(node, res);
     }
 
+    /// Whether `node`'s new own event `id` at `seq` starts a branch: its
+    /// prev already has another successor on some other node (down nodes
+    /// by their disk). Extending a branch of an author that forked before
+    /// is not a new fork.
+    fn diverges(&self, node: usize, seq: u64, id: EventId) -> bool {
+        let me = self.ids[node];
+        let prev = if seq > 1 {
+            let Some(p) = self.slots[node].node.state().chain_id(&id, seq - 1) else {
+                return false;
+            };
+            Some(p)
+        } else {
+            None
+        };
+        (0..self.slots.len()).filter(|&i| i != node).any(|i| {
+            let n = &self.slots[i].node;
+            let reloaded;
+            let st = if n.is_up() {
+                n.state()
+            } else {
+                match n.reload() {
+                    Ok((st, _)) => {
+                        reloaded = st;
+                        &reloaded
+                    }
+                    Err(_) => return false,
+                }
+            };
+            st.frontier()
+                .into_iter()
+                .filter(|&(a, s, _)| a == me && s >= seq)
+                .any(|(_, _, h)| {
+                    let at = st.chain_id(&h, seq);
+                    at.is_some_and(|x| x != id) && (seq == 1 || st.chain_id(&h, seq - 1) == prev)
+                })
+        })
+    }
+
     /// The fork watch of a restored node, on each own event it makes.
-    fn watch_append(&mut self, node: usize, seq: u64) {
+    fn watch_append(&mut self, node: usize, seq: u64, id: EventId) {
         let wall = self.wall_ms(node);
+        let candidate = self.slots[node]
+            .watch
+            .as_ref()
+            .is_some_and(|w| w.forked_at.is_none() && seq <= w.peer_max);
+        if !candidate || !self.diverges(node, seq, id) {
+            return;
+        }
         let s = &mut self.slots[node];
         let unconfirmed = !s.node.own_frontier().confirmed;
         let now = self.now;
         if let Some(w) = s.watch.as_mut() {
-            if w.forked_at.is_none() && seq <= w.peer_max {
+            if w.forked_at.is_none() {
                 w.forked_at = Some(now);
                 w.forked_unconfirmed = unconfirmed;
                 debug_assert!(s.node.appends_held(wall).is_none());
