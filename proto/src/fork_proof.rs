@@ -626,7 +626,7 @@ fn hex(b: &[u8]) -> String {
 /// Lowercase hex only: one text per byte string.
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let s = s.as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| match c {
