@@ -168,7 +168,8 @@ impl Fork {
 /// The equivocations a daemon recorded in `dir` (none if the file is
 /// missing): one per `(author, seq)`, the proven record over a claim, a
 /// record with a fork proof over one without. Lines that do not parse are
-/// skipped with a warning; a fork proof that does not parse is dropped.
+/// skipped with a warning; a fork proof that does not parse or verify is
+/// dropped (the node makes it again once it holds both branches).
 pub fn read_equivocations(dir: &Path) -> Vec<Value> {
     load_forks(dir).values().map(Fork::json).collect()
 }
@@ -620,7 +621,8 @@ fn load_forks(dir: &Path) -> BTreeMap<(NodeId, u64), Fork> {
                 fork_proof: v
                     .get("fork_proof")
                     .and_then(|p| serde_json::from_value::<ForkProofJson>(p.clone()).ok())
-                    .and_then(|p| ForkProof::from_json(&p).ok()),
+                    .and_then(|p| ForkProof::from_json(&p).ok())
+                    .filter(|p| p.verify().is_ok()),
             })
         })();
         if let Some(f) = parsed {
