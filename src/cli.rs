@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
+use weftlog_proto::fork_proof::{ForkProof, ForkProofJson};
 use weftlog_proto::peers::PeersConfig;
 use weftlog_proto::state::Draft;
 use weftlog_proto::{Hlc, Meta, Op, State};
@@ -103,6 +104,44 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         members: Option<PathBuf>,
     },
+    /// List the forks the log holds, one JSON object per line: authors that
+    /// signed two events with one seq (a desk restored from a backup, a
+    /// cloned VM), the seq where their branches diverge, the events there
+    /// and each branch's head.
+    ///
+    /// With --proof, each line carries "proof": a record of both events
+    /// that anyone can check with `weftlog verify-fork`, with no data
+    /// directory and no trust in this node (each branch's encoded events
+    /// from the fork seq up to one its author signed, and that signature).
+    /// "proof" is null, with "proof_error", while a branch is not yet held
+    /// here up to a signed event.
+    #[command(after_help = "Example:\n  \
+    weftlog forks --proof > forks.jsonl\n  \
+    weftlog verify-fork forks.jsonl")]
+    Forks {
+        /// Add each fork's proof.
+        #[arg(long)]
+        proof: bool,
+    },
+    /// Check fork proofs from the record alone: no data directory is read
+    /// (--data is ignored) and no node is asked.
+    ///
+    /// FILE (or - for stdin) holds the output of `forks --proof` or
+    /// `GET /v1/forks?proof=true`, lines of `equivocations.jsonl` that
+    /// carry "fork_proof", a proof in JSON form, or a proof in binary form
+    /// (PROTOCOL.md §9.6.1). Each proof must show two different events by
+    /// one author at one seq, each branch decoding strictly, linked by
+    /// prev, and ending at an event with a valid signature by the author.
+    ///
+    /// Prints one line per proof, {"valid": true, "author", "seq",
+    /// "events", "heads"}; if any proof is refused, prints nothing and
+    /// exits 1 with the reason.
+    #[command(after_help = "Example:\n  \
+    weftlog --data desk-a forks --proof | weftlog verify-fork -")]
+    VerifyFork {
+        /// The file with the proofs, or - for stdin.
+        file: PathBuf,
+    },
     /// Write the events another node lacks (or all of them) to a file.
     ///
     /// The other node's `status` output names its branch heads: per author
@@ -177,6 +216,7 @@ GET  /v1/streams/{stream}[?as_of=HLC]   the stream, as `get` prints it\n  \
 GET  /v1/log[?stream=S]           events, one JSON object per line\n  \
 GET  /v1/conflicts                fields with concurrent values\n  \
 GET  /v1/status                   status plus peers (node, addr, connected, behind), blocked, equivocations\n  \
+GET  /v1/forks[?proof=true]       forks the log holds, as `forks` prints them (with --proof: their proofs)\n  \
 GET  /v1/events                   server-sent events: every event as it becomes durable here\n  \
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
@@ -575,6 +615,118 @@ pub fn log_lines(node: &Node, stream: Option<&str>, members: &Members) -> Result
     Ok(out)
 }
 
+/// The lines `forks` prints: every fork the log holds ([`json::fork`]),
+/// with its proof if `proof` ([`json::fork_with_proof`]).
+pub fn fork_lines(node: &Node, proof: bool) -> Vec<Value> {
+    if proof {
+        node.fork_proofs()
+            .iter()
+            .map(|(f, p)| json::fork_with_proof(f, p))
+            .collect()
+    } else {
+        node.with_state(|s| s.forks().iter().map(json::fork).collect())
+    }
+}
+
+/// `verify-fork`: reads the proofs in `file` (`-` for stdin) and verifies
+/// each from its content alone; the line to print for each, or the first
+/// refusal.
+fn verify_fork(file: &Path) -> Result<Vec<Value>> {
+    use weftlog_proto::fork_proof::MAX_FORK_PROOF_JSON_BYTES;
+    let name = || match file.to_str() {
+        Some("-") => "stdin".to_string(),
+        _ => file.display().to_string(),
+    };
+    let mut data = Vec::new();
+    let limit = MAX_FORK_PROOF_JSON_BYTES as u64 + 1;
+    let read = if file.as_os_str() == "-" {
+        io::Read::read_to_end(&mut io::Read::take(io::stdin().lock(), limit), &mut data)
+    } else {
+        fs::File::open(file)
+            .and_then(|f| io::Read::read_to_end(&mut io::Read::take(f, limit), &mut data))
+    };
+    read.with_context(|| format!("cannot read {}", name()))?;
+    if data.len() as u64 >= limit {
+        bail!(
+            "{} is larger than the {MAX_FORK_PROOF_JSON_BYTES} bytes a fork proof may take",
+            name()
+        );
+    }
+    let proofs = read_fork_proofs(&data).with_context(name)?;
+    let mut rows = Vec::new();
+    for (i, p) in proofs.iter().enumerate() {
+        let v = p
+            .verify()
+            .with_context(|| format!("{}: fork proof {} is refused", name(), i + 1))?;
+        rows.push(json!({
+            "valid": true,
+            "author": v.author.to_string(),
+            "seq": v.seq,
+            "events": v.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "heads": v.heads.iter().map(|(s, id)| json!({ "seq": s, "head": id.to_string() })).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(rows)
+}
+
+/// The fork proofs in `data`, not yet verified: JSON (one value, or one
+/// per line; each a proof, an array of them, or a record carrying one in
+/// `"proof"` or `"fork_proof"`), or else the binary form.
+fn read_fork_proofs(data: &[u8]) -> Result<Vec<ForkProof>> {
+    let text_start = data.iter().find(|b| !b.is_ascii_whitespace());
+    if !matches!(text_start, Some(b'{') | Some(b'[')) {
+        if data.is_empty() {
+            bail!("no fork proof: the input is empty");
+        }
+        return Ok(vec![ForkProof::decode(data)?]);
+    }
+    let text = std::str::from_utf8(data).map_err(|e| anyhow!("not UTF-8 text: {e}"))?;
+    let values: Vec<Value> = match serde_json::from_str::<Value>(text) {
+        Ok(v) => vec![v],
+        Err(_) => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(n, l)| {
+                serde_json::from_str(l).map_err(|e| anyhow!("line {} is not JSON: {e}", n + 1))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut out = Vec::new();
+    let mut stack: Vec<Value> = values.into_iter().rev().collect();
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Array(items) => stack.extend(items.into_iter().rev()),
+            Value::Object(mut m) => {
+                let inner = m.remove("proof").or_else(|| m.remove("fork_proof"));
+                let proof = match inner {
+                    None if m.contains_key("branches") => Value::Object(m),
+                    Some(p @ Value::Object(_)) => p,
+                    _ => {
+                        let why = m
+                            .get("proof_error")
+                            .and_then(Value::as_str)
+                            .unwrap_or("the record carries no fork proof");
+                        bail!(
+                            "the fork record of author {} seq {} has no proof: {why}",
+                            m.get("author").and_then(Value::as_str).unwrap_or("?"),
+                            m.get("seq").map_or("?".into(), Value::to_string)
+                        );
+                    }
+                };
+                let j: ForkProofJson = serde_json::from_value(proof)
+                    .map_err(|e| anyhow!("not a fork proof in JSON form: {e}"))?;
+                out.push(ForkProof::from_json(&j)?);
+            }
+            v => bail!("{v} is not a fork proof"),
+        }
+    }
+    if out.is_empty() {
+        bail!("no fork proof in the input");
+    }
+    Ok(out)
+}
+
 /// Writes `data` to `path` atomically and durably.
 pub fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -746,6 +898,30 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 }
             };
             print(out, &v)?;
+        }
+        Command::Forks { proof } => {
+            let rows = match target(dir)? {
+                Target::Local(node) => fork_lines(&node, proof),
+                Target::Remote(r) => {
+                    let path = if proof {
+                        "/v1/forks?proof=true"
+                    } else {
+                        "/v1/forks"
+                    };
+                    match r.get_json(path)? {
+                        Value::Array(rows) => rows,
+                        v => bail!("the running node answered {v} for its forks"),
+                    }
+                }
+            };
+            for v in rows {
+                print(out, &v)?;
+            }
+        }
+        Command::VerifyFork { file } => {
+            for v in verify_fork(&file)? {
+                print(out, &v)?;
+            }
         }
         Command::Export { since, out: path } => {
             let (data, n) = match target(dir)? {

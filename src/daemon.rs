@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tracing::{debug, info, warn};
+use weftlog_proto::fork_proof::{ForkProof, ForkProofJson};
 use weftlog_proto::peers::{ConnId, PeerEvent, Peers, PeersConfig, Random, TargetId};
 use weftlog_proto::sync::{message_len, Equivocation, SessionConfig, LENGTH_PREFIX_BYTES};
 use weftlog_proto::NodeId;
@@ -135,24 +136,41 @@ pub struct Fork {
     pub proof: Equivocation,
     /// The peer that sent the other branch.
     pub peer: NodeId,
+    /// The third-party-verifiable record of both events, once this node
+    /// holds both branches durably up to a signed event
+    /// ([`weftlog_proto::fork_proof`]); `None` until then.
+    pub fork_proof: Option<ForkProof>,
 }
 
 impl Fork {
     fn json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "author": self.proof.author.to_string(),
             "seq": self.proof.seq,
             "held": self.proof.held.to_string(),
             "other": self.proof.other.to_string(),
             "proven": self.proof.proven,
             "peer": self.peer.to_string(),
-        })
+        });
+        if let Some(p) = &self.fork_proof {
+            v["fork_proof"] = crate::json::fork_proof(p);
+        }
+        v
+    }
+
+    /// Whether `self` says more than `old` about the same `(author, seq)`:
+    /// proven over a claim, then a fork proof over none.
+    fn better_than(&self, old: &Fork) -> bool {
+        (self.proof.proven, self.fork_proof.is_some())
+            > (old.proof.proven, old.fork_proof.is_some())
     }
 }
 
 /// The equivocations a daemon recorded in `dir` (none if the file is
-/// missing): one per `(author, seq)`, the proven record over a claim.
-/// Lines that do not parse are skipped with a warning.
+/// missing): one per `(author, seq)`, the proven record over a claim, a
+/// record with a fork proof over one without. Lines that do not parse are
+/// skipped with a warning; a fork proof that does not parse or verify is
+/// dropped (the node makes it again once it holds both branches).
 pub fn read_equivocations(dir: &Path) -> Vec<Value> {
     load_forks(dir).values().map(Fork::json).collect()
 }
@@ -601,13 +619,16 @@ fn load_forks(dir: &Path) -> BTreeMap<(NodeId, u64), Fork> {
                     proven: v.get("proven")?.as_bool()?,
                 },
                 peer: s("peer")?.parse().ok()?,
+                fork_proof: v
+                    .get("fork_proof")
+                    .and_then(|p| serde_json::from_value::<ForkProofJson>(p.clone()).ok())
+                    .and_then(|p| ForkProof::from_json(&p).ok())
+                    .filter(|p| p.verify().is_ok()),
             })
         })();
         if let Some(f) = parsed {
             let key = (f.proof.author, f.proof.seq);
-            let keep = out
-                .get(&key)
-                .is_none_or(|old: &Fork| !old.proof.proven && f.proof.proven);
+            let keep = out.get(&key).is_none_or(|old: &Fork| f.better_than(old));
             if keep {
                 out.insert(key, f);
             }
@@ -725,26 +746,80 @@ impl Shared {
         }
     }
 
-    /// Records a fork once per `(author, seq)`, or again when proof arrives
-    /// for a claim; appends it to the equivocation file.
+    /// Records a fork once per `(author, seq)`, again when proof arrives
+    /// for a claim, and again when the node can make its fork proof;
+    /// appends it to the equivocation file.
     fn record_fork(&self, peer: NodeId, proof: Equivocation) {
         let key = (proof.author, proof.seq);
-        let fork = Fork { proof, peer };
+        let mut fork = Fork {
+            proof,
+            peer,
+            fork_proof: None,
+        };
+        {
+            let forks = lock(&self.forks);
+            if forks.get(&key).is_some_and(|old| !fork.better_than(old)) {
+                return;
+            }
+        }
+        // Outside the forks lock: it reads the node's state and log.
+        fork.fork_proof = self.prove(&proof);
         {
             let mut forks = lock(&self.forks);
-            if forks
-                .get(&key)
-                .is_some_and(|old| old.proof.proven || !proof.proven)
-            {
+            if forks.get(&key).is_some_and(|old| !fork.better_than(old)) {
                 return;
             }
             forks.insert(key, fork.clone());
         }
         warn!(
             author = %proof.author, seq = proof.seq, held = %proof.held, other = %proof.other,
-            proven = proof.proven, peer = %peer,
+            proven = proof.proven, peer = %peer, fork_proof = fork.fork_proof.is_some(),
             "equivocation: the author signed two events with one seq"
         );
+        self.append_fork(&fork);
+    }
+
+    /// The fork proof of an equivocation, if this node holds both events
+    /// durably, each with its branch up to a signed event.
+    fn prove(&self, e: &Equivocation) -> Option<ForkProof> {
+        match ForkProof::build(&self.node.sync_store(), e.author, [e.held, e.other]) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                debug!(author = %e.author, seq = e.seq, "no fork proof yet: {why}");
+                None
+            }
+        }
+    }
+
+    /// Tries again to make the fork proofs this node lacks (after a batch
+    /// became durable: the other branch or its signature may be in it),
+    /// and records those it makes.
+    fn prove_pending(&self) {
+        let pending: Vec<Fork> = lock(&self.forks)
+            .values()
+            .filter(|f| f.fork_proof.is_none())
+            .cloned()
+            .collect();
+        for mut fork in pending {
+            let Some(p) = self.prove(&fork.proof) else {
+                continue;
+            };
+            fork.fork_proof = Some(p);
+            let key = (fork.proof.author, fork.proof.seq);
+            {
+                let mut forks = lock(&self.forks);
+                if forks.get(&key).is_some_and(|old| !fork.better_than(old)) {
+                    continue;
+                }
+                forks.insert(key, fork.clone());
+            }
+            info!(author = %fork.proof.author, seq = fork.proof.seq, "fork proof recorded: both branches are held up to a signed event");
+            self.append_fork(&fork);
+        }
+    }
+
+    /// Appends a fork record to the equivocation file.
+    fn append_fork(&self, fork: &Fork) {
         let path: PathBuf = self.node.dir().join(EQUIVOCATIONS_FILE);
         let line = format!("{}\n", fork.json());
         let written = OpenOptions::new()
@@ -801,7 +876,10 @@ async fn feed_loop(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match c {
-            Ok(batch) => shared.policy(|p, store, rng| p.handle_stored(&batch.heads, store, rng)),
+            Ok(batch) => {
+                shared.policy(|p, store, rng| p.handle_stored(&batch.heads, store, rng));
+                shared.prove_pending();
+            }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!("fell {n} batches behind the live feed; asking every peer for a round");
                 shared.policy(|p, store, _| p.handle_lagged(store));

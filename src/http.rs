@@ -9,6 +9,7 @@
 //! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true` |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
 //! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked`, `equivocations`, `non_members` (`null` without `--members`) and `own_frontier` (whether, by whom and when a peer confirmed this node's own log since it started) |
+//! | `GET /v1/forks[?proof=true]` | a JSON array of what `forks` prints: each fork the log holds (`author`, `seq`, `events`, `heads`), with `proof=true` its fork proof in JSON form (`proof`, or `null` and `proof_error`), which `weftlog verify-fork` checks with no data directory |
 //! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it, marks included); `event: lagged` if this client fell behind and missed some |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
@@ -50,6 +51,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/log", get(log))
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/status", get(status))
+        .route("/v1/forks", get(forks))
         .route("/v1/events", get(events))
         .route("/v1/export", post(export))
         .route("/v1/import", post(import))
@@ -263,6 +265,21 @@ async fn log(AxState(d): Shared, Query(q): Query<LogQuery>) -> Result<Response, 
 
 async fn conflicts(AxState(d): Shared) -> Json<Value> {
     Json(Value::Array(d.node().with_state(json::conflicts)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForksQuery {
+    #[serde(default)]
+    proof: bool,
+}
+
+async fn forks(AxState(d): Shared, Query(q): Query<ForksQuery>) -> Result<Json<Value>, ApiError> {
+    let node = d.node().clone();
+    let rows = tokio::task::spawn_blocking(move || crate::cli::fork_lines(&node, q.proof))
+        .await
+        .map_err(internal)?;
+    Ok(Json(Value::Array(rows)))
 }
 
 async fn status(AxState(d): Shared) -> Json<Value> {

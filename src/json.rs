@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
+use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::since::MAX_SINCE_HEADS;
 use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
@@ -255,6 +256,27 @@ pub fn fork(f: &Fork) -> Value {
         "events": f.events.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "heads": f.heads.iter().map(|(s, id)| json!({ "seq": s, "head": id.to_string() })).collect::<Vec<_>>(),
     })
+}
+
+/// A fork record with its proof ([`ForkProof::of_fork`]): [`fork`], and
+/// `"proof"`, the JSON form of the proof (`PROTOCOL.md` §9.6.1), or `null`
+/// with `"proof_error"` saying why this node cannot make it yet.
+pub fn fork_with_proof(f: &Fork, proof: &Result<ForkProof, BuildError>) -> Value {
+    let mut v = fork(f);
+    match proof {
+        Ok(p) => v["proof"] = fork_proof(p),
+        Err(e) => {
+            v["proof"] = Value::Null;
+            v["proof_error"] = e.to_string().into();
+        }
+    }
+    v
+}
+
+/// The JSON form of a fork proof (`PROTOCOL.md` §9.6.1).
+pub fn fork_proof(p: &ForkProof) -> Value {
+    // Strings and numbers only: serialising them cannot fail.
+    serde_json::to_value(p.to_json()).expect("a fork proof is JSON")
 }
 
 /// An integer as a JSON number (i64 when it fits, else a decimal string).

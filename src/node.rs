@@ -66,10 +66,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use weftlog_proto::event::{Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
+use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::log::{self, Log, OpenError, Recovery};
 use weftlog_proto::replica::{self, Access, Batch, Mark, Replica, ReplicaStore};
 use weftlog_proto::since::SinceError;
-use weftlog_proto::state::{Draft, PrepareError, State};
+use weftlog_proto::state::{Draft, Fork, PrepareError, State};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, NodeId};
 
@@ -594,6 +595,22 @@ impl Node {
             visit(&event, frame.id);
             Ok(())
         })
+    }
+
+    /// Every fork the log holds ([`State::forks`]), each with its proof
+    /// ([`ForkProof::of_fork`]), or why it cannot be made yet (a branch not
+    /// yet durable up to a signed event).
+    pub fn fork_proofs(&self) -> Vec<(Fork, Result<ForkProof, BuildError>)> {
+        // The state lock is released before the store reads it again.
+        let forks = self.with_state(State::forks);
+        let store = self.sync_store();
+        forks
+            .into_iter()
+            .map(|f| {
+                let p = ForkProof::of_fork(&store, &f);
+                (f, p)
+            })
+            .collect()
     }
 
     /// An export file holding every event a node whose branch heads are

@@ -8,6 +8,8 @@
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
 //! - [`log`]: record framing, segments and recovery over a storage trait;
 //! - [`exchange`]: export files and the checks an import makes;
+//! - [`fork_proof`]: proofs of a fork that anyone can check from the record
+//!   alone;
 //! - [`replica`]: one node's state, group commit and durable indexes, and
 //!   the store sync sessions use, without IO;
 //! - [`since`]: what another replica lacks, judged from its branch heads
@@ -20,6 +22,7 @@
 
 pub mod event;
 pub mod exchange;
+pub mod fork_proof;
 pub mod hlc;
 pub mod id;
 pub mod log;

@@ -452,3 +452,86 @@ fn read_model_vector_matches_protocol_md() {
     assert_eq!(hex(&hashes[0]), V10_STATE_HASH, "{printed}");
     assert_eq!(*blake3::hash(&model).as_bytes(), hashes[0]);
 }
+
+// The fork proof vectors (PROTOCOL.md §9.6.1): key 1 forks at seq 2.
+
+/// Key 1's events on the second branch: seq 2 after vector 1 (unsigned),
+/// and seq 3 after it (signed).
+fn fork_branch() -> [Event; 2] {
+    let (_, id1) = v1().seal();
+    let phone = |seq: u64, prev: EventId, ms: u64, v: &str| Event {
+        version: FORMAT_VERSION,
+        author: key(1).node_id(),
+        seq,
+        prev: Some(prev),
+        deps: vec![],
+        hlc: Hlc::from_ms(1_700_000_000_000 + ms),
+        stream: "customer/20".into(),
+        kind: "PhoneAdded".into(),
+        ops: vec![Op::Set {
+            field: "phone".into(),
+            value: format!("{v:?}").into_bytes(),
+            supersedes: vec![],
+        }],
+        payload: vec![],
+        meta: Meta::default(),
+    };
+    let b2 = phone(2, id1, 3, "555");
+    let b3 = phone(3, b2.seal().1, 4, "556");
+    [b2, b3]
+}
+
+const FORK_PROOF: &str = "018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0201a401018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0201389c67c58eb09ccad685b53f9a5361351e64e308c1cbb821c6f83860ae5e8f1200808088c0d6fcf3c5010d6576656e742f6b65796e6f74650b53656174734f70656e65640302057365617473ac02030573656174738139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394640405736561747301000000b3b321215088be25e75e54fcb729297fdb5d6a71c7cebb06ef2a90c214b9deab7eaec4b239d4e7099ec6ab3f388f81371daa476764dc0f81c686c8dfaa40800c0276018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0201389c67c58eb09ccad685b53f9a5361351e64e308c1cbb821c6f83860ae5e8f120080808cc0d6fcf3c5010b637573746f6d65722f32300a50686f6e65416464656401000570686f6e650522353535220000000076018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c03016f81202080057d9159489b9c476752ef5873173a569751f810b128ed5dc80b8600808090c0d6fcf3c5010b637573746f6d65722f32300a50686f6e65416464656401000570686f6e650522353536220000000041e7ce8f6164c76bb219dcf328c84eaefcfa740d8c7f16252e07ea5261ef840de98488fca27a1e7b8f610c46ffad68c06d0b803cd532da139d7bbebab93fdf03";
+const FORK_PROOF_REFUSED: &str = "018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0201a401018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0201389c67c58eb09ccad685b53f9a5361351e64e308c1cbb821c6f83860ae5e8f1200808088c0d6fcf3c5010d6576656e742f6b65796e6f74650b53656174734f70656e65640302057365617473ac02030573656174738139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394640405736561747301000000b3b321215088be25e75e54fcb729297fdb5d6a71c7cebb06ef2a90c214b9deab7eaec4b239d4e7099ec6ab3f388f81371daa476764dc0f81c686c8dfaa40800c01a401018a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c0201389c67c58eb09ccad685b53f9a5361351e64e308c1cbb821c6f83860ae5e8f1200808088c0d6fcf3c5010d6576656e742f6b65796e6f74650b53656174734f70656e65640302057365617473ac02030573656174738139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394640405736561747301000000b3b321215088be25e75e54fcb729297fdb5d6a71c7cebb06ef2a90c214b9deab7eaec4b239d4e7099ec6ab3f388f81371daa476764dc0f81c686c8dfaa40800c";
+
+#[test]
+fn fork_proof_vectors_match_protocol_md() {
+    use weftlog_proto::fork_proof::{Branch, ForkProof, ForkProofError};
+    let k = key(1);
+    let (b3, id3) = v3().seal();
+    let [x2, x3] = fork_branch();
+    let (x2b, x2id) = x2.seal();
+    let (x3b, x3id) = x3.seal();
+    let short = Branch {
+        events: vec![b3],
+        signature: k.sign(&id3),
+    };
+    let long = Branch {
+        events: vec![x2b, x3b],
+        signature: k.sign(&x3id),
+    };
+    let branches = if id3 < x2id {
+        [short, long]
+    } else {
+        [long, short]
+    };
+    let proof = ForkProof {
+        author: k.node_id(),
+        seq: 2,
+        branches,
+    };
+    let bytes = proof.encode();
+    let v = proof.verify().unwrap();
+    let mut refused = proof.clone();
+    refused.branches[1] = refused.branches[0].clone();
+    let refused_bytes = refused.encode();
+    let printed = format!(
+        "fork-proof {}\nevents {} {}\nheads {} {} {} {}\nfork-proof-refused {}\n",
+        hex(&bytes),
+        v.events[0],
+        v.events[1],
+        v.heads[0].0,
+        v.heads[0].1,
+        v.heads[1].0,
+        v.heads[1].1,
+        hex(&refused_bytes)
+    );
+    if print_vectors() {
+        println!("{printed}");
+    }
+    assert_eq!(hex(&bytes), FORK_PROOF, "{printed}");
+    assert_eq!(ForkProof::decode(&bytes).unwrap(), proof);
+    assert_eq!(hex(&refused_bytes), FORK_PROOF_REFUSED, "{printed}");
+    let back = ForkProof::decode(&refused_bytes).unwrap();
+    assert_eq!(back.verify(), Err(ForkProofError::SameEvent(v.events[0])));
+}
