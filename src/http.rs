@@ -401,6 +401,12 @@ fn sse_events(batch: &Committed, members: &Members, queue: &mut VecDeque<SseEven
     }
 }
 
+/// The notice a client that fell `n` batches behind gets.
+fn lagged(queue: &mut VecDeque<SseEvent>, n: u64) {
+    let data = json!({ "missed_batches": n }).to_string();
+    queue.push_back(SseEvent::default().event("lagged").data(data));
+}
+
 async fn events(AxState(d): Shared) -> impl IntoResponse {
     let feed = Feed {
         rx: d.node().subscribe(),
@@ -414,18 +420,33 @@ async fn events(AxState(d): Shared) -> impl IntoResponse {
                 return Some((Ok::<_, Infallible>(e), f));
             }
             if *f.shutdown.borrow() {
-                return None;
+                // The node stops: what it committed before is announced
+                // (batches already in the channel), then the feed ends.
+                loop {
+                    match f.rx.try_recv() {
+                        Ok(batch) => sse_events(&batch, &f.members, &mut f.queue),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(&mut f.queue, n),
+                        Err(_) => break,
+                    }
+                }
+                match f.queue.pop_front() {
+                    Some(e) => return Some((Ok(e), f)),
+                    None => return None,
+                }
             }
             tokio::select! {
                 r = f.rx.recv() => match r {
                     Ok(batch) => sse_events(&batch, &f.members, &mut f.queue),
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let data = json!({ "missed_batches": n }).to_string();
-                        f.queue.push_back(SseEvent::default().event("lagged").data(data));
-                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => lagged(&mut f.queue, n),
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = f.shutdown.changed() => return None,
+                // A stop is handled at the top of the loop; a signal that
+                // is gone without one ends the feed.
+                changed = f.shutdown.changed() => {
+                    if changed.is_err() && !*f.shutdown.borrow() {
+                        return None;
+                    }
+                }
             }
         }
     });
