@@ -83,9 +83,11 @@
 //! and the shell holds its appends (it does not refuse them) until
 //! [`Replica::appends_held`] says they may go. A peer confirms when a sync
 //! round with it ends ([`crate::peers::PeerEvent::OwnHead`], handed to
-//! [`Replica::handle_own_head`]) and the replica holds every own event the
-//! peer holds: the round has brought back whatever the backup lacked, so
-//! the next append takes the seq after them. Events by this node that come
+//! [`Replica::handle_own_head`]) and the replica holds as much of its own
+//! log as that peer, and as any peer reported before, holds: the round has
+//! brought back whatever the backup lacked, so the next append takes the
+//! seq after them (a peer that lacks newer own events another reported
+//! cannot let appends go). Events by this node that come
 //! back by sync are stored like any other. Without peers, or once the wait
 //! passes (a desk offline must keep selling), appends go ahead unconfirmed;
 //! what follows a fork then is the fork handling's. A replica that is never

@@ -486,6 +486,15 @@ mod tests {
         // nothing: the round did not bring it back.
         assert!(!n.handle_own_head(peer, 2, 2_100));
         assert_eq!(n.appends_held(2_100), Some(5_000));
+        // Nor does a peer holding less than another reported.
+        let other = Keypair::from_secret([8; 32]).node_id();
+        assert!(!n.handle_own_head(other, 1, 2_150));
+        assert_eq!(n.appends_held(2_150), Some(5_000));
+        // A restart forgets what peers reported; a peer holding what the
+        // node holds confirms.
+        n.crash(0.0);
+        n.restart(2_160).unwrap();
+        n.await_confirmation(5_000);
         assert!(n.handle_own_head(peer, 1, 2_200));
         assert_eq!(n.appends_held(2_200), None);
         let f = n.own_frontier();
