@@ -134,7 +134,9 @@ pub enum StartError {
 pub struct Fork {
     /// What the session reported.
     pub proof: Equivocation,
-    /// The peer that sent the other branch.
+    /// The peer that sent the other branch; this node's own id when the
+    /// fork was found in its state rather than met by a session (both
+    /// branches arrived in one message).
     pub peer: NodeId,
     /// The third-party-verifiable record of both events, once this node
     /// holds both branches durably up to a signed event
@@ -791,6 +793,34 @@ impl Shared {
         }
     }
 
+    /// Records the forks the state holds that no session reported: both
+    /// branches can arrive in one message, before either is stored, and
+    /// the session then sees no event at a seq it holds. Such a record
+    /// names this node as the peer. One record per forked author: a fork a
+    /// session reported (at whatever seq it met it) is not recorded again.
+    fn note_forks(&self) {
+        let forks = self.node.with_state(|s| s.forks());
+        let me = self.node.id();
+        for f in forks {
+            let [held, other, ..] = f.events[..] else {
+                continue;
+            };
+            if lock(&self.forks).keys().any(|(a, _)| *a == f.author) {
+                continue;
+            }
+            self.record_fork(
+                me,
+                Equivocation {
+                    author: f.author,
+                    seq: f.seq,
+                    held,
+                    other,
+                    proven: true,
+                },
+            );
+        }
+    }
+
     /// Tries again to make the fork proofs this node lacks (after a batch
     /// became durable: the other branch or its signature may be in it),
     /// and records those it makes.
@@ -879,6 +909,7 @@ async fn feed_loop(
             Ok(batch) => {
                 shared.policy(|p, store, rng| p.handle_stored(&batch.heads, store, rng));
                 shared.prove_pending();
+                shared.note_forks();
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!("fell {n} batches behind the live feed; asking every peer for a round");

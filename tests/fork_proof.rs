@@ -234,3 +234,63 @@ fn a_node_that_learns_a_fork_by_sync_records_its_proof() {
     assert!(out.contains("\"valid\":true"), "{out}");
     drop(pa);
 }
+
+/// A node that meets a forked author for the first time receives both
+/// branches in one session, before either is stored, so the session sees
+/// no seq held with another id: the daemon finds the fork in its state
+/// and records it, with its proof, all the same.
+#[test]
+fn a_node_that_receives_both_branches_at_once_records_the_fork() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, d) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("d"),
+    );
+    let (author, ids) = forked(&a, &b, tmp.path());
+    init(&d);
+    let pd = Proc::start("d", &d, Opts::default());
+    let pa = Proc::start(
+        "a",
+        &a,
+        Opts {
+            peers: vec![pd.quic.clone()],
+            ..Opts::default()
+        },
+    );
+    let t0 = Instant::now();
+    let record = loop {
+        let s = pd.status();
+        let found = s["equivocations"]
+            .as_array()
+            .and_then(|e| e.iter().find(|f| f.get("fork_proof").is_some()).cloned());
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "no fork recorded at d: {s}\n--- d stderr:\n{}",
+            common::server::tail(&pd.log, 30)
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(record["author"], author.as_str(), "{record}");
+    assert_eq!(record["seq"], 2, "{record}");
+    let mut both = [
+        record["held"].as_str().unwrap().to_string(),
+        record["other"].as_str().unwrap().to_string(),
+    ];
+    both.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(both, want, "{record}");
+    let log = std::fs::read_to_string(&pd.log).unwrap();
+    assert!(log.contains("equivocation"), "no warning in d's log");
+    let lines = std::fs::read_to_string(d.join("equivocations.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("fork_proof")).count(),
+        1,
+        "one record with its proof: {lines}"
+    );
+    drop(pa);
+}
