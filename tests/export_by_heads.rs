@@ -15,19 +15,12 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use common::server::{copy_dir, Opts, Proc};
-use common::{fails, weftlog};
+use common::{fails, succeeds};
 
 /// Runs a command that must succeed and print one JSON object.
 fn ok(data: &Path, args: &[&str]) -> Value {
-    let r = weftlog(data, args);
-    assert_eq!(
-        r.code,
-        Some(0),
-        "weftlog {args:?} failed:\nstdout: {}\nstderr: {}",
-        r.stdout,
-        r.stderr
-    );
-    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", r.stdout))
+    let out = succeeds(data, args);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
 fn append(data: &Path, n: u64) {

@@ -16,21 +16,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::server::{copy_dir, init, Opts, Proc, DEADLINE};
-use common::weftlog;
+use common::succeeds;
 use serde_json::Value;
-
-/// Runs a command that must succeed; returns its stdout.
-fn ok(data: &Path, args: &[&str]) -> String {
-    let r = weftlog(data, args);
-    assert_eq!(
-        r.code,
-        Some(0),
-        "weftlog {args:?} failed:\nstdout: {}\nstderr: {}",
-        r.stdout,
-        r.stderr
-    );
-    r.stdout
-}
 
 /// `weftlog --data DATA verify-fork -` with `input` on stdin: exit code,
 /// stdout, stderr.
@@ -60,7 +47,7 @@ fn verify_stdin(data: &Path, input: &str) -> (Option<i32>, String, String) {
 
 fn append(data: &Path, field: &str, value: &str) -> Value {
     let set = format!("{field}=\"{value}\"");
-    let out = ok(
+    let out = succeeds(
         data,
         &[
             "append",
@@ -86,10 +73,31 @@ fn forked(a: &Path, b: &Path, tmp: &Path) -> (String, [String; 2]) {
     append(b, "email", "ada@x");
     assert_eq!((ea["seq"].as_u64(), eb["seq"].as_u64()), (Some(2), Some(2)));
     let file = tmp.join("b.weft");
-    ok(b, &["export", "--out", file.to_str().unwrap()]);
-    ok(a, &["import", file.to_str().unwrap()]);
+    succeeds(b, &["export", "--out", file.to_str().unwrap()]);
+    succeeds(a, &["import", file.to_str().unwrap()]);
     let ids = [ea, eb].map(|e| e["id"].as_str().unwrap().to_string());
     (id, ids)
+}
+
+/// Waits for the running node to record a fork with its proof (its
+/// `status.equivocations`) and returns that record.
+fn fork_record_with_proof(p: &Proc) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = p.status();
+        let found = s["equivocations"]
+            .as_array()
+            .and_then(|e| e.iter().find(|f| f.get("fork_proof").is_some()).cloned());
+        if let Some(f) = found {
+            return f;
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "no fork proof recorded: {s}\n--- stderr:\n{}",
+            common::server::tail(&p.log, 30)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -98,7 +106,7 @@ fn a_fork_proof_from_one_node_verifies_on_a_machine_with_no_data() {
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let (author, ids) = forked(&a, &b, tmp.path());
 
-    let listed = ok(&a, &["forks"]);
+    let listed = succeeds(&a, &["forks"]);
     let fork: Value = serde_json::from_str(listed.trim()).unwrap();
     assert_eq!(listed.lines().count(), 1, "{listed}");
     assert_eq!(fork["author"], author.as_str());
@@ -106,7 +114,7 @@ fn a_fork_proof_from_one_node_verifies_on_a_machine_with_no_data() {
     assert_eq!(fork["heads"].as_array().unwrap().len(), 2, "{fork}");
     assert!(fork.get("proof").is_none(), "{fork}");
 
-    let proofs = ok(&a, &["forks", "--proof"]);
+    let proofs = succeeds(&a, &["forks", "--proof"]);
     let line: Value = serde_json::from_str(proofs.trim()).unwrap();
     let proof = &line["proof"];
     assert_eq!(proof["author"], author.as_str(), "{line}");
@@ -152,7 +160,7 @@ fn a_fork_proof_from_one_node_verifies_on_a_machine_with_no_data() {
     // The proof alone, from a file, verifies too.
     let file = tmp.path().join("proof.json");
     std::fs::write(&file, proof.to_string()).unwrap();
-    let out = ok(&elsewhere, &["verify-fork", file.to_str().unwrap()]);
+    let out = succeeds(&elsewhere, &["verify-fork", file.to_str().unwrap()]);
     assert!(out.contains("\"valid\":true"), "{out}");
 
     // One hex digit of a signature changed: refused, exit 1, nothing on
@@ -178,7 +186,7 @@ fn a_fork_proof_from_one_node_verifies_on_a_machine_with_no_data() {
 
     // Through the running node: the same proof.
     let node = Proc::start("a", &a, Opts::default());
-    let remote = ok(&a, &["forks", "--proof"]);
+    let remote = succeeds(&a, &["forks", "--proof"]);
     assert_eq!(remote, proofs, "through the running node");
     let (code, _, err) = verify_stdin(&elsewhere, &remote);
     assert_eq!(code, Some(0), "{err}");
@@ -197,7 +205,7 @@ fn a_node_that_learns_a_fork_by_sync_records_its_proof() {
     // C holds one branch (the copy's, by file) before it meets A, which
     // holds both: the session sees a seq held with another id.
     init(&c);
-    ok(&c, &["import", tmp.path().join("b.weft").to_str().unwrap()]);
+    succeeds(&c, &["import", tmp.path().join("b.weft").to_str().unwrap()]);
     let pc = Proc::start("c", &c, Opts::default());
     let pa = Proc::start(
         "a",
@@ -209,22 +217,7 @@ fn a_node_that_learns_a_fork_by_sync_records_its_proof() {
     );
     // C learns the other branch from A, reports the fork and, once both
     // are durable, records the proof.
-    let t0 = Instant::now();
-    let record = loop {
-        let s = pc.status();
-        let found = s["equivocations"]
-            .as_array()
-            .and_then(|e| e.iter().find(|f| f.get("fork_proof").is_some()).cloned());
-        if let Some(f) = found {
-            break f;
-        }
-        assert!(
-            t0.elapsed() < DEADLINE,
-            "no fork proof recorded at c: {s}\n--- c stderr:\n{}",
-            common::server::tail(&pc.log, 30)
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    let record = fork_record_with_proof(&pc);
     assert_eq!(record["author"], author.as_str(), "{record}");
     let lines = std::fs::read_to_string(c.join("equivocations.jsonl")).unwrap();
     let with_proof: Vec<&str> = lines.lines().filter(|l| l.contains("fork_proof")).collect();
@@ -258,22 +251,7 @@ fn a_node_that_receives_both_branches_at_once_records_the_fork() {
             ..Opts::default()
         },
     );
-    let t0 = Instant::now();
-    let record = loop {
-        let s = pd.status();
-        let found = s["equivocations"]
-            .as_array()
-            .and_then(|e| e.iter().find(|f| f.get("fork_proof").is_some()).cloned());
-        if let Some(f) = found {
-            break f;
-        }
-        assert!(
-            t0.elapsed() < DEADLINE,
-            "no fork recorded at d: {s}\n--- d stderr:\n{}",
-            common::server::tail(&pd.log, 30)
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    let record = fork_record_with_proof(&pd);
     assert_eq!(record["author"], author.as_str(), "{record}");
     assert_eq!(record["seq"], 2, "{record}");
     let mut both = [

@@ -95,6 +95,19 @@ pub fn set(stream: &str, field: &str, value: &str) -> Draft {
     }
 }
 
+/// Runs a command that must succeed; returns its stdout.
+pub fn succeeds(data: &Path, args: &[&str]) -> String {
+    let r = weftlog(data, args);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "weftlog {args:?} failed:\nstdout: {}\nstderr: {}",
+        r.stdout,
+        r.stderr
+    );
+    r.stdout
+}
+
 /// Runs a command that must fail as the CLI promises: non-zero exit, nothing
 /// on stdout, one line on stderr. Returns that line.
 pub fn fails(data: &Path, args: &[&str]) -> String {
