@@ -1510,6 +1510,9 @@ fn equivocation_is_detected_and_reported() {
         s["events"] == 2
             && s["forks"].as_array().is_some_and(|f| f.len() == 1)
             && s["equivocations"].as_array().is_some_and(|e| !e.is_empty())
+            // The proof is attached once both branches are durable, just
+            // after the batch that stored the second one.
+            && s["equivocations"][0]["fork_proof"].is_object()
     });
     let forks = s["equivocations"].as_array().unwrap();
     assert_eq!(forks.len(), 1, "{s}");
