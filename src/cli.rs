@@ -790,6 +790,9 @@ impl AppendArgs {
                 Op::EscrowConsume { counter, amount } => {
                     consume.insert(counter.clone(), json!(amount));
                 }
+                Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. } => {
+                    bail!("{} ops cannot be sent to a running node yet", op.name())
+                }
             }
         }
         let payload: Option<Value> = match draft.payload.is_empty() {

@@ -1171,10 +1171,6 @@ pub const MDNS_SERVICE: &str = "_weftlog._udp.local.";
 /// Most addresses dialled per member found by mDNS.
 pub const MDNS_ADDRS_PER_NODE: usize = 4;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Announces this node (instance name: the first 16 hex digits of its id;
 /// TXT `node` = the full id, `cluster` = the first 8 bytes of the cluster
 /// id) and dials every other member of the cluster that announces itself.
@@ -1182,7 +1178,7 @@ fn start_mdns(shared: &Arc<Shared>) -> Result<mdns_sd::ServiceDaemon, mdns_sd::E
     let mdns = mdns_sd::ServiceDaemon::new()?;
     let port = shared.endpoint.local_addr().map_or(0, |a| a.port());
     let me = shared.me.to_string();
-    let cluster = hex(&shared.cluster[..8]);
+    let cluster = crate::json::hex(&shared.cluster[..8]);
     let instance = &me[..16];
     let info = mdns_sd::ServiceInfo::new(
         MDNS_SERVICE,
@@ -1248,7 +1244,7 @@ mod tests {
     #[test]
     fn cluster_id_matches_protocol_md() {
         assert_eq!(
-            hex(&cluster_id("default")),
+            crate::json::hex(&cluster_id("default")),
             "7ef1716e4e9b7c396868dcd6ba8a58af2f2eb2b0b8cfb655f2a41fde781e05ab"
         );
     }

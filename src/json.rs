@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
+use weftlog_proto::event::Policy;
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::since::MAX_SINCE_HEADS;
@@ -16,10 +17,12 @@ use crate::tls::Members;
 /// Register values and payloads are JSON text by convention; anything else
 /// is shown as `{"hex": "…"}`.
 pub fn bytes_value(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|_| {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        json!({ "hex": hex })
-    })
+    serde_json::from_slice(bytes).unwrap_or_else(|_| json!({ "hex": hex(bytes) }))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The output of `append`.
@@ -67,7 +70,40 @@ fn op(o: &Op) -> Value {
         Op::EscrowConsume { counter, amount } => {
             json!({ "escrow_consume": { "counter": counter, "amount": amount } })
         }
+        Op::EscrowPolicy {
+            counter,
+            policy: p,
+            supersedes,
+        } => json!({ "escrow_policy": {
+            "counter": counter,
+            "policy": policy(p),
+            "supersedes": supersedes.iter().map(dot).collect::<Vec<_>>(),
+        }}),
+        Op::EscrowOverdraw {
+            counter,
+            amount,
+            synced_ms_ago,
+            remaining_at_sync,
+        } => json!({ "escrow_overdraw": {
+            "counter": counter, "amount": amount,
+            "synced_ms_ago": synced_ms_ago, "remaining_at_sync": remaining_at_sync,
+        }}),
+        Op::Text { field, change } => json!({ "text": {
+            "field": field, "change": hex(change),
+        }}),
     }
+}
+
+/// A seat policy, as the HTTP body and the JSON forms spell it.
+pub fn policy(p: &Policy) -> Value {
+    json!({
+        "mode": p.mode.name(),
+        "window_s": p.window_s,
+        "min_remaining_pct": p.min_remaining_pct,
+        "max_overdraft": p.max_overdraft,
+        "on_oversell": p.on_oversell.name(),
+        "override_s": p.override_s,
+    })
 }
 
 /// One event, as `log` prints it.

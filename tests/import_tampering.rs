@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use weftlog_proto::event::{Event, Keypair, Meta, Op, FORMAT_VERSION};
+use weftlog_proto::event::{Event, Keypair, Meta, Op, MIN_FORMAT_VERSION};
 use weftlog_proto::log::{
     decode_frame, encode_frame, header, FrameLayout, EXPORT_MAGIC, HEADER_BYTES, SIG_BYTES,
 };
@@ -113,7 +113,7 @@ fn records(frames: &[Frame]) -> Vec<(Vec<u8>, Option<Signature>)> {
 /// An event by `author`, checked fields valid unless the caller changes them.
 fn event(author: NodeId, seq: u64, prev: Option<EventId>, hlc: u64, ops: Vec<Op>) -> Event {
     Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author,
         seq,
         prev,

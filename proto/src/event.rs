@@ -23,8 +23,17 @@ use serde::{Deserialize, Serialize};
 use crate::hlc::Hlc;
 use crate::id::{check_encoding, Dot, EventId, KeyError, NodeId, PointFault};
 
-/// The event format version this crate writes and the only one it reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The newest event format version this crate reads and writes. An event
+/// carries the lowest version that has every op it holds
+/// ([`Event::version_for`]): version 1 for the ops of the first format
+/// (registers, counters, escrow init, transfer and consume), version 2 once
+/// it holds a seat policy, an overdraft sale or a text change. So events
+/// that use no new op keep their bytes and ids.
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest event format version this crate reads.
+pub const MIN_FORMAT_VERSION: u8 = 1;
+/// Longest automerge change one text op carries, in bytes.
+pub const MAX_CHANGE_BYTES: usize = 64 * 1024;
 /// Longest stream name, in bytes.
 pub const MAX_STREAM_BYTES: usize = 256;
 /// Longest kind, in bytes.
@@ -50,7 +59,7 @@ const SIG_CONTEXT: &[u8] = b"weftlog/v1/event-id";
 /// One event. See `DESIGN.md` §2 for the meaning of each field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Format version; [`FORMAT_VERSION`].
+    /// Format version: [`Event::version_for`] its ops.
     pub version: u8,
     /// The node that made the event; its encoding must pass
     /// [`NodeId::check_encoding`].
@@ -132,6 +141,224 @@ pub enum Op {
         /// Rights consumed; at least 1.
         amount: u64,
     },
+    /// Bounded counter: the seat policy of `counter`. The policies of a
+    /// counter form a multi-value register: a policy op removes exactly the
+    /// policy ops named in `supersedes` (which must lie in the event's
+    /// causal past). Format version 2.
+    EscrowPolicy {
+        /// Counter name.
+        counter: String,
+        /// The policy.
+        policy: Policy,
+        /// The policy writes of this counter the author saw, sorted ascending.
+        supersedes: Vec<Dot>,
+    },
+    /// Bounded counter: a sale under a `risk-window` policy that may use
+    /// rights beyond those the author holds, up to the policy's
+    /// `max_overdraft`; the figures the selling node judged its admission
+    /// by are recorded for audit and judged by no other replica. Format
+    /// version 2.
+    EscrowOverdraw {
+        /// Counter name.
+        counter: String,
+        /// Rights consumed; at least 1.
+        amount: u64,
+        /// Milliseconds since the selling node's last successful sync
+        /// round, by its own clock, when it sold.
+        synced_ms_ago: u64,
+        /// Capacity left unsold on the counter, as the selling node knew
+        /// it at that round.
+        remaining_at_sync: u64,
+    },
+    /// A text field merged with automerge: `change` is one automerge
+    /// change (its compressed-or-not binary chunk) to the field's document.
+    /// Format version 2.
+    Text {
+        /// Field name.
+        field: String,
+        /// The automerge change bytes.
+        #[serde(with = "serde_bytes")]
+        change: Vec<u8>,
+    },
+}
+
+/// How a bounded counter may be sold (`DESIGN.md` §1, the venue's seat
+/// policies). Set per counter by [`Op::EscrowPolicy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Policy {
+    /// The rule.
+    pub mode: PolicyMode,
+    /// `risk-window`: the longest time since the last successful sync in
+    /// which a node may still overdraw; `strict`: the longest time since a
+    /// peer was last reached in which a node may still sell. Seconds.
+    pub window_s: u32,
+    /// `risk-window`: the least share of the capacity, in percent, that
+    /// must have been unsold at the last successful sync for a node to
+    /// overdraw. At most 100.
+    pub min_remaining_pct: u8,
+    /// `risk-window`: how far below zero an author's rights may go.
+    pub max_overdraft: u64,
+    /// What the node that detects an oversold sale writes at once.
+    pub on_oversell: Compensation,
+    /// How long after the automatic compensation staff may override it, in
+    /// seconds of hlc.
+    pub override_s: u32,
+}
+
+impl Policy {
+    /// `mode` with the defaults of its other settings: a one-hour risk
+    /// window (`window_s` 3600; 30 under `strict`), 10 % of the capacity
+    /// unsold at the last sync, an overdraft of at most 5 seats, oversold
+    /// sales put on the waitlist, and one hour for staff to override that.
+    pub fn new(mode: PolicyMode) -> Policy {
+        Policy {
+            mode,
+            window_s: match mode {
+                PolicyMode::Strict => 30,
+                PolicyMode::Escrow | PolicyMode::RiskWindow => 3600,
+            },
+            min_remaining_pct: 10,
+            max_overdraft: match mode {
+                PolicyMode::RiskWindow => 5,
+                PolicyMode::Escrow | PolicyMode::Strict => 0,
+            },
+            on_oversell: Compensation::Waitlist,
+            override_s: 3600,
+        }
+    }
+
+    /// Sets one setting by the name the CLI and the HTTP body use
+    /// (`window_s`, `min_remaining_pct`, `max_overdraft`, `on_oversell`,
+    /// `override_s`), from its text form.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+            v.parse()
+                .map_err(|_| format!("{key}: {v:?} is not a whole number in range"))
+        }
+        match key {
+            "window_s" => self.window_s = num(key, value)?,
+            "min_remaining_pct" => {
+                let pct: u8 = num(key, value)?;
+                if pct > 100 {
+                    return Err(format!("{key}: {pct} is above 100"));
+                }
+                self.min_remaining_pct = pct;
+            }
+            "max_overdraft" => self.max_overdraft = num(key, value)?,
+            "on_oversell" => self.on_oversell = value.parse()?,
+            "override_s" => self.override_s = num(key, value)?,
+            "mode" => return Err("mode is given first, as MODE".into()),
+            _ => {
+                return Err(format!(
+                    "unknown policy setting {key:?} (known: window_s, min_remaining_pct, \
+                     max_overdraft, on_oversell, override_s)"
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses `MODE[,key=value...]`, the CLI's form (`risk-window,max_overdraft=3`).
+    pub fn parse_spec(spec: &str) -> Result<Policy, String> {
+        let mut parts = spec.split(',');
+        let mode: PolicyMode = parts.next().unwrap_or_default().trim().parse()?;
+        let mut policy = Policy::new(mode);
+        for kv in parts {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("{kv:?} is not key=value"))?;
+            policy.set(k.trim(), v.trim())?;
+        }
+        Ok(policy)
+    }
+}
+
+impl PolicyMode {
+    /// Every mode, in the order of their tags.
+    pub const ALL: [PolicyMode; 3] = [
+        PolicyMode::Escrow,
+        PolicyMode::RiskWindow,
+        PolicyMode::Strict,
+    ];
+
+    /// The name the CLI, the HTTP API and the JSON forms use.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyMode::Escrow => "escrow",
+            PolicyMode::RiskWindow => "risk-window",
+            PolicyMode::Strict => "strict",
+        }
+    }
+}
+
+impl std::str::FromStr for PolicyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PolicyMode, String> {
+        PolicyMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!("unknown seat policy {s:?} (known: escrow, risk-window, strict)")
+            })
+    }
+}
+
+impl Compensation {
+    /// Every compensation, in the order of their tags.
+    pub const ALL: [Compensation; 4] = [
+        Compensation::Notify,
+        Compensation::Cancel,
+        Compensation::Waitlist,
+        Compensation::Honour,
+    ];
+
+    /// The name the CLI, the HTTP API and the JSON forms use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compensation::Notify => "notify",
+            Compensation::Cancel => "cancel",
+            Compensation::Waitlist => "waitlist",
+            Compensation::Honour => "honour",
+        }
+    }
+}
+
+impl std::str::FromStr for Compensation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Compensation, String> {
+        Compensation::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| {
+                format!("unknown compensation {s:?} (known: notify, cancel, waitlist, honour)")
+            })
+    }
+}
+
+/// A seat policy's rule ([`Policy::mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PolicyMode {
+    /// Sell only rights held in the causal past.
+    Escrow,
+    /// Escrow, and beyond it sell offline up to `max_overdraft` seats.
+    RiskWindow,
+    /// Escrow, and refuse to sell while no peer has been reached within
+    /// `window_s`.
+    Strict,
+}
+
+/// What is done about an oversold sale: the value of its compensation
+/// register `oversold/<sale id>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Compensation {
+    /// The staff on site are told; the seat stays taken until they decide.
+    Notify,
+    /// The sale is cancelled and its seat released.
+    Cancel,
+    /// The registrant joins the session's waitlist and the seat is released.
+    Waitlist,
+    /// The ticket is honoured: the seat is kept and the capacity raised.
+    Honour,
 }
 
 /// Why an event is malformed on its own, before any state is consulted.
@@ -141,6 +368,15 @@ pub enum EventError {
     /// The bytes are not a postcard-encoded event.
     #[error("malformed encoding: {0}")]
     Malformed(String),
+    /// The version is not the lowest that has the event's ops
+    /// ([`Event::version_for`]).
+    #[error("event format version {got}, but its ops need version {want} exactly")]
+    WrongVersion {
+        /// The event's version.
+        got: u8,
+        /// The version its ops call for.
+        want: u8,
+    },
     /// The bytes decode, but are not the canonical encoding of what they decode to.
     #[error("non-canonical encoding")]
     NonCanonical,
@@ -148,7 +384,7 @@ pub enum EventError {
     #[error("{0} trailing bytes after the event")]
     Trailing(usize),
     /// A format version this build does not know.
-    #[error("unsupported event format version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported event format version {0} (this build reads versions {MIN_FORMAT_VERSION} to {MIN_FORMAT_VERSION})")]
     UnknownVersion(u8),
     /// The encoding exceeds [`MAX_EVENT_BYTES`].
     #[error("event is {0} bytes, the limit is {MAX_EVENT_BYTES}")]
@@ -226,8 +462,15 @@ impl Event {
     /// among them the key rule (`PROTOCOL.md` §3) on the author and on every
     /// escrow transfer's recipient.
     pub fn check(&self) -> Result<(), EventError> {
-        if self.version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.version) {
             return Err(EventError::UnknownVersion(self.version));
+        }
+        let want = Event::version_for(&self.ops);
+        if self.version != want {
+            return Err(EventError::WrongVersion {
+                got: self.version,
+                want,
+            });
         }
         // The encoding only: decoding the point costs microseconds, and a
         // key that is no point fails its signature anyway.
@@ -261,6 +504,15 @@ impl Event {
             op.check(self.author)?;
         }
         Ok(())
+    }
+
+    /// The format version an event holding `ops` carries: the lowest that
+    /// has every one of them.
+    pub fn version_for(ops: &[Op]) -> u8 {
+        ops.iter()
+            .map(Op::min_version)
+            .max()
+            .unwrap_or(MIN_FORMAT_VERSION)
     }
 
     /// The canonical encoding, appended to `out`.
@@ -304,7 +556,9 @@ impl Event {
         // The version is the first byte (a u8 is encoded as itself), so an
         // event of a newer format is named as such rather than as garbage.
         match bytes.first() {
-            Some(&v) if v != FORMAT_VERSION => return Err(EventError::UnknownVersion(v)),
+            Some(&v) if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&v) => {
+                return Err(EventError::UnknownVersion(v))
+            }
             _ => {}
         }
         let event = Event::decode_trusted(bytes)?;
@@ -321,10 +575,39 @@ impl Op {
     pub fn target(&self) -> &str {
         match self {
             Op::Set { field, .. } => field,
+            Op::Text { field, .. } => field,
             Op::Add { counter, .. }
             | Op::EscrowInit { counter, .. }
             | Op::EscrowTransfer { counter, .. }
-            | Op::EscrowConsume { counter, .. } => counter,
+            | Op::EscrowConsume { counter, .. }
+            | Op::EscrowPolicy { counter, .. }
+            | Op::EscrowOverdraw { counter, .. } => counter,
+        }
+    }
+
+    /// The op's name, as `PROTOCOL.md` and the JSON forms spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Set { .. } => "set",
+            Op::Add { .. } => "add",
+            Op::EscrowInit { .. } => "escrow_init",
+            Op::EscrowTransfer { .. } => "escrow_transfer",
+            Op::EscrowConsume { .. } => "escrow_consume",
+            Op::EscrowPolicy { .. } => "escrow_policy",
+            Op::EscrowOverdraw { .. } => "escrow_overdraw",
+            Op::Text { .. } => "text",
+        }
+    }
+
+    /// The lowest event format version that has this op.
+    pub fn min_version(&self) -> u8 {
+        match self {
+            Op::Set { .. }
+            | Op::Add { .. }
+            | Op::EscrowInit { .. }
+            | Op::EscrowTransfer { .. }
+            | Op::EscrowConsume { .. } => 1,
+            Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. } => 2,
         }
     }
 
@@ -332,7 +615,11 @@ impl Op {
     pub fn is_escrow(&self) -> bool {
         matches!(
             self,
-            Op::EscrowInit { .. } | Op::EscrowTransfer { .. } | Op::EscrowConsume { .. }
+            Op::EscrowInit { .. }
+                | Op::EscrowTransfer { .. }
+                | Op::EscrowConsume { .. }
+                | Op::EscrowPolicy { .. }
+                | Op::EscrowOverdraw { .. }
         )
     }
 
@@ -355,7 +642,26 @@ impl Op {
             Op::Add { .. } => {}
             Op::EscrowInit { capacity: 0, .. }
             | Op::EscrowTransfer { amount: 0, .. }
-            | Op::EscrowConsume { amount: 0, .. } => return Err(bad("amount is zero")),
+            | Op::EscrowConsume { amount: 0, .. }
+            | Op::EscrowOverdraw { amount: 0, .. } => return Err(bad("amount is zero")),
+            Op::EscrowPolicy {
+                policy, supersedes, ..
+            } => {
+                limit("supersedes", supersedes.len(), MAX_DOTS)?;
+                if !strictly_ascending(supersedes) {
+                    return Err(EventError::Unsorted("supersedes"));
+                }
+                if policy.min_remaining_pct > 100 {
+                    return Err(bad("min_remaining_pct is above 100"));
+                }
+            }
+            Op::EscrowOverdraw { .. } => {}
+            Op::Text { change, .. } => {
+                if change.is_empty() {
+                    return Err(EventError::Empty("text change"));
+                }
+                limit("text change", change.len(), MAX_CHANGE_BYTES)?;
+            }
             Op::EscrowTransfer { to, .. } if *to == author => {
                 return Err(bad("transfer to its own author"))
             }
@@ -480,7 +786,7 @@ mod tests {
 
     pub(crate) fn sample(author: NodeId) -> Event {
         Event {
-            version: FORMAT_VERSION,
+            version: MIN_FORMAT_VERSION,
             author,
             seq: 1,
             prev: None,
@@ -509,9 +815,19 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert_eq!(Event::decode(&longer), Err(EventError::Trailing(1)));
+        let mut v3 = bytes.clone();
+        v3[0] = FORMAT_VERSION + 1;
+        assert_eq!(
+            Event::decode(&v3),
+            Err(EventError::UnknownVersion(FORMAT_VERSION + 1))
+        );
+        // A version 1 event written as version 2 is not the canonical form.
         let mut v2 = bytes.clone();
         v2[0] = 2;
-        assert_eq!(Event::decode(&v2), Err(EventError::UnknownVersion(2)));
+        assert_eq!(
+            Event::decode(&v2),
+            Err(EventError::WrongVersion { got: 2, want: 1 })
+        );
     }
 
     #[test]

@@ -310,7 +310,7 @@ fn check_branches(run: &[Incoming]) -> Result<(), ImportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Keypair, Meta, Op, FORMAT_VERSION};
+    use crate::event::{Keypair, Meta, Op, MIN_FORMAT_VERSION};
     use crate::log::{encode_frame_with, SEGMENT_MAGIC};
 
     /// Two signed events by each of two authors, as [`write_export`] takes
@@ -322,7 +322,7 @@ mod tests {
             let mut prev = None;
             for seq in 1..=2u64 {
                 let e = Event {
-                    version: FORMAT_VERSION,
+                    version: MIN_FORMAT_VERSION,
                     author: key.node_id(),
                     seq,
                     prev,
@@ -369,7 +369,7 @@ mod tests {
     /// An author's event at `seq` after `prev`, `tag` telling branches apart.
     fn by(key: &Keypair, seq: u64, prev: Option<EventId>, tag: u64, signed: bool) -> Outgoing {
         let e = Event {
-            version: FORMAT_VERSION,
+            version: MIN_FORMAT_VERSION,
             author: key.node_id(),
             seq,
             prev,

@@ -644,7 +644,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::event::{Keypair, Meta, Op, FORMAT_VERSION};
+    use crate::event::{Keypair, Meta, Op, MIN_FORMAT_VERSION};
     use crate::hlc::Hlc;
     use crate::id::PointFault;
     use crate::sync::MemStore;
@@ -655,7 +655,7 @@ mod tests {
 
     fn event(author: NodeId, seq: u64, prev: Option<EventId>, ms: u64, phone: &str) -> Event {
         Event {
-            version: FORMAT_VERSION,
+            version: MIN_FORMAT_VERSION,
             author,
             seq,
             prev,

@@ -272,12 +272,14 @@ use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared, State};
 /// Version 2 added live push along an epidemic broadcast tree (IHave,
 /// Graft, Prune); version 3, forks: a frontier, IHave or Graft may name
 /// several heads of one author (one per branch), and both branches of a
-/// fork are exchanged.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// fork are exchanged; version 4, events of format 2 (seat policies,
+/// overdraft sales, text changes).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The lowest sync protocol version this build speaks. Older peers are
 /// refused at Hello: a version 2 peer refuses a frontier with two heads of
-/// one author in the middle of a round, and drops a forked author's events.
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// one author in the middle of a round, and drops a forked author's events;
+/// a version 3 peer refuses events of format 2 as malformed.
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Bytes of the length prefix in front of every message on a stream.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Fixed bytes of a wire frame besides the event and the signature.

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
-use weftlog_proto::event::FORMAT_VERSION;
+use weftlog_proto::event::MIN_FORMAT_VERSION;
 use weftlog_proto::state::{Draft, Invalid};
 use weftlog_proto::sync::{
     decode_message, encode_message, encode_wire_frame, frontier_digest, message_len,
@@ -1257,7 +1257,7 @@ fn waiting_events_are_bounded() {
 fn an_invalid_signed_event_is_refused_by_name() {
     // Author 0 signs a sale of seats it holds no rights to.
     let e = Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author: id(0),
         seq: 1,
         prev: None,
@@ -1358,10 +1358,11 @@ fn wrong_cluster_version_or_peer_is_refused() {
     assert!(err.to_string().contains("cluster 43434343"), "{err}");
     v.assert_refused(&err);
 
-    // A peer too new, a version 2 peer (which drops a forked author's
-    // events and refuses a frontier with two heads of one author) and a
-    // version 1 peer (which floods): refused at Hello, both named.
-    for (theirs_min, theirs_max) in [(4, 5), (2, 2), (1, 1)] {
+    // A peer too new, a version 3 peer (which refuses events of format 2),
+    // a version 2 peer (which drops a forked author's events and refuses a
+    // frontier with two heads of one author) and a version 1 peer (which
+    // floods): refused at Hello, both named.
+    for (theirs_min, theirs_max) in [(5, 6), (3, 3), (2, 2), (1, 1)] {
         let mut v = Victim::new(MemStore::new());
         let err = v
             .feed(&[encode(&Message::Hello(Hello {
@@ -1389,9 +1390,9 @@ fn wrong_cluster_version_or_peer_is_refused() {
         );
         v.assert_refused(&err);
     }
-    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (3, 3));
+    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (4, 4));
 
-    // A newer peer that still speaks 3 is fine.
+    // A newer peer that still speaks 4 is fine.
     let mut v = Victim::new(MemStore::new());
     v.feed(&[encode(&Message::Hello(Hello {
         min_version: 1,
@@ -1401,7 +1402,7 @@ fn wrong_cluster_version_or_peer_is_refused() {
         digest: frontier_digest(&[]),
     }))])
     .unwrap();
-    assert_eq!(v.peer.session.version(), Some(3));
+    assert_eq!(v.peer.session.version(), Some(4));
     assert_eq!(v.peer.events, vec![SessionEvent::InSync]);
 
     let mut c = SessionConfig::new(CLUSTER, id(4));

@@ -6,7 +6,7 @@
 //! vector's bytes after a format change.
 
 use weftlog_proto::event::{
-    verify, Event, EventError, Keypair, Meta, Op, Signature, SignatureError, FORMAT_VERSION,
+    verify, Event, EventError, Keypair, Meta, Op, Signature, SignatureError, MIN_FORMAT_VERSION,
 };
 use weftlog_proto::id::PointFault;
 use weftlog_proto::log::encode_frame;
@@ -23,7 +23,7 @@ fn key(n: u8) -> Keypair {
 /// Vector 1: a first event with one register write.
 fn v1() -> Event {
     Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author: key(1).node_id(),
         seq: 1,
         prev: None,
@@ -46,7 +46,7 @@ fn v1() -> Event {
 fn v2() -> Event {
     let (_, id1) = v1().seal();
     Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author: key(2).node_id(),
         seq: 2,
         prev: Some(EventId([0x11; 32])),
@@ -79,7 +79,7 @@ fn v2() -> Event {
 /// Vector 3: escrow ops.
 fn v3() -> Event {
     Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author: key(1).node_id(),
         seq: 2,
         prev: Some(v1().seal().1),
@@ -300,7 +300,7 @@ fn v10_event(
     command_id: Option<&str>,
 ) -> Event {
     Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author: key(author).node_id(),
         seq,
         prev,
@@ -460,7 +460,7 @@ fn read_model_vector_matches_protocol_md() {
 fn fork_branch() -> [Event; 2] {
     let (_, id1) = v1().seal();
     let phone = |seq: u64, prev: EventId, ms: u64, v: &str| Event {
-        version: FORMAT_VERSION,
+        version: MIN_FORMAT_VERSION,
         author: key(1).node_id(),
         seq,
         prev: Some(prev),
