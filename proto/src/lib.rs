@@ -6,6 +6,8 @@
 //! - [`event`]: the event model, canonical encoding, limits, signatures;
 //! - [`hlc`]: the hybrid logical clock;
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
+//! - [`seats`]: the venue's seat rules in the fold: policies, overdraft
+//!   sales, oversell marks and their compensation;
 //! - [`log`]: record framing, segments and recovery over a storage trait;
 //! - [`exchange`]: export files and the checks an import makes;
 //! - [`fork_proof`]: proofs of a fork that anyone can check from the record
@@ -28,6 +30,7 @@ pub mod id;
 pub mod log;
 pub mod peers;
 pub mod replica;
+pub mod seats;
 pub mod since;
 pub mod state;
 pub mod sync;

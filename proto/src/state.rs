@@ -91,9 +91,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
 
-use crate::event::{Event, EventError, Meta, Op, MAX_DOTS};
+use crate::event::{Event, EventError, Meta, Op, Policy, PolicyMode, MAX_DOTS};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{Dot, EventId, NodeId};
+use crate::seats::{self, Book, Compensated, Oversold, PolicyWrite};
 
 /// An event's place in a [`State`]'s bookkeeping ([`State::slot_of`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -254,12 +255,30 @@ pub struct Escrow {
     #[serde(skip)]
     own: BTreeMap<NodeId, Vec<(u32, u64, i128)>>,
     /// Accounts that spent more rights than they hold: a forked author that
-    /// spent the rights it held at the fork on two branches, or a node that
-    /// relied on an init or transfer that turned out to be a duplicate.
-    /// While this is not empty the counter may be oversold (`consumed` can
-    /// exceed `capacity`); it is a function of the events, so every
-    /// replica holding them shows the same.
+    /// spent the rights it held at the fork on two branches, a node that
+    /// relied on an init or transfer that turned out to be a duplicate, or
+    /// a node that sold beyond its rights under a `risk-window` policy
+    /// ([`Op::EscrowOverdraw`]). While this is not empty the counter may be
+    /// oversold (`consumed` can exceed `capacity`); it is a function of the
+    /// events, so every replica holding them shows the same.
     pub overdrawn: BTreeMap<NodeId, Overdrawn>,
+    /// The standing seat policies (a register: more than one is a
+    /// conflict); the effective one is [`Escrow::policy`] (`seats` module).
+    pub policies: BTreeMap<WriteId, Policy>,
+    /// The oversold sales, by sale: the marks (`seats` module).
+    pub oversold: BTreeMap<EventId, Oversold>,
+    /// Compensations whose sale is not marked: void.
+    pub void: BTreeMap<EventId, Compensated>,
+    /// Marked units kept by an `honour` compensation: the effective
+    /// capacity is `capacity + honoured`.
+    pub honoured: u128,
+    /// Marked units released by a `cancel` or `waitlist` compensation.
+    pub released: u128,
+    /// Sales compensated by `waitlist`, ascending in canonical order.
+    pub waitlist: Vec<EventId>,
+    /// Every policy write and the sales in effect, for the above.
+    #[serde(skip)]
+    pub(crate) book: Book,
 }
 
 /// An account that spent more rights than it holds.
@@ -413,6 +432,23 @@ impl Member {
     }
 }
 
+/// What [`State::apply_seats`] needs of an event being applied.
+struct Seat {
+    at: At,
+    /// Whether the event is in effect.
+    effect: bool,
+    /// The event it put out of effect as its command's first.
+    replaced: Option<Replaced>,
+}
+
+/// An event put out of effect by one of its command that sorts first.
+struct Replaced {
+    key: seats::Key,
+    write: WriteId,
+    /// Its escrow ops.
+    escrow: Vec<Op>,
+}
+
 /// An event being applied: its write, lane and hlc.
 #[derive(Clone, Copy, Debug)]
 struct At {
@@ -522,6 +558,28 @@ pub enum Invalid {
         /// Rights needed.
         wanted: u128,
     },
+    /// An overdraft sale where the effective policy in the event's causal
+    /// past is not `risk-window`.
+    #[error("escrow {counter:?}: the seat policy in the event's causal past is {}, an overdraft needs risk-window", .mode.name())]
+    OverdraftNotAllowed {
+        /// The counter.
+        counter: String,
+        /// The effective policy's mode there.
+        mode: PolicyMode,
+    },
+    /// An overdraft sale that leaves the author's rights below
+    /// `-max_overdraft`.
+    #[error("escrow {counter:?}: the author holds rights to {available} in its causal past; selling {wanted} would go below -{max_overdraft}")]
+    OverdraftExceeded {
+        /// The counter.
+        counter: String,
+        /// Rights held (negative: a debt).
+        available: i128,
+        /// Units sold.
+        wanted: u128,
+        /// The policy's bound.
+        max_overdraft: u64,
+    },
 }
 
 /// What a local command asks for; [`State::prepare`] turns it into an event.
@@ -532,7 +590,8 @@ pub struct Draft {
     /// Kind.
     pub kind: String,
     /// Ops. The `supersedes` of each `Set` is filled in by `prepare` with
-    /// the writes to that field this replica currently shows.
+    /// the writes to that field this replica currently shows, and that of
+    /// each `EscrowPolicy` with the counter's standing policies.
     pub ops: Vec<Op>,
     /// Payload bytes.
     pub payload: Vec<u8>,
@@ -567,9 +626,12 @@ pub enum Appended {
     Existing(CommandRecord),
 }
 
-/// A checked event and the clock `causal_vc` computed for it.
+/// A checked event, the clock `causal_vc` computed for it, and its ops'
+/// overdraft units.
+// Made once per local command and unpacked at once: no size to save.
+#[allow(clippy::large_enum_variant)]
 enum Made {
-    New(Event, Place, Option<Vec<u64>>),
+    New(Event, Place, Option<Vec<u64>>, Vec<u64>),
     Existing(CommandRecord),
 }
 
@@ -1002,8 +1064,8 @@ impl State {
             }
         };
         let vc = self.causal_vc(own, &deps);
-        self.check_ops(event, self.vc_or_own(own, &vc))?;
-        self.apply(event, id, place, vc);
+        let units = self.check_ops(event, self.vc_or_own(own, &vc))?;
+        self.apply(event, id, place, vc, &units);
         Ok(Inserted::New)
     }
 
@@ -1051,10 +1113,14 @@ impl State {
         out
     }
 
-    fn check_ops(&self, event: &Event, vc: &[u64]) -> Result<(), Invalid> {
+    /// Checks the ops of `event` against its causal past `vc`; returns the
+    /// overdraft units of each op (0 but for an overdraft sale's units
+    /// beyond the rights held, `seats` module).
+    fn check_ops(&self, event: &Event, vc: &[u64]) -> Result<Vec<u64>, Invalid> {
         // Net change of the author's rights made by earlier ops of this event.
         let mut delta: Vec<(&str, i128)> = Vec::new();
-        for op in &event.ops {
+        let mut units = vec![0; event.ops.len()];
+        for (i, op) in event.ops.iter().enumerate() {
             match op {
                 Op::Set {
                     field, supersedes, ..
@@ -1069,13 +1135,54 @@ impl State {
                     }
                 }
                 Op::Add { .. } => {}
-                // Format version 2 ops: decoded and checked on their own, but
-                // this fold does not apply them yet, so they are refused here.
-                Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. } => {
+                // Format version 2 op: decoded and checked on its own, but
+                // this fold does not apply it yet, so it is refused here.
+                Op::Text { .. } => {
                     return Err(Invalid::Unsupported {
                         op: op.name(),
                         target: op.target().to_string(),
                     });
+                }
+                Op::EscrowPolicy {
+                    counter,
+                    supersedes,
+                    ..
+                } => {
+                    for dot in supersedes {
+                        if !self.in_past(dot, vc) {
+                            return Err(Invalid::SupersedesUnseen {
+                                field: counter.clone(),
+                                dot: *dot,
+                            });
+                        }
+                    }
+                }
+                Op::EscrowOverdraw {
+                    counter, amount, ..
+                } => {
+                    let stream = self.streams.get(&event.stream);
+                    let policy = self.policy_in_past(&event.stream, stream, counter, vc);
+                    if policy.mode != PolicyMode::RiskWindow {
+                        return Err(Invalid::OverdraftNotAllowed {
+                            counter: counter.clone(),
+                            mode: policy.mode,
+                        });
+                    }
+                    let held =
+                        self.rights_in_past(&event.stream, stream, counter, &event.author, vc);
+                    let slot = delta_slot(&mut delta, counter);
+                    let available = held + *slot;
+                    // An amount and a bound are u64: far inside i128.
+                    if available - (*amount as i128) < -(policy.max_overdraft as i128) {
+                        return Err(Invalid::OverdraftExceeded {
+                            counter: counter.clone(),
+                            available,
+                            wanted: *amount as u128,
+                            max_overdraft: policy.max_overdraft,
+                        });
+                    }
+                    units[i] = (*amount as i128 - available.max(0)).max(0) as u64;
+                    *slot -= *amount as i128;
                 }
                 Op::EscrowInit { counter, capacity } => {
                     *delta_slot(&mut delta, counter) += *capacity as i128;
@@ -1102,7 +1209,30 @@ impl State {
                 }
             }
         }
-        Ok(())
+        Ok(units)
+    }
+
+    /// The effective seat policy of `counter` in the causal past `vc`
+    /// (`seats` module): the strictest of the policy writes there that no
+    /// policy write there names, each in effect as judged in that past.
+    fn policy_in_past(
+        &self,
+        name: &str,
+        stream: Option<&Stream>,
+        counter: &str,
+        vc: &[u64],
+    ) -> Policy {
+        let Some(esc) = stream.and_then(|s| s.escrow.get(counter)) else {
+            return Policy::new(PolicyMode::Escrow);
+        };
+        esc.book.policy_in_past(
+            |w| self.id_in_past(&w.event, vc),
+            |w, cmd| {
+                self.command_entry(name, cmd)
+                    .and_then(|c| c.members().find(|m| self.id_in_past(&m.id, vc)))
+                    .is_none_or(|m| m.id == w.event)
+            },
+        )
     }
 
     /// Rights `author` holds on `counter` in the causal past `vc`: its own
@@ -1164,7 +1294,16 @@ impl State {
         held
     }
 
-    fn apply(&mut self, event: &Event, id: EventId, place: Place, vc: Option<Vec<u64>>) {
+    /// Applies a checked event; `units` are its ops' overdraft units
+    /// ([`State::check_ops`]).
+    fn apply(
+        &mut self,
+        event: &Event,
+        id: EventId,
+        place: Place,
+        vc: Option<Vec<u64>>,
+        units: &[u64],
+    ) {
         let forked =
             matches!(place, Place::Branch { .. }) && self.authors.contains_key(&event.author);
         let ix = match place {
@@ -1184,14 +1323,17 @@ impl State {
                 ix
             }
         };
-        // The writes each `Set` removes, resolved in the event's past.
+        // The writes each `Set` (or policy) removes, resolved in the
+        // event's past.
         let resolved: Vec<Vec<WriteId>> = {
             let past = self.vc_or_own(Some(ix), &vc);
             event
                 .ops
                 .iter()
                 .map(|op| match op {
-                    Op::Set { supersedes, .. } => self.resolve(supersedes, past),
+                    Op::Set { supersedes, .. } | Op::EscrowPolicy { supersedes, .. } => {
+                        self.resolve(supersedes, past)
+                    }
                     _ => Vec::new(),
                 })
                 .collect()
@@ -1245,6 +1387,18 @@ impl State {
         // Accounts whose balance may have changed: `(counter, node)`.
         let mut touched: Vec<(&str, NodeId)> = Vec::new();
         let mut undone: Option<(NodeId, Vec<Op>)> = None;
+        // Whether this event is in effect, and the event it put out of
+        // effect (its key and write), for the seat rules.
+        let mut effect = true;
+        let mut replaced: Option<Replaced> = None;
+        // The policy writes each `EscrowPolicy` removes, in op order.
+        let policy_names: Vec<Vec<WriteId>> = event
+            .ops
+            .iter()
+            .zip(&resolved)
+            .filter(|(op, _)| matches!(op, Op::EscrowPolicy { .. }))
+            .map(|(_, r)| r.clone())
+            .collect();
         'fold: {
             let Some(cmd) = &event.meta.command_id else {
                 for (op, r) in event.ops.iter().zip(&resolved) {
@@ -1294,8 +1448,14 @@ impl State {
                 c.undo = undo_ops(&event.ops, resolved);
                 let old = std::mem::replace(&mut c.first, member);
                 undone = Some((old.author, old.escrow.clone()));
+                replaced = Some(Replaced {
+                    key: old.key(),
+                    write: old.write(),
+                    escrow: old.escrow.clone(),
+                });
                 c.rest.insert(0, old);
             } else {
+                effect = false;
                 for op in &event.ops {
                     apply_duplicate(stream, op, at);
                 }
@@ -1363,8 +1523,131 @@ impl State {
         }
         marks.sort_unstable();
         marks.dedup();
+        let mut counters: Vec<(String, String)> = Vec::with_capacity(marks.len());
         for (n, c, a) in marks {
             self.mark_overdrawn(&n, &c, &a);
+            counters.push((n, c));
+        }
+        counters.dedup();
+        let seat = Seat {
+            at,
+            effect,
+            replaced,
+        };
+        self.apply_seats(event, policy_names, units, seat, counters);
+    }
+
+    /// The seat rules' part of [`State::apply`] (`seats` module): records
+    /// the event's policy writes and sales in effect (and puts out of
+    /// effect those of the event it replaced as a command's first), then
+    /// recomputes the policies, marks and compensation of the counters
+    /// whose events or accounts changed (`counters`, ascending), and the
+    /// compensation of the event's stream if it wrote an `oversold/` field.
+    fn apply_seats(
+        &mut self,
+        event: &Event,
+        policy_names: Vec<Vec<WriteId>>,
+        units: &[u64],
+        seat: Seat,
+        counters: Vec<(String, String)>,
+    ) {
+        let Some(stream) = self.streams.get_mut(&event.stream) else {
+            return;
+        };
+        let me = seat.at.me;
+        let mut policy_changed: Vec<&str> = Vec::new();
+        let policies = event.ops.iter().filter_map(|op| match op {
+            Op::EscrowPolicy {
+                counter, policy, ..
+            } => Some((counter, policy)),
+            _ => None,
+        });
+        for ((counter, policy), names) in policies.zip(policy_names) {
+            let Some(e) = stream.escrow.get_mut(counter.as_str()) else {
+                continue;
+            };
+            // Two policy ops of one event on one counter: the later one
+            // stands (ops apply in order), and both remove what they name.
+            match e.book.policies.get_mut(&me) {
+                Some(w) => {
+                    w.policy = *policy;
+                    w.names.extend(names);
+                }
+                None => {
+                    e.book.policies.insert(
+                        me,
+                        PolicyWrite {
+                            policy: *policy,
+                            names,
+                            effect: seat.effect,
+                            command: event.meta.command_id.clone(),
+                        },
+                    );
+                }
+            }
+            policy_changed.push(counter);
+        }
+        if seat.effect {
+            let key = (seat.at.hlc, me.author, me.seq, me.event);
+            for (counter, sale) in seats::sales_of(&event.ops, units) {
+                if let Some(e) = stream.escrow.get_mut(counter) {
+                    e.book.add_sale(key, sale);
+                }
+            }
+        }
+        if let Some(old) = &seat.replaced {
+            for op in &old.escrow {
+                let Some(e) = stream.escrow.get_mut(op.target()) else {
+                    continue;
+                };
+                match op {
+                    Op::EscrowPolicy { counter, .. } => {
+                        if let Some(p) = e.book.policies.get_mut(&old.write) {
+                            p.effect = false;
+                        }
+                        policy_changed.push(counter);
+                    }
+                    Op::EscrowConsume { .. } | Op::EscrowOverdraw { .. } => {
+                        e.book.remove_sale(&old.key);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for c in policy_changed {
+            if let Some(e) = stream.escrow.get_mut(c) {
+                seats::refresh_policies(e);
+            }
+        }
+        let mut streams: Vec<&str> = Vec::new();
+        if seat.replaced.is_some()
+            || event.ops.iter().any(|op| {
+                matches!(op, Op::Set { field, .. } if field.starts_with(seats::COMPENSATION_PREFIX))
+            })
+        {
+            streams.push(&event.stream);
+        }
+        for (n, c) in &counters {
+            let Some(e) = self.streams.get(n).and_then(|s| s.escrow.get(c)) else {
+                continue;
+            };
+            let forked: Vec<NodeId> = e
+                .overdrawn
+                .keys()
+                .filter(|a| self.is_forked(a))
+                .copied()
+                .collect();
+            if let Some(e) = self.streams.get_mut(n).and_then(|s| s.escrow.get_mut(c)) {
+                seats::remark(e, &|a| forked.contains(a));
+            }
+            streams.push(n);
+        }
+        streams.sort_unstable();
+        streams.dedup();
+        for n in streams {
+            if let Some(s) = self.streams.get_mut(n) {
+                seats::compensate(s);
+            }
         }
     }
 
@@ -1420,7 +1703,7 @@ impl State {
     ) -> Result<Prepared, PrepareError> {
         Ok(match self.make(author, clock, now_ms, draft)? {
             Made::Existing(rec) => Prepared::Existing(rec),
-            Made::New(event, _, _) => Prepared::New(event),
+            Made::New(event, ..) => Prepared::New(event),
         })
     }
 
@@ -1436,12 +1719,12 @@ impl State {
     ) -> Result<Appended, PrepareError> {
         match self.make(author, clock, now_ms, draft)? {
             Made::Existing(rec) => Ok(Appended::Existing(rec)),
-            Made::New(event, place, vc) => {
+            Made::New(event, place, vc, units) => {
                 let (bytes, id) = event.seal();
                 // `make` checked the event against this very state; a new
                 // event by this author after its local head cannot be present.
                 debug_assert!(!self.index.contains_key(&id));
-                self.apply(&event, id, place, vc);
+                self.apply(&event, id, place, vc, &units);
                 Ok(Appended::New { event, bytes, id })
             }
         }
@@ -1524,6 +1807,24 @@ impl State {
                 // Two branches of a forked author may share a dot.
                 dots.dedup();
                 *supersedes = dots;
+            } else if let Op::EscrowPolicy {
+                counter,
+                supersedes,
+                ..
+            } = op
+            {
+                // Likewise, the standing policies in the causal past.
+                let mut dots: Vec<Dot> = stream
+                    .and_then(|s| s.escrow.get(counter.as_str()))
+                    .map_or_else(Vec::new, |e| {
+                        e.policies
+                            .keys()
+                            .filter(|w| self.id_in_past(&w.event, past))
+                            .map(WriteId::dot)
+                            .collect()
+                    });
+                dots.dedup();
+                *supersedes = dots;
             }
         }
         let event = Event {
@@ -1540,8 +1841,8 @@ impl State {
             meta: draft.meta,
         };
         event.check().map_err(Invalid::from)?;
-        self.check_ops(&event, self.vc_or_own(own, &vc))?;
-        Ok(Made::New(event, place, vc))
+        let units = self.check_ops(&event, self.vc_or_own(own, &vc))?;
+        Ok(Made::New(event, place, vc, units))
     }
 
     /// The deps of a new event on lane `own`: each other lane's latest
@@ -1679,7 +1980,10 @@ fn escrow_delta(ops: &[Op], counter: &str, by: &NodeId, author: &NodeId) -> i128
                     d += *amount as i128;
                 }
             }
-            Op::EscrowConsume { counter: c, amount } if c == counter && by == author => {
+            Op::EscrowConsume { counter: c, amount }
+            | Op::EscrowOverdraw {
+                counter: c, amount, ..
+            } if c == counter && by == author => {
                 d -= *amount as i128;
             }
             _ => {}
@@ -1710,7 +2014,11 @@ fn apply_op(stream: &mut Stream, op: &Op, removes: &[WriteId], at: At, undoable:
     let author = at.me.author;
     match op {
         // Refused by `check_ops`: never inserted.
-        Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. } => {}
+        Op::Text { .. } => {}
+        // The register lives in the counter's book (`State::apply_seats`).
+        Op::EscrowPolicy { counter, .. } => {
+            stream.escrow.entry(counter.clone()).or_default();
+        }
         Op::Set { field, value, .. } => {
             let writes = match stream.fields.get_mut(field.as_str()) {
                 Some(w) => w,
@@ -1772,7 +2080,10 @@ fn apply_op(stream: &mut Stream, op: &Op, removes: &[WriteId], at: At, undoable:
                 .or_default()
                 .push((at.lane, at.me.seq, *amount));
         }
-        Op::EscrowConsume { counter, amount } => {
+        Op::EscrowConsume { counter, amount }
+        | Op::EscrowOverdraw {
+            counter, amount, ..
+        } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
             e.accounts.entry(author).or_default().consumed += *amount as u128;
             e.consumed += *amount as u128;
@@ -1787,7 +2098,10 @@ fn apply_duplicate(stream: &mut Stream, op: &Op, at: At) {
     let author = at.me.author;
     match op {
         // Refused by `check_ops`: never inserted.
-        Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. } => {}
+        Op::Text { .. } => {}
+        Op::EscrowPolicy { counter, .. } => {
+            stream.escrow.entry(counter.clone()).or_default();
+        }
         Op::Set { .. } => {}
         Op::Add { counter, .. } => {
             stream.counters.entry(counter.clone()).or_default();
@@ -1811,7 +2125,10 @@ fn apply_duplicate(stream: &mut Stream, op: &Op, at: At) {
                 .or_default()
                 .push((at.lane, at.me.seq, *amount));
         }
-        Op::EscrowConsume { counter, amount } => {
+        Op::EscrowConsume { counter, amount }
+        | Op::EscrowOverdraw {
+            counter, amount, ..
+        } => {
             let e = stream.escrow.entry(counter.clone()).or_default();
             e.accounts.entry(author).or_default();
             e.dup.entry(author).or_default().consumed += *amount as u128;
@@ -1827,9 +2144,9 @@ fn undo(stream: &mut Stream, ops: &[UndoOp], me: WriteId) {
     for op in ops {
         match op {
             // Refused by `check_ops`: never inserted.
-            UndoOp::Other(
-                Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. },
-            ) => {}
+            UndoOp::Other(Op::Text { .. }) => {}
+            // Put out of effect in the counter's book (`State::apply_seats`).
+            UndoOp::Other(Op::EscrowPolicy { .. }) => {}
             UndoOp::Set { field, removed } => {
                 // An earlier op of the event may have emptied the field.
                 if let Some(writes) = stream.fields.get_mut(field.as_str()) {
@@ -1887,7 +2204,12 @@ fn undo(stream: &mut Stream, ops: &[UndoOp], me: WriteId) {
                 e.accounts.entry(*to).or_default().received -= *amount as u128;
                 e.dup.entry(author).or_default().sent += *amount as u128;
             }
-            UndoOp::Other(Op::EscrowConsume { counter, amount }) => {
+            UndoOp::Other(
+                Op::EscrowConsume { counter, amount }
+                | Op::EscrowOverdraw {
+                    counter, amount, ..
+                },
+            ) => {
                 let e = stream.escrow.entry(counter.clone()).or_default();
                 e.accounts.entry(author).or_default().consumed -= *amount as u128;
                 e.consumed -= *amount as u128;
