@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
+use weftlog_proto::event::{Compensation, Policy};
 use weftlog_proto::fork_proof::{ForkProof, ForkProofJson};
 use weftlog_proto::peers::PeersConfig;
 use weftlog_proto::state::Draft;
-use weftlog_proto::{Hlc, Meta, Op, State};
+use weftlog_proto::{EventId, Hlc, Meta, Op, State};
 
 use crate::json;
 use crate::node::{self, Node};
@@ -122,6 +123,35 @@ pub enum Command {
         /// Add each fork's proof.
         #[arg(long)]
         proof: bool,
+    },
+    /// List oversold sales, one JSON object per line: the sales the seat
+    /// policies' read model marks as beyond capacity (overdraft units of a
+    /// risk window, or spends of a forked desk's later branch), with their
+    /// compensation ("state": "pending" while none stands, "compensated"
+    /// with its action and who decided), then the compensations whose sale
+    /// a late event un-marked ("state": "void"). The same on every node
+    /// holding the same events.
+    Oversold,
+    /// Decide an oversold sale as staff: write its compensation (cancel,
+    /// waitlist, honour or notify), superseding the automatic one that the
+    /// policy's on_oversell wrote. Refused for a sale that is not marked
+    /// oversold here, and after the policy's override_s (3600 s by
+    /// default) since the automatic compensation.
+    #[command(after_help = "Example:\n  \
+    weftlog oversold\n  \
+    weftlog compensate --sale 3f…e1 --action honour --user front-desk")]
+    Compensate {
+        /// The sale's event id (as `oversold` prints it).
+        #[arg(long, value_name = "EVENT_ID")]
+        sale: String,
+        /// cancel (release the seat), waitlist (release it and put the
+        /// registrant on the waitlist), honour (keep it, raise the
+        /// capacity) or notify (staff are told; the seat stays taken).
+        #[arg(long, value_name = "ACTION")]
+        action: String,
+        /// Who decided, recorded in the event.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
     },
     /// Check fork proofs from the record alone: no data directory is read
     /// (--data is ignored) and no node is asked.
@@ -439,6 +469,16 @@ pub struct AppendArgs {
     /// Use escrow rights this node holds (e.g. sell seats).
     #[arg(long, value_name = "COUNTER=N")]
     pub escrow_consume: Vec<String>,
+    /// Set the seat policy of an escrow counter: MODE is `escrow` (sell
+    /// only rights held), `risk-window` (beyond them, sell offline up to
+    /// max_overdraft seats while the last sync is recent) or `strict`
+    /// (escrow, and no sale while no peer was reached within window_s).
+    /// Settings: window_s (3600; 30 under strict), min_remaining_pct (10),
+    /// max_overdraft (5 under risk-window), on_oversell (waitlist; or
+    /// notify, cancel, honour), override_s (3600). Example:
+    /// `--escrow-policy seats=risk-window,max_overdraft=3`. Repeatable.
+    #[arg(long, value_name = "COUNTER=MODE[,KEY=VALUE...]")]
+    pub escrow_policy: Vec<String>,
     /// Application payload, JSON.
     #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
@@ -518,6 +558,15 @@ impl AppendArgs {
             ops.push(Op::EscrowConsume {
                 counter: counter.into(),
                 amount: parse_num("--escrow-consume", n, "a positive integer")?,
+            });
+        }
+        for s in &self.escrow_policy {
+            let (counter, spec) = split("--escrow-policy", s, '=', "COUNTER=MODE[,KEY=VALUE...]")?;
+            ops.push(Op::EscrowPolicy {
+                counter: counter.into(),
+                policy: Policy::parse_spec(spec)
+                    .map_err(|e| anyhow!("--escrow-policy {counter}: {e}"))?,
+                supersedes: vec![],
             });
         }
         Ok(Draft {
@@ -770,6 +819,7 @@ impl AppendArgs {
         let mut add = serde_json::Map::new();
         let (mut init, mut consume) = (serde_json::Map::new(), serde_json::Map::new());
         let mut transfer = Vec::new();
+        let mut policies = serde_json::Map::new();
         for op in &draft.ops {
             match op {
                 Op::Set { field, value, .. } => {
@@ -790,8 +840,14 @@ impl AppendArgs {
                 Op::EscrowConsume { counter, amount } => {
                     consume.insert(counter.clone(), json!(amount));
                 }
-                Op::EscrowPolicy { .. } | Op::EscrowOverdraw { .. } | Op::Text { .. } => {
-                    bail!("{} ops cannot be sent to a running node yet", op.name())
+                Op::EscrowPolicy {
+                    counter, policy, ..
+                } => {
+                    policies.insert(counter.clone(), crate::json::policy(policy));
+                }
+                // The node's admission writes these, never a client.
+                Op::EscrowOverdraw { .. } | Op::Text { .. } => {
+                    bail!("{} ops are made by the node, not sent to it", op.name())
                 }
             }
         }
@@ -806,6 +862,7 @@ impl AppendArgs {
             "escrow_init": init,
             "escrow_transfer": transfer,
             "escrow_consume": consume,
+            "escrow_policy": policies,
             "payload": payload,
             "expected_version": draft.expected_version,
             "command_id": draft.meta.command_id,
@@ -919,6 +976,32 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             };
             for v in rows {
                 print(out, &v)?;
+            }
+        }
+        Command::Oversold => {
+            let rows = match target(dir)? {
+                Target::Local(node) => node.with_state(json::oversold),
+                Target::Remote(r) => match r.get_json("/v1/oversold")? {
+                    Value::Array(rows) => rows,
+                    v => bail!("the running node answered {v} for its oversold sales"),
+                },
+            };
+            for v in rows {
+                print(out, &v)?;
+            }
+        }
+        Command::Compensate { sale, action, user } => {
+            let id: EventId = sale.parse().map_err(|e| anyhow!("--sale {sale:?}: {e}"))?;
+            let action: Compensation = action.parse().map_err(|e| anyhow!("--action: {e}"))?;
+            match target(dir)? {
+                Target::Local(node) => {
+                    let a = node.decide(&id, action, user)?;
+                    print(out, &json::appended(&a))?;
+                }
+                Target::Remote(r) => {
+                    let body = json!({ "action": action.name(), "user": user });
+                    print(out, &r.post_json(&format!("/v1/oversold/{id}"), &body)?)?;
+                }
             }
         }
         Command::VerifyFork { file } => {

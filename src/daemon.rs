@@ -428,6 +428,7 @@ impl Daemon {
             m.insert("blocked".into(), json!(blocked));
             m.insert("equivocations".into(), Value::Array(forks));
             m.insert("last_round_ms".into(), json!(self.last_round_ms()));
+            m.insert("seats".into(), crate::json::seat_rules(&node.seat_rules()));
             m.insert("gossip".into(), self.gossip());
             m.insert("non_members".into(), non_members);
             m.insert(
@@ -726,6 +727,7 @@ impl Shared {
             PeerEvent::Synced { .. } => {
                 let now = crate::node::wall_ms();
                 self.last_round_wall_ms.fetch_max(now, Ordering::Relaxed);
+                self.node.handle_synced();
             }
             PeerEvent::OwnHead { peer, seq, .. } => {
                 let first = !self.node.own_frontier().confirmed;

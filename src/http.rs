@@ -33,8 +33,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
+use weftlog_proto::event::Policy;
 use weftlog_proto::state::{Draft, PrepareError};
-use weftlog_proto::{Event, Hlc, Meta, NodeId, Op};
+use weftlog_proto::{Event, EventId, Hlc, Meta, NodeId, Op};
 
 use crate::daemon::Daemon;
 use crate::json;
@@ -52,6 +53,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/conflicts", get(conflicts))
         .route("/v1/status", get(status))
         .route("/v1/forks", get(forks))
+        .route("/v1/oversold", get(oversold))
+        .route("/v1/oversold/{sale}", post(decide))
         .route("/v1/events", get(events))
         .route("/v1/export", post(export))
         .route("/v1/import", post(import))
@@ -83,7 +86,7 @@ impl From<AppendError> for ApiError {
     fn from(e: AppendError) -> ApiError {
         let code = match &e {
             AppendError::Refused(PrepareError::VersionMismatch { .. }) => StatusCode::CONFLICT,
-            AppendError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppendError::Refused(_) | AppendError::Seats(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppendError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         };
@@ -100,6 +103,26 @@ async fn not_found() -> ApiError {
         StatusCode::NOT_FOUND,
         "no such endpoint; see `weftlog run --help` for the API".into(),
     )
+}
+
+/// A seat policy from its JSON form (`json::policy` prints the same keys):
+/// `mode` is required, the other settings default to [`Policy::new`]'s.
+pub fn policy_from_json(spec: &Map<String, Value>) -> Result<Policy, String> {
+    let mode = match spec.get("mode") {
+        Some(Value::String(m)) => m.parse()?,
+        Some(other) => return Err(format!("mode {other} is not a string")),
+        None => return Err("mode is missing (escrow, risk-window or strict)".into()),
+    };
+    let mut policy = Policy::new(mode);
+    for (k, v) in spec.iter().filter(|(k, _)| *k != "mode") {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            other => return Err(format!("{k}: {other} is neither a number nor a string")),
+        };
+        policy.set(k, &text)?;
+    }
+    Ok(policy)
 }
 
 /// An escrow transfer in an append body.
@@ -136,6 +159,12 @@ pub struct AppendBody {
     /// Escrow rights to use: counter → amount.
     #[serde(default)]
     pub escrow_consume: BTreeMap<String, u64>,
+    /// Seat policies to set: counter → `{"mode": …, "window_s": …,
+    /// "min_remaining_pct": …, "max_overdraft": …, "on_oversell": …,
+    /// "override_s": …}`; every key but `mode` is optional (its default is
+    /// [`Policy::new`]'s).
+    #[serde(default)]
+    pub escrow_policy: BTreeMap<String, Map<String, Value>>,
     /// Application payload.
     #[serde(default)]
     pub payload: Option<Value>,
@@ -179,6 +208,15 @@ impl AppendBody {
         }
         for (counter, amount) in self.escrow_consume {
             ops.push(Op::EscrowConsume { counter, amount });
+        }
+        for (counter, spec) in self.escrow_policy {
+            let policy =
+                policy_from_json(&spec).map_err(|e| format!("escrow_policy {counter:?}: {e}"))?;
+            ops.push(Op::EscrowPolicy {
+                counter,
+                policy,
+                supersedes: vec![],
+            });
         }
         let payload = match self.payload {
             Some(p) => serde_json::to_vec(&p).map_err(|e| e.to_string())?,
@@ -280,6 +318,39 @@ async fn forks(AxState(d): Shared, Query(q): Query<ForksQuery>) -> Result<Json<V
         .await
         .map_err(internal)?;
     Ok(Json(Value::Array(rows)))
+}
+
+async fn oversold(AxState(d): Shared) -> Json<Value> {
+    Json(Value::Array(d.node().with_state(json::oversold)))
+}
+
+/// The body of `POST /v1/oversold/{sale}`: a staff decision.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Decision {
+    /// `cancel`, `waitlist`, `honour` or `notify`.
+    action: String,
+    /// Who decided.
+    #[serde(default)]
+    user: Option<String>,
+}
+
+async fn decide(
+    AxState(d): Shared,
+    Path(sale): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let sale: EventId = sale
+        .parse()
+        .map_err(|e| ApiError::bad(format!("sale {sale:?}: {e}")))?;
+    let body: Decision = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(format!("the body is not a decision: {e}")))?;
+    let action = body.action.parse().map_err(ApiError::bad)?;
+    let node = d.node().clone();
+    let a = tokio::task::spawn_blocking(move || node.decide(&sale, action, body.user))
+        .await
+        .map_err(internal)??;
+    Ok((StatusCode::CREATED, Json(json::appended(&a))))
 }
 
 async fn status(AxState(d): Shared) -> Json<Value> {

@@ -3,9 +3,11 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
+use weftlog_proto::admission::RuleNow;
 use weftlog_proto::event::Policy;
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
+use weftlog_proto::seats::Compensated;
 use weftlog_proto::since::MAX_SINCE_HEADS;
 use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
 use weftlog_proto::sync::Head;
@@ -92,6 +94,27 @@ fn op(o: &Op) -> Value {
             "field": field, "change": hex(change),
         }}),
     }
+}
+
+/// The seat rule that applies now on each escrow counter, for `status`:
+/// the effective policy, the rights this node holds, how many seats it may
+/// sell now, and what limits it.
+pub fn seat_rules(rules: &[(String, String, RuleNow)]) -> Value {
+    Value::Array(
+        rules
+            .iter()
+            .map(|(stream, counter, r)| {
+                json!({
+                    "stream": stream,
+                    "counter": counter,
+                    "policy": policy(&r.policy),
+                    "held": number(r.held),
+                    "may_sell": number(r.may_sell as i128),
+                    "limited_by": r.limited_by,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// A seat policy, as the HTTP body and the JSON forms spell it.
@@ -459,4 +482,48 @@ pub fn status_at(node: &weftlog_proto::NodeId, state: &State, now_ms: u64) -> Va
             "furthest": furthest,
         },
     })
+}
+
+/// Every oversold sale the state marks, in stream and counter order, then
+/// canonical order, with its compensation (`null` while none stands), then
+/// every void compensation (its sale no longer marked): what `weftlog
+/// oversold` prints and `GET /v1/oversold` serves.
+pub fn oversold(state: &State) -> Vec<Value> {
+    let compensated = |c: &Compensated| {
+        json!({
+            "action": c.action.name(),
+            "by": c.by.name(),
+            "event": c.write.event.to_string(),
+        })
+    };
+    let mut rows: Vec<Value> = state
+        .oversold()
+        .into_iter()
+        .map(|(stream, counter, sale, m)| {
+            json!({
+                "stream": stream,
+                "counter": counter,
+                "sale": sale.to_string(),
+                "units": m.units,
+                "author": m.author.to_string(),
+                "hlc": m.hlc.0,
+                "compensation": m.compensation.as_ref().map(compensated),
+                "state": if m.compensation.is_some() { "compensated" } else { "pending" },
+            })
+        })
+        .collect();
+    for (stream, s) in state.streams() {
+        for (counter, e) in &s.escrow {
+            for (sale, c) in &e.void {
+                rows.push(json!({
+                    "stream": stream,
+                    "counter": counter,
+                    "sale": sale.to_string(),
+                    "compensation": compensated(c),
+                    "state": "void",
+                }));
+            }
+        }
+    }
+    rows
 }

@@ -64,7 +64,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use weftlog_proto::event::{Event, Keypair, Signature};
+use weftlog_proto::admission::{self, RuleNow};
+use weftlog_proto::event::{Compensation, Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::log::{self, Log, OpenError, Recovery};
@@ -135,6 +136,10 @@ pub enum AppendError {
     /// The command was refused.
     #[error(transparent)]
     Refused(#[from] PrepareError),
+    /// A seat policy's admission rule refused a sale, or a staff decision
+    /// ([`weftlog_proto::admission`]).
+    #[error(transparent)]
+    Seats(#[from] admission::Refused),
     /// The log failed earlier or now; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Fatal(String),
@@ -150,6 +155,7 @@ impl From<replica::AppendError> for AppendError {
     fn from(e: replica::AppendError) -> AppendError {
         match e {
             replica::AppendError::Refused(e) => AppendError::Refused(e),
+            replica::AppendError::Seats(e) => AppendError::Seats(e),
             replica::AppendError::Failed(why) => AppendError::Fatal(why),
             replica::AppendError::DiskFull(why) => AppendError::DiskFull(why),
             e => AppendError::Fatal(e.to_string()),
@@ -491,6 +497,41 @@ impl Node {
             self.inner.changed.notify_all();
         }
         confirmed
+    }
+
+    /// A sync round with a peer ended in sync now
+    /// ([`Replica::handle_synced`]): the seat policies measure
+    /// connectivity from it.
+    pub fn handle_synced(&self) {
+        self.lock().replica.handle_synced(wall_ms());
+    }
+
+    /// The seat rule that applies now on every escrow counter, in stream
+    /// and counter order ([`Replica::rule_now`]).
+    pub fn seat_rules(&self) -> Vec<(String, String, RuleNow)> {
+        let g = self.lock();
+        let now = wall_ms();
+        let r = &g.replica;
+        r.state()
+            .streams()
+            .iter()
+            .flat_map(|(s, st)| st.escrow.keys().map(move |c| (s, c)))
+            .map(|(s, c)| (s.clone(), c.clone(), r.rule_now(s, c, now)))
+            .collect()
+    }
+
+    /// A staff decision on an oversold sale ([`admission::staff_decision`]):
+    /// supersedes the compensation standing, within the policy's override
+    /// window.
+    pub fn decide(
+        &self,
+        sale: &EventId,
+        action: Compensation,
+        user: Option<String>,
+    ) -> Result<Appended, AppendError> {
+        let draft =
+            self.with_state(|s| admission::staff_decision(s, sale, action, user, wall_ms()))?;
+        self.append(draft)
     }
 
     /// The node's own frontier as peers confirmed it.

@@ -1837,3 +1837,118 @@ fn a_desk_restored_from_a_copy_forks_and_the_cluster_converges() {
     assert_eq!(again["seq"], 4, "{again}");
     converge(&[&a, &b, &c], Some(6), "A's append after a restart");
 }
+
+/// The venue's risk window across a partition: two desks, each holding 5
+/// of 10 seats, are cut off and keep selling beyond their rights, up to the
+/// policy's overdraft; past it they refuse. After the heal both mark the
+/// same overdraft sales oversold, write the policy's compensation at once
+/// (each sale compensated once, however many desks wrote it), and a staff
+/// decision on one desk supersedes it everywhere.
+#[test]
+fn a_risk_window_oversell_across_a_partition_is_detected_and_compensated_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = pair(tmp.path(), Vec::new());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.append(
+        "session/7",
+        json!({"kind": "SessionOpened", "escrow_init": {"seats": 10},
+               "escrow_policy": {"seats": {"mode": "risk-window", "max_overdraft": 3}},
+               "escrow_transfer": [{"counter": "seats", "to": b.id, "amount": 5}]}),
+    );
+    converge(&[a, b], Some(1), "setup");
+    // A round after the setup: the seats left then (10 of 10) admit the
+    // overdraft. Before it, the counter was unknown at the last round.
+    for n in [a, b] {
+        let s = wait_status(n, "a sync round after the setup", |s| {
+            s["seats"][0]["may_sell"] == 8
+        });
+        let rule = &s["seats"][0];
+        assert_eq!(rule["policy"]["mode"], "risk-window", "{rule}");
+        assert_eq!(
+            (&rule["held"], &rule["limited_by"]),
+            (&json!(5), &Value::Null),
+            "{rule}"
+        );
+    }
+
+    a.partition(&[&b.id]);
+    b.partition(&[&a.id]);
+    let sell = |n: &Proc, seats: u64| {
+        n.post(
+            "/v1/streams/session/7/events",
+            &json!({"kind": "SeatsSold", "escrow_consume": {"seats": seats}}),
+        )
+    };
+    for (n, beyond) in [(a, 2), (b, 3)] {
+        assert_eq!(sell(n, 5).0, 201, "{}: its own rights", n.name);
+        let (code, e) = sell(n, beyond);
+        assert_eq!(code, 201, "{}: an overdraft within the bound: {e}", n.name);
+    }
+    let (code, e) = sell(b, 1);
+    assert_eq!(code, 422, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("the policy allows 3"),
+        "{e}"
+    );
+    // Alone, neither desk sees an oversell: 7 and 8 of 10.
+    assert_eq!(a.get_json("/v1/oversold"), json!([]));
+
+    a.partition(&[]);
+    b.partition(&[]);
+    let done = |n: &Proc| {
+        let rows = n.get_json("/v1/oversold");
+        let rows = rows.as_array().unwrap().clone();
+        (rows.len() == 2 && rows.iter().all(|r| r["state"] == "compensated")).then_some(rows)
+    };
+    let t0 = Instant::now();
+    let (ra, rb) = loop {
+        let s = converge(&[a, b], None, "after the heal");
+        if let (Some(ra), Some(rb)) = (done(a), done(b)) {
+            if s[0]["state_hash"] == s[1]["state_hash"] {
+                break (ra, rb);
+            }
+        }
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "not compensated: {:?}",
+            a.get_json("/v1/oversold")
+        );
+        thread::sleep(POLL);
+    };
+    assert_eq!(ra, rb, "the same marks and compensations on both");
+    let units: Vec<&Value> = ra.iter().map(|r| &r["units"]).collect();
+    assert_eq!(units.iter().map(|u| u.as_u64().unwrap()).sum::<u64>(), 5);
+    for r in &ra {
+        assert_eq!(r["compensation"]["action"], "waitlist", "{r}");
+        assert_eq!(r["compensation"]["by"], "auto", "{r}");
+    }
+    let seats = &a.get_json("/v1/streams/session/7")["escrow"]["seats"];
+    assert_eq!(seats["consumed"], 15, "{seats}");
+
+    // Staff honour the first sale on B; A shows it once synced.
+    let sale = ra[0]["sale"].as_str().unwrap();
+    let (code, e) = b.post(
+        &format!("/v1/oversold/{sale}"),
+        &json!({"action": "honour", "user": "front-desk"}),
+    );
+    assert_eq!(code, 201, "{e}");
+    let (code, e) = b.post(&format!("/v1/oversold/{sale}"), &json!({"action": "sell"}));
+    assert_eq!(code, 400, "{e}");
+    let t0 = Instant::now();
+    loop {
+        let rows = a.get_json("/v1/oversold");
+        let row = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["sale"] == sale)
+            .cloned()
+            .unwrap();
+        if row["compensation"]["by"] == "staff" {
+            assert_eq!(row["compensation"]["action"], "honour", "{row}");
+            break;
+        }
+        assert!(t0.elapsed() < DEADLINE, "staff decision not seen: {row}");
+        thread::sleep(POLL);
+    }
+}

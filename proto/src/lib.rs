@@ -3,6 +3,8 @@
 //! Everything here is deterministic: no IO, no clock, no randomness of its
 //! own. The node (`weftlog`) and the simulator (`weftlog-sim`) drive it.
 //!
+//! - [`admission`]: a selling node's own rules under a seat policy (its
+//!   clock and connectivity), applied before a sale becomes an event;
 //! - [`event`]: the event model, canonical encoding, limits, signatures;
 //! - [`hlc`]: the hybrid logical clock;
 //! - [`state`]: the CRDT fold, read models, validity against the causal past;
@@ -22,6 +24,7 @@
 //!   sessions.
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod event;
 pub mod exchange;
 pub mod fork_proof;

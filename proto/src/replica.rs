@@ -140,7 +140,8 @@
 use std::cell::{OnceCell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::event::{Event, Keypair, Signature};
+use crate::admission::{self, Connectivity, RuleNow};
+use crate::event::{Event, Keypair, Op, Signature};
 use crate::exchange::{self, Incoming};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
@@ -204,6 +205,13 @@ pub struct Replica {
     /// Whether peers confirmed the own log, and how long appends wait for
     /// it (module docs, "A restored node learns its own log").
     confirm: Confirm,
+    /// The last sync round and what counters had left then, for the seat
+    /// policies' admission rules ([`admission`]).
+    conn: Connectivity,
+    /// Escrow counters an event touched since the last look for oversold
+    /// sales that need their automatic compensation
+    /// ([`Replica::compensate`]).
+    unchecked: BTreeSet<(String, String)>,
 }
 
 /// Peers that confirmed this replica's own frontier, at most: enough to
@@ -312,6 +320,9 @@ pub enum AppendError {
     /// The command was refused.
     #[error(transparent)]
     Refused(#[from] PrepareError),
+    /// A seat policy's admission rule refused a sale ([`admission`]).
+    #[error(transparent)]
+    Seats(#[from] admission::Refused),
     /// A write or sync failed earlier; the node must be reopened.
     #[error("the log is unusable after a failed write or sync: {0}")]
     Failed(String),
@@ -401,6 +412,8 @@ impl Replica {
             kept: None,
             wall_ms: 0,
             confirm: Confirm::default(),
+            conn: Connectivity::new(),
+            unchecked: BTreeSet::new(),
         }
     }
 
@@ -476,6 +489,18 @@ impl Replica {
         if let Some(until_ms) = self.appends_held(now_ms) {
             return Err(AppendError::Unconfirmed { until_ms });
         }
+        let mut draft = draft;
+        // A command id already in the log gives its event, whatever the
+        // seat rules say now.
+        let retried = draft
+            .meta
+            .command_id
+            .as_deref()
+            .is_some_and(|c| self.state.command(&draft.stream, c).is_some());
+        if !retried {
+            admission::admit(&self.state, &self.id, &self.conn, &mut draft, now_ms)?;
+        }
+        self.touched(&draft.stream, &draft.ops);
         match self
             .state
             .append_local(self.id, &mut self.clock, now_ms, draft)?
@@ -503,6 +528,8 @@ impl Replica {
                     },
                     false,
                 );
+                // A sale may complete an oversell this replica can see.
+                self.compensate(now_ms);
                 Ok(Appended {
                     id,
                     author: self.id,
@@ -544,6 +571,9 @@ impl Replica {
         }
         self.clock
             .observe(scratch.max_hlc_within(Hlc::horizon(now_ms)));
+        for item in &new {
+            self.touched(&item.event.stream, &item.event.ops);
+        }
         self.state = scratch;
         let imported = new.len() as u64;
         // `authenticate` ends every author's run signed; should a caller
@@ -574,6 +604,7 @@ impl Replica {
             self.open.retain(|a| !unsigned_ends.contains(a));
             self.close_if_none_open();
         }
+        self.compensate(now_ms);
         Ok(Imported {
             imported,
             duplicates,
@@ -594,6 +625,7 @@ impl Replica {
         bytes: &[u8],
         sig: Option<Signature>,
     ) -> Result<Inserted, Invalid> {
+        self.touched(&event.stream, &event.ops);
         let r = self.state.insert(event, id)?;
         if r == Inserted::New {
             self.clock.observe_at(event.hlc, self.wall_ms);
@@ -611,6 +643,60 @@ impl Replica {
             );
         }
         Ok(r)
+    }
+
+    /// A sync round with a peer ended in sync at wall time `now_ms`
+    /// ([`crate::peers::PeerEvent::Synced`]): the seat policies' admission
+    /// rules measure connectivity from it ([`admission`]).
+    pub fn handle_synced(&mut self, now_ms: u64) {
+        self.conn.handle_synced(&self.state, now_ms);
+        self.compensate(now_ms);
+    }
+
+    /// An event of `stream` with `ops` is about to be applied: the escrow
+    /// counters it touches are noted for admission (before the state
+    /// changes, [`Connectivity::touched`]) and for [`Replica::compensate`].
+    fn touched(&mut self, stream: &str, ops: &[Op]) {
+        self.conn.touched(&self.state, stream, ops);
+        for op in ops.iter().filter(|op| op.is_escrow()) {
+            self.unchecked
+                .insert((stream.to_string(), op.target().to_string()));
+        }
+    }
+
+    /// Writes, at wall time `now_ms`, the automatic compensation of every
+    /// oversold sale, on the counters events touched since the last call,
+    /// that has none ([`admission::compensations`]). The replica calls it
+    /// itself after a local sale, an import, the end of a received run
+    /// ([`Replica::handle_received_end`]) and a sync round
+    /// ([`Replica::handle_synced`]); a compensation that cannot be written
+    /// then (appends held, disk full) is tried again at the next call.
+    /// Returns how many were written.
+    pub fn compensate(&mut self, now_ms: u64) -> usize {
+        let mut written = 0;
+        for (stream, counter) in std::mem::take(&mut self.unchecked) {
+            for draft in admission::compensations(&self.state, &stream, &counter) {
+                match self.handle_append(draft, now_ms) {
+                    Ok(a) if !a.existing => written += 1,
+                    Ok(_) => {}
+                    Err(_) => {
+                        self.unchecked.insert((stream.clone(), counter.clone()));
+                    }
+                }
+            }
+        }
+        written
+    }
+
+    /// When the last sync round ended, by this node's wall clock.
+    pub fn last_round_ms(&self) -> Option<u64> {
+        self.conn.last_round_ms()
+    }
+
+    /// The seat rule that applies now to a sale on `counter` of `stream`
+    /// ([`admission::rule_now`]).
+    pub fn rule_now(&self, stream: &str, counter: &str, now_ms: u64) -> RuleNow {
+        admission::rule_now(&self.state, &self.id, &self.conn, stream, counter, now_ms)
     }
 
     /// The shell's wall time: received events are observed against the last
@@ -691,6 +777,14 @@ impl Replica {
         }
     }
 
+    /// The events queued and not yet taken by a batch, decoded: for tests.
+    #[cfg(test)]
+    pub(crate) fn pending_events(&self) -> impl Iterator<Item = Event> + '_ {
+        self.pending
+            .iter()
+            .map(|p| Event::decode_trusted(&p.bytes).expect("a queued record is an event"))
+    }
+
     /// The highest own seq applied (on any branch).
     fn own_seq(&self) -> u64 {
         self.state.max_seq(&self.id)
@@ -705,6 +799,7 @@ impl Replica {
             self.open.clear();
             self.close_if_none_open();
         }
+        self.compensate(self.wall_ms);
     }
 
     /// Takes the next batch: pending records in order, at most

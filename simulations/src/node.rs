@@ -243,6 +243,13 @@ impl SimNode {
         self.replica.handle_own_head(peer, seq, now_ms)
     }
 
+    /// A sync round ended in sync at wall time `now_ms`
+    /// ([`Replica::handle_synced`]): the seat policies' admission rules
+    /// measure connectivity from it, as the node's do.
+    pub fn handle_synced(&mut self, now_ms: u64) {
+        self.replica.handle_synced(now_ms);
+    }
+
     /// Until which wall time (ms) appends are held, if they are at wall
     /// time `now_ms` ([`Replica::appends_held`]; once the wait has passed,
     /// they are not held again).

@@ -1065,7 +1065,11 @@ impl<'a> Sim<'a> {
                     }
                     self.close(conn, &reason);
                 }
-                PeerEvent::Synced { .. } => self.report.rounds += 1,
+                PeerEvent::Synced { .. } => {
+                    self.report.rounds += 1;
+                    let wall = self.wall_ms(node);
+                    self.slots[node].node.handle_synced(wall);
+                }
                 PeerEvent::OwnHead { peer, seq, .. } => self.own_head(node, peer, seq),
                 PeerEvent::Received { count, .. } => {
                     self.tr(b'R', &[node as u64, count], &[]);
