@@ -6,8 +6,9 @@ use serde_json::{json, Map, Value};
 use weftlog_proto::event::Policy;
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
+use weftlog_proto::seats::{Compensated, Oversold};
 use weftlog_proto::since::MAX_SINCE_HEADS;
-use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
+use weftlog_proto::state::{shown, Escrow, Fork, Stream, WriteId, Written};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{Dot, Event, EventId, NodeId, Op, State};
 
@@ -252,8 +253,8 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
                     })
                     .collect();
                 v["overdrawn"] = Value::Object(owed);
-                v["oversold"] = number(e.consumed.saturating_sub(e.capacity) as i128);
             }
+            seat_rules(&mut v, e);
             (c.clone(), v)
         })
         .collect();
@@ -281,6 +282,66 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
         v["duplicates"] = Value::Object(dups);
     }
     v
+}
+
+/// The seat rules of one escrow counter, added to its object: the
+/// effective `policy`, the standing `policies` when more than one stands
+/// (a conflict), the oversold sales with their compensation, the void
+/// compensations, the waitlist, and the units honoured and released.
+fn seat_rules(v: &mut Value, e: &Escrow) {
+    v["policy"] = policy(&e.policy());
+    if e.policies.len() > 1 {
+        v["policies"] = Value::Array(
+            e.policies
+                .iter()
+                .map(|(w, p)| {
+                    let mut p = policy(p);
+                    p["write"] = write_id(w);
+                    p
+                })
+                .collect(),
+        );
+    }
+    let oversold: Map<String, Value> = e
+        .oversold
+        .iter()
+        .map(|(id, m)| (id.to_string(), oversold(m)))
+        .collect();
+    let void: Map<String, Value> = e
+        .void
+        .iter()
+        .map(|(id, c)| (id.to_string(), compensated(c)))
+        .collect();
+    v["oversold"] = Value::Object(oversold);
+    v["void"] = Value::Object(void);
+    v["waitlist"] = e.waitlist.iter().map(ToString::to_string).collect();
+    v["honoured"] = number(e.honoured as i128);
+    v["released"] = number(e.released as i128);
+}
+
+/// One oversold mark: its units, the sale's author and hlc, and its
+/// compensation (null while none stands).
+pub fn oversold(m: &Oversold) -> Value {
+    json!({
+        "units": m.units,
+        "author": m.author.to_string(),
+        "hlc": m.hlc.0,
+        "compensation": m.compensation.as_ref().map(compensated),
+    })
+}
+
+/// A compensation standing for a sale: the action, who decided it, and
+/// the write it stands as.
+pub fn compensated(c: &Compensated) -> Value {
+    json!({
+        "action": c.action.name(),
+        "by": c.by.name(),
+        "write": write_id(&c.write),
+    })
+}
+
+fn write_id(w: &WriteId) -> Value {
+    json!({ "author": w.author.to_string(), "seq": w.seq, "event": w.event.to_string() })
 }
 
 /// A fork record ([`State::forks`]): the author, the seq where its branches
