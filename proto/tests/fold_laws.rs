@@ -1071,11 +1071,14 @@ fn assert_rights_from_causal_past(events: &[(Event, EventId)]) {
     }
 }
 
+/// A policy write in the model: the write, its policy, the dots it names.
+type PolicyW = (WriteId, Policy, Vec<Dot>);
+
 /// The seat rules of one counter, from first principles.
 #[derive(Default)]
 struct ModelSeats {
     /// Policy writes of events in effect: write, policy, the dots it names.
-    policies: Vec<(WriteId, Policy, Vec<Dot>)>,
+    policies: Vec<PolicyW>,
     /// Sales in effect: canonical key, (units sold, overdraft units).
     sales: BTreeMap<CanonicalKey, (u128, u128)>,
     balance: BTreeMap<NodeId, i128>,
@@ -1084,7 +1087,7 @@ struct ModelSeats {
 }
 
 /// The standing policies among `writes`: those no write names.
-fn standing_policies(writes: &[(WriteId, Policy, Vec<Dot>)]) -> BTreeMap<WriteId, Policy> {
+fn standing_policies(writes: &[PolicyW]) -> BTreeMap<WriteId, Policy> {
     let named: HashSet<Dot> = writes
         .iter()
         .flat_map(|(_, _, d)| d.iter().copied())
@@ -1098,17 +1101,14 @@ fn standing_policies(writes: &[(WriteId, Policy, Vec<Dot>)]) -> BTreeMap<WriteId
 
 /// The policy writes of `events[i]` per counter: the later op of an event
 /// on one counter stands, and the event names what all its ops name.
-fn policy_writes(
-    events: &[(Event, EventId)],
-    i: usize,
-) -> BTreeMap<&str, (WriteId, Policy, Vec<Dot>)> {
+fn policy_writes(events: &[(Event, EventId)], i: usize) -> BTreeMap<&str, PolicyW> {
     let (e, id) = &events[i];
     let w = WriteId {
         author: e.author,
         seq: e.seq,
         event: *id,
     };
-    let mut out: BTreeMap<&str, (WriteId, Policy, Vec<Dot>)> = BTreeMap::new();
+    let mut out: BTreeMap<&str, PolicyW> = BTreeMap::new();
     for op in &e.ops {
         if let Op::EscrowPolicy {
             counter,
@@ -1144,7 +1144,7 @@ fn assert_seats_match_model(state: &State, events: &[(Event, EventId)]) {
         // The event's causal past, as the rules see it.
         let effect_past = effective(events, |j| past[i] & (1 << j) != 0);
         let mut held: BTreeMap<&str, i128> = BTreeMap::new();
-        let mut policy_past: BTreeMap<&str, Vec<(WriteId, Policy, Vec<Dot>)>> = BTreeMap::new();
+        let mut policy_past: BTreeMap<&str, Vec<PolicyW>> = BTreeMap::new();
         for (j, (p, _)) in events.iter().enumerate() {
             if !effect_past[j] || p.stream != e.stream {
                 continue;
