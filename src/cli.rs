@@ -980,7 +980,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         }
         Command::Oversold => {
             let rows = match target(dir)? {
-                Target::Local(node) => node.with_state(json::oversold),
+                Target::Local(node) => node.with_state(json::oversold_rows),
                 Target::Remote(r) => match r.get_json("/v1/oversold")? {
                     Value::Array(rows) => rows,
                     v => bail!("the running node answered {v} for its oversold sales"),

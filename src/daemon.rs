@@ -428,7 +428,7 @@ impl Daemon {
             m.insert("blocked".into(), json!(blocked));
             m.insert("equivocations".into(), Value::Array(forks));
             m.insert("last_round_ms".into(), json!(self.last_round_ms()));
-            m.insert("seats".into(), crate::json::seat_rules(&node.seat_rules()));
+            m.insert("seats".into(), crate::json::seat_status(&node.seat_rules()));
             m.insert("gossip".into(), self.gossip());
             m.insert("non_members".into(), non_members);
             m.insert(

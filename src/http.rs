@@ -321,7 +321,7 @@ async fn forks(AxState(d): Shared, Query(q): Query<ForksQuery>) -> Result<Json<V
 }
 
 async fn oversold(AxState(d): Shared) -> Json<Value> {
-    Json(Value::Array(d.node().with_state(json::oversold)))
+    Json(Value::Array(d.node().with_state(json::oversold_rows)))
 }
 
 /// The body of `POST /v1/oversold/{sale}`: a staff decision.

@@ -7,9 +7,9 @@ use weftlog_proto::admission::RuleNow;
 use weftlog_proto::event::Policy;
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
-use weftlog_proto::seats::Compensated;
+use weftlog_proto::seats::{Compensated, Oversold};
 use weftlog_proto::since::MAX_SINCE_HEADS;
-use weftlog_proto::state::{shown, Fork, Stream, WriteId, Written};
+use weftlog_proto::state::{shown, Escrow, Fork, Stream, WriteId, Written};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{Dot, Event, EventId, NodeId, Op, State};
 
@@ -99,7 +99,7 @@ fn op(o: &Op) -> Value {
 /// The seat rule that applies now on each escrow counter, for `status`:
 /// the effective policy, the rights this node holds, how many seats it may
 /// sell now, and what limits it.
-pub fn seat_rules(rules: &[(String, String, RuleNow)]) -> Value {
+pub fn seat_status(rules: &[(String, String, RuleNow)]) -> Value {
     Value::Array(
         rules
             .iter()
@@ -275,8 +275,8 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
                     })
                     .collect();
                 v["overdrawn"] = Value::Object(owed);
-                v["oversold"] = number(e.consumed.saturating_sub(e.capacity) as i128);
             }
+            seat_rules(&mut v, e);
             (c.clone(), v)
         })
         .collect();
@@ -304,6 +304,66 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
         v["duplicates"] = Value::Object(dups);
     }
     v
+}
+
+/// The seat rules of one escrow counter, added to its object: the
+/// effective `policy`, the standing `policies` when more than one stands
+/// (a conflict), the oversold sales with their compensation, the void
+/// compensations, the waitlist, and the units honoured and released.
+fn seat_rules(v: &mut Value, e: &Escrow) {
+    v["policy"] = policy(&e.policy());
+    if e.policies.len() > 1 {
+        v["policies"] = Value::Array(
+            e.policies
+                .iter()
+                .map(|(w, p)| {
+                    let mut p = policy(p);
+                    p["write"] = write_id(w);
+                    p
+                })
+                .collect(),
+        );
+    }
+    let oversold: Map<String, Value> = e
+        .oversold
+        .iter()
+        .map(|(id, m)| (id.to_string(), oversold(m)))
+        .collect();
+    let void: Map<String, Value> = e
+        .void
+        .iter()
+        .map(|(id, c)| (id.to_string(), compensated(c)))
+        .collect();
+    v["oversold"] = Value::Object(oversold);
+    v["void"] = Value::Object(void);
+    v["waitlist"] = e.waitlist.iter().map(ToString::to_string).collect();
+    v["honoured"] = number(e.honoured as i128);
+    v["released"] = number(e.released as i128);
+}
+
+/// One oversold mark: its units, the sale's author and hlc, and its
+/// compensation (null while none stands).
+pub fn oversold(m: &Oversold) -> Value {
+    json!({
+        "units": m.units,
+        "author": m.author.to_string(),
+        "hlc": m.hlc.0,
+        "compensation": m.compensation.as_ref().map(compensated),
+    })
+}
+
+/// A compensation standing for a sale: the action, who decided it, and
+/// the write it stands as.
+pub fn compensated(c: &Compensated) -> Value {
+    json!({
+        "action": c.action.name(),
+        "by": c.by.name(),
+        "write": write_id(&c.write),
+    })
+}
+
+fn write_id(w: &WriteId) -> Value {
+    json!({ "author": w.author.to_string(), "seq": w.seq, "event": w.event.to_string() })
 }
 
 /// A fork record ([`State::forks`]): the author, the seq where its branches
@@ -488,28 +548,21 @@ pub fn status_at(node: &weftlog_proto::NodeId, state: &State, now_ms: u64) -> Va
 /// canonical order, with its compensation (`null` while none stands), then
 /// every void compensation (its sale no longer marked): what `weftlog
 /// oversold` prints and `GET /v1/oversold` serves.
-pub fn oversold(state: &State) -> Vec<Value> {
-    let compensated = |c: &Compensated| {
-        json!({
-            "action": c.action.name(),
-            "by": c.by.name(),
-            "event": c.write.event.to_string(),
-        })
-    };
+pub fn oversold_rows(state: &State) -> Vec<Value> {
     let mut rows: Vec<Value> = state
         .oversold()
         .into_iter()
         .map(|(stream, counter, sale, m)| {
-            json!({
-                "stream": stream,
-                "counter": counter,
-                "sale": sale.to_string(),
-                "units": m.units,
-                "author": m.author.to_string(),
-                "hlc": m.hlc.0,
-                "compensation": m.compensation.as_ref().map(compensated),
-                "state": if m.compensation.is_some() { "compensated" } else { "pending" },
-            })
+            let mut v = oversold(&m);
+            v["stream"] = json!(stream);
+            v["counter"] = json!(counter);
+            v["sale"] = json!(sale.to_string());
+            v["state"] = json!(if m.compensation.is_some() {
+                "compensated"
+            } else {
+                "pending"
+            });
+            v
         })
         .collect();
     for (stream, s) in state.streams() {

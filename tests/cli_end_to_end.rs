@@ -200,7 +200,22 @@ fn append_prints_the_event_and_get_shows_fields_counters_and_escrow() {
     );
     assert_eq!(g["counters"], serde_json::json!({ "visits": 2 }));
     let seats = &g["escrow"]["seats"];
-    assert_eq!(keys(seats), set_of(&["capacity", "consumed", "rights"]));
+    assert_eq!(
+        keys(seats),
+        set_of(&[
+            "capacity", "consumed", "rights", "policy", "oversold", "void", "waitlist", "honoured",
+            "released"
+        ])
+    );
+    // No policy set: escrow, with nothing oversold.
+    assert_eq!(seats["policy"]["mode"], "escrow");
+    assert_eq!(seats["oversold"], serde_json::json!({}));
+    assert_eq!(seats["void"], serde_json::json!({}));
+    assert_eq!(seats["waitlist"], serde_json::json!([]));
+    assert_eq!(
+        (&seats["honoured"], &seats["released"]),
+        (&0.into(), &0.into())
+    );
     assert_eq!(seats["capacity"], 10);
     assert_eq!(seats["consumed"], 2);
     assert_eq!(seats["rights"][&me], 4);

@@ -424,7 +424,7 @@ pub(crate) fn remark(e: &mut Escrow, forked: &dyn Fn(&NodeId) -> bool) {
                 if fork && o.events.binary_search(&k.3).is_err() {
                     continue;
                 }
-                let rest = s.amount - s.overdraft;
+                let rest = s.amount.saturating_sub(s.overdraft);
                 if rest > 0 {
                     *cands.entry(*k).or_default() += rest;
                 }

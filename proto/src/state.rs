@@ -14,7 +14,10 @@
 //! - counters: sums;
 //! - escrow: sums, and validity uses only the event's causal past, which is
 //!   the same on every replica (`DESIGN.md` §2: validity is a pure function
-//!   of the event and its causal past).
+//!   of the event and its causal past);
+//! - seat policies, overdraft sales, oversell marks and compensation: a
+//!   register, and read models recomputed from bookkeeping that is a
+//!   function of the event set ([`crate::seats`]).
 //!
 //! **Commands take effect once.** Events of one stream that carry the same
 //! command id (a client's retry that reached two nodes) take effect once:
