@@ -295,7 +295,7 @@ pub struct Stream {
     /// document and read model. Encoded after the streams, not in them
     /// ([`State::canonical_read_model`]).
     #[serde(skip)]
-    texts: BTreeMap<String, text::Field>,
+    pub(crate) texts: BTreeMap<String, text::Field>,
 }
 
 /// The events of one stream that carry one command id.

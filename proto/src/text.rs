@@ -772,3 +772,394 @@ fn utf16_range(text: &str, pos: u64, delete: u64) -> Option<(usize, usize)> {
     }
     Some((usize::try_from(pos).ok()?, usize::try_from(end).ok()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, Keypair, Meta, Op};
+    use crate::state::{Appended, Draft, Inserted, Invalid, PrepareError, State};
+    use crate::HlcClock;
+    use proptest::prelude::*;
+
+    /// A wall time: 2023-11-14.
+    const T: u64 = 1_700_000_000_000;
+
+    /// One desk: its key, replica, clock, and the events it holds in the
+    /// order it inserted them (a causal order).
+    struct Desk {
+        id: NodeId,
+        state: State,
+        clock: HlcClock,
+        held: Vec<(Event, EventId)>,
+    }
+
+    impl Desk {
+        fn new(secret: u8) -> Desk {
+            Desk {
+                id: Keypair::from_secret([secret; 32]).node_id(),
+                state: State::new(),
+                clock: HlcClock::default(),
+                held: Vec::new(),
+            }
+        }
+
+        fn append(&mut self, wall: u64, draft: Draft) -> Result<EventId, PrepareError> {
+            match self
+                .state
+                .append_local(self.id, &mut self.clock, wall, draft)?
+            {
+                Appended::New { event, id, .. } => {
+                    self.held.push((event, id));
+                    Ok(id)
+                }
+                Appended::Existing(r) => Ok(r.id),
+            }
+        }
+
+        fn splice(&mut self, wall: u64, splices: &[(u64, u64, &str)]) -> EventId {
+            self.append(wall, notes(splices, None, None))
+                .expect("a valid splice")
+        }
+
+        /// Inserts what `from` holds, in its order, skipping what it has.
+        fn learn(&mut self, from: &[(Event, EventId)], wall: u64) {
+            for (e, id) in from {
+                match self.state.insert(e, *id) {
+                    Ok(Inserted::New) => {
+                        self.clock.observe_at(e.hlc, wall);
+                        self.held.push((e.clone(), *id));
+                    }
+                    Ok(Inserted::Duplicate) => {}
+                    Err(err) => panic!("refused {id:?}: {err}"),
+                }
+            }
+        }
+
+        fn notes(&self) -> Text {
+            self.state
+                .stream("attendee/1")
+                .and_then(|s| s.text("notes"))
+                .cloned()
+                .unwrap_or_default()
+        }
+    }
+
+    fn notes(splices: &[(u64, u64, &str)], base: Option<Vec<Head>>, cmd: Option<&str>) -> Draft {
+        Draft {
+            stream: "attendee/1".into(),
+            kind: "NotesEdited".into(),
+            texts: vec![TextEdit {
+                field: "notes".into(),
+                splices: splices
+                    .iter()
+                    .map(|&(pos, delete, insert)| Splice {
+                        pos,
+                        delete,
+                        insert: insert.into(),
+                    })
+                    .collect(),
+                base,
+            }],
+            meta: Meta {
+                command_id: cmd.map(str::to_string),
+                user: None,
+            },
+            ..Draft::default()
+        }
+    }
+
+    /// Two desks that type into one note at once both keep their words,
+    /// merged character by character, and show the same text and hash.
+    #[test]
+    fn concurrent_edits_merge_character_by_character() {
+        let (mut a, mut b) = (Desk::new(1), Desk::new(2));
+        a.splice(T, &[(0, 0, "vegan")]);
+        b.learn(&a.held.clone(), T + 1);
+        a.splice(T + 10, &[(0, 0, "strict ")]);
+        b.splice(T + 11, &[(5, 0, ", no nuts")]);
+        let (ha, hb) = (a.held.clone(), b.held.clone());
+        a.learn(&hb, T + 20);
+        b.learn(&ha, T + 20);
+        assert_eq!(a.notes().text, "strict vegan, no nuts");
+        assert_eq!(a.notes(), b.notes());
+        assert_eq!(a.notes().heads.len(), 2, "two concurrent heads");
+        assert_eq!(a.state.state_hash(), b.state.state_hash());
+        // Both insert at one position: both survive, in one order.
+        a.splice(T + 30, &[(0, 0, "A")]);
+        b.splice(T + 31, &[(0, 0, "B")]);
+        let (ha, hb) = (a.held.clone(), b.held.clone());
+        a.learn(&hb, T + 40);
+        b.learn(&ha, T + 40);
+        let t = a.notes().text;
+        assert!(
+            t == "ABstrict vegan, no nuts" || t == "BAstrict vegan, no nuts",
+            "{t}"
+        );
+        assert_eq!(a.state.state_hash(), b.state.state_hash());
+    }
+
+    /// Positions count UTF-16 code units: an emoji is two, and a position
+    /// inside it is refused.
+    #[test]
+    fn positions_count_utf16_units() {
+        let mut a = Desk::new(1);
+        a.splice(T, &[(0, 0, "a😀é")]);
+        a.splice(T + 1, &[(3, 0, "b")]);
+        assert_eq!(a.notes().text, "a😀bé");
+        let err = a
+            .append(T + 2, notes(&[(2, 0, "x")], None, None))
+            .unwrap_err();
+        assert!(
+            matches!(err, PrepareError::Text(EditError::Position { len: 5, .. })),
+            "{err}"
+        );
+        let err = a
+            .append(T + 2, notes(&[(0, 9, "")], None, None))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            PrepareError::Text(EditError::Position { .. })
+        ));
+        // Splices apply in order; deleting an emoji deletes two units.
+        a.splice(T + 3, &[(1, 2, ""), (0, 0, ">")]);
+        assert_eq!(a.notes().text, ">abé");
+    }
+
+    /// `base` edits the document at the heads a client saw; the change
+    /// merges with what came since. Unknown heads are refused.
+    #[test]
+    fn an_edit_at_stale_heads_is_rebased_and_unknown_heads_refused() {
+        let mut a = Desk::new(1);
+        a.splice(T, &[(0, 0, "hello")]);
+        let seen = a.notes().heads;
+        a.splice(T + 1, &[(0, 0, "oh, ")]);
+        a.append(T + 2, notes(&[(5, 0, " world")], Some(seen), None))
+            .unwrap();
+        assert_eq!(a.notes().text, "oh, hello world");
+        let err = a
+            .append(T + 3, notes(&[(0, 0, "x")], Some(vec![[7; 32]]), None))
+            .unwrap_err();
+        assert!(
+            matches!(err, PrepareError::Text(EditError::UnknownBase { .. })),
+            "{err}"
+        );
+        // An empty base is the empty text: "!" is concurrent with every
+        // insert at the start, and automerge orders them.
+        a.append(T + 4, notes(&[(0, 0, "!")], Some(vec![]), None))
+            .unwrap();
+        let t = a.notes().text;
+        assert_eq!(t.replace('!', ""), "oh, hello world", "{t}");
+    }
+
+    /// A change is refused unless it is what the event's author could have
+    /// made in its causal past: the derived actor, deps in the past, text
+    /// edits only.
+    #[test]
+    fn forged_changes_are_refused() {
+        let mut a = Desk::new(1);
+        let b = Desk::new(2);
+        a.splice(T, &[(0, 0, "abc")]);
+        let Op::Text { change, .. } = a.held[0].0.ops[0].clone() else {
+            unreachable!()
+        };
+        let raw = |change: Vec<u8>| Draft {
+            stream: "attendee/1".into(),
+            kind: "K".into(),
+            ops: vec![Op::Text {
+                field: "notes".into(),
+                change,
+            }],
+            ..Draft::default()
+        };
+        let refused = |r: Result<EventId, PrepareError>| match r {
+            Err(PrepareError::Invalid(Invalid::BadText { why, .. })) => why,
+            other => panic!("not refused: {other:?}"),
+        };
+        // Another event carrying a's change: not its actor.
+        let why = refused(a.append(T + 1, raw(change.clone())));
+        assert!(matches!(why, BadChange::Actor { .. }), "{why}");
+        assert!(matches!(
+            refused(a.append(T + 1, raw(vec![1, 2, 3]))),
+            BadChange::Decode(_)
+        ));
+        // b builds on a's change without having a's event in its past.
+        let field = &a.state.stream("attendee/1").unwrap().texts["notes"];
+        let hlc = Hlc(1 << 40);
+        let e = TextEdit {
+            field: "notes".into(),
+            splices: vec![Splice {
+                pos: 3,
+                delete: 0,
+                insert: "d".into(),
+            }],
+            base: None,
+        };
+        let forged = edit(Some(field), &e, actor(&b.id, 1, hlc, 0), |_| true).unwrap();
+        let ev = Event {
+            version: 2,
+            author: b.id,
+            seq: 1,
+            prev: None,
+            deps: vec![],
+            hlc,
+            stream: "attendee/1".into(),
+            kind: "K".into(),
+            ops: vec![Op::Text {
+                field: "notes".into(),
+                change: forged,
+            }],
+            payload: vec![],
+            meta: Meta::default(),
+        };
+        let mut c = Desk::new(3);
+        c.learn(&a.held.clone(), T);
+        let (_, id) = ev.seal();
+        let err = c.state.insert(&ev, id).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Invalid::BadText {
+                    why: BadChange::UnknownDep(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    /// A command carried out at two desks: the first in canonical order
+    /// takes effect, the other's text change is undone once that one
+    /// arrives, and so is the change built on it; every delivery order
+    /// shows the same text and hash.
+    #[test]
+    fn a_duplicates_text_change_is_undone_with_what_builds_on_it() {
+        let (mut a, mut b) = (Desk::new(1), Desk::new(2));
+        b.append(T, notes(&[(0, 0, "VIP")], None, Some("c-1")))
+            .unwrap();
+        a.append(T + 10, notes(&[(0, 0, "guest")], None, Some("c-1")))
+            .unwrap();
+        a.splice(T + 11, &[(5, 0, " of honour")]);
+        assert_eq!(a.notes().text, "guest of honour");
+        let (ha, hb) = (a.held.clone(), b.held.clone());
+        a.learn(&hb, T + 20);
+        b.learn(&ha, T + 20);
+        assert_eq!(
+            a.notes().text,
+            "VIP",
+            "the duplicate and its follower undone"
+        );
+        assert_eq!(b.notes(), a.notes());
+        assert_eq!(a.state.state_hash(), b.state.state_hash());
+        // A later edit builds on what is shown.
+        a.splice(T + 30, &[(3, 0, "!")]);
+        b.learn(&a.held.clone(), T + 31);
+        assert_eq!(b.notes().text, "VIP!");
+        assert_eq!(a.state.state_hash(), b.state.state_hash());
+    }
+
+    /// Every replica builds the same genesis.
+    #[test]
+    fn the_genesis_is_fixed() {
+        assert_eq!(genesis_actor(), genesis_actor());
+        let c = Change::try_from(genesis_bytes()).unwrap();
+        assert_eq!(c.hash().0, genesis_hash());
+        assert_eq!((c.seq(), c.timestamp(), c.len()), (1, 0, 1));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Edit {
+            desk: usize,
+            at: u16,
+            delete: u8,
+            insert: String,
+        },
+        Sync {
+            from: usize,
+            to: usize,
+        },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..3usize, any::<u16>(), 0..4u8, "[a-c😀é]{0,3}").prop_map(
+                |(desk, at, delete, insert)| Step::Edit { desk, at, delete, insert }
+            ),
+            1 => (0..3usize, 0..3usize).prop_map(|(from, to)| Step::Sync { from, to }),
+        ]
+    }
+
+    /// A splice that fits `text` (UTF-16 positions on character
+    /// boundaries), chosen by `at` and `delete`.
+    fn fitting(text: &str, at: u16, delete: u8) -> (u64, u64) {
+        let mut bounds = vec![0u64];
+        let mut n = 0;
+        for c in text.chars() {
+            n += c.len_utf16() as u64;
+            bounds.push(n);
+        }
+        let i = at as usize % bounds.len();
+        let j = (i + delete as usize).min(bounds.len() - 1);
+        (bounds[i], bounds[j] - bounds[i])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random concurrent splices on three desks, exchanged at random,
+        /// then delivered to a fresh replica in a random causal order: every
+        /// replica shows the same text, heads and state hash.
+        #[test]
+        fn random_concurrent_splices_converge(
+            steps in proptest::collection::vec(step(), 1..40),
+            seed in any::<u64>(),
+        ) {
+            let mut desks = [Desk::new(1), Desk::new(2), Desk::new(3)];
+            for (i, s) in steps.iter().enumerate() {
+                let wall = T + i as u64 * 10;
+                match s {
+                    Step::Edit { desk, at, delete, insert } => {
+                        let d = &mut desks[*desk];
+                        let (pos, del) = fitting(&d.notes().text, *at, *delete);
+                        match d.append(wall, notes(&[(pos, del, insert)], None, None)) {
+                            Ok(_) | Err(PrepareError::Text(EditError::Empty(_))) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    Step::Sync { from, to } => {
+                        let held = desks[*from].held.clone();
+                        desks[*to].learn(&held, wall);
+                    }
+                }
+            }
+            for to in 0..3 {
+                for from in 0..3 {
+                    let held = desks[from].held.clone();
+                    desks[to].learn(&held, T + 1_000_000);
+                }
+            }
+            // A fresh replica: every event, in a random causal order.
+            let mut pending = desks[0].held.clone();
+            let mut fresh = State::new();
+            let mut rng = seed | 1;
+            while !pending.is_empty() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let ready: Vec<usize> = (0..pending.len())
+                    .filter(|&i| {
+                        let e = &pending[i].0;
+                        e.prev.iter().chain(&e.deps).all(|d| fresh.contains(d))
+                    })
+                    .collect();
+                let (e, id) = pending.remove(ready[(rng % ready.len() as u64) as usize]);
+                prop_assert_eq!(fresh.insert(&e, id), Ok(Inserted::New));
+            }
+            let text = desks[0].notes();
+            for d in &desks {
+                prop_assert_eq!(&d.notes(), &text);
+                prop_assert_eq!(d.state.state_hash(), desks[0].state.state_hash());
+            }
+            prop_assert_eq!(fresh.state_hash(), desks[0].state.state_hash());
+        }
+    }
+}
