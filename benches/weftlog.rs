@@ -494,6 +494,7 @@ fn mixed_draft(i: u64, payload: Vec<u8>) -> Draft {
         payload,
         meta: Meta::default(),
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 
@@ -519,6 +520,7 @@ fn append_draft(thread: usize, i: u64, payload: &[u8]) -> Draft {
             user: Some(format!("bench-{i}")),
         },
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

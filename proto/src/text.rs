@@ -241,6 +241,21 @@ impl fmt::Display for Hex<'_> {
     }
 }
 
+/// A head from 64 hex digits (either case), as clients send `base`.
+pub fn parse_head(s: &str) -> Option<Head> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
 /// The automerge actor of the text op at `index` in the event by `author`
 /// at `seq` with `hlc` (module docs).
 pub fn actor(author: &NodeId, seq: u64, hlc: Hlc, index: usize) -> [u8; ACTOR_BYTES] {
@@ -1055,6 +1070,32 @@ mod tests {
         b.learn(&a.held.clone(), T + 31);
         assert_eq!(b.notes().text, "VIP!");
         assert_eq!(a.state.state_hash(), b.state.state_hash());
+    }
+
+    /// Two fork branches with one author, seq and hlc derive one actor:
+    /// only the change of the first in canonical order takes effect, in
+    /// either delivery order.
+    #[test]
+    fn fork_branches_sharing_an_actor_keep_the_first() {
+        let mut a = Desk::new(1);
+        a.splice(T, &[(0, 0, "base")]);
+        let mut copy = Desk::new(1);
+        copy.learn(&a.held.clone(), T);
+        copy.clock = a.clock.clone();
+        let x = a.splice(T + 5, &[(4, 0, " X")]);
+        let y = copy.splice(T + 5, &[(4, 0, " Y")]);
+        let (ex, ey) = (a.held[1].0.clone(), copy.held[1].0.clone());
+        assert_eq!((ex.seq, ex.hlc), (ey.seq, ey.hlc), "one actor");
+        let mut shown = Vec::new();
+        for order in [[(ex.clone(), x), (ey.clone(), y)], [(ey, y), (ex, x)]] {
+            let mut r = Desk::new(9);
+            r.learn(&a.held[..1], T);
+            r.learn(&order, T + 6);
+            shown.push((r.notes(), r.state.state_hash()));
+        }
+        assert_eq!(shown[0], shown[1]);
+        let first = if x < y { "base X" } else { "base Y" };
+        assert_eq!(shown[0].0.text, first);
     }
 
     /// Every replica builds the same genesis.
