@@ -354,6 +354,8 @@ struct Node {
     deps: Vec<ChangeHash>,
     /// The largest op of the change and its dep closure.
     closure_max: u64,
+    /// Its delete ops' counters, ascending: ops that make no element.
+    deletes: Vec<u64>,
     /// The events that carry it (almost always one).
     events: Vec<EventId>,
 }
@@ -434,6 +436,14 @@ impl Field {
                 let start_op = change.start_op().get();
                 let len = change.len() as u64;
                 let closure_max = start_op + len - 1;
+                let deletes = change
+                    .decode()
+                    .operations
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, op)| matches!(op.action, legacy::OpType::Delete))
+                    .map(|(i, _)| start_op + i as u64)
+                    .collect();
                 self.nodes.insert(
                     hash,
                     Node {
@@ -443,6 +453,7 @@ impl Field {
                         len,
                         deps,
                         closure_max,
+                        deletes,
                         events: vec![id],
                     },
                 );
@@ -632,6 +643,8 @@ pub fn check(
     // Elements made by other changes that the ops name: (counter, actor).
     let mut needed: BTreeSet<(u64, [u8; ACTOR_BYTES])> = BTreeSet::new();
     let expanded = change.decode();
+    // Counters of this change's deletes: they make no element.
+    let mut deletes: Vec<u64> = Vec::new();
     for (index, op) in expanded.operations.iter().enumerate() {
         let bad = |why| BadChange::Op { index, why };
         if op.obj != text_id {
@@ -656,6 +669,9 @@ pub fn check(
             }
             _ => return Err(bad("not a one-character insert or a delete")),
         };
+        if matches!(op.action, legacy::OpType::Delete) {
+            deletes.push(start + index as u64);
+        }
         let legacy::ElementId::Id(legacy::OpId(counter, by)) = elem else {
             continue; // the head of the text
         };
@@ -665,6 +681,9 @@ pub fn check(
         if by == actor {
             if *counter < start || *counter >= start + index as u64 {
                 return Err(bad("names an element the change has not made yet"));
+            }
+            if deletes.contains(counter) {
+                return Err(bad("names a delete as an element"));
             }
         } else {
             needed.insert((*counter, by));
@@ -690,7 +709,19 @@ pub fn check(
         if n.closure_max < least {
             continue;
         }
-        needed.retain(|&(c, a)| !(a == n.actor && c >= n.start_op && c < n.start_op + n.len));
+        let made = |c: u64| {
+            c >= n.start_op && c < n.start_op + n.len && n.deletes.binary_search(&c).is_err()
+        };
+        if needed
+            .iter()
+            .any(|&(c, a)| a == n.actor && !made(c) && c >= n.start_op && c < n.start_op + n.len)
+        {
+            return Err(BadChange::Op {
+                index: 0,
+                why: "names a delete as an element",
+            });
+        }
+        needed.retain(|&(c, a)| !(a == n.actor && made(c)));
         for d in &n.deps {
             if *d != g && seen.insert(*d) {
                 stack.push(*d);
@@ -1039,6 +1070,51 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+    }
+
+    /// An op that names a delete as if it made an element is refused.
+    #[test]
+    fn an_insert_after_a_delete_op_is_refused() {
+        let mut a = Desk::new(1);
+        a.splice(T, &[(0, 0, "ab")]);
+        let field = &a.state.stream("attendee/1").unwrap().texts["notes"];
+        let who = actor(&a.id, 2, Hlc(1 << 50), 0);
+        let e = TextEdit {
+            field: "notes".into(),
+            splices: vec![
+                Splice {
+                    pos: 0,
+                    delete: 1,
+                    insert: String::new(),
+                },
+                Splice {
+                    pos: 0,
+                    delete: 0,
+                    insert: "x".into(),
+                },
+            ],
+            base: None,
+        };
+        let good = edit(Some(field), &e, who, |_| true).unwrap();
+        assert_eq!(check(Some(field), &good, who, |_| true), Ok(()));
+        let mut x = Change::try_from(&good[..]).unwrap().decode();
+        let (legacy::OpType::Delete, legacy::OpType::Put(_)) =
+            (&x.operations[0].action, &x.operations[1].action)
+        else {
+            panic!("{:?}", x.operations);
+        };
+        let del = legacy::OpId(x.start_op.get(), ActorId::from(who));
+        x.operations[1].key = legacy::Key::Seq(legacy::ElementId::Id(del));
+        x.hash = None;
+        let mut forged = Change::from(x);
+        let bytes = forged.bytes().to_vec();
+        assert_eq!(
+            check(Some(field), &bytes, who, |_| true),
+            Err(BadChange::Op {
+                index: 1,
+                why: "names a delete as an element"
+            })
         );
     }
 
