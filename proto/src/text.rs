@@ -40,7 +40,8 @@
 //! - holds only text edits of the text object: an insert of one character
 //!   (`Put` of a one-scalar string, `insert`, no pred) or a `Delete` whose
 //!   pred is the element it deletes; every element it names is made by an
-//!   earlier op of the change or by a change in its dep closure.
+//!   insert: an earlier op of the change, or one of a change in its dep
+//!   closure (a delete makes no element).
 //!
 //! So every change applies: its deps are there, and so is everything it
 //! names. Applying in causal order always succeeds.
