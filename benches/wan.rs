@@ -425,6 +425,7 @@ fn mixed_draft(i: u64) -> Draft {
         payload,
         meta: Meta::default(),
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

@@ -59,7 +59,8 @@
 //! `WEFTLOG_BENCH_SECS` (append window per run); `WEFTLOG_BENCH_THREADS`
 //! (comma-separated appender counts); `WEFTLOG_BENCH_FOLD_N`,
 //! `WEFTLOG_BENCH_AM_BATCH_N`, `WEFTLOG_BENCH_AM_ONE_N`,
-//! `WEFTLOG_BENCH_FOLD_AUTHORS`, `WEFTLOG_BENCH_OPEN_N`;
+//! `WEFTLOG_BENCH_FOLD_AUTHORS`, `WEFTLOG_BENCH_FOLD_TEXT_N` (events of
+//! the fold group's text case), `WEFTLOG_BENCH_OPEN_N`;
 //! `WEFTLOG_BENCH_REPLICATE_N`, `WEFTLOG_BENCH_PROPAGATE_M`,
 //! `WEFTLOG_BENCH_PROPAGATE_NODES`, `WEFTLOG_BENCH_PROPAGATE_PROBE=0` (no
 //! "applied" probe: durable figures only); `WEFTLOG_BENCH_DIR`
@@ -88,6 +89,7 @@ use weftlog_proto::event::{Event, Keypair, Meta, Op};
 use weftlog_proto::log::{decode_frame, HEADER_BYTES};
 use weftlog_proto::state::{Draft, Prepared, State};
 use weftlog_proto::sync::{MemStore, Session, SessionConfig};
+use weftlog_proto::text::{Splice, TextEdit};
 use weftlog_proto::{EventId, HlcClock, NodeId};
 
 /// Payload size of every appended event.
@@ -116,6 +118,7 @@ struct Config {
     threads: Vec<usize>,
     fold_n: u64,
     fold_authors: u64,
+    fold_text_n: u64,
     am_batch_n: u64,
     am_one_n: u64,
     open_n: u64,
@@ -175,6 +178,10 @@ impl Config {
                 if quick { 20_000 } else { 1_000_000 },
             )?,
             fold_authors: env_or("WEFTLOG_BENCH_FOLD_AUTHORS", 1u64)?.max(1),
+            fold_text_n: env_or(
+                "WEFTLOG_BENCH_FOLD_TEXT_N",
+                if quick { 5_000 } else { 100_000 },
+            )?,
             am_batch_n: env_or(
                 "WEFTLOG_BENCH_AM_BATCH_N",
                 if quick { 5_000 } else { 100_000 },
@@ -494,6 +501,7 @@ fn mixed_draft(i: u64, payload: Vec<u8>) -> Draft {
         payload,
         meta: Meta::default(),
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 
@@ -519,6 +527,7 @@ fn append_draft(thread: usize, i: u64, payload: &[u8]) -> Draft {
             user: Some(format!("bench-{i}")),
         },
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 
@@ -821,6 +830,54 @@ fn build_automerge(n: u64, payloads: bool) -> Result<Vec<automerge::Change>> {
     Ok(changes)
 }
 
+/// Longest note of the text case: past it, each edit also deletes.
+const TEXT_NOTE_UNITS: u64 = 400;
+
+/// Events `0..n` of the text case, made by `State::prepare` and sealed: each
+/// one text op on a stream's `notes` (the fold group's streams), typing 8
+/// characters at a random place, and deleting 8 once the note is long.
+fn build_text_events(n: u64) -> Vec<(Event, EventId)> {
+    let key = Keypair::from_secret([1; 32]).node_id();
+    let mut clock = HlcClock::default();
+    let mut state = State::new();
+    let mut lens: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut events = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let r = splitmix(i ^ 0x7e47);
+        let stream = r % STREAMS;
+        let len = lens.entry(stream).or_default();
+        let pos = (r >> 16) % (*len + 1);
+        let delete = if *len >= TEXT_NOTE_UNITS {
+            8.min(*len - pos)
+        } else {
+            0
+        };
+        *len = *len - delete + 8;
+        let draft = Draft {
+            stream: stream_name(stream),
+            kind: "NotesEdited".into(),
+            texts: vec![TextEdit {
+                field: "notes".into(),
+                splices: vec![Splice {
+                    pos,
+                    delete,
+                    insert: format!("{:08x}", (r >> 32) as u32),
+                }],
+                base: None,
+            }],
+            ..Draft::default()
+        };
+        let event = match state.prepare(key, &mut clock, BASE_MS + i / 100, draft) {
+            Ok(Prepared::New(e)) => e,
+            other => panic!("text event {i}: prepare gave {other:?}"),
+        };
+        let id = event.seal().1;
+        state.insert(&event, id).expect("a prepared event inserts");
+        events.push((event, id));
+    }
+    events
+}
+
 fn time<T>(f: impl FnOnce() -> T) -> (f64, T) {
     let t = Instant::now();
     let out = f();
@@ -925,6 +982,53 @@ fn bench_fold(cfg: &Config, report: &mut Report) -> Result<()> {
             },
         ]
     };
+    // Register and counter ops per event of the mixed workload: the text
+    // case compares cost per op.
+    let ops_per_event =
+        built.events.iter().map(|(e, _)| e.ops.len()).sum::<usize>() as f64 / n.max(1) as f64;
+    let register_ops: Vec<f64> = fold.iter().map(|r| r * ops_per_event).collect();
+    let text_n = cfg.fold_text_n;
+    println!("# fold: building {text_n} text events (one text op each)…");
+    let (secs, text_events) = time(|| build_text_events(text_n));
+    println!("  built in {secs:.1} s");
+    let mut text_fold = Vec::new();
+    for run in 0..cfg.runs {
+        let mut state = State::new();
+        let (secs, ()) = time(|| {
+            for (e, id) in &text_events {
+                state.insert(e, *id).expect("fold: text event inserts");
+            }
+        });
+        assert_eq!(state.len(), text_n);
+        drop(state);
+        text_fold.push(text_n as f64 / secs);
+        println!(
+            "  run {run}: text ops {}, register and counter ops {} ({ops_per_event:.2} per event)",
+            rate(text_fold[run]),
+            rate(register_ops[run])
+        );
+    }
+    report.add(
+        cfg,
+        Figure {
+            group: "fold",
+            name: "fold_text_ops".into(),
+            unit: Unit::EventsPerSec,
+            runs: text_fold,
+            n: text_n,
+            baselines: vec![Baseline {
+                name: "fold_register_ops".into(),
+                unit: Unit::EventsPerSec,
+                runs: register_ops,
+                n,
+                note: format!(
+                    "register and counter ops/s of fold_insert, {ops_per_event:.2} per event"
+                ),
+            }],
+            target: None,
+            extra: serde_json::Map::new(),
+        },
+    );
     let mut extra = serde_json::Map::new();
     extra.insert("authors".into(), json!(cfg.fold_authors));
     report.add(

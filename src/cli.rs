@@ -14,6 +14,7 @@ use weftlog_proto::event::{Compensation, Policy};
 use weftlog_proto::fork_proof::{ForkProof, ForkProofJson};
 use weftlog_proto::peers::PeersConfig;
 use weftlog_proto::state::Draft;
+use weftlog_proto::text::{self, Hex, Splice, TextEdit};
 use weftlog_proto::{EventId, Hlc, Meta, Op, State};
 
 use crate::json;
@@ -40,6 +41,7 @@ use crate::tls::Members;
     weftlog init\n  \
     weftlog append --stream customer/20 --kind Registered --set name='\"Ada\"' --set email='\"ada@example.org\"'\n  \
     weftlog append --stream event/keynote --kind SeatsOpened --escrow-init seats=100\n  \
+    weftlog append --stream customer/20 --kind NotesEdited --splice notes=0:0:'vegan, no nuts'\n  \
     weftlog get --stream customer/20\n  \
     weftlog --data other status > other.status\n  \
     weftlog export --since other.status --out to-other.weft\n  \
@@ -239,8 +241,10 @@ pub enum Command {
 const HTTP_HELP: &str = "HTTP API (JSON; errors are {\"error\": \"...\"}):\n  \
 POST /v1/streams/{stream}/events  append; body: {\"kind\", \"set\": {field: json}, \"add\": {counter: int},\n  \
                                   \"escrow_init\": {counter: n}, \"escrow_transfer\": [{\"counter\", \"to\", \"amount\"}],\n  \
-                                  \"escrow_consume\": {counter: n}, \"payload\", \"expected_version\", \"command_id\", \"user\"}\n  \
-                                  201 created, 200 if the command id exists, 409 version mismatch,\n  \
+                                  \"escrow_consume\": {counter: n}, \"text\": {field: [[pos, delete, \"insert\"], ...]},\n  \
+                                  \"base\": {field: [head hex, ...]}, \"payload\", \"expected_version\", \"command_id\", \"user\"}\n  \
+                                  (text positions count UTF-16 code units)\n  \
+                                  201 created, 200 if the command id exists, 409 version mismatch or unknown base,\n  \
                                   422 refused (e.g. an oversell), 400 malformed\n  \
 GET  /v1/streams/{stream}[?as_of=HLC]   the stream, as `get` prints it\n  \
 GET  /v1/log[?stream=S]           events, one JSON object per line\n  \
@@ -479,6 +483,19 @@ pub struct AppendArgs {
     /// `--escrow-policy seats=risk-window,max_overdraft=3`. Repeatable.
     #[arg(long, value_name = "COUNTER=MODE[,KEY=VALUE...]")]
     pub escrow_policy: Vec<String>,
+    /// Edit a text field: at POS delete DEL, then insert TEXT (may be
+    /// empty). POS and DEL count UTF-16 code units (as a browser counts:
+    /// an emoji is two). Repeatable; a field's splices apply in order,
+    /// each to the text the previous left. Concurrent edits of one text
+    /// field merge character by character.
+    #[arg(long = "splice", value_name = "FIELD=POS:DEL:TEXT")]
+    pub splice: Vec<String>,
+    /// The heads of a text field the splices were made against (as `get`
+    /// shows them under "text_heads"), comma separated: automerge rebases
+    /// the splices over what came since. Refused if this node does not
+    /// hold them.
+    #[arg(long = "text-base", value_name = "FIELD=HEAD[,HEAD...]")]
+    pub text_base: Vec<String>,
     /// Application payload, JSON.
     #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
@@ -569,10 +586,48 @@ impl AppendArgs {
                 supersedes: vec![],
             });
         }
+        let mut texts: Vec<TextEdit> = Vec::new();
+        for s in &self.splice {
+            let (field, rest) = split("--splice", s, '=', "FIELD=POS:DEL:TEXT")?;
+            let mut parts = rest.splitn(3, ':');
+            let (Some(pos), Some(del), Some(insert)) = (parts.next(), parts.next(), parts.next())
+            else {
+                bail!("--splice {s:?} is not of the form FIELD=POS:DEL:TEXT");
+            };
+            let splice = Splice {
+                pos: parse_num("--splice", pos, "a position in UTF-16 units")?,
+                delete: parse_num("--splice", del, "a count of UTF-16 units")?,
+                insert: insert.to_string(),
+            };
+            match texts.iter_mut().find(|t| t.field == field) {
+                Some(t) => t.splices.push(splice),
+                None => texts.push(TextEdit {
+                    field: field.into(),
+                    splices: vec![splice],
+                    base: None,
+                }),
+            }
+        }
+        for s in &self.text_base {
+            let (field, heads) = split("--text-base", s, '=', "FIELD=HEAD[,HEAD...]")?;
+            let heads = heads
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    text::parse_head(h)
+                        .ok_or_else(|| anyhow!("--text-base {field}: {h:?} is not 64 hex digits"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let Some(t) = texts.iter_mut().find(|t| t.field == field) else {
+                bail!("--text-base {field}: no --splice for that field");
+            };
+            t.base = Some(heads);
+        }
         Ok(Draft {
             stream: self.stream.clone(),
             kind: self.kind.clone(),
             ops,
+            texts,
             payload: match &self.payload {
                 Some(p) => parse_json("--payload", p)?,
                 None => Vec::new(),
@@ -818,6 +873,19 @@ impl AppendArgs {
         let mut set = serde_json::Map::new();
         let mut add = serde_json::Map::new();
         let (mut init, mut consume) = (serde_json::Map::new(), serde_json::Map::new());
+        let (mut text, mut base) = (serde_json::Map::new(), serde_json::Map::new());
+        for t in &draft.texts {
+            let splices: Vec<Value> = t
+                .splices
+                .iter()
+                .map(|s| json!([s.pos, s.delete, s.insert]))
+                .collect();
+            text.insert(t.field.clone(), Value::Array(splices));
+            if let Some(heads) = &t.base {
+                let heads: Vec<String> = heads.iter().map(|h| Hex(h).to_string()).collect();
+                base.insert(t.field.clone(), json!(heads));
+            }
+        }
         let mut transfer = Vec::new();
         let mut policies = serde_json::Map::new();
         for op in &draft.ops {
@@ -846,6 +914,7 @@ impl AppendArgs {
                     policies.insert(counter.clone(), crate::json::policy(policy));
                 }
                 // The node's admission writes these, never a client.
+                // `draft` makes text edits, never `Op::Text`.
                 Op::EscrowOverdraw { .. } | Op::Text { .. } => {
                     bail!("{} ops are made by the node, not sent to it", op.name())
                 }
@@ -863,6 +932,8 @@ impl AppendArgs {
             "escrow_transfer": transfer,
             "escrow_consume": consume,
             "escrow_policy": policies,
+            "text": text,
+            "base": base,
             "payload": payload,
             "expected_version": draft.expected_version,
             "command_id": draft.meta.command_id,

@@ -39,6 +39,7 @@ fn set(stream: &str, kind: &str, fields: &[(&str, Value)]) -> Draft {
             user: Some("demo".into()),
         },
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match; 422 when the command is refused (an oversell, say); 400 on a malformed body; 507 while the disk is full (nothing stored; appends resume by themselves once space is freed) |
+//! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match, or a text `base` names heads this node does not hold; 422 when the command is refused (an oversell, say); 400 on a malformed body; 507 while the disk is full (nothing stored; appends resume by themselves once space is freed) |
 //! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
 //! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true` |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
@@ -35,6 +35,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 use weftlog_proto::event::Policy;
 use weftlog_proto::state::{Draft, PrepareError};
+use weftlog_proto::text::{self, EditError, Splice, TextEdit};
 use weftlog_proto::{Event, EventId, Hlc, Meta, NodeId, Op};
 
 use crate::daemon::Daemon;
@@ -85,7 +86,10 @@ impl IntoResponse for ApiError {
 impl From<AppendError> for ApiError {
     fn from(e: AppendError) -> ApiError {
         let code = match &e {
-            AppendError::Refused(PrepareError::VersionMismatch { .. }) => StatusCode::CONFLICT,
+            AppendError::Refused(PrepareError::VersionMismatch { .. })
+            | AppendError::Refused(PrepareError::Text(EditError::UnknownBase { .. })) => {
+                StatusCode::CONFLICT
+            }
             AppendError::Refused(_) | AppendError::Seats(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppendError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -165,6 +169,15 @@ pub struct AppendBody {
     /// [`Policy::new`]'s).
     #[serde(default)]
     pub escrow_policy: BTreeMap<String, Map<String, Value>>,
+    /// Text edits: field → splices `[pos, delete, "insert"]`, applied in
+    /// order; positions and lengths count UTF-16 code units.
+    #[serde(default)]
+    pub text: BTreeMap<String, Vec<(u64, u64, String)>>,
+    /// Per text field, the heads the client saw (64 hex digits each): the
+    /// splices apply to the text at those heads, and automerge merges
+    /// them with what came since. Unknown heads: 409.
+    #[serde(default)]
+    pub base: BTreeMap<String, Vec<String>>,
     /// Application payload.
     #[serde(default)]
     pub payload: Option<Value>,
@@ -181,7 +194,38 @@ pub struct AppendBody {
 
 impl AppendBody {
     /// The draft for `stream`.
-    pub fn draft(self, stream: String) -> Result<Draft, String> {
+    pub fn draft(mut self, stream: String) -> Result<Draft, String> {
+        let mut texts = Vec::new();
+        for (field, splices) in std::mem::take(&mut self.text) {
+            let base = match self.base.remove(&field) {
+                None => None,
+                Some(heads) => Some(
+                    heads
+                        .iter()
+                        .map(|h| {
+                            text::parse_head(h)
+                                .ok_or_else(|| format!("base {field}: {h:?} is not 64 hex digits"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            let splices = splices
+                .into_iter()
+                .map(|(pos, delete, insert)| Splice {
+                    pos,
+                    delete,
+                    insert,
+                })
+                .collect();
+            texts.push(TextEdit {
+                field,
+                splices,
+                base,
+            });
+        }
+        if let Some(field) = self.base.keys().next() {
+            return Err(format!("base {field}: no text splices for that field"));
+        }
         let mut ops = Vec::new();
         for (field, v) in self.set {
             ops.push(Op::Set {
@@ -232,6 +276,7 @@ impl AppendBody {
                 user: self.user,
             },
             expected_version: self.expected_version,
+            texts,
         })
     }
 }

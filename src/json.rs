@@ -11,6 +11,7 @@ use weftlog_proto::seats::{Compensated, Oversold};
 use weftlog_proto::since::MAX_SINCE_HEADS;
 use weftlog_proto::state::{shown, Escrow, Fork, Stream, WriteId, Written};
 use weftlog_proto::sync::Head;
+use weftlog_proto::text::Hex;
 use weftlog_proto::{Dot, Event, EventId, NodeId, Op, State};
 
 use crate::node::{Appended, OwnFrontier};
@@ -287,6 +288,23 @@ pub fn stream(name: &str, s: Option<&Stream>) -> Value {
         "counters": counters,
         "escrow": escrow,
     });
+    if s.texts().next().is_some() {
+        // The merged text per field, and the heads a client names as
+        // `base` when it sends splices made against that text.
+        let texts: Map<String, Value> = s
+            .texts()
+            .map(|(f, t)| (f.to_string(), json!(t.text)))
+            .collect();
+        let heads: Map<String, Value> = s
+            .texts()
+            .map(|(f, t)| {
+                let heads: Vec<String> = t.heads.iter().map(|h| Hex(h).to_string()).collect();
+                (f.to_string(), json!(heads))
+            })
+            .collect();
+        v["texts"] = Value::Object(texts);
+        v["text_heads"] = Value::Object(heads);
+    }
     if !s.duplicates.is_empty() {
         let dups: Map<String, Value> = s
             .duplicates

@@ -438,6 +438,7 @@ fn padded(i: usize, pad: usize) -> Draft {
         payload: format!("{{\"i\":{i},\"pad\":\"{}\"}}", "x".repeat(pad)).into_bytes(),
         meta: Meta::default(),
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

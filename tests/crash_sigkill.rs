@@ -62,6 +62,7 @@ fn draft(thread: usize, i: u64) -> Draft {
             user: Some(format!("appender-{thread}")),
         },
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

@@ -51,6 +51,7 @@ fn draft(i: usize) -> Draft {
             user: None,
         },
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

@@ -18,6 +18,8 @@
 //!   the store sync sessions use, without IO;
 //! - [`since`]: what another replica lacks, judged from its branch heads
 //!   (the rule an export file follows);
+//! - [`text`]: text fields merged with automerge (one document per
+//!   stream and field, positions in UTF-16 units);
 //! - [`sync`]: the sync protocol between two replicas, as a state machine;
 //! - [`peers`]: a node's peer policy (connections, dialling, live push along
 //!   a broadcast tree, anti-entropy), as a state machine that owns its sync
@@ -37,6 +39,7 @@ pub mod seats;
 pub mod since;
 pub mod state;
 pub mod sync;
+pub mod text;
 
 pub use event::{Event, Keypair, Meta, Op, Signature};
 pub use hlc::{Hlc, HlcClock};

@@ -98,6 +98,7 @@ use crate::event::{Event, EventError, Meta, Op, Policy, PolicyMode, MAX_DOTS};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{Dot, EventId, NodeId};
 use crate::seats::{self, Book, Compensated, Oversold, PolicyWrite};
+use crate::text::{self, Text, TextEdit};
 
 /// An event's place in a [`State`]'s bookkeeping ([`State::slot_of`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -312,6 +313,11 @@ pub struct Stream {
     /// Per field, writes removed by an event that may yet be undone.
     #[serde(skip)]
     graves: BTreeMap<String, BTreeMap<WriteId, Grave>>,
+    /// Text fields ([`crate::text`]): each one's changes, automerge
+    /// document and read model. Encoded after the streams, not in them
+    /// ([`State::canonical_read_model`]).
+    #[serde(skip)]
+    pub(crate) texts: BTreeMap<String, text::Field>,
 }
 
 /// The events of one stream that carry one command id.
@@ -333,6 +339,17 @@ struct Grave {
 }
 
 impl Stream {
+    /// A text field's read model: the merged text and its heads. `None`
+    /// if no event of the stream has a text op on the field.
+    pub fn text(&self, field: &str) -> Option<&Text> {
+        self.texts.get(field).map(text::Field::text)
+    }
+
+    /// Every text field's read model, ascending by field.
+    pub fn texts(&self) -> impl Iterator<Item = (&str, &Text)> {
+        self.texts.iter().map(|(f, t)| (f.as_str(), t.text()))
+    }
+
     /// The displayed value of a field: the standing write with the greatest
     /// `(hlc, author, seq, id)`. `None` if the field was never written.
     pub fn shown(&self, field: &str) -> Option<(&WriteId, &Written)> {
@@ -543,13 +560,13 @@ pub enum Invalid {
         /// The dot.
         dot: Dot,
     },
-    /// An op of a newer format that this fold cannot apply yet.
-    #[error("{op} on {target:?}: this build does not apply it yet")]
-    Unsupported {
-        /// The op's name.
-        op: &'static str,
-        /// Its field or counter.
-        target: String,
+    /// A text op's change breaks a rule of [`crate::text`].
+    #[error("text field {field:?}: {why}")]
+    BadText {
+        /// The field.
+        field: String,
+        /// The broken rule.
+        why: text::BadChange,
     },
     /// An escrow op uses more rights than the author holds in its causal past.
     #[error("escrow {counter:?}: the author holds rights to {held} in its causal past, the op needs {wanted}")]
@@ -602,6 +619,9 @@ pub struct Draft {
     pub meta: Meta,
     /// If set, the stream's version must equal it.
     pub expected_version: Option<u64>,
+    /// Text edits, at most one per field: `prepare` turns each into one
+    /// `Op::Text` after `ops` (positions in UTF-16 units, [`crate::text`]).
+    pub texts: Vec<TextEdit>,
 }
 
 /// Result of [`State::prepare`].
@@ -655,6 +675,9 @@ pub enum PrepareError {
     /// The event would be invalid.
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// A text edit cannot be made (an unknown `base`, a splice out of range).
+    #[error(transparent)]
+    Text(#[from] text::EditError),
     /// More concurrent heads than one event may depend on.
     #[error("{0} unmerged authors exceed the {MAX_DOTS} deps one event may name")]
     TooManyDeps(usize),
@@ -930,7 +953,20 @@ impl State {
     /// (see `PROTOCOL.md`, "State hash").
     pub fn canonical_read_model(&self) -> Vec<u8> {
         // Encoding BTreeMaps of plain data into a Vec cannot fail.
-        postcard::to_stdvec(&self.streams).expect("encode read model")
+        let mut out = postcard::to_stdvec(&self.streams).expect("encode read model");
+        // Text fields follow, only if there are any: a state without them
+        // keeps the bytes it had before text fields existed, and the
+        // streams' encoding is self-delimiting, so the two never blur.
+        let texts: BTreeMap<&str, BTreeMap<&str, &Text>> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.texts.is_empty())
+            .map(|(n, s)| (n.as_str(), s.texts().collect()))
+            .collect();
+        if !texts.is_empty() {
+            out.extend(postcard::to_stdvec(&texts).expect("encode texts"));
+        }
+        out
     }
 
     /// blake3 of [`State::canonical_read_model`]: equal on every replica
@@ -1138,13 +1174,18 @@ impl State {
                     }
                 }
                 Op::Add { .. } => {}
-                // Format version 2 op: decoded and checked on its own, but
-                // this fold does not apply it yet, so it is refused here.
-                Op::Text { .. } => {
-                    return Err(Invalid::Unsupported {
-                        op: op.name(),
-                        target: op.target().to_string(),
-                    });
+                Op::Text { field, change } => {
+                    let doc = self
+                        .streams
+                        .get(&event.stream)
+                        .and_then(|s| s.texts.get(field.as_str()));
+                    let actor = text::actor(&event.author, event.seq, event.hlc, i);
+                    text::check(doc, change, actor, |id| self.id_in_past(id, vc)).map_err(
+                        |why| Invalid::BadText {
+                            field: field.clone(),
+                            why,
+                        },
+                    )?;
                 }
                 Op::EscrowPolicy {
                     counter,
@@ -1830,13 +1871,29 @@ impl State {
                 *supersedes = dots;
             }
         }
+        let hlc = clock.tick(now_ms, after);
+        let mut edited: Vec<&str> = Vec::new();
+        for e in &draft.texts {
+            if edited.contains(&e.field.as_str()) {
+                return Err(text::EditError::Twice(e.field.clone()).into());
+            }
+            edited.push(&e.field);
+            // The op's index in the event: the actor derives from it.
+            let actor = text::actor(&author, seq, hlc, ops.len());
+            let doc = stream.and_then(|s| s.texts.get(e.field.as_str()));
+            let change = text::edit(doc, e, actor, |id| self.id_in_past(id, past))?;
+            ops.push(Op::Text {
+                field: e.field.clone(),
+                change,
+            });
+        }
         let event = Event {
             version: Event::version_for(&ops),
             author,
             seq,
             prev,
             deps,
-            hlc: clock.tick(now_ms, after),
+            hlc,
             stream: draft.stream,
             kind: draft.kind,
             ops,
@@ -2016,8 +2073,7 @@ fn undo_ops(ops: &[Op], resolved: Vec<Vec<WriteId>>) -> Vec<UndoOp> {
 fn apply_op(stream: &mut Stream, op: &Op, removes: &[WriteId], at: At, undoable: bool) {
     let author = at.me.author;
     match op {
-        // Refused by `check_ops`: never inserted.
-        Op::Text { .. } => {}
+        Op::Text { field, change } => record_text(stream, field, change, at, false),
         // The register lives in the counter's book (`State::apply_seats`).
         Op::EscrowPolicy { counter, .. } => {
             stream.escrow.entry(counter.clone()).or_default();
@@ -2094,14 +2150,25 @@ fn apply_op(stream: &mut Stream, op: &Op, removes: &[WriteId], at: At, undoable:
     }
 }
 
+/// Records a text op's change on its field; `dup`: the event is a command
+/// duplicate. The field exists from its first text op on, a duplicate's
+/// included, as counters do.
+fn record_text(stream: &mut Stream, field: &str, change: &[u8], at: At, dup: bool) {
+    let t = match stream.texts.get_mut(field) {
+        Some(t) => t,
+        None => stream.texts.entry(field.to_string()).or_default(),
+    };
+    t.record(change, at.hlc, at.me.author, at.me.seq, at.me.event, dup);
+}
+
 /// Records one op of a duplicate: no effect on values, but the entries it
 /// touches exist (as a replay would make them), and its escrow ops count
 /// for validity.
 fn apply_duplicate(stream: &mut Stream, op: &Op, at: At) {
     let author = at.me.author;
     match op {
-        // Refused by `check_ops`: never inserted.
-        Op::Text { .. } => {}
+        // Recorded, with no effect: a later change may name it.
+        Op::Text { field, change } => record_text(stream, field, change, at, true),
         Op::EscrowPolicy { counter, .. } => {
             stream.escrow.entry(counter.clone()).or_default();
         }
@@ -2146,8 +2213,11 @@ fn undo(stream: &mut Stream, ops: &[UndoOp], me: WriteId) {
     let author = me.author;
     for op in ops {
         match op {
-            // Refused by `check_ops`: never inserted.
-            UndoOp::Other(Op::Text { .. }) => {}
+            UndoOp::Other(Op::Text { field, .. }) => {
+                if let Some(t) = stream.texts.get_mut(field.as_str()) {
+                    t.undo(me.event);
+                }
+            }
             // Put out of effect in the counter's book (`State::apply_seats`).
             UndoOp::Other(Op::EscrowPolicy { .. }) => {}
             UndoOp::Set { field, removed } => {

@@ -516,6 +516,7 @@ fn run(k: usize, steps: &[Step], mut after_step: impl FnMut(&[Node])) -> World {
                         user: user.then(|| format!("desk-{a}")),
                     },
                     expected_version: None,
+                    texts: Vec::new(),
                 };
                 match node.state.prepare(node.id, &mut node.clock, *now_ms, draft) {
                     Ok(Prepared::New(e)) => {
@@ -1587,6 +1588,7 @@ fn draft(stream: &str, kind: &str, ops: Vec<Op>) -> Draft {
         payload: b"{}".to_vec(),
         meta: Meta::default(),
         expected_version: None,
+        texts: Vec::new(),
     }
 }
 

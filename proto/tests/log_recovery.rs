@@ -77,6 +77,7 @@ fn pool() -> &'static [Rec] {
                     payload: vec![b'x'; (i * 37) % 400],
                     meta: Meta::default(),
                     expected_version: None,
+                    texts: Vec::new(),
                 };
                 let event = match state.prepare(key.node_id(), &mut clock, 1_000 + i as u64, draft)
                 {

@@ -535,3 +535,131 @@ fn fork_proof_vectors_match_protocol_md() {
     let back = ForkProof::decode(&refused_bytes).unwrap();
     assert_eq!(back.verify(), Err(ForkProofError::SameEvent(v.events[0])));
 }
+
+// The text vector (PROTOCOL.md §8, vector 11): notes typed at two desks.
+
+/// A text draft on `attendee/7`'s `notes`: one splice.
+fn v11_draft(pos: u64, delete: u64, insert: &str) -> weftlog_proto::Draft {
+    use weftlog_proto::text::{Splice, TextEdit};
+    weftlog_proto::Draft {
+        stream: "attendee/7".into(),
+        kind: "NotesEdited".into(),
+        texts: vec![TextEdit {
+            field: "notes".into(),
+            splices: vec![Splice {
+                pos,
+                delete,
+                insert: insert.into(),
+            }],
+            base: None,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Vector 11's events, made as desks make them (`State::prepare`):
+/// 1. key 1, seq 1, at 1,700,000,000,000 ms: insert "hi" at 0;
+/// 2. key 2, seq 1, at +1 ms, no deps (concurrent): insert "yo" at 0;
+/// 3. key 1, seq 2, at +3 ms, prev 1, deps [2]: insert "!" at 4, the end
+///    of the merged text.
+fn v11_events() -> Vec<(Event, EventId)> {
+    use weftlog_proto::state::{Inserted, Prepared};
+    use weftlog_proto::{HlcClock, State};
+    const T: u64 = 1_700_000_000_000;
+    let make = |s: &State, k: u8, clock: &mut HlcClock, ms: u64, d| match s.prepare(
+        key(k).node_id(),
+        clock,
+        T + ms,
+        d,
+    ) {
+        Ok(Prepared::New(e)) => {
+            let id = e.seal().1;
+            (e, id)
+        }
+        other => panic!("{other:?}"),
+    };
+    let mut c1 = HlcClock::default();
+    let e1 = make(&State::new(), 1, &mut c1, 0, v11_draft(0, 0, "hi"));
+    let e2 = make(
+        &State::new(),
+        2,
+        &mut HlcClock::default(),
+        1,
+        v11_draft(0, 0, "yo"),
+    );
+    let mut s = State::new();
+    for (e, id) in [&e1, &e2] {
+        assert_eq!(s.insert(e, *id), Ok(Inserted::New));
+    }
+    let e3 = make(&s, 1, &mut c1, 3, v11_draft(4, 0, "!"));
+    vec![e1, e2, e3]
+}
+
+const V11_GENESIS: &str =
+    "856f4a836927a0c3012f00105a63b8def88a8ae729ad25d6e2f8f792010100000005150634014202560270027f0474657874017f047f007f00";
+const V11_BYTES: &str =
+    "028a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c010000808080c0d6fcf3c5010a617474656e6465652f370b4e6f7465734564697465640107056e6f7465737a856f4a833de10dfb0170016927a0c360a1e1933653ec905be504bb59bc2bdfd00be03cdced7ac5c5ff8f55102761f330951780dd9eef93e6ad9b72640102000001105a63b8def88a8ae729ad25d6e2f8f792090102020211041303340242025602570270020201020100017f007e000200020201021668690200000000";
+const V11_ID: &str = "8b1391e235d317e5e51ee3eab9429ca63947d26108abea2343ab02ddcd37d179";
+const V11_READ_MODEL_TAIL: &str =
+    "010a617474656e6465652f3701056e6f74657305796f68692101a007a32a55bb69c4a482dad012698c873a99fcd705585bbb73e3b078e9d50733";
+const V11_STATE_HASH: &str = "a4e35a95f2d44cc474d31ad2ad2cf72aec6fce2b292d29a8c11b8615ee0299c7";
+
+#[test]
+fn text_vector_matches_protocol_md() {
+    use weftlog_proto::state::Inserted;
+    use weftlog_proto::text::{genesis_bytes, genesis_hash};
+    use weftlog_proto::State;
+
+    let events = v11_events();
+    assert_eq!(events[0].0.hlc, Hlc::from_ms(1_700_000_000_000));
+    assert_eq!(events[2].0.deps, vec![events[1].1]);
+    let mut hashes = Vec::new();
+    let mut model = Vec::new();
+    let mut shown = Vec::new();
+    for order in [[0, 1, 2], [1, 0, 2]] {
+        let mut state = State::new();
+        for i in order {
+            let (e, id) = &events[i];
+            assert_eq!(state.insert(e, *id), Ok(Inserted::New), "event {}", i + 1);
+        }
+        model = state.canonical_read_model();
+        hashes.push(state.state_hash());
+        shown.push(state.stream("attendee/7").unwrap().text("notes").cloned());
+    }
+    assert_eq!(hashes[0], hashes[1]);
+    assert_eq!(shown[0], shown[1]);
+    let text = shown[0].clone().unwrap();
+    // The streams' part, then the texts' part: where the texts start.
+    let mut streams_only = model.clone();
+    let tail_len = {
+        let t = text.text.len();
+        // 01, "attendee/7", 01, "notes", the text, 01 and one head.
+        1 + (1 + 10) + 1 + (1 + 5) + (1 + t) + 1 + 32
+    };
+    let tail = streams_only.split_off(model.len() - tail_len);
+    let (e1, id1) = &events[0];
+    let printed = format!(
+        "v11\ngenesis {} (hash {})\nbytes {}\nid {}\nids {} {} {}\ntext {:?}\nread-model-tail {}\nstate-hash {}\n",
+        hex(genesis_bytes()),
+        hex(&genesis_hash()),
+        hex(&e1.encode()),
+        id1,
+        events[0].1,
+        events[1].1,
+        events[2].1,
+        text.text,
+        hex(&tail),
+        hex(&hashes[0]),
+    );
+    if print_vectors() {
+        println!("{printed}");
+    }
+    assert_eq!(text.text, "yohi!", "{printed}");
+    assert_eq!(text.heads.len(), 1, "event 3's change names both others");
+    assert_eq!(hex(genesis_bytes()), V11_GENESIS, "{printed}");
+    assert_eq!(hex(&e1.encode()), V11_BYTES, "{printed}");
+    assert_eq!(id1.to_string(), V11_ID, "{printed}");
+    assert_eq!(hex(&tail), V11_READ_MODEL_TAIL, "{printed}");
+    assert_eq!(hex(&hashes[0]), V11_STATE_HASH, "{printed}");
+    assert_eq!(*blake3::hash(&model).as_bytes(), hashes[0]);
+}
