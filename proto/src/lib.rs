@@ -15,6 +15,8 @@
 //! - [`since`]: what another replica lacks, judged from its branch heads
 //!   (the rule an export file follows);
 //! - [`sync`]: the sync protocol between two replicas, as a state machine;
+//! - [`rebalance`]: moving escrow rights to where the sales are, while
+//!   connected (who asks, how much, who answers);
 //! - [`peers`]: a node's peer policy (connections, dialling, live push along
 //!   a broadcast tree, anti-entropy), as a state machine that owns its sync
 //!   sessions.
@@ -27,6 +29,7 @@ pub mod hlc;
 pub mod id;
 pub mod log;
 pub mod peers;
+pub mod rebalance;
 pub mod replica;
 pub mod since;
 pub mod state;

@@ -96,6 +96,15 @@
 //! of a fresh cluster, which has nothing to learn), for
 //! [`CONFIRM_WAIT_MS`] unless its scenario says otherwise.
 //!
+//! # Rebalancing
+//!
+//! The replica watches the escrow counters its node sells from
+//! ([`Replica::handle_append`] notes each sale, and each sale refused for
+//! want of rights), and says when to ask connected peers for rights
+//! ([`Replica::poll_asks`]) and what to give a peer that asks
+//! ([`Replica::handle_ask`], an ordinary transfer command). The rule is
+//! [`crate::rebalance`]'s; the asks travel as sync messages.
+//!
 //! # A batch never ends inside a received run
 //!
 //! Sync stores an author's events in runs that end at a signed event
@@ -145,6 +154,7 @@ use crate::exchange::{self, Incoming};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
+use crate::rebalance::{self, Ask, Rebalancer};
 use crate::since::{self, SinceError};
 use crate::state::{self, Draft, Inserted, Invalid, PrepareError, Slot, State};
 use crate::sync::{self, Head, Pool, Stored};
@@ -204,6 +214,9 @@ pub struct Replica {
     /// Whether peers confirmed the own log, and how long appends wait for
     /// it (module docs, "A restored node learns its own log").
     confirm: Confirm,
+    /// The counters this node sold from, and when it last asked peers for
+    /// rights (module docs, "Rebalancing").
+    rebalance: Rebalancer,
 }
 
 /// Peers that confirmed this replica's own frontier, at most: enough to
@@ -401,6 +414,7 @@ impl Replica {
             kept: None,
             wall_ms: 0,
             confirm: Confirm::default(),
+            rebalance: Rebalancer::new(),
         }
     }
 
@@ -476,10 +490,12 @@ impl Replica {
         if let Some(until_ms) = self.appends_held(now_ms) {
             return Err(AppendError::Unconfirmed { until_ms });
         }
-        match self
+        let sales = rebalance::sales(&draft);
+        let made = self
             .state
-            .append_local(self.id, &mut self.clock, now_ms, draft)?
-        {
+            .append_local(self.id, &mut self.clock, now_ms, draft);
+        self.rebalance.note(&sales, &made);
+        match made? {
             state::Appended::Existing(rec) => Ok(Appended {
                 id: rec.id,
                 author: rec.author,
@@ -514,6 +530,30 @@ impl Replica {
                 })
             }
         }
+    }
+
+    /// The asks for escrow rights due at wall time `now_ms`, to peers in
+    /// `connected` (those with an established connection): `(peer, ask)`.
+    /// Send each to its peer ([`crate::peers::Peers::ask`]). Call it after
+    /// appends (a refused sale asks at once) and after received events; see
+    /// [`crate::rebalance`] for the rule.
+    pub fn poll_asks(&mut self, now_ms: u64, connected: &[NodeId]) -> Vec<(NodeId, Ask)> {
+        self.rebalance
+            .poll(&self.state, &self.id, now_ms, connected)
+    }
+
+    /// Answers `peer`'s ask for escrow rights at wall time `now_ms`: the
+    /// transfer [`rebalance::answer`] decides, appended like any command
+    /// ([`Replica::handle_append`]). `None` when nothing is given; an ask
+    /// answered before gives its existing event.
+    pub fn handle_ask(
+        &mut self,
+        peer: NodeId,
+        ask: &Ask,
+        now_ms: u64,
+    ) -> Option<Result<Appended, AppendError>> {
+        let draft = rebalance::answer(&self.state, &self.id, &peer, ask)?;
+        Some(self.handle_append(draft, now_ms))
     }
 
     /// Imports authenticated events ([`exchange::authenticate`]) at wall
