@@ -40,6 +40,7 @@ use std::rc::Rc;
 
 use weftlog_proto::event::{Event, Keypair};
 use weftlog_proto::log::{Log, MemStorage, TornTail};
+use weftlog_proto::rebalance::{rights, Ask};
 use weftlog_proto::replica::{AppendError, Batch, Lent, OwnFrontier, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::sync::Head;
@@ -223,6 +224,35 @@ impl SimNode {
             Err(e @ AppendError::Unconfirmed { .. }) => unreachable!("append while held: {e}"),
             // Invariant: a failed write takes the node down.
             Err(e) => unreachable!("append on a failed node: {e}"),
+        }
+    }
+
+    /// The asks for escrow rights due at wall time `now_ms`, to peers in
+    /// `connected` ([`Replica::poll_asks`]); nothing while the node is down.
+    pub fn poll_asks(&mut self, now_ms: u64, connected: &[NodeId]) -> Vec<(NodeId, Ask)> {
+        if !self.is_up() {
+            return Vec::new();
+        }
+        self.replica.poll_asks(now_ms, connected)
+    }
+
+    /// Answers `peer`'s ask at wall time `now_ms` ([`Replica::handle_ask`]):
+    /// the new transfer event's id, seq and rights moved, or `None` when
+    /// nothing was given (or the node is down, holding its appends, or the
+    /// ask was answered before).
+    pub fn answer(&mut self, peer: NodeId, ask: &Ask, now_ms: u64) -> Option<(EventId, u64, u64)> {
+        if !self.is_up() {
+            return None;
+        }
+        let theirs = |r: &Replica| rights(r.state(), &ask.stream, &ask.counter, &peer);
+        let before = theirs(&self.replica);
+        match self.replica.handle_ask(peer, ask, now_ms)? {
+            Ok(a) if !a.existing => {
+                self.last_hlc = Some(a.hlc);
+                let moved = theirs(&self.replica).saturating_sub(before);
+                Some((a.id, a.seq, moved))
+            }
+            _ => None,
         }
     }
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::log::MemStorage;
 use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
+use weftlog_proto::rebalance::{self, Ask};
 use weftlog_proto::state::{Invalid, PrepareError, State};
 use weftlog_proto::sync::{
     decode_message, decode_wire_frame, encode_message, Message, SessionConfig, SyncError,
@@ -35,6 +36,9 @@ const MAX_RETRANSMITS: u32 = 8;
 const CONVERGE_TICK: Us = 10 * MS;
 /// Frames a Byzantine member keeps for replays.
 const BYZ_HISTORY: usize = 1024;
+/// How long the changes of a node's spare rights are kept, for the
+/// measure of avoidable refusals (it looks one round trip back).
+const SPARE_HISTORY: Us = 2 * SEC;
 /// The cluster id every node shares.
 const CLUSTER: [u8; 32] = *b"weftlog-sim cluster id v1.......";
 
@@ -268,6 +272,10 @@ struct Slot {
     /// An own event whose hlc was beyond the horizon of the highest wall
     /// time the node's clock had shown: (hlc ms, that wall time ms).
     clock_ahead: Option<(u64, u64)>,
+    /// Per escrow counter sold from, the node's spare rights
+    /// ([`rebalance::spare`], 0 while down) since when: the recent changes,
+    /// for the measure of avoidable refusals.
+    spare: BTreeMap<(String, String), VecDeque<(Us, u64)>>,
 }
 
 struct Partition {
@@ -330,6 +338,8 @@ pub(crate) struct Sim<'a> {
     byz_held: BTreeMap<(ConnId, usize), Vec<u8>>,
     /// Command ids handed out (`[clients] retry`).
     next_command: u64,
+    /// The escrow counters `(stream, counter)` commands sold from.
+    sold_from: BTreeSet<(String, String)>,
     workload: Workload,
     acked: BTreeMap<EventId, (usize, u64)>,
     trace: blake3::Hasher,
@@ -412,6 +422,7 @@ impl<'a> Sim<'a> {
                 restore_only_here: BTreeSet::new(),
                 forks: BTreeSet::new(),
                 clock_ahead: None,
+                spare: BTreeMap::new(),
             });
         }
         let duration = us_of_s(sc.duration_s);
@@ -444,6 +455,7 @@ impl<'a> Sim<'a> {
             byz_open: BTreeMap::new(),
             byz_held: BTreeMap::new(),
             next_command: 0,
+            sold_from: BTreeSet::new(),
             workload: Workload::new(sc, seed),
             acked: BTreeMap::new(),
             trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
@@ -1036,6 +1048,7 @@ impl<'a> Sim<'a> {
     /// After a call into a node's policy: carries out its events, lets
     /// every connection of the node send, and re-arms its timer.
     fn after_policy(&mut self, node: usize) {
+        self.ask_peers(node);
         self.node_events(node);
         let conns = self.slots[node].peers.take_dirty();
         for conn in conns {
@@ -1047,7 +1060,81 @@ impl<'a> Sim<'a> {
         if self.slots[node].node.take_received() {
             self.request_commit(node);
         }
+        self.note_spare(node);
         self.arm(node);
+    }
+
+    /// Sends the asks for escrow rights the node's replica says are due
+    /// ([`weftlog_proto::replica::Replica::poll_asks`]) to its connected
+    /// peers, as the daemon does.
+    fn ask_peers(&mut self, node: usize) {
+        if !self.sc.node.rebalance || self.phase == Phase::Done {
+            return;
+        }
+        let wall = self.wall_ms(node);
+        let s = &mut self.slots[node];
+        let connected = s.peers.connected();
+        for (peer, ask) in s.node.poll_asks(wall, &connected) {
+            if s.peers.ask(&peer, ask) {
+                self.report.rebalance.asks += 1;
+            }
+        }
+    }
+
+    /// `peer` asked `node` for escrow rights: the replica answers with a
+    /// transfer, or not ([`weftlog_proto::replica::Replica::handle_ask`]).
+    fn answer(&mut self, node: usize, peer: NodeId, ask: &Ask) {
+        if !self.sc.node.rebalance {
+            return;
+        }
+        let wall = self.wall_ms(node);
+        let Some((id, seq, moved)) = self.slots[node].node.answer(peer, ask, wall) else {
+            return;
+        };
+        self.report.rebalance.transfers += 1;
+        self.report.rebalance.rights_moved += moved;
+        self.check_clock(node, wall);
+        self.watch_append(node, seq, id);
+        self.append_result(node, Ok(Some((id, seq))));
+    }
+
+    /// Records the node's spare rights on each counter sold from, when
+    /// they changed.
+    fn note_spare(&mut self, node: usize) {
+        let now = self.now;
+        let me = self.ids[node];
+        let s = &mut self.slots[node];
+        let up = s.node.is_up();
+        for key in &self.sold_from {
+            let v = if up {
+                rebalance::spare(s.node.state(), &key.0, &key.1, &me)
+            } else {
+                0
+            };
+            let h = s.spare.entry(key.clone()).or_default();
+            if h.back().is_none_or(|&(_, last)| last != v) {
+                h.push_back((now, v));
+            }
+            while h.len() > 1 && h[1].0 + SPARE_HISTORY <= now {
+                h.pop_front();
+            }
+        }
+    }
+
+    /// Whether a sale of `amount` on `key` that `node` refused now could
+    /// have been avoided: one round trip of the link before, a node
+    /// connected to it held spare rights covering the sale.
+    fn avoidable(&self, node: usize, key: &(String, String), amount: u64) -> bool {
+        self.connected_peers(node).into_iter().any(|p| {
+            let link = self.link(node, p);
+            let rtt = us_of_ms(2.0 * (link.delay_ms + link.jitter_ms));
+            let then = self.now.saturating_sub(rtt);
+            self.slots[p]
+                .spare
+                .get(key)
+                .and_then(|h| h.iter().rev().find(|(t, _)| *t <= then))
+                .is_some_and(|&(_, v)| v >= amount)
+        })
     }
 
     /// Carries out the events a node's policy queued.
@@ -1066,6 +1153,7 @@ impl<'a> Sim<'a> {
                     self.close(conn, &reason);
                 }
                 PeerEvent::Synced { .. } => self.report.rounds += 1,
+                PeerEvent::Asked { peer, ask } => self.answer(node, peer, &ask),
                 PeerEvent::OwnHead { peer, seq, .. } => self.own_head(node, peer, seq),
                 PeerEvent::Received { count, .. } => {
                     self.tr(b'R', &[node as u64, count], &[]);
@@ -1555,7 +1643,32 @@ impl<'a> Sim<'a> {
     /// Runs a command at `node` (it is up and not holding).
     fn run_command(&mut self, node: usize, cmd: crate::workload::Cmd, retry: bool) {
         let wall = self.wall_ms(node);
+        let sale = match cmd.tag {
+            crate::workload::Tag::Consume(amount) => cmd.draft.ops.iter().find_map(|op| match op {
+                weftlog_proto::Op::EscrowConsume { counter, .. }
+                | weftlog_proto::Op::EscrowOverdraw { counter, .. } => {
+                    Some(((cmd.draft.stream.clone(), counter.clone()), amount))
+                }
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some((key, _)) = &sale {
+            if self.sold_from.insert(key.clone()) {
+                for n in 0..self.slots.len() {
+                    self.note_spare(n);
+                }
+            }
+        }
         let res = self.slots[node].node.append(wall, cmd.draft);
+        if let (Some((key, amount)), Err(PrepareError::Invalid(Invalid::InsufficientRights { .. }))) =
+            (&sale, &res)
+        {
+            self.report.rebalance.refusals += 1;
+            if self.avoidable(node, key, *amount) {
+                self.report.rebalance.avoidable += 1;
+            }
+        }
         self.check_clock(node, wall);
         if retry && matches!(res, Ok(None)) {
             self.report.retries.answered_existing += 1;
@@ -1564,6 +1677,11 @@ impl<'a> Sim<'a> {
             self.watch_append(node, seq, id);
         }
         self.append_result(node, res);
+        if self.sc.node.rebalance {
+            // A sale may have taken the node below its low-water mark, or
+            // been refused: its asks go now.
+            self.after_policy(node);
+        }
     }
 
     /// Whether `node`'s new own event `id` at `seq` starts a branch: its
@@ -2037,6 +2155,7 @@ impl<'a> Sim<'a> {
             SessionConfig::new(CLUSTER, self.ids[node]),
         );
         s.timer_at = None;
+        self.note_spare(node);
         self.after(down, Ev::Restart { node, epoch });
     }
 
