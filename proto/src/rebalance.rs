@@ -21,18 +21,25 @@
 //! - **The low-water mark**: [`LOW_WATER_PCT`] % of the share, rounded up.
 //!   A node whose rights fall below it asks. A node whose sale was refused
 //!   for want of rights asks at once, whatever its rights.
-//! - **The reserve**: the low-water mark again. A node answering keeps it
-//!   for its own sales, so an answer never makes the answerer ask in turn
-//!   (rights do not bounce between two nodes), and no peer can take it
-//!   away, however often it asks.
+//! - **The reserve**: the share. A node answering keeps it for its own
+//!   sales, and no peer can take it away, however often it asks. It is at
+//!   least the low-water mark, so an answer never makes the answerer ask
+//!   in turn: rights do not bounce between nodes. Rebalancing thus evens
+//!   the rights out: what a node holds beyond an even split of the unsold
+//!   seats goes to nodes below three quarters of it.
 //! - **The ask** ([`Ask`]) names the counter and a *target*: the rights the
 //!   asker wants to hold, its share (or, after a refused sale, enough for
 //!   that sale on top of what it holds, if that is more). It goes, as a sync
 //!   message (`PROTOCOL.md` §9.1, `Ask`), to the connected peer with the
 //!   most spare rights as the asker sees them, and also to the next one
 //!   when the first's spare does not cover the need; at most
-//!   [`MAX_ASK_FANOUT`] peers per ask. Asks of one counter go at most every
-//!   [`ASK_INTERVAL_MS`], except the first after a refused sale.
+//!   [`MAX_ASK_FANOUT`] peers per ask, those asked last time to no avail
+//!   after the others (one may be out of reach while its connection has
+//!   not yet timed out). Asks of one counter go at most every
+//!   [`ASK_INTERVAL_MS`], doubling up to [`MAX_ASK_INTERVAL_MS`] while
+//!   they bring nothing and no peer is seen with spare rights; but at once
+//!   after a refused sale, and when a peer is seen with more spare rights
+//!   than when the node last asked (news that live push brings).
 //! - **The answer** ([`answer`]) transfers `min(spare, target - theirs)`,
 //!   where `spare` is the answerer's rights beyond its reserve and `theirs`
 //!   the asker's rights as the answerer sees them (its own earlier answers
@@ -61,15 +68,17 @@ use crate::state::{self, Draft, Invalid, PrepareError, State};
 use crate::NodeId;
 
 /// A node asks when its rights fall below this share (per cent, rounded
-/// up) of the even split of the unsold capacity; it is also the reserve an
-/// answering node keeps.
-pub const LOW_WATER_PCT: u64 = 50;
+/// up) of the even split of the unsold capacity.
+pub const LOW_WATER_PCT: u64 = 75;
 /// Asks of one counter go at most this often (ms), but for the first after
 /// a refused sale: an ask is answered within a round trip and a group
 /// commit, or not at all.
 pub const ASK_INTERVAL_MS: u64 = 250;
+/// While asks bring nothing (every peer is at or below its share), the
+/// interval doubles up to this (ms); rights that arrive reset it.
+pub const MAX_ASK_INTERVAL_MS: u64 = 4_000;
 /// Peers asked at once for one counter, at most.
-pub const MAX_ASK_FANOUT: usize = 2;
+pub const MAX_ASK_FANOUT: usize = 4;
 /// Counters a node watches (those it sold from or was refused on); more
 /// are not watched.
 pub const MAX_WATCHED: usize = 1024;
@@ -173,9 +182,10 @@ impl Outlook {
         clamp((self.share() as u128 * LOW_WATER_PCT as u128).div_ceil(100))
     }
 
-    /// What an answering node keeps for its own sales: the low-water mark.
+    /// What an answering node keeps for its own sales: the share (at
+    /// least the low-water mark).
     pub fn reserve(&self) -> u64 {
-        self.low_water()
+        self.share()
     }
 }
 
@@ -249,17 +259,18 @@ pub fn answer(state: &State, me: &NodeId, asker: &NodeId, ask: &Ask) -> Option<D
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sales {
     stream: String,
-    counters: Vec<String>,
+    /// Each counter and the rights the command takes from it.
+    counters: Vec<(String, u64)>,
 }
 
 /// What `draft` sells from (nothing for a command without sales).
 pub fn sales(draft: &Draft) -> Sales {
-    let counters: Vec<String> = draft
+    let counters: Vec<(String, u64)> = draft
         .ops
         .iter()
         .filter_map(|op| match op {
-            Op::EscrowConsume { counter, .. } | Op::EscrowOverdraw { counter, .. } => {
-                Some(counter.clone())
+            Op::EscrowConsume { counter, amount } | Op::EscrowOverdraw { counter, amount, .. } => {
+                Some((counter.clone(), *amount))
             }
             _ => None,
         })
@@ -283,6 +294,16 @@ struct Watch {
     asked_ms: Option<u64>,
     /// The last ask's nonce.
     nonce: u64,
+    /// The node's rights when it last asked.
+    rights_at_ask: u64,
+    /// The wait before the next ask, ms: doubles while asks bring nothing.
+    interval_ms: u64,
+    /// The most spare rights a connected peer had, as this node saw it,
+    /// when it last asked: a peer seen with more is asked at once.
+    seen_spare: u64,
+    /// The peers the last ask went to: the next ask, if rights are still
+    /// short, tries the others first (one of them may be out of reach).
+    asked: Vec<NodeId>,
 }
 
 /// The asking side of one node: the counters it watches and when it last
@@ -315,7 +336,7 @@ impl Rebalancer {
     /// `made`: its counters are watched, and a refusal for want of rights
     /// is asked for at once.
     pub fn note(&mut self, sales: &Sales, made: &Result<state::Appended, PrepareError>) {
-        for c in &sales.counters {
+        for (c, _) in &sales.counters {
             match made {
                 Err(PrepareError::Invalid(Invalid::InsufficientRights {
                     counter,
@@ -358,34 +379,59 @@ impl Rebalancer {
             };
             let mine = rights(state, stream, counter, me);
             let refused = w.shortfall > 0;
+            if mine > w.rights_at_ask {
+                // Rights arrived: asks work again.
+                w.interval_ms = ASK_INTERVAL_MS;
+            }
             if !refused && mine >= o.low_water() {
+                w.rights_at_ask = mine;
                 continue;
             }
-            let target = o.share().max(mine.saturating_add(w.shortfall));
+            let target = o
+                .share()
+                .max(mine.saturating_add(w.shortfall))
+                .min(clamp(o.unsold()));
             if target <= mine || o.unsold() == 0 {
                 w.shortfall = 0;
                 continue;
             }
-            let due = w
-                .asked_ms
-                .is_none_or(|t| now_ms >= t.saturating_add(ASK_INTERVAL_MS));
-            if !refused && !due {
-                continue;
-            }
-            // The richest connected peers first, as this node sees them.
-            let mut peers: Vec<(u64, NodeId)> = connected
+            // The richest connected peers first, as this node sees them,
+            // those asked last time (to no avail: rights are still short)
+            // after the others.
+            let mut peers: Vec<(bool, u64, NodeId)> = connected
                 .iter()
                 .filter(|p| *p != me)
-                .map(|p| (spare(state, stream, counter, p), *p))
+                .map(|p| (w.asked.contains(p), spare(state, stream, counter, p), *p))
                 .collect();
-            peers.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            peers.dedup_by_key(|p| p.1);
+            let most = peers.iter().map(|p| p.1).max().unwrap_or(0);
+            if most > 0 {
+                // A peer has spare rights, as far as this node knows: no
+                // reason to wait longer than the base interval.
+                w.interval_ms = ASK_INTERVAL_MS;
+            }
+            let due = w
+                .asked_ms
+                .is_none_or(|t| now_ms >= t.saturating_add(w.interval_ms.max(ASK_INTERVAL_MS)));
+            // News: a peer seen with more spare than at the last ask.
+            let news = most > w.seen_spare;
+            if !refused && !due && !news {
+                w.seen_spare = w.seen_spare.min(most);
+                continue;
+            }
+            if !refused && w.asked_ms.is_some() && mine <= w.rights_at_ask && peers.iter().all(|p| p.1 == 0) {
+                // The last ask brought nothing: wait longer next time.
+                w.interval_ms = (w.interval_ms * 2).clamp(ASK_INTERVAL_MS, MAX_ASK_INTERVAL_MS);
+            }
+            peers.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+            peers.dedup_by_key(|p| p.2);
             let nonce = now_ms.max(w.nonce.saturating_add(1));
             let mut need = target - mine;
-            for (spare, peer) in peers.into_iter().take(MAX_ASK_FANOUT) {
+            w.asked.clear();
+            for (_, spare, peer) in peers.into_iter().take(MAX_ASK_FANOUT) {
                 if need == 0 {
                     break;
                 }
+                w.asked.push(peer);
                 out.push((
                     peer,
                     Ask {
@@ -395,13 +441,16 @@ impl Rebalancer {
                         nonce,
                     },
                 ));
-                // A peer seen with spare covers that much; one seen
-                // with none may know better, and the next is asked too.
+                // A peer seen with spare covers that much; one seen with
+                // none may know better, and the next is asked too (every
+                // one, up to the fanout, once views show no spare).
                 need = need.saturating_sub(spare);
             }
             w.shortfall = 0;
             w.asked_ms = Some(now_ms);
             w.nonce = nonce;
+            w.rights_at_ask = mine;
+            w.seen_spare = most;
         }
         out
     }
@@ -471,7 +520,7 @@ mod tests {
             consumed: 0,
             members: 5,
         };
-        assert_eq!((o.share(), o.low_water(), o.reserve()), (25, 13, 13));
+        assert_eq!((o.share(), o.low_water(), o.reserve()), (25, 19, 25));
         let o = Outlook { consumed: 122, ..o };
         assert_eq!((o.share(), o.low_water()), (1, 1));
         let o = Outlook { consumed: 125, ..o };
@@ -482,7 +531,7 @@ mod tests {
 
     #[test]
     fn an_answer_gives_the_lack_and_keeps_the_reserve() {
-        // Node 1 holds 90, node 2 holds 10: share 50, reserve 25.
+        // Node 1 holds 90, node 2 holds 10: share 50, the reserve too.
         let (mut st, ids) = venue(100, &[10]);
         let (me, asker) = (ids[0], ids[1]);
         let d = answer(&st, &me, &asker, &ask(50, 7)).unwrap();
@@ -500,15 +549,14 @@ mod tests {
         );
         // A target beyond the spare gets the spare only.
         let d = answer(&st, &me, &asker, &ask(1_000, 8)).unwrap();
-        assert!(matches!(d.ops[0], Op::EscrowTransfer { amount: 65, .. }));
-        // Once given, asking again with new nonces gets only what is
-        // still lacking, and never the reserve.
+        assert!(matches!(d.ops[0], Op::EscrowTransfer { amount: 40, .. }));
+        // Once given, asking again with new nonces gets nothing more: the
+        // reserve is kept.
         apply(&mut st, 1, d);
-        assert_eq!(rights(&st, "event/1", "seats", &asker), 75);
-        assert!(answer(&st, &me, &asker, &ask(75, 9)).is_none());
-        let d = answer(&st, &me, &asker, &ask(1_000, 10));
+        assert_eq!(rights(&st, "event/1", "seats", &asker), 50);
+        let d = answer(&st, &me, &asker, &ask(1_000, 9));
         assert!(d.is_none(), "the reserve is kept: {d:?}");
-        assert_eq!(rights(&st, "event/1", "seats", &me), 25);
+        assert_eq!(rights(&st, "event/1", "seats", &me), 50);
     }
 
     #[test]
@@ -534,18 +582,19 @@ mod tests {
 
     #[test]
     fn a_retried_ask_takes_effect_once() {
-        let (mut st, ids) = venue(100, &[10]);
+        // Node 1 holds 80, nodes 2 and 3 hold 10: share and reserve 34.
+        let (mut st, ids) = venue(100, &[10, 10]);
         let (me, asker) = (ids[0], ids[1]);
-        let d = answer(&st, &me, &asker, &ask(50, 3)).unwrap();
+        let d = answer(&st, &me, &asker, &ask(20, 3)).unwrap();
         apply(&mut st, 1, d.clone());
         // The same ask again: the same command, which exists.
-        let again = answer(&st, &me, &asker, &ask(60, 3)).unwrap();
+        let again = answer(&st, &me, &asker, &ask(30, 3)).unwrap();
         assert_eq!(again.meta.command_id, d.meta.command_id);
         let before = st.len();
         st.append_local(me, &mut HlcClock::default(), 3_000, again)
             .unwrap();
         assert_eq!(st.len(), before, "the command is in the log already");
-        assert_eq!(rights(&st, "event/1", "seats", &asker), 50);
+        assert_eq!(rights(&st, "event/1", "seats", &asker), 20);
     }
 
     #[test]
@@ -555,39 +604,46 @@ mod tests {
         let (a, b, c) = (ids[0], ids[1], ids[2]);
         let mut r = Rebalancer::new();
         r.note_sale("event/1", "seats");
-        // Share 34, low water 17: node 3 asks for 34, the richest first;
-        // node 1's spare (60 - 17) covers it, so one peer is asked.
+        // Share 34, low water 26: node 3 asks for 34, the richest first;
+        // node 1's spare (60 - 34) does not cover the 29 it lacks, so
+        // node 2 is asked too.
         assert!(r.poll(&st, &c, 1_000, &[]).is_empty(), "nobody connected");
         let asks = r.poll(&st, &c, 1_000, &[b, a]);
-        assert_eq!(asks, vec![(a, ask(34, 1_000))]);
+        assert_eq!(asks, vec![(a, ask(34, 1_000)), (b, ask(34, 1_000))]);
         // Not again before the interval.
         assert!(r.poll(&st, &c, 1_100, &[a, b]).is_empty());
         let again = r.poll(&st, &c, 1_000 + ASK_INTERVAL_MS, &[a, b]);
-        assert_eq!(again.len(), 1);
+        assert_eq!(again.len(), 2);
         assert!(again[0].1.nonce > 1_000);
+        // That brought nothing either: the next waits twice as long.
+        let t = 1_000 + ASK_INTERVAL_MS;
+        assert!(r.poll(&st, &c, t + ASK_INTERVAL_MS, &[a, b]).is_empty());
+        assert_eq!(r.poll(&st, &c, t + 2 * ASK_INTERVAL_MS, &[a, b]).len(), 2);
         // Node 2 holds more than its low water: no ask.
-        assert!(r.poll(&st, &b, 5_000, &[a, c]).is_empty());
+        let mut rb = Rebalancer::new();
+        rb.note_sale("event/1", "seats");
+        assert!(rb.poll(&st, &b, 5_000, &[a, c]).is_empty());
         // A refused sale of 30 at node 2 asks at once, for enough.
-        r.note_refused("event/1", "seats", 30);
-        let asks = r.poll(&st, &b, 5_001, &[a, c]);
-        assert_eq!(asks.len(), 1);
+        rb.note_refused("event/1", "seats", 30);
+        let asks = rb.poll(&st, &b, 5_001, &[a, c]);
+        assert_eq!(asks[0].0, a);
         assert_eq!(asks[0].1.target, 65);
-        // Answered, node 3 holds its share and asks no more.
+        // Answered, node 3 holds more than its low water and asks no more.
         let d = answer(&st, &a, &c, &ask(34, 1_000)).unwrap();
         apply(&mut st, 1, d);
-        assert_eq!(rights(&st, "event/1", "seats", &c), 34);
+        assert_eq!(rights(&st, "event/1", "seats", &c), 31);
         assert!(r.poll(&st, &c, 9_000, &[a, b]).is_empty());
     }
 
     #[test]
     fn a_need_beyond_the_richest_spare_brings_in_the_next() {
-        // Node 1 holds 34, node 2 25, node 3 1: share 20, reserve 10.
+        // Node 1 holds 34, node 2 25, node 3 1: share and reserve 20.
         let (st, ids) = venue(60, &[25, 1]);
         let mut r = Rebalancer::new();
         r.note_refused("event/1", "seats", 30);
         let asks = r.poll(&st, &ids[2], 1_000, &[ids[1], ids[0]]);
         let to: Vec<NodeId> = asks.iter().map(|(p, _)| *p).collect();
-        assert_eq!(to, vec![ids[0], ids[1]], "24 and 15 spare, 30 needed");
+        assert_eq!(to, vec![ids[0], ids[1]], "14 and 5 spare, 30 needed");
         assert!(asks.iter().all(|(_, a)| a.target == 31));
     }
 }

@@ -173,6 +173,10 @@ pub struct Rebalance {
     /// refuser held spare rights (beyond its reserve,
     /// [`weftlog_proto::rebalance::spare`]) covering the sale. Target 0.
     pub avoidable: u64,
+    /// Refusals where, one round trip before, a node connected to the
+    /// refuser held rights covering the sale at all (its reserve
+    /// included): what a rule without reserves could have moved.
+    pub covered: u64,
 }
 
 impl std::ops::AddAssign for Rebalance {
@@ -182,6 +186,7 @@ impl std::ops::AddAssign for Rebalance {
         self.rights_moved += o.rights_moved;
         self.refusals += o.refusals;
         self.avoidable += o.avoidable;
+        self.covered += o.covered;
     }
 }
 
@@ -654,8 +659,8 @@ impl Summary {
         let r = &self.rebalance;
         let _ = writeln!(
             o,
-            "  rebalance     {} refusals, {} avoidable (a connected node held spare rights covering the sale one round trip before); {} asks, {} transfers moved {} rights",
-            r.refusals, r.avoidable, r.asks, r.transfers, r.rights_moved
+            "  rebalance     {} refusals, {} avoidable (a connected node held spare rights beyond its reserve covering the sale one round trip before; {} counting reserves too); {} asks, {} transfers moved {} rights",
+            r.refusals, r.avoidable, r.covered, r.asks, r.transfers, r.rights_moved
         );
         let _ = writeln!(
             o,

@@ -39,6 +39,14 @@ const BYZ_HISTORY: usize = 1024;
 /// How long the changes of a node's spare rights are kept, for the
 /// measure of avoidable refusals (it looks one round trip back).
 const SPARE_HISTORY: Us = 2 * SEC;
+/// A node's rights on a counter, and the part beyond its reserve
+/// ([`rebalance::spare`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    rights: u64,
+    spare: u64,
+}
+
 /// The cluster id every node shares.
 const CLUSTER: [u8; 32] = *b"weftlog-sim cluster id v1.......";
 
@@ -275,7 +283,7 @@ struct Slot {
     /// Per escrow counter sold from, the node's spare rights
     /// ([`rebalance::spare`], 0 while down) since when: the recent changes,
     /// for the measure of avoidable refusals.
-    spare: BTreeMap<(String, String), VecDeque<(Us, u64)>>,
+    spare: BTreeMap<(String, String), VecDeque<(Us, Held)>>,
 }
 
 struct Partition {
@@ -1107,9 +1115,15 @@ impl<'a> Sim<'a> {
         let up = s.node.is_up();
         for key in &self.sold_from {
             let v = if up {
-                rebalance::spare(s.node.state(), &key.0, &key.1, &me)
+                Held {
+                    rights: rebalance::rights(s.node.state(), &key.0, &key.1, &me),
+                    spare: rebalance::spare(s.node.state(), &key.0, &key.1, &me),
+                }
             } else {
-                0
+                Held {
+                    rights: 0,
+                    spare: 0,
+                }
             };
             let h = s.spare.entry(key.clone()).or_default();
             if h.back().is_none_or(|&(_, last)| last != v) {
@@ -1123,18 +1137,32 @@ impl<'a> Sim<'a> {
 
     /// Whether a sale of `amount` on `key` that `node` refused now could
     /// have been avoided: one round trip of the link before, a node
-    /// connected to it held spare rights covering the sale.
-    fn avoidable(&self, node: usize, key: &(String, String), amount: u64) -> bool {
-        self.connected_peers(node).into_iter().any(|p| {
-            let link = self.link(node, p);
-            let rtt = us_of_ms(2.0 * (link.delay_ms + link.jitter_ms));
-            let then = self.now.saturating_sub(rtt);
-            self.slots[p]
-                .spare
-                .get(key)
-                .and_then(|h| h.iter().rev().find(|(t, _)| *t <= then))
-                .is_some_and(|&(_, v)| v >= amount)
-        })
+    /// connected to it (and reachable) held spare rights covering the
+    /// sale; and whether such a node held rights covering it at all,
+    /// reserve included.
+    fn avoidable(&self, node: usize, key: &(String, String), amount: u64) -> (bool, bool) {
+        let held: Vec<Held> = self
+            .connected_peers(node)
+            .into_iter()
+            .filter_map(|p| {
+                if !self.up(node, p) || !self.up(p, node) {
+                    // Cut by a partition: an ask could not get through.
+                    return None;
+                }
+                let link = self.link(node, p);
+                let rtt = us_of_ms(2.0 * (link.delay_ms + link.jitter_ms));
+                let then = self.now.saturating_sub(rtt);
+                self.slots[p]
+                    .spare
+                    .get(key)
+                    .and_then(|h| h.iter().rev().find(|(t, _)| *t <= then))
+                    .map(|&(_, v)| v)
+            })
+            .collect();
+        (
+            held.iter().any(|h| h.spare >= amount),
+            held.iter().any(|h| h.rights >= amount),
+        )
     }
 
     /// Carries out the events a node's policy queued.
@@ -1665,8 +1693,21 @@ impl<'a> Sim<'a> {
             (&sale, &res)
         {
             self.report.rebalance.refusals += 1;
-            if self.avoidable(node, key, *amount) {
+            let (avoidable, covered) = self.avoidable(node, key, *amount);
+            self.report.rebalance.covered += covered as u64;
+            if avoidable {
                 self.report.rebalance.avoidable += 1;
+                if std::env::var("DBG_AV").is_ok() {
+                    let st = self.slots[node].node.state();
+                    let o = rebalance::Outlook::of(st, &key.0, &key.1).unwrap();
+                    let mine = rebalance::rights(st, &key.0, &key.1, &self.ids[node]);
+                    let conn = self.slots[node].peers.connected().len();
+                    let peers: Vec<String> = self.connected_peers(node).into_iter().map(|p| {
+                        let h = self.slots[p].spare.get(key).map(|h| h.iter().map(|(t,v)| format!("{}:{}/{}", ms(*t), v.spare, v.rights)).collect::<Vec<_>>().join(",")).unwrap_or_default();
+                        format!("p{p} up{}{} [{h}]", self.up(node,p), self.up(p,node))
+                    }).collect();
+                    eprintln!("AV seed {} t {} node {node} amt {amount} mine {mine} share {} low {} unsold {} est {conn} {:?}", self.report.seed, ms(self.now), o.share(), o.low_water(), o.unsold(), peers);
+                }
             }
         }
         self.check_clock(node, wall);
