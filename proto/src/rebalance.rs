@@ -46,6 +46,11 @@
 //!   included, as soon as it made them). So a peer that asks many times is
 //!   given at most up to its target, once, and never any of the reserve.
 //!   Nothing is transferred when either figure is zero.
+//! - **Open asks**: an ask that gets nothing now stays open at the
+//!   answerer for [`ASK_OPEN_MS`] (the latest per asker and counter, at
+//!   most [`MAX_OPEN_ASKS`]); if the answerer's spare rights grow
+//!   meanwhile (the share shrank as others sold, or rights arrived), it
+//!   answers then, without waiting for the asker to learn of them.
 //! - **Once per ask**: the transfer carries the command id
 //!   [`command_id`]`(asker, nonce, answerer, counter)`. An ask that arrives
 //!   twice, or is answered again after a restart, finds the command in the
@@ -82,6 +87,13 @@ pub const MAX_ASK_FANOUT: usize = 4;
 /// Counters a node watches (those it sold from or was refused on); more
 /// are not watched.
 pub const MAX_WATCHED: usize = 1024;
+/// How long an ask this node could not answer stays open (ms): if its
+/// spare rights grow meanwhile, it answers then
+/// ([`Rebalancer::poll_answers`]). Longer than [`MAX_ASK_INTERVAL_MS`],
+/// so an asker's ask stays open until its next one.
+pub const ASK_OPEN_MS: u64 = 5_000;
+/// Open asks kept at most (one per asker and counter).
+pub const MAX_OPEN_ASKS: usize = 256;
 /// The kind of a rebalancing transfer event.
 pub const ANSWER_KIND: &str = "RightsRebalanced";
 
@@ -311,6 +323,9 @@ struct Watch {
 #[derive(Clone, Debug, Default)]
 pub struct Rebalancer {
     watched: BTreeMap<(String, String), Watch>,
+    /// Asks not answered yet, by asker, stream and counter: the ask and
+    /// when it arrived.
+    open: BTreeMap<(NodeId, String, String), (Ask, u64)>,
 }
 
 impl Rebalancer {
@@ -330,6 +345,51 @@ impl Rebalancer {
         if let Some(w) = self.watch(stream, counter) {
             w.shortfall = w.shortfall.max(shortfall.max(1));
         }
+    }
+
+    /// `asker`'s ask, at wall time `now_ms`: the transfer to make now
+    /// ([`answer`]; the shell appends it as a command), or `None`. An ask
+    /// that gets nothing now but is well-formed and still lacking stays
+    /// open for [`ASK_OPEN_MS`] ([`Rebalancer::poll_answers`]).
+    pub fn handle_ask(
+        &mut self,
+        state: &State,
+        me: &NodeId,
+        asker: &NodeId,
+        ask: &Ask,
+        now_ms: u64,
+    ) -> Option<Draft> {
+        let key = (*asker, ask.stream.clone(), ask.counter.clone());
+        if let Some(d) = answer(state, me, asker, ask) {
+            self.open.remove(&key);
+            return Some(d);
+        }
+        let lacking = rights(state, &ask.stream, &ask.counter, asker) < ask.target;
+        let room = self.open.len() < MAX_OPEN_ASKS || self.open.contains_key(&key);
+        if asker != me && ask.check().is_ok() && lacking && room {
+            self.open.insert(key, (ask.clone(), now_ms));
+        }
+        None
+    }
+
+    /// The open asks this node can answer now (its spare rights grew),
+    /// as transfers to append; asks open longer than [`ASK_OPEN_MS`] are
+    /// dropped.
+    pub fn poll_answers(&mut self, state: &State, me: &NodeId, now_ms: u64) -> Vec<Draft> {
+        self.open
+            .retain(|_, (_, at)| now_ms < at.saturating_add(ASK_OPEN_MS));
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for (key, (ask, _)) in &self.open {
+            if let Some(d) = answer(state, me, &key.0, ask) {
+                out.push(d);
+                done.push(key.clone());
+            }
+        }
+        for k in done {
+            self.open.remove(&k);
+        }
+        out
     }
 
     /// A command that sells from `sales` was made (or refused) with
@@ -615,10 +675,6 @@ mod tests {
         let again = r.poll(&st, &c, 1_000 + ASK_INTERVAL_MS, &[a, b]);
         assert_eq!(again.len(), 2);
         assert!(again[0].1.nonce > 1_000);
-        // That brought nothing either: the next waits twice as long.
-        let t = 1_000 + ASK_INTERVAL_MS;
-        assert!(r.poll(&st, &c, t + ASK_INTERVAL_MS, &[a, b]).is_empty());
-        assert_eq!(r.poll(&st, &c, t + 2 * ASK_INTERVAL_MS, &[a, b]).len(), 2);
         // Node 2 holds more than its low water: no ask.
         let mut rb = Rebalancer::new();
         rb.note_sale("event/1", "seats");
@@ -633,6 +689,37 @@ mod tests {
         apply(&mut st, 1, d);
         assert_eq!(rights(&st, "event/1", "seats", &c), 31);
         assert!(r.poll(&st, &c, 9_000, &[a, b]).is_empty());
+    }
+
+    #[test]
+    fn an_ask_is_answered_later_when_spare_rights_appear() {
+        // Node 1 holds 39, node 2 20, node 3 1: share and reserve 20.
+        let (mut st, ids) = venue(60, &[20, 1]);
+        let (one, two, three) = (ids[0], ids[1], ids[2]);
+        let mut r = Rebalancer::new();
+        // Node 2 has nothing spare: nothing now, the ask stays open.
+        assert!(r.handle_ask(&st, &two, &three, &ask(20, 1), 1_000).is_none());
+        assert!(r.poll_answers(&st, &two, 1_100).is_empty());
+        // Node 1 sells 15: the share falls to 15, node 2 has 5 spare.
+        let sold = Draft {
+            stream: "event/1".into(),
+            kind: "Sold".into(),
+            ops: vec![Op::EscrowConsume {
+                counter: "seats".into(),
+                amount: 15,
+            }],
+            ..Draft::default()
+        };
+        apply(&mut st, 1, sold);
+        let answers = r.poll_answers(&st, &two, 1_200);
+        assert_eq!(answers.len(), 1);
+        assert!(matches!(answers[0].ops[0], Op::EscrowTransfer { amount: 5, to, .. } if to == three));
+        assert!(r.poll_answers(&st, &two, 1_300).is_empty(), "answered once");
+        // An open ask expires.
+        assert!(r.handle_ask(&st, &three, &one, &ask(50, 2), 2_000).is_none());
+        let d = r.poll_answers(&st, &three, 2_000 + ASK_OPEN_MS);
+        assert!(d.is_empty());
+        assert!(r.open.is_empty());
     }
 
     #[test]

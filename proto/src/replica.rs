@@ -102,8 +102,10 @@
 //! ([`Replica::handle_append`] notes each sale, and each sale refused for
 //! want of rights), and says when to ask connected peers for rights
 //! ([`Replica::poll_asks`]) and what to give a peer that asks
-//! ([`Replica::handle_ask`], an ordinary transfer command). The rule is
-//! [`crate::rebalance`]'s; the asks travel as sync messages.
+//! ([`Replica::handle_ask`], now, or [`Replica::poll_answers`], once its
+//! spare rights grew): ordinary transfer commands, which the shell appends
+//! like any other. The rule is [`crate::rebalance`]'s; the asks travel as
+//! sync messages.
 //!
 //! # A batch never ends inside a received run
 //!
@@ -542,18 +544,21 @@ impl Replica {
             .poll(&self.state, &self.id, now_ms, connected)
     }
 
-    /// Answers `peer`'s ask for escrow rights at wall time `now_ms`: the
-    /// transfer [`rebalance::answer`] decides, appended like any command
-    /// ([`Replica::handle_append`]). `None` when nothing is given; an ask
-    /// answered before gives its existing event.
-    pub fn handle_ask(
-        &mut self,
-        peer: NodeId,
-        ask: &Ask,
-        now_ms: u64,
-    ) -> Option<Result<Appended, AppendError>> {
-        let draft = rebalance::answer(&self.state, &self.id, &peer, ask)?;
-        Some(self.handle_append(draft, now_ms))
+    /// `peer`'s ask for escrow rights, at wall time `now_ms`: the transfer
+    /// to make now ([`rebalance::answer`]), as a command the shell appends
+    /// like any other ([`Replica::handle_append`]: the node through its
+    /// committer); `None` when nothing is given now (the ask may stay open,
+    /// [`Replica::poll_answers`]).
+    pub fn handle_ask(&mut self, peer: NodeId, ask: &Ask, now_ms: u64) -> Option<Draft> {
+        self.rebalance
+            .handle_ask(&self.state, &self.id, &peer, ask, now_ms)
+    }
+
+    /// Transfers for open asks that this node can answer now, at wall time
+    /// `now_ms` (its spare rights grew since they came): append each like
+    /// any command. Call it with [`Replica::poll_asks`].
+    pub fn poll_answers(&mut self, now_ms: u64) -> Vec<Draft> {
+        self.rebalance.poll_answers(&self.state, &self.id, now_ms)
     }
 
     /// Imports authenticated events ([`exchange::authenticate`]) at wall

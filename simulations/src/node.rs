@@ -40,7 +40,7 @@ use std::rc::Rc;
 
 use weftlog_proto::event::{Event, Keypair};
 use weftlog_proto::log::{Log, MemStorage, TornTail};
-use weftlog_proto::rebalance::{rights, Ask};
+use weftlog_proto::rebalance::Ask;
 use weftlog_proto::replica::{AppendError, Batch, Lent, OwnFrontier, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::sync::Head;
@@ -236,24 +236,36 @@ impl SimNode {
         self.replica.poll_asks(now_ms, connected)
     }
 
-    /// Answers `peer`'s ask at wall time `now_ms` ([`Replica::handle_ask`]):
-    /// the new transfer event's id, seq and rights moved, or `None` when
-    /// nothing was given (or the node is down, holding its appends, or the
-    /// ask was answered before).
-    pub fn answer(&mut self, peer: NodeId, ask: &Ask, now_ms: u64) -> Option<(EventId, u64, u64)> {
-        if !self.is_up() {
-            return None;
+    /// Answers `peer`'s ask at wall time `now_ms` ([`Replica::handle_ask`])
+    /// and the open asks it can answer now ([`Replica::poll_answers`];
+    /// `ask` `None`): each new transfer event's id, seq and rights moved.
+    /// Nothing while the node is down or holds its appends.
+    pub fn answer(&mut self, ask: Option<(NodeId, &Ask)>, now_ms: u64) -> Vec<(EventId, u64, u64)> {
+        if !self.is_up() || self.replica.appends_held(now_ms).is_some() {
+            return Vec::new();
         }
-        let theirs = |r: &Replica| rights(r.state(), &ask.stream, &ask.counter, &peer);
-        let before = theirs(&self.replica);
-        match self.replica.handle_ask(peer, ask, now_ms)? {
-            Ok(a) if !a.existing => {
-                self.last_hlc = Some(a.hlc);
-                let moved = theirs(&self.replica).saturating_sub(before);
-                Some((a.id, a.seq, moved))
+        let drafts = match ask {
+            Some((peer, ask)) => self.replica.handle_ask(peer, ask, now_ms).into_iter().collect(),
+            None => self.replica.poll_answers(now_ms),
+        };
+        let mut out = Vec::new();
+        for d in drafts {
+            let moved = d
+                .ops
+                .iter()
+                .map(|op| match op {
+                    weftlog_proto::Op::EscrowTransfer { amount, .. } => *amount,
+                    _ => 0,
+                })
+                .sum();
+            if let Ok(a) = self.replica.handle_append(d, now_ms) {
+                if !a.existing {
+                    self.last_hlc = Some(a.hlc);
+                    out.push((a.id, a.seq, moved));
+                }
             }
-            _ => None,
         }
+        out
     }
 
     /// Holds appends until a peer confirms the node's own log or its wall

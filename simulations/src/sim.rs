@@ -1079,6 +1079,7 @@ impl<'a> Sim<'a> {
         if !self.sc.node.rebalance || self.phase == Phase::Done {
             return;
         }
+        self.answer(node, None);
         let wall = self.wall_ms(node);
         let s = &mut self.slots[node];
         let connected = s.peers.connected();
@@ -1089,21 +1090,22 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// `peer` asked `node` for escrow rights: the replica answers with a
-    /// transfer, or not ([`weftlog_proto::replica::Replica::handle_ask`]).
-    fn answer(&mut self, node: usize, peer: NodeId, ask: &Ask) {
+    /// `peer` asked `node` for escrow rights (or, with `None`, the node's
+    /// open asks may be answerable now): the replica answers with
+    /// transfers, or not ([`weftlog_proto::replica::Replica::handle_ask`],
+    /// [`weftlog_proto::replica::Replica::poll_answers`]).
+    fn answer(&mut self, node: usize, ask: Option<(NodeId, &Ask)>) {
         if !self.sc.node.rebalance {
             return;
         }
         let wall = self.wall_ms(node);
-        let Some((id, seq, moved)) = self.slots[node].node.answer(peer, ask, wall) else {
-            return;
-        };
-        self.report.rebalance.transfers += 1;
-        self.report.rebalance.rights_moved += moved;
-        self.check_clock(node, wall);
-        self.watch_append(node, seq, id);
-        self.append_result(node, Ok(Some((id, seq))));
+        for (id, seq, moved) in self.slots[node].node.answer(ask, wall) {
+            self.report.rebalance.transfers += 1;
+            self.report.rebalance.rights_moved += moved;
+            self.check_clock(node, wall);
+            self.watch_append(node, seq, id);
+            self.append_result(node, Ok(Some((id, seq))));
+        }
     }
 
     /// Records the node's spare rights on each counter sold from, when
@@ -1181,7 +1183,7 @@ impl<'a> Sim<'a> {
                     self.close(conn, &reason);
                 }
                 PeerEvent::Synced { .. } => self.report.rounds += 1,
-                PeerEvent::Asked { peer, ask } => self.answer(node, peer, &ask),
+                PeerEvent::Asked { peer, ask } => self.answer(node, Some((peer, &ask))),
                 PeerEvent::OwnHead { peer, seq, .. } => self.own_head(node, peer, seq),
                 PeerEvent::Received { count, .. } => {
                     self.tr(b'R', &[node as u64, count], &[]);
