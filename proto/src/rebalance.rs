@@ -281,9 +281,10 @@ pub fn sales(draft: &Draft) -> Sales {
         .ops
         .iter()
         .filter_map(|op| match op {
-            Op::EscrowConsume { counter, amount } | Op::EscrowOverdraw { counter, amount, .. } => {
-                Some((counter.clone(), *amount))
-            }
+            Op::EscrowConsume { counter, amount }
+            | Op::EscrowOverdraw {
+                counter, amount, ..
+            } => Some((counter.clone(), *amount)),
             _ => None,
         })
         .collect();
@@ -478,7 +479,11 @@ impl Rebalancer {
                 w.seen_spare = w.seen_spare.min(most);
                 continue;
             }
-            if !refused && w.asked_ms.is_some() && mine <= w.rights_at_ask && peers.iter().all(|p| p.1 == 0) {
+            if !refused
+                && w.asked_ms.is_some()
+                && mine <= w.rights_at_ask
+                && peers.iter().all(|p| p.1 == 0)
+            {
                 // The last ask brought nothing: wait longer next time.
                 w.interval_ms = (w.interval_ms * 2).clamp(ASK_INTERVAL_MS, MAX_ASK_INTERVAL_MS);
             }
@@ -698,7 +703,9 @@ mod tests {
         let (one, two, three) = (ids[0], ids[1], ids[2]);
         let mut r = Rebalancer::new();
         // Node 2 has nothing spare: nothing now, the ask stays open.
-        assert!(r.handle_ask(&st, &two, &three, &ask(20, 1), 1_000).is_none());
+        assert!(r
+            .handle_ask(&st, &two, &three, &ask(20, 1), 1_000)
+            .is_none());
         assert!(r.poll_answers(&st, &two, 1_100).is_empty());
         // Node 1 sells 15: the share falls to 15, node 2 has 5 spare.
         let sold = Draft {
@@ -713,10 +720,14 @@ mod tests {
         apply(&mut st, 1, sold);
         let answers = r.poll_answers(&st, &two, 1_200);
         assert_eq!(answers.len(), 1);
-        assert!(matches!(answers[0].ops[0], Op::EscrowTransfer { amount: 5, to, .. } if to == three));
+        assert!(
+            matches!(answers[0].ops[0], Op::EscrowTransfer { amount: 5, to, .. } if to == three)
+        );
         assert!(r.poll_answers(&st, &two, 1_300).is_empty(), "answered once");
         // An open ask expires.
-        assert!(r.handle_ask(&st, &three, &one, &ask(50, 2), 2_000).is_none());
+        assert!(r
+            .handle_ask(&st, &three, &one, &ask(50, 2), 2_000)
+            .is_none());
         let d = r.poll_answers(&st, &three, 2_000 + ASK_OPEN_MS);
         assert!(d.is_empty());
         assert!(r.open.is_empty());

@@ -1308,7 +1308,10 @@ fn asks_go_once_frontiers_are_known_and_malformed_ones_are_refused() {
     let (w, _) = one_event();
     let mut a = Peer::new(w, 0);
     let mut b = Peer::new(MemStore::new(), 1);
-    assert!(!a.session.ask(seats_ask()), "the peer's frontier is not known");
+    assert!(
+        !a.session.ask(seats_ask()),
+        "the peer's frontier is not known"
+    );
     pump(&mut a, &mut b);
     assert!(a.session.ask(seats_ask()));
     pump(&mut a, &mut b);

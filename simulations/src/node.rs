@@ -245,7 +245,11 @@ impl SimNode {
             return Vec::new();
         }
         let drafts = match ask {
-            Some((peer, ask)) => self.replica.handle_ask(peer, ask, now_ms).into_iter().collect(),
+            Some((peer, ask)) => self
+                .replica
+                .handle_ask(peer, ask, now_ms)
+                .into_iter()
+                .collect(),
             None => self.replica.poll_answers(now_ms),
         };
         let mut out = Vec::new();

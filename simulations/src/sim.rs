@@ -1691,25 +1691,16 @@ impl<'a> Sim<'a> {
             }
         }
         let res = self.slots[node].node.append(wall, cmd.draft);
-        if let (Some((key, amount)), Err(PrepareError::Invalid(Invalid::InsufficientRights { .. }))) =
-            (&sale, &res)
+        if let (
+            Some((key, amount)),
+            Err(PrepareError::Invalid(Invalid::InsufficientRights { .. })),
+        ) = (&sale, &res)
         {
             self.report.rebalance.refusals += 1;
             let (avoidable, covered) = self.avoidable(node, key, *amount);
             self.report.rebalance.covered += covered as u64;
             if avoidable {
                 self.report.rebalance.avoidable += 1;
-                if std::env::var("DBG_AV").is_ok() {
-                    let st = self.slots[node].node.state();
-                    let o = rebalance::Outlook::of(st, &key.0, &key.1).unwrap();
-                    let mine = rebalance::rights(st, &key.0, &key.1, &self.ids[node]);
-                    let conn = self.slots[node].peers.connected().len();
-                    let peers: Vec<String> = self.connected_peers(node).into_iter().map(|p| {
-                        let h = self.slots[p].spare.get(key).map(|h| h.iter().map(|(t,v)| format!("{}:{}/{}", ms(*t), v.spare, v.rights)).collect::<Vec<_>>().join(",")).unwrap_or_default();
-                        format!("p{p} up{}{} [{h}]", self.up(node,p), self.up(p,node))
-                    }).collect();
-                    eprintln!("AV seed {} t {} node {node} amt {amount} mine {mine} share {} low {} unsold {} est {conn} {:?}", self.report.seed, ms(self.now), o.share(), o.low_water(), o.unsold(), peers);
-                }
             }
         }
         self.check_clock(node, wall);
