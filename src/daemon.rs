@@ -27,6 +27,12 @@
 //!   lack it.
 //! - **Timers.** One task sleeps until the policy's next deadline
 //!   ([`Peers::poll_timeout`]) and hands it the time.
+//! - **Rebalancing.** One task, woken by every durable batch and at least
+//!   every [`REBALANCE_TICK`], sends the asks for escrow rights the
+//!   replica says are due to the connected peers ([`Peers::ask`]); a
+//!   peer's ask ([`PeerEvent::Asked`]) and an open ask the node can now
+//!   answer become ordinary transfer commands
+//!   ([`weftlog_proto::rebalance`]).
 //!
 //! The policy sits behind one mutex; its randomness is the OS generator.
 //! Its clock is the milliseconds since the daemon started (monotonic).
@@ -63,6 +69,9 @@ pub const QUEUE_MESSAGES: usize = 16;
 /// to confirm the node's own log ([`Config::confirm_wait`];
 /// [`weftlog_proto::replica::CONFIRM_WAIT_MS`]).
 pub const CONFIRM_WAIT: Duration = Duration::from_millis(weftlog_proto::replica::CONFIRM_WAIT_MS);
+/// How often the daemon looks for asks for escrow rights to send, at least
+/// ([`weftlog_proto::rebalance`]); every durable batch wakes it too.
+pub const REBALANCE_TICK: Duration = Duration::from_millis(100);
 /// The equivocation file in a data directory: one JSON object per line.
 pub const EQUIVOCATIONS_FILE: &str = "equivocations.jsonl";
 
@@ -247,6 +256,8 @@ struct Shared {
     notes: Mutex<BTreeMap<NodeId, PeerNotes>>,
     /// Wakes the timer task: the policy's next deadline may have moved.
     timer: Notify,
+    /// Wakes the rebalancing task: the state changed, or a peer asked.
+    rebalance: Notify,
     /// The wall-clock time (ms since the epoch) of the last round that
     /// ended in sync or done with any peer; 0 if none.
     last_round_wall_ms: AtomicU64,
@@ -313,6 +324,7 @@ impl Daemon {
             targets: Mutex::new(Targets::default()),
             notes: Mutex::new(BTreeMap::new()),
             timer: Notify::new(),
+            rebalance: Notify::new(),
             last_round_wall_ms: AtomicU64::new(0),
             started: Instant::now(),
             blocked: watch::channel(BTreeSet::new()).0,
@@ -326,6 +338,7 @@ impl Daemon {
         let feed = shared.node.subscribe();
         tokio::spawn(feed_loop(shared.clone(), feed));
         tokio::spawn(timer_loop(shared.clone()));
+        tokio::spawn(rebalance_loop(shared.clone()));
         tokio::spawn(accept_loop(shared.clone()));
         for p in &config.peers {
             add_target(&shared, p.clone());
@@ -742,6 +755,11 @@ impl Shared {
                 lock(&self.notes).entry(peer).or_default().received += count;
             }
             PeerEvent::Equivocation { peer, proof } => self.record_fork(peer, proof),
+            PeerEvent::Asked { peer, ask } => {
+                if let Some(draft) = self.node.handle_ask(peer, &ask) {
+                    tokio::spawn(append_transfer(self.node.clone(), draft));
+                }
+            }
             PeerEvent::Disconnected { peer, reason } => {
                 info!(%peer, "peer disconnected: {reason}");
                 lock(&self.notes).entry(peer).or_default().last_error = Some(reason);
@@ -910,6 +928,7 @@ async fn feed_loop(
         match c {
             Ok(batch) => {
                 shared.policy(|p, store, rng| p.handle_stored(&batch.heads, store, rng));
+                shared.rebalance.notify_one();
                 shared.prove_pending();
                 shared.note_forks();
             }
@@ -919,6 +938,42 @@ async fn feed_loop(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// Rebalancing escrow rights ([`weftlog_proto::rebalance`]): after each
+/// durable batch, and at least every [`REBALANCE_TICK`] (a refused sale,
+/// which makes no batch, is asked for within it), sends the asks the
+/// replica says are due to the connected peers, and appends the transfers
+/// for open asks the node can now answer.
+async fn rebalance_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REBALANCE_TICK) => {}
+            _ = shared.rebalance.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for draft in shared.node.poll_answers() {
+            tokio::spawn(append_transfer(shared.node.clone(), draft));
+        }
+        let connected = lock(&shared.peers).connected();
+        let asks = shared.node.poll_asks(&connected);
+        if !asks.is_empty() {
+            shared.policy(|p, _, _| {
+                for (peer, ask) in asks {
+                    p.ask(&peer, ask);
+                }
+            });
+        }
+    }
+}
+
+/// Appends a rebalancing transfer; a refusal (the rights went meanwhile)
+/// is only logged.
+async fn append_transfer(node: Arc<Node>, draft: weftlog_proto::Draft) {
+    if let Err(e) = node.append_async(draft).await {
+        debug!("a rebalancing transfer was not made: {e}");
     }
 }
 

@@ -98,7 +98,8 @@ pub async fn sync_round(
                 | SessionEvent::Announced { .. }
                 | SessionEvent::Grafted
                 | SessionEvent::Pruned
-                | SessionEvent::Missing { .. } => {}
+                | SessionEvent::Missing { .. }
+                | SessionEvent::Asked(_) => {}
             }
         }
         if over {

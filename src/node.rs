@@ -69,6 +69,7 @@ use weftlog_proto::event::{Compensation, Event, Keypair, Signature};
 use weftlog_proto::exchange::{self, ImportError, Incoming, Outgoing};
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::log::{self, Log, OpenError, Recovery};
+use weftlog_proto::rebalance::Ask;
 use weftlog_proto::replica::{self, Access, Batch, Mark, Replica, ReplicaStore};
 use weftlog_proto::since::SinceError;
 use weftlog_proto::state::{Draft, Fork, PrepareError, State};
@@ -532,6 +533,24 @@ impl Node {
         let draft =
             self.with_state(|s| admission::staff_decision(s, sale, action, user, wall_ms()))?;
         self.append(draft)
+    }
+
+    /// The asks for escrow rights due now, to peers in `connected`
+    /// ([`Replica::poll_asks`], [`weftlog_proto::rebalance`]).
+    pub fn poll_asks(&self, connected: &[NodeId]) -> Vec<(NodeId, Ask)> {
+        self.lock().replica.poll_asks(wall_ms(), connected)
+    }
+
+    /// `peer`'s ask for escrow rights: the transfer to append now, if any
+    /// ([`Replica::handle_ask`]).
+    pub fn handle_ask(&self, peer: NodeId, ask: &Ask) -> Option<Draft> {
+        self.lock().replica.handle_ask(peer, ask, wall_ms())
+    }
+
+    /// Transfers for open asks this node can answer now
+    /// ([`Replica::poll_answers`]).
+    pub fn poll_answers(&self) -> Vec<Draft> {
+        self.lock().replica.poll_answers(wall_ms())
     }
 
     /// The node's own frontier as peers confirmed it.

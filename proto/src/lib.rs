@@ -21,6 +21,8 @@
 //! - [`text`]: text fields merged with automerge (one document per
 //!   stream and field, positions in UTF-16 units);
 //! - [`sync`]: the sync protocol between two replicas, as a state machine;
+//! - [`rebalance`]: moving escrow rights to where the sales are, while
+//!   connected (who asks, how much, who answers);
 //! - [`peers`]: a node's peer policy (connections, dialling, live push along
 //!   a broadcast tree, anti-entropy), as a state machine that owns its sync
 //!   sessions.
@@ -34,6 +36,7 @@ pub mod hlc;
 pub mod id;
 pub mod log;
 pub mod peers;
+pub mod rebalance;
 pub mod replica;
 pub mod seats;
 pub mod since;

@@ -7,7 +7,10 @@
 //! period; a round asked for during a round starts when it ends), recovery
 //! after the node's committed feed lagged, blocked peers (partitions set by
 //! an operator), and the time of the last successful round with any member
-//! ([`Peers::last_round_ms`]), which admission rules read.
+//! ([`Peers::last_round_ms`]), which admission rules read. It carries
+//! asks for escrow rights between connected peers ([`Peers::ask`],
+//! [`PeerEvent::Asked`]); what to ask and answer is
+//! [`crate::rebalance`]'s.
 //!
 //! It does no IO and reads no clock: the shell (the daemon in `src/`, the
 //! simulator in `simulations/`) hands it what happened (`handle_*`, with
@@ -84,6 +87,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::rebalance::Ask;
 use crate::sync::{
     Equivocation, Head, Session, SessionConfig, SessionEvent, SessionStats, Store, SyncError,
 };
@@ -256,6 +260,15 @@ pub enum PeerEvent {
         /// Why (a [`SyncError::Peer`] when the peer ended it).
         error: SyncError,
     },
+    /// The peer asks for escrow rights: hand it to
+    /// [`Replica::handle_ask`](crate::replica::Replica::handle_ask), which
+    /// decides what to give ([`crate::rebalance`]).
+    Asked {
+        /// The peer.
+        peer: NodeId,
+        /// Its ask (checked: [`Ask::check`]).
+        ask: Ask,
+    },
     /// A connection ended (after [`Peers::handle_closed`]).
     Disconnected {
         /// The peer.
@@ -316,6 +329,10 @@ pub struct PeerStats {
     pub grafts: u64,
     /// Links pruned (either end).
     pub prunes: u64,
+    /// Asks for escrow rights sent.
+    pub asks_sent: u64,
+    /// Asks for escrow rights received.
+    pub asks_received: u64,
 }
 
 #[derive(Debug)]
@@ -447,6 +464,33 @@ impl Peers {
             .get(peer)
             .and_then(|c| self.links.get(c))
             .is_some_and(|l| l.established && !l.closing)
+    }
+
+    /// The peers with an established connection kept, ascending: those an
+    /// ask for escrow rights may go to ([`Peers::ask`]).
+    pub fn connected(&self) -> Vec<NodeId> {
+        self.kept
+            .keys()
+            .filter(|p| self.is_connected(p))
+            .copied()
+            .collect()
+    }
+
+    /// Sends `ask` for escrow rights to `peer` on its kept connection
+    /// ([`crate::sync::Session::ask`]). Returns whether it was queued (an
+    /// established connection whose session knows the peer's frontier).
+    pub fn ask(&mut self, peer: &NodeId, ask: Ask) -> bool {
+        let Some(&conn) = self.kept.get(peer) else {
+            return false;
+        };
+        let Some(l) = self.links.get_mut(&conn) else {
+            return false;
+        };
+        if !l.established || l.closing || !l.session.ask(ask) {
+            return false;
+        }
+        self.dirty.insert(conn);
+        true
     }
 
     /// The peer of a connection.
@@ -1006,6 +1050,9 @@ impl Peers {
                 }
                 SessionEvent::Missing { .. } => missing = true,
                 SessionEvent::Grafted | SessionEvent::Pruned => {}
+                SessionEvent::Asked(ask) => {
+                    self.events.push_back(PeerEvent::Asked { peer, ask });
+                }
                 SessionEvent::Failed(e) => failed = Some(e),
                 SessionEvent::PeerDone => {}
             }
@@ -1100,6 +1147,8 @@ impl std::ops::AddAssign for PeerStats {
         self.announcements_sent += o.announcements_sent;
         self.grafts += o.grafts;
         self.prunes += o.prunes;
+        self.asks_sent += o.asks_sent;
+        self.asks_received += o.asks_received;
     }
 }
 
@@ -1112,6 +1161,8 @@ fn add_session_stats(s: &mut PeerStats, st: &SessionStats) {
     s.events_sent += st.events_sent;
     s.announcements_sent += st.announcements_sent;
     s.prunes += st.prunes_sent + st.prunes_received;
+    s.asks_sent += st.asks_sent;
+    s.asks_received += st.asks_received;
 }
 
 /// A session failure as the log and the peer read it.

@@ -96,6 +96,17 @@
 //! of a fresh cluster, which has nothing to learn), for
 //! [`CONFIRM_WAIT_MS`] unless its scenario says otherwise.
 //!
+//! # Rebalancing
+//!
+//! The replica watches the escrow counters its node sells from
+//! ([`Replica::handle_append`] notes each sale, and each sale refused for
+//! want of rights), and says when to ask connected peers for rights
+//! ([`Replica::poll_asks`]) and what to give a peer that asks
+//! ([`Replica::handle_ask`], now, or [`Replica::poll_answers`], once its
+//! spare rights grew): ordinary transfer commands, which the shell appends
+//! like any other. The rule is [`crate::rebalance`]'s; the asks travel as
+//! sync messages.
+//!
 //! # A batch never ends inside a received run
 //!
 //! Sync stores an author's events in runs that end at a signed event
@@ -146,6 +157,7 @@ use crate::exchange::{self, Incoming};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{self, encode_frame_with, Log, OpenError, Recovery, Storage};
+use crate::rebalance::{self, Ask, Rebalancer};
 use crate::since::{self, SinceError};
 use crate::state::{self, Draft, Inserted, Invalid, PrepareError, Slot, State};
 use crate::sync::{self, Head, Pool, Stored};
@@ -212,6 +224,9 @@ pub struct Replica {
     /// sales that need their automatic compensation
     /// ([`Replica::compensate`]).
     unchecked: BTreeSet<(String, String)>,
+    /// The counters this node sold from, and when it last asked peers for
+    /// rights (module docs, "Rebalancing").
+    rebalance: Rebalancer,
 }
 
 /// Peers that confirmed this replica's own frontier, at most: enough to
@@ -414,6 +429,7 @@ impl Replica {
             confirm: Confirm::default(),
             conn: Connectivity::new(),
             unchecked: BTreeSet::new(),
+            rebalance: Rebalancer::new(),
         }
     }
 
@@ -490,6 +506,7 @@ impl Replica {
             return Err(AppendError::Unconfirmed { until_ms });
         }
         let mut draft = draft;
+        let sales = rebalance::sales(&draft);
         // A command id already in the log gives its event, whatever the
         // seat rules say now.
         let retried = draft
@@ -501,10 +518,11 @@ impl Replica {
             admission::admit(&self.state, &self.id, &self.conn, &mut draft, now_ms)?;
         }
         self.touched(&draft.stream, &draft.ops);
-        match self
+        let made = self
             .state
-            .append_local(self.id, &mut self.clock, now_ms, draft)?
-        {
+            .append_local(self.id, &mut self.clock, now_ms, draft);
+        self.rebalance.note(&sales, &made);
+        match made? {
             state::Appended::Existing(rec) => Ok(Appended {
                 id: rec.id,
                 author: rec.author,
@@ -541,6 +559,33 @@ impl Replica {
                 })
             }
         }
+    }
+
+    /// The asks for escrow rights due at wall time `now_ms`, to peers in
+    /// `connected` (those with an established connection): `(peer, ask)`.
+    /// Send each to its peer ([`crate::peers::Peers::ask`]). Call it after
+    /// appends (a refused sale asks at once) and after received events; see
+    /// [`crate::rebalance`] for the rule.
+    pub fn poll_asks(&mut self, now_ms: u64, connected: &[NodeId]) -> Vec<(NodeId, Ask)> {
+        self.rebalance
+            .poll(&self.state, &self.id, now_ms, connected)
+    }
+
+    /// `peer`'s ask for escrow rights, at wall time `now_ms`: the transfer
+    /// to make now ([`rebalance::answer`]), as a command the shell appends
+    /// like any other ([`Replica::handle_append`]: the node through its
+    /// committer); `None` when nothing is given now (the ask may stay open,
+    /// [`Replica::poll_answers`]).
+    pub fn handle_ask(&mut self, peer: NodeId, ask: &Ask, now_ms: u64) -> Option<Draft> {
+        self.rebalance
+            .handle_ask(&self.state, &self.id, &peer, ask, now_ms)
+    }
+
+    /// Transfers for open asks that this node can answer now, at wall time
+    /// `now_ms` (its spare rights grew since they came): append each like
+    /// any command. Call it with [`Replica::poll_asks`].
+    pub fn poll_answers(&mut self, now_ms: u64) -> Vec<Draft> {
+        self.rebalance.poll_answers(&self.state, &self.id, now_ms)
     }
 
     /// Imports authenticated events ([`exchange::authenticate`]) at wall

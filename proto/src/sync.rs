@@ -266,6 +266,7 @@ use crate::exchange::{describe, describe_bytes};
 use crate::hlc::{Hlc, HlcClock};
 use crate::id::{EventId, NodeId};
 use crate::log::{FrameError, SIG_BYTES};
+use crate::rebalance::Ask;
 use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared, State};
 
 /// The sync protocol version this build prefers (the highest it speaks).
@@ -372,6 +373,8 @@ pub const MAX_MISSING_DEPS: usize = 256;
 /// Most reports a pool keeps for sessions that have not collected them
 /// (the oldest are dropped).
 pub const MAX_POOL_MAIL: usize = 1024;
+/// Most asks for escrow rights a session holds unsent ([`Session::ask`]).
+pub const MAX_QUEUED_ASKS: usize = 64;
 
 // An Events message (variant byte, length varint of at most 3 bytes, frames)
 // with the largest frame fits, and so does the largest frontier.
@@ -451,6 +454,10 @@ pub enum Message {
     /// 7: makes the link lazy at both ends: the sender received only
     /// events it already held.
     Prune,
+    /// 8: the sender asks for escrow rights ([`crate::rebalance`]); the
+    /// receiver may answer with a transfer event, which travels like any
+    /// other. Checked by [`Ask::check`].
+    Ask(Ask),
 }
 
 impl Message {
@@ -465,6 +472,7 @@ impl Message {
             Message::IHave { .. } => "IHave",
             Message::Graft { .. } => "Graft",
             Message::Prune => "Prune",
+            Message::Ask(_) => "Ask",
         }
     }
 }
@@ -1112,6 +1120,9 @@ pub enum SessionEvent {
         /// The ids waited for.
         deps: Vec<EventId>,
     },
+    /// The peer asks for escrow rights (checked: [`Ask::check`]). Hand it
+    /// to [`crate::replica::Replica::handle_ask`].
+    Asked(Ask),
     /// The session failed; the last event it reports.
     Failed(SyncError),
 }
@@ -1165,6 +1176,10 @@ pub struct SessionStats {
     pub prunes_sent: u64,
     /// Prune messages received.
     pub prunes_received: u64,
+    /// Asks for escrow rights sent.
+    pub asks_sent: u64,
+    /// Asks for escrow rights received.
+    pub asks_received: u64,
 }
 
 /// How errors name an event.
@@ -1705,6 +1720,28 @@ impl Session {
         true
     }
 
+    /// Queues an ask for escrow rights to the peer ([`crate::rebalance`]).
+    /// Returns `false`, queuing nothing, until the peer's frontier is
+    /// known (the peer would refuse it), on a closed session, when
+    /// [`MAX_QUEUED_ASKS`] asks already wait to be sent, or for an ask
+    /// that [`Ask::check`] refuses.
+    pub fn ask(&mut self, ask: Ask) -> bool {
+        if self.phase == Phase::Closed || !self.known || ask.check().is_err() {
+            return false;
+        }
+        let queued = self
+            .control
+            .iter()
+            .filter(|m| matches!(m, Message::Ask(_)))
+            .count();
+        if queued >= MAX_QUEUED_ASKS {
+            return false;
+        }
+        self.stats.asks_sent += 1;
+        self.control.push_back(Message::Ask(ask));
+        true
+    }
+
     /// Starts an anti-entropy round: queues a Hello with the store's current
     /// frontier. Returns `false` (and does nothing) while a round is in
     /// progress or after a failure.
@@ -2093,6 +2130,7 @@ impl Session {
                     | Message::IHave { .. }
                     | Message::Graft { .. }
                     | Message::Prune
+                    | Message::Ask(_)
             )
         {
             return Err(self.unexpected(msg.name()));
@@ -2121,6 +2159,13 @@ impl Session {
                 self.stats.prunes_received += 1;
                 self.eager = false;
                 self.events.push_back(SessionEvent::Pruned);
+                Ok(())
+            }
+            Message::Ask(ask) => {
+                ask.check()
+                    .map_err(|e| SyncError::Malformed(format!("Ask: {e}")))?;
+                self.stats.asks_received += 1;
+                self.events.push_back(SessionEvent::Asked(ask));
                 Ok(())
             }
         }

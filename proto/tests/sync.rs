@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use weftlog_proto::event::MIN_FORMAT_VERSION;
+use weftlog_proto::rebalance::Ask;
 use weftlog_proto::state::{Draft, Invalid};
 use weftlog_proto::sync::{
     decode_message, encode_message, encode_wire_frame, frontier_digest, message_len,
@@ -1293,6 +1294,81 @@ fn an_invalid_signed_event_is_refused_by_name() {
     v.assert_refused(&err);
 }
 
+fn seats_ask() -> Ask {
+    Ask {
+        stream: "event/1".into(),
+        counter: "seats".into(),
+        target: 25,
+        nonce: 1_000,
+    }
+}
+
+#[test]
+fn asks_go_once_frontiers_are_known_and_malformed_ones_are_refused() {
+    let (w, _) = one_event();
+    let mut a = Peer::new(w, 0);
+    let mut b = Peer::new(MemStore::new(), 1);
+    assert!(
+        !a.session.ask(seats_ask()),
+        "the peer's frontier is not known"
+    );
+    pump(&mut a, &mut b);
+    assert!(a.session.ask(seats_ask()));
+    pump(&mut a, &mut b);
+    let asked: Vec<&SessionEvent> = b
+        .events
+        .iter()
+        .filter(|e| matches!(e, SessionEvent::Asked(_)))
+        .collect();
+    assert_eq!(asked, vec![&SessionEvent::Asked(seats_ask())]);
+    assert_eq!(
+        (a.session.stats().asks_sent, b.session.stats().asks_received),
+        (1, 1)
+    );
+    // An ask the sender's own check refuses is not sent.
+    let empty = Ask {
+        target: 0,
+        ..seats_ask()
+    };
+    assert!(!a.session.ask(empty));
+
+    // Before the frontiers: refused as unexpected.
+    let mut v = Victim::new(MemStore::new());
+    let err = v.feed(&[encode(&Message::Ask(seats_ask()))]).unwrap_err();
+    assert!(matches!(err, SyncError::Unexpected { .. }), "{err}");
+    v.assert_refused(&err);
+    // Names beyond an event's limits, or nothing asked: malformed.
+    for bad in [
+        Ask {
+            counter: "c".repeat(129),
+            ..seats_ask()
+        },
+        Ask {
+            stream: String::new(),
+            ..seats_ask()
+        },
+        Ask {
+            target: 0,
+            ..seats_ask()
+        },
+    ] {
+        let mut v = Victim::new(MemStore::new());
+        // An empty store, as the victim's: in sync at Hello.
+        let mut msgs = vec![hello_from(id(ATTACKER), frontier_digest(&[]))];
+        msgs.push(encode(&Message::Ask(bad)));
+        let err = v.feed(&msgs).unwrap_err();
+        assert!(matches!(err, SyncError::Malformed(_)), "{err}");
+        v.assert_refused(&err);
+    }
+    // A body cut short.
+    let mut v = Victim::new(MemStore::new());
+    let mut msgs = vec![hello_from(id(ATTACKER), frontier_digest(&[]))];
+    msgs.push(vec![3, 0, 0, 0, 8, 7, b'e']);
+    let err = v.feed(&msgs).unwrap_err();
+    assert!(matches!(err, SyncError::Malformed(_)), "{err}");
+    v.assert_refused(&err);
+}
+
 #[test]
 fn oversized_and_garbage_messages_are_refused() {
     let big = (MAX_MESSAGE_BYTES as u32 + 1).to_le_bytes();
@@ -1714,13 +1790,14 @@ fn protocol_vectors() {
     });
     let graft_empty = encode(&Message::Graft { heads: vec![] });
     let prune = encode(&Message::Prune);
+    let ask = encode(&Message::Ask(seats_ask()));
     // Vector 3's frame is 269 bytes (a signed frame of a 164-byte event).
     let events = encode(&Message::Events {
         frames: vec![0; wire_frame_len(164, true)],
     });
     let got = format!(
         "hello {}\nempty-digest {}\nfrontier {}\ndigest {}\ndone {}\nerror {}\nevents-header {}\n\
-         ihave {}\ngraft {}\ngraft-empty {}\nprune {}",
+         ihave {}\ngraft {}\ngraft-empty {}\nprune {}\nask {}",
         hex(&hello),
         hex(&frontier_digest(&[])),
         hex(&frontier),
@@ -1732,6 +1809,7 @@ fn protocol_vectors() {
         hex(&graft),
         hex(&graft_empty),
         hex(&prune),
+        hex(&ask),
     );
     println!("{got}");
     let doc = include_str!("../PROTOCOL.md");

@@ -40,6 +40,7 @@ use std::rc::Rc;
 
 use weftlog_proto::event::{Event, Keypair};
 use weftlog_proto::log::{Log, MemStorage, TornTail};
+use weftlog_proto::rebalance::Ask;
 use weftlog_proto::replica::{AppendError, Batch, Lent, OwnFrontier, Replica, ReplicaStore};
 use weftlog_proto::state::{Draft, PrepareError, State};
 use weftlog_proto::sync::Head;
@@ -224,6 +225,51 @@ impl SimNode {
             // Invariant: a failed write takes the node down.
             Err(e) => unreachable!("append on a failed node: {e}"),
         }
+    }
+
+    /// The asks for escrow rights due at wall time `now_ms`, to peers in
+    /// `connected` ([`Replica::poll_asks`]); nothing while the node is down.
+    pub fn poll_asks(&mut self, now_ms: u64, connected: &[NodeId]) -> Vec<(NodeId, Ask)> {
+        if !self.is_up() {
+            return Vec::new();
+        }
+        self.replica.poll_asks(now_ms, connected)
+    }
+
+    /// Answers `peer`'s ask at wall time `now_ms` ([`Replica::handle_ask`])
+    /// and the open asks it can answer now ([`Replica::poll_answers`];
+    /// `ask` `None`): each new transfer event's id, seq and rights moved.
+    /// Nothing while the node is down or holds its appends.
+    pub fn answer(&mut self, ask: Option<(NodeId, &Ask)>, now_ms: u64) -> Vec<(EventId, u64, u64)> {
+        if !self.is_up() || self.replica.appends_held(now_ms).is_some() {
+            return Vec::new();
+        }
+        let drafts = match ask {
+            Some((peer, ask)) => self
+                .replica
+                .handle_ask(peer, ask, now_ms)
+                .into_iter()
+                .collect(),
+            None => self.replica.poll_answers(now_ms),
+        };
+        let mut out = Vec::new();
+        for d in drafts {
+            let moved = d
+                .ops
+                .iter()
+                .map(|op| match op {
+                    weftlog_proto::Op::EscrowTransfer { amount, .. } => *amount,
+                    _ => 0,
+                })
+                .sum();
+            if let Ok(a) = self.replica.handle_append(d, now_ms) {
+                if !a.existing {
+                    self.last_hlc = Some(a.hlc);
+                    out.push((a.id, a.seq, moved));
+                }
+            }
+        }
+        out
     }
 
     /// Holds appends until a peer confirms the node's own log or its wall

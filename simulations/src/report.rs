@@ -156,6 +156,40 @@ impl std::ops::AddAssign for Retries {
     }
 }
 
+/// Rebalancing of escrow rights while connected
+/// ([`weftlog_proto::rebalance`]), and the refusals it could have avoided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rebalance {
+    /// Asks for rights sent (one per peer asked).
+    pub asks: u64,
+    /// Transfers made to answer them.
+    pub transfers: u64,
+    /// Rights those transfers moved.
+    pub rights_moved: u64,
+    /// Sales refused for want of rights (as `oversell_refused`).
+    pub refusals: u64,
+    /// Of those, refusals that rebalancing could have avoided: one round
+    /// trip of the link before the refusal, a node connected to the
+    /// refuser held spare rights (beyond its reserve,
+    /// [`weftlog_proto::rebalance::spare`]) covering the sale. Target 0.
+    pub avoidable: u64,
+    /// Refusals where, one round trip before, a node connected to the
+    /// refuser held rights covering the sale at all (its reserve
+    /// included): what a rule without reserves could have moved.
+    pub covered: u64,
+}
+
+impl std::ops::AddAssign for Rebalance {
+    fn add_assign(&mut self, o: Rebalance) {
+        self.asks += o.asks;
+        self.transfers += o.transfers;
+        self.rights_moved += o.rights_moved;
+        self.refusals += o.refusals;
+        self.avoidable += o.avoidable;
+        self.covered += o.covered;
+    }
+}
+
 /// Gossip counters of a run (every node, every incarnation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Gossip {
@@ -229,6 +263,8 @@ pub struct RunReport {
     pub convergence_interrupted: u64,
     /// Sales and escrow uses refused because the node held too few rights.
     pub oversell_refused: u64,
+    /// Rebalancing while connected, and the refusals it could have avoided.
+    pub rebalance: Rebalance,
     /// Seats (escrow rights) consumed at the end (node 0's state: events
     /// that took effect).
     pub escrow_consumed: u64,
@@ -353,6 +389,8 @@ pub struct Summary {
     pub convergence_interrupted: u64,
     /// Escrow uses refused for want of rights.
     pub oversell_refused: u64,
+    /// Rebalancing and avoidable refusals, summed over seeds.
+    pub rebalance: Rebalance,
     /// Escrow rights consumed, and the capacity, summed over seeds.
     pub escrow_consumed: u64,
     /// Escrow capacity summed over seeds.
@@ -496,6 +534,7 @@ impl Summary {
             fin.extend(r.final_convergence_ms);
             s.convergence_interrupted += r.convergence_interrupted;
             s.oversell_refused += r.oversell_refused;
+            s.rebalance += r.rebalance;
             s.escrow_consumed += r.escrow_consumed;
             s.escrow_capacity += r.escrow_capacity;
             virtual_ms += r.virtual_ms;
@@ -616,6 +655,12 @@ impl Summary {
             o,
             "  escrow        {} oversell attempts refused; {} of {} rights consumed",
             self.oversell_refused, self.escrow_consumed, self.escrow_capacity
+        );
+        let r = &self.rebalance;
+        let _ = writeln!(
+            o,
+            "  rebalance     {} refusals, {} avoidable (a connected node held spare rights beyond its reserve covering the sale one round trip before; {} counting reserves too); {} asks, {} transfers moved {} rights",
+            r.refusals, r.avoidable, r.covered, r.asks, r.transfers, r.rights_moved
         );
         let _ = writeln!(
             o,

@@ -392,6 +392,11 @@ pub struct NodeParams {
     /// [`weftlog_proto::replica::CONFIRM_WAIT_MS`] by default); 0 holds
     /// nothing.
     pub confirm_wait_ms: u64,
+    /// Whether nodes rebalance escrow rights while connected
+    /// ([`weftlog_proto::rebalance`]: a node short of rights asks its
+    /// peers, a node with spare rights transfers some), as the node always
+    /// does; `false` only to measure what rebalancing changes.
+    pub rebalance: bool,
 }
 
 /// The longest `confirm_wait_ms` a scenario may set: a minute.
@@ -403,6 +408,7 @@ impl Default for NodeParams {
             fsync_ms: 0.5,
             fsync_jitter_ms: 0.5,
             confirm_wait_ms: weftlog_proto::replica::CONFIRM_WAIT_MS,
+            rebalance: true,
         }
     }
 }

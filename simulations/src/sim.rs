@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::log::MemStorage;
 use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
+use weftlog_proto::rebalance::{self, Ask};
 use weftlog_proto::state::{Invalid, PrepareError, State};
 use weftlog_proto::sync::{
     decode_message, decode_wire_frame, encode_message, Message, SessionConfig, SyncError,
@@ -35,6 +36,17 @@ const MAX_RETRANSMITS: u32 = 8;
 const CONVERGE_TICK: Us = 10 * MS;
 /// Frames a Byzantine member keeps for replays.
 const BYZ_HISTORY: usize = 1024;
+/// How long the changes of a node's spare rights are kept, for the
+/// measure of avoidable refusals (it looks one round trip back).
+const SPARE_HISTORY: Us = 2 * SEC;
+/// A node's rights on a counter, and the part beyond its reserve
+/// ([`rebalance::spare`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    rights: u64,
+    spare: u64,
+}
+
 /// The cluster id every node shares.
 const CLUSTER: [u8; 32] = *b"weftlog-sim cluster id v1.......";
 
@@ -268,6 +280,10 @@ struct Slot {
     /// An own event whose hlc was beyond the horizon of the highest wall
     /// time the node's clock had shown: (hlc ms, that wall time ms).
     clock_ahead: Option<(u64, u64)>,
+    /// Per escrow counter sold from, the node's spare rights
+    /// ([`rebalance::spare`], 0 while down) since when: the recent changes,
+    /// for the measure of avoidable refusals.
+    spare: BTreeMap<(String, String), VecDeque<(Us, Held)>>,
 }
 
 struct Partition {
@@ -330,6 +346,8 @@ pub(crate) struct Sim<'a> {
     byz_held: BTreeMap<(ConnId, usize), Vec<u8>>,
     /// Command ids handed out (`[clients] retry`).
     next_command: u64,
+    /// The escrow counters `(stream, counter)` commands sold from.
+    sold_from: BTreeSet<(String, String)>,
     workload: Workload,
     acked: BTreeMap<EventId, (usize, u64)>,
     trace: blake3::Hasher,
@@ -412,6 +430,7 @@ impl<'a> Sim<'a> {
                 restore_only_here: BTreeSet::new(),
                 forks: BTreeSet::new(),
                 clock_ahead: None,
+                spare: BTreeMap::new(),
             });
         }
         let duration = us_of_s(sc.duration_s);
@@ -444,6 +463,7 @@ impl<'a> Sim<'a> {
             byz_open: BTreeMap::new(),
             byz_held: BTreeMap::new(),
             next_command: 0,
+            sold_from: BTreeSet::new(),
             workload: Workload::new(sc, seed),
             acked: BTreeMap::new(),
             trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
@@ -1036,6 +1056,7 @@ impl<'a> Sim<'a> {
     /// After a call into a node's policy: carries out its events, lets
     /// every connection of the node send, and re-arms its timer.
     fn after_policy(&mut self, node: usize) {
+        self.ask_peers(node);
         self.node_events(node);
         let conns = self.slots[node].peers.take_dirty();
         for conn in conns {
@@ -1047,7 +1068,103 @@ impl<'a> Sim<'a> {
         if self.slots[node].node.take_received() {
             self.request_commit(node);
         }
+        self.note_spare(node);
         self.arm(node);
+    }
+
+    /// Sends the asks for escrow rights the node's replica says are due
+    /// ([`weftlog_proto::replica::Replica::poll_asks`]) to its connected
+    /// peers, as the daemon does.
+    fn ask_peers(&mut self, node: usize) {
+        if !self.sc.node.rebalance || self.phase == Phase::Done {
+            return;
+        }
+        self.answer(node, None);
+        let wall = self.wall_ms(node);
+        let s = &mut self.slots[node];
+        let connected = s.peers.connected();
+        for (peer, ask) in s.node.poll_asks(wall, &connected) {
+            if s.peers.ask(&peer, ask) {
+                self.report.rebalance.asks += 1;
+            }
+        }
+    }
+
+    /// `peer` asked `node` for escrow rights (or, with `None`, the node's
+    /// open asks may be answerable now): the replica answers with
+    /// transfers, or not ([`weftlog_proto::replica::Replica::handle_ask`],
+    /// [`weftlog_proto::replica::Replica::poll_answers`]).
+    fn answer(&mut self, node: usize, ask: Option<(NodeId, &Ask)>) {
+        if !self.sc.node.rebalance {
+            return;
+        }
+        let wall = self.wall_ms(node);
+        for (id, seq, moved) in self.slots[node].node.answer(ask, wall) {
+            self.report.rebalance.transfers += 1;
+            self.report.rebalance.rights_moved += moved;
+            self.check_clock(node, wall);
+            self.watch_append(node, seq, id);
+            self.append_result(node, Ok(Some((id, seq))));
+        }
+    }
+
+    /// Records the node's spare rights on each counter sold from, when
+    /// they changed.
+    fn note_spare(&mut self, node: usize) {
+        let now = self.now;
+        let me = self.ids[node];
+        let s = &mut self.slots[node];
+        let up = s.node.is_up();
+        for key in &self.sold_from {
+            let v = if up {
+                Held {
+                    rights: rebalance::rights(s.node.state(), &key.0, &key.1, &me),
+                    spare: rebalance::spare(s.node.state(), &key.0, &key.1, &me),
+                }
+            } else {
+                Held {
+                    rights: 0,
+                    spare: 0,
+                }
+            };
+            let h = s.spare.entry(key.clone()).or_default();
+            if h.back().is_none_or(|&(_, last)| last != v) {
+                h.push_back((now, v));
+            }
+            while h.len() > 1 && h[1].0 + SPARE_HISTORY <= now {
+                h.pop_front();
+            }
+        }
+    }
+
+    /// Whether a sale of `amount` on `key` that `node` refused now could
+    /// have been avoided: one round trip of the link before, a node
+    /// connected to it (and reachable) held spare rights covering the
+    /// sale; and whether such a node held rights covering it at all,
+    /// reserve included.
+    fn avoidable(&self, node: usize, key: &(String, String), amount: u64) -> (bool, bool) {
+        let held: Vec<Held> = self
+            .connected_peers(node)
+            .into_iter()
+            .filter_map(|p| {
+                if !self.up(node, p) || !self.up(p, node) {
+                    // Cut by a partition: an ask could not get through.
+                    return None;
+                }
+                let link = self.link(node, p);
+                let rtt = us_of_ms(2.0 * (link.delay_ms + link.jitter_ms));
+                let then = self.now.saturating_sub(rtt);
+                self.slots[p]
+                    .spare
+                    .get(key)
+                    .and_then(|h| h.iter().rev().find(|(t, _)| *t <= then))
+                    .map(|&(_, v)| v)
+            })
+            .collect();
+        (
+            held.iter().any(|h| h.spare >= amount),
+            held.iter().any(|h| h.rights >= amount),
+        )
     }
 
     /// Carries out the events a node's policy queued.
@@ -1070,6 +1187,7 @@ impl<'a> Sim<'a> {
                     let wall = self.wall_ms(node);
                     self.slots[node].node.handle_synced(wall);
                 }
+                PeerEvent::Asked { peer, ask } => self.answer(node, Some((peer, &ask))),
                 PeerEvent::OwnHead { peer, seq, .. } => self.own_head(node, peer, seq),
                 PeerEvent::Received { count, .. } => {
                     self.tr(b'R', &[node as u64, count], &[]);
@@ -1559,7 +1677,36 @@ impl<'a> Sim<'a> {
     /// Runs a command at `node` (it is up and not holding).
     fn run_command(&mut self, node: usize, cmd: crate::workload::Cmd, retry: bool) {
         let wall = self.wall_ms(node);
+        let sale = match cmd.tag {
+            crate::workload::Tag::Consume(amount) => cmd.draft.ops.iter().find_map(|op| match op {
+                weftlog_proto::Op::EscrowConsume { counter, .. }
+                | weftlog_proto::Op::EscrowOverdraw { counter, .. } => {
+                    Some(((cmd.draft.stream.clone(), counter.clone()), amount))
+                }
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some((key, _)) = &sale {
+            if self.sold_from.insert(key.clone()) {
+                for n in 0..self.slots.len() {
+                    self.note_spare(n);
+                }
+            }
+        }
         let res = self.slots[node].node.append(wall, cmd.draft);
+        if let (
+            Some((key, amount)),
+            Err(PrepareError::Invalid(Invalid::InsufficientRights { .. })),
+        ) = (&sale, &res)
+        {
+            self.report.rebalance.refusals += 1;
+            let (avoidable, covered) = self.avoidable(node, key, *amount);
+            self.report.rebalance.covered += covered as u64;
+            if avoidable {
+                self.report.rebalance.avoidable += 1;
+            }
+        }
         self.check_clock(node, wall);
         if retry && matches!(res, Ok(None)) {
             self.report.retries.answered_existing += 1;
@@ -1568,6 +1715,11 @@ impl<'a> Sim<'a> {
             self.watch_append(node, seq, id);
         }
         self.append_result(node, res);
+        if self.sc.node.rebalance {
+            // A sale may have taken the node below its low-water mark, or
+            // been refused: its asks go now.
+            self.after_policy(node);
+        }
     }
 
     /// Whether `node`'s new own event `id` at `seq` starts a branch: its
@@ -2041,6 +2193,7 @@ impl<'a> Sim<'a> {
             SessionConfig::new(CLUSTER, self.ids[node]),
         );
         s.timer_at = None;
+        self.note_spare(node);
         self.after(down, Ev::Restart { node, epoch });
     }
 

@@ -3,7 +3,7 @@
 //! faults it is about. CI runs at least 500 seeds in all.
 
 use weftlog_sim::cli::run_seeds;
-use weftlog_sim::report::Summary;
+use weftlog_sim::report::{Rebalance, Summary};
 use weftlog_sim::scenario::{Scenario, BUILTIN};
 use weftlog_sim::RunOptions;
 
@@ -173,4 +173,27 @@ fn ci_covers_at_least_500_seeds_and_every_scenario_file() {
     }
     assert_eq!(Scenario::builtin().len(), BUILTIN.len());
     assert_eq!(Scenario::ci().len(), BUILTIN.len());
+}
+
+/// Rebalancing (`weftlog_proto::rebalance`, run by the simulated nodes
+/// through their replicas) moves rights to the desks that sell while they
+/// are connected: the refusals a connected desk's spare rights could have
+/// covered, one round trip before, fall to a handful of the hundreds
+/// without it.
+#[test]
+fn rebalancing_leaves_few_refusals_that_spare_rights_could_cover() {
+    let on = Scenario::load("venue").expect("built-in scenario");
+    let mut off = on.clone();
+    off.node.rebalance = false;
+    let (mut with, mut without) = (Rebalance::default(), Rebalance::default());
+    for seed in 1..21 {
+        with += weftlog_sim::run(&on, seed).rebalance;
+        without += weftlog_sim::run(&off, seed).rebalance;
+    }
+    eprintln!("with rebalancing: {with:?}\nwithout: {without:?}");
+    assert_eq!((without.asks, without.transfers), (0, 0));
+    assert!(with.transfers > 0 && with.rights_moved >= with.transfers);
+    assert!(without.avoidable > 50, "{without:?}");
+    assert!(with.avoidable * 20 <= without.avoidable, "{with:?}");
+    assert!(with.avoidable * 500 <= with.refusals, "{with:?}");
 }
