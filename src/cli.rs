@@ -241,7 +241,8 @@ pub enum Command {
 const HTTP_HELP: &str = "HTTP API (JSON; errors are {\"error\": \"...\"}):\n  \
 POST /v1/streams/{stream}/events  append; body: {\"kind\", \"set\": {field: json}, \"add\": {counter: int},\n  \
                                   \"escrow_init\": {counter: n}, \"escrow_transfer\": [{\"counter\", \"to\", \"amount\"}],\n  \
-                                  \"escrow_consume\": {counter: n}, \"text\": {field: [[pos, delete, \"insert\"], ...]},\n  \
+                                  \"escrow_consume\": {counter: n}, \"escrow_policy\": {counter: {\"mode\", ...}},\n  \
+                                  \"text\": {field: [[pos, delete, \"insert\"], ...]},\n  \
                                   \"base\": {field: [head hex, ...]}, \"payload\", \"expected_version\", \"command_id\", \"user\"}\n  \
                                   (text positions count UTF-16 code units)\n  \
                                   201 created, 200 if the command id exists, 409 version mismatch or unknown base,\n  \
@@ -251,6 +252,8 @@ GET  /v1/log[?stream=S]           events, one JSON object per line\n  \
 GET  /v1/conflicts                fields with concurrent values\n  \
 GET  /v1/status                   status plus peers (node, addr, connected, behind), blocked, equivocations\n  \
 GET  /v1/forks[?proof=true]       forks the log holds, as `forks` prints them (with --proof: their proofs)\n  \
+GET  /v1/oversold                 oversold sales and their compensation, as `oversold` prints them\n  \
+POST /v1/oversold/{sale}          a staff decision: {\"action\": \"cancel|waitlist|honour|notify\", \"user\"}\n  \
 GET  /v1/events                   server-sent events: every event as it becomes durable here\n  \
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
