@@ -47,6 +47,8 @@ pub struct SimulateArgs {
     pub check_determinism: bool,
     /// Text output: one line per seed too.
     pub verbose: bool,
+    /// The venue's seat policy for every run (`--policy SPEC`).
+    pub policy: Option<String>,
 }
 
 /// Why the command could not run (a failing seed is not an error: see
@@ -194,6 +196,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<SimulateArgs
             "--seeds" => out.seeds = Some(value("--seeds")?.parse()?),
             "--duration" => out.duration_s = Some(parse_duration(&value("--duration")?)?),
             "--json" => out.json = true,
+            "--policy" => out.policy = Some(value("--policy")?),
             "--report" => out.report = Some(PathBuf::from(value("--report")?)),
             "--long" => out.long = true,
             "--jobs" => {
@@ -236,6 +239,7 @@ pub fn simulate(
                 nodes: args.nodes,
                 duration_s: args.duration_s,
                 scenario_arg: arg,
+                policy: args.policy.clone(),
                 log: std::env::var("WEFTLOG_SIM_LOG")
                     .ok()
                     .and_then(|v| v.parse().ok())

@@ -182,6 +182,8 @@ pub struct RunOptions {
     /// The scenario as named on the command line (a built-in name or a
     /// file), for replay commands; the scenario's name when `None`.
     pub scenario_arg: Option<String>,
+    /// Replaces the venue workload's seat policy (`--policy`).
+    pub policy: Option<String>,
     /// Test only: the breakage to build into the nodes listed in
     /// `sabotage_nodes`.
     #[doc(hidden)]
@@ -205,6 +207,11 @@ impl RunOptions {
         if let Some(d) = self.duration_s {
             sc.duration_s = d;
         }
+        if let (Some(p), scenario::Workload::Venue { policy, .. }) =
+            (&self.policy, &mut sc.workload)
+        {
+            *policy = Some(p.clone());
+        }
         sc
     }
 
@@ -217,6 +224,9 @@ impl RunOptions {
         }
         if let Some(d) = self.duration_s {
             cmd.push_str(&format!(" --duration {d}s"));
+        }
+        if let Some(p) = &self.policy {
+            cmd.push_str(&format!(" --policy {p}"));
         }
         cmd
     }

@@ -82,7 +82,32 @@ pub struct Restarted {
 
 /// What running a local command gave: the new event's id and seq, `None`
 /// for a command id already in the log, or the refusal.
-pub type AppendResult = Result<Option<(EventId, u64)>, PrepareError>;
+pub type AppendResult = Result<Option<(EventId, u64)>, Refusal>;
+
+/// Why a command was refused: by the fold's rules, or by a seat policy's
+/// admission rule ([`weftlog_proto::admission`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The fold refused it.
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    /// A seat policy's admission rule refused the sale.
+    #[error(transparent)]
+    Seats(#[from] weftlog_proto::admission::Refused),
+}
+
+impl Refusal {
+    /// Whether it refused a sale for want of rights: the fold's check, or
+    /// a seat policy's admission rule.
+    pub fn is_rights(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Prepare(PrepareError::Invalid(
+                weftlog_proto::state::Invalid::InsufficientRights { .. }
+            )) | Refusal::Seats(_)
+        )
+    }
+}
 
 /// Test-only ways to break a node, to prove the oracles catch it. Never
 /// set by scenarios.
@@ -218,7 +243,8 @@ impl SimNode {
                 }
                 Ok((!a.existing).then_some((a.id, a.seq)))
             }
-            Err(AppendError::Refused(e)) => Err(e),
+            Err(AppendError::Refused(e)) => Err(e.into()),
+            Err(AppendError::Seats(e)) => Err(e.into()),
             // Invariant: the simulator holds commands while
             // `appends_held` says so, and hands them over only after.
             Err(e @ AppendError::Unconfirmed { .. }) => unreachable!("append while held: {e}"),

@@ -463,18 +463,23 @@ pub fn causal_order(events: &[(Event, EventId)]) -> Result<(), String> {
     Ok(())
 }
 
-/// Escrow: on every counter, consumption never exceeds capacity, no account
-/// gives away or uses more than it got, and the totals match a recount of
-/// the ops in the log (of the events in effect). Returns the consumption and capacity summed over
-/// counters.
+/// Escrow: on every counter, consumption never exceeds capacity plus what
+/// overdrawn accounts owe (a forked author's double spend, or overdraft
+/// sales under a risk window, within what they recorded beyond the
+/// author's rights), no account gives away or uses more than it got
+/// otherwise, the totals match a recount of the ops in the log (of the
+/// events in effect), and every sale the read model marks oversold has a
+/// compensation standing. Returns the figures summed over counters.
 pub fn escrow(
     streams: &BTreeMap<String, Stream>,
     events: &[(Event, EventId)],
-) -> Result<(u128, u128), Vec<String>> {
+) -> Result<EscrowFigures, Vec<String>> {
     let mut out = Vec::new();
     let mut recount: BTreeMap<(&str, &str), (u128, u128)> = BTreeMap::new();
+    // Overdraft sales in effect, per counter and author.
+    let mut overdraws: BTreeMap<(&str, &str), Vec<(NodeId, EventId)>> = BTreeMap::new();
     let effective = in_effect(events);
-    for (i, (e, _)) in events.iter().enumerate() {
+    for (i, (e, id)) in events.iter().enumerate() {
         if !effective[i] {
             continue;
         }
@@ -486,14 +491,45 @@ pub fn escrow(
                 Op::EscrowConsume { counter, amount } => {
                     recount.entry((&e.stream, counter)).or_default().1 += *amount as u128;
                 }
+                Op::EscrowOverdraw {
+                    counter, amount, ..
+                } => {
+                    recount.entry((&e.stream, counter)).or_default().1 += *amount as u128;
+                    overdraws
+                        .entry((&e.stream, counter))
+                        .or_default()
+                        .push((e.author, *id));
+                }
                 _ => {}
             }
         }
     }
-    let (mut consumed, mut capacity) = (0u128, 0u128);
+    let mut figures = EscrowFigures::default();
     for (name, st) in streams {
         for (counter, esc) in &st.escrow {
-            check_escrow(name, counter, esc, &mut out);
+            // What each account's overdraft sales recorded beyond its rights.
+            let mut overdrafts: BTreeMap<NodeId, u128> = BTreeMap::new();
+            for (author, id) in overdraws
+                .get(&(name.as_str(), counter.as_str()))
+                .into_iter()
+                .flatten()
+            {
+                *overdrafts.entry(*author).or_default() += u128::from(esc.overdraft_of(id));
+            }
+            check_escrow(name, counter, esc, &overdrafts, &mut out);
+            for (sale, m) in &esc.oversold {
+                figures.oversold += u128::from(m.units);
+                match m.compensation {
+                    Some(_) => figures.compensated += u128::from(m.units),
+                    None => out.push(format!(
+                        "{name} {counter}: sale {} is marked oversold ({} units) and has no compensation",
+                        sale.short(),
+                        m.units
+                    )),
+                }
+            }
+            figures.released += esc.released;
+            figures.honoured += esc.honoured;
             let (cap, used) = recount
                 .get(&(name.as_str(), counter.as_str()))
                 .copied()
@@ -504,21 +540,46 @@ pub fn escrow(
                     esc.capacity, esc.consumed
                 ));
             }
-            consumed += esc.consumed;
-            capacity += esc.capacity;
+            figures.consumed += esc.consumed;
+            figures.capacity += esc.capacity;
         }
     }
     if out.is_empty() {
-        Ok((consumed, capacity))
+        Ok(figures)
     } else {
         Err(out)
     }
 }
 
-fn check_escrow(stream: &str, counter: &str, esc: &Escrow, out: &mut Vec<String>) {
+/// What [`escrow`] sums over every counter of one node's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EscrowFigures {
+    /// Rights consumed (seats sold).
+    pub consumed: u128,
+    /// Capacity.
+    pub capacity: u128,
+    /// Units of the sales marked oversold.
+    pub oversold: u128,
+    /// Of those, the units with a compensation standing.
+    pub compensated: u128,
+    /// Units released by `cancel` and `waitlist` compensations.
+    pub released: u128,
+    /// Units kept by `honour` compensations (capacity raised).
+    pub honoured: u128,
+}
+
+fn check_escrow(
+    stream: &str,
+    counter: &str,
+    esc: &Escrow,
+    overdrafts: &BTreeMap<NodeId, u128>,
+    out: &mut Vec<String>,
+) {
     // An account may spend more than it got only as a forked author that
-    // spent on two branches the rights it held at the fork; the read model
-    // must then mark it, with what it owes and its spends past the fork.
+    // spent on two branches the rights it held at the fork (the read model
+    // must then mark it, with what it owes and its spends past the fork),
+    // or by overdraft sales under a risk window, owing at most what they
+    // recorded beyond its rights.
     let (mut init, mut used, mut owed) = (0u128, 0u128, 0u128);
     for (node, a) in &esc.accounts {
         init += a.init;
@@ -526,6 +587,13 @@ fn check_escrow(stream: &str, counter: &str, esc: &Escrow, out: &mut Vec<String>
         let (spent, got) = (a.sent + a.consumed, a.init + a.received);
         match esc.overdrawn.get(node) {
             Some(o) if spent > got && o.owed == spent - got && !o.events.is_empty() => {
+                owed += o.owed;
+            }
+            Some(o)
+                if spent > got
+                    && o.owed == spent - got
+                    && o.owed <= overdrafts.get(node).copied().unwrap_or(0) =>
+            {
                 owed += o.owed;
             }
             Some(o) => out.push(format!(

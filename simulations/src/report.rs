@@ -156,6 +156,29 @@ impl std::ops::AddAssign for Retries {
     }
 }
 
+/// Seats sold beyond capacity under a risk window (or on a fork's later
+/// branch), as the read model marks them, and their compensation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Oversold {
+    /// Seats marked oversold.
+    pub seats: u64,
+    /// Of those, seats with a compensation standing.
+    pub compensated: u64,
+    /// Seats released by `cancel` and `waitlist`.
+    pub released: u64,
+    /// Seats kept by `honour` (capacity raised).
+    pub honoured: u64,
+}
+
+impl Oversold {
+    fn add(&mut self, o: &Oversold) {
+        self.seats += o.seats;
+        self.compensated += o.compensated;
+        self.released += o.released;
+        self.honoured += o.honoured;
+    }
+}
+
 /// Rebalancing of escrow rights while connected
 /// ([`weftlog_proto::rebalance`]), and the refusals it could have avoided.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -270,6 +293,9 @@ pub struct RunReport {
     pub escrow_consumed: u64,
     /// Total escrow capacity.
     pub escrow_capacity: u64,
+    /// Seats marked oversold at the end (node 0's state), and of those the
+    /// seats compensated, released (cancel, waitlist) and honoured.
+    pub oversold: Oversold,
     /// blake3 of the canonical trace: equal for equal seeds.
     pub trace_hash: String,
     /// The state hash every node ends with (node 0's).
@@ -395,6 +421,8 @@ pub struct Summary {
     pub escrow_consumed: u64,
     /// Escrow capacity summed over seeds.
     pub escrow_capacity: u64,
+    /// Oversold and compensated seats, summed over seeds.
+    pub oversold: Oversold,
     /// Virtual seconds simulated.
     pub virtual_s: f64,
     /// Wall-clock seconds.
@@ -537,6 +565,7 @@ impl Summary {
             s.rebalance += r.rebalance;
             s.escrow_consumed += r.escrow_consumed;
             s.escrow_capacity += r.escrow_capacity;
+            s.oversold.add(&r.oversold);
             virtual_ms += r.virtual_ms;
             s.trace_hashes.push(format!("{}:{}", r.seed, r.trace_hash));
             if !r.passed() {
@@ -656,6 +685,14 @@ impl Summary {
             "  escrow        {} oversell attempts refused; {} of {} rights consumed",
             self.oversell_refused, self.escrow_consumed, self.escrow_capacity
         );
+        let ov = &self.oversold;
+        if ov.seats > 0 {
+            let _ = writeln!(
+                o,
+                "  oversold      {} seats marked oversold, {} compensated ({} released by cancel or waitlist, {} honoured)",
+                ov.seats, ov.compensated, ov.released, ov.honoured
+            );
+        }
         let r = &self.rebalance;
         let _ = writeln!(
             o,

@@ -682,6 +682,11 @@ pub enum Workload {
         /// Most seats one sale takes.
         #[serde(default = "d_tickets")]
         max_tickets: u64,
+        /// The seats' policy, as the CLI's `--escrow-policy` spells it
+        /// (`risk-window,max_overdraft=3`); none: plain escrow, with no
+        /// policy op.
+        #[serde(default)]
+        policy: Option<String>,
     },
     /// Sites: customers edited mostly at their own site, a shared catalog
     /// edited anywhere, stock per warehouse (escrow) moved between sites.
@@ -835,6 +840,12 @@ impl Scenario {
 
     /// Checks the rules serde cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if let Workload::Venue {
+            policy: Some(p), ..
+        } = &self.workload
+        {
+            weftlog_proto::event::Policy::parse_spec(p).map_err(|e| format!("policy: {e}"))?;
+        }
         let n = self.nodes;
         if !(2..=4096).contains(&n) {
             return Err(format!("nodes = {n}: must be 2..=4096"));

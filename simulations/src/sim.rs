@@ -7,14 +7,14 @@ use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
 use weftlog_proto::log::MemStorage;
 use weftlog_proto::peers::{ConnId, PeerEvent, PeerStats, Peers, Random, TargetId};
 use weftlog_proto::rebalance::{self, Ask};
-use weftlog_proto::state::{Invalid, PrepareError, State};
+use weftlog_proto::state::{PrepareError, State};
 use weftlog_proto::sync::{
     decode_message, decode_wire_frame, encode_message, Message, SessionConfig, SyncError,
     MAX_MESSAGE_BYTES,
 };
 use weftlog_proto::{Event, EventId, Keypair, NodeId};
 
-use crate::node::{Sabotage, SimNode};
+use crate::node::{AppendResult, Refusal, Sabotage, SimNode};
 use crate::oracle::{self, NodeFinal};
 use crate::report::{RunReport, Timeline, Violation};
 use crate::rng::Rng;
@@ -1695,16 +1695,14 @@ impl<'a> Sim<'a> {
             }
         }
         let res = self.slots[node].node.append(wall, cmd.draft);
-        if let (
-            Some((key, amount)),
-            Err(PrepareError::Invalid(Invalid::InsufficientRights { .. })),
-        ) = (&sale, &res)
-        {
-            self.report.rebalance.refusals += 1;
-            let (avoidable, covered) = self.avoidable(node, key, *amount);
-            self.report.rebalance.covered += covered as u64;
-            if avoidable {
-                self.report.rebalance.avoidable += 1;
+        if let (Some((key, amount)), Err(r)) = (&sale, &res) {
+            if r.is_rights() {
+                self.report.rebalance.refusals += 1;
+                let (avoidable, covered) = self.avoidable(node, key, *amount);
+                self.report.rebalance.covered += covered as u64;
+                if avoidable {
+                    self.report.rebalance.avoidable += 1;
+                }
             }
         }
         self.check_clock(node, wall);
@@ -1853,15 +1851,17 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn append_result(&mut self, node: usize, res: Result<Option<(EventId, u64)>, PrepareError>) {
+    fn append_result(&mut self, node: usize, res: AppendResult) {
         match res {
             Ok(Some((id, seq))) => {
                 self.tr(b'P', &[node as u64, seq], &id.0);
                 self.request_commit(node);
             }
             Ok(None) => {}
-            Err(PrepareError::VersionMismatch { .. }) => self.report.appends.refused_version += 1,
-            Err(PrepareError::Invalid(Invalid::InsufficientRights { .. })) => {
+            Err(Refusal::Prepare(PrepareError::VersionMismatch { .. })) => {
+                self.report.appends.refused_version += 1
+            }
+            Err(r) if r.is_rights() => {
                 self.report.appends.refused_rights += 1;
                 self.report.oversell_refused += 1;
             }
@@ -2851,10 +2851,16 @@ impl<'a> Sim<'a> {
                 }
             }
             match oracle::escrow(s.node.state().streams(), &events) {
-                Ok((consumed, capacity)) if ix == 0 => {
+                Ok(f) if ix == 0 => {
                     // From the state: a sale retried on two nodes counts once.
-                    self.report.escrow_consumed = consumed as u64;
-                    self.report.escrow_capacity = capacity as u64;
+                    self.report.escrow_consumed = f.consumed as u64;
+                    self.report.escrow_capacity = f.capacity as u64;
+                    self.report.oversold = crate::report::Oversold {
+                        seats: f.oversold as u64,
+                        compensated: f.compensated as u64,
+                        released: f.released as u64,
+                        honoured: f.honoured as u64,
+                    };
                 }
                 Ok(_) => {}
                 Err(vs) => {

@@ -7,6 +7,7 @@
 //! holds too few rights in its causal past, an expected version is checked
 //! against the node's stream.
 
+use weftlog_proto::event::Policy;
 use weftlog_proto::state::{Draft, State};
 use weftlog_proto::{NodeId, Op};
 
@@ -217,17 +218,27 @@ impl Workload {
             scenario::Workload::Venue {
                 seats_per_desk,
                 initial_attendees,
+                policy,
                 ..
             } => {
                 let others: Vec<usize> = (1..n).collect();
-                for d in Self::escrow_setup(
+                let mut drafts = Self::escrow_setup(
                     VENUE_STREAM,
                     SEATS,
                     seats_per_desk * n as u64,
                     ids,
                     &others,
                     seats_per_desk,
-                ) {
+                );
+                // Checked by `Scenario::validate`.
+                if let Some(policy) = policy.as_deref().and_then(|p| Policy::parse_spec(p).ok()) {
+                    drafts[0].ops.push(Op::EscrowPolicy {
+                        counter: SEATS.to_string(),
+                        policy,
+                        supersedes: Vec::new(),
+                    });
+                }
+                for d in drafts {
                     out.push((
                         0,
                         Cmd {

@@ -197,3 +197,46 @@ fn rebalancing_leaves_few_refusals_that_spare_rights_could_cover() {
     assert!(with.avoidable * 20 <= without.avoidable, "{with:?}");
     assert!(with.avoidable * 500 <= with.refusals, "{with:?}");
 }
+
+/// The venue under a risk window: desks cut off keep selling beyond their
+/// rights within the overdraft, so more seats are sold than under escrow;
+/// every oversold seat is marked identically on every node (the
+/// escrow-marks oracle) and compensated by the policy's `on_oversell`
+/// (the escrow oracle fails a run with a mark and no compensation). Under
+/// escrow nothing is oversold.
+#[test]
+fn a_risk_window_sells_more_and_every_oversold_seat_is_compensated() {
+    let escrow = Scenario::load("venue").expect("built-in scenario");
+    let risk = RunOptions {
+        policy: Some("risk-window,max_overdraft=3".into()),
+        ..RunOptions::default()
+    }
+    .apply(&escrow);
+    let (mut sold, mut oversold, mut compensated) = ([0u64; 2], 0, 0);
+    for seed in 1..11 {
+        let (e, r) = (
+            weftlog_sim::run(&escrow, seed),
+            weftlog_sim::run(&risk, seed),
+        );
+        assert!(
+            e.passed() && r.passed(),
+            "seed {seed}: {:?} {:?}",
+            e.violations,
+            r.violations
+        );
+        assert_eq!(e.oversold.seats, 0, "seed {seed}");
+        sold[0] += e.escrow_consumed;
+        sold[1] += r.escrow_consumed;
+        oversold += r.oversold.seats;
+        compensated += r.oversold.compensated;
+        assert_eq!(
+            r.oversold.released, r.oversold.compensated,
+            "waitlist releases"
+        );
+    }
+    assert!(sold[1] > sold[0], "{sold:?}");
+    assert!(
+        oversold > 0 && compensated == oversold,
+        "{oversold} {compensated}"
+    );
+}
