@@ -504,7 +504,15 @@ impl Node {
     /// ([`Replica::handle_synced`]): the seat policies measure
     /// connectivity from it.
     pub fn handle_synced(&self) {
-        self.lock().replica.handle_synced(wall_ms());
+        let mut g = self.lock();
+        g.replica.handle_synced(wall_ms());
+        // It may have written a compensation that waited (appends held):
+        // the writer takes it.
+        let queued = g.replica.has_pending();
+        drop(g);
+        if queued {
+            self.inner.changed.notify_all();
+        }
     }
 
     /// The seat rule that applies now on every escrow counter, in stream
