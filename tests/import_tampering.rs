@@ -377,12 +377,26 @@ fn tampered_frames_are_refused_naming_the_event_or_record() {
 
     // A future format version, id recomputed.
     let mut recs = records(&frames);
+    recs[0].0[0] = 3;
+    let v3_id = EventId(*blake3::hash(&recs[0].0).as_bytes());
+    s.refused(
+        "version-3",
+        &file_of(&recs),
+        &["unsupported event format version 3", &v3_id.to_string()],
+    );
+
+    // A known version that is not the lowest its ops need (format 1 ops
+    // written as version 2), id recomputed.
+    let mut recs = records(&frames);
     recs[0].0[0] = 2;
     let v2_id = EventId(*blake3::hash(&recs[0].0).as_bytes());
     s.refused(
         "version-2",
         &file_of(&recs),
-        &["unsupported event format version 2", &v2_id.to_string()],
+        &[
+            "format version 2, but its ops need version 1",
+            &v2_id.to_string(),
+        ],
     );
 
     // A non-canonical encoding of an event (a trailing byte), id recomputed.
