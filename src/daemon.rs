@@ -942,8 +942,9 @@ async fn feed_loop(
 }
 
 /// Rebalancing escrow rights ([`weftlog_proto::rebalance`]): after each
-/// durable batch, and at least every [`REBALANCE_TICK`] (a refused sale,
-/// which makes no batch, is asked for within it), sends the asks the
+/// durable batch, at once when a sale waits for rights
+/// ([`Node::rights_wanted`]), and at least every [`REBALANCE_TICK`] (a
+/// refused sale, which makes no batch, is asked for within it), sends the asks the
 /// replica says are due to the connected peers, and appends the transfers
 /// for open asks the node can now answer.
 async fn rebalance_loop(shared: Arc<Shared>) {
@@ -952,6 +953,7 @@ async fn rebalance_loop(shared: Arc<Shared>) {
         tokio::select! {
             _ = tokio::time::sleep(REBALANCE_TICK) => {}
             _ = shared.rebalance.notified() => {}
+            _ = shared.node.rights_wanted() => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         for draft in shared.node.poll_answers() {

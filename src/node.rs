@@ -48,6 +48,15 @@
 //! wakes it, [`Node::handle_own_head`]), so appends are held, never
 //! refused; requests queued behind a held append wait with it.
 //!
+//! A sale refused for want of rights that connected peers hold spare
+//! waits for their transfer instead, up to
+//! [`weftlog_proto::rebalance::RIGHTS_WAIT_MS`] (the rule is the replica's,
+//! [`weftlog_proto::rebalance`], "A refused sale waits for the answer"): the
+//! calling task, not the committer, waits, and gives the sale again after
+//! each durable batch (received rights become durable in one) and at the
+//! deadline, so other requests go on meanwhile. [`Node::rights_wanted`]
+//! tells the daemon to send the ask at once.
+//!
 //! State is updated when an event is made, before it is durable, so readers
 //! may see an event a moment before its append is acknowledged. A crash can
 //! lose only unacknowledged events.
@@ -74,7 +83,7 @@ use weftlog_proto::replica::{self, Access, Batch, Mark, Replica, ReplicaStore};
 use weftlog_proto::since::SinceError;
 use weftlog_proto::state::{Draft, Fork, PrepareError, State};
 use weftlog_proto::sync::Head;
-use weftlog_proto::{EventId, NodeId};
+use weftlog_proto::{EventId, NodeId, Op};
 
 use crate::storage::{sync_dir, FileStorage};
 
@@ -256,6 +265,10 @@ pub const MAX_BATCH_RECORDS: usize = 65_536;
 /// was full ([`replica::DISK_FULL_RETRY_MS`]).
 pub const DISK_FULL_RETRY: Duration = Duration::from_millis(replica::DISK_FULL_RETRY_MS);
 
+/// How often a blocking [`Node::append`] whose sale waits for rights looks
+/// again (ms).
+const RIGHTS_POLL_MS: u64 = 20;
+
 /// Longest single wait of a held append before the committer looks at the
 /// wall clock again.
 const HOLD_POLL_MS: u64 = 100;
@@ -276,17 +289,26 @@ struct Shared {
 enum Request {
     /// Replies once everything applied before it is durable.
     Flush(oneshot::Sender<Result<(), AppendError>>),
-    Append(Draft, oneshot::Sender<Result<Appended, AppendError>>),
+    /// A command, or a sale given again after it waited for rights until
+    /// the given wall time.
+    Append(Draft, Option<u64>, oneshot::Sender<AppendAnswer>),
     Import(
         Vec<Incoming>,
         oneshot::Sender<Result<Imported, NodeImportError>>,
     ),
 }
 
+/// The committer's answer to an append: its outcome, or that the sale
+/// waits for rights until the given wall time (ms) and is to be given again.
+enum AppendAnswer {
+    Done(Result<Appended, AppendError>),
+    AwaitingRights(u64),
+}
+
 /// A reply sent once the records it waits for are durable.
 enum Reply {
     Flush(oneshot::Sender<Result<(), AppendError>>),
-    Append(oneshot::Sender<Result<Appended, AppendError>>, Appended),
+    Append(oneshot::Sender<AppendAnswer>, Appended),
     Import(oneshot::Sender<Result<Imported, NodeImportError>>, Imported),
 }
 
@@ -296,8 +318,10 @@ impl Reply {
         match (self, fatal) {
             (Reply::Flush(tx), None) => drop(tx.send(Ok(()))),
             (Reply::Flush(tx), Some(e)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
-            (Reply::Append(tx, a), None) => drop(tx.send(Ok(a))),
-            (Reply::Append(tx, _), Some(e)) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
+            (Reply::Append(tx, a), None) => drop(tx.send(AppendAnswer::Done(Ok(a)))),
+            (Reply::Append(tx, _), Some(e)) => {
+                drop(tx.send(AppendAnswer::Done(Err(AppendError::Fatal(e.into())))))
+            }
             (Reply::Import(tx, i), None) => drop(tx.send(Ok(i))),
             (Reply::Import(tx, _), Some(e)) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
         }
@@ -327,6 +351,8 @@ pub struct Node {
     inner: Arc<Inner>,
     tx: Option<mpsc::Sender<Request>>,
     committer: Option<JoinHandle<()>>,
+    /// Notified when a sale waits for rights ([`Node::rights_wanted`]).
+    rights_wanted: tokio::sync::Notify,
     _lock: File,
 }
 
@@ -434,6 +460,7 @@ impl Node {
                 inner,
                 tx: Some(tx),
                 committer: Some(committer),
+                rights_wanted: tokio::sync::Notify::new(),
                 _lock: lock,
             },
             recovery,
@@ -583,21 +610,69 @@ impl Node {
     /// # Panics
     /// If called from within an async runtime.
     pub fn append(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let kept = sells(&draft).then(|| draft.clone());
+        let mut answer = self.request_blocking(draft, None)?;
+        while let (AppendAnswer::AwaitingRights(until), Some(sale)) = (&answer, &kept) {
+            // Rights arrive by sync, in the daemon's tasks: look again
+            // every little while until the wait is over.
+            self.rights_wanted.notify_one();
+            let left = until.saturating_sub(wall_ms());
+            std::thread::sleep(Duration::from_millis(left.clamp(1, RIGHTS_POLL_MS)));
+            answer = self.request_blocking(sale.clone(), Some(*until))?;
+        }
+        done(answer)
+    }
+
+    fn request_blocking(
+        &self,
+        draft: Draft,
+        held_until: Option<u64>,
+    ) -> Result<AppendAnswer, AppendError> {
         let (tx, rx) = oneshot::channel();
         self.sender()
-            .blocking_send(Request::Append(draft, tx))
+            .blocking_send(Request::Append(draft, held_until, tx))
             .map_err(|_| stopped())?;
-        rx.blocking_recv().map_err(|_| stopped())?
+        rx.blocking_recv().map_err(|_| stopped())
     }
 
     /// [`Node::append`] for async callers.
     pub async fn append_async(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let Some(sale) = sells(&draft).then(|| draft.clone()) else {
+            return done(self.request(draft, None).await?);
+        };
+        // Subscribed before the first try: a batch durable after it may
+        // bring the rights.
+        let mut feed = self.subscribe();
+        let mut answer = self.request(draft, None).await?;
+        while let AppendAnswer::AwaitingRights(until) = answer {
+            self.rights_wanted.notify_one();
+            let left = Duration::from_millis(until.saturating_sub(wall_ms()).max(1));
+            // Any durable batch, a lag, or the deadline: try again.
+            let _ = tokio::time::timeout(left, feed.recv()).await;
+            answer = self.request(sale.clone(), Some(until)).await?;
+        }
+        done(answer)
+    }
+
+    async fn request(
+        &self,
+        draft: Draft,
+        held_until: Option<u64>,
+    ) -> Result<AppendAnswer, AppendError> {
         let (tx, rx) = oneshot::channel();
         self.sender()
-            .send(Request::Append(draft, tx))
+            .send(Request::Append(draft, held_until, tx))
             .await
             .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())?
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Completes when a sale waits for rights from connected peers
+    /// ([`weftlog_proto::rebalance::RIGHTS_WAIT_MS`]): the daemon sends
+    /// the replica's asks at once ([`Node::poll_asks`]) rather than at its
+    /// next tick.
+    pub async fn rights_wanted(&self) {
+        self.rights_wanted.notified().await;
     }
 
     /// Waits until everything applied so far (appends, imports, events
@@ -817,6 +892,26 @@ impl Drop for Node {
     }
 }
 
+/// Whether `draft` sells seats (it may wait for rights).
+fn sells(draft: &Draft) -> bool {
+    draft
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::EscrowConsume { .. } | Op::EscrowOverdraw { .. }))
+}
+
+/// The outcome of an append that waits no longer.
+fn done(answer: AppendAnswer) -> Result<Appended, AppendError> {
+    match answer {
+        AppendAnswer::Done(r) => r,
+        // Invariant: only a sale given again before its deadline waits, and
+        // the callers loop while it does.
+        AppendAnswer::AwaitingRights(until) => Err(AppendError::Fatal(format!(
+            "a sale was still waiting for rights at {until} ms"
+        ))),
+    }
+}
+
 fn stopped() -> AppendError {
     AppendError::Fatal("the node is shutting down".into())
 }
@@ -839,10 +934,19 @@ impl Inner {
                 Some(full) => return drop(tx.send(Err(AppendError::DiskFull(full.error.clone())))),
                 None => Reply::Flush(tx),
             },
-            Request::Append(draft, tx) => match g.replica.handle_append(draft, wall_ms()) {
-                Ok(a) => Reply::Append(tx, a),
-                Err(e) => return drop(tx.send(Err(e.into()))),
-            },
+            Request::Append(draft, held_until, tx) => {
+                let made = match held_until {
+                    None => g.replica.handle_append(draft, wall_ms()),
+                    Some(until) => g.replica.handle_held_sale(draft, wall_ms(), until),
+                };
+                match made {
+                    Ok(a) => Reply::Append(tx, a),
+                    Err(replica::AppendError::AwaitingRights { until_ms }) => {
+                        return drop(tx.send(AppendAnswer::AwaitingRights(until_ms)));
+                    }
+                    Err(e) => return drop(tx.send(AppendAnswer::Done(Err(e.into())))),
+                }
+            }
             Request::Import(items, tx) => match g.replica.handle_import(items, wall_ms()) {
                 Ok(i) => Reply::Import(tx, i),
                 Err(e) => return drop(tx.send(Err(e.into()))),
@@ -865,7 +969,9 @@ impl Shared {
 fn refuse(req: Request, e: &str) {
     match req {
         Request::Flush(tx) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
-        Request::Append(_, tx) => drop(tx.send(Err(AppendError::Fatal(e.into())))),
+        Request::Append(_, _, tx) => {
+            drop(tx.send(AppendAnswer::Done(Err(AppendError::Fatal(e.into())))))
+        }
         Request::Import(_, tx) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
     }
 }

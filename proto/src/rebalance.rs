@@ -58,6 +58,20 @@
 //!   effect once). The answerer is part of the id, since two answerers'
 //!   transfers to one ask are two commands.
 //!
+//! - **A refused sale waits for the answer**: a sale refused for want of
+//!   rights ([`crate::state::Invalid::InsufficientRights`], or a risk
+//!   window's [`crate::admission::Refused::NoOverdraft`]) asks at once, and
+//!   when the connected peers, as this node sees them, hold spare rights
+//!   covering what it lacks ([`Rebalancer::worth_waiting`]), the sale is
+//!   held for up to [`RIGHTS_WAIT_MS`] instead of refused: the shell gives
+//!   it again as rights arrive ([`crate::replica::Replica::handle_held_sale`]),
+//!   and it is refused only if none came by then. An ask and its answer
+//!   take a round trip and a group commit; refusing at once would turn
+//!   every sale made between a desk running dry and the answer into a
+//!   refusal that the rights spare elsewhere covered. A retried sale does
+//!   not ask again while its last ask, for at least as much, is younger
+//!   than [`ASK_INTERVAL_MS`].
+//!
 //! The rule reads nothing but the state and the inputs (`now_ms`, the
 //! connected peers), iterates [`BTreeMap`]s, and makes ordinary events; the
 //! node (`src/daemon.rs`) and the simulator drive the same
@@ -94,6 +108,10 @@ pub const MAX_WATCHED: usize = 1024;
 pub const ASK_OPEN_MS: u64 = 5_000;
 /// Open asks kept at most (one per asker and counter).
 pub const MAX_OPEN_ASKS: usize = 256;
+/// How long a sale refused for want of rights waits for a connected
+/// peer's transfer, at most (ms; module docs): a round trip and a group
+/// commit on a venue's Wi-Fi, with room for a lost packet.
+pub const RIGHTS_WAIT_MS: u64 = 1_000;
 /// The kind of a rebalancing transfer event.
 pub const ANSWER_KIND: &str = "RightsRebalanced";
 
@@ -215,14 +233,28 @@ pub fn rights(state: &State, stream: &str, counter: &str, node: &NodeId) -> u64 
         .map_or(0, |a| clamp(a.rights()))
 }
 
-/// Rights `node` holds beyond its reserve, as `state` shows them: what it
-/// would give if asked. The simulator's measure of avoidable refusals
+/// Rights `node` owes on the counter as `state` shows them (an overdraft's
+/// debt; 0 when it owes nothing): rights it receives repay this first.
+pub fn owed(state: &State, stream: &str, counter: &str, node: &NodeId) -> u64 {
+    state
+        .stream(stream)
+        .and_then(|s| s.escrow.get(counter))
+        .and_then(|e| e.accounts.get(node))
+        .map_or(0, |a| clamp(a.balance().min(0).unsigned_abs()))
+}
+
+/// Rights `node` holds beyond its reserve, and at most the unsold seats,
+/// as `state` shows them: what it would give if asked. The simulator's measure of avoidable refusals
 /// reads this too.
 pub fn spare(state: &State, stream: &str, counter: &str, node: &NodeId) -> u64 {
     let Some(o) = Outlook::of(state, stream, counter) else {
         return 0;
     };
-    rights(state, stream, counter, node).saturating_sub(o.reserve())
+    // Rights beyond the unsold seats stand for other nodes' overdraft
+    // debts (a risk window's, or a fork's): moving them sells nothing.
+    rights(state, stream, counter, node)
+        .saturating_sub(o.reserve())
+        .min(clamp(o.unsold()))
 }
 
 /// The command id of `answerer`'s transfer for `asker`'s ask `nonce` on
@@ -318,6 +350,8 @@ struct Watch {
     /// The peers the last ask went to: the next ask, if rights are still
     /// short, tries the others first (one of them may be out of reach).
     asked: Vec<NodeId>,
+    /// The rights the last ask wanted the node to hold.
+    target: u64,
 }
 
 /// The asking side of one node: the counters it watches and when it last
@@ -328,6 +362,8 @@ pub struct Rebalancer {
     /// Asks not answered yet, by asker, stream and counter: the ask and
     /// when it arrived.
     open: BTreeMap<(NodeId, String, String), (Ask, u64)>,
+    /// The connected peers as of the last [`Rebalancer::poll`].
+    connected: Vec<NodeId>,
 }
 
 impl Rebalancer {
@@ -347,6 +383,28 @@ impl Rebalancer {
         if let Some(w) = self.watch(stream, counter) {
             w.shortfall = w.shortfall.max(shortfall.max(1));
         }
+    }
+
+    /// Whether a sale on `counter` of `stream` that `me` refused, lacking
+    /// `shortfall` rights, should wait for an answer rather than be refused
+    /// now: the peers connected at the last [`Rebalancer::poll`] hold spare
+    /// rights covering the shortfall, as `state` shows them. (Nothing waits
+    /// on a node that never polls: rebalancing is off, or no peer is up.)
+    pub fn worth_waiting(
+        &self,
+        state: &State,
+        me: &NodeId,
+        stream: &str,
+        counter: &str,
+        shortfall: u64,
+    ) -> bool {
+        let spare: u64 = self
+            .connected
+            .iter()
+            .filter(|p| *p != me)
+            .map(|p| spare(state, stream, counter, p))
+            .fold(0, u64::saturating_add);
+        shortfall > 0 && spare >= shortfall
     }
 
     /// `asker`'s ask, at wall time `now_ms`: the transfer to make now
@@ -432,7 +490,9 @@ impl Rebalancer {
         connected: &[NodeId],
     ) -> Vec<(NodeId, Ask)> {
         let mut out = Vec::new();
-        if !connected.iter().any(|p| p != me) {
+        self.connected.clear();
+        self.connected.extend(connected.iter().filter(|p| *p != me));
+        if self.connected.is_empty() {
             return out;
         }
         for ((stream, counter), w) in self.watched.iter_mut() {
@@ -440,6 +500,15 @@ impl Rebalancer {
                 continue;
             };
             let mine = rights(state, stream, counter, me);
+            if w.shortfall > 0
+                && w.asked_ms
+                    .is_some_and(|t| now_ms < t.saturating_add(ASK_INTERVAL_MS))
+                && mine.saturating_add(w.shortfall) <= w.target
+            {
+                // A sale given again while it waits: its ask, for as much,
+                // is on its way.
+                w.shortfall = 0;
+            }
             let refused = w.shortfall > 0;
             if mine > w.rights_at_ask {
                 // Rights arrived: asks work again.
@@ -514,6 +583,7 @@ impl Rebalancer {
             }
             w.shortfall = 0;
             w.asked_ms = Some(now_ms);
+            w.target = target;
             w.nonce = nonce;
             w.rights_at_ask = mine;
             w.seen_spare = most;

@@ -354,6 +354,41 @@ pub enum AppendError {
         /// The wall time (ms) after which appends go ahead unconfirmed.
         until_ms: u64,
     },
+    /// A sale lacked rights that connected peers hold spare: it waits for
+    /// their transfer until `until_ms` ([`Replica::handle_held_sale`]).
+    /// Nothing was applied.
+    #[error("waiting until {until_ms} ms for escrow rights from a connected peer")]
+    AwaitingRights {
+        /// The wall time (ms) after which the sale is refused if rights
+        /// still lack.
+        until_ms: u64,
+    },
+}
+
+/// The counter and the rights lacking, when `e` refused a sale for want of
+/// rights (the fold's check, or a risk window that admits no overdraft).
+fn short_of_rights(e: &AppendError) -> Option<(String, u64)> {
+    match e {
+        AppendError::Refused(PrepareError::Invalid(state::Invalid::InsufficientRights {
+            counter,
+            held,
+            wanted,
+        })) => Some((
+            counter.clone(),
+            u64::try_from(wanted.saturating_sub(*held)).unwrap_or(u64::MAX),
+        )),
+        AppendError::Seats(admission::Refused::NoOverdraft {
+            counter,
+            held,
+            wanted,
+            ..
+        }) => Some((
+            counter.clone(),
+            // Rights received repay a debt (`held` < 0) first.
+            u64::try_from(i128::from(*wanted) - *held).unwrap_or(u64::MAX),
+        )),
+        _ => None,
+    }
 }
 
 /// Why [`Replica::handle_import`] stored nothing.
@@ -494,7 +529,79 @@ impl Replica {
     /// Runs a local command at wall time `now_ms`: the event is applied at
     /// once and queued for the next batch. A command id already in the log
     /// gives that command's event (`existing`) and queues nothing.
+    ///
+    /// A sale refused for want of rights while connected peers hold spare
+    /// rights covering it gives [`AppendError::AwaitingRights`] instead of
+    /// the refusal ([`crate::rebalance`], "A refused sale waits"): nothing
+    /// was applied, the ask goes out with the next
+    /// [`Replica::poll_asks`], and the shell gives the sale again with
+    /// [`Replica::handle_held_sale`] as rights arrive (after received
+    /// events) and at the deadline. So a shell keeps a copy of a draft that
+    /// sells ([`rebalance::sales`]) until it is answered.
     pub fn handle_append(&mut self, draft: Draft, now_ms: u64) -> Result<Appended, AppendError> {
+        self.append(draft, now_ms, None)
+    }
+
+    /// Gives again a sale that [`AppendError::AwaitingRights`] held until
+    /// `until_ms`: made if the rights now cover it; the refusal itself at
+    /// or after `until_ms`, or once no connected peer is seen with spare
+    /// rights covering it any more; else `AwaitingRights` again.
+    pub fn handle_held_sale(
+        &mut self,
+        draft: Draft,
+        now_ms: u64,
+        until_ms: u64,
+    ) -> Result<Appended, AppendError> {
+        self.append(draft, now_ms, Some(until_ms))
+    }
+
+    fn append(
+        &mut self,
+        draft: Draft,
+        now_ms: u64,
+        held_until: Option<u64>,
+    ) -> Result<Appended, AppendError> {
+        let sells = draft.ops.iter().any(|op| {
+            matches!(
+                op,
+                crate::Op::EscrowConsume { .. } | crate::Op::EscrowOverdraw { .. }
+            )
+        });
+        if !sells {
+            // Only a sale waits (a transfer short of rights is refused).
+            return self.try_append(draft, now_ms);
+        }
+        let stream = draft.stream.clone();
+        match self.try_append(draft, now_ms) {
+            Err(e) => {
+                let Some((counter, shortfall)) = short_of_rights(&e) else {
+                    return Err(e);
+                };
+                let worth = self.rebalance.worth_waiting(
+                    &self.state,
+                    &self.id,
+                    &stream,
+                    &counter,
+                    shortfall,
+                );
+                if !worth {
+                    // No connected peer is seen with spare rights covering
+                    // it (any more: they sold them, or went away).
+                    return Err(e);
+                }
+                let until_ms =
+                    held_until.unwrap_or_else(|| now_ms.saturating_add(rebalance::RIGHTS_WAIT_MS));
+                if now_ms < until_ms {
+                    Err(AppendError::AwaitingRights { until_ms })
+                } else {
+                    Err(e)
+                }
+            }
+            ok => ok,
+        }
+    }
+
+    fn try_append(&mut self, draft: Draft, now_ms: u64) -> Result<Appended, AppendError> {
         self.wall_ms = now_ms;
         if let Some(why) = &self.failed {
             return Err(AppendError::Failed(why.clone()));
@@ -515,7 +622,26 @@ impl Replica {
             .as_deref()
             .is_some_and(|c| self.state.command(&draft.stream, c).is_some());
         if !retried {
-            admission::admit(&self.state, &self.id, &self.conn, &mut draft, now_ms)?;
+            if let Err(e) = admission::admit(&self.state, &self.id, &self.conn, &mut draft, now_ms)
+            {
+                if let admission::Refused::NoOverdraft {
+                    counter,
+                    held,
+                    wanted,
+                    ..
+                } = &e
+                {
+                    // Rights would let it through: ask for them (a debt is
+                    // repaid first).
+                    let short = i128::from(*wanted) - *held;
+                    self.rebalance.note_refused(
+                        &draft.stream,
+                        counter,
+                        u64::try_from(short).unwrap_or(u64::MAX),
+                    );
+                }
+                return Err(e.into());
+            }
         }
         self.touched(&draft.stream, &draft.ops);
         let made = self

@@ -94,6 +94,13 @@ pub enum Refusal {
     /// A seat policy's admission rule refused the sale.
     #[error(transparent)]
     Seats(#[from] weftlog_proto::admission::Refused),
+    /// Not refused yet: the sale waits for rights from a connected peer
+    /// until `until_ms` ([`SimNode::append_held`] gives it again).
+    #[error("waiting until {until_ms} ms for escrow rights from a connected peer")]
+    AwaitingRights {
+        /// The node's wall time after which it is refused.
+        until_ms: u64,
+    },
 }
 
 impl Refusal {
@@ -235,8 +242,23 @@ impl SimNode {
     /// # Panics
     /// If the node is down.
     pub fn append(&mut self, now_ms: u64, draft: Draft) -> AppendResult {
+        self.append_held(now_ms, draft, None)
+    }
+
+    /// [`SimNode::append`], or with `held_until` a sale given again after
+    /// [`Refusal::AwaitingRights`] ([`Replica::handle_held_sale`]).
+    pub fn append_held(
+        &mut self,
+        now_ms: u64,
+        draft: Draft,
+        held_until: Option<u64>,
+    ) -> AppendResult {
         assert!(self.is_up(), "append on a node that is down");
-        match self.replica.handle_append(draft, now_ms) {
+        let made = match held_until {
+            None => self.replica.handle_append(draft, now_ms),
+            Some(until) => self.replica.handle_held_sale(draft, now_ms, until),
+        };
+        match made {
             Ok(a) => {
                 if !a.existing {
                     self.last_hlc = Some(a.hlc);
@@ -245,6 +267,9 @@ impl SimNode {
             }
             Err(AppendError::Refused(e)) => Err(e.into()),
             Err(AppendError::Seats(e)) => Err(e.into()),
+            Err(AppendError::AwaitingRights { until_ms }) => {
+                Err(Refusal::AwaitingRights { until_ms })
+            }
             // Invariant: the simulator holds commands while
             // `appends_held` says so, and hands them over only after.
             Err(e @ AppendError::Unconfirmed { .. }) => unreachable!("append while held: {e}"),

@@ -200,6 +200,17 @@ pub struct Rebalance {
     /// refuser held rights covering the sale at all (its reserve
     /// included): what a rule without reserves could have moved.
     pub covered: u64,
+    /// Sales refused for want of rights that waited for a connected peer's
+    /// transfer instead ([`weftlog_proto::rebalance::RIGHTS_WAIT_MS`]).
+    pub waited: u64,
+    /// Of those, the sales the rights that arrived let through.
+    pub waited_sold: u64,
+    /// Milliseconds those waits took, summed.
+    pub wait_ms: u64,
+    /// The longest wait that ended in a sale, ms.
+    pub sold_wait_max_ms: u64,
+    /// Waiting sales lost in a crash (their clients saw an error).
+    pub wait_lost: u64,
 }
 
 impl std::ops::AddAssign for Rebalance {
@@ -210,6 +221,11 @@ impl std::ops::AddAssign for Rebalance {
         self.refusals += o.refusals;
         self.avoidable += o.avoidable;
         self.covered += o.covered;
+        self.waited += o.waited;
+        self.waited_sold += o.waited_sold;
+        self.wait_ms += o.wait_ms;
+        self.sold_wait_max_ms = self.sold_wait_max_ms.max(o.sold_wait_max_ms);
+        self.wait_lost += o.wait_lost;
     }
 }
 
@@ -699,6 +715,17 @@ impl Summary {
             "  rebalance     {} refusals, {} avoidable (a connected node held spare rights beyond its reserve covering the sale one round trip before; {} counting reserves too); {} asks, {} transfers moved {} rights",
             r.refusals, r.avoidable, r.covered, r.asks, r.transfers, r.rights_moved
         );
+        if r.waited > 0 {
+            let _ = writeln!(
+                o,
+                "  rights wait   {} sales waited for a connected peer's rights, {} sold (the longest after {} ms), mean wait {} ms; {} lost in crashes",
+                r.waited,
+                r.waited_sold,
+                r.sold_wait_max_ms,
+                r.wait_ms / (r.waited - r.wait_lost).max(1),
+                r.wait_lost
+            );
+        }
         let _ = writeln!(
             o,
             "  time          {:.1} virtual s in {:.2} wall s ({:.0} events per wall s)",

@@ -128,6 +128,11 @@ enum Ev {
         node: usize,
         epoch: u64,
     },
+    /// A sale's wait for rights is due to end ([`AwaitingSale`]).
+    RightsWait {
+        node: usize,
+        epoch: u64,
+    },
     RestoreNext,
     /// A copy of the node's storage is taken; `age` later, it is restored.
     Backup {
@@ -176,6 +181,8 @@ impl Ord for Item {
 struct Msg {
     bytes: Vec<u8>,
     ready: Option<Us>,
+    /// When it was sent.
+    sent: Us,
 }
 
 /// One direction of a connection: an ordered, reliable stream.
@@ -203,6 +210,20 @@ struct HeldCmd {
     since: Us,
     /// Whether it is a client's retry ([`Ev::Retry`]).
     retry: bool,
+}
+
+/// A sale that waits for rights from a connected peer
+/// ([`weftlog_proto::rebalance::RIGHTS_WAIT_MS`]).
+struct AwaitingSale {
+    cmd: crate::workload::Cmd,
+    /// The node's wall time (ms) after which it is refused.
+    until_ms: u64,
+    /// When it was first refused.
+    since: Us,
+    /// Whether it is a client's retry ([`Ev::Retry`]).
+    retry: bool,
+    /// The counter it sells from.
+    key: (String, String),
 }
 
 /// A node restarted from a restored copy, watched until its next restore
@@ -269,6 +290,8 @@ struct Slot {
     /// Commands held until a peer confirms the node's own log, in arrival
     /// order (the node holds its requests in order).
     held: VecDeque<HeldCmd>,
+    /// Sales waiting for rights from a connected peer, in arrival order.
+    awaiting: Vec<AwaitingSale>,
     /// Whether a hold that began at the last restart has not ended yet.
     holding: bool,
     /// Own acknowledged events that no other running node held when the
@@ -324,6 +347,8 @@ pub(crate) struct Sim<'a> {
     neighbours: Vec<Vec<usize>>,
     /// `cuts[from * n + to]`: partitions cutting that direction.
     cuts: Vec<u16>,
+    /// Per directed link, when it was last healed (0 if never cut).
+    up_since: Vec<Us>,
     down_since: Vec<Us>,
     cut_links: u64,
     partitions: BTreeMap<u64, Partition>,
@@ -426,6 +451,7 @@ impl<'a> Sim<'a> {
                 restore_pending: None,
                 watch: None,
                 held: VecDeque::new(),
+                awaiting: Vec::new(),
                 holding: false,
                 restore_only_here: BTreeSet::new(),
                 forks: BTreeSet::new(),
@@ -448,6 +474,7 @@ impl<'a> Sim<'a> {
             next_conn: 0,
             neighbours: vec![Vec::new(); n],
             cuts: vec![0; n * n],
+            up_since: vec![0; n * n],
             down_since: vec![0; n * n],
             cut_links: 0,
             partitions: BTreeMap::new(),
@@ -777,6 +804,11 @@ impl<'a> Sim<'a> {
                     self.hold_end(node);
                 }
             }
+            Ev::RightsWait { node, epoch } => {
+                if self.slots[node].epoch == epoch {
+                    self.retry_awaiting(node);
+                }
+            }
             Ev::RestoreNext => self.restore_next(),
             Ev::Backup {
                 node,
@@ -987,7 +1019,11 @@ impl<'a> Sim<'a> {
             None
         };
         let c = self.conns.get_mut(&conn).expect("live conn");
-        c.chans[d].queue.push_back(Msg { bytes, ready });
+        c.chans[d].queue.push_back(Msg {
+            bytes,
+            ready,
+            sent: self.now,
+        });
         if let Some(t) = ready {
             self.at(t, Ev::Deliver { conn, dir: d });
         }
@@ -1056,6 +1092,7 @@ impl<'a> Sim<'a> {
     /// After a call into a node's policy: carries out its events, lets
     /// every connection of the node send, and re-arms its timer.
     fn after_policy(&mut self, node: usize) {
+        self.retry_awaiting(node);
         self.ask_peers(node);
         self.node_events(node);
         let conns = self.slots[node].peers.take_dirty();
@@ -1139,10 +1176,13 @@ impl<'a> Sim<'a> {
 
     /// Whether a sale of `amount` on `key` that `node` refused now could
     /// have been avoided: one round trip of the link before, a node
-    /// connected to it (and reachable) held spare rights covering the
-    /// sale; and whether such a node held rights covering it at all,
+    /// connected to it (and reachable both ways since then) held spare rights covering the
+    /// sale and any debt `node` owes there; and whether such a node held rights covering it at all,
     /// reserve included.
     fn avoidable(&self, node: usize, key: &(String, String), amount: u64) -> (bool, bool) {
+        // Rights it receives repay its debt first (an overdraft's).
+        let me = self.ids[node];
+        let amount = amount + rebalance::owed(self.slots[node].node.state(), &key.0, &key.1, &me);
         let held: Vec<Held> = self
             .connected_peers(node)
             .into_iter()
@@ -1154,6 +1194,17 @@ impl<'a> Sim<'a> {
                 let link = self.link(node, p);
                 let rtt = us_of_ms(2.0 * (link.delay_ms + link.jitter_ms));
                 let then = self.now.saturating_sub(rtt);
+                let n = self.sc.nodes;
+                if self.up_since[node * n + p] > then || self.up_since[p * n + node] > then {
+                    // Healed less than a round trip ago: no ask and answer
+                    // could have crossed it yet.
+                    return None;
+                }
+                if self.backlogged(node, p, then) {
+                    // The transport still retransmits what a cut lost (in
+                    // order): an ask would wait behind it.
+                    return None;
+                }
                 self.slots[p]
                     .spare
                     .get(key)
@@ -1165,6 +1216,21 @@ impl<'a> Sim<'a> {
             held.iter().any(|h| h.spare >= amount),
             held.iter().any(|h| h.rights >= amount),
         )
+    }
+
+    /// Whether a connection between `a` and `b` holds, either way, a
+    /// message sent before `then` and not delivered yet.
+    fn backlogged(&self, a: usize, b: usize, then: Us) -> bool {
+        self.pair_conns
+            .get(&(a.min(b), a.max(b)))
+            .into_iter()
+            .flatten()
+            .filter_map(|c| self.conns.get(c))
+            .any(|c| {
+                c.chans
+                    .iter()
+                    .any(|ch| ch.queue.front().is_some_and(|m| m.sent < then))
+            })
     }
 
     /// Carries out the events a node's policy queued.
@@ -1454,6 +1520,7 @@ impl<'a> Sim<'a> {
         if self.cuts[ix] > 0 {
             return;
         }
+        self.up_since[ix] = self.now;
         self.cut_links -= 1;
         let key = (from.min(to), from.max(to));
         let conns: Vec<ConnId> = self
@@ -1694,7 +1761,72 @@ impl<'a> Sim<'a> {
                 }
             }
         }
+        let keep = sale.as_ref().map(|_| cmd.clone());
         let res = self.slots[node].node.append(wall, cmd.draft);
+        if let (Some(cmd), Err(Refusal::AwaitingRights { until_ms })) = (keep, &res) {
+            let (key, _) = sale.expect("kept only for a sale");
+            self.report.rebalance.waited += 1;
+            let epoch = self.slots[node].epoch;
+            let d = us_of_ms(until_ms.saturating_sub(wall) as f64).max(MS);
+            self.after(d, Ev::RightsWait { node, epoch });
+            self.slots[node].awaiting.push(AwaitingSale {
+                cmd,
+                until_ms: *until_ms,
+                since: self.now,
+                retry,
+                key,
+            });
+            self.check_clock(node, wall);
+            if self.sc.node.rebalance {
+                // Its ask goes now.
+                self.after_policy(node);
+            }
+            return;
+        }
+        self.command_done(node, sale, res, retry, wall);
+    }
+
+    /// Gives again the sales waiting at `node` for rights, as the node
+    /// does after each durable batch and at the deadline.
+    fn retry_awaiting(&mut self, node: usize) {
+        if self.slots[node].awaiting.is_empty() || !self.slots[node].node.is_up() {
+            return;
+        }
+        let wall = self.wall_ms(node);
+        let waiting = std::mem::take(&mut self.slots[node].awaiting);
+        for a in waiting {
+            let res =
+                self.slots[node]
+                    .node
+                    .append_held(wall, a.cmd.draft.clone(), Some(a.until_ms));
+            if matches!(res, Err(Refusal::AwaitingRights { .. })) {
+                self.slots[node].awaiting.push(a);
+                continue;
+            }
+            let waited = ms(self.now - a.since);
+            self.report.rebalance.wait_ms += waited;
+            if res.is_ok() {
+                self.report.rebalance.waited_sold += 1;
+                let r = &mut self.report.rebalance;
+                r.sold_wait_max_ms = r.sold_wait_max_ms.max(waited);
+            }
+            let amount = match a.cmd.tag {
+                crate::workload::Tag::Consume(amount) => amount,
+                _ => 0,
+            };
+            self.command_done(node, Some((a.key, amount)), res, a.retry, wall);
+        }
+    }
+
+    /// What follows a command's outcome at `node` (not a wait for rights).
+    fn command_done(
+        &mut self,
+        node: usize,
+        sale: Option<((String, String), u64)>,
+        res: AppendResult,
+        retry: bool,
+        wall: u64,
+    ) {
         if let (Some((key, amount)), Err(r)) = (&sale, &res) {
             if r.is_rights() {
                 self.report.rebalance.refusals += 1;
@@ -2166,6 +2298,8 @@ impl<'a> Sim<'a> {
         // Held requests die with the process: their clients see an error.
         self.report.held.lost += s.held.len() as u64;
         s.held.clear();
+        self.report.rebalance.wait_lost += s.awaiting.len() as u64;
+        s.awaiting.clear();
         s.holding = false;
         let epoch = s.epoch;
         self.fault("crashes");
