@@ -293,10 +293,18 @@ async fn story(out: &mut impl Write, desks: &[Daemon], ids: &[NodeId]) -> Result
     }
     let seats = c.with_state(|s| json::stream(SEATS, s.stream(SEATS)));
     let seats = &seats["escrow"]["seats"];
+    let rights: Vec<String> = seats["rights"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(id, n)| format!("desk {} {n}", desk_of(desks, id)))
+        .collect();
     writeln!(
         out,
-        "   seats: capacity {}, sold {}, rights left {}",
-        seats["capacity"], seats["consumed"], seats["rights"]
+        "   seats: capacity {}, sold {}, rights left: {}",
+        seats["capacity"],
+        seats["consumed"],
+        rights.join(", ")
     )?;
     writeln!(
         out,
@@ -370,6 +378,15 @@ fn compensation_writes(node: &Node, sale: &str) -> usize {
     })
 }
 
+/// The name of the desk whose node id is `id` (hex).
+fn desk_of(desks: &[Daemon], id: &str) -> &'static str {
+    desks
+        .iter()
+        .zip(["A", "B", "C"])
+        .find(|(d, _)| d.node().id().to_string() == id)
+        .map_or("?", |(_, n)| n)
+}
+
 fn short(id: &str) -> String {
     format!("{}…", id.get(..8).unwrap_or(id))
 }
@@ -393,13 +410,6 @@ fn sell_workshop(n: u64) -> Draft {
 async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
     let da = &desks[0];
     let (a, b, c) = (&**desks[0].node(), &**desks[1].node(), &**desks[2].node());
-    let desk = |id: &str| {
-        desks
-            .iter()
-            .zip(["A", "B", "C"])
-            .find(|(d, _)| d.node().id().to_string() == id)
-            .map_or("?", |(_, n)| n)
-    };
     let policy = Policy::parse_spec(WORKSHOP_POLICY)
         .map_err(|e| anyhow!("the demo's policy {WORKSHOP_POLICY:?}: {e}"))?;
     writeln!(
@@ -430,9 +440,8 @@ async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
     .await?;
     // A sync round after the opening: the seats unsold then admit credit.
     let credit = policy.max_overdraft;
-    let may_sell = |n: &Node, rights: u64| {
-        rule(n).is_some_and(|r| r.may_sell == u128::from(rights + credit))
-    };
+    let may_sell =
+        |n: &Node, rights: u64| rule(n).is_some_and(|r| r.may_sell == u128::from(rights + credit));
     until("a sync round after the workshop opened", || {
         same(&[a, b, c]) && may_sell(a, A_RIGHTS) && may_sell(b, B_RIGHTS)
     })
@@ -521,7 +530,7 @@ async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
             "   sale {} by desk {}: {} seats oversold -> {} ({}; written by {writes} desk{}, \
              in effect once)",
             short(sale),
-            desk(r["author"].as_str().unwrap_or_default()),
+            desk_of(desks, r["author"].as_str().unwrap_or_default()),
             r["units"],
             r["compensation"]["action"].as_str().unwrap_or_default(),
             r["compensation"]["by"].as_str().unwrap_or_default(),
@@ -537,21 +546,27 @@ async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
 
     writeln!(
         out,
-        "9. Desk C's staff honour the first oversold sale instead (the ticket stands)."
+        "9. Desk C's staff honour desk B's oversold sale instead (the tickets stand)."
     )?;
-    let first = rows[0]["sale"].as_str().unwrap_or_default().to_string();
-    let sale: EventId = first
+    let of_b = rows
+        .iter()
+        .find(|r| r["author"] == b.id().to_string().as_str())
+        .ok_or_else(|| anyhow!("desk B's sale is not marked oversold"))?;
+    let decided = of_b["sale"].as_str().unwrap_or_default().to_string();
+    let sale: EventId = decided
         .parse()
-        .map_err(|e| anyhow!("oversold sale {first:?}: {e}"))?;
+        .map_err(|e| anyhow!("oversold sale {decided:?}: {e}"))?;
     let node = desks[2].node().clone();
     tokio::task::spawn_blocking(move || {
         node.decide(&sale, Compensation::Honour, Some("front-desk".into()))
     })
     .await??;
     let honoured = |n: &Node| {
-        n.with_state(json::oversold_rows)
-            .iter()
-            .any(|r| r["sale"] == first.as_str() && r["compensation"]["by"] == "staff")
+        n.with_state(json::oversold_rows).iter().any(|r| {
+            r["sale"] == decided.as_str()
+                && r["compensation"]["by"] == "staff"
+                && r["compensation"]["action"] == "honour"
+        })
     };
     let t = until("the staff decision reaching every desk", || {
         same(&[a, b, c]) && [a, b].iter().all(|n| honoured(n))
@@ -560,8 +575,10 @@ async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
     let seats = workshop(a);
     writeln!(
         out,
-        "   desks A and B show it {} later: honoured {}, released {}, {} sale on the waitlist\n",
+        "   desks A and B show it {} later: honoured {} (capacity {WORKSHOP_SEATS} + {}), \
+         released {}, {} sale on the waitlist\n",
         ms(t),
+        seats["honoured"],
         seats["honoured"],
         seats["released"],
         seats["waitlist"].as_array().map_or(0, Vec::len)
