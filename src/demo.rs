@@ -472,6 +472,9 @@ async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
         n.append_async(sell_workshop(rights)).await?;
         n.append_async(sell_workshop(more)).await?;
         let held = rule(n).map_or(0, |r| r.held);
+        if held != -i128::from(more) {
+            bail!("desk {name} holds {held} rights after selling on credit, not -{more}");
+        }
         writeln!(
             out,
             "   desk {name} sells {rights} (its rights), then {more} more: accepted on credit, \
@@ -505,8 +508,9 @@ async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
         same(&[a, b, c]) && [a, b, c].iter().all(|n| compensated(n, oversold).is_some())
     })
     .await?;
-    // Invariant: `until` returned, so every desk lists them compensated.
-    let rows = compensated(c, oversold).expect("checked by until");
+    let Some(rows) = compensated(c, oversold) else {
+        bail!("desk C no longer lists {oversold} compensated sales");
+    };
     for (name, n) in [("A", a), ("B", b)] {
         if compensated(n, oversold).as_ref() != Some(&rows) {
             bail!("desk {name} lists other oversold sales than desk C");
