@@ -1,17 +1,25 @@
 //! `weftlog demo`: three registration desks run real nodes (keys, logs,
 //! fsync, QUIC with mutual TLS on loopback) in a temporary directory. The
 //! network between them is cut, both sides edit one customer and sell seats,
-//! the network heals, and every desk converges.
+//! the network heals, and every desk converges. Then a workshop sells its
+//! seats under the risk-window policy: cut off again, both sides sell on
+//! credit past their rights; after the heal every desk marks the same sales
+//! oversold and compensates each once (the node's own rules, the demo only
+//! sells and reads), and a staff decision on one desk shows on the others.
+//! The demo fails if the desks disagree.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
+use weftlog_proto::admission::RuleNow;
+use weftlog_proto::event::{Compensation, Policy};
+use weftlog_proto::seats::COMPENSATION_PREFIX;
 use weftlog_proto::state::Draft;
-use weftlog_proto::{Meta, NodeId, Op};
+use weftlog_proto::{EventId, Meta, NodeId, Op};
 
 use crate::daemon::{cluster_id, Config, Daemon};
 use crate::json;
@@ -20,6 +28,19 @@ use crate::tls::Members;
 
 const CUSTOMER: &str = "customer/20";
 const SEATS: &str = "event/keynote";
+/// The risk-window story (steps 6 to 9): a workshop whose seats may be
+/// sold on credit while a desk is cut off.
+const WORKSHOP: &str = "session/workshop";
+const COUNTER: &str = "seats";
+const WORKSHOP_SEATS: u64 = 10;
+const WORKSHOP_POLICY: &str = "risk-window,max_overdraft=3";
+/// Desk B's rights; desk A keeps the rest.
+const B_RIGHTS: u64 = 5;
+const A_RIGHTS: u64 = WORKSHOP_SEATS - B_RIGHTS;
+/// Seats each side sells beyond its rights while cut off (within the
+/// policy's `max_overdraft`).
+const A_CREDIT: u64 = 2;
+const B_CREDIT: u64 = 3;
 
 fn set(stream: &str, kind: &str, fields: &[(&str, Value)]) -> Draft {
     Draft {
@@ -271,7 +292,20 @@ async fn story(out: &mut impl Write, desks: &[Daemon], ids: &[NodeId]) -> Result
         }
     }
     let seats = c.with_state(|s| json::stream(SEATS, s.stream(SEATS)));
-    writeln!(out, "   seats: {}", seats["escrow"]["seats"])?;
+    let seats = &seats["escrow"]["seats"];
+    let rights: Vec<String> = seats["rights"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(id, n)| format!("desk {} {n}", desk_of(desks, id)))
+        .collect();
+    writeln!(
+        out,
+        "   seats: capacity {}, sold {}, rights left: {}",
+        seats["capacity"],
+        seats["consumed"],
+        rights.join(", ")
+    )?;
     writeln!(
         out,
         "   8 of 10 sold across the partition; no oversell possible\n"
@@ -297,7 +331,9 @@ async fn story(out: &mut impl Write, desks: &[Daemon], ids: &[NodeId]) -> Result
         a.with_state(json::conflicts).len()
     )?;
 
-    writeln!(out, "6. State hashes:")?;
+    oversell(out, desks).await?;
+
+    writeln!(out, "10. State hashes:")?;
     for (name, d) in ["A", "B", "C"].iter().zip(desks) {
         writeln!(out, "   desk {name} {}", hash(d.node()))?;
     }
@@ -307,6 +343,249 @@ async fn story(out: &mut impl Write, desks: &[Daemon], ids: &[NodeId]) -> Result
     writeln!(
         out,
         "   equal: every desk holds the same events and shows the same state"
+    )?;
+    Ok(())
+}
+
+/// The seat rule that applies now on `node` to the workshop's counter.
+fn rule(node: &Node) -> Option<RuleNow> {
+    node.seat_rules()
+        .into_iter()
+        .find(|(s, c, _)| s == WORKSHOP && c == COUNTER)
+        .map(|(_, _, r)| r)
+}
+
+/// The workshop's counter as `node` shows it.
+fn workshop(node: &Node) -> Value {
+    node.with_state(|s| json::stream(WORKSHOP, s.stream(WORKSHOP)))["escrow"][COUNTER].clone()
+}
+
+/// The oversold sales `node` lists (`weftlog oversold`), when there are
+/// `n` and every one is compensated.
+fn compensated(node: &Node, n: usize) -> Option<Vec<Value>> {
+    let rows = node.with_state(json::oversold_rows);
+    (rows.len() == n && rows.iter().all(|r| r["state"] == "compensated")).then_some(rows)
+}
+
+/// How many events wrote the compensation of `sale` (its command id,
+/// `oversold/<sale>`, takes effect once however many desks wrote it).
+fn compensation_writes(node: &Node, sale: &str) -> usize {
+    let command = format!("{COMPENSATION_PREFIX}{sale}");
+    node.with_state(|s| {
+        s.stream(WORKSHOP)
+            .and_then(|st| st.duplicates.get(&command))
+            .map_or(1, |d| 1 + d.ignored.len())
+    })
+}
+
+/// The name of the desk whose node id is `id` (hex).
+fn desk_of(desks: &[Daemon], id: &str) -> &'static str {
+    desks
+        .iter()
+        .zip(["A", "B", "C"])
+        .find(|(d, _)| d.node().id().to_string() == id)
+        .map_or("?", |(_, n)| n)
+}
+
+fn short(id: &str) -> String {
+    format!("{}…", id.get(..8).unwrap_or(id))
+}
+
+fn sell_workshop(n: u64) -> Draft {
+    ops(
+        WORKSHOP,
+        "SeatsSold",
+        vec![Op::EscrowConsume {
+            counter: COUNTER.into(),
+            amount: n,
+        }],
+    )
+}
+
+/// Steps 6 to 9: the risk-window policy sells past the rights on both
+/// sides of a partition; after the heal every desk marks the same sales
+/// oversold and compensates each once; a staff decision on one desk shows
+/// on the others. Every rule applied is the node's own (admission, marks,
+/// automatic compensation): the demo only sells, waits and reads.
+async fn oversell(out: &mut impl Write, desks: &[Daemon]) -> Result<()> {
+    let da = &desks[0];
+    let (a, b, c) = (&**desks[0].node(), &**desks[1].node(), &**desks[2].node());
+    let policy = Policy::parse_spec(WORKSHOP_POLICY)
+        .map_err(|e| anyhow!("the demo's policy {WORKSHOP_POLICY:?}: {e}"))?;
+    writeln!(
+        out,
+        "6. Desk A opens a workshop of {WORKSHOP_SEATS} seats under the risk-window policy\n   \
+         ({WORKSHOP_POLICY}) and gives desk B rights to {B_RIGHTS}."
+    )?;
+    a.append_async(ops(
+        WORKSHOP,
+        "SessionOpened",
+        vec![
+            Op::EscrowInit {
+                counter: COUNTER.into(),
+                capacity: WORKSHOP_SEATS,
+            },
+            Op::EscrowPolicy {
+                counter: COUNTER.into(),
+                policy,
+                supersedes: vec![],
+            },
+            Op::EscrowTransfer {
+                counter: COUNTER.into(),
+                to: b.id(),
+                amount: B_RIGHTS,
+            },
+        ],
+    ))
+    .await?;
+    // A sync round after the opening: the seats unsold then admit credit.
+    let credit = policy.max_overdraft;
+    let may_sell =
+        |n: &Node, rights: u64| rule(n).is_some_and(|r| r.may_sell == u128::from(rights + credit));
+    until("a sync round after the workshop opened", || {
+        same(&[a, b, c]) && may_sell(a, A_RIGHTS) && may_sell(b, B_RIGHTS)
+    })
+    .await?;
+    for (name, rights) in [("A", A_RIGHTS), ("B", B_RIGHTS)] {
+        writeln!(
+            out,
+            "   desk {name} holds {rights} and may sell {}: its own and {credit} on credit",
+            rights + credit
+        )?;
+    }
+    writeln!(
+        out,
+        "   (the node's rule: synced within {} s, with at least {} % of the seats unsold then)\n",
+        policy.window_s, policy.min_remaining_pct
+    )?;
+
+    writeln!(
+        out,
+        "7. The Wi-Fi splits again: desk A alone, desks B and C. Both sides keep selling."
+    )?;
+    da.set_blocked([b.id(), c.id()].into_iter().collect());
+    until("the second partition taking effect", || {
+        !desks[1].is_connected(&a.id()) && !desks[2].is_connected(&a.id())
+    })
+    .await?;
+    for (name, n, rights, more) in [("A", a, A_RIGHTS, A_CREDIT), ("B", b, B_RIGHTS, B_CREDIT)] {
+        n.append_async(sell_workshop(rights)).await?;
+        n.append_async(sell_workshop(more)).await?;
+        let held = rule(n).map_or(0, |r| r.held);
+        if held != -i128::from(more) {
+            bail!("desk {name} holds {held} rights after selling on credit, not -{more}");
+        }
+        writeln!(
+            out,
+            "   desk {name} sells {rights} (its rights), then {more} more: accepted on credit, \
+             it owes {}",
+            -held
+        )?;
+    }
+    match b.append_async(sell_workshop(1)).await {
+        Err(e) => writeln!(out, "   desk B tries 1 more: refused ({e})")?,
+        Ok(_) => bail!("desk B sold beyond the policy's max_overdraft"),
+    }
+    until("desk C seeing desk B's sales", || same(&[b, c])).await?;
+    let sold = |n: &Node| workshop(n)["consumed"].as_u64().unwrap_or_default();
+    writeln!(
+        out,
+        "   alone, neither side sees an oversell: desk A counts {} of {WORKSHOP_SEATS} sold, \
+         desks B and C {} of {WORKSHOP_SEATS}\n",
+        sold(a),
+        sold(c)
+    )?;
+    for (name, n) in [("A", a), ("B", b), ("C", c)] {
+        if !n.with_state(json::oversold_rows).is_empty() {
+            bail!("desk {name} marks an oversell before the heal");
+        }
+    }
+
+    writeln!(out, "8. The Wi-Fi comes back.")?;
+    da.set_blocked(Default::default());
+    let oversold = usize::from(A_CREDIT > 0) + usize::from(B_CREDIT > 0);
+    let t = until("every desk compensating the oversold sales", || {
+        same(&[a, b, c]) && [a, b, c].iter().all(|n| compensated(n, oversold).is_some())
+    })
+    .await?;
+    let Some(rows) = compensated(c, oversold) else {
+        bail!("desk C no longer lists {oversold} compensated sales");
+    };
+    for (name, n) in [("A", a), ("B", b)] {
+        if compensated(n, oversold).as_ref() != Some(&rows) {
+            bail!("desk {name} lists other oversold sales than desk C");
+        }
+    }
+    let seats = workshop(c);
+    let consumed = seats["consumed"].as_u64().unwrap_or_default();
+    let units: u64 = rows.iter().filter_map(|r| r["units"].as_u64()).sum();
+    writeln!(
+        out,
+        "   converged in {}: {consumed} sold for {WORKSHOP_SEATS} seats, {units} oversold; \
+         every desk lists the same {} sales:",
+        ms(t),
+        rows.len()
+    )?;
+    for r in &rows {
+        let sale = r["sale"].as_str().unwrap_or_default();
+        let writes = compensation_writes(c, sale);
+        writeln!(
+            out,
+            "   sale {} by desk {}: {} seats oversold -> {} ({}; written by {writes} desk{}, \
+             in effect once)",
+            short(sale),
+            desk_of(desks, r["author"].as_str().unwrap_or_default()),
+            r["units"],
+            r["compensation"]["action"].as_str().unwrap_or_default(),
+            r["compensation"]["by"].as_str().unwrap_or_default(),
+            if writes == 1 { "" } else { "s" },
+        )?;
+    }
+    writeln!(
+        out,
+        "   released {} seats; {} sales on the waitlist\n",
+        seats["released"],
+        seats["waitlist"].as_array().map_or(0, Vec::len)
+    )?;
+
+    writeln!(
+        out,
+        "9. Desk C's staff honour desk B's oversold sale instead (the tickets stand)."
+    )?;
+    let of_b = rows
+        .iter()
+        .find(|r| r["author"] == b.id().to_string().as_str())
+        .ok_or_else(|| anyhow!("desk B's sale is not marked oversold"))?;
+    let decided = of_b["sale"].as_str().unwrap_or_default().to_string();
+    let sale: EventId = decided
+        .parse()
+        .map_err(|e| anyhow!("oversold sale {decided:?}: {e}"))?;
+    let node = desks[2].node().clone();
+    tokio::task::spawn_blocking(move || {
+        node.decide(&sale, Compensation::Honour, Some("front-desk".into()))
+    })
+    .await??;
+    let honoured = |n: &Node| {
+        n.with_state(json::oversold_rows).iter().any(|r| {
+            r["sale"] == decided.as_str()
+                && r["compensation"]["by"] == "staff"
+                && r["compensation"]["action"] == "honour"
+        })
+    };
+    let t = until("the staff decision reaching every desk", || {
+        same(&[a, b, c]) && [a, b].iter().all(|n| honoured(n))
+    })
+    .await?;
+    let seats = workshop(a);
+    writeln!(
+        out,
+        "   desks A and B show it {} later: honoured {} (capacity {WORKSHOP_SEATS} + {}), \
+         released {}, {} sale on the waitlist\n",
+        ms(t),
+        seats["honoured"],
+        seats["honoured"],
+        seats["released"],
+        seats["waitlist"].as_array().map_or(0, Vec::len)
     )?;
     Ok(())
 }

@@ -852,10 +852,36 @@ fn two_nodes_edit_offline_exchange_exports_and_converge() {
 }
 
 #[test]
-fn demo_runs_and_reports_equal_state_hashes() {
+fn demo_runs_tells_the_oversell_story_and_reports_equal_state_hashes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = ok(&tmp.path().join("unused"), &["demo"]);
     assert!(out.contains("equal"), "{out}");
+    // The risk-window story: both sides sell on credit while cut off, one
+    // sale beyond the policy's bound is refused with its reason, and after
+    // the heal every desk lists the same two sales, each compensated once.
+    for line in [
+        "desk A sells 5 (its rights), then 2 more: accepted on credit, it owes 2",
+        "desk B sells 5 (its rights), then 3 more: accepted on credit, it owes 3",
+        "it would owe 4, the policy allows 3",
+        "desk A counts 7 of 10 sold, desks B and C 8 of 10",
+        "15 sold for 10 seats, 5 oversold; every desk lists the same 2 sales:",
+        "released 5 seats; 2 sales on the waitlist",
+        "honoured 3 (capacity 10 + 3), released 2, 1 sale on the waitlist",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    let compensated: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("seats oversold -> waitlist (auto;"))
+        .collect();
+    assert_eq!(compensated.len(), 2, "{out}");
+    assert!(
+        compensated.iter().all(|l| l.contains("in effect once")),
+        "{out}"
+    );
+    for sale in ["by desk A: 2 seats", "by desk B: 3 seats"] {
+        assert!(compensated.iter().any(|l| l.contains(sale)), "{out}");
+    }
     assert!(
         !tmp.path().join("unused").exists(),
         "demo must not touch --data"
