@@ -329,6 +329,15 @@ fn summary_table(s: &Summary) -> String {
             s.escrow_consumed, s.escrow_capacity, s.oversell_refused
         ),
     );
+    if s.oversold.seats > 0 {
+        row(
+            "oversold",
+            format!(
+                "{} seats marked oversold, {} compensated ({} released by cancel or waitlist, {} honoured)",
+                s.oversold.seats, s.oversold.compensated, s.oversold.released, s.oversold.honoured
+            ),
+        );
+    }
     if s.retries.sent > 0 {
         row(
             "client retries",

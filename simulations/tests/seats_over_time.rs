@@ -27,7 +27,7 @@ fn a_risk_window_venue_run_plots_sold_oversold_and_compensated_seats() {
         assert!(w[0].at_ms < w[1].at_ms, "{w:?}");
         assert!(w[0].sold <= w[1].sold, "sold went down: {w:?}");
     }
-    let end = seats.last().expect("samples");
+    let end = *seats.last().expect("samples");
     assert_eq!(end.at_ms, r.virtual_ms, "a last sample at the end");
     assert!(
         end.oversold >= 1,
@@ -55,4 +55,6 @@ fn a_risk_window_venue_run_plots_sold_oversold_and_compensated_seats() {
     });
     assert!(page.contains("Seats over time"));
     assert!(page.contains(&caption), "{caption}");
+    let row = format!("{} seats marked oversold", end.oversold);
+    assert!(page.contains(&row), "{row}");
 }
