@@ -1,14 +1,15 @@
 //! The HTML report of `weftlog simulate --report FILE`: one self-contained
 //! page (inline SVG, no scripts) with, per scenario, the summary, the
 //! failing seeds and their replay commands, plots of one run (divergence
-//! between nodes over time with the partitions and crashes marked,
+//! between nodes over time with the partitions and crashes marked, seats
+//! sold, oversold and compensated when the run sells from escrow counters,
 //! convergence after each heal, traffic), the distribution of convergence
 //! times over all seeds, and a row per seed.
 
 use std::fmt::Write as _;
 
 use crate::cli::Outcome;
-use crate::report::{human_bytes, percentiles, RunReport, Summary};
+use crate::report::{human_bytes, percentiles, RunReport, Seats, Summary};
 
 const W: f64 = 860.0;
 const H: f64 = 220.0;
@@ -116,8 +117,30 @@ impl Frame {
     }
 }
 
-/// A named, coloured line: `(name, colour, points)`.
-type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+/// A named, coloured line of a [`line_chart`].
+struct Series<'a> {
+    name: &'a str,
+    colour: &'a str,
+    /// Drawn dashed: a reference, not a measure.
+    dashed: bool,
+    points: Vec<(f64, f64)>,
+}
+
+impl<'a> Series<'a> {
+    fn new(name: &'a str, colour: &'a str, points: Vec<(f64, f64)>) -> Series<'a> {
+        Series {
+            name,
+            colour,
+            dashed: false,
+            points,
+        }
+    }
+
+    fn dashed(mut self) -> Series<'a> {
+        self.dashed = true;
+        self
+    }
+}
 
 /// A line chart over time (seconds) with shaded intervals and markers.
 fn line_chart(
@@ -131,7 +154,7 @@ fn line_chart(
     let y_max = nice(
         series
             .iter()
-            .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
+            .flat_map(|l| l.points.iter().map(|p| p.1))
             .fold(0.0, f64::max),
     );
     let f = Frame {
@@ -158,14 +181,21 @@ fn line_chart(
             esc(label)
         );
     }
-    for (i, (name, color, pts)) in series.iter().enumerate() {
-        let path: Vec<String> = pts
+    for (i, l) in series.iter().enumerate() {
+        let (name, color) = (l.name, l.colour);
+        let path: Vec<String> = l
+            .points
             .iter()
             .map(|(x, y)| format!("{:.1},{:.1}", f.x(*x), f.y(*y)))
             .collect();
+        let dash = if l.dashed {
+            r#" stroke-dasharray="6,4""#
+        } else {
+            ""
+        };
         let _ = write!(
             s,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.5"{dash} points="{}"/>"#,
             path.join(" ")
         );
         let lx = W - PAD_R - 160.0;
@@ -299,6 +329,15 @@ fn summary_table(s: &Summary) -> String {
             s.escrow_consumed, s.escrow_capacity, s.oversell_refused
         ),
     );
+    if s.oversold.seats > 0 {
+        row(
+            "oversold",
+            format!(
+                "{} seats marked oversold, {} compensated ({} released by cancel or waitlist, {} honoured)",
+                s.oversold.seats, s.oversold.compensated, s.oversold.released, s.oversold.honoured
+            ),
+        );
+    }
     if s.retries.sent > 0 {
         row(
             "client retries",
@@ -319,6 +358,49 @@ fn summary_table(s: &Summary) -> String {
         ),
     );
     o.push_str("</table>");
+    o
+}
+
+/// Seats sold, oversold and compensated over the run, with the capacity,
+/// and a caption; empty when the run has no escrow counter.
+fn seats_chart(r: &RunReport, bands: &[(f64, f64, String)], x_max: f64) -> String {
+    let seats = &r.timeline.seats;
+    let Some(end) = seats.last() else {
+        return String::new();
+    };
+    let line = |f: fn(&Seats) -> u64| -> Vec<(f64, f64)> {
+        seats
+            .iter()
+            .map(|s| (s.at_ms as f64 / 1000.0, f(s) as f64))
+            .collect()
+    };
+    let mut o = line_chart(
+        "Seats over time (shaded: partitions)",
+        "seats",
+        &[
+            Series::new("sold", "#2c7fb8", line(|s| s.sold)),
+            Series::new("capacity", "#777", line(|s| s.capacity)).dashed(),
+            Series::new("oversold", "#c0392b", line(|s| s.oversold)),
+            Series::new("compensated", "#27ae60", line(|s| s.compensated)),
+        ],
+        bands,
+        &[],
+        x_max,
+    );
+    let _ = write!(
+        o,
+        "<p class=\"caption\">Every escrow counter of the run, summed, as the union of \
+         the events durable on any node shows them: what every replica shows once all \
+         have met, sampled every {} ms of virtual time and at the end. <b>Sold</b>: seats \
+         consumed by the sales in effect (a seat a compensation released stays counted). \
+         <b>Oversold</b>: seats the read model marks beyond the capacity. \
+         <b>Compensated</b>: marked seats with a compensation standing, written by a node \
+         once it holds the events that mark the sale (so it follows a heal); where it \
+         meets oversold it covers that line. <b>Capacity</b> (dashed): the initial seats \
+         plus those an <code>honour</code> kept. At the end: \
+         {} sold of {}, {} oversold, {} compensated.</p>",
+        r.timeline.sample_ms, end.sold, end.capacity, end.oversold, end.compensated
+    );
     o
 }
 
@@ -383,11 +465,12 @@ fn run_plots(r: &RunReport) -> String {
     o.push_str(&line_chart(
         "Divergence between nodes (shaded: partitions; dashed: crashes, final heal)",
         "(node, missing event) pairs",
-        &[("missing", "#c0392b", divergence)],
+        &[Series::new("missing", "#c0392b", divergence)],
         &bands,
         &marks,
         x_max,
     ));
+    o.push_str(&seats_chart(r, &bands, x_max));
     o.push_str(&bar_chart(
         "Convergence after each heal",
         "heal at virtual time (s)",
@@ -399,9 +482,9 @@ fn run_plots(r: &RunReport) -> String {
         "Traffic",
         "per second",
         &[
-            ("kB/s", "#2c7fb8", kbytes),
-            ("messages/s", "#7fcdbb", msgs),
-            ("appends/s", "#d95f0e", appends),
+            Series::new("kB/s", "#2c7fb8", kbytes),
+            Series::new("messages/s", "#7fcdbb", msgs),
+            Series::new("appends/s", "#d95f0e", appends),
         ],
         &bands,
         &[],
@@ -421,6 +504,7 @@ pub fn report(outcome: &Outcome) -> String {
          table.kv th{background:#f3f3f3;width:190px}\
          .fail{color:#b00;font-weight:bold}.ok{color:#080;font-weight:bold}\
          code{background:#f3f3f3;padding:1px 4px}svg{display:block;margin:8px 0 18px}\
+         p.caption{font-size:13px;color:#444;margin:-12px 0 18px}\
          </style></head><body><h1>weftlog simulation report</h1>",
     );
     let _ = write!(
@@ -511,4 +595,48 @@ pub fn report(outcome: &Outcome) -> String {
     }
     o.push_str("</body></html>\n");
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Timeline;
+
+    fn run(seats: Vec<Seats>) -> RunReport {
+        RunReport {
+            scenario: "venue".into(),
+            virtual_ms: 2000,
+            timeline: Timeline {
+                sample_ms: 1000,
+                divergence: vec![0, 0],
+                bytes: vec![0, 0],
+                messages: vec![0, 0],
+                appends: vec![0, 0],
+                connections: vec![0, 0],
+                seats,
+                ..Timeline::default()
+            },
+            ..RunReport::default()
+        }
+    }
+
+    #[test]
+    fn the_seats_chart_shows_only_for_a_run_with_escrow_counters() {
+        assert!(!run_plots(&run(Vec::new())).contains("Seats over time"));
+        let seats = |at_ms, sold, oversold, compensated| Seats {
+            at_ms,
+            sold,
+            capacity: 10,
+            oversold,
+            compensated,
+        };
+        let page = run_plots(&run(vec![seats(1000, 11, 1, 0), seats(2000, 12, 2, 2)]));
+        assert!(page.contains("Seats over time"), "{page}");
+        assert!(
+            page.contains("At the end: 12 sold of 10, 2 oversold, 2 compensated."),
+            "{page}"
+        );
+        // Four lines: sold, capacity (dashed), oversold, compensated.
+        assert_eq!(page.matches("stroke-dasharray=\"6,4\"").count(), 1);
+    }
 }

@@ -128,6 +128,26 @@ pub struct Timeline {
     pub crashes: Vec<(u64, usize, u64)>,
     /// The final heal, ms.
     pub final_heal_ms: u64,
+    /// The seats of the escrow counters at each sample, and once more at
+    /// the end of the run (empty without escrow counters).
+    pub seats: Vec<Seats>,
+}
+
+/// The seats of every escrow counter at one moment, as the union of the
+/// events durable on any node shows them: the read model every replica
+/// reaches once all have met. Simulated time only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Seats {
+    /// Virtual time, ms.
+    pub at_ms: u64,
+    /// Units consumed by the sales in effect (a released seat stays sold).
+    pub sold: u64,
+    /// Effective capacity: the inits plus the seats `honour` kept.
+    pub capacity: u64,
+    /// Units marked oversold.
+    pub oversold: u64,
+    /// Of those, units whose mark has a compensation standing.
+    pub compensated: u64,
 }
 
 /// Client retries: commands whose request timed out at one node and that

@@ -16,7 +16,7 @@ use weftlog_proto::{Event, EventId, Keypair, NodeId};
 
 use crate::node::{AppendResult, Refusal, Sabotage, SimNode};
 use crate::oracle::{self, NodeFinal};
-use crate::report::{RunReport, Timeline, Violation};
+use crate::report::{RunReport, Seats, Timeline, Violation};
 use crate::rng::Rng;
 use crate::scenario::{Link, Scenario, Scheduled, Shape, Topology};
 use crate::workload::{View, Workload};
@@ -373,6 +373,12 @@ pub(crate) struct Sim<'a> {
     next_command: u64,
     /// The escrow counters `(stream, counter)` commands sold from.
     sold_from: BTreeSet<(String, String)>,
+    /// The union of the events made durable on any node, each folded once
+    /// when it first is: what every replica shows once all have met, read
+    /// by the seats timeline ([`Seats`]). Not traced.
+    cluster: State,
+    /// The escrow counters `(stream, counter)` initialised in `cluster`.
+    seat_counters: BTreeSet<(String, String)>,
     workload: Workload,
     acked: BTreeMap<EventId, (usize, u64)>,
     trace: blake3::Hasher,
@@ -491,6 +497,8 @@ impl<'a> Sim<'a> {
             byz_held: BTreeMap::new(),
             next_command: 0,
             sold_from: BTreeSet::new(),
+            cluster: State::new(),
+            seat_counters: BTreeSet::new(),
             workload: Workload::new(sc, seed),
             acked: BTreeMap::new(),
             trace: blake3::Hasher::new_derive_key("weftlog-sim trace v1"),
@@ -1623,6 +1631,9 @@ impl<'a> Sim<'a> {
         self.report.commits += 1;
         self.tr(b'W', &[node as u64, c.records, c.bytes], &[]);
         let at_ms = ms(self.now);
+        for (id, bytes) in &c.events {
+            self.fold_durable(*id, bytes);
+        }
         for (id, _) in &c.acked {
             self.acked.insert(*id, (node, at_ms));
             self.report.appends.acked += 1;
@@ -1635,6 +1646,58 @@ impl<'a> Sim<'a> {
             .handle_stored(&c.heads, &s.node.store(), &mut self.rng_peers);
         self.after_policy(node);
         self.request_commit(node);
+    }
+
+    /// Folds an event a node just made durable into `cluster`, the first
+    /// time any node does.
+    fn fold_durable(&mut self, id: EventId, bytes: &[u8]) {
+        if self.cluster.contains(&id) {
+            return;
+        }
+        // The node wrote these bytes and checked them against their id.
+        let Ok(event) = Event::decode_trusted(bytes) else {
+            return;
+        };
+        for op in &event.ops {
+            if let weftlog_proto::Op::EscrowInit { counter, .. } = op {
+                self.seat_counters
+                    .insert((event.stream.clone(), counter.clone()));
+            }
+        }
+        // A node stores an event only after its prev and deps and writes
+        // its log in that order, and validity is a function of the causal
+        // past: the insert cannot fail. Were it to, the event would only be
+        // missing from the seats timeline (a measure, not an oracle).
+        let _ = self.cluster.insert(&event, id);
+    }
+
+    /// The seats of every escrow counter in `cluster`, now.
+    fn seats(&self) -> Seats {
+        let mut out = Seats {
+            at_ms: ms(self.now),
+            ..Seats::default()
+        };
+        let units = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+        for (stream, counter) in &self.seat_counters {
+            let Some(e) = self
+                .cluster
+                .stream(stream)
+                .and_then(|s| s.escrow.get(counter))
+            else {
+                continue;
+            };
+            out.sold = out.sold.saturating_add(units(e.consumed));
+            out.capacity = out
+                .capacity
+                .saturating_add(units(e.capacity.saturating_add(e.honoured)));
+            for m in e.oversold.values() {
+                out.oversold = out.oversold.saturating_add(m.units);
+                if m.compensation.is_some() {
+                    out.compensated = out.compensated.saturating_add(m.units);
+                }
+            }
+        }
+        out
     }
 
     fn connected_peers(&self, node: usize) -> Vec<usize> {
@@ -2669,6 +2732,10 @@ impl<'a> Sim<'a> {
             .appends
             .push(std::mem::take(&mut self.period_appends));
         self.timeline.connections.push(self.conns.len() as u64);
+        if !self.seat_counters.is_empty() {
+            let seats = self.seats();
+            self.timeline.seats.push(seats);
+        }
         if self.log > 0 {
             let queued: usize = self
                 .conns
@@ -2861,6 +2928,13 @@ impl<'a> Sim<'a> {
         let hash = self.report.state_hash.clone();
         self.tr(b'E', &[], hash.as_bytes());
         self.report.trace_hash = self.trace.finalize().to_hex().to_string();
+        if !self.seat_counters.is_empty() {
+            // The end of the run, after the last sample period.
+            let seats = self.seats();
+            if self.timeline.seats.last().map(|s| s.at_ms) != Some(seats.at_ms) {
+                self.timeline.seats.push(seats);
+            }
+        }
         self.report.timeline = std::mem::take(&mut self.timeline);
         self.report
     }
