@@ -43,6 +43,8 @@ pub mod since;
 pub mod state;
 pub mod sync;
 pub mod text;
+#[cfg(test)]
+mod testkit;
 
 pub use event::{Event, Keypair, Meta, Op, Signature};
 pub use hlc::{Hlc, HlcClock};

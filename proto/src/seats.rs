@@ -541,33 +541,27 @@ pub(crate) fn compensate(stream: &mut Stream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, Keypair, Meta};
-    use crate::hlc::HlcClock;
-    use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared};
+    use crate::event::{Event, Meta};
+    use crate::state::{Draft, Invalid, PrepareError};
+    use crate::testkit::Desk;
 
     /// A wall time: 2023-11-14.
     const T: u64 = 1_700_000_000_000;
     const S: &str = "session/1";
 
-    /// One author with its own replica; `log` holds its events in the order
-    /// it inserted them.
-    struct Desk {
-        id: NodeId,
-        state: State,
-        clock: HlcClock,
-        log: Vec<(Event, EventId)>,
+    /// The seat rules' view of a desk: sales on stream `S`.
+    trait Seller {
+        fn try_make(
+            &mut self,
+            wall: u64,
+            ops: Vec<Op>,
+            command: Option<&str>,
+        ) -> Result<EventId, PrepareError>;
+        fn make(&mut self, wall: u64, ops: Vec<Op>) -> EventId;
+        fn seats(&self) -> &Escrow;
     }
 
-    impl Desk {
-        fn new(secret: u8) -> Desk {
-            Desk {
-                id: Keypair::from_secret([secret; 32]).node_id(),
-                state: State::new(),
-                clock: HlcClock::default(),
-                log: Vec::new(),
-            }
-        }
-
+    impl Seller for Desk {
         fn try_make(
             &mut self,
             wall: u64,
@@ -584,27 +578,14 @@ mod tests {
                 },
                 ..Draft::default()
             };
-            let e = match self.state.prepare(self.id, &mut self.clock, wall, draft)? {
-                Prepared::New(e) => e,
-                Prepared::Existing(r) => panic!("command already carried out: {r:?}"),
-            };
-            let (_, id) = e.seal();
-            assert_eq!(self.state.insert(&e, id), Ok(Inserted::New));
-            self.log.push((e, id));
+            let len = self.log.len();
+            let id = self.append(wall, draft)?;
+            assert_eq!(self.log.len(), len + 1, "command already carried out");
             Ok(id)
         }
 
         fn make(&mut self, wall: u64, ops: Vec<Op>) -> EventId {
             self.try_make(wall, ops, None).expect("a valid draft")
-        }
-
-        fn merge(&mut self, from: &Desk) {
-            for (e, id) in &from.log {
-                if self.state.insert(e, *id).expect("valid") == Inserted::New {
-                    self.clock.observe(e.hlc);
-                    self.log.push((e.clone(), *id));
-                }
-            }
         }
 
         fn seats(&self) -> &Escrow {
