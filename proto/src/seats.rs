@@ -910,6 +910,37 @@ mod tests {
         assert_eq!((list[0].2, list[1].2), (sa, sb), "canonical order");
     }
 
+    /// A forked author's sale past the fork is a candidate even when an
+    /// init in the same event leaves its change to the author's rights at
+    /// zero: it still spent rights.
+    #[test]
+    fn a_sale_past_a_fork_with_its_own_init_is_a_candidate() {
+        let mut a = Desk::new(1);
+        a.make(T, vec![init(2)]);
+        // A copy of the desk, restored: the next events fork the author.
+        let mut copy = Desk {
+            id: a.id,
+            state: a.state.clone(),
+            clock: a.clock.clone(),
+            log: a.log.clone(),
+        };
+        a.make(T + 1, vec![consume(2)]);
+        let s2 = copy.make(T + 2, vec![consume(2)]);
+        let s3 = copy.make(T + 3, vec![init(1), consume(1)]);
+        a.merge(&copy);
+        let e = a.seats();
+        // 3 seats, 5 sold: owes 2; the last two sales past the fork in
+        // canonical order carry the deficit, one unit each.
+        assert_eq!(e.overdrawn[&a.id].owed, 2);
+        assert!(e.overdrawn[&a.id].events.contains(&s3));
+        let marks: Vec<(EventId, u64)> = e.oversold.iter().map(|(k, m)| (*k, m.units)).collect();
+        let mut want = vec![(s2, 1), (s3, 1)];
+        want.sort();
+        assert_eq!(marks, want);
+        copy.merge(&a);
+        assert_eq!(copy.state.state_hash(), a.state.state_hash());
+    }
+
     #[test]
     fn a_late_event_moves_a_mark_and_voids_its_compensation() {
         let (mut a, mut b) = (Desk::new(1), Desk::new(2));
