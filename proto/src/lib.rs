@@ -42,9 +42,9 @@ pub mod seats;
 pub mod since;
 pub mod state;
 pub mod sync;
-pub mod text;
 #[cfg(test)]
 mod testkit;
+pub mod text;
 
 pub use event::{Event, Keypair, Meta, Op, Signature};
 pub use hlc::{Hlc, HlcClock};
