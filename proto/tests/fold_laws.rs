@@ -5,8 +5,9 @@
 //! concurrent writes to one field are a conflict until a later write
 //! supersedes them; command ids and expected versions behave like an event
 //! store's; the venue's seat rules (policies, overdraft sales, oversell
-//! marks and their compensation) are the same in every delivery order and
-//! equal a model of the event set.
+//! marks and their compensation, automatic and by staff, and the debts of
+//! an author forked by a restored desk) are the same in every delivery
+//! order and equal a model of the event set.
 //!
 //! The random tests check the real `State` against an independent model
 //! computed from the event set alone (causal pasts by explicit reachability),
