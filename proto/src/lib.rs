@@ -42,6 +42,8 @@ pub mod seats;
 pub mod since;
 pub mod state;
 pub mod sync;
+#[cfg(test)]
+mod testkit;
 pub mod text;
 
 pub use event::{Event, Keypair, Meta, Op, Signature};

@@ -541,33 +541,27 @@ pub(crate) fn compensate(stream: &mut Stream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, Keypair, Meta};
-    use crate::hlc::HlcClock;
-    use crate::state::{Draft, Inserted, Invalid, PrepareError, Prepared};
+    use crate::event::{Event, Meta};
+    use crate::state::{Draft, Invalid, PrepareError};
+    use crate::testkit::Desk;
 
     /// A wall time: 2023-11-14.
     const T: u64 = 1_700_000_000_000;
     const S: &str = "session/1";
 
-    /// One author with its own replica; `log` holds its events in the order
-    /// it inserted them.
-    struct Desk {
-        id: NodeId,
-        state: State,
-        clock: HlcClock,
-        log: Vec<(Event, EventId)>,
+    /// The seat rules' view of a desk: sales on stream `S`.
+    trait Seller {
+        fn try_make(
+            &mut self,
+            wall: u64,
+            ops: Vec<Op>,
+            command: Option<&str>,
+        ) -> Result<EventId, PrepareError>;
+        fn make(&mut self, wall: u64, ops: Vec<Op>) -> EventId;
+        fn seats(&self) -> &Escrow;
     }
 
-    impl Desk {
-        fn new(secret: u8) -> Desk {
-            Desk {
-                id: Keypair::from_secret([secret; 32]).node_id(),
-                state: State::new(),
-                clock: HlcClock::default(),
-                log: Vec::new(),
-            }
-        }
-
+    impl Seller for Desk {
         fn try_make(
             &mut self,
             wall: u64,
@@ -584,27 +578,14 @@ mod tests {
                 },
                 ..Draft::default()
             };
-            let e = match self.state.prepare(self.id, &mut self.clock, wall, draft)? {
-                Prepared::New(e) => e,
-                Prepared::Existing(r) => panic!("command already carried out: {r:?}"),
-            };
-            let (_, id) = e.seal();
-            assert_eq!(self.state.insert(&e, id), Ok(Inserted::New));
-            self.log.push((e, id));
+            let len = self.log.len();
+            let id = self.append(wall, draft)?;
+            assert_eq!(self.log.len(), len + 1, "command already carried out");
             Ok(id)
         }
 
         fn make(&mut self, wall: u64, ops: Vec<Op>) -> EventId {
             self.try_make(wall, ops, None).expect("a valid draft")
-        }
-
-        fn merge(&mut self, from: &Desk) {
-            for (e, id) in &from.log {
-                if self.state.insert(e, *id).expect("valid") == Inserted::New {
-                    self.clock.observe(e.hlc);
-                    self.log.push((e.clone(), *id));
-                }
-            }
         }
 
         fn seats(&self) -> &Escrow {
@@ -927,6 +908,37 @@ mod tests {
         let list = b.state.oversold();
         assert_eq!(list.len(), 2);
         assert_eq!((list[0].2, list[1].2), (sa, sb), "canonical order");
+    }
+
+    /// A forked author's sale past the fork is a candidate even when an
+    /// init in the same event leaves its change to the author's rights at
+    /// zero: it still spent rights.
+    #[test]
+    fn a_sale_past_a_fork_with_its_own_init_is_a_candidate() {
+        let mut a = Desk::new(1);
+        a.make(T, vec![init(2)]);
+        // A copy of the desk, restored: the next events fork the author.
+        let mut copy = Desk {
+            id: a.id,
+            state: a.state.clone(),
+            clock: a.clock.clone(),
+            log: a.log.clone(),
+        };
+        a.make(T + 1, vec![consume(2)]);
+        let s2 = copy.make(T + 2, vec![consume(2)]);
+        let s3 = copy.make(T + 3, vec![init(1), consume(1)]);
+        a.merge(&copy);
+        let e = a.seats();
+        // 3 seats, 5 sold: owes 2; the last two sales past the fork in
+        // canonical order carry the deficit, one unit each.
+        assert_eq!(e.overdrawn[&a.id].owed, 2);
+        assert!(e.overdrawn[&a.id].events.contains(&s3));
+        let marks: Vec<(EventId, u64)> = e.oversold.iter().map(|(k, m)| (*k, m.units)).collect();
+        let mut want = vec![(s2, 1), (s3, 1)];
+        want.sort();
+        assert_eq!(marks, want);
+        copy.merge(&a);
+        assert_eq!(copy.state.state_hash(), a.state.state_hash());
     }
 
     #[test]

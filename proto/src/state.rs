@@ -254,10 +254,13 @@ pub struct Escrow {
     #[serde(skip)]
     contested: BTreeSet<String>,
     /// Per author, what each of its events (duplicates included) did to
-    /// its own rights: `(lane, seq, change)`. For the rights of a forked
-    /// author, whose other branches are not in an event's causal past.
+    /// its own rights: `(lane, seq, change, spent)`, `spent` if an op
+    /// consumed or transferred rights (an init in the same event may make
+    /// the change positive). For the rights of a forked author, whose other
+    /// branches are not in an event's causal past, and its spends past the
+    /// fork ([`Overdrawn::events`]).
     #[serde(skip)]
-    own: BTreeMap<NodeId, Vec<(u32, u64, i128)>>,
+    own: BTreeMap<NodeId, Vec<(u32, u64, i128, bool)>>,
     /// Accounts that spent more rights than they hold: a forked author that
     /// spent the rights it held at the fork on two branches, a node that
     /// relied on an init or transfer that turned out to be a duplicate, or
@@ -1318,7 +1321,7 @@ impl State {
         if beyond {
             // It forked, and events of another branch are not in the past:
             // they do not count.
-            for &(lane, seq, change) in esc.own.get(author).into_iter().flatten() {
+            for &(lane, seq, change, _) in esc.own.get(author).into_iter().flatten() {
                 if vc.get(lane as usize).is_none_or(|&v| v < seq) {
                     held -= change;
                 }
@@ -1535,9 +1538,13 @@ impl State {
             );
             if let Some(e) = stream.escrow.get_mut(counter) {
                 let own = e.own.entry(event.author).or_default();
+                let spent = change < 0;
                 match own.last_mut() {
-                    Some(last) if last.0 == ix && last.1 == event.seq => last.2 += change,
-                    _ => own.push((ix, event.seq, change)),
+                    Some(last) if last.0 == ix && last.1 == event.seq => {
+                        last.2 += change;
+                        last.3 |= spent;
+                    }
+                    _ => own.push((ix, event.seq, change, spent)),
                 }
             }
         }
@@ -1710,8 +1717,10 @@ impl State {
                     .get(author)
                     .into_iter()
                     .flatten()
-                    .filter(|&&(_, seq, change)| seq > f && change < 0)
-                    .filter_map(|&(lane, seq, _)| self.lanes[lane as usize].id_at(seq))
+                    // Every event that spent, even if an init of its own
+                    // left its change to the author's rights positive.
+                    .filter(|&&(_, seq, _, spent)| seq > f && spent)
+                    .filter_map(|&(lane, seq, _, _)| self.lanes[lane as usize].id_at(seq))
                     .collect(),
             };
             events.sort_unstable();

@@ -823,63 +823,24 @@ fn utf16_range(text: &str, pos: u64, delete: u64) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, Keypair, Meta, Op};
-    use crate::state::{Appended, Draft, Inserted, Invalid, PrepareError, State};
-    use crate::HlcClock;
+    use crate::event::{Event, Meta, Op};
+    use crate::state::{Draft, Inserted, Invalid, PrepareError, State};
+    use crate::testkit::Desk;
     use proptest::prelude::*;
 
     /// A wall time: 2023-11-14.
     const T: u64 = 1_700_000_000_000;
 
-    /// One desk: its key, replica, clock, and the events it holds in the
-    /// order it inserted them (a causal order).
-    struct Desk {
-        id: NodeId,
-        state: State,
-        clock: HlcClock,
-        held: Vec<(Event, EventId)>,
+    /// The notes' view of a desk: the `notes` field of `attendee/1`.
+    trait Typist {
+        fn splice(&mut self, wall: u64, splices: &[(u64, u64, &str)]) -> EventId;
+        fn notes(&self) -> Text;
     }
 
-    impl Desk {
-        fn new(secret: u8) -> Desk {
-            Desk {
-                id: Keypair::from_secret([secret; 32]).node_id(),
-                state: State::new(),
-                clock: HlcClock::default(),
-                held: Vec::new(),
-            }
-        }
-
-        fn append(&mut self, wall: u64, draft: Draft) -> Result<EventId, PrepareError> {
-            match self
-                .state
-                .append_local(self.id, &mut self.clock, wall, draft)?
-            {
-                Appended::New { event, id, .. } => {
-                    self.held.push((event, id));
-                    Ok(id)
-                }
-                Appended::Existing(r) => Ok(r.id),
-            }
-        }
-
+    impl Typist for Desk {
         fn splice(&mut self, wall: u64, splices: &[(u64, u64, &str)]) -> EventId {
             self.append(wall, notes(splices, None, None))
                 .expect("a valid splice")
-        }
-
-        /// Inserts what `from` holds, in its order, skipping what it has.
-        fn learn(&mut self, from: &[(Event, EventId)], wall: u64) {
-            for (e, id) in from {
-                match self.state.insert(e, *id) {
-                    Ok(Inserted::New) => {
-                        self.clock.observe_at(e.hlc, wall);
-                        self.held.push((e.clone(), *id));
-                    }
-                    Ok(Inserted::Duplicate) => {}
-                    Err(err) => panic!("refused {id:?}: {err}"),
-                }
-            }
         }
 
         fn notes(&self) -> Text {
@@ -921,10 +882,10 @@ mod tests {
     fn concurrent_edits_merge_character_by_character() {
         let (mut a, mut b) = (Desk::new(1), Desk::new(2));
         a.splice(T, &[(0, 0, "vegan")]);
-        b.learn(&a.held.clone(), T + 1);
+        b.learn(&a.log.clone(), T + 1);
         a.splice(T + 10, &[(0, 0, "strict ")]);
         b.splice(T + 11, &[(5, 0, ", no nuts")]);
-        let (ha, hb) = (a.held.clone(), b.held.clone());
+        let (ha, hb) = (a.log.clone(), b.log.clone());
         a.learn(&hb, T + 20);
         b.learn(&ha, T + 20);
         assert_eq!(a.notes().text, "strict vegan, no nuts");
@@ -934,7 +895,7 @@ mod tests {
         // Both insert at one position: both survive, in one order.
         a.splice(T + 30, &[(0, 0, "A")]);
         b.splice(T + 31, &[(0, 0, "B")]);
-        let (ha, hb) = (a.held.clone(), b.held.clone());
+        let (ha, hb) = (a.log.clone(), b.log.clone());
         a.learn(&hb, T + 40);
         b.learn(&ha, T + 40);
         let t = a.notes().text;
@@ -1006,7 +967,7 @@ mod tests {
         let mut a = Desk::new(1);
         let b = Desk::new(2);
         a.splice(T, &[(0, 0, "abc")]);
-        let Op::Text { change, .. } = a.held[0].0.ops[0].clone() else {
+        let Op::Text { change, .. } = a.log[0].0.ops[0].clone() else {
             unreachable!()
         };
         let raw = |change: Vec<u8>| Draft {
@@ -1059,7 +1020,7 @@ mod tests {
             meta: Meta::default(),
         };
         let mut c = Desk::new(3);
-        c.learn(&a.held.clone(), T);
+        c.learn(&a.log.clone(), T);
         let (_, id) = ev.seal();
         let err = c.state.insert(&ev, id).unwrap_err();
         assert!(
@@ -1132,7 +1093,7 @@ mod tests {
             .unwrap();
         a.splice(T + 11, &[(5, 0, " of honour")]);
         assert_eq!(a.notes().text, "guest of honour");
-        let (ha, hb) = (a.held.clone(), b.held.clone());
+        let (ha, hb) = (a.log.clone(), b.log.clone());
         a.learn(&hb, T + 20);
         b.learn(&ha, T + 20);
         assert_eq!(
@@ -1144,7 +1105,7 @@ mod tests {
         assert_eq!(a.state.state_hash(), b.state.state_hash());
         // A later edit builds on what is shown.
         a.splice(T + 30, &[(3, 0, "!")]);
-        b.learn(&a.held.clone(), T + 31);
+        b.learn(&a.log.clone(), T + 31);
         assert_eq!(b.notes().text, "VIP!");
         assert_eq!(a.state.state_hash(), b.state.state_hash());
     }
@@ -1157,16 +1118,16 @@ mod tests {
         let mut a = Desk::new(1);
         a.splice(T, &[(0, 0, "base")]);
         let mut copy = Desk::new(1);
-        copy.learn(&a.held.clone(), T);
+        copy.learn(&a.log.clone(), T);
         copy.clock = a.clock.clone();
         let x = a.splice(T + 5, &[(4, 0, " X")]);
         let y = copy.splice(T + 5, &[(4, 0, " Y")]);
-        let (ex, ey) = (a.held[1].0.clone(), copy.held[1].0.clone());
+        let (ex, ey) = (a.log[1].0.clone(), copy.log[1].0.clone());
         assert_eq!((ex.seq, ex.hlc), (ey.seq, ey.hlc), "one actor");
         let mut shown = Vec::new();
         for order in [[(ex.clone(), x), (ey.clone(), y)], [(ey, y), (ex, x)]] {
             let mut r = Desk::new(9);
-            r.learn(&a.held[..1], T);
+            r.learn(&a.log[..1], T);
             r.learn(&order, T + 6);
             shown.push((r.notes(), r.state.state_hash()));
         }
@@ -1244,19 +1205,19 @@ mod tests {
                         }
                     }
                     Step::Sync { from, to } => {
-                        let held = desks[*from].held.clone();
+                        let held = desks[*from].log.clone();
                         desks[*to].learn(&held, wall);
                     }
                 }
             }
             for to in 0..3 {
                 for from in 0..3 {
-                    let held = desks[from].held.clone();
+                    let held = desks[from].log.clone();
                     desks[to].learn(&held, T + 1_000_000);
                 }
             }
             // A fresh replica: every event, in a random causal order.
-            let mut pending = desks[0].held.clone();
+            let mut pending = desks[0].log.clone();
             let mut fresh = State::new();
             let mut rng = seed | 1;
             while !pending.is_empty() {

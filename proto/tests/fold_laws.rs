@@ -5,8 +5,9 @@
 //! concurrent writes to one field are a conflict until a later write
 //! supersedes them; command ids and expected versions behave like an event
 //! store's; the venue's seat rules (policies, overdraft sales, oversell
-//! marks and their compensation) are the same in every delivery order and
-//! equal a model of the event set.
+//! marks and their compensation, automatic and by staff, and the debts of
+//! an author forked by a restored desk) are the same in every delivery
+//! order and equal a model of the event set.
 //!
 //! The random tests check the real `State` against an independent model
 //! computed from the event set alone (causal pasts by explicit reachability),
@@ -17,9 +18,11 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
+use weftlog_proto::admission::{compensations, staff_decision, Refused};
 use weftlog_proto::event::{Compensation, Policy, PolicyMode, MIN_FORMAT_VERSION};
 use weftlog_proto::seats::{
     compensation_field, compensation_sale, compensation_value, parse_compensation, strictest, By,
+    COMPENSATION_PREFIX,
 };
 use weftlog_proto::state::{
     Account, Draft, Inserted, Invalid, PrepareError, Prepared, State, WriteId, Written,
@@ -36,6 +39,8 @@ const COUNTERS: [&str; 2] = ["checkins", "badges"];
 const SEATS: &str = "seats";
 /// Most authors in a script.
 const AUTHORS_MAX: usize = 4;
+/// Most replicas in a script: an author's restored copies fork it.
+const NODES_MAX: usize = AUTHORS_MAX + 2;
 /// Most steps in a script; about 3 in 5 are appends, some of them refused,
 /// so a script makes up to about 40 events (at most 128: see `Bits`).
 const STEPS_MAX: usize = 96;
@@ -87,8 +92,13 @@ impl Rng {
 // ---------------------------------------------------------------------------
 // Replicas driven by a script.
 
-/// One author with its own replica, clock and insertion order.
+/// One author with its own replica, clock and insertion order. Two nodes
+/// may share an author: a desk restored from a copy of another
+/// ([`Step::Fork`]), whose events fork the author's chain.
+#[derive(Clone)]
 struct Node {
+    /// The author's index in [`keys`].
+    author: usize,
     key: &'static Keypair,
     id: NodeId,
     state: State,
@@ -101,6 +111,7 @@ impl Node {
     fn new(i: usize) -> Node {
         let key = &keys()[i];
         Node {
+            author: i,
             key,
             id: key.node_id(),
             state: State::new(),
@@ -167,9 +178,10 @@ enum OpSpec {
         mode: u8,
         max_overdraft: u64,
     },
-    /// A sale beyond the rights held (refused unless risk-window allows it).
+    /// A sale of `beyond` seats more than the rights the replica shows
+    /// (refused unless risk-window allows it).
     Overdraw {
-        amount: u64,
+        beyond: u64,
     },
     /// A compensation for the sale `pick` of those the replica holds:
     /// `action` indexes [`Compensation::ALL`], 4 writes a malformed value.
@@ -222,6 +234,31 @@ enum Step {
         to: usize,
         from: usize,
     },
+    /// A desk restored from a copy of node `from`: a new node with its
+    /// author, replica and clock, whose next event forks the author's chain
+    /// (no more than [`NODES_MAX`] nodes).
+    Fork {
+        from: usize,
+    },
+    /// Node `node` writes the automatic compensation of every mark it shows
+    /// without one, as the replica does (`admission::compensations`).
+    Compensate {
+        node: usize,
+        now_ms: u64,
+    },
+    /// Staff on node `node` decide on the mark `pick` it shows
+    /// (`admission::staff_decision`); `action` indexes
+    /// [`Compensation::ALL`].
+    Staff {
+        node: usize,
+        pick: usize,
+        action: usize,
+        now_ms: u64,
+    },
+    /// Node 0 merges every node but `except` (all with `None`).
+    Heal {
+        except: Option<usize>,
+    },
 }
 
 /// Wall times close together, with frequent steps backwards and a few far
@@ -258,20 +295,146 @@ fn escrow_op() -> BoxedStrategy<OpSpec> {
     .boxed()
 }
 
-/// The venue's seat rules: policies, overdraft sales and compensations,
-/// among escrow ops with small capacities.
-fn seat_op() -> BoxedStrategy<OpSpec> {
+/// The venue's seat rules: sales pressing against small capacities (most
+/// beyond the rights held, which a risk window admits), late seats added
+/// (which un-mark sales), some transfers, policy changes and hand-written
+/// compensations.
+fn venue_op() -> BoxedStrategy<OpSpec> {
     prop_oneof![
         1 => (0..FIELDS.len(), 0u8..4).prop_map(|(field, value)| OpSpec::Set { field, value }),
-        2 => (1u64..=3).prop_map(|capacity| OpSpec::Init { capacity }),
-        2 => (0..AUTHORS_MAX, share(3)).prop_map(|(to, share)| OpSpec::Transfer { to, share }),
+        3 => Just(OpSpec::Init { capacity: 1 }),
+        1 => (0..AUTHORS_MAX, share(3)).prop_map(|(to, share)| OpSpec::Transfer { to, share }),
         4 => share(3).prop_map(|share| OpSpec::Consume { share }),
-        2 => (0u8..4, 0u64..=3).prop_map(|(mode, max_overdraft)| OpSpec::Policy { mode, max_overdraft }),
-        4 => (1u64..=3).prop_map(|amount| OpSpec::Overdraw { amount }),
-        2 => (any::<usize>(), 0usize..5, any::<bool>())
+        1 => (0u8..4, 0u64..=3).prop_map(|(mode, max_overdraft)| OpSpec::Policy { mode, max_overdraft }),
+        5 => (1u64..=3).prop_map(|beyond| OpSpec::Overdraw { beyond }),
+        1 => (any::<usize>(), 0usize..5, any::<bool>())
             .prop_map(|(pick, action, staff)| OpSpec::Compensate { pick, action, staff }),
     ]
     .boxed()
+}
+
+/// One step of a venue script between its opening and its end: sales,
+/// merges, automatic compensations and staff decisions.
+fn venue_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (
+            0..NODES_MAX,
+            now_ms(),
+            prop::collection::vec(venue_op(), 1..3),
+            prop::option::weighted(0.1, 0u8..4),
+            any::<bool>(),
+        )
+            .prop_map(|(author, now_ms, ops, command, user)| Step::Append {
+                author,
+                stream: 0,
+                now_ms,
+                ops,
+                command,
+                user,
+            }),
+        3 => (0..NODES_MAX, 0..NODES_MAX).prop_map(|(to, from)| Step::Merge { to, from }),
+        1 => (0..NODES_MAX, now_ms()).prop_map(|(node, now_ms)| Step::Compensate { node, now_ms }),
+        1 => (0..NODES_MAX, any::<usize>(), 0..Compensation::ALL.len(), now_ms())
+            .prop_map(|(node, pick, action, now_ms)| Step::Staff { node, pick, action, now_ms }),
+    ]
+}
+
+/// A venue: node 0 opens a counter of `capacity` seats under a risk window
+/// of `max_overdraft`, hands a share of its rights to each other desk, and
+/// every desk learns that; then random steps. Most of the time, in the
+/// first half of them, a desk is restored from a copy: the copy and the
+/// original both sell the rights held at the copy, which forks the author
+/// and spends those rights twice. At the end node 0 merges every desk but
+/// one, compensates the marks it shows, staff may decide on one, and the
+/// last desk's events arrive late (moving marks and voiding compensations),
+/// after which node 0 compensates again. `(authors, steps, seed)`.
+fn venue_script() -> impl Strategy<Value = (usize, Vec<Step>, u64)> {
+    (
+        (2..=AUTHORS_MAX, 1u64..=6, 1u64..=3),
+        prop::collection::vec(venue_step(), 8..STEPS_MAX / 2),
+        prop::option::weighted(0.7, (0..AUTHORS_MAX, any::<usize>(), 1u64..=2)),
+        (
+            any::<usize>(),
+            prop::bool::weighted(0.75),
+            any::<usize>(),
+            0..Compensation::ALL.len(),
+        ),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((k, capacity, max_overdraft), body, fork, (late, staff, pick, action), seed)| {
+                let open = |ops: Vec<OpSpec>| Step::Append {
+                    author: 0,
+                    stream: 0,
+                    now_ms: 1_000,
+                    ops,
+                    command: None,
+                    user: false,
+                };
+                let mut steps = vec![open(vec![
+                    OpSpec::Init { capacity },
+                    OpSpec::Policy {
+                        mode: 0,
+                        max_overdraft,
+                    },
+                ])];
+                for to in 0..k - 1 {
+                    steps.push(open(vec![OpSpec::Transfer {
+                        to,
+                        share: Share::Quarters(1),
+                    }]));
+                }
+                steps.extend((1..k).map(|to| Step::Merge { to, from: 0 }));
+                let body_at = steps.len();
+                steps.extend(body);
+                if let Some((from, at, beyond)) = fork {
+                    let from = from % k;
+                    let at = body_at + at % ((steps.len() - body_at) / 2 + 1);
+                    // The copy's events name a user, so that they differ from
+                    // the original's even where the ops and clocks agree.
+                    let sell = |author: usize, op: OpSpec| Step::Append {
+                        author,
+                        stream: 0,
+                        now_ms: 1_010,
+                        ops: vec![op],
+                        command: None,
+                        user: author == k,
+                    };
+                    let all = || OpSpec::Consume {
+                        share: Share::Quarters(4),
+                    };
+                    // The copy is node `k`: the script's only fork.
+                    steps.splice(
+                        at..at,
+                        [
+                            Step::Fork { from },
+                            sell(k, all()),
+                            sell(from, all()),
+                            sell(k, OpSpec::Overdraw { beyond }),
+                        ],
+                    );
+                }
+                steps.push(Step::Heal { except: Some(late) });
+                steps.push(Step::Compensate {
+                    node: 0,
+                    now_ms: 1_500,
+                });
+                if staff {
+                    steps.push(Step::Staff {
+                        node: 0,
+                        pick,
+                        action,
+                        now_ms: 1_600,
+                    });
+                }
+                steps.push(Step::Heal { except: None });
+                steps.push(Step::Compensate {
+                    node: 0,
+                    now_ms: 1_700,
+                });
+                (k, steps, seed)
+            },
+        )
 }
 
 /// `commands`: how often an append carries a command id (one of four, so
@@ -378,8 +541,9 @@ fn to_op(
                 supersedes: vec![],
             }
         }
-        OpSpec::Overdraw { amount } => {
-            *held = held.saturating_sub(amount as u128);
+        OpSpec::Overdraw { beyond } => {
+            let amount = (*held as u64).saturating_add(beyond);
+            *held = 0;
             Op::EscrowOverdraw {
                 counter: SEATS.into(),
                 amount,
@@ -472,8 +636,9 @@ fn run(k: usize, steps: &[Step], mut after_step: impl FnMut(&[Node])) -> World {
                 command,
                 user,
             } => {
-                let a = author % k;
-                let node = &mut nodes[a];
+                let n = author % nodes.len();
+                let node = &mut nodes[n];
+                let a = node.author;
                 let stream = STREAMS[*stream];
                 let rights = |node: &Node| {
                     node.state
@@ -551,17 +716,72 @@ fn run(k: usize, steps: &[Step], mut after_step: impl FnMut(&[Node])) -> World {
                 }
             }
             Step::Merge { to, from } => {
-                let (to, from) = (to % k, from % k);
+                let (to, from) = (to % nodes.len(), from % nodes.len());
                 if to != from {
                     let theirs = nodes[from].order.clone();
                     nodes[to].merge_from(&theirs);
+                }
+            }
+            Step::Fork { from } => {
+                if nodes.len() < NODES_MAX {
+                    let copy = nodes[from % nodes.len()].clone();
+                    nodes.push(copy);
+                }
+            }
+            Step::Compensate { node, now_ms } => {
+                let len = nodes.len();
+                let node = &mut nodes[node % len];
+                for draft in compensations(&node.state, STREAMS[0], SEATS) {
+                    match node.state.prepare(node.id, &mut node.clock, *now_ms, draft) {
+                        Ok(Prepared::New(e)) => {
+                            node.insert_own(e);
+                        }
+                        // Its command (`oversold/<sale>`) is in the
+                        // replica, under a value that is not standing.
+                        Ok(Prepared::Existing(_)) => {}
+                        Err(e) => panic!("a compensation refused: {e}"),
+                    }
+                }
+            }
+            Step::Staff {
+                node,
+                pick,
+                action,
+                now_ms,
+            } => {
+                let len = nodes.len();
+                let node = &mut nodes[node % len];
+                let marks = node.state.oversold();
+                let action = Compensation::ALL[action % Compensation::ALL.len()];
+                let user = Some(format!("staff-{}", node.author));
+                match marks.get(pick % marks.len().max(1)) {
+                    None => {
+                        let none = EventId([0; 32]);
+                        let refused = staff_decision(&node.state, &none, action, user, *now_ms);
+                        assert!(matches!(refused, Err(Refused::NotOversold { .. })));
+                    }
+                    Some((_, _, sale, _)) => {
+                        // Wall times stay far inside the override window.
+                        let draft = staff_decision(&node.state, sale, action, user, *now_ms)
+                            .expect("a staff decision on a marked sale");
+                        node.commit(*now_ms, draft);
+                    }
+                }
+            }
+            Step::Heal { except } => {
+                let except = except.map(|x| x % nodes.len());
+                for i in 1..nodes.len() {
+                    if Some(i) != except {
+                        let theirs = nodes[i].order.clone();
+                        nodes[0].merge_from(&theirs);
+                    }
                 }
             }
         }
         after_step(&nodes);
     }
     // Node 0 merges everyone, so one author replica holds every event.
-    for i in 1..k {
+    for i in 1..nodes.len() {
         let theirs = nodes[i].order.clone();
         nodes[0].merge_from(&theirs);
     }
@@ -610,10 +830,13 @@ fn causal_shuffle(events: &[(Event, EventId)], rng: &mut Rng) -> Vec<usize> {
 /// An event's place in the canonical order.
 type CanonicalKey = (Hlc, NodeId, u64, EventId);
 
-/// The canonical order: ascending `(hlc, author, seq)`.
+/// The canonical order: ascending `(hlc, author, seq, id)`.
 fn canonical_order(events: &[(Event, EventId)]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..events.len()).collect();
-    order.sort_by_key(|&i| (events[i].0.hlc, events[i].0.author, events[i].0.seq));
+    order.sort_by_key(|&i| {
+        let (e, id) = &events[i];
+        (e.hlc, e.author, e.seq, *id)
+    });
     order
 }
 
@@ -1013,6 +1236,52 @@ fn assert_escrow_invariants(state: &State, events: &[(Event, EventId)]) {
     }
 }
 
+/// The rights the author of `events[i]` holds in the event's causal past,
+/// per counter of its stream: its inits, transfers and sales, and the
+/// transfers to it, of the events `in_past` marks (those in effect in that
+/// past). An author that forked counts only the branches in that past,
+/// which reachability gives. Negative: a debt.
+fn rights_in_past<'a>(
+    events: &'a [(Event, EventId)],
+    in_past: &[bool],
+    i: usize,
+) -> BTreeMap<&'a str, i128> {
+    let e = &events[i].0;
+    let mut held: BTreeMap<&str, i128> = BTreeMap::new();
+    for (j, (p, _)) in events.iter().enumerate() {
+        if !in_past[j] || p.stream != e.stream {
+            continue;
+        }
+        for op in &p.ops {
+            match op {
+                Op::EscrowInit { counter, capacity } if p.author == e.author => {
+                    *held.entry(counter).or_default() += *capacity as i128;
+                }
+                Op::EscrowTransfer {
+                    counter,
+                    to,
+                    amount,
+                } => {
+                    if p.author == e.author {
+                        *held.entry(counter).or_default() -= *amount as i128;
+                    }
+                    if *to == e.author {
+                        *held.entry(counter).or_default() += *amount as i128;
+                    }
+                }
+                Op::EscrowConsume { counter, amount }
+                | Op::EscrowOverdraw {
+                    counter, amount, ..
+                } if p.author == e.author => {
+                    *held.entry(counter).or_default() -= *amount as i128;
+                }
+                _ => {}
+            }
+        }
+    }
+    held
+}
+
 /// The escrow rule checked from first principles: every transfer and
 /// consumption in `events` is covered by rights its author held in the
 /// event's causal past (plus the event's own earlier ops), where the ops of
@@ -1020,36 +1289,8 @@ fn assert_escrow_invariants(state: &State, events: &[(Event, EventId)]) {
 fn assert_rights_from_causal_past(events: &[(Event, EventId)]) {
     let past = pasts(events);
     for (i, (e, id)) in events.iter().enumerate() {
-        let mut held: BTreeMap<&str, i128> = BTreeMap::new();
-        let in_effect = effective(events, |j| past[i] & (1 << j) != 0);
-        for (j, (p, _)) in events.iter().enumerate() {
-            if !in_effect[j] || p.stream != e.stream {
-                continue;
-            }
-            for op in &p.ops {
-                match op {
-                    Op::EscrowInit { counter, capacity } if p.author == e.author => {
-                        *held.entry(counter).or_default() += *capacity as i128;
-                    }
-                    Op::EscrowTransfer {
-                        counter,
-                        to,
-                        amount,
-                    } => {
-                        if p.author == e.author {
-                            *held.entry(counter).or_default() -= *amount as i128;
-                        }
-                        if *to == e.author {
-                            *held.entry(counter).or_default() += *amount as i128;
-                        }
-                    }
-                    Op::EscrowConsume { counter, amount } if p.author == e.author => {
-                        *held.entry(counter).or_default() -= *amount as i128;
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let in_past = effective(events, |j| past[i] & (1 << j) != 0);
+        let mut held = rights_in_past(events, &in_past, i);
         for op in &e.ops {
             match op {
                 Op::EscrowInit { counter, capacity } => {
@@ -1072,38 +1313,52 @@ fn assert_rights_from_causal_past(events: &[(Event, EventId)]) {
     }
 }
 
-/// A policy write in the model: the write, its policy, the dots it names.
-type PolicyW = (WriteId, Policy, Vec<Dot>);
-
-/// The seat rules of one counter, from first principles.
-#[derive(Default)]
-struct ModelSeats {
-    /// Policy writes of events in effect: write, policy, the dots it names.
-    policies: Vec<PolicyW>,
-    /// Sales in effect: canonical key, (units sold, overdraft units).
-    sales: BTreeMap<CanonicalKey, (u128, u128)>,
-    balance: BTreeMap<NodeId, i128>,
-    capacity: u128,
-    consumed: u128,
+/// The writes a `Set` or policy op of `events[j]` names by `dots`: every
+/// event at one of those dots in its causal past (both branches of a
+/// forked author, once both are there).
+fn resolve(events: &[(Event, EventId)], past: &[Bits], j: usize, dots: &[Dot]) -> Vec<WriteId> {
+    events
+        .iter()
+        .enumerate()
+        .filter(|(x, (p, _))| {
+            past[j] & (1 << x) != 0 && dots.iter().any(|d| (d.author, d.seq) == (p.author, p.seq))
+        })
+        .map(|(_, (p, id))| WriteId {
+            author: p.author,
+            seq: p.seq,
+            event: *id,
+        })
+        .collect()
 }
+
+/// A policy write in the model: the write, its policy, the writes it names.
+type PolicyW = (WriteId, Policy, Vec<WriteId>);
+
+/// The sales of one counter in effect: canonical key, (units sold,
+/// overdraft units).
+type ModelSales = BTreeMap<CanonicalKey, (u128, u128)>;
 
 /// The standing policies among `writes`: those no write names.
 fn standing_policies(writes: &[PolicyW]) -> BTreeMap<WriteId, Policy> {
-    let named: HashSet<Dot> = writes
+    let named: HashSet<WriteId> = writes
         .iter()
         .flat_map(|(_, _, d)| d.iter().copied())
         .collect();
     writes
         .iter()
-        .filter(|(w, _, _)| !named.contains(&w.dot()))
+        .filter(|(w, _, _)| !named.contains(w))
         .map(|(w, p, _)| (*w, *p))
         .collect()
 }
 
-/// The policy writes of `events[i]` per counter: the later op of an event
+/// The policy writes of `events[j]` per counter: the later op of an event
 /// on one counter stands, and the event names what all its ops name.
-fn policy_writes(events: &[(Event, EventId)], i: usize) -> BTreeMap<&str, PolicyW> {
-    let (e, id) = &events[i];
+fn policy_writes<'a>(
+    events: &'a [(Event, EventId)],
+    past: &[Bits],
+    j: usize,
+) -> BTreeMap<&'a str, PolicyW> {
+    let (e, id) = &events[j];
     let w = WriteId {
         author: e.author,
         seq: e.seq,
@@ -1121,62 +1376,109 @@ fn policy_writes(events: &[(Event, EventId)], i: usize) -> BTreeMap<&str, Policy
                 .entry(counter.as_str())
                 .or_insert((w, *policy, Vec::new()));
             slot.1 = *policy;
-            slot.2.extend(supersedes.iter().copied());
+            slot.2.extend(resolve(events, past, j, supersedes));
         }
     }
     out
 }
 
-/// Checks a replica's policies, overdraft sales, marks and compensation
-/// against a model computed from `events` (in a causal order, exactly the
-/// replica's event set, no author forked): validity and overdraft units
-/// from each event's causal past by reachability, then the marks and
-/// compensation rules of the `seats` module docs.
+/// Each forked author and the highest seq all its branches share: two
+/// events with one `(author, seq)` prove a fork.
+fn fork_seqs(events: &[(Event, EventId)]) -> BTreeMap<NodeId, u64> {
+    let mut at: BTreeMap<(NodeId, u64), usize> = BTreeMap::new();
+    for (e, _) in events {
+        *at.entry((e.author, e.seq)).or_default() += 1;
+    }
+    let mut out = BTreeMap::new();
+    // Ascending by seq within an author: the first is the lowest.
+    for ((author, seq), n) in at {
+        if n > 1 {
+            out.entry(author).or_insert(seq - 1);
+        }
+    }
+    out
+}
+
+/// The standing writes of the compensation fields (`oversold/…`) of
+/// `stream` by the register rule: the writes of events in effect (an
+/// event's later op on a field overwrites its earlier one) that no event in
+/// effect names, a dot naming the events at it in the writer's causal past.
+fn compensation_writes(
+    events: &[(Event, EventId)],
+    past: &[Bits],
+    in_effect: &[bool],
+    stream: &str,
+) -> BTreeMap<String, BTreeMap<WriteId, Written>> {
+    let mut writes: BTreeMap<String, BTreeMap<WriteId, Written>> = BTreeMap::new();
+    let mut named: HashSet<(String, WriteId)> = HashSet::new();
+    for (j, (e, id)) in events.iter().enumerate() {
+        if !in_effect[j] || e.stream != stream {
+            continue;
+        }
+        for op in &e.ops {
+            let Op::Set {
+                field,
+                value,
+                supersedes,
+            } = op
+            else {
+                continue;
+            };
+            if !field.starts_with(COMPENSATION_PREFIX) {
+                continue;
+            }
+            let w = WriteId {
+                author: e.author,
+                seq: e.seq,
+                event: *id,
+            };
+            let written = Written {
+                hlc: e.hlc,
+                value: value.clone(),
+            };
+            writes.entry(field.clone()).or_default().insert(w, written);
+            for n in resolve(events, past, j, supersedes) {
+                named.insert((field.clone(), n));
+            }
+        }
+    }
+    for (field, w) in &mut writes {
+        w.retain(|id, _| !named.contains(&(field.clone(), *id)));
+    }
+    writes
+}
+
+/// Checks a replica's policies, debts, overdraft sales, marks and
+/// compensation against a model computed from `events` (in a causal order,
+/// exactly the replica's event set; authors may have forked): validity and
+/// overdraft units from each event's causal past by reachability, then the
+/// marks and compensation rules of the `seats` module docs.
 fn assert_seats_match_model(state: &State, events: &[(Event, EventId)]) {
-    assert!(state.forks().is_empty(), "the generator makes no forks");
     let past = pasts(events);
     let in_effect = effective(events, |_| true);
+    let (streams, _) = model(events);
+    let forks = fork_seqs(events);
+    let got_forks: BTreeMap<NodeId, u64> = state
+        .forks()
+        .iter()
+        .map(|f| (f.author, f.seq - 1))
+        .collect();
+    assert_eq!(got_forks, forks, "forks");
     let key = |i: usize| -> CanonicalKey {
         let (e, id) = &events[i];
         (e.hlc, e.author, e.seq, *id)
     };
-    let mut counters: BTreeMap<(String, String), ModelSeats> = BTreeMap::new();
+    // Per (stream, counter): policy writes and sales in effect.
+    let mut counters: BTreeMap<(String, String), (Vec<PolicyW>, ModelSales)> = BTreeMap::new();
     for (i, (e, _)) in events.iter().enumerate() {
         // The event's causal past, as the rules see it.
         let effect_past = effective(events, |j| past[i] & (1 << j) != 0);
-        let mut held: BTreeMap<&str, i128> = BTreeMap::new();
+        let mut held = rights_in_past(events, &effect_past, i);
         let mut policy_past: BTreeMap<&str, Vec<PolicyW>> = BTreeMap::new();
         for (j, (p, _)) in events.iter().enumerate() {
-            if !effect_past[j] || p.stream != e.stream {
-                continue;
-            }
-            for (c, w) in policy_writes(events, j) {
-                policy_past.entry(c).or_default().push(w);
-            }
-            for op in &p.ops {
-                match op {
-                    Op::EscrowInit { counter, capacity } if p.author == e.author => {
-                        *held.entry(counter).or_default() += *capacity as i128;
-                    }
-                    Op::EscrowTransfer {
-                        counter,
-                        to,
-                        amount,
-                    } => {
-                        if p.author == e.author {
-                            *held.entry(counter).or_default() -= *amount as i128;
-                        }
-                        if *to == e.author {
-                            *held.entry(counter).or_default() += *amount as i128;
-                        }
-                    }
-                    Op::EscrowConsume { counter, amount }
-                    | Op::EscrowOverdraw {
-                        counter, amount, ..
-                    } if p.author == e.author => {
-                        *held.entry(counter).or_default() -= *amount as i128;
-                    }
-                    _ => {}
+            if effect_past[j] && p.stream == e.stream {
+                for (c, w) in policy_writes(events, &past, j) {
+                    policy_past.entry(c).or_default().push(w);
                 }
             }
         }
@@ -1199,8 +1501,7 @@ fn assert_seats_match_model(state: &State, events: &[(Event, EventId)]) {
                     counter, amount, ..
                 } => {
                     let writes = policy_past.get(counter.as_str()).map_or(&[][..], |v| v);
-                    let standing = standing_policies(writes);
-                    let policy = strictest(&standing);
+                    let policy = strictest(&standing_policies(writes));
                     assert_eq!(
                         policy.mode,
                         PolicyMode::RiskWindow,
@@ -1219,172 +1520,151 @@ fn assert_seats_match_model(state: &State, events: &[(Event, EventId)]) {
                 _ => {}
             }
         }
-        // The read model counts the events in effect only.
-        let stream_counters: Vec<&str> = e
-            .ops
-            .iter()
-            .filter(|op| op.is_escrow())
-            .map(|op| op.target())
-            .collect();
-        for c in stream_counters {
-            counters
-                .entry((e.stream.clone(), c.to_string()))
-                .or_default();
-        }
         if !in_effect[i] {
             continue;
         }
-        for (c, w) in policy_writes(events, i) {
-            counters
-                .get_mut(&(e.stream.clone(), c.to_string()))
-                .expect("made above")
-                .policies
-                .push(w);
-        }
-        for (c, (amount, overdraft)) in sold {
+        for (c, w) in policy_writes(events, &past, i) {
             let m = counters
-                .get_mut(&(e.stream.clone(), c.to_string()))
-                .expect("made above");
-            m.sales.insert(key(i), (amount, overdraft));
+                .entry((e.stream.clone(), c.to_string()))
+                .or_default();
+            m.0.push(w);
         }
-        for op in &e.ops {
-            let Some(m) = counters.get_mut(&(e.stream.clone(), op.target().to_string())) else {
-                continue;
-            };
-            match op {
-                Op::EscrowInit { capacity, .. } => {
-                    m.capacity += *capacity as u128;
-                    *m.balance.entry(e.author).or_default() += *capacity as i128;
-                }
-                Op::EscrowTransfer { to, amount, .. } => {
-                    *m.balance.entry(e.author).or_default() -= *amount as i128;
-                    *m.balance.entry(*to).or_default() += *amount as i128;
-                }
-                Op::EscrowConsume { amount, .. } | Op::EscrowOverdraw { amount, .. } => {
-                    m.consumed += *amount as u128;
-                    *m.balance.entry(e.author).or_default() -= *amount as i128;
-                }
-                _ => {}
-            }
+        for (c, s) in sold {
+            let m = counters
+                .entry((e.stream.clone(), c.to_string()))
+                .or_default();
+            m.1.insert(key(i), s);
         }
     }
-    let (streams, _) = model(events);
-    let ids: HashMap<Dot, EventId> = events
-        .iter()
-        .map(|(e, id)| {
-            (
-                Dot {
-                    author: e.author,
-                    seq: e.seq,
-                },
-                *id,
-            )
-        })
-        .collect();
-    for ((name, counter), m) in &counters {
-        let what = format!("{name}.{counter}");
-        let e = &state.stream(name).expect("stream").escrow[counter];
-        let standing = standing_policies(&m.policies);
-        assert_eq!(e.policies, standing, "{what}: policies");
-        assert_eq!(e.policy(), strictest(&standing), "{what}: effective policy");
-        // Marks.
-        let mut left = m.consumed.saturating_sub(m.capacity);
-        let mut cands: BTreeMap<CanonicalKey, u128> = BTreeMap::new();
-        for (k, (_, over)) in &m.sales {
-            if *over > 0 {
-                *cands.entry(*k).or_default() += over;
+    for (name, ms) in &streams {
+        let comp_fields = compensation_writes(events, &past, &in_effect, name);
+        let s = state.stream(name).expect("stream");
+        for (field, w) in &s.fields {
+            if field.starts_with(COMPENSATION_PREFIX) {
+                let want = comp_fields.get(field).cloned().unwrap_or_default();
+                assert_eq!(w, &want, "{name}.{field}: standing writes");
             }
         }
-        for (author, balance) in &m.balance {
-            let mine = m.sales.iter().filter(|(k, _)| k.1 == *author);
-            let over: u128 = mine.clone().map(|(_, s)| s.1).sum();
-            if *balance < 0 && balance.unsigned_abs() > over {
+        let comps: BTreeMap<EventId, (Compensation, By, WriteId)> = comp_fields
+            .iter()
+            .filter_map(|(field, writes)| {
+                let sale = compensation_sale(field)?;
+                let best = writes
+                    .iter()
+                    .filter_map(|(w, v)| {
+                        let (action, by) = parse_compensation(&v.value)?;
+                        Some(((by, v.hlc, *w), action))
+                    })
+                    .max_by_key(|(k, _)| *k)?;
+                let ((by, _, write), action) = best;
+                Some((sale, (action, by, write)))
+            })
+            .collect();
+        for (counter, me) in &ms.escrow {
+            let what = format!("{name}.{counter}");
+            let e = &s.escrow[counter];
+            let none = Default::default();
+            let (policies, sales) = counters
+                .get(&(name.clone(), counter.clone()))
+                .unwrap_or(&none);
+            let standing = standing_policies(policies);
+            assert_eq!(e.policies, standing, "{what}: policies");
+            assert_eq!(e.policy(), strictest(&standing), "{what}: effective policy");
+            // Debts.
+            let balance: BTreeMap<NodeId, i128> = me
+                .accounts
+                .iter()
+                .map(|(a, acct)| (*a, acct.balance()))
+                .collect();
+            let owed: BTreeMap<NodeId, u128> = balance
+                .iter()
+                .filter(|(_, b)| **b < 0)
+                .map(|(a, b)| (*a, b.unsigned_abs()))
+                .collect();
+            let got: BTreeMap<NodeId, u128> =
+                e.overdrawn.iter().map(|(a, o)| (*a, o.owed)).collect();
+            assert_eq!(got, owed, "{what}: debts");
+            // Marks: the candidates, walked from the last back.
+            let mut left = me.consumed.saturating_sub(me.capacity);
+            let mut cands: BTreeMap<CanonicalKey, u128> = BTreeMap::new();
+            for (k, (_, over)) in sales {
+                if *over > 0 {
+                    *cands.entry(*k).or_default() += over;
+                }
+            }
+            for (author, owed) in &owed {
+                let mine = sales.iter().filter(|(k, _)| k.1 == *author);
+                let over: u128 = mine.clone().map(|(_, s)| s.1).sum();
+                if *owed <= over {
+                    continue;
+                }
+                // A forked author's sales past its fork; else all of them.
+                let past_fork = forks.get(author);
                 for (k, (amount, over)) in mine {
-                    if amount > over {
+                    if amount > over && past_fork.is_none_or(|f| k.2 > *f) {
                         *cands.entry(*k).or_default() += amount - over;
                     }
                 }
             }
-        }
-        let mut marks: BTreeMap<EventId, (CanonicalKey, u64)> = BTreeMap::new();
-        for (k, units) in cands.iter().rev() {
-            if left == 0 {
-                break;
-            }
-            let u = (*units).min(left);
-            left -= u;
-            marks.insert(k.3, (*k, u as u64));
-        }
-        let got: BTreeMap<EventId, u64> = e.oversold.iter().map(|(id, o)| (*id, o.units)).collect();
-        let want: BTreeMap<EventId, u64> = marks.iter().map(|(id, (_, u))| (*id, *u)).collect();
-        assert_eq!(got, want, "{what}: marks");
-        for (id, o) in &e.oversold {
-            let (k, _) = marks[id];
-            assert_eq!((o.hlc, o.author), (k.0, k.1), "{what}: mark of {id:?}");
-        }
-        // Compensation: the standing values of the `oversold/` fields.
-        let mut comps: BTreeMap<EventId, (Compensation, By, WriteId)> = BTreeMap::new();
-        if let Some(ms) = streams.get(name) {
-            for (field, writes) in &ms.writes {
-                let Some(sale) = compensation_sale(field) else {
-                    continue;
-                };
-                let best = standing_named(writes, ms.named.get(field))
-                    .into_iter()
-                    .filter_map(|(dot, w)| {
-                        let (action, by) = parse_compensation(&w.value)?;
-                        let write = WriteId {
-                            author: dot.author,
-                            seq: dot.seq,
-                            event: ids[&dot],
-                        };
-                        Some(((by, w.hlc, write), action))
-                    })
-                    .max_by_key(|(k, _)| *k);
-                if let Some(((by, _, write), action)) = best {
-                    comps.insert(sale, (action, by, write));
+            let mut marks: BTreeMap<EventId, (CanonicalKey, u64)> = BTreeMap::new();
+            for (k, units) in cands.iter().rev() {
+                if left == 0 {
+                    break;
                 }
+                let u = (*units).min(left);
+                left -= u;
+                marks.insert(k.3, (*k, u as u64));
             }
-        }
-        let (mut honoured, mut released, mut waitlist) = (0u128, 0u128, Vec::new());
-        let mut void = BTreeMap::new();
-        for (sale, (action, by, write)) in &comps {
-            let got = e.oversold.get(sale).and_then(|o| o.compensation);
-            match marks.get(sale) {
-                Some((k, units)) => {
-                    let c = got.expect("a marked sale's compensation");
-                    assert_eq!((c.action, c.by, c.write), (*action, *by, *write), "{what}");
-                    match action {
-                        Compensation::Honour => honoured += *units as u128,
-                        Compensation::Cancel => released += *units as u128,
-                        Compensation::Waitlist => {
-                            released += *units as u128;
-                            waitlist.push((*k, *sale));
+            let got: BTreeMap<EventId, u64> =
+                e.oversold.iter().map(|(id, o)| (*id, o.units)).collect();
+            let want: BTreeMap<EventId, u64> = marks.iter().map(|(id, (_, u))| (*id, *u)).collect();
+            assert_eq!(got, want, "{what}: marks of sales {sales:?}");
+            for (id, o) in &e.oversold {
+                let (k, _) = marks[id];
+                assert_eq!((o.hlc, o.author), (k.0, k.1), "{what}: mark of {id:?}");
+            }
+            // Compensation: the winning standing value of each field.
+            let (mut honoured, mut released, mut waitlist) = (0u128, 0u128, Vec::new());
+            let mut void = BTreeMap::new();
+            for (sale, (action, by, write)) in &comps {
+                match marks.get(sale) {
+                    Some((k, units)) => {
+                        let c = e.oversold[sale]
+                            .compensation
+                            .expect("a marked sale's compensation");
+                        assert_eq!((c.action, c.by, c.write), (*action, *by, *write), "{what}");
+                        match action {
+                            Compensation::Honour => honoured += *units as u128,
+                            Compensation::Cancel => released += *units as u128,
+                            Compensation::Waitlist => {
+                                released += *units as u128;
+                                waitlist.push((*k, *sale));
+                            }
+                            Compensation::Notify => {}
                         }
-                        Compensation::Notify => {}
+                    }
+                    None => {
+                        void.insert(*sale, (*action, *by, *write));
                     }
                 }
-                None => {
-                    void.insert(*sale, (*action, *by, *write));
-                }
             }
+            let uncompensated = e
+                .oversold
+                .iter()
+                .filter(|(id, _)| !comps.contains_key(id))
+                .all(|(_, o)| o.compensation.is_none());
+            assert!(uncompensated, "{what}: a compensation out of nowhere");
+            let got_void: BTreeMap<EventId, (Compensation, By, WriteId)> = e
+                .void
+                .iter()
+                .map(|(id, c)| (*id, (c.action, c.by, c.write)))
+                .collect();
+            assert_eq!(got_void, void, "{what}: void");
+            waitlist.sort();
+            let waitlist: Vec<EventId> = waitlist.into_iter().map(|(_, id)| id).collect();
+            assert_eq!(e.waitlist, waitlist, "{what}: waitlist");
+            assert_eq!((e.honoured, e.released), (honoured, released), "{what}");
         }
-        let uncompensated = e
-            .oversold
-            .iter()
-            .filter(|(id, _)| !comps.contains_key(id))
-            .all(|(_, o)| o.compensation.is_none());
-        assert!(uncompensated, "{what}: a compensation out of nowhere");
-        let got_void: BTreeMap<EventId, (Compensation, By, WriteId)> = e
-            .void
-            .iter()
-            .map(|(id, c)| (*id, (c.action, c.by, c.write)))
-            .collect();
-        assert_eq!(got_void, void, "{what}: void");
-        waitlist.sort();
-        let waitlist: Vec<EventId> = waitlist.into_iter().map(|(_, id)| id).collect();
-        assert_eq!(e.waitlist, waitlist, "{what}: waitlist");
-        assert_eq!((e.honoured, e.released), (honoured, released), "{what}");
     }
 }
 
@@ -1496,15 +1776,17 @@ proptest! {
         }
     }
 
-    /// The venue's seat rules: with policies, overdraft sales and
-    /// compensations among escrow ops (and retried commands), every
-    /// delivery order with duplicates and late events gives the same
-    /// policies, marks and compensation, equal to the model's, on every
-    /// replica and at every step (where an event's arrival moves marks and
-    /// voids compensations); every refusal by `prepare` was right.
+    /// The venue's seat rules: venue scripts (a risk window, sales past
+    /// the rights held, seats added late, forks by a restored desk,
+    /// automatic compensations, staff decisions, retried commands) give,
+    /// in every delivery order with duplicates and late events, the same
+    /// policies, debts, marks, compensations (pending, compensated, void),
+    /// released and honoured seats and state hash, equal to the model's, on
+    /// every replica and at every step (where an event's arrival moves
+    /// marks and voids compensations); every refusal by `prepare` was right.
     #[test]
     fn oversell_marks_and_compensation_are_a_function_of_the_event_set(
-        (k, steps, seed) in script(seat_op(), 1, 0.1)
+        (k, steps, seed) in venue_script()
     ) {
         let mut checked = 0;
         let world = run(k, &steps, |nodes| {
@@ -1519,7 +1801,10 @@ proptest! {
         let all = &world.all;
         let mut rng = Rng(seed);
         let reference = &world.nodes[0].state;
-        assert_matches_model(reference, all);
+        if reference.forks().is_empty() {
+            // The general model knows one event per dot.
+            assert_matches_model(reference, all);
+        }
         assert_seats_match_model(reference, all);
         let mut orders = vec![canonical_order(all)];
         for _ in 0..3 {
@@ -1529,6 +1814,7 @@ proptest! {
             let s = deliver(all, order, &mut rng);
             assert_same(&s, reference, &format!("order {n}"));
             prop_assert_eq!(s.oversold(), reference.oversold());
+            prop_assert_eq!(s.forks(), reference.forks());
         }
         for node in &world.nodes {
             assert_seats_match_model(&node.state, &node.order);
