@@ -402,7 +402,7 @@ fn compare_policies(mut args: SimArgs, out: &mut impl Write) -> Result<()> {
     writeln!(
         out,
         "sold: seats sold; refused: sales refused; avoidable: of those, refusals a connected desk's spare\n\
-         rights covered one round trip before; oversold: seats the read model marks beyond capacity;\n\
+         rights covered throughout the round trip before; oversold: seats the read model marks beyond capacity;\n\
          compensated: of those, seats with a compensation standing (policy defaults: escrow; risk-window\n\
          with a 3600 s window, 10 % left at the last sync, 5 seats of overdraft; strict with 30 s)"
     )?;

@@ -1953,3 +1953,48 @@ fn a_risk_window_oversell_across_a_partition_is_detected_and_compensated_everywh
         thread::sleep(POLL);
     }
 }
+
+/// A desk that runs short of rights while connected does not refuse a sale
+/// its peer's spare rights cover: the sale waits for the peer's
+/// rebalancing transfer (the replica's rule, at most
+/// `weftlog_proto::rebalance::RIGHTS_WAIT_MS`) and is made; a sale no
+/// spare rights cover is refused as before.
+#[test]
+fn a_sale_beyond_a_desks_rights_waits_for_a_connected_peers_transfer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = pair(tmp.path(), Vec::new());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.append(
+        "session/9",
+        json!({"kind": "SessionOpened", "escrow_init": {"seats": 10},
+               "escrow_transfer": [{"counter": "seats", "to": b.id, "amount": 1}]}),
+    );
+    converge(&[a, b], Some(1), "setup");
+    wait_status(b, "connected", |s| connected_to(s, &[&a.id]));
+    // The daemon tells its replica who is connected at its next tick.
+    thread::sleep(Duration::from_millis(300));
+    let sell = |seats: u64| {
+        b.post(
+            "/v1/streams/session/9/events",
+            &json!({"kind": "SeatsSold", "escrow_consume": {"seats": seats}}),
+        )
+    };
+    // B holds 1; A holds 9, 4 beyond its reserve (half the unsold seats).
+    let (code, e) = sell(3);
+    assert_eq!(code, 201, "the sale should wait for A's transfer: {e}");
+    let s = converge(&[a, b], None, "after the sale");
+    assert_eq!(s[0]["state_hash"], s[1]["state_hash"]);
+    let seats = &b.get_json("/v1/streams/session/9")["escrow"]["seats"];
+    assert_eq!(seats["consumed"], 3, "{seats}");
+    let (code, log) = a.get("/v1/log");
+    assert_eq!(code, 200, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(r#""kind":"RightsRebalanced""#)),
+        "no rebalancing transfer in {log}"
+    );
+    // Beyond every seat left: refused, without waiting for anything.
+    let (code, e) = sell(20);
+    assert_eq!(code, 422, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("needs 20"), "{e}");
+}

@@ -2205,4 +2205,135 @@ mod tests {
         assert_eq!(r.unacked(), 1, "never acknowledged");
         assert!(commit(&mut r, &mut log).is_none());
     }
+
+    /// Sells `n` seats of counter `seats` of `event/1`.
+    fn sale(n: u64) -> Draft {
+        Draft {
+            stream: "event/1".into(),
+            kind: "SeatsSold".into(),
+            ops: vec![Op::EscrowConsume {
+                counter: "seats".into(),
+                amount: n,
+            }],
+            ..Draft::default()
+        }
+    }
+
+    /// Hands `peer`'s events by `author` from seq `from` to `r`, as sync does.
+    fn deliver(r: &mut Replica, peer: &MemStore, author: NodeId, from: u64) {
+        for (event, id, bytes, sig) in received(peer, author).into_iter().skip(from as usize - 1) {
+            r.handle_received(&event, id, &bytes, sig).unwrap();
+        }
+        r.handle_received_end();
+    }
+
+    /// Peer X opens 10 seats and gives 1 to replica B (key 2), which learns
+    /// of it: X holds 9, 4 beyond its reserve (half the unsold seats).
+    fn sold_out_desk() -> (Replica, MemStore, Keypair, HlcClock) {
+        let kx = key(7);
+        let mut x = MemStore::new();
+        let mut clock = HlcClock::default();
+        let opened = Draft {
+            stream: "event/1".into(),
+            kind: "Opened".into(),
+            ops: vec![
+                Op::EscrowInit {
+                    counter: "seats".into(),
+                    capacity: 10,
+                },
+                Op::EscrowTransfer {
+                    counter: "seats".into(),
+                    to: key(2).node_id(),
+                    amount: 1,
+                },
+            ],
+            ..Draft::default()
+        };
+        x.commit(&kx, &mut clock, 1_000, [opened]).unwrap();
+        let (mut b, _log) = open(2);
+        deliver(&mut b, &x, kx.node_id(), 1);
+        (b, x, kx, clock)
+    }
+
+    #[test]
+    fn a_sale_short_of_rights_waits_for_a_connected_peers_transfer() {
+        let (mut b, mut x, kx, mut clock) = sold_out_desk();
+        // Not connected: refused at once.
+        assert!(matches!(
+            b.handle_append(sale(2), 2_000),
+            Err(AppendError::Refused(PrepareError::Invalid(
+                Invalid::InsufficientRights { .. }
+            )))
+        ));
+        // Once connected, the refused sale is asked for, enough for it.
+        let asks = b.poll_asks(2_000, &[kx.node_id()]);
+        assert_eq!(asks.len(), 1);
+        assert!(asks[0].1.target >= 2, "{asks:?}");
+        // X is seen with 4 spare: the sale given now waits, and its ask,
+        // for as much, is on its way already.
+        let until = match b.handle_append(sale(2), 2_010) {
+            Err(AppendError::AwaitingRights { until_ms }) => until_ms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(until, 2_010 + rebalance::RIGHTS_WAIT_MS);
+        assert!(b.poll_asks(2_010, &[kx.node_id()]).is_empty());
+        // Given again before rights arrive: still waiting, and no second ask.
+        assert!(matches!(
+            b.handle_held_sale(sale(2), 2_050, until),
+            Err(AppendError::AwaitingRights { until_ms }) if until_ms == until
+        ));
+        assert!(b.poll_asks(2_050, &[kx.node_id()]).is_empty());
+        // X answers with a transfer; once B holds it, the sale is made.
+        let answer = rebalance::answer(x.state(), &kx.node_id(), &b.id(), &asks[0].1).unwrap();
+        x.commit(&kx, &mut clock, 2_060, [answer]).unwrap();
+        deliver(&mut b, &x, kx.node_id(), 2);
+        let made = b.handle_held_sale(sale(2), 2_070, until).unwrap();
+        assert!(!made.existing);
+    }
+
+    #[test]
+    fn a_waiting_sale_is_refused_at_its_deadline_or_once_no_peer_has_spare() {
+        let (mut b, mut x, kx, mut clock) = sold_out_desk();
+        b.poll_asks(2_000, &[kx.node_id()]);
+        let Err(AppendError::AwaitingRights { until_ms: until }) = b.handle_append(sale(2), 2_000)
+        else {
+            panic!("the sale should wait");
+        };
+        // The deadline passes with no transfer: the refusal itself.
+        assert!(matches!(
+            b.handle_held_sale(sale(2), until, until),
+            Err(AppendError::Refused(PrepareError::Invalid(
+                Invalid::InsufficientRights { .. }
+            )))
+        ));
+        // X sells every seat: B, seeing no spare rights left, refuses a
+        // waiting sale before its deadline.
+        let Err(AppendError::AwaitingRights { until_ms: until }) =
+            b.handle_append(sale(2), until + 1)
+        else {
+            panic!("the sale should wait");
+        };
+        x.commit(&kx, &mut clock, 2_100, [sale(9)]).unwrap();
+        deliver(&mut b, &x, kx.node_id(), 2);
+        assert!(matches!(
+            b.handle_held_sale(sale(2), until - 1, until),
+            Err(AppendError::Refused(_))
+        ));
+        // A transfer short of rights never waits.
+        b.poll_asks(until, &[kx.node_id()]);
+        let give = Draft {
+            stream: "event/1".into(),
+            kind: "Given".into(),
+            ops: vec![Op::EscrowTransfer {
+                counter: "seats".into(),
+                to: kx.node_id(),
+                amount: 2,
+            }],
+            ..Draft::default()
+        };
+        assert!(matches!(
+            b.handle_append(give, until),
+            Err(AppendError::Refused(_))
+        ));
+    }
 }

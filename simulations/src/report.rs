@@ -211,10 +211,12 @@ pub struct Rebalance {
     pub rights_moved: u64,
     /// Sales refused for want of rights (as `oversell_refused`).
     pub refusals: u64,
-    /// Of those, refusals that rebalancing could have avoided: one round
-    /// trip of the link before the refusal, a node connected to the
-    /// refuser held spare rights (beyond its reserve,
-    /// [`weftlog_proto::rebalance::spare`]) covering the sale. Target 0.
+    /// Of those, refusals that rebalancing could have avoided: throughout
+    /// the last round trip of the link before the refusal, a node
+    /// connected to the refuser (the link up both ways and not
+    /// backlogged) held spare rights (beyond its reserve,
+    /// [`weftlog_proto::rebalance::spare`]) covering the sale and any
+    /// debt of the refuser. Target 0.
     pub avoidable: u64,
     /// Refusals where, one round trip before, a node connected to the
     /// refuser held rights covering the sale at all (its reserve
@@ -732,7 +734,7 @@ impl Summary {
         let r = &self.rebalance;
         let _ = writeln!(
             o,
-            "  rebalance     {} refusals, {} avoidable (a connected node held spare rights beyond its reserve covering the sale one round trip before; {} counting reserves too); {} asks, {} transfers moved {} rights",
+            "  rebalance     {} refusals, {} avoidable (a connected node held spare rights beyond its reserve covering the sale throughout the round trip before; {} counting reserves too); {} asks, {} transfers moved {} rights",
             r.refusals, r.avoidable, r.covered, r.asks, r.transfers, r.rights_moved
         );
         if r.waited > 0 {

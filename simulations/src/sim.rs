@@ -1183,10 +1183,11 @@ impl<'a> Sim<'a> {
     }
 
     /// Whether a sale of `amount` on `key` that `node` refused now could
-    /// have been avoided: one round trip of the link before, a node
-    /// connected to it (and reachable both ways since then) held spare rights covering the
-    /// sale and any debt `node` owes there; and whether such a node held rights covering it at all,
-    /// reserve included.
+    /// have been avoided: from one round trip of the link before until
+    /// now, a node connected to it (and reachable both ways, with nothing
+    /// older waiting on the link) held spare rights covering the sale and
+    /// any debt `node` owes there; and whether such a node held rights
+    /// covering it at all, reserve included.
     fn avoidable(&self, node: usize, key: &(String, String), amount: u64) -> (bool, bool) {
         // Rights it receives repay its debt first (an overdraft's).
         let me = self.ids[node];
@@ -1213,11 +1214,15 @@ impl<'a> Sim<'a> {
                     // order): an ask would wait behind it.
                     return None;
                 }
-                self.slots[p]
-                    .spare
-                    .get(key)
-                    .and_then(|h| h.iter().rev().find(|(t, _)| *t <= then))
-                    .map(|&(_, v)| v)
+                // What it held throughout the round trip: the figure at
+                // `then`, and every change since (rights it sold or gave to
+                // another desk meanwhile could not have come here).
+                let h = self.slots[p].spare.get(key)?;
+                let start = h.iter().rposition(|(t, _)| *t <= then)?;
+                h.iter().skip(start).map(|&(_, v)| v).reduce(|a, b| Held {
+                    rights: a.rights.min(b.rights),
+                    spare: a.spare.min(b.spare),
+                })
             })
             .collect();
         (
