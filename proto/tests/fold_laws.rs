@@ -876,6 +876,29 @@ fn deliver(events: &[(Event, EventId)], order: &[usize], rng: &mut Rng) -> State
     s
 }
 
+/// Delivers `events` to fresh replicas ([`deliver`]) in the canonical
+/// order and three causal shuffles, checks each equal to `reference`, and
+/// returns them for further checks.
+fn deliver_in_four_orders(
+    events: &[(Event, EventId)],
+    reference: &State,
+    rng: &mut Rng,
+) -> Vec<State> {
+    let mut orders = vec![canonical_order(events)];
+    for _ in 0..3 {
+        orders.push(causal_shuffle(events, rng));
+    }
+    orders
+        .iter()
+        .enumerate()
+        .map(|(n, order)| {
+            let s = deliver(events, order, rng);
+            assert_same(&s, reference, &format!("order {n}"));
+            s
+        })
+        .collect()
+}
+
 /// Everything observable about a replica's fold.
 fn assert_same(a: &State, b: &State, what: &str) {
     assert_eq!(
@@ -1688,14 +1711,7 @@ proptest! {
         let mut rng = Rng(seed);
         let reference = &world.nodes[0].state;
         assert_matches_model(reference, all);
-        let mut orders = vec![canonical_order(all)];
-        for _ in 0..3 {
-            orders.push(causal_shuffle(all, &mut rng));
-        }
-        for (n, order) in orders.iter().enumerate() {
-            let s = deliver(all, order, &mut rng);
-            assert_same(&s, reference, &format!("order {n}"));
-        }
+        deliver_in_four_orders(all, reference, &mut rng);
         for (n, node) in world.nodes.iter().enumerate() {
             // Any replica holding every event equals the reference.
             if node.state.len() == all.len() as u64 {
@@ -1806,13 +1822,7 @@ proptest! {
             assert_matches_model(reference, all);
         }
         assert_seats_match_model(reference, all);
-        let mut orders = vec![canonical_order(all)];
-        for _ in 0..3 {
-            orders.push(causal_shuffle(all, &mut rng));
-        }
-        for (n, order) in orders.iter().enumerate() {
-            let s = deliver(all, order, &mut rng);
-            assert_same(&s, reference, &format!("order {n}"));
+        for s in deliver_in_four_orders(all, reference, &mut rng) {
             prop_assert_eq!(s.oversold(), reference.oversold());
             prop_assert_eq!(s.forks(), reference.forks());
         }
