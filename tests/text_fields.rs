@@ -18,19 +18,21 @@ fn get(data: &Path) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("get: {e}: {out}"))
 }
 
+/// `append` of one splice to attendee 7's notes.
+fn splice_args(spec: &str) -> [&str; 7] {
+    [
+        "append",
+        "--stream",
+        "attendee/7",
+        "--kind",
+        "NotesEdited",
+        "--splice",
+        spec,
+    ]
+}
+
 fn splice(data: &Path, spec: &str) {
-    succeeds(
-        data,
-        &[
-            "append",
-            "--stream",
-            "attendee/7",
-            "--kind",
-            "NotesEdited",
-            "--splice",
-            spec,
-        ],
-    );
+    succeeds(data, &splice_args(spec));
 }
 
 /// Everything `from` holds that `to` lacks, carried by an export file.
@@ -74,18 +76,7 @@ fn two_desks_edit_one_note_offline_and_a_node_takes_splices_over_http() {
     let status = |d: &Path| -> Value { serde_json::from_str(&succeeds(d, &["status"])).unwrap() };
     assert_eq!(status(&a)["state_hash"], status(&b)["state_hash"]);
     // A position inside the emoji (units 22 and 23) is refused locally.
-    let err = fails(
-        &a,
-        &[
-            "append",
-            "--stream",
-            "attendee/7",
-            "--kind",
-            "NotesEdited",
-            "--splice",
-            "notes=23:0:x",
-        ],
-    );
+    let err = fails(&a, &splice_args("notes=23:0:x"));
     assert!(err.contains("UTF-16"), "{err}");
 
     // A running node: splices over HTTP.
