@@ -9,9 +9,12 @@ pub mod http;
 pub mod json;
 pub mod net;
 pub mod node;
+pub mod notices;
 pub mod remote;
 pub mod run;
+pub mod sse;
 pub mod storage;
+pub mod subscribe;
 pub mod tls;
 
 pub use node::Node;

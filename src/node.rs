@@ -67,6 +67,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -86,6 +87,7 @@ use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, NodeId, Op};
 
 use crate::storage::{sync_dir, FileStorage};
+use crate::subscribe::{Epoch, EpochCell, EPOCH_FILE};
 
 pub use weftlog_proto::replica::{Appended, DiskFull, Imported, OwnFrontier};
 
@@ -243,6 +245,11 @@ impl From<replica::ImportError> for NodeImportError {
 /// A batch that just became durable, as [`Node::subscribe`] delivers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
+    /// The log's epoch when the batch became durable.
+    pub epoch: Epoch,
+    /// The log position of `events[0]` (positions count from 1; see
+    /// [`crate::subscribe`]).
+    pub first: u64,
     /// Per author, the highest seq in the batch that carries a signature,
     /// ascending by author: what sync sessions may now push
     /// ([`Session::handle_stored`](weftlog_proto::sync::Session::handle_stored)).
@@ -329,7 +336,7 @@ impl Reply {
 }
 
 /// What the committer and writer threads and the node's handles share.
-struct Inner {
+pub(crate) struct Inner {
     key: Keypair,
     id: NodeId,
     shared: Mutex<Shared>,
@@ -337,8 +344,12 @@ struct Inner {
     /// writer waits), and when a batch is taken or finished (the committer
     /// waits while too many records are pending).
     changed: Condvar,
-    log: Mutex<Log<FileStorage>>,
-    feed: broadcast::Sender<Arc<Committed>>,
+    pub(crate) log: Mutex<Log<FileStorage>>,
+    pub(crate) feed: broadcast::Sender<Arc<Committed>>,
+    /// The log's epoch and where it is kept ([`crate::subscribe`]).
+    pub(crate) epoch: EpochCell,
+    /// Records durable in the log: the last durable position.
+    pub(crate) durable: AtomicU64,
     /// Received events waiting for a dependency, shared by every sync
     /// session (`None` while a store holds it).
     pool: Mutex<Option<weftlog_proto::sync::Pool>>,
@@ -348,7 +359,7 @@ struct Inner {
 /// calls have blocking and async forms.
 pub struct Node {
     dir: PathBuf,
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     tx: Option<mpsc::Sender<Request>>,
     committer: Option<JoinHandle<()>>,
     /// Notified when a sale waits for rights ([`Node::rights_wanted`]).
@@ -400,6 +411,7 @@ pub fn init(dir: &Path) -> Result<NodeId, InitError> {
     }
     fs::remove_file(&tmp).map_err(io)?;
     FileStorage::new(&dir.join(LOG_DIR)).map_err(io)?;
+    EpochCell::open(dir).map_err(io)?;
     sync_dir(dir).map_err(io)?;
     Ok(key.node_id())
 }
@@ -432,6 +444,8 @@ impl Node {
         let storage = || FileStorage::new(&log_dir).map_err(OpenError::Io);
         let (replica, log, recovery) =
             Replica::open(Keypair::from_secret(secret), wall_ms(), storage)?;
+        let epoch = EpochCell::open(dir).map_err(io_err(&dir.join(EPOCH_FILE)))?;
+        let durable = AtomicU64::new(log.records());
         let inner = Arc::new(Inner {
             id: key.node_id(),
             key,
@@ -444,6 +458,8 @@ impl Node {
             changed: Condvar::new(),
             log: Mutex::new(log),
             feed: broadcast::channel(FEED_CAP).0,
+            epoch,
+            durable,
             pool: Mutex::new(Some(weftlog_proto::sync::Pool::new())),
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
@@ -1142,6 +1158,12 @@ fn finish(inner: &Inner, batch: Batch) {
         log.append(batch.frames(), batch.len() as u64)
             .map(|()| first)
     };
+    let first = written.as_ref().ok().copied();
+    if let Some(first) = first {
+        inner
+            .durable
+            .store(first + batch.len() as u64, Ordering::Release);
+    }
     let mut g = inner.lock();
     let was_full = g.replica.disk_full().map(|f| f.tries);
     let committed = match written {
@@ -1188,10 +1210,21 @@ fn finish(inner: &Inner, batch: Batch) {
     };
     let failed = g.replica.failed().map(str::to_string);
     let full = g.replica.disk_full().map(|f| f.error.clone());
+    let returned = g.replica.own_returned();
     drop(g);
-    if let Some(c) = committed.filter(|_| inner.feed.receiver_count() > 0) {
+    if committed.is_some() {
+        // Own events came back: the log was restored from a copy, so its
+        // positions name another history than its readers saw.
+        inner.epoch.renew_if_returned(returned);
+    }
+    if let Some((c, first)) = committed
+        .zip(first)
+        .filter(|_| inner.feed.receiver_count() > 0)
+    {
         // No receiver left is not an error: nobody is listening.
         let _ = inner.feed.send(Arc::new(Committed {
+            epoch: inner.epoch.get(),
+            first: first + 1,
             heads: c.heads,
             events: c.events,
         }));
