@@ -277,7 +277,13 @@ GET  /v1/events[?from=POS]        server-sent events: the log after POS (0: the 
 GET  /v1/notifications            server-sent notices that are not events: fork, oversold, epoch\n  \
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
-POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n\n\
+POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n  \
+GET  /metrics                     Prometheus metrics (OpenMetrics if asked, else text 0.0.4), all weftlog_*:\n  \
+                                  events_appended_total, events_received_total{via}, duplicates_received_total{via},\n  \
+                                  append_latency_seconds, fsync_duration_seconds (histograms),\n  \
+                                  log_durable_position, log_size_bytes, conflicts_open, equivocations,\n  \
+                                  peer_connected{peer}, peer_events_behind{peer}, peer_{received,sent}_bytes_total{peer},\n  \
+                                  projection_lag_events{projection}, sql_lag_events (with a mirror)\n\n\
 Example:\n  \
 weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt";
 

@@ -15,6 +15,7 @@
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
+//! | `GET /metrics` | Prometheus metrics, every name prefixed `weftlog_` ([`crate::metrics`] lists them): OpenMetrics text when the `Accept` header asks for it, else the classic text format |
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
 //! percent-encoded. Errors are `{"error": "one sentence"}` with the status.
@@ -57,6 +58,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/export", post(export))
         .route("/v1/import", post(import))
         .route("/v1/admin/partition", post(partition))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(daemon)
@@ -511,4 +513,13 @@ async fn partition(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiEr
     d.set_blocked(nodes);
     let blocked: Vec<String> = d.blocked().iter().map(|n| n.to_string()).collect();
     Ok(Json(json!({ "blocked": blocked })))
+}
+
+async fn metrics(AxState(d): Shared, headers: header::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::metrics::wants_openmetrics);
+    let (ctype, text) = crate::metrics::render(&d, openmetrics).await;
+    ([(header::CONTENT_TYPE, ctype)], text).into_response()
 }

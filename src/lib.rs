@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod json;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod notices;

@@ -86,6 +86,7 @@ use weftlog_proto::state::{Draft, Fork, PrepareError, State};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, NodeId, Op};
 
+use crate::metrics::Metrics;
 use crate::storage::{sync_dir, FileStorage};
 use crate::subscribe::{Epoch, EpochCell, EPOCH_FILE};
 
@@ -353,6 +354,8 @@ pub(crate) struct Inner {
     /// Received events waiting for a dependency, shared by every sync
     /// session (`None` while a store holds it).
     pool: Mutex<Option<weftlog_proto::sync::Pool>>,
+    /// What `GET /metrics` counts as it happens ([`crate::metrics`]).
+    metrics: Metrics,
 }
 
 /// An open node. Safe to share between threads; its append and import
@@ -446,6 +449,8 @@ impl Node {
             Replica::open(Keypair::from_secret(secret), wall_ms(), storage)?;
         let epoch = EpochCell::open(dir).map_err(io_err(&dir.join(EPOCH_FILE)))?;
         let durable = AtomicU64::new(log.records());
+        let metrics = Metrics::new();
+        metrics.set_log(log.records(), log.bytes());
         let inner = Arc::new(Inner {
             id: key.node_id(),
             key,
@@ -461,6 +466,7 @@ impl Node {
             epoch,
             durable,
             pool: Mutex::new(Some(weftlog_proto::sync::Pool::new())),
+            metrics,
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
         let committer = {
@@ -491,6 +497,12 @@ impl Node {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The figures `GET /metrics` shows that the node counts as they
+    /// happen; the projections and the SQL mirror report their lag here.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The node's key pair (for its TLS identity).
@@ -626,6 +638,7 @@ impl Node {
     /// # Panics
     /// If called from within an async runtime.
     pub fn append(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let started = Instant::now();
         let kept = sells(&draft).then(|| draft.clone());
         let mut answer = self.request_blocking(draft, None)?;
         while let (AppendAnswer::AwaitingRights(until), Some(sale)) = (&answer, &kept) {
@@ -636,7 +649,21 @@ impl Node {
             std::thread::sleep(Duration::from_millis(left.clamp(1, RIGHTS_POLL_MS)));
             answer = self.request_blocking(sale.clone(), Some(*until))?;
         }
-        done(answer)
+        self.measured(started, done(answer))
+    }
+
+    /// Counts an acknowledged append in the metrics.
+    fn measured(
+        &self,
+        started: Instant,
+        r: Result<Appended, AppendError>,
+    ) -> Result<Appended, AppendError> {
+        if let Ok(a) = &r {
+            self.inner
+                .metrics
+                .record_append(started.elapsed(), !a.existing);
+        }
+        r
     }
 
     fn request_blocking(
@@ -653,8 +680,10 @@ impl Node {
 
     /// [`Node::append`] for async callers.
     pub async fn append_async(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let started = Instant::now();
         let Some(sale) = sells(&draft).then(|| draft.clone()) else {
-            return done(self.request(draft, None).await?);
+            let answer = self.request(draft, None).await?;
+            return self.measured(started, done(answer));
         };
         // Subscribed before the first try: a batch durable after it may
         // bring the rights.
@@ -667,7 +696,7 @@ impl Node {
             let _ = tokio::time::timeout(left, feed.recv()).await;
             answer = self.request(sale.clone(), Some(until)).await?;
         }
-        done(answer)
+        self.measured(started, done(answer))
     }
 
     async fn request(
@@ -743,7 +772,11 @@ impl Node {
         self.sender()
             .blocking_send(Request::Import(items, tx))
             .map_err(|_| fatal())?;
-        rx.blocking_recv().map_err(|_| fatal())?
+        let r = rx.blocking_recv().map_err(|_| fatal())?;
+        if let Ok(i) = &r {
+            self.inner.metrics.record_import(i.imported, i.duplicates);
+        }
+        r
     }
 
     /// Reads every durable event in log order.
@@ -1155,8 +1188,13 @@ fn finish(inner: &Inner, batch: Batch) {
     let written = {
         let mut log = inner.log.lock().expect("log lock poisoned");
         let first = log.records();
-        log.append(batch.frames(), batch.len() as u64)
-            .map(|()| first)
+        let started = Instant::now();
+        let r = log.append(batch.frames(), batch.len() as u64);
+        if r.is_ok() {
+            inner.metrics.record_fsync(started.elapsed());
+            inner.metrics.set_log(log.records(), log.bytes());
+        }
+        r.map(|()| first)
     };
     let first = written.as_ref().ok().copied();
     if let Some(first) = first {

@@ -155,10 +155,8 @@ impl Remote {
         for line in reader.lines() {
             let line = line.with_context(|| format!("reading {what}"))?;
             if line.is_empty() {
-                if !msg.data.is_empty() || !msg.event.is_empty() {
-                    if !f(&msg)? {
-                        return Ok(());
-                    }
+                if (!msg.data.is_empty() || !msg.event.is_empty()) && !f(&msg)? {
+                    return Ok(());
                 }
                 msg = SseMessage::default();
             } else if let Some(v) = line.strip_prefix("event: ") {
