@@ -1293,7 +1293,7 @@ fn bench_subscribe(cfg: &Config, report: &mut Report) -> Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let app = weftlog::http::router(d.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        tokio::spawn(async move { axum::serve(weftlog::http::nodelay(listener), app).await });
         for run in 0..cfg.runs {
             let (secs, r) = time(|| {
                 let mut k = 0u64;

@@ -43,6 +43,20 @@ use crate::node::{AppendError, ExportError, NodeImportError};
 /// Largest request body: an export file up to the import limit.
 pub const MAX_BODY_BYTES: usize = weftlog_proto::exchange::MAX_EXPORT_BYTES as usize;
 
+/// `listener` with `TCP_NODELAY` on every connection it accepts: a
+/// streamed answer (server-sent events) goes out as it is written, not
+/// after the client's delayed acknowledgement of the segment before.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
+        }
+    })
+}
+
 /// The router over a running daemon.
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()

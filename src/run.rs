@@ -71,7 +71,7 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         let app = crate::http::router(daemon.clone());
         let mut stop = daemon.shutdown_signal();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
+            axum::serve(crate::http::nodelay(listener), app)
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })

@@ -1893,6 +1893,8 @@ fn a_risk_window_oversell_across_a_partition_is_detected_and_compensated_everywh
     );
     // Alone, neither desk sees an oversell: 7 and 8 of 10.
     assert_eq!(a.get_json("/v1/oversold"), json!([]));
+    // Staff watching A's notifications are told of each oversold sale.
+    let notices = a.sse("/v1/notifications", None);
 
     a.partition(&[]);
     b.partition(&[]);
@@ -1925,6 +1927,15 @@ fn a_risk_window_oversell_across_a_partition_is_detected_and_compensated_everywh
     }
     let seats = &a.get_json("/v1/streams/session/7")["escrow"]["seats"];
     assert_eq!(seats["consumed"], 15, "{seats}");
+    let mut told: Vec<Value> = Vec::new();
+    while !ra.iter().all(|r| told.contains(r)) {
+        let (kind, id, row) = notices
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("oversold notices so far: {told:?}"));
+        assert_eq!(kind, "oversold", "{row}");
+        assert!(id.is_some(), "a notice has an id to resume after");
+        told.push(row);
+    }
 
     // Staff honour the first sale on B; A shows it once synced.
     let sale = ra[0]["sale"].as_str().unwrap();

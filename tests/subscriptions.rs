@@ -168,47 +168,6 @@ fn tokens_name_one_history_and_a_restored_log_starts_readers_again() {
     );
 }
 
-/// The SSE messages of `GET path` on `p`, read in a thread, sent to the
-/// channel as (event name, id, data).
-fn sse_reader(
-    p: &Proc,
-    path: &str,
-    last_event_id: Option<&str>,
-) -> mpsc::Receiver<(String, Option<String>, Value)> {
-    let (tx, rx) = mpsc::channel();
-    let url = p.url(path);
-    let last = last_event_id.map(str::to_string);
-    thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
-        let mut req = agent.get(&url);
-        if let Some(l) = &last {
-            req = req.header("last-event-id", l);
-        }
-        let Ok(r) = req.call() else { return };
-        let reader = BufReader::new(r.into_body().into_reader());
-        let (mut event, mut id, mut data) = (String::new(), None, String::new());
-        for line in reader.lines() {
-            let Ok(line) = line else { return };
-            if line.is_empty() {
-                if !data.is_empty() {
-                    let v = serde_json::from_str(&data).unwrap_or(Value::Null);
-                    if tx.send((event.clone(), id.clone(), v)).is_err() {
-                        return;
-                    }
-                }
-                (event, id, data) = (String::new(), None, String::new());
-            } else if let Some(v) = line.strip_prefix("event: ") {
-                event = v.into();
-            } else if let Some(v) = line.strip_prefix("id: ") {
-                id = Some(v.into());
-            } else if let Some(v) = line.strip_prefix("data: ") {
-                data.push_str(v);
-            }
-        }
-    });
-    rx
-}
-
 /// The next `n` `event` messages: (token, data).
 fn events(rx: &mpsc::Receiver<(String, Option<String>, Value)>, n: usize) -> Vec<(String, Value)> {
     let mut out = Vec::new();
@@ -236,7 +195,7 @@ fn sse_replays_follows_filters_and_resumes_after_a_restart() {
     for i in 0..30 {
         append(&p, if i % 3 == 0 { "room/1" } else { "desk/1" }, i);
     }
-    let rx = sse_reader(&p, "/v1/events?from=0", None);
+    let rx = p.sse("/v1/events?from=0", None);
     let first = events(&rx, 30);
     for (i, (_, v)) in first.iter().enumerate() {
         assert_eq!(v["pos"], i + 1);
@@ -251,10 +210,10 @@ fn sse_replays_follows_filters_and_resumes_after_a_restart() {
     let last_token = live[9].0.clone();
 
     // Filters: a stream prefix, a kind.
-    let rooms = sse_reader(&p, "/v1/events?from=0&stream_prefix=room/", None);
+    let rooms = p.sse("/v1/events?from=0&stream_prefix=room/", None);
     let got = events(&rooms, 10);
     assert!(got.iter().all(|(_, v)| v["stream"] == "room/1"));
-    let rx_kind = sse_reader(&p, "/v1/events?from=0&kind=Other", None);
+    let rx_kind = p.sse("/v1/events?from=0&kind=Other", None);
     append(&p, "x", 99);
     p.append("x", json!({"kind": "Other", "set": {"n": 0}}));
     let other = events(&rx_kind, 1);
@@ -268,7 +227,7 @@ fn sse_replays_follows_filters_and_resumes_after_a_restart() {
     for i in 0..5 {
         append(&p, "after", i);
     }
-    let rx = sse_reader(&p, "/v1/events?from=0", Some(&last_token));
+    let rx = p.sse("/v1/events?from=0", Some(&last_token));
     let resumed = events(&rx, 7);
     let pos: Vec<u64> = resumed
         .iter()
@@ -279,7 +238,7 @@ fn sse_replays_follows_filters_and_resumes_after_a_restart() {
     // A token of another epoch starts again from the beginning, saying so.
     let mut parts: Vec<String> = last_token.split('-').map(str::to_string).collect();
     parts[0] = format!("{:016x}", u64::from_str_radix(&parts[0], 16).unwrap() ^ 1);
-    let rx = sse_reader(&p, "/v1/events", Some(&parts.join("-")));
+    let rx = p.sse("/v1/events", Some(&parts.join("-")));
     let (event, _, data) = rx.recv_timeout(DEADLINE).unwrap();
     assert_eq!(event, "restart");
     assert!(data["reason"].as_str().unwrap().contains("epoch"), "{data}");

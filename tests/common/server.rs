@@ -74,6 +74,9 @@ pub struct Opts<'a> {
     pub env: Vec<(&'a str, &'a str)>,
 }
 
+/// One server-sent event: (event name, id, data as JSON).
+pub type SseMessage = (String, Option<String>, Value);
+
 /// A loopback address with a port free right now (for a node that must
 /// keep its HTTP address across restarts).
 pub fn free_port() -> String {
@@ -242,6 +245,43 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The server-sent events of `GET path`, read in a thread, sent to
+    /// the channel as (event name, id, data) (messages with data only).
+    pub fn sse(&self, path: &str, last_event_id: Option<&str>) -> mpsc::Receiver<SseMessage> {
+        let (tx, rx) = mpsc::channel();
+        let url = self.url(path);
+        let last = last_event_id.map(str::to_string);
+        thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+            let mut req = agent.get(&url);
+            if let Some(l) = &last {
+                req = req.header("last-event-id", l);
+            }
+            let Ok(r) = req.call() else { return };
+            let reader = BufReader::new(r.into_body().into_reader());
+            let (mut event, mut id, mut data) = (String::new(), None, String::new());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if line.is_empty() {
+                    if !data.is_empty() {
+                        let v = serde_json::from_str(&data).unwrap_or(Value::Null);
+                        if tx.send((event.clone(), id.clone(), v)).is_err() {
+                            return;
+                        }
+                    }
+                    (event, id, data) = (String::new(), None, String::new());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.into();
+                } else if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.into());
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+        });
+        rx
     }
 
     pub fn url(&self, path: &str) -> String {
