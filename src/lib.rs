@@ -9,6 +9,7 @@ pub mod http;
 pub mod json;
 pub mod net;
 pub mod node;
+pub mod projections;
 pub mod remote;
 pub mod run;
 pub mod storage;
