@@ -348,21 +348,20 @@ fn deliver<P: Projection>(
     let mut pr = Projector::with_checkpoint_every(p, every);
     let mut at: BTreeMap<EventId, u64> = BTreeMap::new();
     let mut batch = 0;
-    for &i in order {
+    for (n, &i) in order.iter().enumerate() {
         let (e, id) = &events[i];
         let pos = log.push(e.clone());
         at.insert(*id, pos);
         assert_ne!(pr.insert(e, *id, pos), Inserted::Duplicate);
         while rng.one_in(4) {
-            let (d, did) = &events[order[rng.below(order.len())]];
-            let pos = match at.get(did) {
-                Some(&pos) if rng.one_in(2) => pos,
-                _ => log.push(d.clone()),
+            // One delivered before, again.
+            let (d, did) = &events[order[rng.below(n + 1)]];
+            let pos = if rng.one_in(2) {
+                at[did]
+            } else {
+                log.push(d.clone())
             };
-            let first = at.contains_key(did);
-            at.entry(*did).or_insert(pos);
-            let r = pr.insert(d, *did, pos);
-            assert_eq!(r == Inserted::Duplicate, first);
+            assert_eq!(pr.insert(d, *did, pos), Inserted::Duplicate);
         }
         batch += 1;
         if rng.one_in(3) || batch > 8 {
