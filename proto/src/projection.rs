@@ -74,6 +74,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -638,24 +639,131 @@ impl Projection for KindCounts {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SeatOrder;
 
-/// [`SeatOrder`]'s state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// [`SeatOrder`]'s state. Its clone (a checkpoint) copies no sale: the
+/// sales are [`Chunked`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SeatOrderState {
     /// By `(stream, counter)`.
     pub counters: BTreeMap<(String, String), SeatCounter>,
-    /// `(stream, command id)` of events that touched an escrow counter.
-    pub commands: BTreeSet<(String, String)>,
+    /// [`command_key`] of the `(stream, command id)` of each event that
+    /// touched an escrow counter.
+    pub commands: BTreeSet<[u8; 16]>,
 }
 
 /// One escrow counter in [`SeatOrderState`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SeatCounter {
     /// The sum of the inits: 0 while none is known.
     pub capacity: u128,
     /// Seats sold: the sum of the sales' amounts.
     pub sold: u128,
     /// The sales in canonical order.
-    pub sales: Vec<Sale>,
+    pub sales: Chunked<Sale>,
+}
+
+/// A command's key in [`SeatOrderState::commands`]: the first 16 bytes of
+/// blake3 over the stream's length (u64 LE), the stream and the command
+/// id. Fixed-size keys keep a checkpoint's copy of the set cheap.
+pub fn command_key(stream: &str, command: &str) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(&(stream.len() as u64).to_le_bytes());
+    h.update(stream.as_bytes());
+    h.update(command.as_bytes());
+    let mut key = [0; 16];
+    key.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    key
+}
+
+/// Elements per chunk of a [`Chunked`].
+pub const CHUNK_LEN: usize = 256;
+
+/// An append-only vector whose clone is cheap: chunks of [`CHUNK_LEN`]
+/// shared between clones, a chunk copied only when a clone appends to it.
+/// For states that grow with the log, so that a checkpoint costs
+/// `O(len / CHUNK_LEN)`. Encoded (serde) as the flat sequence.
+#[derive(Debug, Clone)]
+pub struct Chunked<T> {
+    chunks: Vec<Arc<Vec<T>>>,
+    len: usize,
+}
+
+impl<T> Default for Chunked<T> {
+    fn default() -> Chunked<T> {
+        Chunked {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T: Clone> Chunked<T> {
+    /// Appends `value`.
+    pub fn push(&mut self, value: T) {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK_LEN => Arc::make_mut(c).push(value),
+            _ => {
+                let mut c = Vec::with_capacity(CHUNK_LEN);
+                c.push(value);
+                self.chunks.push(Arc::new(c));
+            }
+        }
+        self.len += 1;
+    }
+}
+
+impl<T> Chunked<T> {
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The element at `i`.
+    pub fn get(&self, i: usize) -> Option<&T> {
+        self.chunks.get(i / CHUNK_LEN)?.get(i % CHUNK_LEN)
+    }
+
+    /// The elements in order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flat_map(|c| c.iter())
+    }
+
+    /// The index of the first element for which `pred` is false, `pred`
+    /// being true on a prefix (as [`slice::partition_point`]).
+    pub fn partition_point(&self, mut pred: impl FnMut(&T) -> bool) -> usize {
+        // Every chunk but the last is full.
+        let c = self
+            .chunks
+            .partition_point(|c| c.last().is_some_and(&mut pred));
+        match self.chunks.get(c) {
+            Some(chunk) => c * CHUNK_LEN + chunk.partition_point(pred),
+            None => self.len,
+        }
+    }
+}
+
+impl<T: PartialEq> PartialEq for Chunked<T> {
+    fn eq(&self, other: &Chunked<T>) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl<T: Eq> Eq for Chunked<T> {}
+
+impl<T: Serialize> Serialize for Chunked<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        // The length first, as a vector's (postcard needs it).
+        let mut seq = s.serialize_seq(Some(self.len))?;
+        for x in self.iter() {
+            seq.serialize_element(x)?;
+        }
+        seq.end()
+    }
 }
 
 /// One sale in [`SeatCounter::sales`].
@@ -868,7 +976,7 @@ impl Projection for SeatOrder {
         }
         if let Some(cmd) = &event.meta.command_id {
             // A retry of a command already carried out: the fold ignores it.
-            if !state.commands.insert((event.stream.clone(), cmd.clone())) {
+            if !state.commands.insert(command_key(&event.stream, cmd)) {
                 return;
             }
         }
@@ -1286,6 +1394,31 @@ mod tests {
         // The earlier in canonical order (hlc 90) is the one in effect.
         assert_eq!(v.counters[0].sales[0].id, all[1].1.to_string());
         assert_eq!(v.counters[0].sales[0].label, "seats 1-2");
+    }
+
+    #[test]
+    fn chunked_clones_share_and_encode_as_a_vector() {
+        let mut a: Chunked<u32> = Chunked::default();
+        let mut v = Vec::new();
+        for i in 0..(CHUNK_LEN as u32 * 3 + 5) {
+            a.push(i * 2);
+            v.push(i * 2);
+        }
+        let b = a.clone();
+        a.push(7);
+        assert_eq!((a.len(), b.len()), (v.len() + 1, v.len()));
+        assert!(b.iter().eq(v.iter()));
+        assert_eq!(
+            postcard::to_stdvec(&b).unwrap(),
+            postcard::to_stdvec(&v).unwrap()
+        );
+        for x in [0, 1, 2, 511, 512, 513, 1544, 1545, 10_000] {
+            assert_eq!(b.partition_point(|&y| y < x), v.partition_point(|&y| y < x));
+        }
+        assert_eq!(b.get(300), Some(&600));
+        assert_eq!(b.get(v.len()), None);
+        assert_ne!(a, b);
+        assert_eq!(b, b.clone());
     }
 
     #[test]
