@@ -3,54 +3,59 @@
 //! registers, fed from the node's durable feed on a thread of their own
 //! (never the committer's).
 //!
-//! On start the thread subscribes to the feed, then replays the log
-//! ([`Node::scan`]) into every projection, then follows the feed; events
-//! that both the scan and the feed deliver are duplicates, which a
-//! projector ignores, so nothing between the two is missed or applied
-//! twice. A subscriber that lagged the feed rescans the log the same way.
-//! A projection registered later ([`Projections::register`]) is handed to
-//! the same thread, which replays the log into it before it feeds it.
+//! The thread follows a catch-up subscription from position 0
+//! ([`Node::subscribe_from`]): it replays the durable log, then continues
+//! live, with no gap and no duplicate, and never shows a projection an
+//! event before it is durable. A projection registered later
+//! ([`Projections::register`]) is handed to the same thread, which reads
+//! the log up to where the others are into it before it feeds it with
+//! them. When the log's epoch changes (the node found its log restored
+//! from a copy, so positions name another history), every projection is
+//! rebuilt from position 0.
 //!
 //! A late event (one that sorts before a projection's position) is
 //! replayed from the log: the projector keeps only its ordered index of
-//! keys and log positions, and reads events back by id through the node's
-//! store. Checkpoints are rebuilt on start, never persisted (the module
-//! docs of [`weftlog_proto::projection`] say why), so a projection whose
-//! version changed is rebuilt by the start itself.
-//!
-//! Positions are counted here from the scan at start plus each batch's
-//! length (informational: events are read back by id).
+//! keys and log positions, and reads events back by position
+//! ([`Node::read_from`]). Checkpoints are rebuilt on start, never
+//! persisted (the module docs of [`weftlog_proto::projection`] say why),
+//! so a projection whose version changed is rebuilt by the start itself.
 //!
 //! The HTTP API serves them (`GET /v1/projections`,
 //! `GET /v1/projections/{name}`): name, version, position (events
-//! applied), lag (events known but not yet applied) and state hash (hex).
+//! applied), lag (durable events not yet applied: those the thread has
+//! not yet been given, plus those a projection holds back) and state hash
+//! (hex). The lag also goes to the metrics
+//! (`weftlog_projection_lag_events`).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use weftlog_proto::projection::{
     EventSource, KindCounts, Projection, Projector, ReplayError, SeatOrder,
 };
-use weftlog_proto::sync::Store;
 use weftlog_proto::{Event, EventId};
 
-use crate::node::{Committed, Node};
+use crate::node::Node;
+use crate::subscribe::{ReadError, READ_CHUNK};
 
-/// Events a log scan hands to the projections at once (the registry lock
-/// is taken once per chunk).
-pub const SCAN_CHUNK: usize = 1024;
+/// How long the thread waits before it reads the log again after a read
+/// failed.
+pub const RETRY: Duration = Duration::from_secs(1);
 
 /// A projector whose projection's type is erased, as the registry keeps it.
 trait Runner: Send {
     fn name(&self) -> &str;
     fn insert(&mut self, event: &Event, id: EventId, pos: u64);
     fn catch_up(&mut self, source: &mut dyn EventSource) -> Result<u64, ReplayError>;
-    fn summary(&self) -> Summary;
+    fn lag(&self) -> u64;
+    fn reset(&mut self);
+    fn summary(&self, behind: u64) -> Summary;
     fn view(&self) -> Result<Value, serde_json::Error>;
 }
 
@@ -71,12 +76,20 @@ where
         Projector::catch_up(self, source)
     }
 
-    fn summary(&self) -> Summary {
+    fn lag(&self) -> u64 {
+        Projector::lag(self)
+    }
+
+    fn reset(&mut self) {
+        Projector::reset(self)
+    }
+
+    fn summary(&self, behind: u64) -> Summary {
         Summary {
             name: self.name().to_string(),
             version: self.version(),
             position: self.position(),
-            lag: self.lag(),
+            lag: self.lag() + behind,
             hash: hex(&self.state_hash()),
         }
     }
@@ -95,7 +108,7 @@ pub struct Summary {
     pub version: u32,
     /// Events applied.
     pub position: u64,
-    /// Events known but not yet applied (0 once caught up).
+    /// Durable events not yet applied (0 once caught up).
     pub lag: u64,
     /// Its state hash, 64 lowercase hex.
     pub hash: String,
@@ -123,6 +136,8 @@ pub enum RegisterError {
 pub struct Projections {
     node: Weak<Node>,
     registry: Arc<Registry>,
+    /// The position of the last event given to the projections.
+    fed: Arc<AtomicU64>,
     register: mpsc::Sender<Box<dyn Runner>>,
 }
 
@@ -142,20 +157,21 @@ impl Projections {
         let p = Projections {
             node: Arc::downgrade(node),
             registry: Arc::new(Mutex::new(map)),
+            fed: Arc::new(AtomicU64::new(0)),
             register: tx,
         };
-        // Subscribed before the scan: what becomes durable meanwhile is in
-        // the feed (and maybe the scan too: a duplicate).
-        let feed = node.subscribe();
         let worker = p.clone();
         let spawned = std::thread::Builder::new()
             .name("weftlog-projections".into())
-            .spawn(
-                move || match tokio::runtime::Builder::new_current_thread().build() {
-                    Ok(rt) => rt.block_on(worker.run(feed, rx)),
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker.run(rx)),
                     Err(e) => warn!("cannot start the projections thread: {e}"),
-                },
-            );
+                }
+            });
         if let Err(e) = spawned {
             warn!("cannot start the projections thread: {e}; projections stay empty");
         }
@@ -183,18 +199,26 @@ impl Projections {
 
     /// Every projection's figures, by name.
     pub fn list(&self) -> Vec<Summary> {
-        self.lock().values().map(|r| r.summary()).collect()
+        let behind = self.behind();
+        self.lock().values().map(|r| r.summary(behind)).collect()
+    }
+
+    /// Durable events not yet given to the projections.
+    fn behind(&self) -> u64 {
+        let durable = self.node.upgrade().map_or(0, |n| n.durable_pos());
+        durable.saturating_sub(self.fed.load(Ordering::Acquire))
     }
 
     /// One projection's figures and JSON view, `None` if no projection has
     /// that name.
     pub fn get(&self, name: &str) -> Option<(Summary, Value)> {
+        let behind = self.behind();
         let g = self.lock();
         let r = g.get(name)?;
         let view = r
             .view()
             .unwrap_or_else(|e| json!({ "error": format!("the view is not JSON: {e}") }));
-        Some((r.summary(), view))
+        Some((r.summary(behind), view))
     }
 
     /// `GET /v1/projections`: `{"projections": [summary…]}`.
@@ -218,121 +242,144 @@ impl Projections {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The thread: replay, then follow the feed and take registrations
-    /// until the node closes. Only this thread changes projectors, so a
-    /// scan (which holds the log) and a catch-up (which reads it) never
-    /// overlap.
-    async fn run(
-        self,
-        mut feed: broadcast::Receiver<Arc<Committed>>,
-        mut register: mpsc::Receiver<Box<dyn Runner>>,
-    ) {
-        let mut pos = self.replay_log(None);
+    /// The thread: follow the log from position 0 and take registrations,
+    /// until the node closes. Only this thread changes projectors.
+    async fn run(self, mut register: mpsc::Receiver<Box<dyn Runner>>) {
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        let mut sub = node.subscribe_from(0);
+        drop(node);
         loop {
             tokio::select! {
-                batch = feed.recv() => match batch {
-                    Ok(batch) => {
+                batch = sub.next_batch() => match batch {
+                    None => return,
+                    Some(Ok(batch)) => {
                         let mut g = self.lock();
-                        for (id, bytes) in &batch.events {
-                            pos += 1;
-                            let event = match Event::decode_trusted(bytes) {
-                                Ok(e) => e,
-                                Err(e) => {
-                                    warn!(event = %id, "projections: a durable event does not decode: {e}");
+                        for e in &batch {
+                            let event = match Event::decode_trusted(&e.bytes) {
+                                Ok(event) => event,
+                                Err(err) => {
+                                    warn!(event = %e.id, pos = e.pos, "projections: a durable event does not decode: {err}");
                                     continue;
                                 }
                             };
                             for r in g.values_mut() {
-                                r.insert(&event, *id, pos);
+                                r.insert(&event, e.id, e.pos);
                             }
                         }
                         drop(g);
-                        if !self.catch_up(None) {
+                        if let Some(last) = batch.last() {
+                            self.fed.store(last.pos, Ordering::Release);
+                        }
+                        if !self.catch_up() {
                             return;
                         }
                     }
-                    Err(RecvError::Lagged(n)) => {
-                        warn!("projections fell {n} batches behind the feed; rescanning the log");
-                        pos = self.replay_log(None);
+                    Some(Err(e)) => {
+                        let Some(node) = self.node.upgrade() else {
+                            return;
+                        };
+                        let from = match e {
+                            ReadError::EpochChanged { .. } => {
+                                warn!("projections: {e}; rebuilding every projection");
+                                for r in self.lock().values_mut() {
+                                    r.reset();
+                                }
+                                0
+                            }
+                            _ => {
+                                warn!("projections: {e}; reading on in a second");
+                                tokio::time::sleep(RETRY).await;
+                                self.fed.load(Ordering::Acquire)
+                            }
+                        };
+                        self.fed.store(from, Ordering::Release);
+                        sub = node.subscribe_from(from);
                     }
-                    Err(RecvError::Closed) => return,
                 },
-                Some(runner) = register.recv() => {
-                    // Batches not yet received reach it through the feed.
-                    let name = runner.name().to_string();
-                    self.lock().insert(name.clone(), runner);
-                    self.replay_log(Some(&name));
-                    info!(projection = %name, "projection registered");
-                }
+                Some(runner) = register.recv() => self.add(runner),
             }
         }
     }
 
-    /// Scans the log into the projections (only `only`, if given) and
-    /// catches them up; returns the events the log holds.
-    fn replay_log(&self, only: Option<&str>) -> u64 {
+    /// Reads the log up to where the others are into `runner`, then lists
+    /// it: the batches after that reach it with the others'.
+    fn add(&self, mut runner: Box<dyn Runner>) {
         let Some(node) = self.node.upgrade() else {
-            return 0;
+            return;
         };
-        let mut pos = 0u64;
-        let mut chunk: Vec<(Event, EventId, u64)> = Vec::with_capacity(SCAN_CHUNK);
-        let flush = |chunk: &mut Vec<(Event, EventId, u64)>| {
-            let mut g = self.lock();
-            for (name, r) in g.iter_mut() {
-                if only.is_none_or(|o| o == name) {
-                    for (e, id, p) in chunk.iter() {
-                        r.insert(e, *id, *p);
-                    }
+        let name = runner.name().to_string();
+        let fed = self.fed.load(Ordering::Acquire);
+        let mut from = 0;
+        while from < fed {
+            let max = READ_CHUNK.min((fed - from) as usize);
+            let read = match node.read_from(from, max) {
+                Ok(read) if !read.is_empty() => read,
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(projection = %name, "reading the log for a new projection: {e}");
+                    break;
+                }
+            };
+            for e in &read {
+                from = e.pos;
+                if let Ok(event) = Event::decode_trusted(&e.bytes) {
+                    runner.insert(&event, e.id, e.pos);
                 }
             }
-            chunk.clear();
-        };
-        let scanned = node.scan(|e, id| {
-            pos += 1;
-            chunk.push((e.clone(), id, pos));
-            if chunk.len() >= SCAN_CHUNK {
-                flush(&mut chunk);
-            }
-        });
-        flush(&mut chunk);
-        if let Err(e) = scanned {
-            warn!("projections: the log scan stopped: {e}");
         }
-        drop(node);
-        self.catch_up(only);
-        pos
+        if let Err(e) = runner.catch_up(&mut source(&node)) {
+            warn!(projection = %name, "projection replay stopped: {e}");
+        }
+        node.metrics().set_projection_lag(&name, runner.lag());
+        self.lock().insert(name.clone(), runner);
+        info!(projection = %name, "projection registered");
     }
 
-    /// Replays what waits, reading events back from the node's log; false
-    /// if the node is gone.
-    fn catch_up(&self, only: Option<&str>) -> bool {
+    /// Replays what waits, reading events back from the node's log, and
+    /// reports the lags; false if the node is gone.
+    fn catch_up(&self) -> bool {
         let Some(node) = self.node.upgrade() else {
             return false;
         };
-        let mut source = |pos: u64, id: &EventId| -> Result<Event, ReplayError> {
-            let unreadable = |reason: String| ReplayError::Unreadable {
-                pos,
-                id: *id,
-                reason,
-            };
-            let stored = node
-                .sync_store()
-                .fetch_id(id)
-                .ok_or_else(|| unreadable("not in the durable log".into()))?;
-            Event::decode_trusted(&stored.bytes).map_err(|e| unreadable(e.to_string()))
-        };
+        let behind = node
+            .durable_pos()
+            .saturating_sub(self.fed.load(Ordering::Acquire));
+        let mut source = source(&node);
         let mut g = self.lock();
         for (name, r) in g.iter_mut() {
-            if only.is_some_and(|o| o != name) {
-                continue;
-            }
             if let Err(e) = r.catch_up(&mut source) {
                 // It stays behind (its lag says by how much) and goes on
                 // at the next batch.
                 warn!(projection = %name, "projection replay stopped: {e}");
             }
+            node.metrics().set_projection_lag(name, r.lag() + behind);
         }
         true
+    }
+}
+
+/// The node's log as an [`EventSource`]: the event at a position, checked
+/// against the id the projector indexed there.
+fn source(node: &Node) -> impl FnMut(u64, &EventId) -> Result<Event, ReplayError> + '_ {
+    move |pos, id| {
+        let unreadable = |reason: String| ReplayError::Unreadable {
+            pos,
+            id: *id,
+            reason,
+        };
+        let read = node
+            .read_from(pos.saturating_sub(1), 1)
+            .map_err(|e| unreadable(e.to_string()))?;
+        let e = read
+            .into_iter()
+            .next()
+            .ok_or_else(|| unreadable("past the durable end of the log".into()))?;
+        if e.id != *id {
+            return Err(ReplayError::Mismatch { pos, id: *id });
+        }
+        Event::decode_trusted(&e.bytes).map_err(|err| unreadable(err.to_string()))
     }
 }
 

@@ -398,6 +398,16 @@ impl<P: Projection> Projector<P> {
         Ok(inserted)
     }
 
+    /// Forgets every event, state and checkpoint: as new (the shell's log
+    /// positions named another history, say).
+    pub fn reset(&mut self) {
+        self.index.clear();
+        self.state = P::State::default();
+        self.at = None;
+        self.applied = 0;
+        self.checkpoints.clear();
+    }
+
     /// Replaces the projection's code. When the name or the version
     /// differs, the state and its checkpoints are dropped and every indexed
     /// event waits: the next [`Projector::catch_up`] rebuilds it. Returns
