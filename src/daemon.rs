@@ -277,6 +277,7 @@ struct Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     mdns: Mutex<Option<mdns_sd::ServiceDaemon>>,
+    projections: crate::projections::Projections,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -357,6 +358,7 @@ impl Daemon {
             None
         };
         Ok(Daemon {
+            projections: crate::projections::Projections::start(&shared.node),
             shared,
             mdns: Mutex::new(mdns),
         })
@@ -371,6 +373,11 @@ impl Daemon {
     /// The node served.
     pub fn node(&self) -> &Arc<Node> {
         &self.shared.node
+    }
+
+    /// The node's ordered projections ([`crate::projections`]).
+    pub fn projections(&self) -> &crate::projections::Projections {
+        &self.projections
     }
 
     /// Who may connect (`run --members`). It gates connections only: the

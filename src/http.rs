@@ -12,6 +12,8 @@
 //! | `GET /v1/forks[?proof=true]` | a JSON array of what `forks` prints: each fork the log holds (`author`, `seq`, `events`, `heads`), with `proof=true` its fork proof in JSON form (`proof`, or `null` and `proof_error`), which `weftlog verify-fork` checks with no data directory |
 //! | `GET /v1/events[?from=POS][&stream=S][&stream_prefix=P][&kind=K]` | server-sent events: the durable log after `POS` (a number, `0` for the beginning, or a token `EPOCH-POS-CHECK`; absent: from now on), then every event as it becomes durable, each once, in log order (`event: event`, `id:` its token, data as `log` prints it plus `pos`); a `Last-Event-ID` header wins over `from`; a token of another history starts again from the beginning (`event: restart` first, with the reason); see [`crate::sse`] |
 //! | `GET /v1/notifications` | server-sent events that are not log events: `fork`, `oversold`, `epoch` ([`crate::notices`]) |
+//! | `GET /v1/projections` | `{"projections": [...]}`: each ordered projection's `name`, `version`, `position` (events applied), `lag` (durable events not yet applied) and `hash` (its state hash, hex) ([`crate::projections`]) |
+//! | `GET /v1/projections/{name}` | one projection: the same fields and `view`, its JSON view; 404 naming it if there is none |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
@@ -69,6 +71,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/oversold/{sale}", post(decide))
         .route("/v1/events", get(crate::sse::events))
         .route("/v1/notifications", get(crate::sse::notifications))
+        .route("/v1/projections", get(projections))
+        .route("/v1/projections/{name}", get(projection))
         .route("/v1/export", post(export))
         .route("/v1/import", post(import))
         .route("/v1/admin/partition", post(partition))
@@ -118,6 +122,17 @@ impl From<AppendError> for ApiError {
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn projections(AxState(d): Shared) -> Json<Value> {
+    Json(d.projections().list_json())
+}
+
+async fn projection(AxState(d): Shared, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    d.projections().get_json(&name).map(Json).ok_or_else(|| {
+        let msg = format!("no projection named {name:?}; GET /v1/projections lists them");
+        ApiError(StatusCode::NOT_FOUND, msg)
+    })
 }
 
 async fn not_found() -> ApiError {

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod notices;
+pub mod projections;
 pub mod remote;
 pub mod run;
 pub mod sse;

@@ -25,7 +25,9 @@
 //!   connected (who asks, how much, who answers);
 //! - [`peers`]: a node's peer policy (connections, dialling, live push along
 //!   a broadcast tree, anti-entropy), as a state machine that owns its sync
-//!   sessions.
+//!   sessions;
+//! - [`projection`]: ordered projections, user read models folded in the
+//!   canonical order, rewound and replayed for late events.
 #![warn(missing_docs)]
 
 pub mod admission;
@@ -36,6 +38,7 @@ pub mod hlc;
 pub mod id;
 pub mod log;
 pub mod peers;
+pub mod projection;
 pub mod rebalance;
 pub mod replica;
 pub mod seats;
