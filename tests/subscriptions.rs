@@ -344,3 +344,51 @@ fn curl_and_the_cli_read_the_log_in_order_with_positions() {
     assert!(String::from_utf8_lossy(&no.stderr).contains("needs the node running"));
     thread::sleep(Duration::from_millis(1));
 }
+
+#[test]
+fn projections_are_listed_and_served_over_http() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    init(&dir);
+    let p = Proc::start("a", &dir, Opts::default());
+    p.append(
+        "session/7",
+        json!({"kind": "SessionOpened", "escrow_init": {"seats": 2}}),
+    );
+    for _ in 0..3 {
+        p.post(
+            "/v1/streams/session/7/events",
+            &json!({"kind": "SeatsSold", "escrow_consume": {"seats": 1}}),
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let list = loop {
+        let v = p.get_json("/v1/projections");
+        let done = v["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["position"] == 3 && s["lag"] == 0);
+        if done {
+            break v;
+        }
+        assert!(t0.elapsed() < DEADLINE, "projections not caught up: {v}");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let names: BTreeSet<&str> = list["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains("kind_counts") && names.contains("seat_order"),
+        "{list}"
+    );
+    let counts = p.get_json("/v1/projections/kind_counts");
+    assert_eq!(counts["view"]["session"]["SeatsSold"], 2, "{counts}");
+    assert_eq!(counts["hash"].as_str().unwrap().len(), 64, "{counts}");
+    let (code, body) = p.get("/v1/projections/nope");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("nope"), "{body}");
+}
