@@ -272,6 +272,8 @@ struct Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     mdns: Mutex<Option<mdns_sd::ServiceDaemon>>,
+    /// The SQL mirror's lag, when `run --sql` mirrors ([`crate::sql`]).
+    sql_lag: std::sync::OnceLock<Arc<crate::sql::SqlLag>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -351,6 +353,7 @@ impl Daemon {
         Ok(Daemon {
             shared,
             mdns: Mutex::new(mdns),
+            sql_lag: std::sync::OnceLock::new(),
         })
     }
 
@@ -544,6 +547,17 @@ impl Daemon {
             }
         }
         rows.into_values().collect()
+    }
+
+    /// Records the SQL mirror's lag (`run --sql`) for readers such as
+    /// metrics; the first call wins.
+    pub fn set_sql_lag(&self, lag: Arc<crate::sql::SqlLag>) {
+        let _ = self.sql_lag.set(lag);
+    }
+
+    /// The SQL mirror's lag, if one runs ([`crate::sql::SqlLag`]).
+    pub fn sql_lag(&self) -> Option<Arc<crate::sql::SqlLag>> {
+        self.sql_lag.get().cloned()
     }
 
     /// A receiver that turns `true` when the daemon shuts down.
