@@ -333,9 +333,12 @@ fn main() -> Result<()> {
     let quick = std::env::var("WEFTLOG_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let cfg = Config {
         quick,
-        n: if quick { 2_000 } else { 100_000 },
+        n: std::env::var("WEFTLOG_BENCH_SQL_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 2_000 } else { 100_000 }),
         runs: if quick { 1 } else { 3 },
-        lag_secs: if quick { 0.5 } else { 5.0 },
+        lag_secs: if quick { 0.5 } else { 2.0 },
         postgres: std::env::var("WEFTLOG_TEST_POSTGRES").ok(),
     };
     // Cargo passes `--bench`; any other argument is not ours to refuse.

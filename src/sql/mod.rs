@@ -188,8 +188,8 @@ pub enum SqlError {
     /// The mirror's thread could not be started.
     #[error("cannot start the mirror thread: {0}")]
     Thread(std::io::Error),
-    /// The mirror's thread panicked.
-    #[error("the mirror thread panicked")]
+    /// A thread of the mirror ended unexpectedly (it panicked).
+    #[error("a thread of the SQL mirror ended unexpectedly")]
     Panicked,
     /// A number does not fit the column.
     #[error("{what} {value} does not fit the database")]
@@ -398,6 +398,29 @@ pub fn log_epoch(node: &Node) -> String {
         .unwrap_or_else(|| "0".repeat(16))
 }
 
+/// Lowercase hex of 32 bytes, as ids print (`EventId`'s and `NodeId`'s
+/// `Display`), without the formatter's cost per byte.
+fn hex64(b: &[u8; 32]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(64);
+    for x in b {
+        out.push(DIGITS[(x >> 4) as usize]);
+        out.push(DIGITS[(x & 15) as usize]);
+    }
+    // Invariant: only ASCII hex digits were pushed.
+    String::from_utf8(out).expect("hex is ASCII")
+}
+
+/// Bytes as a JSON column: the text itself when it is JSON (the node's
+/// rule, [`json::bytes_value`], without parsing it into a tree), else the
+/// node's `{"hex": …}` form.
+fn json_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => text.to_string(),
+        _ => json::bytes_value(bytes).to_string(),
+    }
+}
+
 fn hex32(h: [u8; 32]) -> String {
     json::hex(&h)
 }
@@ -456,6 +479,106 @@ impl SqlLag {
     }
 }
 
+/// A write the writer thread carries out.
+enum Job {
+    /// [`Backend::reset`].
+    Reset(Checkpoint, bool),
+    /// [`Backend::commit`] from the position given.
+    Commit(u64, Changes, Checkpoint),
+}
+
+/// Transactions queued for the writer at most: folding the next batch
+/// overlaps committing this one, and no more.
+const WRITER_QUEUE: usize = 1;
+
+/// The thread that writes the database, in order, one transaction per
+/// job, so folding and rendering the next batch overlaps the commit of
+/// this one. It stops at the first failure, which the next
+/// [`Writer::send`] or [`Writer::flush`] returns.
+struct Writer {
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    acks: std::sync::mpsc::Receiver<Result<(), SqlError>>,
+    in_flight: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(mut db: Box<dyn Backend>, lag: Arc<SqlLag>) -> Result<Writer, SqlError> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(WRITER_QUEUE);
+        let (ack, acks) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("weftlog-sql-write".into())
+            .spawn(move || {
+                for job in rx {
+                    let r = match job {
+                        Job::Reset(start, drop) => db.reset(&start, drop),
+                        Job::Commit(from, changes, to) => db
+                            .commit(from, &changes, &to)
+                            .map(|()| lag.mirrored_at(to.position)),
+                    };
+                    let failed = r.is_err();
+                    if ack.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(SqlError::Thread)?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            acks,
+            in_flight: 0,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `job` (waiting while the queue is full); returns a failure
+    /// of an earlier job, if one is known.
+    fn send(&mut self, job: Job) -> Result<(), SqlError> {
+        self.poll()?;
+        let sent = self.jobs.as_ref().map(|j| j.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread stopped: its failure, or that it vanished.
+            self.flush()?;
+            return Err(SqlError::Panicked);
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Takes the answers that have arrived.
+    fn poll(&mut self) -> Result<(), SqlError> {
+        while let Ok(r) = self.acks.try_recv() {
+            self.in_flight -= 1;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued job is committed.
+    fn flush(&mut self) -> Result<(), SqlError> {
+        while self.in_flight > 0 {
+            match self.acks.recv() {
+                Ok(r) => {
+                    self.in_flight -= 1;
+                    r?;
+                }
+                Err(_) => return Err(SqlError::Panicked),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written the rest.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// What opening a mirror found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Start {
@@ -468,7 +591,7 @@ pub enum Start {
 
 /// The read model of one node's log in one database; see the module docs.
 pub struct Mirror {
-    db: Box<dyn Backend>,
+    writer: Writer,
     url: Url,
     state: State,
     rows: BTreeMap<String, StreamRows>,
@@ -526,8 +649,9 @@ impl Mirror {
                 Some(_) => None,
             }
         };
+        let lag = Arc::new(SqlLag::default());
         let mut mirror = Mirror {
-            db,
+            writer: Writer::start(db, lag.clone())?,
             url: url.clone(),
             state: State::new(),
             rows: BTreeMap::new(),
@@ -544,7 +668,7 @@ impl Mirror {
             pending: Vec::new(),
             touched: BTreeSet::new(),
             hashed_at: Instant::now(),
-            lag: Arc::new(SqlLag::default()),
+            lag,
         };
         let total = node.with_state(|s| s.len());
         if why.is_none() {
@@ -552,8 +676,8 @@ impl Mirror {
             let c = found.clone().expect("a checkpoint to resume from");
             match mirror.resume(node, &c, total, &mut progress)? {
                 None => {
+                    mirror.writer.flush()?;
                     tracing::info!(url = %url, position = c.position, "read model resumed");
-                    mirror.lag.mirrored_at(mirror.at.position);
                     return Ok((mirror, Start::Resumed(c.position)));
                 }
                 Some(reason) => why = Some(reason),
@@ -570,9 +694,9 @@ impl Mirror {
         mirror.at.event_id.clear();
         mirror.at.hash_position = 0;
         mirror.at.state_hash = hex32(State::new().state_hash());
-        mirror.db.reset(&mirror.at, drop)?;
+        mirror.writer.send(Job::Reset(mirror.at.clone(), drop))?;
         mirror.catch_up(node, total, &mut progress)?;
-        mirror.lag.mirrored_at(mirror.at.position);
+        mirror.writer.flush()?;
         Ok((mirror, Start::Rebuilt(why)))
     }
 
@@ -633,6 +757,7 @@ impl Mirror {
                         return;
                     }
                     self.at = c.clone();
+                    self.lag.mirrored_at(c.position);
                     self.rows = self
                         .state
                         .streams()
@@ -718,16 +843,15 @@ impl Mirror {
         self.touched.insert(event.stream.clone());
         self.pending.push(EventRow {
             position,
-            id: id.to_string(),
-            author: event.author.to_string(),
+            id: hex64(&id.0),
+            author: hex64(&event.author.0),
             seq: event.seq,
             hlc: event.hlc.0,
             stream: event.stream.clone(),
             kind: event.kind.clone(),
             user: event.meta.user.clone(),
             command_id: event.meta.command_id.clone(),
-            payload: (!event.payload.is_empty())
-                .then(|| json::bytes_value(&event.payload).to_string()),
+            payload: (!event.payload.is_empty()).then(|| json_text(&event.payload)),
         });
         Ok(())
     }
@@ -787,10 +911,9 @@ impl Mirror {
             to.hash_position = to.position;
             self.hashed_at = Instant::now();
         }
-        self.db.commit(self.at.position, &changes, &to)?;
-        self.at = to;
-        self.lag.mirrored_at(self.at.position);
-        Ok(())
+        let from = self.at.position;
+        self.at = to.clone();
+        self.writer.send(Job::Commit(from, changes, to))
     }
 
     /// The checkpoint as committed.
@@ -872,6 +995,7 @@ pub fn mirror_once(node: &Node, url: &Url, rebuild: bool) -> Result<(Checkpoint,
         );
     })?;
     mirror.commit(true)?;
+    mirror.writer.flush()?;
     Ok((mirror.at.clone(), start))
 }
 
@@ -991,7 +1115,8 @@ fn follow(
             Err(_) => break,
         }
     }
-    mirror.commit(true)
+    mirror.commit(true)?;
+    mirror.writer.flush()
 }
 
 /// The numbers of the 128-bit columns, as text where they do not fit 64
@@ -1033,6 +1158,21 @@ mod tests {
         assert!(Url::parse("mysql://x").is_err());
         let pg = Url::parse("postgres://u:secret@localhost/db").unwrap();
         assert_eq!(pg.to_string(), "postgres://u:***@localhost/db");
+    }
+
+    #[test]
+    fn hex_and_json_text_match_the_node_rendering() {
+        let id = EventId([0xa5; 32]);
+        assert_eq!(hex64(&id.0), id.to_string());
+        assert_eq!(json_text(br#"{"a": 1}"#), r#"{"a": 1}"#);
+        assert_eq!(
+            json_text(&[0xff, 0]),
+            json::bytes_value(&[0xff, 0]).to_string()
+        );
+        assert_eq!(
+            json_text(b"not json"),
+            json::bytes_value(b"not json").to_string()
+        );
     }
 
     #[test]
