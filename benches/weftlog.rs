@@ -49,6 +49,12 @@
 //!   `fdatasync`), with the same probe watching its own state. Ratio =
 //!   baseline / weftlog. On a VM an `fdatasync` after an idle gap can be
 //!   slower than in a busy mesh, so read it next to `origin_ack`.
+//! - `subscribe`: a log of n events (built like the open group's) replayed
+//!   from position 0 to a subscriber: over HTTP as server-sent events
+//!   (`GET /v1/events?from=0` read by a local client on a plain socket,
+//!   counting `id:` lines until all n arrived) and in process
+//!   (`Node::subscribe_from(0)`); the baseline is the log's own scan (read
+//!   and decode every record), the ceiling of any replay.
 //!
 //! Every figure is the median of `WEFTLOG_BENCH_RUNS` runs (at least 3);
 //! weftlog and baseline runs alternate so drift in a noisy machine hits both.
@@ -61,6 +67,7 @@
 //! `WEFTLOG_BENCH_AM_BATCH_N`, `WEFTLOG_BENCH_AM_ONE_N`,
 //! `WEFTLOG_BENCH_FOLD_AUTHORS`, `WEFTLOG_BENCH_FOLD_TEXT_N` (events of
 //! the fold group's text case), `WEFTLOG_BENCH_OPEN_N`;
+//! `WEFTLOG_BENCH_SUBSCRIBE_N` (events replayed by the subscribe group);
 //! `WEFTLOG_BENCH_REPLICATE_N`, `WEFTLOG_BENCH_PROPAGATE_M`,
 //! `WEFTLOG_BENCH_PROPAGATE_NODES`, `WEFTLOG_BENCH_PROPAGATE_PROBE=0` (no
 //! "applied" probe: durable figures only); `WEFTLOG_BENCH_DIR`
@@ -109,7 +116,15 @@ const SQLITE_BUILD_TX: u64 = 10_000;
 /// Wall clock base for in-memory events (ms since the epoch).
 const BASE_MS: u64 = 1_700_000_000_000;
 
-const GROUPS: [&str; 6] = ["append", "fold", "open", "sync", "replicate", "propagate"];
+const GROUPS: [&str; 7] = [
+    "append",
+    "fold",
+    "open",
+    "sync",
+    "replicate",
+    "propagate",
+    "subscribe",
+];
 
 struct Config {
     quick: bool,
@@ -122,6 +137,7 @@ struct Config {
     am_batch_n: u64,
     am_one_n: u64,
     open_n: u64,
+    subscribe_n: u64,
     replicate_n: u64,
     propagate_m: u64,
     propagate_nodes: usize,
@@ -191,6 +207,11 @@ impl Config {
                 "WEFTLOG_BENCH_OPEN_N",
                 if quick { 10_000 } else { 1_000_000 },
             )?,
+            subscribe_n: env_or(
+                "WEFTLOG_BENCH_SUBSCRIBE_N",
+                if quick { 10_000 } else { 1_000_000 },
+            )?
+            .max(1),
             replicate_n: env_or(
                 "WEFTLOG_BENCH_REPLICATE_N",
                 if quick { 5_000 } else { 200_000 },
@@ -256,6 +277,7 @@ fn rate(v: f64) -> String {
     }
 }
 
+#[derive(Clone)]
 struct Baseline {
     name: String,
     unit: Unit,
@@ -1227,6 +1249,118 @@ fn bench_open(cfg: &Config, report: &mut Report) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// subscribe
+
+/// Reads `GET /v1/events?from=0` from the node's HTTP API at `addr` over a
+/// plain socket until `n` events have arrived; the seconds it took.
+async fn sse_replay(addr: SocketAddr, n: u64) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    sock.write_all(b"GET /v1/events?from=0 HTTP/1.1\r\nhost: bench\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 1 << 20];
+    // Bytes of a possible "\nid: " split across reads.
+    let mut carry: Vec<u8> = Vec::new();
+    let mut seen = 0u64;
+    while seen < n {
+        let k = sock.read(&mut buf).await?;
+        ensure!(k > 0, "the stream ended after {seen} of {n} events");
+        carry.extend_from_slice(&buf[..k]);
+        seen += carry.windows(5).filter(|w| w == b"\nid: ").count() as u64;
+        let keep = carry.len().saturating_sub(4);
+        carry.drain(..keep);
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Replay of a whole log to a subscriber: in process
+/// ([`Node::subscribe_from`]) and over HTTP as server-sent events to a
+/// local client; the baseline is the log's own scan (read and decode).
+fn bench_subscribe(cfg: &Config, report: &mut Report) -> Result<()> {
+    let n = cfg.subscribe_n;
+    let (_tmp, dir) = new_node(cfg, "subscribe-")?;
+    println!("# subscribe: building a {n}-event log with {BUILD_THREADS} appenders…");
+    let (secs, r) = time(|| build_log(&dir, n));
+    r?;
+    println!("  built in {secs:.1} s");
+    let rt = runtime()?;
+    let (node, _) = Node::open(&dir).context("reopen node")?;
+    let node = Arc::new(node);
+    let (mut sse, mut rust, mut scan) = (Vec::new(), Vec::new(), Vec::new());
+    rt.block_on(async {
+        let d = Arc::new(Daemon::start(node.clone(), daemon_config(Vec::new())).await?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = weftlog::http::router(d.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        for run in 0..cfg.runs {
+            let (secs, r) = time(|| {
+                let mut k = 0u64;
+                node.scan(|_, _| k += 1).map(|()| k)
+            });
+            ensure!(r? == n, "the scan did not read {n} events");
+            scan.push(secs);
+            let t0 = Instant::now();
+            let mut sub = node.subscribe_from(0);
+            let mut k = 0u64;
+            while k < n {
+                match sub.next_batch().await {
+                    Some(Ok(b)) => k += b.len() as u64,
+                    other => bail!("the subscription stopped after {k} events: {other:?}"),
+                }
+            }
+            rust.push(t0.elapsed().as_secs_f64());
+            let secs = sse_replay(addr, n).await?;
+            sse.push(secs);
+            println!(
+                "  run {run}: SSE {} · in process {} · log scan {}",
+                rate(n as f64 / secs),
+                rate(n as f64 / rust[run]),
+                rate(n as f64 / scan[run])
+            );
+        }
+        d.shutdown().await;
+        anyhow::Ok(())
+    })?;
+    let to_rate = |v: &[f64]| v.iter().map(|s| n as f64 / s).collect::<Vec<_>>();
+    let scan_base = Baseline {
+        name: "log_scan".into(),
+        unit: Unit::EventsPerSec,
+        runs: to_rate(&scan),
+        n,
+        note: "Node::scan: read and decode every record".into(),
+    };
+    report.add(
+        cfg,
+        Figure {
+            group: "subscribe",
+            name: "sse_replay".into(),
+            unit: Unit::EventsPerSec,
+            runs: to_rate(&sse),
+            n,
+            baselines: vec![scan_base.clone()],
+            target: Some(Target::AtLeast(200_000.0)),
+            extra: serde_json::Map::new(),
+        },
+    );
+    report.add(
+        cfg,
+        Figure {
+            group: "subscribe",
+            name: "subscribe_from".into(),
+            unit: Unit::EventsPerSec,
+            runs: to_rate(&rust),
+            n,
+            baselines: vec![scan_base],
+            target: None,
+            extra: serde_json::Map::new(),
+        },
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 
 /// The filesystem type `path` lives on, from /proc/mounts (longest prefix).
 fn fs_type(path: &Path) -> String {
@@ -1297,6 +1431,9 @@ fn main() -> Result<()> {
     }
     if cfg.wants("propagate") {
         bench_propagate(&cfg, &mut report)?;
+    }
+    if cfg.wants("subscribe") {
+        bench_subscribe(&cfg, &mut report)?;
     }
     report.print_table();
     println!(

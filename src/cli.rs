@@ -83,11 +83,27 @@ pub enum Command {
         as_of: Option<u64>,
     },
     /// Print events, one JSON object per line, in canonical order
-    /// (ascending hlc, author, seq).
+    /// (ascending hlc, author, seq); with --from or --follow, in this
+    /// node's log order with each event's position.
+    ///
+    /// Positions count from 1 in this node's log; `pos` is one, and `token`
+    /// (EPOCH-POS-CHECK) names it in this log's history, to resume from.
+    /// A token from another history (the log was restored, or it is
+    /// another node's) starts again from the beginning, saying so on
+    /// stderr.
     Log {
         /// Only this stream's events.
         #[arg(long)]
         stream: Option<String>,
+        /// Print the events after this position, in log order: a number
+        /// (0: from the beginning) or a token as `token` prints it.
+        #[arg(long, value_name = "POS")]
+        from: Option<String>,
+        /// Keep printing events as they become durable, until the node
+        /// stops or Ctrl-C (needs the node running: `weftlog run`).
+        /// Without --from, from now on.
+        #[arg(long)]
+        follow: bool,
         /// Mark events whose author this member list does not name
         /// ("non_member": true). While the node runs, its own `run
         /// --members` list applies instead.
@@ -268,16 +284,26 @@ POST /v1/streams/{stream}/events  append; body: {\"kind\", \"set\": {field: json
                                   201 created, 200 if the command id exists, 409 version mismatch or unknown base,\n  \
                                   422 refused (e.g. an oversell), 400 malformed\n  \
 GET  /v1/streams/{stream}[?as_of=HLC]   the stream, as `get` prints it\n  \
-GET  /v1/log[?stream=S]           events, one JSON object per line\n  \
+GET  /v1/log[?stream=S][&from=POS]  events, one JSON object per line (with from: log order, pos, token)\n  \
 GET  /v1/conflicts                fields with concurrent values\n  \
 GET  /v1/status                   status plus peers (node, addr, connected, behind), blocked, equivocations\n  \
 GET  /v1/forks[?proof=true]       forks the log holds, as `forks` prints them (with --proof: their proofs)\n  \
 GET  /v1/oversold                 oversold sales and their compensation, as `oversold` prints them\n  \
 POST /v1/oversold/{sale}          a staff decision: {\"action\": \"cancel|waitlist|honour|notify\", \"user\"}\n  \
-GET  /v1/events                   server-sent events: every event as it becomes durable here\n  \
+GET  /v1/events[?from=POS]        server-sent events: the log after POS (0: the beginning; a token;\n  \
+                                  absent: from now), then every event as it becomes durable, each once;\n  \
+                                  id: is each event's token, Last-Event-ID resumes; filters: stream,\n  \
+                                  stream_prefix, kind\n  \
+GET  /v1/notifications            server-sent notices that are not events: fork, oversold, epoch\n  \
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
-POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n\n\
+POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n  \
+GET  /metrics                     Prometheus metrics (OpenMetrics if asked, else text 0.0.4), all weftlog_*:\n  \
+                                  events_appended_total, events_received_total{via}, duplicates_received_total{via},\n  \
+                                  append_latency_seconds, fsync_duration_seconds (histograms),\n  \
+                                  log_durable_position, log_size_bytes, conflicts_open, equivocations,\n  \
+                                  peer_connected{peer}, peer_events_behind{peer}, peer_{received,sent}_bytes_total{peer},\n  \
+                                  projection_lag_events{projection}, sql_lag_events (with a mirror)\n\n\
 Example:\n  \
 weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt";
 
@@ -802,6 +828,83 @@ fn read_frontier(path: &Path) -> Result<Vec<weftlog_proto::sync::Head>> {
 /// event in `"duplicate_of"`: it is kept, with no effect. An event whose
 /// author `members` does not name is marked `"non_member": true`
 /// ([`json::mark_non_member`]).
+/// `log --from POS [--follow]`: log order with positions.
+fn log_from(
+    dir: &Path,
+    stream: Option<String>,
+    members: Option<&Path>,
+    from: Option<&str>,
+    follow: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let start: crate::sse::From = from.unwrap_or("").parse().map_err(|e: String| anyhow!(e))?;
+    match target(dir)? {
+        Target::Local(node) => {
+            if follow {
+                bail!(
+                    "--follow needs the node running (`weftlog run`): a stopped node makes no \
+                     new events; use --from alone to print what its log holds"
+                );
+            }
+            let filter = crate::sse::Filter {
+                stream,
+                ..Default::default()
+            };
+            let (text, restart) =
+                crate::sse::lines_after(&node, &start, &filter, &read_members(members)?)?;
+            if let Some(why) = restart {
+                eprintln!("{why}");
+            }
+            out.write_all(text.as_bytes())?;
+        }
+        Target::Remote(r) => {
+            running_list(members)?;
+            let mut query = format!("from={}", remote::encode(from.unwrap_or(""), false));
+            if let Some(s) = &stream {
+                query.push_str(&format!("&stream={}", remote::encode(s, false)));
+            }
+            if !follow {
+                out.write_all(&r.get(&format!("/v1/log?{query}"))?)?;
+                return Ok(());
+            }
+            let path = format!("/v1/events?{query}");
+            let mut last: Option<String> = None;
+            loop {
+                let mut reset = false;
+                let resume = last.clone();
+                r.follow(&path, resume.as_deref(), |m| {
+                    match m.event.as_str() {
+                        "event" => {
+                            let mut v: Value = serde_json::from_str(&m.data)?;
+                            if let Some(id) = &m.id {
+                                v["token"] = id.clone().into();
+                                last = Some(id.clone());
+                            }
+                            print(out, &v)?;
+                            out.flush()?;
+                        }
+                        "restart" | "reset" | "error" => {
+                            let v: Value = serde_json::from_str(&m.data).unwrap_or_default();
+                            eprintln!("{}", v["reason"].as_str().unwrap_or(&m.data));
+                            reset = m.event == "reset";
+                        }
+                        _ => {}
+                    }
+                    Ok(true)
+                })?;
+                if !reset {
+                    eprintln!(
+                        "the node stopped; the last position printed is {}",
+                        last.as_deref().unwrap_or("none")
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn log_lines(node: &Node, stream: Option<&str>, members: &Members) -> Result<String> {
     let mut rows = Vec::new();
     // Events with a command id: (row, stream, command id).
@@ -1097,7 +1200,22 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
                 print(out, &r.get_json(&path)?)?;
             }
         },
-        Command::Log { stream, members } => {
+        Command::Log {
+            stream,
+            members,
+            from,
+            follow,
+        } => {
+            if from.is_some() || follow {
+                return log_from(
+                    dir,
+                    stream,
+                    members.as_deref(),
+                    from.as_deref(),
+                    follow,
+                    out,
+                );
+            }
             let text = match target(dir)? {
                 Target::Local(node) => {
                     log_lines(&node, stream.as_deref(), &read_members(members.as_deref())?)?

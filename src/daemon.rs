@@ -55,6 +55,7 @@ use weftlog_proto::sync::{message_len, Equivocation, SessionConfig, LENGTH_PREFI
 use weftlog_proto::NodeId;
 
 use crate::node::Node;
+use crate::notices::{Notice, Notices};
 use crate::tls::{self, peer_id, Members, SERVER_NAME};
 
 /// Application close codes on a QUIC connection (the peer policy's).
@@ -265,6 +266,10 @@ struct Shared {
     blocked: watch::Sender<BTreeSet<NodeId>>,
     shutdown: watch::Sender<bool>,
     forks: Mutex<BTreeMap<(NodeId, u64), Fork>>,
+    /// What `GET /v1/notifications` carries.
+    notices: Notices,
+    /// Wakes the notice task: a batch became durable.
+    noticed: Notify,
 }
 
 /// A running daemon. Dropping it without [`Daemon::shutdown`] stops its
@@ -332,6 +337,8 @@ impl Daemon {
             blocked: watch::channel(BTreeSet::new()).0,
             shutdown: watch::channel(false).0,
             forks: Mutex::new(forks),
+            notices: Notices::new(),
+            noticed: Notify::new(),
             node,
         });
         info!(node = %me, addr = %shared.endpoint.local_addr().map_or(config.listen, |a| a), "listening for peers (QUIC)");
@@ -341,6 +348,7 @@ impl Daemon {
         tokio::spawn(feed_loop(shared.clone(), feed));
         tokio::spawn(timer_loop(shared.clone()));
         tokio::spawn(rebalance_loop(shared.clone()));
+        tokio::spawn(notice_loop(shared.clone()));
         tokio::spawn(accept_loop(shared.clone()));
         for p in &config.peers {
             add_target(&shared, p.clone());
@@ -355,6 +363,12 @@ impl Daemon {
             mdns: Mutex::new(mdns),
             sql_lag: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The kept notices after `after` and a receiver for the next ones
+    /// ([`Notices::after`]).
+    pub fn notices_after(&self, after: u64) -> (Vec<Notice>, broadcast::Receiver<Notice>) {
+        self.shared.notices.after(after)
     }
 
     /// The node served.
@@ -807,6 +821,8 @@ impl Shared {
             }
             forks.insert(key, fork.clone());
         }
+        self.notices
+            .note_fork(&proof.author.to_string(), proof.seq, &peer.to_string());
         warn!(
             author = %proof.author, seq = proof.seq, held = %proof.held, other = %proof.other,
             proven = proof.proven, peer = %peer, fork_proof = fork.fork_proof.is_some(),
@@ -945,6 +961,7 @@ async fn feed_loop(
                 shared.rebalance.notify_one();
                 shared.prove_pending();
                 shared.note_forks();
+                shared.noticed.notify_one();
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!("fell {n} batches behind the live feed; asking every peer for a round");
@@ -952,6 +969,32 @@ async fn feed_loop(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// How often, at most, the notice task looks at the state again.
+const NOTICE_EVERY: Duration = Duration::from_millis(200);
+
+/// Publishes the notices the state calls for ([`crate::notices`]): after
+/// durable batches, at most every [`NOTICE_EVERY`].
+async fn notice_loop(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut epoch = shared.node.epoch();
+    loop {
+        tokio::select! {
+            _ = shared.noticed.notified() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        shared.node.with_state(|s| shared.notices.note_oversold(s));
+        let now = shared.node.epoch();
+        if now != epoch {
+            shared.notices.publish(
+                "epoch",
+                serde_json::json!({ "was": epoch.to_string(), "epoch": now.to_string() }),
+            );
+            epoch = now;
+        }
+        tokio::time::sleep(NOTICE_EVERY).await;
     }
 }
 

@@ -6,42 +6,39 @@
 //! |---|---|
 //! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match, or a text `base` names heads this node does not hold; 422 when the command is refused (an oversell, say); 400 on a malformed body; 507 while the disk is full (nothing stored; appends resume by themselves once space is freed) |
 //! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
-//! | `GET /v1/log[?stream=S]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true` |
+//! | `GET /v1/log[?stream=S][&from=POS]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true`; with `from`, the durable events after `POS` in log order with `pos` and `token` (a token of another history: from the beginning, with the reason in the `x-weftlog-restart` header) |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
 //! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked`, `equivocations`, `non_members` (`null` without `--members`) and `own_frontier` (whether, by whom and when a peer confirmed this node's own log since it started) |
 //! | `GET /v1/forks[?proof=true]` | a JSON array of what `forks` prints: each fork the log holds (`author`, `seq`, `events`, `heads`), with `proof=true` its fork proof in JSON form (`proof`, or `null` and `proof_error`), which `weftlog verify-fork` checks with no data directory |
-//! | `GET /v1/events` | server-sent events: every event as it becomes durable, appended here or received (`event: event`, data as `log` prints it, marks included); `event: lagged` if this client fell behind and missed some |
+//! | `GET /v1/events[?from=POS][&stream=S][&stream_prefix=P][&kind=K]` | server-sent events: the durable log after `POS` (a number, `0` for the beginning, or a token `EPOCH-POS-CHECK`; absent: from now on), then every event as it becomes durable, each once, in log order (`event: event`, `id:` its token, data as `log` prints it plus `pos`); a `Last-Event-ID` header wins over `from`; a token of another history starts again from the beginning (`event: restart` first, with the reason); see [`crate::sse`] |
+//! | `GET /v1/notifications` | server-sent events that are not log events: `fork`, `oversold`, `epoch` ([`crate::notices`]) |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
+//! | `GET /metrics` | Prometheus metrics, every name prefixed `weftlog_` ([`crate::metrics`] lists them): OpenMetrics text when the `Accept` header asks for it, else the classic text format |
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
 //! percent-encoded. Errors are `{"error": "one sentence"}` with the status.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::convert::Infallible;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::{header, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::broadcast;
 use weftlog_proto::event::Policy;
 use weftlog_proto::state::{Draft, PrepareError};
 use weftlog_proto::text::{self, EditError, Splice, TextEdit};
-use weftlog_proto::{Event, EventId, Hlc, Meta, NodeId, Op};
+use weftlog_proto::{EventId, Hlc, Meta, NodeId, Op};
 
 use crate::daemon::Daemon;
 use crate::json;
-use crate::node::{AppendError, Committed, ExportError, NodeImportError};
-use crate::tls::Members;
+use crate::node::{AppendError, ExportError, NodeImportError};
 
 /// Largest request body: an export file up to the import limit.
 pub const MAX_BODY_BYTES: usize = weftlog_proto::exchange::MAX_EXPORT_BYTES as usize;
@@ -56,10 +53,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/forks", get(forks))
         .route("/v1/oversold", get(oversold))
         .route("/v1/oversold/{sale}", post(decide))
-        .route("/v1/events", get(events))
+        .route("/v1/events", get(crate::sse::events))
+        .route("/v1/notifications", get(crate::sse::notifications))
         .route("/v1/export", post(export))
         .route("/v1/import", post(import))
         .route("/v1/admin/partition", post(partition))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(daemon)
@@ -72,6 +71,11 @@ type Shared = AxState<Arc<Daemon>>;
 pub struct ApiError(StatusCode, String);
 
 impl ApiError {
+    /// An answer with `status` and the sentence `msg`.
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+        ApiError(status, msg.into())
+    }
+
     fn bad(msg: impl Into<String>) -> ApiError {
         ApiError(StatusCode::BAD_REQUEST, msg.into())
     }
@@ -332,11 +336,30 @@ async fn get_stream(
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     stream: Option<String>,
+    from: Option<String>,
 }
 
 async fn log(AxState(d): Shared, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
     let node = d.node().clone();
     let members = d.members().clone();
+    if let Some(from) = q.from {
+        let from: crate::sse::From = from.parse().map_err(ApiError::bad)?;
+        let filter = crate::sse::Filter {
+            stream: q.stream,
+            ..Default::default()
+        };
+        let (text, restart) = tokio::task::spawn_blocking(move || {
+            crate::sse::lines_after(&node, &from, &filter, &members)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        let mut r = ([(header::CONTENT_TYPE, "application/x-ndjson")], text).into_response();
+        if let Some(why) = restart.and_then(|w| header::HeaderValue::from_str(&w).ok()) {
+            r.headers_mut().insert("x-weftlog-restart", why);
+        }
+        return Ok(r);
+    }
     let text = tokio::task::spawn_blocking(move || {
         crate::cli::log_lines(&node, q.stream.as_deref(), &members)
     })
@@ -492,79 +515,11 @@ async fn partition(AxState(d): Shared, body: Bytes) -> Result<Json<Value>, ApiEr
     Ok(Json(json!({ "blocked": blocked })))
 }
 
-/// What the event feed of one SSE client holds between polls.
-struct Feed {
-    rx: broadcast::Receiver<Arc<Committed>>,
-    queue: VecDeque<SseEvent>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    members: Members,
-}
-
-fn sse_events(batch: &Committed, members: &Members, queue: &mut VecDeque<SseEvent>) {
-    for (id, bytes) in &batch.events {
-        // The node wrote these bytes after checking them.
-        if let Ok(e) = Event::decode_trusted(bytes) {
-            let mut v = json::event(&e, id);
-            json::mark_non_member(&mut v, &e.author, members);
-            let data = v.to_string();
-            queue.push_back(
-                SseEvent::default()
-                    .event("event")
-                    .id(id.to_string())
-                    .data(data),
-            );
-        }
-    }
-}
-
-/// The notice a client that fell `n` batches behind gets.
-fn lagged(queue: &mut VecDeque<SseEvent>, n: u64) {
-    let data = json!({ "missed_batches": n }).to_string();
-    queue.push_back(SseEvent::default().event("lagged").data(data));
-}
-
-async fn events(AxState(d): Shared) -> impl IntoResponse {
-    let feed = Feed {
-        rx: d.node().subscribe(),
-        queue: VecDeque::new(),
-        shutdown: d.shutdown_signal(),
-        members: d.members().clone(),
-    };
-    let stream = futures_util::stream::unfold(feed, |mut f| async move {
-        loop {
-            if let Some(e) = f.queue.pop_front() {
-                return Some((Ok::<_, Infallible>(e), f));
-            }
-            if *f.shutdown.borrow() {
-                // The node stops: what it committed before is announced
-                // (batches already in the channel), then the feed ends.
-                loop {
-                    match f.rx.try_recv() {
-                        Ok(batch) => sse_events(&batch, &f.members, &mut f.queue),
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(&mut f.queue, n),
-                        Err(_) => break,
-                    }
-                }
-                match f.queue.pop_front() {
-                    Some(e) => return Some((Ok(e), f)),
-                    None => return None,
-                }
-            }
-            tokio::select! {
-                r = f.rx.recv() => match r {
-                    Ok(batch) => sse_events(&batch, &f.members, &mut f.queue),
-                    Err(broadcast::error::RecvError::Lagged(n)) => lagged(&mut f.queue, n),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
-                // A stop is handled at the top of the loop; a signal that
-                // is gone without one ends the feed.
-                changed = f.shutdown.changed() => {
-                    if changed.is_err() && !*f.shutdown.borrow() {
-                        return None;
-                    }
-                }
-            }
-        }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+async fn metrics(AxState(d): Shared, headers: header::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(crate::metrics::wants_openmetrics);
+    let (ctype, text) = crate::metrics::render(&d, openmetrics).await;
+    ([(header::CONTENT_TYPE, ctype)], text).into_response()
 }

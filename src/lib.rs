@@ -7,12 +7,16 @@ pub mod daemon;
 pub mod demo;
 pub mod http;
 pub mod json;
+pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod notices;
 pub mod remote;
 pub mod run;
 pub mod sql;
+pub mod sse;
 pub mod storage;
+pub mod subscribe;
 pub mod tls;
 
 pub use node::Node;

@@ -67,6 +67,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -85,7 +86,9 @@ use weftlog_proto::state::{Draft, Fork, PrepareError, State};
 use weftlog_proto::sync::Head;
 use weftlog_proto::{EventId, NodeId, Op};
 
+use crate::metrics::Metrics;
 use crate::storage::{sync_dir, FileStorage};
+use crate::subscribe::{Epoch, EpochCell, EPOCH_FILE};
 
 pub use weftlog_proto::replica::{Appended, DiskFull, Imported, OwnFrontier};
 
@@ -243,6 +246,11 @@ impl From<replica::ImportError> for NodeImportError {
 /// A batch that just became durable, as [`Node::subscribe`] delivers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
+    /// The log's epoch when the batch became durable.
+    pub epoch: Epoch,
+    /// The log position of `events[0]` (positions count from 1; see
+    /// [`crate::subscribe`]).
+    pub first: u64,
     /// Per author, the highest seq in the batch that carries a signature,
     /// ascending by author: what sync sessions may now push
     /// ([`Session::handle_stored`](weftlog_proto::sync::Session::handle_stored)).
@@ -329,7 +337,7 @@ impl Reply {
 }
 
 /// What the committer and writer threads and the node's handles share.
-struct Inner {
+pub(crate) struct Inner {
     key: Keypair,
     id: NodeId,
     shared: Mutex<Shared>,
@@ -337,18 +345,24 @@ struct Inner {
     /// writer waits), and when a batch is taken or finished (the committer
     /// waits while too many records are pending).
     changed: Condvar,
-    log: Mutex<Log<FileStorage>>,
-    feed: broadcast::Sender<Arc<Committed>>,
+    pub(crate) log: Mutex<Log<FileStorage>>,
+    pub(crate) feed: broadcast::Sender<Arc<Committed>>,
+    /// The log's epoch and where it is kept ([`crate::subscribe`]).
+    pub(crate) epoch: EpochCell,
+    /// Records durable in the log: the last durable position.
+    pub(crate) durable: AtomicU64,
     /// Received events waiting for a dependency, shared by every sync
     /// session (`None` while a store holds it).
     pool: Mutex<Option<weftlog_proto::sync::Pool>>,
+    /// What `GET /metrics` counts as it happens ([`crate::metrics`]).
+    metrics: Metrics,
 }
 
 /// An open node. Safe to share between threads; its append and import
 /// calls have blocking and async forms.
 pub struct Node {
     dir: PathBuf,
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     tx: Option<mpsc::Sender<Request>>,
     committer: Option<JoinHandle<()>>,
     /// Notified when a sale waits for rights ([`Node::rights_wanted`]).
@@ -400,6 +414,7 @@ pub fn init(dir: &Path) -> Result<NodeId, InitError> {
     }
     fs::remove_file(&tmp).map_err(io)?;
     FileStorage::new(&dir.join(LOG_DIR)).map_err(io)?;
+    EpochCell::open(dir).map_err(io)?;
     sync_dir(dir).map_err(io)?;
     Ok(key.node_id())
 }
@@ -432,6 +447,10 @@ impl Node {
         let storage = || FileStorage::new(&log_dir).map_err(OpenError::Io);
         let (replica, log, recovery) =
             Replica::open(Keypair::from_secret(secret), wall_ms(), storage)?;
+        let epoch = EpochCell::open(dir).map_err(io_err(&dir.join(EPOCH_FILE)))?;
+        let durable = AtomicU64::new(log.records());
+        let metrics = Metrics::new();
+        metrics.set_log(log.records(), log.bytes());
         let inner = Arc::new(Inner {
             id: key.node_id(),
             key,
@@ -444,7 +463,10 @@ impl Node {
             changed: Condvar::new(),
             log: Mutex::new(log),
             feed: broadcast::channel(FEED_CAP).0,
+            epoch,
+            durable,
             pool: Mutex::new(Some(weftlog_proto::sync::Pool::new())),
+            metrics,
         });
         let (tx, rx) = mpsc::channel(QUEUE_CAP);
         let committer = {
@@ -475,6 +497,12 @@ impl Node {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The figures `GET /metrics` shows that the node counts as they
+    /// happen; the projections and the SQL mirror report their lag here.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The node's key pair (for its TLS identity).
@@ -610,6 +638,7 @@ impl Node {
     /// # Panics
     /// If called from within an async runtime.
     pub fn append(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let started = Instant::now();
         let kept = sells(&draft).then(|| draft.clone());
         let mut answer = self.request_blocking(draft, None)?;
         while let (AppendAnswer::AwaitingRights(until), Some(sale)) = (&answer, &kept) {
@@ -620,7 +649,21 @@ impl Node {
             std::thread::sleep(Duration::from_millis(left.clamp(1, RIGHTS_POLL_MS)));
             answer = self.request_blocking(sale.clone(), Some(*until))?;
         }
-        done(answer)
+        self.measured(started, done(answer))
+    }
+
+    /// Counts an acknowledged append in the metrics.
+    fn measured(
+        &self,
+        started: Instant,
+        r: Result<Appended, AppendError>,
+    ) -> Result<Appended, AppendError> {
+        if let Ok(a) = &r {
+            self.inner
+                .metrics
+                .record_append(started.elapsed(), !a.existing);
+        }
+        r
     }
 
     fn request_blocking(
@@ -637,8 +680,10 @@ impl Node {
 
     /// [`Node::append`] for async callers.
     pub async fn append_async(&self, draft: Draft) -> Result<Appended, AppendError> {
+        let started = Instant::now();
         let Some(sale) = sells(&draft).then(|| draft.clone()) else {
-            return done(self.request(draft, None).await?);
+            let answer = self.request(draft, None).await?;
+            return self.measured(started, done(answer));
         };
         // Subscribed before the first try: a batch durable after it may
         // bring the rights.
@@ -651,7 +696,7 @@ impl Node {
             let _ = tokio::time::timeout(left, feed.recv()).await;
             answer = self.request(sale.clone(), Some(until)).await?;
         }
-        done(answer)
+        self.measured(started, done(answer))
     }
 
     async fn request(
@@ -727,7 +772,11 @@ impl Node {
         self.sender()
             .blocking_send(Request::Import(items, tx))
             .map_err(|_| fatal())?;
-        rx.blocking_recv().map_err(|_| fatal())?
+        let r = rx.blocking_recv().map_err(|_| fatal())?;
+        if let Ok(i) = &r {
+            self.inner.metrics.record_import(i.imported, i.duplicates);
+        }
+        r
     }
 
     /// Reads every durable event in log order.
@@ -1139,9 +1188,20 @@ fn finish(inner: &Inner, batch: Batch) {
     let written = {
         let mut log = inner.log.lock().expect("log lock poisoned");
         let first = log.records();
-        log.append(batch.frames(), batch.len() as u64)
-            .map(|()| first)
+        let started = Instant::now();
+        let r = log.append(batch.frames(), batch.len() as u64);
+        if r.is_ok() {
+            inner.metrics.record_fsync(started.elapsed());
+            inner.metrics.set_log(log.records(), log.bytes());
+        }
+        r.map(|()| first)
     };
+    let first = written.as_ref().ok().copied();
+    if let Some(first) = first {
+        inner
+            .durable
+            .store(first + batch.len() as u64, Ordering::Release);
+    }
     let mut g = inner.lock();
     let was_full = g.replica.disk_full().map(|f| f.tries);
     let committed = match written {
@@ -1188,10 +1248,21 @@ fn finish(inner: &Inner, batch: Batch) {
     };
     let failed = g.replica.failed().map(str::to_string);
     let full = g.replica.disk_full().map(|f| f.error.clone());
+    let returned = g.replica.own_returned();
     drop(g);
-    if let Some(c) = committed.filter(|_| inner.feed.receiver_count() > 0) {
+    if committed.is_some() {
+        // Own events came back: the log was restored from a copy, so its
+        // positions name another history than its readers saw.
+        inner.epoch.renew_if_returned(returned);
+    }
+    if let Some((c, first)) = committed
+        .zip(first)
+        .filter(|_| inner.feed.receiver_count() > 0)
+    {
         // No receiver left is not an error: nobody is listening.
         let _ = inner.feed.send(Arc::new(Committed {
+            epoch: inner.epoch.get(),
+            first: first + 1,
             heads: c.heads,
             events: c.events,
         }));

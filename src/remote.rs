@@ -120,4 +120,64 @@ impl Remote {
         let (b, _) = self.post(path, body.to_string().as_bytes(), true)?;
         Ok(serde_json::from_slice(&b)?)
     }
+
+    /// GETs the server-sent event stream at `path` and hands each message
+    /// (its `event:` name, `id:` and `data:`) to `f` until the stream ends
+    /// or `f` says stop (`false`). No timeout: a stream may idle for long.
+    pub fn follow(
+        &self,
+        path: &str,
+        last_event_id: Option<&str>,
+        mut f: impl FnMut(&SseMessage) -> Result<bool>,
+    ) -> Result<()> {
+        use std::io::BufRead;
+        let mut req = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .config()
+            .timeout_global(None)
+            .build();
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let what = format!("GET {path}");
+        let r = req.call().map_err(|e| {
+            anyhow!(
+                "the running node at {} did not answer {what}: {e}",
+                self.base
+            )
+        })?;
+        if !r.status().is_success() {
+            return self.answer(&what, Ok(r)).map(drop);
+        }
+        let reader = std::io::BufReader::new(r.into_body().into_reader());
+        let mut msg = SseMessage::default();
+        for line in reader.lines() {
+            let line = line.with_context(|| format!("reading {what}"))?;
+            if line.is_empty() {
+                if (!msg.data.is_empty() || !msg.event.is_empty()) && !f(&msg)? {
+                    return Ok(());
+                }
+                msg = SseMessage::default();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                msg.event = v.to_string();
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                msg.id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                msg.data.push_str(v);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One server-sent event message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseMessage {
+    /// Its `event:` name (empty: none).
+    pub event: String,
+    /// Its `id:`.
+    pub id: Option<String>,
+    /// Its `data:` lines, joined.
+    pub data: String,
 }

@@ -196,6 +196,9 @@ pub struct Replica {
     durable_at: u64,
     /// Own records queued and not yet durable.
     unacked: u64,
+    /// Events by this node that came back from outside (sync or import):
+    /// the log had lost them, so it was restored from a copy.
+    own_returned: u64,
     /// Per lane of the state ([`State::slot_of`]), each durable event's
     /// (log record index, hlc), by its index in the lane. An author that
     /// never forked has one lane, seq 1 up.
@@ -454,6 +457,7 @@ impl Replica {
             taken: 0,
             durable_at: 0,
             unacked: 0,
+            own_returned: 0,
             durable: Vec::new(),
             signed: BTreeMap::new(),
             records: 0,
@@ -1125,6 +1129,14 @@ impl Replica {
         self.pending.len()
     }
 
+    /// How many events by this node were received from outside since the
+    /// replica opened. Each means the log had lost an own event (a restore
+    /// from a copy, or a copied data directory): the shell's log positions
+    /// no longer name the history its readers saw.
+    pub fn own_returned(&self) -> u64 {
+        self.own_returned
+    }
+
     /// Own records applied and not yet durable (pending, or in a batch
     /// being written).
     pub fn unacked(&self) -> u64 {
@@ -1211,6 +1223,9 @@ impl Replica {
         }
         if p.author == self.id {
             self.unacked += 1;
+            if received {
+                self.own_returned += 1;
+            }
         }
         p.closes = self.open.is_empty();
         self.queued += 1;

@@ -69,12 +69,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use weftlog_proto::log::OpenError;
 use weftlog_proto::state::Stream;
 use weftlog_proto::{Event, EventId, State};
 
 use crate::json;
-use crate::node::{wall_ms, Committed, Node};
+use crate::node::{wall_ms, Node};
+use crate::subscribe::{Positioned, ReadError, READ_CHUNK};
 
 /// The schema this build writes. A database with another version is
 /// rebuilt from scratch.
@@ -164,9 +164,6 @@ pub enum SqlError {
     /// PostgreSQL failed.
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] ::postgres::Error),
-    /// The log could not be read.
-    #[error(transparent)]
-    Log(#[from] OpenError),
     /// A durable event did not fold (the log is damaged or not this build's).
     #[error("the event at log position {position} does not fold: {why}")]
     Fold {
@@ -175,6 +172,9 @@ pub enum SqlError {
         /// Why.
         why: String,
     },
+    /// The durable log could not be read.
+    #[error("reading the log: {0}")]
+    Read(String),
     /// The checkpoint row moved under this mirror: another process writes
     /// the same database.
     #[error("the checkpoint in the database is not at position {expected}: another mirror writes this database; run one mirror per database")]
@@ -388,14 +388,9 @@ pub fn checkpoint(url: &Url) -> Result<Option<Checkpoint>, SqlError> {
     connect(url)?.checkpoint()
 }
 
-/// The epoch of `node`'s log, 16 hex digits: `<data dir>/epoch` as the
-/// node keeps it, or all zeros for a log that has none.
+/// The epoch of `node`'s log, 16 hex digits ([`Node::epoch`]).
 pub fn log_epoch(node: &Node) -> String {
-    std::fs::read_to_string(node.dir().join("epoch"))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| "0".repeat(16))
+    node.epoch().to_string()
 }
 
 /// Lowercase hex of 32 bytes, as ids print (`EventId`'s and `NodeId`'s
@@ -453,6 +448,14 @@ impl SqlLag {
             0 => 0,
             t => wall_ms().saturating_sub(t),
         }
+    }
+
+    /// Durable events not yet mirrored when the log's durable end is
+    /// `durable_pos` ([`Node::durable_pos`]): what metrics export as
+    /// `weftlog_sql_lag_events`, current even while the mirror waits.
+    pub fn events_behind(&self, durable_pos: u64) -> u64 {
+        self.durable_at(durable_pos);
+        durable_pos.saturating_sub(self.mirrored())
     }
 
     /// The log position mirrored so far.
@@ -710,10 +713,6 @@ impl Mirror {
         total: u64,
         progress: &mut impl FnMut(u64, u64),
     ) -> Result<Option<String>, SqlError> {
-        let mut pos = 0u64;
-        let mut mismatch: Option<String> = None;
-        let mut failed: Option<SqlError> = None;
-        let mut last = Instant::now();
         if c.hash_position == 0 {
             let empty = hex32(State::new().state_hash());
             if c.state_hash != empty {
@@ -726,73 +725,16 @@ impl Mirror {
         if c.position == 0 {
             self.at = c.clone();
         }
-        node.scan(|event, id| {
-            pos += 1;
-            if mismatch.is_some() || failed.is_some() {
-                return;
+        let pos = self.run_log(node, Some(c), total, progress)?;
+        match pos {
+            Err(why) => return Ok(Some(why)),
+            Ok(end) if end < c.position => {
+                return Ok(Some(format!(
+                    "the log holds {end} events, the database mirrors {}",
+                    c.position
+                )));
             }
-            if pos <= c.position {
-                if let Err(why) = self.state.insert(event, id) {
-                    failed = Some(SqlError::Fold {
-                        position: pos,
-                        why: why.to_string(),
-                    });
-                    return;
-                }
-                if pos == c.hash_position {
-                    let h = hex32(self.state.state_hash());
-                    if h != c.state_hash {
-                        mismatch = Some(format!(
-                            "the state hash at position {pos} is {h}, the database recorded {}",
-                            c.state_hash
-                        ));
-                    }
-                }
-                if pos == c.position {
-                    if id.to_string() != c.event_id {
-                        mismatch = Some(format!(
-                            "the event at position {pos} is {id}, the database recorded {}",
-                            c.event_id
-                        ));
-                        return;
-                    }
-                    self.at = c.clone();
-                    self.lag.mirrored_at(c.position);
-                    self.rows = self
-                        .state
-                        .streams()
-                        .iter()
-                        .map(|(n, s)| (n.clone(), StreamRows::of(s)))
-                        .collect();
-                    self.forks = self.state.forks().len();
-                }
-                return;
-            }
-            if let Err(e) = self.push(pos, event, id) {
-                failed = Some(e);
-                return;
-            }
-            if self.pending.len() >= MAX_BATCH_EVENTS {
-                if let Err(e) = self.commit(false) {
-                    failed = Some(e);
-                }
-                if last.elapsed() >= PROGRESS_INTERVAL {
-                    progress(pos, total);
-                    last = Instant::now();
-                }
-            }
-        })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if let Some(why) = mismatch {
-            return Ok(Some(why));
-        }
-        if pos < c.position {
-            return Ok(Some(format!(
-                "the log holds {pos} events, the database mirrors {}",
-                c.position
-            )));
+            Ok(_) => {}
         }
         self.commit(true)?;
         Ok(None)
@@ -805,32 +747,83 @@ impl Mirror {
         total: u64,
         progress: &mut impl FnMut(u64, u64),
     ) -> Result<(), SqlError> {
-        let mut pos = 0u64;
-        let mut failed: Option<SqlError> = None;
-        let mut last = Instant::now();
-        node.scan(|event, id| {
-            pos += 1;
-            if failed.is_some() {
-                return;
-            }
-            if let Err(e) = self.push(pos, event, id) {
-                failed = Some(e);
-                return;
-            }
-            if self.pending.len() >= MAX_BATCH_EVENTS {
-                if let Err(e) = self.commit(false) {
-                    failed = Some(e);
-                }
-                if last.elapsed() >= PROGRESS_INTERVAL {
-                    progress(pos, total);
-                    last = Instant::now();
-                }
-            }
-        })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
+        // Invariant: without a checkpoint to check there is no mismatch.
+        let _ = self.run_log(node, None, total, progress)?;
         self.commit(true)
+    }
+
+    /// Reads the durable log from the start in chunks (no lock held while
+    /// the database is written): folds the events up to the checkpoint
+    /// `check` (if any) and checks it there, then mirrors the rest in
+    /// batches. Returns the last position read, or why the checkpoint does
+    /// not match (then nothing was written).
+    fn run_log(
+        &mut self,
+        node: &Node,
+        check: Option<&Checkpoint>,
+        total: u64,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<Result<u64, String>, SqlError> {
+        let upto = check.map_or(0, |c| c.position);
+        let mut pos = 0u64;
+        let mut last = Instant::now();
+        loop {
+            let chunk = node
+                .read_from(pos, READ_CHUNK)
+                .map_err(|e| SqlError::Read(e.to_string()))?;
+            if chunk.is_empty() {
+                return Ok(Ok(pos));
+            }
+            for e in chunk {
+                pos = e.pos;
+                let event = decode(&e)?;
+                if pos > upto {
+                    self.push(pos, &event, e.id)?;
+                    if self.pending.len() >= MAX_BATCH_EVENTS {
+                        self.commit(false)?;
+                    }
+                    continue;
+                }
+                self.state
+                    .insert(&event, e.id)
+                    .map_err(|why| SqlError::Fold {
+                        position: pos,
+                        why: why.to_string(),
+                    })?;
+                // Invariant: `upto > 0` only with a checkpoint.
+                let Some(c) = check else { continue };
+                if pos == c.position && e.id.to_string() != c.event_id {
+                    return Ok(Err(format!(
+                        "the event at position {pos} is {}, the database recorded {}",
+                        e.id, c.event_id
+                    )));
+                }
+                if pos == c.hash_position {
+                    let h = hex32(self.state.state_hash());
+                    if h != c.state_hash {
+                        return Ok(Err(format!(
+                            "the state hash at position {pos} is {h}, the database recorded {}",
+                            c.state_hash
+                        )));
+                    }
+                }
+                if pos == c.position {
+                    self.at = c.clone();
+                    self.lag.mirrored_at(c.position);
+                    self.rows = self
+                        .state
+                        .streams()
+                        .iter()
+                        .map(|(n, s)| (n.clone(), StreamRows::of(s)))
+                        .collect();
+                    self.forks = self.state.forks().len();
+                }
+            }
+            if last.elapsed() >= PROGRESS_INTERVAL {
+                progress(pos, total);
+                last = Instant::now();
+            }
+        }
     }
 
     /// Folds the event at `position` and queues its row.
@@ -931,54 +924,30 @@ impl Mirror {
         self.lag.clone()
     }
 
-    /// Mirrors a batch the node just made durable: events already mirrored
-    /// are skipped (by id: a log never holds one twice), the rest take the
-    /// next positions, in one transaction.
-    fn handle_committed(&mut self, batch: &Committed) -> Result<(), SqlError> {
-        let mut next = self.at.position + self.pending.len() as u64;
-        for (id, bytes) in &batch.events {
-            if self.state.contains(id) {
-                continue;
+    /// Mirrors events the subscription delivered (the next positions).
+    fn handle_events(&mut self, events: Vec<Positioned>) -> Result<(), SqlError> {
+        for e in events {
+            let event = decode(&e)?;
+            self.push(e.pos, &event, e.id)?;
+            if self.pending.len() >= MAX_BATCH_EVENTS {
+                self.commit(false)?;
             }
-            next += 1;
-            let event = Event::decode_trusted(bytes).map_err(|e| SqlError::Fold {
-                position: next,
-                why: e.to_string(),
-            })?;
-            self.push(next, &event, *id)?;
-        }
-        self.lag.durable_at(next);
-        if self.pending.len() >= MAX_BATCH_EVENTS {
-            self.commit(false)?;
         }
         Ok(())
     }
 
-    /// Mirrors what the log holds beyond the mirror (after a feed that
-    /// lagged): scans it, skipping what is mirrored.
-    fn rescan(&mut self, node: &Node) -> Result<(), SqlError> {
-        let mut failed = None;
-        node.scan(|event, id| {
-            if failed.is_some() || self.state.contains(&id) {
-                return;
-            }
-            let pos = self.at.position + self.pending.len() as u64 + 1;
-            if let Err(e) = self.push(pos, event, id) {
-                failed = Some(e);
-                return;
-            }
-            self.lag.durable_at(pos);
-            if self.pending.len() >= MAX_BATCH_EVENTS {
-                if let Err(e) = self.commit(false) {
-                    failed = Some(e);
-                }
-            }
-        })?;
-        match failed {
-            Some(e) => Err(e),
-            None => self.commit(false),
-        }
+    /// The position of the last event folded (committed or pending).
+    fn folded(&self) -> u64 {
+        self.at.position + self.pending.len() as u64
     }
+}
+
+/// The event a log read delivered.
+fn decode(e: &Positioned) -> Result<Event, SqlError> {
+    Event::decode_trusted(&e.bytes).map_err(|why| SqlError::Fold {
+        position: e.pos,
+        why: why.to_string(),
+    })
 }
 
 /// `weftlog sql`: mirrors `node`'s durable log into `url` up to its end,
@@ -1000,37 +969,60 @@ pub fn mirror_once(node: &Node, url: &Url, rebuild: bool) -> Result<(Checkpoint,
 }
 
 /// A mirror running live beside a node (`weftlog run --sql`): a thread
-/// that follows the node's durable feed and commits each batch. Stop it
-/// with [`Live::stop`].
+/// that follows the node's durable log ([`Node::subscribe_from`]) and
+/// commits what each wake-up finds in one transaction. Stop it with
+/// [`Live::stop`].
 pub struct Live {
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<Result<(), SqlError>>>,
     lag: Arc<SqlLag>,
 }
 
+/// What ended the live loop.
+enum Followed {
+    /// Asked to stop, or the node closed: everything durable is committed.
+    Stopped,
+    /// The log's epoch changed under the mirror: open it again (it
+    /// rebuilds).
+    EpochChanged(String),
+}
+
 impl Live {
     /// Catches up with `node`'s durable log (resuming at the checkpoint)
-    /// on the calling thread, then follows the feed on a thread of its
-    /// own; `rt` runs the waits. Call it before the node takes traffic:
-    /// the catch-up reads the log under the log's lock.
+    /// on the calling thread, then follows it on a thread of its own; `rt`
+    /// runs the waits.
     pub fn start(node: Arc<Node>, url: &Url, rt: tokio::runtime::Handle) -> Result<Live, SqlError> {
-        // Subscribed first: a batch made durable during the catch-up is in
-        // the feed too, and skipped there.
-        let mut feed = node.subscribe();
-        let (mut mirror, start) = Mirror::open(&node, url, false, |done, total| {
-            tracing::info!(done, total, "read model catching up");
-        })?;
+        let progress = |done, total| tracing::info!(done, total, "read model catching up");
+        let (mut mirror, start) = Mirror::open(&node, url, false, progress)?;
         tracing::info!(url = %url, ?start, position = mirror.at.position, "read model mirroring live");
         let lag = mirror.lag();
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let url = url.clone();
         let thread = std::thread::Builder::new()
             .name("weftlog-sql".into())
-            .spawn(move || {
-                let r = follow(&mut mirror, &node, &mut feed, &mut stopped, &rt);
-                if let Err(e) = &r {
-                    tracing::error!("SQL mirror into {} stopped: {e}", mirror.url);
+            .spawn(move || loop {
+                match follow(&mut mirror, &node, &mut stopped, &rt) {
+                    Ok(Followed::Stopped) => return Ok(()),
+                    Ok(Followed::EpochChanged(why)) => {
+                        tracing::warn!("SQL mirror: {why}; rebuilding");
+                        let lag = mirror.lag();
+                        drop(mirror);
+                        mirror = match Mirror::open(&node, &url, false, progress) {
+                            Ok((m, _)) => m,
+                            Err(e) => {
+                                tracing::error!("SQL mirror into {url} stopped: {e}");
+                                return Err(e);
+                            }
+                        };
+                        // Readers keep the handle they were given.
+                        mirror.lag = lag;
+                        mirror.lag.mirrored_at(mirror.at.position);
+                    }
+                    Err(e) => {
+                        tracing::error!("SQL mirror into {url} stopped: {e}");
+                        return Err(e);
+                    }
                 }
-                r
             })
             .map_err(SqlError::Thread)?;
         Ok(Live {
@@ -1045,7 +1037,7 @@ impl Live {
         self.lag.clone()
     }
 
-    /// Stops the mirror: it commits what it has received, with a final
+    /// Stops the mirror: it commits what is durable, with a final
     /// checkpoint, and its thread ends. Returns the error that stopped it
     /// earlier, if one did.
     pub fn stop(mut self) -> Result<(), SqlError> {
@@ -1063,60 +1055,61 @@ impl Live {
     }
 }
 
-/// The live mirror's loop: each wake-up takes every batch waiting in the
-/// feed and commits them in one transaction; on stop, what is already in
-/// the feed, then the final checkpoint with its hash.
+/// The live mirror's loop: each wake-up takes every event the
+/// subscription has ready and commits them in one transaction; on stop,
+/// what is durable by then, and the final checkpoint with its hash.
 fn follow(
     mirror: &mut Mirror,
     node: &Node,
-    feed: &mut tokio::sync::broadcast::Receiver<Arc<Committed>>,
     stopped: &mut tokio::sync::watch::Receiver<bool>,
     rt: &tokio::runtime::Handle,
-) -> Result<(), SqlError> {
-    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+) -> Result<Followed, SqlError> {
+    let mut sub = node.subscribe_from(mirror.folded());
+    if sub.epoch().to_string() != mirror.at.epoch {
+        return Ok(Followed::EpochChanged(format!(
+            "the log's epoch is {}, the mirror's {}",
+            sub.epoch(),
+            mirror.at.epoch
+        )));
+    }
     loop {
         let next = rt.block_on(async {
             tokio::select! {
-                r = feed.recv() => Some(r),
+                b = sub.next_batch() => Some(b),
                 _ = stopped.wait_for(|s| *s) => None,
             }
         });
-        let Some(first) = next else {
-            break;
-        };
-        let mut got = Some(first);
-        while let Some(r) = got.take() {
-            match r {
-                Ok(batch) => mirror.handle_committed(&batch)?,
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(
-                        batches = n,
-                        "SQL mirror fell behind the feed: reading the log"
-                    );
-                    mirror.rescan(node)?;
-                }
-                Err(RecvError::Closed) => return mirror.commit(true),
+        match next {
+            None | Some(None) => break,
+            Some(Some(Err(ReadError::EpochChanged { was, now }))) => {
+                mirror.commit(true)?;
+                mirror.writer.flush()?;
+                return Ok(Followed::EpochChanged(format!(
+                    "the log's epoch changed from {was} to {now}"
+                )));
             }
-            if mirror.pending.len() < MAX_BATCH_EVENTS {
-                got = match feed.try_recv() {
-                    Ok(b) => Some(Ok(b)),
-                    Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
-                };
+            Some(Some(Err(e))) => return Err(SqlError::Read(e.to_string())),
+            Some(Some(Ok(events))) => {
+                let durable = node.durable_pos();
+                mirror.lag.durable_at(durable);
+                mirror.handle_events(events)?;
+                mirror.commit(false)?;
             }
         }
-        mirror.commit(false)?;
     }
+    // Stopping: what is durable now, then the final checkpoint.
     loop {
-        match feed.try_recv() {
-            Ok(batch) => mirror.handle_committed(&batch)?,
-            Err(TryRecvError::Lagged(_)) => mirror.rescan(node)?,
-            Err(_) => break,
+        let chunk = node
+            .read_from(mirror.folded(), READ_CHUNK)
+            .map_err(|e| SqlError::Read(e.to_string()))?;
+        if chunk.is_empty() {
+            break;
         }
+        mirror.handle_events(chunk)?;
     }
     mirror.commit(true)?;
-    mirror.writer.flush()
+    mirror.writer.flush()?;
+    Ok(Followed::Stopped)
 }
 
 /// The numbers of the 128-bit columns, as text where they do not fit 64

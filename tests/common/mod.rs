@@ -4,6 +4,7 @@
 //! replays.
 #![allow(dead_code)] // each test file uses a subset
 
+pub mod browser;
 pub mod server;
 
 use std::path::Path;

@@ -65,10 +65,20 @@ pub struct Opts<'a> {
     pub members: Option<&'a Path>,
     /// The QUIC address (default: a free loopback port).
     pub listen: Option<String>,
+    /// The HTTP address (default: a free loopback port, another at each
+    /// launch).
+    pub http: Option<String>,
     /// More arguments of `run`.
     pub extra: Vec<&'a str>,
     /// More environment variables of the process (on every launch).
     pub env: Vec<(&'a str, &'a str)>,
+}
+
+/// A loopback address with a port free right now (for a node that must
+/// keep its HTTP address across restarts).
+pub fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }
 
 /// The last `n` lines of a file.
@@ -88,7 +98,7 @@ impl Proc {
             "--listen",
             listen,
             "--http",
-            "127.0.0.1:0",
+            opts.http.as_deref().unwrap_or("127.0.0.1:0"),
             "--anti-entropy-ms",
             ANTI_ENTROPY_MS,
         ]
