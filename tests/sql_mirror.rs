@@ -476,12 +476,12 @@ fn sigkill_case(url: &str, rebuilt: &str) {
             let agent = server::agent();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let body = if i % 5 == 0 {
+                let body = if i.is_multiple_of(5) {
                     json!({"kind": "Sold", "escrow_consume": {"seats": 1}})
                 } else {
                     json!({"kind": "Edited", "set": {format!("f{}", i % 4): i}, "add": {"n": 1}})
                 };
-                let stream = if i % 5 == 0 {
+                let stream = if i.is_multiple_of(5) {
                     "venue1".to_string()
                 } else {
                     format!("s{}", i % 7)

@@ -294,6 +294,9 @@ impl StreamRows {
     }
 }
 
+/// An escrow counter's `(capacity, consumed)`.
+pub(crate) type Capacity = (u128, u128);
+
 /// What one transaction writes: rows to put (`Some`) or delete (`None`),
 /// and the checkpoint it moves to.
 #[derive(Debug, Default)]
@@ -302,7 +305,7 @@ pub(crate) struct Changes {
     pub streams: Vec<(String, u64)>,
     pub fields: Vec<(String, String, Option<FieldRow>)>,
     pub counters: Vec<(String, String, Option<i128>)>,
-    pub escrow: Vec<(String, String, Option<(u128, u128)>)>,
+    pub escrow: Vec<(String, String, Option<Capacity>)>,
     pub rights: Vec<(String, String, String, Option<u128>)>,
 }
 
@@ -538,8 +541,8 @@ impl Writer {
     /// of an earlier job, if one is known.
     fn send(&mut self, job: Job) -> Result<(), SqlError> {
         self.poll()?;
-        let sent = self.jobs.as_ref().map(|j| j.send(job));
-        if !matches!(sent, Some(Ok(()))) {
+        let sent = self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
+        if !sent {
             // The thread stopped: its failure, or that it vanished.
             self.flush()?;
             return Err(SqlError::Panicked);
