@@ -248,6 +248,26 @@ pub enum Command {
     /// the command that replays it, and the exit code is 1.
     #[command(after_help = SIM_HELP)]
     Simulate(SimArgs),
+    /// Mirror the read model of a stopped node into SQL (SQLite or
+    /// PostgreSQL), up to the end of its durable log, resuming where the
+    /// last run stopped: one transaction per batch of events moves the
+    /// rows and the checkpoint together, so a run killed at any point
+    /// resumes exactly once. A checkpoint that does not match the log
+    /// (another node, another epoch, another event at its position)
+    /// rebuilds from scratch, saying why. A running node mirrors live with
+    /// `weftlog run --sql`.
+    ///
+    /// Prints the checkpoint reached; progress goes to stderr.
+    #[command(after_help = SQL_HELP)]
+    Sql {
+        /// Where: sqlite:PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DB
+        /// (libpq key=value strings are not accepted).
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// Empty the tables and mirror the whole log again.
+        #[arg(long)]
+        rebuild: bool,
+    },
     /// Three registration desks run real nodes on loopback (QUIC): the
     /// network between them is cut, both sides edit, the network heals, and
     /// they converge. Runs in a temporary directory.
@@ -286,6 +306,25 @@ GET  /metrics                     Prometheus metrics (OpenMetrics if asked, else
                                   projection_lag_events{projection}, sql_lag_events (with a mirror)\n\n\
 Example:\n  \
 weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt";
+
+const SQL_HELP: &str = "URLs:\n  \
+    sqlite:PATH                              an embedded database file\n  \
+    postgres://USER[:PASSWORD]@HOST[:PORT]/DB  PostgreSQL (?host=/run/postgresql for a socket)\n\n\
+Tables (rows of the log prefix the checkpoint names; JSON is JSONB in PostgreSQL;\n\
+128-bit numbers NUMERIC in PostgreSQL, in SQLite an integer or, past 64 bits, text):\n  \
+    events(position, id, author, seq, hlc, stream, kind, user_name, command_id, payload JSON)\n  \
+    streams(stream, version)\n  \
+    fields(stream, field, value JSON, conflict, standing JSON: every standing write, shown first)\n  \
+    counters(stream, counter, value)\n  \
+    escrow(stream, counter, capacity, consumed)\n  \
+    escrow_rights(stream, counter, node, rights)\n  \
+    weftlog_checkpoint(node, epoch, position, event_id, state_hash, hash_position, schema_version)\n\n\
+Values and payloads are JSON as written; bytes that are not JSON are {\"hex\": ...}.\n\n\
+Example view (SQLite; in PostgreSQL write value->>'name'):\n  \
+    CREATE VIEW attendees AS\n    \
+      SELECT s.stream, json_extract(n.value, '$') AS name, s.version\n    \
+      FROM streams s JOIN fields n ON n.stream = s.stream AND n.field = 'name'\n    \
+      WHERE s.stream LIKE 'attendee/%';";
 
 const SIM_HELP: &str =
     "Built-in scenarios (simulations/scenarios/*.toml): random, venue, multi-site,\n\
@@ -543,6 +582,11 @@ pub struct RunArgs {
     /// than fork). 0 does not wait. Offline, appends go ahead after it.
     #[arg(long, value_name = "MS", default_value_t = crate::daemon::CONFIRM_WAIT.as_millis() as u64)]
     pub confirm_wait_ms: u64,
+    /// Mirror the read model into SQL while running, following the durable
+    /// log (see `weftlog sql --help` for the tables): sqlite:PATH or
+    /// postgres://…; without a value sqlite:<data dir>/read.db.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub sql: Option<String>,
 }
 
 /// Arguments of `append`.
@@ -1337,6 +1381,35 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         Command::Run(args) => crate::run::run(dir, args, out)?,
         Command::Simulate(args) => simulate(args, out)?,
         Command::Demo => crate::demo::run(out)?,
+        Command::Sql { url, rebuild } => {
+            let url = crate::sql::Url::parse(&url)?;
+            let node = open(dir).map_err(|e| match e.downcast_ref::<node::NodeOpenError>() {
+                Some(node::NodeOpenError::Locked(_)) => e.context(
+                    "a running node mirrors live with `weftlog run --sql URL`; stop it to use `weftlog sql`",
+                ),
+                _ => e,
+            })?;
+            let started = std::time::Instant::now();
+            let (at, start) = crate::sql::mirror_once(&node, &url, rebuild)?;
+            let (from, reason) = match start {
+                crate::sql::Start::Resumed(p) => (p, None),
+                crate::sql::Start::Rebuilt(why) => (0, Some(why)),
+            };
+            print(
+                out,
+                &json!({
+                    "url": url.to_string(),
+                    "node": at.node,
+                    "epoch": at.epoch,
+                    "position": at.position,
+                    "event_id": at.event_id,
+                    "state_hash": at.state_hash,
+                    "mirrored": at.position - from,
+                    "rebuilt": reason,
+                    "elapsed_ms": started.elapsed().as_millis() as u64,
+                }),
+            )?;
+        }
     }
     Ok(())
 }

@@ -278,6 +278,8 @@ pub struct Daemon {
     shared: Arc<Shared>,
     mdns: Mutex<Option<mdns_sd::ServiceDaemon>>,
     projections: crate::projections::Projections,
+    /// The SQL mirror's lag, when `run --sql` mirrors ([`crate::sql`]).
+    sql_lag: std::sync::OnceLock<Arc<crate::sql::SqlLag>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -361,6 +363,7 @@ impl Daemon {
             projections: crate::projections::Projections::start(&shared.node),
             shared,
             mdns: Mutex::new(mdns),
+            sql_lag: std::sync::OnceLock::new(),
         })
     }
 
@@ -565,6 +568,17 @@ impl Daemon {
             }
         }
         rows.into_values().collect()
+    }
+
+    /// Records the SQL mirror's lag (`run --sql`) for readers such as
+    /// metrics; the first call wins.
+    pub fn set_sql_lag(&self, lag: Arc<crate::sql::SqlLag>) {
+        let _ = self.sql_lag.set(lag);
+    }
+
+    /// The SQL mirror's lag, if one runs ([`crate::sql::SqlLag`]).
+    pub fn sql_lag(&self) -> Option<Arc<crate::sql::SqlLag>> {
+        self.sql_lag.get().cloned()
     }
 
     /// A receiver that turns `true` when the daemon shuts down.

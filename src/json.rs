@@ -225,7 +225,7 @@ fn written(d: &WriteId, w: &Written) -> Value {
 
 /// The standing writes of a field, shown value first: descending
 /// `(hlc, author, seq, event)`.
-fn conflict_values(writes: &std::collections::BTreeMap<WriteId, Written>) -> Vec<Value> {
+pub fn conflict_values(writes: &std::collections::BTreeMap<WriteId, Written>) -> Vec<Value> {
     let mut all: Vec<_> = writes.iter().collect();
     all.sort_by_key(|(d, w)| std::cmp::Reverse((w.hlc, **d)));
     all.into_iter().map(|(d, w)| written(d, w)).collect()

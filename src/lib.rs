@@ -1,5 +1,5 @@
 //! weftlog, the node: file storage, the node with group commit, the JSON
-//! views the CLI prints, and the CLI itself. The sans-IO core is
+//! views the CLI prints, SQL read models, and the CLI itself. The sans-IO core is
 //! [`weftlog_proto`].
 
 pub mod cli;
@@ -14,6 +14,7 @@ pub mod notices;
 pub mod projections;
 pub mod remote;
 pub mod run;
+pub mod sql;
 pub mod sse;
 pub mod storage;
 pub mod subscribe;

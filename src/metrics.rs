@@ -397,6 +397,11 @@ fn peer_sample(row: &Value) -> Option<PeerSample> {
 /// type.
 pub async fn render(daemon: &Daemon, openmetrics: bool) -> (&'static str, String) {
     let scrape = Scrape::of(daemon).await;
+    if let Some(lag) = daemon.sql_lag() {
+        let node = daemon.node();
+        node.metrics()
+            .set_sql_lag(lag.events_behind(node.durable_pos()));
+    }
     let om = daemon.node().metrics().encode(&scrape);
     if openmetrics {
         (OPENMETRICS_CONTENT_TYPE, om)

@@ -45,8 +45,25 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     config.mdns = args.mdns;
     config.confirm_wait = Duration::from_millis(args.confirm_wait_ms);
     let addr_file = dir.join(HTTP_ADDR_FILE);
+    // The SQL mirror catches up before the node takes traffic, then
+    // follows the durable feed on its own thread.
+    let sql_url = match args.sql.as_deref() {
+        None => None,
+        Some("") => Some(crate::sql::Url::default_for(dir)),
+        Some(u) => Some(crate::sql::Url::parse(u)?),
+    };
+    let mut sql = match &sql_url {
+        None => None,
+        Some(url) => Some(
+            crate::sql::Live::start(node.clone(), url, rt.handle().clone())
+                .with_context(|| format!("cannot mirror into {url}"))?,
+        ),
+    };
     let result = rt.block_on(async {
         let daemon = Arc::new(Daemon::start(node.clone(), config).await?);
+        if let Some(live) = &sql {
+            daemon.set_sql_lag(live.lag());
+        }
         let listener = match tokio::net::TcpListener::bind(args.http).await {
             Ok(l) => l,
             Err(e) => {
@@ -59,12 +76,15 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         let signals = Signals::new();
         let http = listener.local_addr()?;
         cli::write_file(&addr_file, http.to_string().as_bytes())?;
-        let ready = json!({
+        let mut ready = json!({
             "node": node.id().to_string(),
             "quic": daemon.local_addr().to_string(),
             "http": http.to_string(),
             "data": dir.display().to_string(),
         });
+        if let Some(url) = &sql_url {
+            ready["sql"] = url.to_string().into();
+        }
         writeln!(out, "{ready}")?;
         out.flush()?;
         info!(node = %node.id(), quic = %daemon.local_addr(), %http, "node running");
@@ -89,6 +109,12 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     });
     let _ = std::fs::remove_file(&addr_file);
+    if let Some(live) = sql.take() {
+        // What is durable in the feed is committed, with a final checkpoint.
+        if let Err(e) = live.stop() {
+            warn!("SQL mirror: {e}");
+        }
+    }
     drop(rt);
     // The last handle: closing it lets the committer finish what is queued.
     drop(node);

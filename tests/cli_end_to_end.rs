@@ -882,6 +882,15 @@ fn demo_runs_tells_the_oversell_story_and_reports_equal_state_hashes() {
     for sale in ["by desk A: 2 seats", "by desk B: 3 seats"] {
         assert!(compensated.iter().any(|l| l.contains(sale)), "{out}");
     }
+    // The ending: desk A's read model in SQL, queried.
+    assert!(out.contains("11. Desk A's read model in SQL"), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("name")
+            && l.contains("\"Augusta Ada King\"")
+            && l.ends_with("| 0")),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.trim().starts_with("10 | ")), "{out}");
     assert!(
         !tmp.path().join("unused").exists(),
         "demo must not touch --data"
