@@ -175,9 +175,12 @@ fn metrics_count_what_two_nodes_appended_and_received() {
         value(&ma, &format!("weftlog_peer_received_bytes_total{b_peer}")).is_some_and(|v| v > 0.0)
     );
     assert!(value(&ma, &format!("weftlog_peer_sent_bytes_total{b_peer}")).is_some_and(|v| v > 0.0));
-    // The gauges the projections and the SQL mirror set are absent until
-    // one reports.
-    assert!(!ma.contains("weftlog_projection_lag_events"));
+    // The node's projections report their lag; the SQL mirror's gauge is
+    // absent without `--sql`.
+    for p in ["kind_counts", "seat_order"] {
+        let series = format!("weftlog_projection_lag_events{{projection=\"{p}\"}}");
+        assert!(value(&ma, &series).is_some(), "{series} in\n{ma}");
+    }
     assert!(!ma.contains("weftlog_sql_lag_events"));
 
     let a_peer = format!("{{peer=\"{}\"}}", a.id);

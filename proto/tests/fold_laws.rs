@@ -13,11 +13,13 @@
 //! computed from the event set alone (causal pasts by explicit reachability),
 //! not only against itself.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
 
+use common::{config, Rng};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use weftlog_proto::admission::{compensations, staff_decision, Refused};
 use weftlog_proto::event::{Compensation, Policy, PolicyMode, MIN_FORMAT_VERSION};
 use weftlog_proto::seats::{
@@ -45,19 +47,6 @@ const NODES_MAX: usize = AUTHORS_MAX + 2;
 /// so a script makes up to about 40 events (at most 128: see `Bits`).
 const STEPS_MAX: usize = 96;
 
-fn config(file: &'static str) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    ProptestConfig {
-        cases,
-        // Integration tests run with the package root as working directory.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(file))),
-        ..ProptestConfig::default()
-    }
-}
-
 /// Keys derived once: ed25519 key derivation is slow in debug builds.
 fn keys() -> &'static [Keypair] {
     static KEYS: OnceLock<Vec<Keypair>> = OnceLock::new();
@@ -66,27 +55,6 @@ fn keys() -> &'static [Keypair] {
             .map(|i| Keypair::from_secret([i as u8 + 1; 32]))
             .collect()
     })
-}
-
-/// SplitMix64: delivery orders are drawn from a seed proptest supplies.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.next().is_multiple_of(n)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1695,7 +1663,7 @@ fn assert_seats_match_model(state: &State, events: &[(Event, EventId)]) {
 // Properties.
 
 proptest! {
-    #![proptest_config(config("proptest-regressions/fold_laws.txt"))]
+    #![proptest_config(config("proptest-regressions/fold_laws.txt", 1000))]
 
     /// Laws 1–2: the union of events made by real replicas, delivered to
     /// fresh replicas in random causal orders with duplicates, folds to the

@@ -7,11 +7,13 @@
 //! replay in canonical order, for both shipped projections and at any
 //! checkpoint interval.
 
+mod common;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::OnceLock;
 
+use common::{config, Rng};
 use proptest::prelude::*;
-use proptest::test_runner::FileFailurePersistence;
 use weftlog_proto::event::{Policy, PolicyMode};
 use weftlog_proto::projection::{
     Inserted, Key, KindCounts, MemorySource, Projection, Projector, SeatOrder, CHECKPOINT_EVERY,
@@ -30,19 +32,6 @@ const DESKS_MAX: usize = 4;
 /// Most steps in a script.
 const STEPS_MAX: usize = 120;
 
-fn config(file: &'static str) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    ProptestConfig {
-        cases,
-        // Integration tests run with the package root as working directory.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(file))),
-        ..ProptestConfig::default()
-    }
-}
-
 /// Keys derived once: ed25519 key derivation is slow in debug builds.
 fn keys() -> &'static [Keypair] {
     static KEYS: OnceLock<Vec<Keypair>> = OnceLock::new();
@@ -51,27 +40,6 @@ fn keys() -> &'static [Keypair] {
             .map(|i| Keypair::from_secret([i as u8 + 11; 32]))
             .collect()
     })
-}
-
-/// SplitMix64: delivery orders are drawn from a seed proptest supplies.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn one_in(&mut self, n: u64) -> bool {
-        self.next().is_multiple_of(n)
-    }
 }
 
 /// One desk: its author, replica, clock and the events it holds in the
@@ -430,7 +398,7 @@ fn keys_of(events: &[(Event, EventId)]) -> Vec<(Key, &Event)> {
 }
 
 proptest! {
-    #![proptest_config(config("proptest-regressions/projection_laws.txt"))]
+    #![proptest_config(config("proptest-regressions/projection_laws.txt", 300))]
 
     /// Both shipped projections equal their canonical replay in any
     /// causal delivery order, with duplicates and late arrivals.
