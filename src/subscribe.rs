@@ -327,7 +327,7 @@ impl Node {
                  another history; starting again from the beginning"
             )));
         }
-        if let Some(check) = token.check {
+        if let Some(check) = token.check.filter(|_| token.pos > 0) {
             let at = self.read_from(token.pos - 1, 1)?;
             let here = at.first().map(|e| check_of(&e.id));
             if here != Some(check) {
@@ -350,7 +350,8 @@ impl Node {
             rx: self.inner.feed.subscribe(),
             inner: Arc::downgrade(&self.inner),
             epoch: self.epoch(),
-            next: from + 1,
+            // A position from a client may be any number.
+            next: from.saturating_add(1),
             ready: VecDeque::new(),
             done: false,
         }
