@@ -7,12 +7,12 @@ use weftlog_proto::admission::RuleNow;
 use weftlog_proto::event::Policy;
 use weftlog_proto::fork_proof::{BuildError, ForkProof};
 use weftlog_proto::hlc::MAX_CLOCK_AHEAD_MS;
-use weftlog_proto::seats::{Compensated, Oversold};
+use weftlog_proto::seats::{By, Compensated, Oversold};
 use weftlog_proto::since::MAX_SINCE_HEADS;
 use weftlog_proto::state::{shown, Escrow, Fork, Stream, WriteId, Written};
 use weftlog_proto::sync::Head;
 use weftlog_proto::text::Hex;
-use weftlog_proto::{Dot, Event, EventId, NodeId, Op, State};
+use weftlog_proto::{Event, EventId, NodeId, State};
 
 use crate::node::{Appended, OwnFrontier};
 use crate::tls::Members;
@@ -50,59 +50,6 @@ pub fn appended(a: &Appended) -> Value {
     v
 }
 
-fn dot(d: &Dot) -> Value {
-    json!({ "author": d.author.to_string(), "seq": d.seq })
-}
-
-fn op(o: &Op) -> Value {
-    match o {
-        Op::Set {
-            field,
-            value,
-            supersedes,
-        } => json!({ "set": {
-            "field": field,
-            "value": bytes_value(value),
-            "supersedes": supersedes.iter().map(dot).collect::<Vec<_>>(),
-        }}),
-        Op::Add { counter, delta } => json!({ "add": { "counter": counter, "delta": delta } }),
-        Op::EscrowInit { counter, capacity } => {
-            json!({ "escrow_init": { "counter": counter, "capacity": capacity } })
-        }
-        Op::EscrowTransfer {
-            counter,
-            to,
-            amount,
-        } => json!({ "escrow_transfer": {
-            "counter": counter, "to": to.to_string(), "amount": amount,
-        }}),
-        Op::EscrowConsume { counter, amount } => {
-            json!({ "escrow_consume": { "counter": counter, "amount": amount } })
-        }
-        Op::EscrowPolicy {
-            counter,
-            policy: p,
-            supersedes,
-        } => json!({ "escrow_policy": {
-            "counter": counter,
-            "policy": policy(p),
-            "supersedes": supersedes.iter().map(dot).collect::<Vec<_>>(),
-        }}),
-        Op::EscrowOverdraw {
-            counter,
-            amount,
-            synced_ms_ago,
-            remaining_at_sync,
-        } => json!({ "escrow_overdraw": {
-            "counter": counter, "amount": amount,
-            "synced_ms_ago": synced_ms_ago, "remaining_at_sync": remaining_at_sync,
-        }}),
-        Op::Text { field, change } => json!({ "text": {
-            "field": field, "change": hex(change),
-        }}),
-    }
-}
-
 /// The seat rule that applies now on each escrow counter, for `status`:
 /// the effective policy, the rights this node holds, how many seats it may
 /// sell now, and what limits it.
@@ -126,38 +73,12 @@ pub fn seat_status(rules: &[(String, String, RuleNow)]) -> Value {
 
 /// A seat policy, as the HTTP body and the JSON forms spell it.
 pub fn policy(p: &Policy) -> Value {
-    json!({
-        "mode": p.mode.name(),
-        "window_s": p.window_s,
-        "min_remaining_pct": p.min_remaining_pct,
-        "max_overdraft": p.max_overdraft,
-        "on_oversell": p.on_oversell.name(),
-        "override_s": p.override_s,
-    })
+    crate::event_view::policy_value(p)
 }
 
-/// One event, as `log` prints it.
+/// One event, as `log` prints it ([`crate::event_view`]).
 pub fn event(e: &Event, id: &EventId) -> Value {
-    let mut meta = Map::new();
-    if let Some(c) = &e.meta.command_id {
-        meta.insert("command_id".into(), c.clone().into());
-    }
-    if let Some(u) = &e.meta.user {
-        meta.insert("user".into(), u.clone().into());
-    }
-    json!({
-        "id": id.to_string(),
-        "author": e.author.to_string(),
-        "seq": e.seq,
-        "prev": e.prev.map(|p| p.to_string()),
-        "deps": e.deps.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-        "hlc": e.hlc.0,
-        "stream": e.stream,
-        "kind": e.kind,
-        "ops": e.ops.iter().map(op).collect::<Vec<_>>(),
-        "payload": if e.payload.is_empty() { Value::Null } else { bytes_value(&e.payload) },
-        "meta": meta,
-    })
+    crate::event_view::EventView::new(e, id).value()
 }
 
 /// Marks an event object as `log` prints it with `"non_member": true` if
@@ -586,6 +507,12 @@ pub fn oversold_rows(state: &State) -> Vec<Value> {
             } else {
                 "pending"
             });
+            // Staff may override an automatic compensation until then.
+            let until = m.compensation.filter(|c| c.by == By::Auto).map(|c| {
+                let policy = state.policy_of(&stream, &counter);
+                weftlog_proto::admission::override_until(state, &policy, &c)
+            });
+            v["override_until_ms"] = json!(until);
             v
         })
         .collect();

@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::event::{Compensation, Meta, Op, Policy, PolicyMode};
 use crate::id::{EventId, NodeId};
-use crate::seats::{self, By};
+use crate::seats::{self, By, Compensated};
 use crate::state::{Draft, State};
 
 /// What a node knows of its own connectivity: when its last sync round
@@ -324,6 +324,14 @@ pub fn compensations(state: &State, stream: &str, counter: &str) -> Vec<Draft> {
 /// The kind of the events that write a compensation.
 pub const COMPENSATED_KIND: &str = "OversoldCompensated";
 
+/// The last moment (wall ms, by the hlc of the compensation's event) at
+/// which staff may override the automatic compensation `c` under
+/// `policy`: the policy's `override_s` after it was written.
+pub fn override_until(state: &State, policy: &Policy, c: &Compensated) -> u64 {
+    let at = state.hlc_of(&c.write.event).map_or(0, |h| h.ms());
+    at.saturating_add(u64::from(policy.override_s) * 1000)
+}
+
 /// A staff decision on an oversold sale: the draft that writes it,
 /// superseding the compensation standing (the automatic one, or an earlier
 /// decision). Refused when the sale is not marked oversold on this node,
@@ -345,8 +353,7 @@ pub fn staff_decision(
     };
     let policy = state.policy_of(&stream, &counter);
     if let Some(c) = mark.compensation.filter(|c| c.by == By::Auto) {
-        let at = state.hlc_of(&c.write.event).map_or(0, |h| h.ms());
-        let until = at.saturating_add(u64::from(policy.override_s) * 1000);
+        let until = override_until(state, &policy, &c);
         if now_ms > until {
             return Err(Refused::OverrideClosed {
                 sale: *sale,
