@@ -5,6 +5,8 @@
 pub mod cli;
 pub mod daemon;
 pub mod demo;
+pub mod event_view;
+pub mod desk;
 pub mod http;
 pub mod json;
 pub mod metrics;

@@ -38,13 +38,13 @@ use axum::extract::{Query, State as AxState};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use weftlog_proto::Event;
 
 use crate::daemon::Daemon;
 use crate::http::ApiError;
-use crate::json;
+use crate::event_view::{self, EventView};
 use crate::node::Node;
 use crate::notices::Notice;
 use crate::subscribe::{check_of, Epoch, LogSubscription, Positioned, ReadError, Resume, Token};
@@ -145,29 +145,32 @@ struct EventStream {
     done: bool,
 }
 
-/// An event as `log` prints it, with its position; and its token.
-pub fn positioned(
-    epoch: Epoch,
-    e: &Positioned,
-    event: &Event,
-    members: &Members,
-) -> (Value, Token) {
-    let mut v = json::event(event, &e.id);
-    json::mark_non_member(&mut v, &event.author, members);
-    v["pos"] = e.pos.into();
-    let token = Token {
+/// The resume token of the event at `e`.
+fn token_of(epoch: Epoch, e: &Positioned) -> Token {
+    Token {
         epoch,
         pos: e.pos,
         check: Some(check_of(&e.id)),
-    };
-    (v, token)
+    }
 }
 
-/// Appends `e` as one SSE message to `out`.
-pub fn render(out: &mut String, epoch: Epoch, e: &Positioned, event: &Event, members: &Members) {
-    let (v, token) = positioned(epoch, e, event, members);
-    // Writing to a String cannot fail.
-    let _ = write!(out, "event: event\nid: {token}\ndata: {v}\n\n");
+/// An event as `log` prints it, with its position and the member mark.
+fn view<'a>(e: &Positioned, event: &'a Event, members: &Members) -> EventView<'a> {
+    EventView::new(event, &e.id)
+        .non_member(!members.admits(&event.author))
+        .pos(e.pos)
+}
+
+/// Appends `e` as one SSE message to `out`: written straight to text,
+/// with no `Value` built ([`crate::event_view`]).
+pub fn render(out: &mut Vec<u8>, epoch: Epoch, e: &Positioned, event: &Event, members: &Members) {
+    // Writing to a Vec cannot fail.
+    let _ = std::io::Write::write_fmt(
+        out,
+        format_args!("event: event\nid: {}\ndata: ", token_of(epoch, e)),
+    );
+    event_view::write_line(out, &view(e, event, members));
+    out.extend_from_slice(b"\n\n");
 }
 
 /// The durable events after `from` that pass `filter`, in log order, one
@@ -182,7 +185,7 @@ pub fn lines_after(
     let (mut pos, restart) = start(node, from)?;
     let epoch = node.epoch();
     let end = node.durable_pos();
-    let mut out = String::new();
+    let mut out = Vec::new();
     while pos < end {
         let batch = node.read_from(pos, crate::subscribe::READ_CHUNK)?;
         let Some(last) = batch.last() else { break };
@@ -193,19 +196,20 @@ pub fn lines_after(
                 continue;
             };
             if filter.admits(&event) {
-                let (mut v, token) = positioned(epoch, e, &event, members);
-                v["token"] = token.to_string().into();
-                out.push_str(&v.to_string());
-                out.push('\n');
+                let token = token_of(epoch, e).to_string();
+                event_view::write_line(&mut out, &view(e, &event, members).token(token));
+                out.push(b'\n');
             }
         }
     }
+    // serde_json and the token write UTF-8 only.
+    let out = String::from_utf8(out).expect("event lines are UTF-8");
     Ok((out, restart))
 }
 
 impl EventStream {
-    fn render_batch(&self, batch: &[Positioned]) -> String {
-        let mut out = String::with_capacity(batch.len() * 256);
+    fn render_batch(&self, batch: &[Positioned]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(batch.len() * 256);
         for e in batch {
             // The node wrote these bytes after checking them.
             let Ok(event) = Event::decode_trusted(&e.bytes) else {
@@ -219,9 +223,9 @@ impl EventStream {
     }
 
     /// The next chunk of the body, or `None` at its end.
-    async fn chunk(&mut self) -> Option<String> {
+    async fn chunk(&mut self) -> Option<Vec<u8>> {
         if let Some(p) = self.pending.take() {
-            return Some(p);
+            return Some(p.into_bytes());
         }
         loop {
             if self.done {
@@ -232,10 +236,10 @@ impl EventStream {
                 // ends.
                 self.done = true;
                 let end = self.node.durable_pos();
-                let mut out = String::new();
+                let mut out = Vec::new();
                 while self.sub.pos() < end {
                     match self.sub.next_batch().await {
-                        Some(Ok(b)) if !b.is_empty() => out.push_str(&self.render_batch(&b)),
+                        Some(Ok(b)) if !b.is_empty() => out.extend(self.render_batch(&b)),
                         _ => break,
                     }
                 }
@@ -249,7 +253,7 @@ impl EventStream {
                     }
                     continue;
                 }
-                _ = tokio::time::sleep(KEEP_ALIVE) => return Some(":\n\n".into()),
+                _ = tokio::time::sleep(KEEP_ALIVE) => return Some(b":\n\n".to_vec()),
             };
             match next {
                 Some(Ok(batch)) => {
@@ -265,7 +269,7 @@ impl EventStream {
                         ReadError::Log(_) => "error",
                     };
                     let data = json!({ "reason": e.to_string() });
-                    return Some(format!("event: {event}\ndata: {data}\n\n"));
+                    return Some(format!("event: {event}\ndata: {data}\n\n").into_bytes());
                 }
                 None => return None,
             }
