@@ -270,8 +270,19 @@ pub enum Command {
     },
     /// Three registration desks run real nodes on loopback (QUIC): the
     /// network between them is cut, both sides edit, the network heals, and
-    /// they converge. Runs in a temporary directory.
-    Demo,
+    /// they converge. Runs in a temporary directory. With --serve, the
+    /// desks keep running with their web pages for a person to try.
+    Demo {
+        /// Serve the three desks' pages (http://127.0.0.1:PORT/, PORT+1,
+        /// PORT+2) with a small conference set up, until Ctrl-C; each page
+        /// can cut and heal its desk's network.
+        #[arg(long)]
+        serve: bool,
+        /// The first desk's HTTP port with --serve; 0 lets the system pick
+        /// free ports.
+        #[arg(long, value_name = "PORT", default_value_t = crate::demo::serve::DEFAULT_PORT, requires = "serve")]
+        port: u16,
+    },
 }
 
 const HTTP_HELP: &str = "HTTP API (JSON; errors are {\"error\": \"...\"}):\n  \
@@ -587,6 +598,10 @@ pub struct RunArgs {
     /// postgres://…; without a value sqlite:<data dir>/read.db.
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     pub sql: Option<String>,
+    /// This desk's name, shown on every desk's page ("Desk A"): recorded
+    /// in the log (stream desk/<node id>) when it differs from the last.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// Arguments of `append`.
@@ -1380,7 +1395,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
         }
         Command::Run(args) => crate::run::run(dir, args, out)?,
         Command::Simulate(args) => simulate(args, out)?,
-        Command::Demo => crate::demo::run(out)?,
+        Command::Demo { serve: false, .. } => crate::demo::run(out)?,
+        Command::Demo { serve: true, port } => crate::demo::serve::serve(port, out)?,
         Command::Sql { url, rebuild } => {
             let url = crate::sql::Url::parse(&url)?;
             let node = open(dir).map_err(|e| match e.downcast_ref::<node::NodeOpenError>() {

@@ -280,6 +280,9 @@ pub struct Daemon {
     projections: crate::projections::Projections,
     /// The SQL mirror's lag, when `run --sql` mirrors ([`crate::sql`]).
     sql_lag: std::sync::OnceLock<Arc<crate::sql::SqlLag>>,
+    /// Set by `weftlog demo --serve`: the desk page offers to cut and heal
+    /// this desk's network ([`crate::desk`]).
+    demo: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -364,6 +367,7 @@ impl Daemon {
             shared,
             mdns: Mutex::new(mdns),
             sql_lag: std::sync::OnceLock::new(),
+            demo: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -579,6 +583,16 @@ impl Daemon {
     /// The SQL mirror's lag, if one runs ([`crate::sql::SqlLag`]).
     pub fn sql_lag(&self) -> Option<Arc<crate::sql::SqlLag>> {
         self.sql_lag.get().cloned()
+    }
+
+    /// Marks this daemon as one of `weftlog demo --serve`'s desks.
+    pub fn set_demo(&self, demo: bool) {
+        self.demo.store(demo, Ordering::Relaxed);
+    }
+
+    /// Whether this daemon is a demo's desk ([`Daemon::set_demo`]).
+    pub fn is_demo(&self) -> bool {
+        self.demo.load(Ordering::Relaxed)
     }
 
     /// A receiver that turns `true` when the daemon shuts down.

@@ -17,6 +17,7 @@
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
+//! | `GET /` | the desk page ([`crate::desk`]); `GET /v1/desk`: this desk's id, name, the names of every desk, its clock |
 //! | `GET /metrics` | Prometheus metrics, every name prefixed `weftlog_` ([`crate::metrics`] lists them): OpenMetrics text when the `Accept` header asks for it, else the classic text format |
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
@@ -77,6 +78,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/import", post(import))
         .route("/v1/admin/partition", post(partition))
         .route("/metrics", get(metrics))
+        .merge(crate::desk::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(daemon)

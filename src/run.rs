@@ -31,6 +31,9 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
             warn!(node = %node.id(), "this node is not on its own member list; peers that use the same list will refuse it");
         }
     }
+    if let Some(name) = &args.name {
+        crate::desk::check_name(name).context("--name")?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("weftlog-rt")
@@ -63,6 +66,16 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         let daemon = Arc::new(Daemon::start(node.clone(), config).await?);
         if let Some(live) = &sql {
             daemon.set_sql_lag(live.lag());
+        }
+        if let Some(name) = args.name.clone() {
+            // After the daemon started: the append waits for a peer to
+            // confirm this node's own log, as every append at start does.
+            let node = node.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::desk::name_desk(&node, &name).await {
+                    warn!("{e}");
+                }
+            });
         }
         let listener = match tokio::net::TcpListener::bind(args.http).await {
             Ok(l) => l,
@@ -123,13 +136,13 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
 }
 
 /// SIGTERM and SIGINT, caught from when this is made.
-struct Signals {
+pub(crate) struct Signals {
     term: Option<tokio::signal::unix::Signal>,
     int: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
-    fn new() -> Signals {
+    pub(crate) fn new() -> Signals {
         use tokio::signal::unix::{signal, SignalKind};
         let catch = |kind, name| match signal(kind) {
             Ok(s) => Some(s),
@@ -144,7 +157,7 @@ impl Signals {
         }
     }
 
-    async fn wait(mut self) -> &'static str {
+    pub(crate) async fn wait(mut self) -> &'static str {
         async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
             match s {
                 Some(s) => {
