@@ -44,15 +44,20 @@ impl Remote {
                 path.display()
             )
         })?;
+        Ok(Remote::at(addr.trim()))
+    }
+
+    /// The node whose HTTP API listens at `addr` (`host:port`).
+    pub fn at(addr: &str) -> Remote {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        Ok(Remote {
-            base: format!("http://{}", addr.trim()),
+        Remote {
+            base: format!("http://{addr}"),
             agent,
-        })
+        }
     }
 
     fn answer(

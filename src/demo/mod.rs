@@ -27,6 +27,8 @@ use crate::json;
 use crate::node::{self, Node};
 use crate::tls::Members;
 
+pub mod serve;
+
 const CUSTOMER: &str = "customer/20";
 const SEATS: &str = "event/keynote";
 /// The risk-window story (steps 6 to 9): a workshop whose seats may be
@@ -123,26 +125,34 @@ pub fn run(out: &mut impl Write) -> Result<()> {
 
 async fn run_async(out: &mut impl Write) -> Result<()> {
     let tmp = tempfile::tempdir()?;
+    let (desks, ids) = start_desks(tmp.path()).await?;
+    let r = story(out, &desks, &ids).await;
+    for d in &desks {
+        d.shutdown().await;
+    }
+    r
+}
+
+/// The demo's three desks: nodes made in `dir` (`desk-a`, `desk-b`,
+/// `desk-c`), each on the member list of all, syncing over QUIC on
+/// loopback, each dialling the ones started before it.
+async fn start_desks(dir: &std::path::Path) -> Result<(Vec<Daemon>, Vec<NodeId>)> {
     let names = ["desk-a", "desk-b", "desk-c"];
     let mut ids = Vec::new();
     for n in names {
-        ids.push(node::init(&tmp.path().join(n))?);
+        ids.push(node::init(&dir.join(n))?);
     }
     let members = Members::Only(Arc::new(ids.iter().copied().collect()));
     let mut desks: Vec<Daemon> = Vec::new();
     for n in names {
-        let (node, _) = Node::open(&tmp.path().join(n))?;
+        let (node, _) = Node::open(&dir.join(n))?;
         let mut config = Config::new(SocketAddr::from(([127, 0, 0, 1], 0)));
         config.members = members.clone();
         config.cluster = cluster_id("weftlog-demo");
         config.peers = desks.iter().map(|d| d.local_addr().to_string()).collect();
         desks.push(Daemon::start(Arc::new(node), config).await?);
     }
-    let r = story(out, &desks, &ids).await;
-    for d in &desks {
-        d.shutdown().await;
-    }
-    r
+    Ok((desks, ids))
 }
 
 async fn story(out: &mut impl Write, desks: &[Daemon], ids: &[NodeId]) -> Result<()> {
