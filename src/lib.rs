@@ -19,5 +19,6 @@ pub mod sse;
 pub mod storage;
 pub mod subscribe;
 pub mod tls;
+pub mod venue;
 
 pub use node::Node;
