@@ -18,6 +18,10 @@
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
 //! | `GET /` | the desk page ([`crate::desk`]); `GET /v1/desk`: this desk's id, name, the names of every desk, its clock |
+//! | `POST /v1/venue/commands` | a conference command: 201 `{"event", "stream", "kind"}` (200 with `"existing": true` for a retried command id); 400 naming the field; 404 for an unknown session, attendee or stream; 409 and 422 as for an append ([`crate::venue`]) |
+//! | `GET /v1/venue/sessions` | `{"sessions": [...]}`: each session's fields, seat figures, policy, this desk's rule, holdings, waitlist and conflicts ([`crate::venue`]) |
+//! | `GET /v1/venue/attendees?q=TEXT[&limit=N]` | `{"attendees": [...], "total"}`: attendees matching `TEXT`, by name then id ([`crate::venue`]) |
+//! | `GET /v1/venue/attendees/{id}` | one attendee with every field's standing writes, notes and seats; 404 when unknown ([`crate::venue`]) |
 //! | `GET /metrics` | Prometheus metrics, every name prefixed `weftlog_` ([`crate::metrics`] lists them): OpenMetrics text when the `Accept` header asks for it, else the classic text format |
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
@@ -34,14 +38,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use weftlog_proto::event::Policy;
+use weftlog_proto::event::{Compensation, Policy};
 use weftlog_proto::state::{Draft, PrepareError};
 use weftlog_proto::text::{self, EditError, Splice, TextEdit};
 use weftlog_proto::{EventId, Hlc, Meta, NodeId, Op};
 
 use crate::daemon::Daemon;
 use crate::json;
-use crate::node::{AppendError, ExportError, NodeImportError};
+use crate::node::{AppendError, Appended, ExportError, NodeImportError};
 
 /// Largest request body: an export file up to the import limit.
 pub const MAX_BODY_BYTES: usize = weftlog_proto::exchange::MAX_EXPORT_BYTES as usize;
@@ -79,6 +83,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/admin/partition", post(partition))
         .route("/metrics", get(metrics))
         .merge(crate::desk::routes())
+        .merge(crate::venue::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(daemon)
@@ -122,7 +127,7 @@ impl From<AppendError> for ApiError {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
@@ -145,23 +150,10 @@ async fn not_found() -> ApiError {
 }
 
 /// A seat policy from its JSON form (`json::policy` prints the same keys):
-/// `mode` is required, the other settings default to [`Policy::new`]'s.
+/// `mode` is required, the other settings default to [`Policy::new`]'s
+/// ([`weftlog_proto::conference::policy_from_json`]).
 pub fn policy_from_json(spec: &Map<String, Value>) -> Result<Policy, String> {
-    let mode = match spec.get("mode") {
-        Some(Value::String(m)) => m.parse()?,
-        Some(other) => return Err(format!("mode {other} is not a string")),
-        None => return Err("mode is missing (escrow, risk-window or strict)".into()),
-    };
-    let mut policy = Policy::new(mode);
-    for (k, v) in spec.iter().filter(|(k, _)| *k != "mode") {
-        let text = match v {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            other => return Err(format!("{k}: {other} is neither a number nor a string")),
-        };
-        policy.set(k, &text)?;
-    }
-    Ok(policy)
+    weftlog_proto::conference::policy_from_json(spec)
 }
 
 /// An escrow transfer in an append body.
@@ -445,11 +437,25 @@ async fn decide(
     let body: Decision = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad(format!("the body is not a decision: {e}")))?;
     let action = body.action.parse().map_err(ApiError::bad)?;
-    let node = d.node().clone();
-    let a = tokio::task::spawn_blocking(move || node.decide(&sale, action, body.user))
-        .await
-        .map_err(internal)??;
+    let a = decide_sale(&d, sale, action, body.user).await?;
     Ok((StatusCode::CREATED, Json(json::appended(&a))))
+}
+
+/// A staff decision on an oversold sale ([`crate::node::Node::decide`]),
+/// off the async runtime: for `POST /v1/oversold/{sale}` and the
+/// `DecideOversell` command ([`crate::venue`]).
+pub(crate) async fn decide_sale(
+    d: &Arc<Daemon>,
+    sale: EventId,
+    action: Compensation,
+    user: Option<String>,
+) -> Result<Appended, ApiError> {
+    let node = d.node().clone();
+    Ok(
+        tokio::task::spawn_blocking(move || node.decide(&sale, action, user))
+            .await
+            .map_err(internal)??,
+    )
 }
 
 async fn status(AxState(d): Shared) -> Json<Value> {

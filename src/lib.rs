@@ -21,5 +21,6 @@ pub mod sse;
 pub mod storage;
 pub mod subscribe;
 pub mod tls;
+pub mod venue;
 
 pub use node::Node;

@@ -584,6 +584,15 @@ impl Node {
             .collect()
     }
 
+    /// A durable event by id, read back from the log (`None`: this node
+    /// holds no durable event with that id, or the record cannot be read).
+    pub fn durable_event(&self, id: &EventId) -> Option<Event> {
+        let (record, _) = self.lock().replica.durable_record_of(id)?;
+        let mut log = self.inner.log.lock().ok()?;
+        let (bytes, _, _) = replica::read_record(&mut log, record)?;
+        Event::decode_trusted(&bytes).ok()
+    }
+
     /// A staff decision on an oversold sale ([`admission::staff_decision`]):
     /// supersedes the compensation standing, within the policy's override
     /// window.

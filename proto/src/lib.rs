@@ -3,6 +3,8 @@
 //! Everything here is deterministic: no IO, no clock, no randomness of its
 //! own. The node (`weftlog`) and the simulator (`weftlog-sim`) drive it.
 //!
+//! - [`conference`]: the conference domain's commands (sessions,
+//!   attendees, seats, the waitlist), each turned into one draft;
 //! - [`admission`]: a selling node's own rules under a seat policy (its
 //!   clock and connectivity), applied before a sale becomes an event;
 //! - [`event`]: the event model, canonical encoding, limits, signatures;
@@ -31,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod conference;
 pub mod event;
 pub mod exchange;
 pub mod fork_proof;
