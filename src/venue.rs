@@ -58,6 +58,10 @@ const ATTENDEE_FIELDS: [&str; 4] = ["name", "email", "phone", "company"];
 
 type Shared = AxState<Arc<Daemon>>;
 
+/// A register field of an attendee: its name, shown value, and its
+/// standing writes when more than one stands.
+type FieldWrites = (String, Value, Option<BTreeMap<WriteId, Written>>);
+
 /// The venue's routes.
 pub fn routes() -> Router<Arc<Daemon>> {
     Router::new()
@@ -79,6 +83,9 @@ fn refusal(r: Refusal) -> ApiError {
 async fn command(AxState(d): Shared, body: Bytes) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req =
         Request::parse(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    // Checked against the state now; a concurrent command may change it
+    // before the append (a cancellation then rests on the PN counter, which
+    // shows the attendee's holding going below zero rather than losing it).
     let planned = d.node().with_state(|s| req.draft(s)).map_err(refusal)?;
     let (a, kind) = match planned {
         Planned::Append(draft) => {
@@ -279,7 +286,7 @@ async fn attendee(AxState(d): Shared, Path(id): Path<String>) -> Result<Json<Val
     let stream = conference::attendee_stream(&id);
     let found = node.with_state(|state: &State| {
         let s = state.stream(&stream).filter(|s| s.version > 0)?;
-        let fields: Vec<(String, Value, Option<BTreeMap<WriteId, Written>>)> = s
+        let fields: Vec<FieldWrites> = s
             .fields
             .iter()
             .map(|(f, w)| {
