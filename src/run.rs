@@ -4,6 +4,12 @@
 //! shuts down in order: HTTP stops taking requests, peer connections close,
 //! received events are made durable, and the node closes its log.
 //! Acknowledged appends were durable before they were acknowledged.
+//!
+//! The HTTP API is open on loopback; on any other address `run` refuses to
+//! start without `--tokens` ([`crate::auth`]). With tokens, each run writes
+//! a fresh admin token to the data directory for the CLI's remote mode,
+//! and removes it at stop. With `--notify-url`, a task POSTs the oversell
+//! compensations this node writes ([`crate::notify`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -14,6 +20,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::auth::{Auth, LOCAL_TOKEN_FILE};
 use crate::cli::{self, RunArgs};
 use crate::daemon::{cluster_id, Config, Daemon};
 use crate::remote::HTTP_ADDR_FILE;
@@ -21,6 +28,46 @@ use crate::tls::Members;
 
 /// Runs the daemon until a signal; see the module docs.
 pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
+    check_http_addr(&args)?;
+    if let Some(url) = &args.notify_url {
+        crate::notify::check_url(url)?;
+    }
+    // A local token of an earlier run (killed) names nothing now.
+    let token_file = dir.join(LOCAL_TOKEN_FILE);
+    let _ = std::fs::remove_file(&token_file);
+    let auth = match &args.tokens {
+        None => Auth::off(),
+        Some(path) => {
+            let local = crate::auth::write_local_token(dir)?;
+            match Auth::on(path, dir, &local) {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&token_file);
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let auth = Arc::new(auth);
+    let result = serve(dir, args, auth, out);
+    let _ = std::fs::remove_file(&token_file);
+    result
+}
+
+/// Refuses an HTTP address beyond loopback without tokens.
+fn check_http_addr(args: &RunArgs) -> Result<()> {
+    if args.tokens.is_none() && !args.http.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve HTTP on {} without --tokens: the API is not authenticated without \
+             tokens, so anyone who can reach that address could read and change this node's log; \
+             pass --tokens FILE, or listen on 127.0.0.1",
+            args.http
+        );
+    }
+    Ok(())
+}
+
+fn serve(dir: &Path, args: RunArgs, auth: Arc<Auth>, out: &mut impl Write) -> Result<()> {
     let members = cli::read_members(args.members.as_deref())?;
     if matches!(members, Members::Anyone) {
         warn!("no --members: any node that proves its id may sync with this one");
@@ -88,7 +135,16 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         writeln!(out, "{ready}")?;
         out.flush()?;
         info!(node = %node.id(), quic = %daemon.local_addr(), %http, "node running");
-        let app = crate::http::router(daemon.clone());
+        let notifier = match &args.notify_url {
+            None => None,
+            Some(url) => Some(crate::notify::Notifier::start(
+                node.clone(),
+                url,
+                dir,
+                daemon.shutdown_signal(),
+            )?),
+        };
+        let app = crate::http::router_with(daemon.clone(), auth);
         let mut stop = daemon.shutdown_signal();
         let server = tokio::spawn(async move {
             axum::serve(crate::http::nodelay(listener), app)
@@ -105,6 +161,11 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
             Ok(Ok(Err(e))) => warn!("HTTP server: {e}"),
             Ok(Err(e)) => warn!("HTTP server task: {e}"),
             Err(_) => warn!("HTTP clients still connected after 5 s; closing"),
+        }
+        if let Some(n) = notifier {
+            // It ends at the shutdown signal, or once a request under way
+            // answers or times out.
+            let _ = n.await;
         }
         Ok::<_, anyhow::Error>(())
     });
