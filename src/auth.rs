@@ -118,7 +118,11 @@ pub fn required(method: &Method, path: &str) -> Role {
         path.strip_prefix(p)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     };
-    if method == Method::POST && ["/v1/streams", "/v1/venue", "/v1/oversold"].iter().any(|p| under(p)) {
+    if method == Method::POST
+        && ["/v1/streams", "/v1/venue", "/v1/oversold"]
+            .iter()
+            .any(|p| under(p))
+    {
         return Role::Desk;
     }
     Role::Admin
@@ -185,8 +189,7 @@ impl Tokens {
                 continue;
             }
             let mut words = l.split_whitespace();
-            let (Some(role), Some(token), None) = (words.next(), words.next(), words.next())
-            else {
+            let (Some(role), Some(token), None) = (words.next(), words.next(), words.next()) else {
                 return Err(bad("expected `ROLE TOKEN` (two words)".into()));
             };
             let role: Role = role.parse().map_err(bad)?;
@@ -610,7 +613,8 @@ pub async fn guard(
         )
         .into_response(),
         Err(denied) => {
-            let page = req.method() == Method::GET && !path.starts_with("/v1/") && path != "/metrics";
+            let page =
+                req.method() == Method::GET && !path.starts_with("/v1/") && path != "/metrics";
             if page {
                 return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
             }
@@ -652,7 +656,11 @@ async fn login(Extension(auth): Extension<Arc<Auth>>, body: Bytes) -> Response {
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
     }
     if body.len() > MAX_LOGIN_BYTES {
-        return login_page(StatusCode::PAYLOAD_TOO_LARGE, "", Some("The form is too large."));
+        return login_page(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "",
+            Some("The form is too large."),
+        );
     }
     let fields = form_fields(&body);
     let field = |k: &str| {
@@ -681,7 +689,10 @@ async fn login(Extension(auth): Extension<Arc<Auth>>, body: Bytes) -> Response {
     );
     (
         StatusCode::SEE_OTHER,
-        [(header::LOCATION, "/".to_string()), (header::SET_COOKIE, cookie)],
+        [
+            (header::LOCATION, "/".to_string()),
+            (header::SET_COOKIE, cookie),
+        ],
     )
         .into_response()
 }
@@ -690,7 +701,10 @@ async fn logout() -> Response {
     let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     (
         StatusCode::SEE_OTHER,
-        [(header::LOCATION, "/login".to_string()), (header::SET_COOKIE, cookie)],
+        [
+            (header::LOCATION, "/login".to_string()),
+            (header::SET_COOKIE, cookie),
+        ],
     )
         .into_response()
 }
@@ -702,7 +716,9 @@ fn check_name(name: &str) -> Result<(), String> {
         return Err("Enter your name: it is shown with what you change.".into());
     }
     if name.chars().count() > MAX_NAME_CHARS {
-        return Err(format!("Your name may have at most {MAX_NAME_CHARS} characters."));
+        return Err(format!(
+            "Your name may have at most {MAX_NAME_CHARS} characters."
+        ));
     }
     if name.chars().any(char::is_control) {
         return Err("Your name may not hold control characters.".into());
@@ -841,8 +857,10 @@ mod tests {
 
     #[test]
     fn a_tokens_file_parses_and_its_errors_name_the_line() {
-        let t = parse("# staff\n\nread  rrrrrrrrrrrrrrrr\ndesk dddddddddddddddd\nadmin aaaaaaaaaaaaaaaa\n")
-            .unwrap();
+        let t = parse(
+            "# staff\n\nread  rrrrrrrrrrrrrrrr\ndesk dddddddddddddddd\nadmin aaaaaaaaaaaaaaaa\n",
+        )
+        .unwrap();
         assert_eq!(t.len(), 3);
         assert_eq!(
             t.role_of(&token_hash(&KEY, "dddddddddddddddd")),
@@ -855,7 +873,10 @@ mod tests {
             "tokens.txt line 2: unknown role \"root\" (known: read, desk, admin)"
         );
         let e = parse("\ndesk short\n").unwrap_err().to_string();
-        assert!(e.starts_with("tokens.txt line 2: the token has 5 characters; at least 16"), "{e}");
+        assert!(
+            e.starts_with("tokens.txt line 2: the token has 5 characters; at least 16"),
+            "{e}"
+        );
         let e = parse("desk dddddddddddddddd\nadmin dddddddddddddddd\n").unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -913,13 +934,19 @@ mod tests {
         assert!(check_name("a\u{7}").is_err());
         assert!(check_name(&"x".repeat(65)).is_err());
         assert!(check_name("Ana").is_ok());
-        assert_eq!(escape_html("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape_html("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; weftlog_session=v1.x"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; weftlog_session=v1.x"),
+        );
         assert_eq!(cookie(&h, SESSION_COOKIE), Some("v1.x"));
         assert_eq!(cookie(&h, "b"), None);
     }

@@ -96,7 +96,10 @@ pub fn router_with(daemon: Arc<Daemon>, auth: Arc<Auth>) -> Router {
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Last: every route above, and the fallback, pass the guard.
-        .layer(axum::middleware::from_fn_with_state(auth, crate::auth::guard))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::guard,
+        ))
         .with_state(daemon)
 }
 

@@ -160,7 +160,11 @@ fn read_notified(path: &Path) -> Result<BTreeSet<EventId>> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let mut out = BTreeSet::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let sale = serde_json::from_str::<Value>(line)
             .ok()
             .and_then(|v| v["sale"].as_str().and_then(|s| s.parse::<EventId>().ok()));
@@ -168,7 +172,11 @@ fn read_notified(path: &Path) -> Result<BTreeSet<EventId>> {
             Some(s) => {
                 out.insert(s);
             }
-            None => warn!("{} line {}: not a delivery record; skipped", path.display(), i + 1),
+            None => warn!(
+                "{} line {}: not a delivery record; skipped",
+                path.display(),
+                i + 1
+            ),
         }
     }
     Ok(out)
@@ -362,7 +370,10 @@ mod tests {
             event: EventId([4; 32]),
         };
         record(&path, &p, 200).unwrap();
-        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(b"{\"sale\": \"ab").unwrap();
         assert_eq!(read_notified(&path).unwrap(), BTreeSet::from([sale]));
     }

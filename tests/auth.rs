@@ -41,8 +41,7 @@ struct Answer {
 
 impl Answer {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
@@ -167,12 +166,27 @@ fn http_beyond_loopback_is_refused_without_tokens_and_loopback_stays_open() {
     let a = Proc::start("a", &dir, Opts::default());
     let who = get(&a, "/v1/whoami", Cred::None).json();
     assert_eq!(who, json!({"role": "admin", "name": null, "auth": false}));
-    assert_eq!(post(&a, "/v1/admin/partition", Cred::None, &json!({"block": []})).code, 200);
-    assert_eq!(post(&a, "/v1/streams/c/1/events", Cred::None, &append_body("Opened")).code, 201);
+    assert_eq!(
+        post(&a, "/v1/admin/partition", Cred::None, &json!({"block": []})).code,
+        200
+    );
+    assert_eq!(
+        post(
+            &a,
+            "/v1/streams/c/1/events",
+            Cred::None,
+            &append_body("Opened")
+        )
+        .code,
+        201
+    );
     assert_eq!(get(&a, "/v1/status", Cred::None).code, 200);
     let l = get(&a, "/login", Cred::None);
     assert_eq!((l.code, l.location.as_deref()), (303, Some("/")));
-    assert!(!dir.join("http.token").exists(), "no local token without tokens");
+    assert!(
+        !dir.join("http.token").exists(),
+        "no local token without tokens"
+    );
 }
 
 #[test]
@@ -199,42 +213,89 @@ fn each_role_may_do_what_its_row_says_and_no_more() {
     // No credentials: 401 JSON for the API, a redirect for the page.
     let r = get(&a, "/v1/status", Cred::None);
     assert_eq!(r.code, 401, "{}", r.body);
-    assert!(r.json()["error"].as_str().unwrap().contains("Bearer"), "{}", r.body);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("Bearer"),
+        "{}",
+        r.body
+    );
     let r = get(&a, "/", Cred::None);
     assert_eq!((r.code, r.location.as_deref()), (303, Some("/login")));
-    let r = post(&a, "/v1/streams/c/1/events", Cred::None, &append_body("Opened"));
+    let r = post(
+        &a,
+        "/v1/streams/c/1/events",
+        Cred::None,
+        &append_body("Opened"),
+    );
     assert_eq!(r.code, 401, "{}", r.body);
     let r = get(&a, "/v1/status", Cred::Bearer("not-a-token-at-all-000"));
     assert_eq!(r.code, 401, "{}", r.body);
     assert_eq!(r.json()["error"], "the bearer token is not valid");
 
     // read: every GET, no POST.
-    for path in ["/v1/status", "/v1/log", "/v1/conflicts", "/v1/oversold", "/metrics"] {
-        assert_eq!(get(&a, path, Cred::Bearer(READ)).code, 200, "read: GET {path}");
+    for path in [
+        "/v1/status",
+        "/v1/log",
+        "/v1/conflicts",
+        "/v1/oversold",
+        "/metrics",
+    ] {
+        assert_eq!(
+            get(&a, path, Cred::Bearer(READ)).code,
+            200,
+            "read: GET {path}"
+        );
     }
     let who = get(&a, "/v1/whoami", Cred::Bearer(READ)).json();
     assert_eq!(who, json!({"role": "read", "name": null, "auth": true}));
-    let r = post(&a, "/v1/streams/c/1/events", Cred::Bearer(READ), &append_body("Opened"));
+    let r = post(
+        &a,
+        "/v1/streams/c/1/events",
+        Cred::Bearer(READ),
+        &append_body("Opened"),
+    );
     assert_eq!(r.code, 403, "{}", r.body);
     assert!(
-        r.json()["error"].as_str().unwrap().contains("needs the desk role; this token has read"),
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("needs the desk role; this token has read"),
         "{}",
         r.body
     );
 
     // desk: appends and decisions, not admin routes.
-    let r = post(&a, "/v1/streams/c/1/events", Cred::Bearer(DESK), &append_body("Opened"));
+    let r = post(
+        &a,
+        "/v1/streams/c/1/events",
+        Cred::Bearer(DESK),
+        &append_body("Opened"),
+    );
     assert_eq!(r.code, 201, "{}", r.body);
     let sale = "00".repeat(32);
-    let r = post(&a, &format!("/v1/oversold/{sale}"), Cred::Bearer(DESK), &json!({"action": "honour"}));
-    assert!(![401, 403].contains(&r.code), "desk may decide: {} {}", r.code, r.body);
+    let r = post(
+        &a,
+        &format!("/v1/oversold/{sale}"),
+        Cred::Bearer(DESK),
+        &json!({"action": "honour"}),
+    );
+    assert!(
+        ![401, 403].contains(&r.code),
+        "desk may decide: {} {}",
+        r.code,
+        r.body
+    );
     for path in ["/v1/admin/partition", "/v1/export", "/v1/import"] {
         let r = post(&a, path, Cred::Bearer(DESK), &json!({"block": []}));
         assert_eq!(r.code, 403, "desk: POST {path}: {}", r.body);
     }
 
     // admin: everything.
-    let r = post(&a, "/v1/admin/partition", Cred::Bearer(ADMIN), &json!({"block": []}));
+    let r = post(
+        &a,
+        "/v1/admin/partition",
+        Cred::Bearer(ADMIN),
+        &json!({"block": []}),
+    );
     assert_eq!(r.code, 200, "{}", r.body);
     let r = answer(
         agent()
@@ -243,7 +304,12 @@ fn each_role_may_do_what_its_row_says_and_no_more() {
             .send(""),
     );
     assert_eq!(r.code, 200);
-    let r = post(&a, "/v1/streams/c/1/events", Cred::Bearer(ADMIN), &append_body("Renamed"));
+    let r = post(
+        &a,
+        "/v1/streams/c/1/events",
+        Cred::Bearer(ADMIN),
+        &append_body("Renamed"),
+    );
     assert_eq!(r.code, 201, "{}", r.body);
 }
 
@@ -266,12 +332,21 @@ fn a_browser_signs_in_and_its_cookie_survives_a_restart_but_not_its_token() {
 
     let form = get(&a, "/login", Cred::None);
     assert_eq!(form.code, 200);
-    assert!(form.body.contains("<form method=\"post\" action=\"/login\">"), "{}", form.body);
+    assert!(
+        form.body
+            .contains("<form method=\"post\" action=\"/login\">"),
+        "{}",
+        form.body
+    );
 
     // A wrong token: the form again, with the error and the name kept.
     let bad = login(&a, "wrong-token-0123456789", "Ana <b>");
     assert_eq!(bad.code, 401);
-    assert!(bad.body.contains("That token is not valid on this desk."), "{}", bad.body);
+    assert!(
+        bad.body.contains("That token is not valid on this desk."),
+        "{}",
+        bad.body
+    );
     assert!(bad.body.contains("value=\"Ana &lt;b&gt;\""), "{}", bad.body);
     assert!(bad.set_cookie.is_none());
     let noname = login(&a, DESK, "");
@@ -291,11 +366,24 @@ fn a_browser_signs_in_and_its_cookie_survives_a_restart_but_not_its_token() {
         .unwrap()
         .to_string();
     let who = get(&a, "/v1/whoami", Cred::Cookie(&value)).json();
-    assert_eq!(who, json!({"role": "desk", "name": "Ana Lima", "auth": true}));
+    assert_eq!(
+        who,
+        json!({"role": "desk", "name": "Ana Lima", "auth": true})
+    );
     assert_eq!(get(&a, "/v1/status", Cred::Cookie(&value)).code, 200);
-    let r = post(&a, "/v1/streams/c/1/events", Cred::Cookie(&value), &append_body("Opened"));
+    let r = post(
+        &a,
+        "/v1/streams/c/1/events",
+        Cred::Cookie(&value),
+        &append_body("Opened"),
+    );
     assert_eq!(r.code, 201, "{}", r.body);
-    let r = post(&a, "/v1/admin/partition", Cred::Cookie(&value), &json!({"block": []}));
+    let r = post(
+        &a,
+        "/v1/admin/partition",
+        Cred::Cookie(&value),
+        &json!({"block": []}),
+    );
     assert_eq!(r.code, 403, "{}", r.body);
     // A tampered cookie is refused.
     let forged = value.replacen("v1.desk", "v1.admin", 1);
@@ -309,7 +397,10 @@ fn a_browser_signs_in_and_its_cookie_survives_a_restart_but_not_its_token() {
     let local = fs::read_to_string(dir.join("http.token")).unwrap();
     let (status, _) = a.sigterm();
     assert!(status.success(), "{status}");
-    assert!(!dir.join("http.token").exists(), "the local token goes at stop");
+    assert!(
+        !dir.join("http.token").exists(),
+        "the local token goes at stop"
+    );
     a.launch();
     assert_ne!(fs::read_to_string(dir.join("http.token")).unwrap(), local);
     assert_eq!(get(&a, "/v1/status", Cred::Bearer(local.trim())).code, 401);
@@ -321,7 +412,14 @@ fn a_browser_signs_in_and_its_cookie_survives_a_restart_but_not_its_token() {
     tokens_file(&file, &[("admin", ADMIN)]);
     let r = get(&a, "/v1/whoami", Cred::Cookie(&value));
     assert_eq!(r.code, 401, "{}", r.body);
-    assert!(r.json()["error"].as_str().unwrap().contains("no longer valid"), "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("no longer valid"),
+        "{}",
+        r.body
+    );
     assert_eq!(get(&a, "/v1/status", Cred::Bearer(DESK)).code, 401);
     let r = get(&a, "/", Cred::Cookie(&value));
     assert_eq!((r.code, r.location.as_deref()), (303, Some("/login")));
@@ -350,7 +448,15 @@ fn the_cli_works_through_a_node_that_requires_tokens() {
     assert_eq!(get(&a, "/v1/status", Cred::None).code, 401);
     let r = common::weftlog(
         &dir,
-        &["append", "--stream", "customer/1", "--kind", "Registered", "--set", "name=\"Ada\""],
+        &[
+            "append",
+            "--stream",
+            "customer/1",
+            "--kind",
+            "Registered",
+            "--set",
+            "name=\"Ada\"",
+        ],
     );
     assert_eq!(r.code, Some(0), "append: {}", r.stderr);
     let r = common::weftlog(&dir, &["status"]);
@@ -371,11 +477,20 @@ fn a_bad_tokens_file_is_refused_naming_the_line() {
     fs::write(&file, "desk desk-token-0123456789\nadmin short\n").unwrap();
     let r = common::weftlog(
         &dir,
-        &["run", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--tokens", file.to_str().unwrap()],
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--tokens",
+            file.to_str().unwrap(),
+        ],
     );
     assert_ne!(r.code, Some(0));
     assert!(
-        r.stderr.contains("tokens.txt line 2: the token has 5 characters; at least 16"),
+        r.stderr
+            .contains("tokens.txt line 2: the token has 5 characters; at least 16"),
         "{}",
         r.stderr
     );

@@ -154,7 +154,11 @@ fn each_oversold_sale_is_sent_once_by_the_desk_that_compensated_it() {
         let ra = a.get_json("/v1/oversold");
         let rb = b.get_json("/v1/oversold");
         let done = ra.as_array().unwrap().len() == 2
-            && ra.as_array().unwrap().iter().all(|r| r["state"] == "compensated");
+            && ra
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["state"] == "compensated");
         rows = ra.as_array().unwrap().clone();
         done && ra == rb
     });
@@ -173,7 +177,10 @@ fn each_oversold_sale_is_sent_once_by_the_desk_that_compensated_it() {
     // Time for anything that would come twice to come.
     thread::sleep(Duration::from_secs(4));
     let seen = got.lock().unwrap().clone();
-    assert!(seen.len() >= 4, "two failures, then two deliveries: {seen:#?}");
+    assert!(
+        seen.len() >= 4,
+        "two failures, then two deliveries: {seen:#?}"
+    );
     assert!(!seen[0].accepted && !seen[1].accepted);
     let accepted: Vec<&Got> = seen.iter().filter(|x| x.accepted).collect();
     assert_eq!(accepted.len(), 2, "one per sale: {seen:#?}");
@@ -200,11 +207,17 @@ fn each_oversold_sale_is_sent_once_by_the_desk_that_compensated_it() {
     // desk that wrote its compensation.
     for x in &seen {
         let key = x.key.as_deref().unwrap();
-        assert_eq!(x.body["node"], by_sale[key]["compensation"]["write"]["author"]);
+        assert_eq!(
+            x.body["node"],
+            by_sale[key]["compensation"]["write"]["author"]
+        );
     }
     for n in [a, b] {
         let text = std::fs::read_to_string(n.dir.join("notified.jsonl")).unwrap_or_default();
-        let mine = accepted.iter().filter(|x| x.body["node"] == n.id.as_str()).count();
+        let mine = accepted
+            .iter()
+            .filter(|x| x.body["node"] == n.id.as_str())
+            .count();
         assert_eq!(text.lines().count(), mine, "{}: {text}", n.name);
     }
 
@@ -215,5 +228,9 @@ fn each_oversold_sale_is_sent_once_by_the_desk_that_compensated_it() {
         n.launch();
     }
     thread::sleep(Duration::from_secs(5));
-    assert_eq!(got.lock().unwrap().len(), seen.len(), "nothing sent again after a restart");
+    assert_eq!(
+        got.lock().unwrap().len(),
+        seen.len(),
+        "nothing sent again after a restart"
+    );
 }
