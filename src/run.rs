@@ -12,7 +12,7 @@
 //! compensations this node writes ([`crate::notify`]).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,26 +32,7 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     if let Some(url) = &args.notify_url {
         crate::notify::check_url(url)?;
     }
-    // A local token of an earlier run (killed) names nothing now.
-    let token_file = dir.join(LOCAL_TOKEN_FILE);
-    let _ = std::fs::remove_file(&token_file);
-    let auth = match &args.tokens {
-        None => Auth::off(),
-        Some(path) => {
-            let local = crate::auth::write_local_token(dir)?;
-            match Auth::on(path, dir, &local) {
-                Ok(a) => a,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&token_file);
-                    return Err(e);
-                }
-            }
-        }
-    };
-    let auth = Arc::new(auth);
-    let result = serve(dir, args, auth, out);
-    let _ = std::fs::remove_file(&token_file);
-    result
+    serve(dir, args, out)
 }
 
 /// Refuses an HTTP address beyond loopback without tokens.
@@ -67,12 +48,33 @@ fn check_http_addr(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(dir: &Path, args: RunArgs, auth: Arc<Auth>, out: &mut impl Write) -> Result<()> {
+/// Removes a file when dropped: the local token, on every way out.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn serve(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     let members = cli::read_members(args.members.as_deref())?;
     if matches!(members, Members::Anyone) {
         warn!("no --members: any node that proves its id may sync with this one");
     }
     let node = Arc::new(cli::open(dir)?);
+    // The directory is locked: a local token left by an earlier run
+    // (killed) is this process's to replace. Declared after the node, the
+    // guard removes the token before the node lets the lock go.
+    let token_guard = RemoveOnDrop(dir.join(LOCAL_TOKEN_FILE));
+    let _ = std::fs::remove_file(&token_guard.0);
+    let auth = Arc::new(match &args.tokens {
+        None => Auth::off(),
+        Some(path) => {
+            let local = crate::auth::write_local_token(dir)?;
+            Auth::on(path, dir, &local)?
+        }
+    });
     if let Members::Only(set) = &members {
         if !set.contains(&node.id()) {
             warn!(node = %node.id(), "this node is not on its own member list; peers that use the same list will refuse it");
@@ -177,6 +179,7 @@ fn serve(dir: &Path, args: RunArgs, auth: Arc<Auth>, out: &mut impl Write) -> Re
         }
     }
     drop(rt);
+    drop(token_guard);
     // The last handle: closing it lets the committer finish what is queued.
     drop(node);
     info!("stopped");
