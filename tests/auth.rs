@@ -463,6 +463,21 @@ fn the_cli_works_through_a_node_that_requires_tokens() {
     assert_eq!(r.code, Some(0), "status: {}", r.stderr);
     let s: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(s["events"], 1, "{s}");
+    // A second `run` on the locked directory fails, and leaves the
+    // running node's local token alone.
+    let r = common::weftlog(
+        &dir,
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--tokens",
+            &file_arg,
+        ],
+    );
+    assert_ne!(r.code, Some(0), "a second run on a locked directory");
     let r = common::weftlog(&dir, &["get", "--stream", "customer/1"]);
     assert_eq!(r.code, Some(0), "get: {}", r.stderr);
     assert!(r.stdout.contains("Ada"), "{}", r.stdout);
