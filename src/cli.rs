@@ -229,7 +229,8 @@ pub enum Command {
         allow_non_members: bool,
     },
     /// Run the node: sync with peers over QUIC (mutual TLS, members only)
-    /// and serve the HTTP API to local clients, until SIGTERM or Ctrl-C.
+    /// and serve the HTTP API (open on loopback; with --tokens, to holders
+    /// of a token), until SIGTERM or Ctrl-C.
     ///
     /// Prints one JSON line when ready: {"node", "quic", "http", "data"}
     /// with the addresses actually bound (port 0 picks a free one). While it
@@ -309,14 +310,27 @@ GET  /v1/notifications            server-sent notices that are not events: fork,
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
 POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n  \
+GET  /v1/whoami                   {\"role\", \"name\", \"auth\"}: who is asking (auth false without --tokens)\n  \
+GET  /login, POST /login          the sign-in form; form fields token and name: a session cookie, 303 to /\n  \
+POST /logout                      signs out (clears the cookie)\n  \
 GET  /metrics                     Prometheus metrics (OpenMetrics if asked, else text 0.0.4), all weftlog_*:\n  \
                                   events_appended_total, events_received_total{via}, duplicates_received_total{via},\n  \
                                   append_latency_seconds, fsync_duration_seconds (histograms),\n  \
                                   log_durable_position, log_size_bytes, conflicts_open, equivocations,\n  \
                                   peer_connected{peer}, peer_events_behind{peer}, peer_{received,sent}_bytes_total{peer},\n  \
                                   projection_lag_events{projection}, sql_lag_events (with a mirror)\n\n\
+Security: on loopback without --tokens every request is allowed (as before). Any other HTTP\n\
+address needs --tokens FILE (weftlog refuses to start without it). With tokens, each request\n\
+sends `Authorization: Bearer TOKEN` or the session cookie from POST /login (weftlog_session:\n\
+HttpOnly, SameSite=Strict, 12 h, MACed with the key in <data dir>/http.secret, so it survives a\n\
+restart and dies with its token). Roles: read = every GET; desk = read + POST under /v1/streams,\n\
+/v1/venue, /v1/oversold; admin = everything. 401 without a valid token (a browser's GET of a\n\
+page goes to /login), 403 for a role too weak. Each run writes a fresh admin token to\n\
+<data dir>/http.token (mode 0600, removed at stop): the other weftlog commands given the same\n\
+--data send it, so they keep working through the running node.\n\n\
 Example:\n  \
-weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt";
+weftlog --data desk-a run --listen 0.0.0.0:4270 --http 127.0.0.1:4280 --peer 10.0.0.2:4270 --members members.txt\n  \
+weftlog --data desk-a run --http 0.0.0.0:4280 --tokens tokens.txt --notify-url http://127.0.0.1:9000/oversold";
 
 const SQL_HELP: &str = "URLs:\n  \
     sqlite:PATH                              an embedded database file\n  \
@@ -573,10 +587,26 @@ pub struct RunArgs {
     /// Announce this node on the LAN with mDNS and dial the members found.
     #[arg(long)]
     pub mdns: bool,
-    /// TCP address of the HTTP API. Keep it on loopback: it is not
-    /// authenticated.
+    /// TCP address of the HTTP API. Without --tokens it is not
+    /// authenticated, and must be on loopback (127.0.0.1, ::1); any other
+    /// address needs --tokens.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:4280")]
     pub http: SocketAddr,
+    /// Require a token on every HTTP request: FILE holds one `ROLE TOKEN`
+    /// per line (# comments), roles read (every GET), desk (also appends,
+    /// venue commands, oversold decisions) and admin (everything: export,
+    /// import, /v1/admin/*); a token has at least 16 characters. Browsers
+    /// sign in at /login and get a session cookie. The file is read again
+    /// when it changes: removing a line revokes that token and its
+    /// sessions.
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
+    /// POST each oversell compensation this node writes to URL (http://),
+    /// as JSON with the header Idempotency-Key: <sale id>, retried with
+    /// backoff (1 s doubling to 60 s) until a 2xx answers; delivered sales
+    /// are listed in <data dir>/notified.jsonl and not sent again.
+    #[arg(long, value_name = "URL")]
+    pub notify_url: Option<String>,
     /// Cluster name; nodes of different clusters refuse each other.
     #[arg(long, value_name = "NAME", default_value = "default")]
     pub cluster: String,

@@ -22,7 +22,14 @@
 //! | `GET /v1/venue/sessions` | `{"sessions": [...]}`: each session's fields, seat figures, policy, this desk's rule, holdings, waitlist and conflicts ([`crate::venue`]) |
 //! | `GET /v1/venue/attendees?q=TEXT[&limit=N]` | `{"attendees": [...], "total"}`: attendees matching `TEXT`, by name then id ([`crate::venue`]) |
 //! | `GET /v1/venue/attendees/{id}` | one attendee with every field's standing writes, notes and seats; 404 when unknown ([`crate::venue`]) |
+//! | `GET /v1/whoami` | `{"role", "name", "auth"}`: who the request is from ([`crate::auth`]; `auth` false when tokens are off) |
+//! | `GET /login`, `POST /login`, `POST /logout` | the login form, signing in (form fields `token`, `name`; a session cookie and 303 to `/`), signing out |
 //! | `GET /metrics` | Prometheus metrics, every name prefixed `weftlog_` ([`crate::metrics`] lists them): OpenMetrics text when the `Accept` header asks for it, else the classic text format |
+//!
+//! With `--tokens`, every request needs a token (`Authorization: Bearer
+//! TOKEN`) or a session cookie, and a role: GET `read`, POST under
+//! `/v1/streams`, `/v1/venue`, `/v1/oversold` `desk`, the rest `admin`
+//! ([`crate::auth`]); 401 and 403 are JSON errors too.
 //!
 //! Stream names may contain `/` (`customer/20`), in the path as they are or
 //! percent-encoded. Errors are `{"error": "one sentence"}` with the status.
@@ -43,6 +50,7 @@ use weftlog_proto::state::{Draft, PrepareError};
 use weftlog_proto::text::{self, EditError, Splice, TextEdit};
 use weftlog_proto::{EventId, Hlc, Meta, NodeId, Op};
 
+use crate::auth::Auth;
 use crate::daemon::Daemon;
 use crate::json;
 use crate::node::{AppendError, Appended, ExportError, NodeImportError};
@@ -64,8 +72,15 @@ pub fn nodelay(
     })
 }
 
-/// The router over a running daemon.
+/// The router over a running daemon, with tokens off (every request
+/// passes: for an HTTP address on loopback).
 pub fn router(daemon: Arc<Daemon>) -> Router {
+    router_with(daemon, Arc::new(Auth::off()))
+}
+
+/// The router over a running daemon, every route behind `auth`'s guard
+/// ([`crate::auth::guard`]).
+pub fn router_with(daemon: Arc<Daemon>, auth: Arc<Auth>) -> Router {
     Router::new()
         .route("/v1/streams/{*rest}", get(get_stream).post(post_event))
         .route("/v1/log", get(log))
@@ -84,8 +99,14 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::desk::routes())
         .merge(crate::venue::routes())
+        .merge(crate::auth::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Last: every route above, and the fallback, pass the guard.
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::guard,
+        ))
         .with_state(daemon)
 }
 

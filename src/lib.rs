@@ -2,6 +2,7 @@
 //! views the CLI prints, SQL read models, and the CLI itself. The sans-IO core is
 //! [`weftlog_proto`].
 
+pub mod auth;
 pub mod cli;
 pub mod daemon;
 pub mod demo;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod notices;
+pub mod notify;
 pub mod projections;
 pub mod remote;
 pub mod run;

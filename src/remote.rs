@@ -1,6 +1,8 @@
 //! The CLI's way to a running node: while `weftlog run` holds a data
 //! directory's lock, the other commands given that directory talk to its
-//! HTTP API, whose address the daemon writes to [`HTTP_ADDR_FILE`].
+//! HTTP API, whose address the daemon writes to [`HTTP_ADDR_FILE`]. When
+//! the node runs with tokens, every request carries the run's local admin
+//! token ([`crate::auth::LOCAL_TOKEN_FILE`]).
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,6 +18,9 @@ pub const HTTP_ADDR_FILE: &str = "http.addr";
 pub struct Remote {
     base: String,
     agent: ureq::Agent,
+    /// `Bearer <the node's local admin token>`, when it runs with tokens
+    /// ([`crate::auth::LOCAL_TOKEN_FILE`]).
+    bearer: Option<String>,
 }
 
 /// Percent-encodes `s` for a URL path (keeping `/`) or query value.
@@ -44,7 +49,9 @@ impl Remote {
                 path.display()
             )
         })?;
-        Ok(Remote::at(addr.trim()))
+        let mut remote = Remote::at(addr.trim());
+        remote.bearer = crate::auth::local_token(dir).map(|t| format!("Bearer {t}"));
+        Ok(remote)
     }
 
     /// The node whose HTTP API listens at `addr` (`host:port`).
@@ -57,6 +64,7 @@ impl Remote {
         Remote {
             base: format!("http://{addr}"),
             agent,
+            bearer: None,
         }
     }
 
@@ -95,7 +103,11 @@ impl Remote {
 
     /// GET `path`: the body.
     pub fn get(&self, path: &str) -> Result<Vec<u8>> {
-        let r = self.agent.get(format!("{}{path}", self.base)).call();
+        let mut req = self.agent.get(format!("{}{path}", self.base));
+        if let Some(b) = &self.bearer {
+            req = req.header("authorization", b);
+        }
+        let r = req.call();
         Ok(self.answer(&format!("GET {path}"), r)?.1)
     }
 
@@ -111,11 +123,14 @@ impl Remote {
         } else {
             "application/octet-stream"
         };
-        let r = self
+        let mut req = self
             .agent
             .post(format!("{}{path}", self.base))
-            .header("content-type", ct)
-            .send(body);
+            .header("content-type", ct);
+        if let Some(b) = &self.bearer {
+            req = req.header("authorization", b);
+        }
+        let r = req.send(body);
         let (_, body, exported) = self.answer(&format!("POST {path}"), r)?;
         Ok((body, exported))
     }
@@ -144,6 +159,9 @@ impl Remote {
             .build();
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
+        }
+        if let Some(b) = &self.bearer {
+            req = req.header("authorization", b);
         }
         let what = format!("GET {path}");
         let r = req.call().map_err(|e| {

@@ -4,9 +4,15 @@
 //! shuts down in order: HTTP stops taking requests, peer connections close,
 //! received events are made durable, and the node closes its log.
 //! Acknowledged appends were durable before they were acknowledged.
+//!
+//! The HTTP API is open on loopback; on any other address `run` refuses to
+//! start without `--tokens` ([`crate::auth`]). With tokens, each run writes
+//! a fresh admin token to the data directory for the CLI's remote mode,
+//! and removes it at stop. With `--notify-url`, a task POSTs the oversell
+//! compensations this node writes ([`crate::notify`]).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +20,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::auth::{Auth, LOCAL_TOKEN_FILE};
 use crate::cli::{self, RunArgs};
 use crate::daemon::{cluster_id, Config, Daemon};
 use crate::remote::HTTP_ADDR_FILE;
@@ -21,11 +28,53 @@ use crate::tls::Members;
 
 /// Runs the daemon until a signal; see the module docs.
 pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
+    check_http_addr(&args)?;
+    if let Some(url) = &args.notify_url {
+        crate::notify::check_url(url)?;
+    }
+    serve(dir, args, out)
+}
+
+/// Refuses an HTTP address beyond loopback without tokens.
+fn check_http_addr(args: &RunArgs) -> Result<()> {
+    if args.tokens.is_none() && !args.http.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve HTTP on {} without --tokens: the API is not authenticated without \
+             tokens, so anyone who can reach that address could read and change this node's log; \
+             pass --tokens FILE, or listen on 127.0.0.1",
+            args.http
+        );
+    }
+    Ok(())
+}
+
+/// Removes a file when dropped: the local token, on every way out.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn serve(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     let members = cli::read_members(args.members.as_deref())?;
     if matches!(members, Members::Anyone) {
         warn!("no --members: any node that proves its id may sync with this one");
     }
     let node = Arc::new(cli::open(dir)?);
+    // The directory is locked: a local token left by an earlier run
+    // (killed) is this process's to replace. Declared after the node, the
+    // guard removes the token before the node lets the lock go.
+    let token_guard = RemoveOnDrop(dir.join(LOCAL_TOKEN_FILE));
+    let _ = std::fs::remove_file(&token_guard.0);
+    let auth = Arc::new(match &args.tokens {
+        None => Auth::off(),
+        Some(path) => {
+            let local = crate::auth::write_local_token(dir)?;
+            Auth::on(path, dir, &local)?
+        }
+    });
     if let Members::Only(set) = &members {
         if !set.contains(&node.id()) {
             warn!(node = %node.id(), "this node is not on its own member list; peers that use the same list will refuse it");
@@ -101,7 +150,16 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         writeln!(out, "{ready}")?;
         out.flush()?;
         info!(node = %node.id(), quic = %daemon.local_addr(), %http, "node running");
-        let app = crate::http::router(daemon.clone());
+        let notifier = match &args.notify_url {
+            None => None,
+            Some(url) => Some(crate::notify::Notifier::start(
+                node.clone(),
+                url,
+                dir,
+                daemon.shutdown_signal(),
+            )?),
+        };
+        let app = crate::http::router_with(daemon.clone(), auth);
         let mut stop = daemon.shutdown_signal();
         let server = tokio::spawn(async move {
             axum::serve(crate::http::nodelay(listener), app)
@@ -119,6 +177,11 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
             Ok(Err(e)) => warn!("HTTP server task: {e}"),
             Err(_) => warn!("HTTP clients still connected after 5 s; closing"),
         }
+        if let Some(n) = notifier {
+            // It ends at the shutdown signal, or once a request under way
+            // answers or times out.
+            let _ = n.await;
+        }
         Ok::<_, anyhow::Error>(())
     });
     let _ = std::fs::remove_file(&addr_file);
@@ -129,6 +192,7 @@ pub fn run(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
         }
     }
     drop(rt);
+    drop(token_guard);
     // The last handle: closing it lets the committer finish what is queued.
     drop(node);
     info!("stopped");

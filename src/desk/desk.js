@@ -34,6 +34,7 @@ const S = {
   forks: [],
   feed: [],
   nodeUp: true,
+  whyOpen: new Set(), // sessions whose "why" is unfolded
 };
 
 // ---------------------------------------------------------------- helpers
@@ -129,7 +130,7 @@ const hlcMs = (hlc) => Math.floor(Number(hlc) / 65536);
 const nowMs = () => Date.now() + (S.clockSkew || 0);
 
 function clock(ms) {
-  return new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+  return new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit', hourCycle: 'h23' });
 }
 
 function ago(ms) {
@@ -185,11 +186,8 @@ const loaders = {
     S.clockSkew = S.desk.now_ms - Date.now();
   },
   async who() {
-    try {
-      S.who = await api('GET', '/v1/whoami');
-    } catch (e) {
-      if (e.status !== 404) throw e;
-    }
+    S.who = await api('GET', '/v1/whoami');
+    if (!S.who.auth) S.who.name = localStorage.getItem('weftlog.staff') || '';
   },
   async status() { S.status = await api('GET', '/v1/status'); },
   async sessions() { S.sessions = (await api('GET', '/v1/venue/sessions')).sessions; },
@@ -287,8 +285,11 @@ function renderHeader() {
   const c = connectivity();
   $('conn').dataset.state = c.state;
   $('conn-text').textContent = c.text;
-  $('who-name').textContent = S.who.auth ? `${S.who.name || 'signed in'} · ${S.who.role}` : (S.who.name || '');
+  $('who-name').textContent = S.who.auth ? `${S.who.name || 'signed in'} · ${S.who.role}` : '';
   $('logout').hidden = !S.who.auth;
+  // Without sign-in (a desk on loopback), staff say who they are here; it
+  // is sent as each command's user.
+  $('who-ask').hidden = S.who.auth;
   const drill = $('drill');
   const canDrill = S.desk && S.desk.demo && (S.who.role === 'admin');
   drill.hidden = !canDrill;
@@ -298,6 +299,12 @@ function renderHeader() {
     drill.dataset.cut = cut ? '1' : '';
   }
 }
+
+$('who-input').addEventListener('change', (ev) => {
+  S.who.name = ev.target.value.trim();
+  localStorage.setItem('weftlog.staff', S.who.name);
+  toast(S.who.name ? `Changes are recorded as ${S.who.name}'s` : 'Changes are recorded without a name');
+});
 
 $('drill').addEventListener('click', (ev) => act(ev.target, async () => {
   const cut = ev.target.dataset.cut === '1';
@@ -663,8 +670,7 @@ function policyLine(s) {
   parts.push(`this desk may sell ${r.may_sell ?? 0} now (holds ${Math.max(0, r.held ?? 0)})`);
   let text = parts.join('; ');
   text = text.charAt(0).toUpperCase() + text.slice(1);
-  if (r.limited_by) text += `. ${r.limited_by}`;
-  return { text, limited: !!r.limited_by || (r.may_sell ?? 0) === 0 };
+  return { text, why: r.limited_by || null, limited: !!r.limited_by || (r.may_sell ?? 0) === 0 };
 }
 
 function renderSessions() {
@@ -701,6 +707,11 @@ function renderSessions() {
         h('span', {}, `${sold} sold of ${cap}`),
         over ? h('span', { class: 'tag bad' }, `${over} oversold`) : h('span', { class: 'avail' }, `${s.available} available`)),
       h('div', { class: `policy${pl.limited ? ' limited' : ''}` }, pl.text),
+      pl.why ? h('details', {
+        class: 'why',
+        open: S.whyOpen.has(s.id),
+        ontoggle: (ev) => (ev.target.open ? S.whyOpen.add(s.id) : S.whyOpen.delete(s.id)),
+      }, h('summary', {}, 'Why this desk cannot sell more'), pl.why) : null,
       wl, sell));
   }
 }
@@ -812,6 +823,7 @@ async function start() {
   await Promise.all(['status', 'sessions', 'attendees', 'conflicts', 'oversold', 'reconnects'].map((p) => loaders[p]().catch((e) => console.warn(p, e.message))));
   try { S.forks = await api('GET', '/v1/forks'); } catch (_) { S.forks = []; }
   trackOffline();
+  $('who-input').value = S.who.auth ? '' : S.who.name;
   renderHeader(); renderAlerts(); renderAttendees(); renderAttendee(); renderSessions(); renderConflicts(); renderPeers(); renderFeed();
   listen();
   setInterval(async () => {
