@@ -12,6 +12,7 @@ pub mod net;
 pub mod node;
 pub mod notices;
 pub mod projections;
+pub mod reconnects;
 pub mod remote;
 pub mod run;
 pub mod sql;
