@@ -563,9 +563,14 @@ mod tests {
             }
         );
         assert_eq!(r.handle_synced(peer(2)).map(|p| p.pos), Some(5));
-        assert!(!Reconnects::open(dir.path(), 0, 0)
-            .open_periods()
-            .contains_key(&peer(2)));
+        // Closed, and known: the next start opens a new one there.
+        assert_eq!(
+            Reconnects::open(dir.path(), 77, 7).open_periods()[&peer(2)],
+            Period {
+                pos: 77,
+                since_ms: 7
+            }
+        );
     }
 
     #[test]
