@@ -119,12 +119,14 @@ impl Reconnects {
             .unwrap_or(0)
             + 1;
         let (mut open, known) = read_open(dir);
+        let loaded = open.len();
         for peer in &known {
             open.entry(*peer).or_insert(Period {
                 pos,
                 since_ms: now_ms,
             });
         }
+        let opened = open.len() > loaded;
         let r = Reconnects {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -135,7 +137,9 @@ impl Reconnects {
                 next_seq,
             }),
         };
-        r.save(&r.lock());
+        if opened {
+            r.save(&r.lock());
+        }
         r
     }
 
