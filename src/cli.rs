@@ -150,6 +150,18 @@ pub enum Command {
     /// a late event un-marked ("state": "void"). The same on every node
     /// holding the same events.
     Oversold,
+    /// List what others did while this node was offline, newest first,
+    /// one JSON object per line: per disconnected period that ended (a
+    /// peer's connection dropped or was blocked, then a round with it
+    /// ended in sync), the events received that are concurrent with this
+    /// node's own events of the period, grouped by stream and field, with
+    /// the conflicts they left. Reads `reconnects.jsonl` in the data
+    /// directory, whether or not the node runs.
+    Reconnects {
+        /// Print at most this many.
+        #[arg(long, value_name = "N", default_value_t = crate::reconnects::LIMIT_DEFAULT)]
+        limit: usize,
+    },
     /// Decide an oversold sale as staff: write its compensation (cancel,
     /// waitlist, honour or notify), superseding the automatic one that the
     /// policy's on_oversell wrote. Refused for a sale that is not marked
@@ -306,7 +318,8 @@ GET  /v1/events[?from=POS]        server-sent events: the log after POS (0: the 
                                   absent: from now), then every event as it becomes durable, each once;\n  \
                                   id: is each event's token, Last-Event-ID resumes; filters: stream,\n  \
                                   stream_prefix, kind\n  \
-GET  /v1/notifications            server-sent notices that are not events: fork, oversold, epoch\n  \
+GET  /v1/notifications            server-sent notices that are not events: fork, oversold, epoch, reconciled\n  \
+GET  /v1/reconnects[?limit=N]     what others did while this node was offline, newest first\n  \
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
 POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n  \
@@ -1337,6 +1350,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<()> {
             };
             for v in rows {
                 print(out, &v)?;
+            }
+        }
+        Command::Reconnects { limit } => {
+            let (reports, _, warnings) = crate::reconnects::read_reports(dir);
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            for v in reports.iter().rev().take(limit) {
+                print(out, v)?;
             }
         }
         Command::Compensate { sale, action, user } => {

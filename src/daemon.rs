@@ -56,6 +56,7 @@ use weftlog_proto::NodeId;
 
 use crate::node::Node;
 use crate::notices::{Notice, Notices};
+use crate::reconnects::Reconnects;
 use crate::tls::{self, peer_id, Members, SERVER_NAME};
 
 /// Application close codes on a QUIC connection (the peer policy's).
@@ -270,6 +271,8 @@ struct Shared {
     notices: Notices,
     /// Wakes the notice task: a batch became durable.
     noticed: Notify,
+    /// The disconnected periods per peer and their reports.
+    reconnects: Arc<Reconnects>,
 }
 
 /// A running daemon. Dropping it without [`Daemon::shutdown`] stops its
@@ -343,6 +346,11 @@ impl Daemon {
             forks: Mutex::new(forks),
             notices: Notices::new(),
             noticed: Notify::new(),
+            reconnects: Arc::new(Reconnects::open(
+                node.dir(),
+                node.durable_pos(),
+                crate::node::wall_ms(),
+            )),
             node,
         });
         info!(node = %me, addr = %shared.endpoint.local_addr().map_or(config.listen, |a| a), "listening for peers (QUIC)");
@@ -375,6 +383,11 @@ impl Daemon {
     /// ([`Notices::after`]).
     pub fn notices_after(&self, after: u64) -> (Vec<Notice>, broadcast::Receiver<Notice>) {
         self.shared.notices.after(after)
+    }
+
+    /// The disconnected periods and their reports ([`crate::reconnects`]).
+    pub fn reconnects(&self) -> &Reconnects {
+        &self.shared.reconnects
     }
 
     /// The node served.
@@ -416,6 +429,10 @@ impl Daemon {
             info!("partition healed: no peer blocked");
         }
         self.shared.blocked.send_replace(nodes.clone());
+        let (pos, wall) = (self.shared.node.durable_pos(), crate::node::wall_ms());
+        for n in &nodes {
+            self.shared.reconnects.handle_down(*n, pos, wall);
+        }
         let now = self.shared.now_ms();
         self.shared.policy(|p, _, _| p.set_blocked(nodes, now));
     }
@@ -786,10 +803,20 @@ impl Shared {
                 n.addr = addr.or(n.addr);
                 info!(%peer, remote = ?addr, "peer connected");
             }
-            PeerEvent::Synced { .. } => {
+            PeerEvent::Synced { peer, .. } => {
                 let now = crate::node::wall_ms();
                 self.last_round_wall_ms.fetch_max(now, Ordering::Relaxed);
                 self.node.handle_synced();
+                if let Some(period) = self.reconnects.handle_synced(peer) {
+                    // Blocking: it flushes the log and reads the period's window.
+                    let shared = self.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let report = shared.reconnects.report(&shared.node, peer, period, now);
+                        if let Some(v) = report {
+                            shared.notices.publish("reconciled", v);
+                        }
+                    });
+                }
             }
             PeerEvent::OwnHead { peer, seq, .. } => {
                 let first = !self.node.own_frontier().confirmed;
@@ -811,6 +838,8 @@ impl Shared {
             }
             PeerEvent::Disconnected { peer, reason } => {
                 info!(%peer, "peer disconnected: {reason}");
+                self.reconnects
+                    .handle_down(peer, self.node.durable_pos(), crate::node::wall_ms());
                 lock(&self.notes).entry(peer).or_default().last_error = Some(reason);
             }
             _ => {}

@@ -11,11 +11,12 @@
 //! | `GET /v1/status` | `status` (with `writes` and `disk_full`), plus `peers`, `blocked`, `equivocations`, `non_members` (`null` without `--members`) and `own_frontier` (whether, by whom and when a peer confirmed this node's own log since it started) |
 //! | `GET /v1/forks[?proof=true]` | a JSON array of what `forks` prints: each fork the log holds (`author`, `seq`, `events`, `heads`), with `proof=true` its fork proof in JSON form (`proof`, or `null` and `proof_error`), which `weftlog verify-fork` checks with no data directory |
 //! | `GET /v1/events[?from=POS][&stream=S][&stream_prefix=P][&kind=K]` | server-sent events: the durable log after `POS` (a number, `0` for the beginning, or a token `EPOCH-POS-CHECK`; absent: from now on), then every event as it becomes durable, each once, in log order (`event: event`, `id:` its token, data as `log` prints it plus `pos`); a `Last-Event-ID` header wins over `from`; a token of another history starts again from the beginning (`event: restart` first, with the reason); see [`crate::sse`] |
-//! | `GET /v1/notifications` | server-sent events that are not log events: `fork`, `oversold`, `epoch` ([`crate::notices`]) |
+//! | `GET /v1/notifications` | server-sent events that are not log events: `fork`, `oversold`, `epoch`, `reconciled` ([`crate::notices`]) |
 //! | `GET /v1/projections` | `{"projections": [...]}`: each ordered projection's `name`, `version`, `position` (events applied), `lag` (durable events not yet applied) and `hash` (its state hash, hex) ([`crate::projections`]) |
 //! | `GET /v1/projections/{name}` | one projection: the same fields and `view`, its JSON view; 404 naming it if there is none |
 //! | `POST /v1/export` | an export file (body: optional, another node's status JSON, to export only what it lacks) |
 //! | `POST /v1/import[?allow_non_members=true]` | imports an export file (body: its bytes); `{"imported","duplicates"}`; 403 naming them when, with `--members`, it holds events by authors not on the list (nothing stored; the query accepts them); 507 while the disk is full |
+//! | `GET /v1/reconnects[?limit=N]` | `{"reconnects": [...]}`, newest first (default 100, at most 1,000): per disconnected period that ended, what others did concurrently with this node's own events of it, by stream and field, with the conflicts ([`crate::reconnects`]) |
 //! | `POST /v1/admin/partition` | `{"block":[node ids]}` cuts this node off from those peers; `{"block":[]}` heals |
 //! | `GET /` | the desk page ([`crate::desk`]); `GET /v1/desk`: this desk's id, name, the names of every desk, its clock |
 //! | `POST /v1/venue/commands` | a conference command: 201 `{"event", "stream", "kind"}` (200 with `"existing": true` for a retried command id); 400 naming the field; 404 for an unknown session, attendee or stream; 409 and 422 as for an append ([`crate::venue`]) |
@@ -100,6 +101,7 @@ pub fn router_with(daemon: Arc<Daemon>, auth: Arc<Auth>) -> Router {
         .merge(crate::desk::routes())
         .merge(crate::venue::routes())
         .merge(crate::auth::routes())
+        .merge(crate::reconnects::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Last: every route above, and the fallback, pass the guard.

@@ -344,7 +344,7 @@ pub fn fork_proof(p: &ForkProof) -> Value {
 }
 
 /// An integer as a JSON number (i64 when it fits, else a decimal string).
-fn number(n: i128) -> Value {
+pub(crate) fn number(n: i128) -> Value {
     i64::try_from(n).map_or_else(|_| Value::String(n.to_string()), Value::from)
 }
 

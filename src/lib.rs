@@ -16,6 +16,7 @@ pub mod node;
 pub mod notices;
 pub mod notify;
 pub mod projections;
+pub mod reconnects;
 pub mod remote;
 pub mod run;
 pub mod sql;

@@ -2,8 +2,9 @@
 //! carries ([`crate::sse`]).
 //!
 //! The daemon publishes a [`Notice`] when it records a fork, when a sale is
-//! first seen oversold or its compensation changes, and when the log
-//! starts a new epoch ([`crate::subscribe`]). Notices are numbered from 1
+//! first seen oversold or its compensation changes, when the log
+//! starts a new epoch ([`crate::subscribe`]), and when a reconnect report
+//! is made (`reconciled`, [`crate::reconnects`]). Notices are numbered from 1
 //! in each run of the node; the last [`NOTICES_KEPT`] are kept, so a
 //! client that reconnects with `Last-Event-ID` gets those it missed.
 //! Notices describe the node's state at the moment; a client that needs
@@ -26,7 +27,7 @@ pub const NOTICES_KEPT: usize = 1024;
 pub struct Notice {
     /// Its number in this run of the node, from 1.
     pub id: u64,
-    /// `fork`, `oversold` or `epoch`.
+    /// `fork`, `oversold`, `epoch` or `reconciled`.
     pub kind: &'static str,
     /// What happened, as JSON.
     pub data: Value,

@@ -25,6 +25,8 @@
 //! - [`sync`]: the sync protocol between two replicas, as a state machine;
 //! - [`rebalance`]: moving escrow rights to where the sales are, while
 //!   connected (who asks, how much, who answers);
+//! - [`reconcile`]: what others did concurrently with this node's work of
+//!   a disconnected period, grouped by stream and field;
 //! - [`peers`]: a node's peer policy (connections, dialling, live push along
 //!   a broadcast tree, anti-entropy), as a state machine that owns its sync
 //!   sessions;
@@ -43,6 +45,7 @@ pub mod log;
 pub mod peers;
 pub mod projection;
 pub mod rebalance;
+pub mod reconcile;
 pub mod replica;
 pub mod seats;
 pub mod since;

@@ -414,10 +414,20 @@ function reconnectAlert(r, close) {
       lines.push(row);
     }
     for (const t of s.texts || []) {
-      lines.push(h('div', { class: 'vals' }, h('span', {}, h('b', {}, t.field || t), ': edited on both sides, merged')));
+      const merged = typeof t.text === 'string' ? `: “${t.text.length > 80 ? `${t.text.slice(0, 80)}…` : t.text}”` : '';
+      lines.push(h('div', { class: 'vals' }, h('span', {}, h('b', {}, t.field), ` edited on both sides, merged${merged}`)));
     }
     for (const c of s.counters || []) {
-      lines.push(h('div', { class: 'vals' }, h('span', {}, h('b', {}, c.counter || c.field || 'seats'), ': ', c.theirs !== undefined ? `theirs ${show(c.theirs)}` : 'changed by others')));
+      const sum = (list, k) => (list || []).reduce((n, w) => n + Number((w.change && w.change[k]) || 0), 0);
+      const parts = [];
+      const theirs = sum(c.theirs, 'sold');
+      const ours = sum(c.ours, 'sold');
+      if (theirs) parts.push(`others sold ${theirs}`);
+      if (ours) parts.push(`this desk sold ${ours}`);
+      if (!parts.length) parts.push('changed by others');
+      if (c.oversold) parts.push(`${c.oversold} oversold`);
+      lines.push(h('div', { class: 'vals' }, h('span', {}, h('b', {}, c.counter), `: ${parts.join(', ')}`),
+        c.oversold ? h('span', { class: 'tag bad' }, 'oversold') : null));
     }
     const open = s.stream.startsWith('attendee/')
       ? h('button', { class: 'link', onclick: () => select(s.stream.slice('attendee/'.length)) }, 'open')
