@@ -401,10 +401,15 @@ function reconnectAlert(r, close) {
   for (const s of streams.slice(0, 8)) {
     const lines = [];
     for (const f of s.fields || []) {
+      // Compensations show as oversell alerts.
+      if (f.field.startsWith('oversold/')) continue;
       const theirs = (f.theirs || []).map((w) => `${show(w.value)} (${deskName(w.author)}${w.user ? `, ${w.user}` : ''})`).join(', ');
       const ours = (f.ours || []).map((w) => show(w.value)).join(', ');
+      const name = f.field.startsWith('waitlist/')
+        ? `waitlist: ${streamLabel(`attendee/${f.field.slice('waitlist/'.length)}`)}`
+        : f.field;
       const row = h('div', { class: 'vals' },
-        h('span', {}, h('b', {}, f.field), ': theirs ', theirs || '—', ours ? `; yours ${ours}` : ''),
+        h('span', {}, h('b', {}, name), ': theirs ', theirs || '—', ours ? `; yours ${ours}` : ''),
         f.conflict ? h('span', { class: 'tag bad' }, 'conflict') : h('span', { class: 'tag ok' }, `now ${show(f.shown)}`));
       if (f.conflict && (f.ours || []).length && (f.theirs || []).length && S.who.role !== 'read') {
         row.append(
@@ -420,13 +425,18 @@ function reconnectAlert(r, close) {
     for (const c of s.counters || []) {
       const sum = (list, k) => (list || []).reduce((n, w) => n + Number((w.change && w.change[k]) || 0), 0);
       const parts = [];
-      const theirs = sum(c.theirs, 'sold');
-      const ours = sum(c.ours, 'sold');
-      if (theirs) parts.push(`others sold ${theirs}`);
-      if (ours) parts.push(`this desk sold ${ours}`);
+      const key = c.escrow ? 'sold' : 'add';
+      const verb = c.escrow ? 'sold ' : '';
+      const theirs = sum(c.theirs, key);
+      const ours = sum(c.ours, key);
+      if (theirs) parts.push(`others ${verb}${c.escrow ? theirs : `${theirs > 0 ? '+' : ''}${theirs}`}`);
+      if (ours) parts.push(`this desk ${verb}${c.escrow ? ours : `${ours > 0 ? '+' : ''}${ours}`}`);
       if (!parts.length) parts.push('changed by others');
       if (c.oversold) parts.push(`${c.oversold} oversold`);
-      lines.push(h('div', { class: 'vals' }, h('span', {}, h('b', {}, c.counter), `: ${parts.join(', ')}`),
+      const label = c.counter.startsWith('held/')
+        ? `seats held by ${streamLabel(`attendee/${c.counter.slice('held/'.length)}`)}`
+        : c.counter;
+      lines.push(h('div', { class: 'vals' }, h('span', {}, h('b', {}, label), `: ${parts.join(', ')}`),
         c.oversold ? h('span', { class: 'tag bad' }, 'oversold') : null));
     }
     const open = s.stream.startsWith('attendee/')

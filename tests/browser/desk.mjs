@@ -12,8 +12,8 @@ import { launch, screenshot, until } from './harness.mjs';
 const urls = process.argv.slice(2, 5);
 const names = ['a', 'b', 'c'];
 const WAIT = 40000;
-const ATTENDEE = 'a1002';
-const EMAIL = { a: 'tomas@riverbank.example', b: 'tomas.o@newmail.example' };
+const ATTENDEE = 'a1003';
+const EMAIL = { a: 'li.wen@harbor.example', b: 'wen.li@newmail.example' };
 const NOTE = { a: ' - A: prefers an aisle seat', b: 'B: arrives by wheelchair. ' };
 
 const browser = await launch();
@@ -101,7 +101,7 @@ try {
     const n = names[i];
     await until(() => p.locator('.alert.oversell').count().then((k) => k > 0), WAIT, `${n}: an oversell alert`);
     await until(() => p.locator('.alert.oversell.done').count().then((k) => k > 0), WAIT, `${n}: the compensation`);
-    await until(() => p.locator('#conflicts li[data-stream="attendee/a1002"][data-field="email"]').count().then((k) => k === 1), WAIT, `${n}: the email conflict in the inbox`);
+    await until(() => p.locator('#conflicts li[data-stream="attendee/a1003"][data-field="email"]').count().then((k) => k === 1), WAIT, `${n}: the email conflict in the inbox`);
     await until(() => p.locator('.alert.reconnect').count().then((k) => k > 0), WAIT, `${n}: the reconnect notice`);
     if (i === 2) await selectAttendee(p);
     await until(async () => {
