@@ -305,10 +305,7 @@ mod tests {
 
     fn every_op() -> Vec<Op> {
         let to: NodeId = "6".repeat(64).parse().unwrap();
-        let dot = Dot {
-            author: to,
-            seq: 9,
-        };
+        let dot = Dot { author: to, seq: 9 };
         let mut policy = Policy::new(PolicyMode::RiskWindow);
         policy.on_oversell = Compensation::Honour;
         vec![
@@ -362,7 +359,10 @@ mod tests {
         let id = EventId([9; 32]);
         for payload in [&b""[..], br#"{"k": true}"#, &[0xfe, 0x01]] {
             let e = event(every_op(), payload);
-            let view = EventView::new(&e, &id).non_member(true).pos(42).token("t".into());
+            let view = EventView::new(&e, &id)
+                .non_member(true)
+                .pos(42)
+                .token("t".into());
             let mut out = Vec::new();
             write_line(&mut out, &view);
             let text = String::from_utf8(out).unwrap();
@@ -382,7 +382,10 @@ mod tests {
         assert_eq!(v["deps"][1], "03".repeat(32));
         assert_eq!(v["hlc"], 77 << 16);
         assert_eq!(v["payload"], Value::Null);
-        assert_eq!(v["meta"], serde_json::json!({"command_id": "c-1", "user": "ana"}));
+        assert_eq!(
+            v["meta"],
+            serde_json::json!({"command_id": "c-1", "user": "ana"})
+        );
         assert!(v.get("non_member").is_none() && v.get("pos").is_none());
         let ops = &v["ops"];
         assert_eq!(ops[0]["set"]["value"]["a"][2], "x\ny");

@@ -43,8 +43,8 @@ use tokio::sync::{broadcast, watch};
 use weftlog_proto::Event;
 
 use crate::daemon::Daemon;
-use crate::http::ApiError;
 use crate::event_view::{self, EventView};
+use crate::http::ApiError;
 use crate::node::Node;
 use crate::notices::Notice;
 use crate::subscribe::{check_of, Epoch, LogSubscription, Positioned, ReadError, Resume, Token};

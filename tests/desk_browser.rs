@@ -57,30 +57,68 @@ fn three_desk_pages_live_through_a_partition() {
     let out = page.next(Duration::from_secs(240));
     assert_eq!(out["phase"], "done", "{out:#}");
     assert_eq!(out["errors"], Value::Array(vec![]), "page errors: {out:#}");
-    for s in out["sales"]["a"].as_array().unwrap().iter().chain(out["sales"]["b"].as_array().unwrap()) {
-        assert!(s.as_str().unwrap().contains("sold"), "every sale was made: {out:#}");
+    for s in out["sales"]["a"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(out["sales"]["b"].as_array().unwrap())
+    {
+        assert!(
+            s.as_str().unwrap().contains("sold"),
+            "every sale was made: {out:#}"
+        );
     }
     for desk in ["a", "b", "c"] {
         let shown = &out["shown"][desk];
         let text = |k: &str| shown[k].as_str().unwrap_or_default().to_string();
         assert!(text("oversell").contains("oversold"), "{desk}: {shown:#}");
-        assert!(text("oversell").contains("compensated"), "{desk}: {shown:#}");
-        assert!(text("reconnect").contains("Back in touch"), "{desk}: {shown:#}");
-        assert!(text("conflict").contains("li.wen@harbor.example"), "{desk}: {shown:#}");
-        assert!(text("conflict").contains("wen.li@newmail.example"), "{desk}: {shown:#}");
+        assert!(
+            text("oversell").contains("compensated"),
+            "{desk}: {shown:#}"
+        );
+        assert!(
+            text("reconnect").contains("Back in touch"),
+            "{desk}: {shown:#}"
+        );
+        assert!(
+            text("conflict").contains("li.wen@harbor.example"),
+            "{desk}: {shown:#}"
+        );
+        assert!(
+            text("conflict").contains("wen.li@newmail.example"),
+            "{desk}: {shown:#}"
+        );
         // Desk B wrote before the text, desk A after it: both kept, in place.
         let notes = text("notes");
         let merged = "B: arrives by wheelchair. needs step-free access - A: prefers an aisle seat";
         assert_eq!(notes, merged, "{desk}");
         // 14 sold of 12; the 2 oversold went to the waitlist.
-        assert!(text("sessions").starts_with("12 sold of 12"), "{desk}: {shown:#}");
+        assert!(
+            text("sessions").starts_with("12 sold of 12"),
+            "{desk}: {shown:#}"
+        );
         let after = &shown["after"];
-        assert!(after["oversell"].as_str().unwrap().contains("decided by staff"), "{desk}: {after:#}");
+        assert!(
+            after["oversell"]
+                .as_str()
+                .unwrap()
+                .contains("decided by staff"),
+            "{desk}: {after:#}"
+        );
         let email = after["email"].as_str().unwrap();
-        assert!(email == "li.wen@harbor.example" || email == "wen.li@newmail.example", "{desk}: {email}");
+        assert!(
+            email == "li.wen@harbor.example" || email == "wen.li@newmail.example",
+            "{desk}: {email}"
+        );
     }
-    let emails: Vec<&str> = ["a", "b", "c"].iter().map(|d| out["shown"][d]["after"]["email"].as_str().unwrap()).collect();
-    assert!(emails.iter().all(|e| *e == emails[0]), "one email everywhere: {emails:?}");
+    let emails: Vec<&str> = ["a", "b", "c"]
+        .iter()
+        .map(|d| out["shown"][d]["after"]["email"].as_str().unwrap())
+        .collect();
+    assert!(
+        emails.iter().all(|e| *e == emails[0]),
+        "one email everywhere: {emails:?}"
+    );
     page.finish();
 
     // The desks converge: equal state hashes.
@@ -91,14 +129,18 @@ fn three_desk_pages_live_through_a_partition() {
             .iter()
             .map(|u| {
                 let mut r = agent.get(format!("{u}/v1/status")).call().unwrap();
-                let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+                let v: Value =
+                    serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
                 v["state_hash"].as_str().unwrap().to_string()
             })
             .collect();
         if hashes.iter().all(|h| *h == hashes[0]) {
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "the desks did not converge: {hashes:?}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the desks did not converge: {hashes:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -110,9 +152,16 @@ fn three_desk_pages_live_through_a_partition() {
             assert!(status.success(), "demo --serve exit: {status}");
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "demo --serve did not stop at SIGINT");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "demo --serve did not stop at SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let rest: Vec<String> = lines.try_iter().collect();
-    assert!(rest.iter().any(|l| l.contains("SIGINT: stopping the desks")), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("SIGINT: stopping the desks")),
+        "{rest:?}"
+    );
 }

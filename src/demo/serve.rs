@@ -223,11 +223,14 @@ fn set_up(a: &Remote, others: &[String]) -> Result<()> {
             "room": room, "starts": starts, "policy": policy,
         }))?;
         for to in others {
-            command(json!({ "type": "GiveSeatRights", "session_id": id, "to": to, "seats": give }))?;
+            command(
+                json!({ "type": "GiveSeatRights", "session_id": id, "to": to, "seats": give }),
+            )?;
         }
     }
     for (id, name, email, company, notes) in ATTENDEES {
-        let mut body = json!({ "type": "RegisterAttendee", "attendee_id": id, "name": name, "email": email });
+        let mut body =
+            json!({ "type": "RegisterAttendee", "attendee_id": id, "name": name, "email": email });
         if !company.is_empty() {
             body["company"] = json!(company);
         }
@@ -236,13 +239,22 @@ fn set_up(a: &Remote, others: &[String]) -> Result<()> {
             command(json!({ "type": "EditNotes", "attendee_id": id, "splices": [[0, 0, notes]] }))?;
         }
     }
-    for (attendee, session, seats) in [("a1001", "keynote", 1), ("a1003", "keynote", 1), ("a1006", "workshop", 1)] {
-        command(json!({ "type": "PurchaseSeats", "session_id": session, "attendee_id": attendee, "seats": seats }))?;
+    for (attendee, session, seats) in [
+        ("a1001", "keynote", 1),
+        ("a1003", "keynote", 1),
+        ("a1006", "workshop", 1),
+    ] {
+        command(
+            json!({ "type": "PurchaseSeats", "session_id": session, "attendee_id": attendee, "seats": seats }),
+        )?;
     }
     let sessions = a.get_json("/v1/venue/sessions")?;
     let listed = sessions["sessions"].as_array().map_or(0, Vec::len);
     if listed != SESSIONS.len() {
-        bail!("desk A lists {listed} sessions after the set-up, not {}", SESSIONS.len());
+        bail!(
+            "desk A lists {listed} sessions after the set-up, not {}",
+            SESSIONS.len()
+        );
     }
     Ok(())
 }

@@ -183,17 +183,29 @@ mod tests {
         assert!(!again, "the same name again writes nothing");
         assert!(name_desk(&node, "Desk B").await.unwrap());
         let names = node.with_state(names);
-        assert_eq!(names.get(&node.id().to_string()).map(String::as_str), Some("Desk B"));
+        assert_eq!(
+            names.get(&node.id().to_string()).map(String::as_str),
+            Some("Desk B")
+        );
         assert_eq!(names.len(), 1);
     }
 
     #[tokio::test]
     async fn bad_names_are_refused_with_the_reason() {
         let (_dir, node) = node();
-        assert!(matches!(name_desk(&node, "  ").await, Err(NameError::Empty)));
+        assert!(matches!(
+            name_desk(&node, "  ").await,
+            Err(NameError::Empty)
+        ));
         let long = "x".repeat(65);
-        assert!(matches!(name_desk(&node, &long).await, Err(NameError::TooLong(65))));
-        assert!(matches!(name_desk(&node, "a\u{7}b").await, Err(NameError::Control)));
+        assert!(matches!(
+            name_desk(&node, &long).await,
+            Err(NameError::TooLong(65))
+        ));
+        assert!(matches!(
+            name_desk(&node, "a\u{7}b").await,
+            Err(NameError::Control)
+        ));
         assert!(node.with_state(names).is_empty());
     }
 
@@ -202,7 +214,10 @@ mod tests {
         assert!(INDEX.contains("<script src=\"/desk.js\">"));
         assert!(INDEX.contains("/desk.css"));
         assert!(JS.contains("/v1/venue/commands"));
-        assert!(!INDEX.contains("http://") && !INDEX.contains("https://"), "nothing fetched from the network");
+        assert!(
+            !INDEX.contains("http://") && !INDEX.contains("https://"),
+            "nothing fetched from the network"
+        );
         assert!(!JS.contains("http://") && !JS.contains("https://"));
         assert!(!CSS.contains("url("));
     }
