@@ -25,7 +25,7 @@ use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::server::{agent, copy_dir, init, post, tail, Opts, Proc, DEADLINE};
+use common::server::{agent, copy_dir, init, pair, post, tail, Opts, Proc, DEADLINE};
 use serde_json::{json, Value};
 use weftlog::node::Node;
 use weftlog_proto::state::Draft;
@@ -1562,39 +1562,10 @@ fn equivocation_is_detected_and_reported() {
 /// it as soon as the new incarnation dials in (the idle timeout here is
 /// 30 s, which is how long the dead connection would otherwise be kept, and
 /// refused the new one, when the restarted node has the larger id).
-/// Two nodes `a` and `b` under `root`, each listing the other with
-/// `--peer` on a fixed loopback port, with `extra` arguments of `run`.
-fn pair(root: &Path, extra: Vec<&'static str>) -> Vec<Proc> {
-    let dirs = [root.join("a"), root.join("b")];
-    for d in &dirs {
-        init(d);
-    }
-    let ports: Vec<String> = (0..2)
-        .map(|_| {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().to_string()
-        })
-        .collect();
-    (0..2)
-        .map(|i| {
-            Proc::start(
-                ["a", "b"][i],
-                &dirs[i],
-                Opts {
-                    peers: vec![ports[1 - i].clone()],
-                    listen: Some(ports[i].clone()),
-                    extra: extra.clone(),
-                    ..Default::default()
-                },
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_restarted_node_reconnects_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = pair(tmp.path(), vec!["--idle-timeout-ms", "30000"]);
+    let mut nodes = pair(tmp.path(), &["--idle-timeout-ms", "30000"]);
     for i in 0..2 {
         let other = nodes[1 - i].id.clone();
         wait_status(&nodes[i], "connected", |s| connected_to(s, &[&other]));
@@ -1641,7 +1612,7 @@ fn a_restarted_node_reconnects_at_once() {
 #[test]
 fn a_command_taken_by_two_partitioned_nodes_counts_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let nodes = pair(tmp.path(), Vec::new());
+    let nodes = pair(tmp.path(), &[]);
     let (a, b) = (&nodes[0], &nodes[1]);
     // Ten seats, five of them held by each node.
     a.append(
@@ -1848,7 +1819,7 @@ fn a_desk_restored_from_a_copy_forks_and_the_cluster_converges() {
 #[test]
 fn a_risk_window_oversell_across_a_partition_is_detected_and_compensated_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
-    let nodes = pair(tmp.path(), Vec::new());
+    let nodes = pair(tmp.path(), &[]);
     let (a, b) = (&nodes[0], &nodes[1]);
     a.append(
         "session/7",
@@ -1977,7 +1948,7 @@ fn a_risk_window_oversell_across_a_partition_is_detected_and_compensated_everywh
 #[test]
 fn a_sale_beyond_a_desks_rights_waits_for_a_connected_peers_transfer() {
     let tmp = tempfile::tempdir().unwrap();
-    let nodes = pair(tmp.path(), Vec::new());
+    let nodes = pair(tmp.path(), &[]);
     let (a, b) = (&nodes[0], &nodes[1]);
     a.append(
         "session/9",

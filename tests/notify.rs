@@ -10,12 +10,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::server::{init, Opts, Proc, DEADLINE};
+use common::server::{pair, DEADLINE};
 use serde_json::{json, Value};
 
 const POLL: Duration = Duration::from_millis(50);
@@ -83,34 +82,6 @@ fn receiver(fail: usize) -> (String, Arc<Mutex<Vec<Got>>>) {
     (url, got)
 }
 
-/// Two nodes dialling each other, both notifying `url`.
-fn pair(root: &Path, url: &str) -> Vec<Proc> {
-    let dirs = [root.join("a"), root.join("b")];
-    for d in &dirs {
-        init(d);
-    }
-    let ports: Vec<String> = (0..2)
-        .map(|_| {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().to_string()
-        })
-        .collect();
-    (0..2)
-        .map(|i| {
-            Proc::start(
-                ["a", "b"][i],
-                &dirs[i],
-                Opts {
-                    peers: vec![ports[1 - i].clone()],
-                    listen: Some(ports[i].clone()),
-                    extra: vec!["--notify-url", url],
-                    ..Default::default()
-                },
-            )
-        })
-        .collect()
-}
-
 fn wait(what: &str, mut ok: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !ok() {
@@ -123,7 +94,7 @@ fn wait(what: &str, mut ok: impl FnMut() -> bool) {
 fn each_oversold_sale_is_sent_once_by_the_desk_that_compensated_it() {
     let (url, got) = receiver(2);
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = pair(tmp.path(), &url);
+    let mut nodes = pair(tmp.path(), &["--notify-url", &url]);
     let (a, b) = (&nodes[0], &nodes[1]);
     a.append(
         "session/7",

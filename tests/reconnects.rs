@@ -9,42 +9,13 @@
 
 mod common;
 
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::server::{init, tail, Opts, Proc, DEADLINE};
+use common::server::{pair, tail, Proc, DEADLINE};
 use serde_json::{json, Value};
 
 const POLL: Duration = Duration::from_millis(50);
-
-/// Two nodes under `root`, each dialling the other on a fixed port.
-fn pair(root: &Path) -> (Proc, Proc) {
-    let dirs = [root.join("a"), root.join("b")];
-    for d in &dirs {
-        init(d);
-    }
-    let ports: Vec<String> = (0..2)
-        .map(|_| {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().to_string()
-        })
-        .collect();
-    let mut p = (0..2).map(|i| {
-        Proc::start(
-            ["a", "b"][i],
-            &dirs[i],
-            Opts {
-                peers: vec![ports[1 - i].clone()],
-                listen: Some(ports[i].clone()),
-                ..Default::default()
-            },
-        )
-    });
-    let a = p.next().unwrap();
-    let b = p.next().unwrap();
-    (a, b)
-}
 
 /// Polls `f` until it gives something, up to [`DEADLINE`].
 fn wait<T>(p: &Proc, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -134,7 +105,7 @@ fn setup_and_cut(a: &Proc, b: &Proc) {
 #[test]
 fn concurrent_edits_are_reported_on_both_sides_and_kept_across_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut a, b) = pair(tmp.path());
+    let [mut a, b] = pair(tmp.path(), &[]);
     setup_and_cut(&a, &b);
     a.append("attendee/7", set("email", "ann@a", "ann"));
     a.append("attendee/8", set("phone", "555", "ann"));
@@ -235,7 +206,7 @@ fn concurrent_edits_are_reported_on_both_sides_and_kept_across_a_restart() {
 #[test]
 fn a_desk_restarted_while_cut_off_still_reports_after_the_heal() {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut a, b) = pair(tmp.path());
+    let [mut a, b] = pair(tmp.path(), &[]);
     setup_and_cut(&a, &b);
     a.append("attendee/7", set("email", "ann@a", "ann"));
     b.append("attendee/7", set("email", "bob@b", "bob"));
@@ -263,7 +234,7 @@ fn a_desk_restarted_while_cut_off_still_reports_after_the_heal() {
 #[test]
 fn a_short_blip_with_nothing_concurrent_stores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = pair(tmp.path());
+    let [a, b] = pair(tmp.path(), &[]);
     a.append("attendee/7", set("email", "a@x", "ann"));
     converge(&a, &b, 1);
     a.partition(&[&b.id]);

@@ -9,11 +9,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::server::{init, tail, Opts, Proc, DEADLINE};
+use common::server::{init, pair, tail, Opts, Proc, DEADLINE};
 use serde_json::{json, Value};
 
 const POLL: Duration = Duration::from_millis(50);
@@ -57,34 +56,6 @@ fn wait(n: &Proc, what: &str, get: impl Fn() -> Value, ok: impl Fn(&Value) -> bo
         }
         thread::sleep(POLL);
     }
-}
-
-/// Two connected nodes on loopback.
-fn pair(root: &Path) -> (Proc, Proc) {
-    let dirs = [root.join("a"), root.join("b")];
-    for d in &dirs {
-        init(d);
-    }
-    let ports: Vec<String> = (0..2)
-        .map(|_| {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.local_addr().unwrap().to_string()
-        })
-        .collect();
-    let mut procs = (0..2).map(|i| {
-        Proc::start(
-            ["a", "b"][i],
-            &dirs[i],
-            Opts {
-                peers: vec![ports[1 - i].clone()],
-                listen: Some(ports[i].clone()),
-                ..Default::default()
-            },
-        )
-    });
-    let a = procs.next().unwrap();
-    let b = procs.next().unwrap();
-    (a, b)
 }
 
 fn converged(a: &Proc, b: &Proc) {
@@ -363,7 +334,7 @@ fn every_command_end_to_end_on_one_desk() {
 #[test]
 fn an_email_changed_on_both_sides_of_a_partition_is_a_conflict_until_resolved() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = pair(tmp.path());
+    let [a, b] = pair(tmp.path(), &[]);
     run(
         &a,
         json!({"type": "RegisterAttendee", "command_id": "r-1", "attendee_id": "bo",
@@ -451,7 +422,7 @@ fn an_email_changed_on_both_sides_of_a_partition_is_a_conflict_until_resolved() 
 #[test]
 fn a_sale_beyond_the_rights_is_sold_on_credit_under_risk_window() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = pair(tmp.path());
+    let [a, b] = pair(tmp.path(), &[]);
     run(
         &a,
         json!({"type": "ScheduleSession", "command_id": "s-1", "session_id": "k",

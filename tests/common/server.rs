@@ -84,6 +84,34 @@ pub fn free_port() -> String {
     l.local_addr().unwrap().to_string()
 }
 
+/// Two nodes `a` and `b` made under `root`, each dialling the other on a
+/// fixed loopback port, with `extra` arguments of `run`.
+pub fn pair(root: &Path, extra: &[&str]) -> [Proc; 2] {
+    let dirs = [root.join("a"), root.join("b")];
+    for d in &dirs {
+        init(d);
+    }
+    let ports: Vec<String> = (0..2)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().to_string()
+        })
+        .collect();
+    let start = |i: usize| {
+        Proc::start(
+            ["a", "b"][i],
+            &dirs[i],
+            Opts {
+                peers: vec![ports[1 - i].clone()],
+                listen: Some(ports[i].clone()),
+                extra: extra.to_vec(),
+                ..Default::default()
+            },
+        )
+    };
+    [start(0), start(1)]
+}
+
 /// The last `n` lines of a file.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
