@@ -320,6 +320,12 @@ GET  /v1/events[?from=POS]        server-sent events: the log after POS (0: the 
                                   stream_prefix, kind\n  \
 GET  /v1/notifications            server-sent notices that are not events: fork, oversold, epoch, reconciled\n  \
 GET  /v1/reconnects[?limit=N]     what others did while this node was offline, newest first\n  \
+GET  /                            the desk page for registration staff (README: The desk)\n  \
+GET  /v1/desk                     this desk's id and name (run --name), every desk's name, its clock\n  \
+POST /v1/venue/commands           a conference command: {\"type\", \"command_id\", \"user\", ...}\n  \
+                                  (README: Conference commands lists every type)\n  \
+GET  /v1/venue/sessions           sessions: seats sold, available, oversold, policy, this desk's rule\n  \
+GET  /v1/venue/attendees[?q=TEXT] attendees matching TEXT; /v1/venue/attendees/{id}: one, with conflicts\n  \
 POST /v1/export                   an export file; body: optional status JSON of the receiver\n  \
 POST /v1/import                   import an export file (body: its bytes)\n  \
 POST /v1/admin/partition          {\"block\": [node ids]} cuts those peers off; {\"block\": []} heals\n  \
