@@ -224,6 +224,10 @@ pub fn relations(window: &[(Event, EventId)], me: &NodeId) -> Vec<Relation> {
             .iter()
             .chain(&e.deps)
             .filter_map(|p| index.get(p).copied())
+            // A log is causal, so a parent comes first; a window that is
+            // not (a damaged file) leaves such a link out, never indexes
+            // past what is related.
+            .filter(move |&p| p < i)
     };
     let mut out: Vec<Relation> = Vec::with_capacity(window.len());
     // The hlc of the first own event of the window: nothing at or below it
