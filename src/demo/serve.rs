@@ -57,7 +57,12 @@ async fn serve_desks(
     let signals = crate::run::Signals::new();
     let mut addrs = Vec::new();
     for (i, d) in desks.iter().enumerate() {
-        let want = if port == 0 { 0 } else { port + i as u16 };
+        let want = match port {
+            0 => 0,
+            p => p.checked_add(i as u16).ok_or_else(|| {
+                anyhow!("--port {port}: the three desks need {port}, {port}+1 and {port}+2; pass a lower port")
+            })?,
+        };
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", want))
             .await
             .map_err(|e| {
