@@ -859,7 +859,9 @@ fn peer_with_target(store: MemStore, node: usize, target: usize) -> Peer {
 
 /// Runs one session between `x` and `y` with messages delivered in a random
 /// interleaving, local batches made during it (pushed with `handle_stored`)
-/// and random anti-entropy rounds, until nothing moves.
+/// and random anti-entropy rounds, until nothing moves. A pruned link
+/// grafts when it goes quiet with announced events lacking, as the peers
+/// policy does when its graft timer fires.
 fn random_session(
     x: (MemStore, usize),
     y: (MemStore, usize),
@@ -876,6 +878,7 @@ fn random_session(
     let nodes = [x.1, y.1];
     let mut wires: [VecDeque<Vec<u8>>; 2] = [VecDeque::new(), VecDeque::new()];
     let mut idle = 0;
+    let mut seen = [0usize; 2];
     while idle < 8 {
         let side = rng.below(2);
         let moved = match rng.below(6) {
@@ -918,6 +921,17 @@ fn random_session(
         }
         let mut any = false;
         for (s, p) in peers.iter_mut().enumerate() {
+            // The policy's graft timer fires when nothing else arrives: a
+            // pruned link is the only path here, so announced events that
+            // are still lacking are asked for.
+            let lacking = p.events[seen[s]..].iter().any(|e| match e {
+                SessionEvent::Announced { heads } => heads.iter().any(|h| !p.store.contains(&h.id)),
+                _ => false,
+            });
+            seen[s] = p.events.len();
+            if lacking && p.session.graft(&p.store) {
+                any = true;
+            }
             if let Some(m) = p.poll() {
                 wires[s].push_back(m);
                 any = true;
