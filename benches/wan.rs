@@ -56,9 +56,21 @@
 //! Output: a line per run, one JSON line per figure (lines starting with
 //! `{`), and a table at the end, with the load average before and after.
 //!
+//! **Transports.** `WEFTLOG_WAN_TRANSPORTS` lists the daemons' transport
+//! settings to compare ([`weftlog::transport`]), comma separated: `node`
+//! (the node's defaults; the default), `bbr` and `cubic` (the node's
+//! windows and socket buffers with that controller), `quinn` (the settings
+//! before the transport was sized for a WAN: quinn's default windows, Cubic,
+//! the system's socket buffers). With more than one, the catch-up and live
+//! groups run each in turn for every link and run, and compare each with
+//! the first; the cold group uses the first.
+//!
 //! Environment (all optional): `WEFTLOG_BENCH_QUICK=1`; `WEFTLOG_BENCH_RUNS`;
 //! `WEFTLOG_WAN_EVENTS` (n, default 100,000; quick 2,000);
-//! `WEFTLOG_WAN_APPENDS` (m, default 200; quick 20); `WEFTLOG_WAN_JITTER_MS`
+//! `WEFTLOG_WAN_APPENDS` (m, default 200; quick 20); `WEFTLOG_WAN_TRANSPORTS`;
+//! `WEFTLOG_WAN_DELAYS_MS` (the lossless links' one-way delays, comma
+//! separated); `WEFTLOG_WAN_LOSS_PCT` (the lossy link's loss, 0 for none);
+//! `WEFTLOG_WAN_JITTER_MS`
 //! (jitter on every link, default 0); `WEFTLOG_WAN_COLD_WAIT_MS` (how long B
 //! dials before A starts, default 3,000; quick 1,000); `WEFTLOG_WAN_SEED`;
 //! `WEFTLOG_BENCH_DIR` (scratch directory; default `target/bench-tmp`).
@@ -78,6 +90,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use weftlog::daemon::{self, Daemon};
 use weftlog::node::{self, Node};
+use weftlog::transport::{self, Congestion};
 use weftlog_proto::event::{Meta, Op};
 use weftlog_proto::state::Draft;
 
@@ -134,9 +147,33 @@ struct Config {
     loss: f64,
     /// Receive buffer forced on each daemon's socket; the daemon's own if 0.
     node_rcvbuf: usize,
+    /// The transport settings compared: name and settings.
+    transports: Vec<(String, transport::Settings)>,
     seed: u64,
     dir: PathBuf,
     groups: Vec<String>,
+}
+
+/// The transport settings `WEFTLOG_WAN_TRANSPORTS` may name.
+fn transport_named(name: &str) -> Result<transport::Settings> {
+    let node = transport::Settings::default();
+    Ok(match name {
+        "node" => node,
+        "bbr" => transport::Settings {
+            congestion: Congestion::Bbr,
+            ..node
+        },
+        "cubic" => transport::Settings {
+            congestion: Congestion::Cubic,
+            ..node
+        },
+        "quinn" => transport::Settings {
+            congestion: Congestion::Cubic,
+            window_bytes: None,
+            socket_buffer_bytes: 0,
+        },
+        _ => bail!("unknown transport {name:?}; expected node, bbr, cubic or quinn"),
+    })
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -180,8 +217,17 @@ impl Config {
         if !(0.0..100.0).contains(&loss_pct) {
             bail!("WEFTLOG_WAN_LOSS_PCT={loss_pct} is not in [0, 100)");
         }
+        let transports = std::env::var("WEFTLOG_WAN_TRANSPORTS")
+            .unwrap_or_else(|_| "node".into())
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| Ok((t.to_string(), transport_named(t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        ensure!(!transports.is_empty(), "WEFTLOG_WAN_TRANSPORTS names none");
         Ok(Config {
             quick,
+            transports,
             delays_ms,
             loss: loss_pct / 100.0,
             node_rcvbuf: env_or("WEFTLOG_WAN_NODE_RCVBUF", 0usize)?,
@@ -197,6 +243,15 @@ impl Config {
             dir: std::env::var_os("WEFTLOG_BENCH_DIR").map_or(default_dir, PathBuf::from),
             groups,
         })
+    }
+
+    /// A figure's name with the transport's, when several are compared.
+    fn named(&self, figure: String, transport: &str) -> String {
+        if self.transports.len() > 1 {
+            format!("{figure}_{transport}")
+        } else {
+            figure
+        }
     }
 
     fn wants(&self, group: &str) -> bool {
@@ -473,9 +528,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// A daemon on `listen` dialling `peers`, with anti-entropy effectively off.
-fn daemon_config(listen: SocketAddr, peers: Vec<String>) -> daemon::Config {
+fn daemon_config(
+    listen: SocketAddr,
+    peers: Vec<String>,
+    t: &transport::Settings,
+) -> daemon::Config {
     let mut c = daemon::Config::new(listen);
     c.peers = peers;
+    c.transport = *t;
     c.policy.anti_entropy_ms = NO_ANTI_ENTROPY_MS;
     c
 }
@@ -716,19 +776,21 @@ fn catchup_run(
     n: u64,
     link: Link,
     cold_wait: Option<Duration>,
+    t: &transport::Settings,
 ) -> Result<CatchupRun> {
     let (_tb, b) = new_node(cfg, "wan-b-")?;
     let a_id = a.id();
     let a_addr = free_udp_addr()?;
     let p = Proxy::start(a_addr, link).context("start the proxy")?;
     let rt = runtime()?;
-    let start_a = || Daemon::start(a.clone(), daemon_config(a_addr, Vec::new()));
+    let start_a = || Daemon::start(a.clone(), daemon_config(a_addr, Vec::new(), t));
     let start_b = || {
         Daemon::start(
             b.clone(),
             daemon_config(
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 vec![p.addr().to_string()],
+                t,
             ),
         )
     };
@@ -939,25 +1001,47 @@ fn bench_catchup(cfg: &Config, a: &Backlog, report: &mut Report) -> Result<()> {
             .join(" / "),
         cfg.runs
     );
-    let mut results: Vec<Vec<CatchupRun>> = links.iter().map(|_| Vec::new()).collect();
+    let ts = &cfg.transports;
+    let mut results: Vec<Vec<Vec<CatchupRun>>> = links
+        .iter()
+        .map(|_| ts.iter().map(|_| Vec::new()).collect())
+        .collect();
     for run in 0..cfg.runs {
         for (i, &(delay, loss)) in links.iter().enumerate() {
+            // Every transport meets the same link (same loss sequence).
             let link = cfg.link(delay, loss, (run * 100 + i) as u64);
-            let r = catchup_run(cfg, &a.node, a.hash, n, link, None)?;
-            print_catchup(&format!("run {run}, {}", cfg.link_name(delay, loss)), n, &r);
-            results[i].push(r);
+            for (j, (tname, t)) in ts.iter().enumerate() {
+                let r = catchup_run(cfg, &a.node, a.hash, n, link, None, t)?;
+                print_catchup(
+                    &format!("run {run}, {}, {tname}", cfg.link_name(delay, loss)),
+                    n,
+                    &r,
+                );
+                results[i][j].push(r);
+            }
         }
     }
-    for (&(delay, loss), runs) in links.iter().zip(&results) {
+    for (&(delay, loss), per_t) in links.iter().zip(&results) {
         let name = if loss > 0.0 {
             format!("catchup_{delay}ms_loss{}pct", loss * 100.0)
         } else {
             format!("catchup_{delay}ms")
         };
-        report.add(
-            cfg,
-            catchup_figure(cfg, "catchup", name, cfg.link_name(delay, loss), runs, None),
-        );
+        let first: Vec<f64> = per_t[0].iter().map(|r| r.applied_secs).collect();
+        for (j, ((tname, _), runs)) in ts.iter().zip(per_t).enumerate() {
+            let against = (j > 0).then(|| (ts[0].0.clone(), first.clone()));
+            report.add(
+                cfg,
+                catchup_figure(
+                    cfg,
+                    "catchup",
+                    cfg.named(name.clone(), tname),
+                    cfg.link_name(delay, loss),
+                    runs,
+                    against,
+                ),
+            );
+        }
     }
     Ok(())
 }
@@ -973,9 +1057,10 @@ fn bench_cold(cfg: &Config, a: &Backlog, report: &mut Report) -> Result<()> {
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     for run in 0..cfg.runs {
         let link = cfg.link(WAN_MS, 0.0, 1_000 + run as u64);
-        let c = catchup_run(cfg, &a.node, a.hash, n, link, Some(cfg.cold_wait))?;
+        let t = &cfg.transports[0].1;
+        let c = catchup_run(cfg, &a.node, a.hash, n, link, Some(cfg.cold_wait), t)?;
         print_catchup(&format!("run {run}, B first"), n, &c);
-        let w = catchup_run(cfg, &a.node, a.hash, n, link, None)?;
+        let w = catchup_run(cfg, &a.node, a.hash, n, link, None, t)?;
         print_catchup(&format!("run {run}, A first"), n, &w);
         cold.push(c);
         warm.push(w);
@@ -1025,7 +1110,7 @@ struct LiveRun {
     node_drops: [Option<u64>; 2],
 }
 
-fn live_run(cfg: &Config, link: Link, seed: u64) -> Result<LiveRun> {
+fn live_run(cfg: &Config, link: Link, seed: u64, t: &transport::Settings) -> Result<LiveRun> {
     let (_ta, a) = new_node(cfg, "wan-live-a-")?;
     let (_tb, b) = new_node(cfg, "wan-live-b-")?;
     let a_id = a.id();
@@ -1034,12 +1119,13 @@ fn live_run(cfg: &Config, link: Link, seed: u64) -> Result<LiveRun> {
     let rt = runtime()?;
     let t0 = Instant::now();
     let (da, db) = rt.block_on(async {
-        let da = Daemon::start(a.clone(), daemon_config(a_addr, Vec::new())).await?;
+        let da = Daemon::start(a.clone(), daemon_config(a_addr, Vec::new(), t)).await?;
         let db = Daemon::start(
             b.clone(),
             daemon_config(
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 vec![p.addr().to_string()],
+                t,
             ),
         )
         .await?;
@@ -1103,55 +1189,62 @@ fn bench_live(cfg: &Config, report: &mut Report) -> Result<()> {
         cfg.link_name(WAN_MS, 0.0),
         cfg.runs
     );
-    let mut runs = Vec::new();
+    let ts = &cfg.transports;
+    let mut per_t: Vec<Vec<LiveRun>> = ts.iter().map(|_| Vec::new()).collect();
     for run in 0..cfg.runs {
-        let r = live_run(
-            cfg,
-            cfg.link(WAN_MS, 0.0, 2_000 + run as u64),
-            3_000 + run as u64,
-        )?;
-        println!(
-            "  run {run}: connected in {:.0} ms | ack→B p50 {:.2} / p99 {:.2} / max {:.2} ms | A's append p50 {:.2} ms | drops: proxy sockets {}/{}, A's socket {}, B's socket {}",
-            r.connected_secs * 1e3,
-            percentile(&r.latency, 0.5),
-            percentile(&r.latency, 0.99),
-            percentile(&r.latency, 1.0),
-            percentile(&r.ack, 0.5),
-            opt(r.proxy.socket_drops[0]),
-            opt(r.proxy.socket_drops[1]),
-            opt(r.node_drops[0]),
-            opt(r.node_drops[1]),
-        );
-        runs.push(r);
+        for (j, (tname, t)) in ts.iter().enumerate() {
+            let r = live_run(
+                cfg,
+                cfg.link(WAN_MS, 0.0, 2_000 + run as u64),
+                3_000 + run as u64,
+                t,
+            )?;
+            println!(
+                "  run {run}, {tname}: connected in {:.0} ms | ack→B p50 {:.2} / p99 {:.2} / max {:.2} ms | A's append p50 {:.2} ms | drops: proxy sockets {}/{}, A's socket {}, B's socket {}",
+                r.connected_secs * 1e3,
+                percentile(&r.latency, 0.5),
+                percentile(&r.latency, 0.99),
+                percentile(&r.latency, 1.0),
+                percentile(&r.ack, 0.5),
+                opt(r.proxy.socket_drops[0]),
+                opt(r.proxy.socket_drops[1]),
+                opt(r.node_drops[0]),
+                opt(r.node_drops[1]),
+            );
+            per_t[j].push(r);
+        }
     }
-    let pooled: Vec<f64> = runs.iter().flat_map(|r| r.latency.clone()).collect();
-    let acks: Vec<f64> = runs.iter().flat_map(|r| r.ack.clone()).collect();
     let round2 = |v: f64| (v * 100.0).round() / 100.0;
     for (tag, q) in [("p50", 0.5), ("p99", 0.99)] {
-        let mut extra = serde_json::Map::new();
-        extra.insert("pooled".into(), json!(round2(percentile(&pooled, q))));
-        extra.insert("a_append_ack".into(), json!(round2(percentile(&acks, q))));
-        extra.insert(
-            "unplanned_drops_all_runs".into(),
-            json!(runs
-                .iter()
-                .map(|r| r.proxy.unplanned_drops() + r.node_drops.iter().flatten().sum::<u64>())
-                .sum::<u64>()),
-        );
-        report.add(
-            cfg,
-            Figure {
-                group: "live",
-                name: format!("live_{WAN_MS}ms_{tag}"),
-                link: cfg.link_name(WAN_MS, 0.0),
-                unit: Unit::Ms,
-                runs: runs.iter().map(|r| percentile(&r.latency, q)).collect(),
-                n: m,
-                bytes: None,
-                against: None,
-                extra,
-            },
-        );
+        let first: Vec<f64> = per_t[0].iter().map(|r| percentile(&r.latency, q)).collect();
+        for (j, ((tname, _), runs)) in ts.iter().zip(&per_t).enumerate() {
+            let pooled: Vec<f64> = runs.iter().flat_map(|r| r.latency.clone()).collect();
+            let acks: Vec<f64> = runs.iter().flat_map(|r| r.ack.clone()).collect();
+            let mut extra = serde_json::Map::new();
+            extra.insert("pooled".into(), json!(round2(percentile(&pooled, q))));
+            extra.insert("a_append_ack".into(), json!(round2(percentile(&acks, q))));
+            extra.insert(
+                "unplanned_drops_all_runs".into(),
+                json!(runs
+                    .iter()
+                    .map(|r| r.proxy.unplanned_drops() + r.node_drops.iter().flatten().sum::<u64>())
+                    .sum::<u64>()),
+            );
+            report.add(
+                cfg,
+                Figure {
+                    group: "live",
+                    name: cfg.named(format!("live_{WAN_MS}ms_{tag}"), tname),
+                    link: cfg.link_name(WAN_MS, 0.0),
+                    unit: Unit::Ms,
+                    runs: runs.iter().map(|r| percentile(&r.latency, q)).collect(),
+                    n: m,
+                    bytes: None,
+                    against: (j > 0).then(|| (ts[0].0.clone(), first.clone())),
+                    extra,
+                },
+            );
+        }
     }
     Ok(())
 }
@@ -1162,10 +1255,11 @@ fn main() -> Result<()> {
     let cfg = Config::from_env()?;
     fs::create_dir_all(&cfg.dir).with_context(|| format!("create {}", cfg.dir.display()))?;
     println!(
-        "weftlog wan bench: groups {:?}, {} runs each{}, n {} events, {} cores (load average {}), scratch {}",
+        "weftlog wan bench: groups {:?}, {} runs each{}, transports {:?}, n {} events, {} cores (load average {}), scratch {}",
         cfg.groups,
         cfg.runs,
         if cfg.quick { ", QUICK sizes" } else { "" },
+        cfg.transports.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
         cfg.events,
         thread::available_parallelism().map_or(0, |n| n.get()),
         load_average(),

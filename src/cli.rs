@@ -636,6 +636,11 @@ pub struct RunArgs {
     /// (and redialled).
     #[arg(long, value_name = "MS", default_value_t = PeersConfig::default().idle_timeout_ms, value_parser = clap::value_parser!(u64).range(300..))]
     pub idle_timeout_ms: u64,
+    /// Congestion controller of peer connections: bbr paces at the
+    /// bandwidth it measures, and random loss (a venue's Wi-Fi) does not
+    /// slow it; cubic halves its rate at each loss.
+    #[arg(long, value_name = "bbr|cubic", default_value_t = crate::transport::Congestion::default())]
+    pub congestion: crate::transport::Congestion,
     /// Milliseconds appends wait at start, when the node has peers, for a
     /// peer to confirm how much of this node's own log it holds (a node
     /// restored from a backup takes its later events back first, rather

@@ -22,6 +22,10 @@
 //!   peer slows only its own session. A connection that shows no sign of
 //!   life for [`PeersConfig::idle_timeout_ms`] is dropped by QUIC
 //!   (keep-alives go at a third of it).
+//! - **Transport.** Flow-control windows sized for a WAN's round trip,
+//!   the congestion controller and the UDP socket's buffers are
+//!   [`crate::transport`]'s; the node's window budget is split among its
+//!   open connections ([`share_windows`]).
 //! - **Live push.** One task hands every batch the node makes durable
 //!   ([`Node::subscribe`]) to the policy, which pushes it to the peers that
 //!   lack it.
@@ -58,6 +62,7 @@ use crate::node::Node;
 use crate::notices::{Notice, Notices};
 use crate::reconnects::Reconnects;
 use crate::tls::{self, peer_id, Members, SERVER_NAME};
+use crate::transport;
 
 /// Application close codes on a QUIC connection (the peer policy's).
 pub use weftlog_proto::peers::close;
@@ -96,6 +101,9 @@ pub struct Config {
     /// own log ([`Node::await_confirmation`]), when the node has peers to
     /// dial or finds them by mDNS; zero holds nothing.
     pub confirm_wait: Duration,
+    /// QUIC's windows, congestion controller and socket buffers
+    /// ([`crate::transport`]).
+    pub transport: transport::Settings,
 }
 
 impl Config {
@@ -111,6 +119,7 @@ impl Config {
             policy: PeersConfig::default(),
             mdns: false,
             confirm_wait: Duration::ZERO,
+            transport: transport::Settings::default(),
         }
     }
 }
@@ -250,6 +259,9 @@ struct Shared {
     endpoint: quinn::Endpoint,
     connect_timeout: Duration,
     window: usize,
+    /// Each QUIC flow-control window at full size, shrunk while many
+    /// connections are open ([`share_windows`]); `None` for quinn's.
+    window_bytes: Option<u64>,
     /// The peer policy; lock it before the node's state (the sync store).
     peers: Mutex<Peers>,
     conns: Mutex<BTreeMap<ConnId, Arc<ConnHandle>>>,
@@ -303,17 +315,44 @@ impl Daemon {
         let incarnation = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
         let mut server = tls::server_config(key, config.members.clone(), incarnation)?;
         let mut client = tls::client_config(key, config.members.clone(), incarnation)?;
-        let transport = Arc::new(transport(Duration::from_millis(
-            config.policy.idle_timeout_ms,
-        )));
+        let transport = Arc::new(transport::config(
+            &config.transport,
+            Duration::from_millis(config.policy.idle_timeout_ms),
+        ));
         server.transport_config(transport.clone());
         client.transport_config(transport);
-        let mut endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
-            StartError::Listen {
-                addr: config.listen,
-                source,
-            }
-        })?;
+        let listen_err = |source| StartError::Listen {
+            addr: config.listen,
+            source,
+        };
+        let (socket, buffers) =
+            transport::bind(config.listen, config.transport.socket_buffer_bytes)
+                .map_err(listen_err)?;
+        if buffers.capped() {
+            static CAPPED: std::sync::Once = std::sync::Once::new();
+            CAPPED.call_once(|| {
+                warn!(
+                    asked = buffers.asked,
+                    receive = buffers.receive,
+                    send = buffers.send,
+                    "the kernel granted smaller UDP socket buffers than asked \
+                     (net.core.rmem_max / wmem_max); datagrams may be dropped \
+                     in bursts, which QUIC counts as loss"
+                );
+            });
+        }
+        debug!(
+            receive = buffers.receive,
+            send = buffers.send,
+            "UDP socket buffers"
+        );
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(listen_err)?;
         endpoint.set_default_client_config(client);
         let me = node.id();
         if !config.peers.is_empty() || config.mdns {
@@ -332,6 +371,7 @@ impl Daemon {
             endpoint,
             connect_timeout: Duration::from_millis(config.policy.connect_timeout_ms.max(1)),
             window: config.policy.window.max(1),
+            window_bytes: config.transport.window_bytes,
             peers: Mutex::new(policy),
             conns: Mutex::new(BTreeMap::new()),
             next_conn: AtomicU64::new(0),
@@ -672,19 +712,6 @@ pub fn write_status(node: &Node, status: &mut Value) {
             None => Value::Null,
         },
     );
-}
-
-fn transport(idle: Duration) -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    // One sync stream per connection; a peer cannot open more.
-    t.max_concurrent_bidi_streams(1u32.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    t.datagram_receive_buffer_size(None);
-    if let Ok(idle) = quinn::IdleTimeout::try_from(idle) {
-        t.max_idle_timeout(Some(idle));
-    }
-    t.keep_alive_interval(Some(idle / 3));
-    t
 }
 
 fn load_forks(dir: &Path) -> BTreeMap<(NodeId, u64), Fork> {
@@ -1238,6 +1265,7 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, target: Option<Targ
         close: Mutex::new(None),
     });
     lock(&shared.conns).insert(id, handle.clone());
+    share_windows(&shared);
     let now = shared.now_ms();
     shared.policy(|p, store, _| {
         p.handle_connected(id, peer, dialed, incarnation, target, now, &*store)
@@ -1245,8 +1273,26 @@ async fn serve(shared: Arc<Shared>, conn: quinn::Connection, target: Option<Targ
     debug!(%peer, remote = %conn.remote_address(), dialed, "connection up; waiting for the peer's Hello");
     let reason = drive(&shared, id, peer, &handle, dialed).await;
     lock(&shared.conns).remove(&id);
+    share_windows(&shared);
     let now = shared.now_ms();
     shared.policy(|p, _, rng| p.handle_closed(id, &reason, now, rng));
+}
+
+/// Splits the node's window budget among its open connections
+/// ([`transport::window_share`]), so that a node with many peers cannot be
+/// made to hold a full window each way on every one. Credit already given
+/// to a peer stands; a smaller window only slows what it is given next.
+fn share_windows(shared: &Shared) {
+    let Some(full) = shared.window_bytes else {
+        return;
+    };
+    let conns = lock(&shared.conns);
+    let share = transport::window_share(full, conns.len());
+    let window = quinn::VarInt::from_u64(share).unwrap_or(quinn::VarInt::MAX);
+    for c in conns.values() {
+        c.conn.set_receive_window(window);
+        c.conn.set_send_window(share);
+    }
 }
 
 /// The connection loop; returns why the connection ended.

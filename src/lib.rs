@@ -24,6 +24,7 @@ pub mod sse;
 pub mod storage;
 pub mod subscribe;
 pub mod tls;
+pub mod transport;
 pub mod venue;
 
 pub use node::Node;

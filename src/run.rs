@@ -94,6 +94,7 @@ fn serve(dir: &Path, args: RunArgs, out: &mut impl Write) -> Result<()> {
     config.cluster = cluster_id(&args.cluster);
     config.policy.anti_entropy_ms = args.anti_entropy_ms;
     config.policy.idle_timeout_ms = args.idle_timeout_ms;
+    config.transport.congestion = args.congestion;
     config.mdns = args.mdns;
     config.confirm_wait = Duration::from_millis(args.confirm_wait_ms);
     let addr_file = dir.join(HTTP_ADDR_FILE);
