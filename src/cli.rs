@@ -308,6 +308,9 @@ POST /v1/streams/{stream}/events  append; body: {\"kind\", \"set\": {field: json
                                   (text positions count UTF-16 code units)\n  \
                                   201 created, 200 if the command id exists, 409 version mismatch or unknown base,\n  \
                                   422 refused (e.g. an oversell), 400 malformed\n  \
+                                  a JSON array of such bodies appends them in order, one group commit:\n  \
+                                  200 and [{\"status\", \"body\"}] per event as a single append answers;\n  \
+                                  at most 10000 events and 64 MiB (413), a malformed element 400 (nothing applied)\n  \
 GET  /v1/streams/{stream}[?as_of=HLC]   the stream, as `get` prints it\n  \
 GET  /v1/log[?stream=S][&from=POS]  events, one JSON object per line (with from: log order, pos, token)\n  \
 GET  /v1/conflicts                fields with concurrent values\n  \
