@@ -10,8 +10,13 @@
 //! - `append`: durable appends of 256-byte payloads through `Node::append`
 //!   from 1, 16 and 256 threads on one node, against SQLite (WAL,
 //!   `synchronous=FULL`, blake3 primary key) committing transactions of as
-//!   many rows as we have appenders ("equal batching"). Each run counts the
+//!   many rows as we have appenders ("equal batching"), and against the
+//!   disk's own limit: raw writes of the same bytes (the run's average
+//!   record size, zero-filled ahead as the log does) with one `fdatasync`
+//!   per batch of the run's average group commit. Each run counts the
 //!   appends acknowledged inside a fixed window, in a fresh directory.
+//!   Batch appends (`Node::append_many`) have their own bench,
+//!   `benches/batch.rs`.
 //! - `fold`: `State::insert` of pre-built, pre-sealed events into a fresh
 //!   state, against automerge 0.12 applying the same puts and counter
 //!   increments, as one batch and one change at a time.
@@ -560,15 +565,15 @@ fn new_node(cfg: &Config, prefix: &str) -> Result<(tempfile::TempDir, PathBuf)> 
     Ok((tmp, dir))
 }
 
-/// Records and signed records (one per group commit of local appends) in a
-/// node's log.
-fn log_batches(node_dir: &Path) -> Result<(u64, u64)> {
+/// Records, signed records (one per group commit of local appends) and
+/// frame bytes in a node's log.
+fn log_batches(node_dir: &Path) -> Result<(u64, u64, u64)> {
     let mut segs: Vec<PathBuf> = fs::read_dir(node_dir.join(node::LOG_DIR))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
         .collect();
     segs.sort();
-    let (mut records, mut signed) = (0, 0);
+    let (mut records, mut signed, mut bytes) = (0, 0, 0);
     for seg in segs {
         let data = fs::read(&seg)?;
         let mut off = HEADER_BYTES;
@@ -578,10 +583,11 @@ fn log_batches(node_dir: &Path) -> Result<(u64, u64)> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", seg.display()))?;
             records += 1;
             signed += frame.sig.is_some() as u64;
+            bytes += used as u64;
             off += used;
         }
     }
-    Ok((records, signed))
+    Ok((records, signed, bytes))
 }
 
 fn log_bytes(node_dir: &Path) -> Result<u64> {
@@ -596,11 +602,12 @@ fn log_bytes(node_dir: &Path) -> Result<u64> {
 // append
 
 /// One run: `threads` appenders on one node; events acknowledged per second
-/// inside the window, and the average group-commit batch over the whole run.
+/// inside the window, the average group-commit batch over the whole run,
+/// and the average frame bytes per record.
 /// Appenders are async tasks on a two-worker tokio runtime (as the node's
 /// network and HTTP front ends run them), each awaiting its append before
 /// making the next.
-fn weft_append_run(cfg: &Config, threads: usize) -> Result<(f64, f64)> {
+fn weft_append_run(cfg: &Config, threads: usize) -> Result<(f64, f64, f64)> {
     let (_tmp, dir) = new_node(cfg, "append-")?;
     let (node, _) = Node::open(&dir).context("open node")?;
     let node = Arc::new(node);
@@ -640,11 +647,56 @@ fn weft_append_run(cfg: &Config, threads: usize) -> Result<(f64, f64)> {
     })?;
     drop(rt);
     drop(node);
-    let (records, signed) = log_batches(&dir)?;
+    let (records, signed, bytes) = log_batches(&dir)?;
     Ok((
         total as f64 / window.as_secs_f64(),
         records as f64 / signed.max(1) as f64,
+        bytes as f64 / records.max(1) as f64,
     ))
+}
+
+/// One run of the disk's own limit for an append run: batches of `batch`
+/// records of `record_bytes` each (the weftlog run's average group commit
+/// and record size), written as the log writes its segments (zero-filled
+/// ahead in its 4 MiB steps), one `fdatasync` per batch; records per
+/// second inside the window. No CPU work but the copy.
+fn disk_append_run(cfg: &Config, batch: f64, record_bytes: f64) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let tmp = cfg.tempdir("disk-append-")?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp.path().join("raw.seg"))?;
+    let records = batch.round().max(1.0) as u64;
+    let data = vec![0xA5u8; (record_bytes * records as f64).round().max(1.0) as usize];
+    let zeros = vec![0u8; 1 << 20];
+    let window = Duration::from_secs_f64(cfg.append_secs);
+    let t0 = Instant::now();
+    let (from, to) = (t0 + APPEND_WARMUP, t0 + APPEND_WARMUP + window);
+    let (mut end, mut alloc, mut counted) = (HEADER_BYTES as u64, 0u64, 0u64);
+    loop {
+        f.write_all_at(&data, end)?;
+        end += data.len() as u64;
+        if end > alloc {
+            let target = end.max(alloc + weftlog_proto::log::SEGMENT_ALLOC_BYTES);
+            let mut at = end;
+            while at < target {
+                let n = (target - at).min(zeros.len() as u64);
+                f.write_all_at(&zeros[..n as usize], at)?;
+                at += n;
+            }
+            alloc = target;
+        }
+        f.sync_data()?;
+        let now = Instant::now();
+        if now > to {
+            break;
+        }
+        if now >= from {
+            counted += records;
+        }
+    }
+    Ok(counted as f64 / window.as_secs_f64())
 }
 
 fn sqlite_open(path: &Path) -> Result<Connection> {
@@ -727,18 +779,22 @@ fn bench_append(cfg: &Config, report: &mut Report) -> Result<()> {
             "# append: {threads} appender(s) vs SQLite tx={threads}, {} runs of {:.1} s",
             cfg.runs, cfg.append_secs
         );
-        let (mut ours, mut batches, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ours, mut batches, mut theirs, mut disk) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 0..cfg.runs {
-            let (r, b) = weft_append_run(cfg, threads)?;
+            let (r, b, bytes) = weft_append_run(cfg, threads)?;
+            let d = disk_append_run(cfg, b, bytes)?;
             let s = sqlite_append_run(cfg, threads)?;
             println!(
-                "  run {run}: weftlog {} (avg batch {b:.1}), sqlite {}",
+                "  run {run}: weftlog {} (avg batch {b:.1}, {bytes:.0} bytes per record), disk {}, sqlite {}",
                 rate(r),
+                rate(d),
                 rate(s)
             );
             ours.push(r);
             batches.push(b);
             theirs.push(s);
+            disk.push(d);
         }
         let mut extra = serde_json::Map::new();
         extra.insert(
@@ -754,13 +810,23 @@ fn bench_append(cfg: &Config, report: &mut Report) -> Result<()> {
                 unit: Unit::EventsPerSec,
                 runs: ours,
                 n: threads as u64,
-                baselines: vec![Baseline {
-                    name: format!("sqlite_wal_full_tx{threads}"),
-                    unit: Unit::EventsPerSec,
-                    runs: theirs,
-                    n: threads as u64,
-                    note: String::new(),
-                }],
+                baselines: vec![
+                    Baseline {
+                        name: format!("sqlite_wal_full_tx{threads}"),
+                        unit: Unit::EventsPerSec,
+                        runs: theirs,
+                        n: threads as u64,
+                        note: String::new(),
+                    },
+                    // The disk's own limit (the issue: at least 0.8× it).
+                    Baseline {
+                        name: "disk_fdatasync_per_batch".into(),
+                        unit: Unit::EventsPerSec,
+                        runs: disk,
+                        n: median(&batches).round() as u64,
+                        note: "raw writes of the same bytes, one fdatasync per batch of the run's average group commit".into(),
+                    },
+                ],
                 // The issue's targets: 300k events/s with 256 appenders, and
                 // 20x SQLite at equal batching.
                 target: Some(if threads >= 256 {

@@ -5,6 +5,7 @@
 //! | method and path | answer |
 //! |---|---|
 //! | `POST /v1/streams/{stream}/events` | 201 and the event as `append` prints it; 409 when `expected_version` does not match, or a text `base` names heads this node does not hold; 422 when the command is refused (an oversell, say); 400 on a malformed body; 507 while the disk is full (nothing stored; appends resume by themselves once space is freed) |
+//! | `POST /v1/streams/{stream}/events` with a JSON array of such bodies | a batch ([`Node::append_many`](crate::node::Node::append_many)): 200 and a JSON array with one `{"status", "body"}` per event, in order, each the status and body a single append would have got; the events made are acknowledged together after one group commit, and a refused one (its `status` 409, 422 …) does not stop the others. An empty array: 200 and `[]`. 400 naming the index of a malformed element (nothing applied); 413 over [`MAX_BATCH_EVENTS`] events or [`MAX_BATCH_BODY_BYTES`] bytes |
 //! | `GET /v1/streams/{stream}[?as_of=HLC]` | the stream as `get` prints it |
 //! | `GET /v1/log[?stream=S][&from=POS]` | events as `log` prints them, one JSON object per line; with `--members`, events by authors not on the list carry `"non_member": true`; with `from`, the durable events after `POS` in log order with `pos` and `token` (a token of another history: from the beginning, with the reason in the `x-weftlog-restart` header) |
 //! | `GET /v1/conflicts` | a JSON array of what `conflicts` prints |
@@ -58,6 +59,13 @@ use crate::node::{AppendError, Appended, ExportError, NodeImportError};
 
 /// Largest request body: an export file up to the import limit.
 pub const MAX_BODY_BYTES: usize = weftlog_proto::exchange::MAX_EXPORT_BYTES as usize;
+
+/// Events one array body of `POST /v1/streams/{stream}/events` may hold.
+pub const MAX_BATCH_EVENTS: usize = crate::node::MAX_APPEND_MANY;
+
+/// Bytes one array body of `POST /v1/streams/{stream}/events` may hold:
+/// checked before the array is parsed.
+pub const MAX_BATCH_BODY_BYTES: usize = 64 * 1024 * 1024;
 
 /// `listener` with `TCP_NODELAY` on every connection it accepts: a
 /// streamed answer (server-sent events) goes out as it is written, not
@@ -342,16 +350,78 @@ async fn post_event(
             format!("POST /v1/streams/{rest}: append to /v1/streams/{{stream}}/events"),
         ));
     };
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return post_events(&d, stream, &body).await;
+    }
     let body: AppendBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad(format!("the body is not a valid append request: {e}")))?;
     let draft = body.draft(stream.to_string()).map_err(ApiError::bad)?;
     let a = d.node().append_async(draft).await?;
-    let code = if a.existing {
+    Ok((appended_status(&a), Json(json::appended(&a))))
+}
+
+/// The status of a single append's answer: 200 for a retried command id.
+fn appended_status(a: &Appended) -> StatusCode {
+    if a.existing {
         StatusCode::OK
     } else {
         StatusCode::CREATED
-    };
-    Ok((code, Json(json::appended(&a))))
+    }
+}
+
+/// A batch: an array of append bodies, each parsed and turned into a draft
+/// before any is applied (a malformed one refuses the request, naming its
+/// index), then appended together ([`crate::node::Node::append_many`]).
+async fn post_events(
+    d: &Daemon,
+    stream: &str,
+    body: &[u8],
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if body.len() > MAX_BATCH_BODY_BYTES {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a batch may hold at most {MAX_BATCH_BODY_BYTES} bytes, this one holds {}; send it in smaller arrays",
+                body.len()
+            ),
+        ));
+    }
+    let items: Vec<Value> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad(format!(
+            "the body is not a JSON array of append requests: {e}"
+        ))
+    })?;
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a batch may hold at most {MAX_BATCH_EVENTS} events, this one holds {}; send it in smaller arrays",
+                items.len()
+            ),
+        ));
+    }
+    let drafts = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let bad = |e: String| ApiError::bad(format!("element {i} of the array: {e}"));
+            let body: AppendBody = serde_json::from_value(v)
+                .map_err(|e| bad(format!("not a valid append request: {e}")))?;
+            body.draft(stream.to_string()).map_err(bad)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let outcomes = d.node().append_many_async(drafts).await;
+    let answers = outcomes
+        .into_iter()
+        .map(|o| match o {
+            Ok(a) => json!({ "status": appended_status(&a).as_u16(), "body": json::appended(&a) }),
+            Err(e) => {
+                let ApiError(code, msg) = ApiError::from(e);
+                json!({ "status": code.as_u16(), "body": { "error": msg } })
+            }
+        })
+        .collect();
+    Ok((StatusCode::OK, Json(Value::Array(answers))))
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,6 +3,7 @@
 //! [`weftlog_proto`].
 
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod daemon;
 pub mod demo;

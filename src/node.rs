@@ -57,6 +57,27 @@
 //! deadline, so other requests go on meanwhile. [`Node::rights_wanted`]
 //! tells the daemon to send the ask at once.
 //!
+//! A batch of commands ([`Node::append_many`]) is one request: the
+//! committer hands its drafts to the replica one after the other, through
+//! the same calls as single appends ([`Replica::handle_append`]: validation,
+//! command ids, seat admission), under one hold of the lock, so a later
+//! draft sees the effect of the earlier ones and nothing else is applied in
+//! between. Each draft gets its own outcome, in order. A refused draft
+//! applies nothing and does not stop the others: they are made, and the
+//! refused one's error is its outcome, as if the batch had been sent as
+//! single appends in that order with nothing between them. (A client that
+//! wants all or nothing makes its drafts depend on each other with
+//! `expected_version`.) The reply waits for the mark after the last draft,
+//! so every event of the batch is acknowledged together, once all are
+//! durable; the committer applies a batch only when the records pending
+//! leave room for all of it in the next group commit
+//! ([`MAX_BATCH_RECORDS`]), so the batch takes one `fdatasync`, shared with
+//! whatever else is pending (only a received sync run still open can end a
+//! group commit inside it: see [`weftlog_proto::replica`]). A sale in a
+//! batch does not wait for rights from peers: it is refused as a held sale
+//! is at the end of its wait, with the shortfall named (the ask for rights
+//! still goes out).
+//!
 //! State is updated when an event is made, before it is durable, so readers
 //! may see an event a moment before its append is acknowledged. A crash can
 //! lose only unacknowledged events.
@@ -262,6 +283,11 @@ pub struct Committed {
 /// Batches a slow subscriber may fall behind before it is told it lagged.
 pub const FEED_CAP: usize = 1024;
 
+/// Drafts one [`Node::append_many`] takes at most: a tenth of
+/// [`MAX_BATCH_RECORDS`], so that a batch always fits in one group commit
+/// with room for what else is pending.
+pub const MAX_APPEND_MANY: usize = 10_000;
+
 /// Requests waiting for the committer, at most.
 pub const QUEUE_CAP: usize = 4096;
 /// Requests the committer takes from the queue at once, at most.
@@ -304,7 +330,13 @@ enum Request {
         Vec<Incoming>,
         oneshot::Sender<Result<Imported, NodeImportError>>,
     ),
+    /// Commands applied in order, acknowledged together
+    /// ([`Node::append_many`]).
+    AppendMany(Vec<Draft>, oneshot::Sender<Outcomes>),
 }
+
+/// One outcome per draft of [`Node::append_many`], in order.
+pub type Outcomes = Vec<Result<Appended, AppendError>>;
 
 /// The committer's answer to an append: its outcome, or that the sale
 /// waits for rights until the given wall time (ms) and is to be given again.
@@ -318,6 +350,7 @@ enum Reply {
     Flush(oneshot::Sender<Result<(), AppendError>>),
     Append(oneshot::Sender<AppendAnswer>, Appended),
     Import(oneshot::Sender<Result<Imported, NodeImportError>>, Imported),
+    AppendMany(oneshot::Sender<Outcomes>, Outcomes),
 }
 
 impl Reply {
@@ -332,6 +365,15 @@ impl Reply {
             }
             (Reply::Import(tx, i), None) => drop(tx.send(Ok(i))),
             (Reply::Import(tx, _), Some(e)) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
+            (Reply::AppendMany(tx, outcomes), None) => drop(tx.send(outcomes)),
+            (Reply::AppendMany(tx, outcomes), Some(e)) => {
+                // What was made is not durable; what was refused stays so.
+                let outcomes = outcomes
+                    .into_iter()
+                    .map(|o| o.and_then(|_| Err(AppendError::Fatal(e.into()))))
+                    .collect();
+                drop(tx.send(outcomes))
+            }
         }
     }
 }
@@ -659,6 +701,72 @@ impl Node {
             answer = self.request_blocking(sale.clone(), Some(*until))?;
         }
         self.measured(started, done(answer))
+    }
+
+    /// Appends many commands as events, in order, and waits until they are
+    /// durable: one outcome per draft, in order (see the module docs: each
+    /// draft sees the effect of those before it, a refused one does not
+    /// stop the others, and the events made are acknowledged together,
+    /// after one group commit). A sale does not wait for rights from
+    /// peers. Blocks the thread; from async code use
+    /// [`Node::append_many_async`].
+    ///
+    /// # Panics
+    /// If given more than [`MAX_APPEND_MANY`] drafts, or if called from
+    /// within an async runtime.
+    pub fn append_many(&self, drafts: Vec<Draft>) -> Outcomes {
+        assert!(
+            drafts.len() <= MAX_APPEND_MANY,
+            "append_many takes at most {MAX_APPEND_MANY} drafts, not {}",
+            drafts.len()
+        );
+        if drafts.is_empty() {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let n = drafts.len();
+        let (tx, rx) = oneshot::channel();
+        let outcomes = match self.sender().blocking_send(Request::AppendMany(drafts, tx)) {
+            Ok(()) => rx.blocking_recv().ok(),
+            Err(_) => None,
+        };
+        self.measured_many(started, n, outcomes)
+    }
+
+    /// [`Node::append_many`] for async callers.
+    ///
+    /// # Panics
+    /// If given more than [`MAX_APPEND_MANY`] drafts.
+    pub async fn append_many_async(&self, drafts: Vec<Draft>) -> Outcomes {
+        assert!(
+            drafts.len() <= MAX_APPEND_MANY,
+            "append_many takes at most {MAX_APPEND_MANY} drafts, not {}",
+            drafts.len()
+        );
+        if drafts.is_empty() {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let n = drafts.len();
+        let (tx, rx) = oneshot::channel();
+        let outcomes = match self.sender().send(Request::AppendMany(drafts, tx)).await {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        self.measured_many(started, n, outcomes)
+    }
+
+    /// Counts a batch's acknowledged appends in the metrics; `None` (the
+    /// committer went away): every draft is refused, the node stopping.
+    fn measured_many(&self, started: Instant, n: usize, outcomes: Option<Outcomes>) -> Outcomes {
+        let Some(outcomes) = outcomes else {
+            return (0..n).map(|_| Err(stopped())).collect();
+        };
+        let took = started.elapsed();
+        for a in outcomes.iter().flatten() {
+            self.inner.metrics.record_append(took, !a.existing);
+        }
+        outcomes
     }
 
     /// Counts an acknowledged append in the metrics.
@@ -1009,6 +1117,25 @@ impl Inner {
                 Ok(i) => Reply::Import(tx, i),
                 Err(e) => return drop(tx.send(Err(e.into()))),
             },
+            Request::AppendMany(drafts, tx) => {
+                let now = wall_ms();
+                let outcomes = drafts
+                    .into_iter()
+                    .map(|draft| {
+                        let made = if sells(&draft) {
+                            // A sale in a batch does not wait for rights:
+                            // given as a held sale whose wait is over, it
+                            // gets the refusal a single append gets at the
+                            // end of its wait.
+                            g.replica.handle_held_sale(draft, now, now)
+                        } else {
+                            g.replica.handle_append(draft, now)
+                        };
+                        made.map_err(AppendError::from)
+                    })
+                    .collect();
+                Reply::AppendMany(tx, outcomes)
+            }
         };
         g.replies.push_back((g.replica.mark(), reply));
     }
@@ -1031,6 +1158,14 @@ fn refuse(req: Request, e: &str) {
             drop(tx.send(AppendAnswer::Done(Err(AppendError::Fatal(e.into())))))
         }
         Request::Import(_, tx) => drop(tx.send(Err(NodeImportError::Fatal(e.into())))),
+        Request::AppendMany(drafts, tx) => drop(
+            tx.send(
+                drafts
+                    .iter()
+                    .map(|_| Err(AppendError::Fatal(e.into())))
+                    .collect(),
+            ),
+        ),
     }
 }
 
@@ -1074,7 +1209,10 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
             inner.changed.notify_all();
             g = inner.changed.wait(g).expect("node state lock poisoned");
         }
-        if reqs.iter().any(|r| matches!(r, Request::Append(..))) {
+        if reqs
+            .iter()
+            .any(|r| matches!(r, Request::Append(..) | Request::AppendMany(..)))
+        {
             // Held until a peer confirms the own log or the wait passes;
             // a confirmation wakes this wait.
             while let Some(until) = g.replica.appends_held(wall_ms()) {
@@ -1087,6 +1225,17 @@ fn commit_loop(inner: &Arc<Inner>, mut rx: mpsc::Receiver<Request>) {
             }
         }
         for req in reqs.drain(..) {
+            if let Request::AppendMany(drafts, _) = &req {
+                // Room for the whole batch in the next group commit (see
+                // the module docs); the writer drains what is pending.
+                while g.replica.pending_len() + drafts.len() > MAX_BATCH_RECORDS
+                    && g.replica.failed().is_none()
+                    && g.replica.disk_full().is_none()
+                {
+                    inner.changed.notify_all();
+                    g = inner.changed.wait(g).expect("node state lock poisoned");
+                }
+            }
             inner.apply(&mut g, req);
         }
         // Replies to requests that queued nothing new (a flush, a command
