@@ -3,31 +3,11 @@
 //! events or the local store ends it with one of these, sent to the peer
 //! as the reason of an Error message and reported to the shell.
 
-use std::fmt;
-
 use super::limits::{MAX_FRONTIER_ENTRIES, MAX_MESSAGE_BYTES};
 use crate::event::{EventError, SignatureError};
-use crate::exchange::describe;
-use crate::id::{EventId, NodeId};
+use crate::id::{EventId, EventRef, NodeId};
 use crate::log::FrameError;
 use crate::state::Invalid;
-
-/// How errors name an event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EventRef {
-    /// Its id.
-    pub id: EventId,
-    /// Its author.
-    pub author: NodeId,
-    /// Its seq.
-    pub seq: u64,
-}
-
-impl fmt::Display for EventRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&describe(&self.id, &self.author, self.seq))
-    }
-}
 
 fn short_hex(b: &[u8; 32]) -> String {
     b[..4].iter().map(|x| format!("{x:02x}")).collect()

@@ -279,11 +279,12 @@ mod pool;
 mod session;
 mod store;
 
+pub use crate::id::EventRef;
 pub use codec::{
     decode_message, decode_wire_frame, encode_message, encode_wire_frame, frontier_digest,
     message_len, wire_frame_len, Head, Hello, Message, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-pub use error::{EventRef, SyncError};
+pub use error::SyncError;
 pub use limits::{
     EVENTS_TARGET_BYTES, LENGTH_PREFIX_BYTES, MAX_FRAME_BYTES, MAX_FRONTIER_ENTRIES,
     MAX_GRAFT_HEADS, MAX_IHAVE_HEADS, MAX_MESSAGE_BYTES, MAX_MISSING_DEPS, MAX_PENDING_BYTES,

@@ -5,11 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::error::{EventRef, SyncError};
+use super::error::SyncError;
 use super::limits::{MAX_MISSING_DEPS, MAX_POOL_BYTES, MAX_POOL_EVENTS, MAX_POOL_MAIL};
 use crate::event::{Event, Signature};
 use crate::hlc::Hlc;
-use crate::id::{EventId, NodeId};
+use crate::id::{EventId, EventRef, NodeId};
 
 /// Key of a pooled event: canonical order, then the id (two branches of a
 /// fork may share everything else).

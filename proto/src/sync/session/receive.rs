@@ -10,14 +10,13 @@ use std::collections::BTreeSet;
 
 use super::{raise, truncate, Phase, Session, SessionEvent};
 use crate::event::{verify, Event};
-use crate::exchange::describe_bytes;
-use crate::id::{EventId, NodeId};
+use crate::id::{EventId, EventRef, NodeId};
 use crate::state::Inserted;
 use crate::sync::codec::{
     decode_message, decode_wire_frame, frontier_digest, Head, Hello, Message, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
 };
-use crate::sync::error::{EventRef, SyncError};
+use crate::sync::error::SyncError;
 use crate::sync::limits::{
     LENGTH_PREFIX_BYTES, MAX_FRONTIER_ENTRIES, MAX_GRAFT_HEADS, MAX_IHAVE_HEADS, MAX_REASON_BYTES,
 };
@@ -389,15 +388,15 @@ impl Session {
             // A pooled event may be the signed end of a run open here (its
             // signature covers the run): checked as the run's next event.
             let ends_run = !store.contains(&id)
-                && peek_dot(bytes)
-                    .is_some_and(|(a, _)| self.runs.get(&a).is_some_and(|r| !r.is_empty()));
+                && EventRef::peek(id, bytes)
+                    .is_some_and(|r| self.runs.get(&r.author).is_some_and(|r| !r.is_empty()));
             if (store.contains(&id) || pool.contains(&id)) && !ends_run {
                 // A duplicate, known by its id: neither decoded nor
                 // verified. Only its author and seq are read (the bytes are
                 // those of an event held here). An open run cannot need a
                 // stored one: what is stored has its whole chain stored, so
                 // the run's next event names a held prev.
-                if let Some((author, seq)) = peek_dot(bytes) {
+                if let Some(EventRef { author, seq, .. }) = EventRef::peek(id, bytes) {
                     if store.contains(&id) {
                         self.note_held(&*store, Head { author, seq, id });
                         self.drop_held_runs(author, &*store);
@@ -410,7 +409,7 @@ impl Session {
             let (event, _) = Event::decode(bytes).map_err(|source| SyncError::Event {
                 index: at,
                 id,
-                event: describe_bytes(&id, bytes),
+                event: EventRef::describe_bytes(id, bytes),
                 source: Box::new(source),
             })?;
             let author = event.author;
@@ -777,13 +776,4 @@ fn check_heads(message: &'static str, heads: &[Head], max: usize) -> Result<(), 
         });
     }
     Ok(())
-}
-
-/// The author and seq at the start of an event's encoding (`PROTOCOL.md`
-/// §2: the version byte, the author, the seq), the rest left unread: for
-/// bytes whose id this replica already holds.
-fn peek_dot(bytes: &[u8]) -> Option<(NodeId, u64)> {
-    let (author, rest): (NodeId, _) = postcard::take_from_bytes(bytes.get(1..)?).ok()?;
-    let (seq, _): (u64, _) = postcard::take_from_bytes(rest).ok()?;
-    Some((author, seq))
 }
