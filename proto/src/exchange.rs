@@ -48,7 +48,7 @@ impl Incoming {
         }
     }
 
-    /// "event <id> (author <short> seq <n>)", for messages.
+    /// `event <id> (author <short> seq <n>)`, for messages.
     pub fn describe(&self) -> String {
         self.eref().to_string()
     }

@@ -1,6 +1,6 @@
 //! Validity: whether an event may enter this replica, judged from the
 //! event and its causal past alone (`DESIGN.md` §2), so that every replica
-//! judges it alike. Its chain ([`State::place`]), then its ops: supersedes,
+//! judges it alike. Its chain (`place`), then its ops: supersedes,
 //! text changes, escrow rights and the seat policy in that past.
 
 use super::command::escrow_delta;

@@ -27,9 +27,9 @@
 //! supersede nothing and show nowhere, their counter deltas and escrow ops
 //! count nowhere in the read model. A late event can become the first. So
 //! that the result is still a function of the event set, the first event's
-//! effects are kept in a form that can be undone ([`Command::undo`]), and
+//! effects are kept in a form that can be undone (`Command::undo`), and
 //! every register write that a command's event removed is kept, with the
-//! number of events in effect that name it ([`Grave`]), until no event can
+//! number of events in effect that name it (`Grave`), until no event can
 //! bring it back. Undoing a write restores the writes it removed that no
 //! other event in effect names; that is what a replay in canonical order
 //! shows, where the undone event never removed them. Counters, escrow
@@ -105,8 +105,6 @@
 //!   clock's horizon.
 //!
 //! [`State::insert`], the one door, is here: it checks, then applies.
-//!
-//! [`Grave`]: model::Grave
 
 use std::collections::{BTreeMap, HashMap};
 
