@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use crate::event::{verify, Event, Signature};
 use crate::hlc::Hlc;
-use crate::id::{EventId, NodeId};
+use crate::id::{EventId, EventRef, NodeId};
 use crate::log::{check_header, decode_frame, encode_frame, header, EXPORT_MAGIC, HEADER_BYTES};
 
 /// Largest export file an import reads.
@@ -39,15 +39,19 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// "event <id> (author <short> seq <n>)", for messages.
-    pub fn describe(&self) -> String {
-        describe(&self.id, &self.event.author, self.event.seq)
+    /// How messages name it ([`EventRef`]).
+    pub fn eref(&self) -> EventRef {
+        EventRef {
+            id: self.id,
+            author: self.event.author,
+            seq: self.event.seq,
+        }
     }
-}
 
-/// How messages name an event.
-pub fn describe(id: &EventId, author: &NodeId, seq: u64) -> String {
-    format!("event {id} (author {} seq {seq})", author.short())
+    /// `event <id> (author <short> seq <n>)`, for messages.
+    pub fn describe(&self) -> String {
+        self.eref().to_string()
+    }
 }
 
 /// Why an import is refused. Nothing is stored.
@@ -70,7 +74,7 @@ pub enum ImportError {
     /// An event is refused.
     #[error("{event}: {reason}")]
     Event {
-        /// The event, as [`describe`] names it.
+        /// The event, as [`EventRef`] shows it.
         event: String,
         /// Why.
         reason: String,
@@ -152,7 +156,7 @@ pub fn read_export(data: &[u8]) -> Result<Vec<Incoming>, ImportError> {
             ));
         }
         let (event, id) = Event::decode(frame.bytes).map_err(|e| ImportError::Event {
-            event: describe_bytes(&frame.id, frame.bytes),
+            event: EventRef::describe_bytes(frame.id, frame.bytes),
             reason: e.to_string(),
         })?;
         debug_assert_eq!(id, frame.id);
@@ -185,24 +189,6 @@ pub fn read_export(data: &[u8]) -> Result<Vec<Incoming>, ImportError> {
 /// An event's place in canonical order: `(hlc, author, seq, id)`.
 fn canonical_key(item: &Incoming) -> (Hlc, NodeId, u64, EventId) {
     (item.event.hlc, item.event.author, item.event.seq, item.id)
-}
-
-/// How messages name an event whose bytes did not decode: by id, with the
-/// author and seq when the start of the encoding (`PROTOCOL.md` §2: the
-/// version byte, the author, the seq) reads as such.
-pub(crate) fn describe_bytes(id: &EventId, bytes: &[u8]) -> String {
-    match peek_dot(bytes) {
-        Some((author, seq)) => describe(id, &author, seq),
-        None => format!("event {id}"),
-    }
-}
-
-/// The author and seq at the start of an event's encoding, the rest left
-/// unread.
-pub(crate) fn peek_dot(bytes: &[u8]) -> Option<(NodeId, u64)> {
-    let (author, rest): (NodeId, _) = postcard::take_from_bytes(bytes.get(1..)?).ok()?;
-    let (seq, _): (u64, _) = postcard::take_from_bytes(rest).ok()?;
-    Some((author, seq))
 }
 
 /// Checks each author's chains in `items` and sorts `items` into canonical
@@ -472,7 +458,12 @@ mod tests {
         swapped.swap(1, 2);
         let err = refused(&file(&swapped, false));
         let second = &swapped[2];
-        assert!(err.starts_with(&describe(&second.id, &second.author, second.seq)));
+        let second_ref = EventRef {
+            id: second.id,
+            author: second.author,
+            seq: second.seq,
+        };
+        assert!(err.starts_with(&second_ref.to_string()));
         assert!(err.contains("record 2 is out of canonical order"), "{err}");
 
         // An event twice.
@@ -499,9 +490,13 @@ mod tests {
             refused(&data),
             format!(
                 "{}: 1 trailing bytes after the event",
-                describe(&id, &e.author, 1)
+                EventRef {
+                    id,
+                    author: e.author,
+                    seq: 1
+                }
             )
         );
-        assert_eq!(describe_bytes(&id, &[1, 2]), format!("event {id}"));
+        assert_eq!(EventRef::describe_bytes(id, &[1, 2]), format!("event {id}"));
     }
 }

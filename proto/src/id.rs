@@ -1,4 +1,5 @@
-//! Identifiers: [`NodeId`], [`EventId`] and [`Dot`].
+//! Identifiers: [`NodeId`], [`EventId`] and [`Dot`], and [`EventRef`], how
+//! messages and errors name an event.
 //!
 //! Both ids are 32 bytes, compared and ordered as unsigned bytes from the
 //! first to the last (big-endian), and shown as 64 lowercase hex digits.
@@ -282,6 +283,54 @@ impl FromStr for EventId {
 impl fmt::Display for Dot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.author.short(), self.seq)
+    }
+}
+
+/// How messages and errors name an event: by id, with its author and seq,
+/// shown as `event <id> (author <short> seq <n>)`. The log, imports and
+/// sync sessions all name events this way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventRef {
+    /// Its id.
+    pub id: EventId,
+    /// Its author.
+    pub author: NodeId,
+    /// Its seq.
+    pub seq: u64,
+}
+
+impl EventRef {
+    /// The event `id` whose encoding is `bytes`, with the author and seq
+    /// read from the start of the encoding (`PROTOCOL.md` §2: the version
+    /// byte, the author, the seq) and the rest left unread: for bytes that
+    /// are not decoded (a duplicate known by its id, or an event that does
+    /// not decode). `None` when the start does not read as them.
+    pub fn peek(id: EventId, bytes: &[u8]) -> Option<EventRef> {
+        let (author, rest): (NodeId, _) = postcard::take_from_bytes(bytes.get(1..)?).ok()?;
+        let (seq, _): (u64, _) = postcard::take_from_bytes(rest).ok()?;
+        Some(EventRef { id, author, seq })
+    }
+
+    /// How messages name the event `id` whose bytes did not decode: as its
+    /// [`EventRef`] when the start of the encoding reads as one
+    /// ([`EventRef::peek`]), else by id alone.
+    pub fn describe_bytes(id: EventId, bytes: &[u8]) -> String {
+        match EventRef::peek(id, bytes) {
+            Some(r) => r.to_string(),
+            None => format!("event {id}"),
+        }
+    }
+}
+
+impl fmt::Display for EventRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "event {} (author {} seq {})",
+            self.id,
+            self.author.short(),
+            self.seq
+        )
     }
 }
 

@@ -42,8 +42,7 @@ use std::ops::Range;
 use std::collections::BTreeMap;
 
 use crate::event::{verify, Event, Signature, MAX_EVENT_BYTES};
-use crate::exchange::{describe, describe_bytes};
-use crate::id::{EventId, NodeId};
+use crate::id::{EventId, EventRef, NodeId};
 
 /// Segment header magic.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"weftseg\0";
@@ -557,7 +556,7 @@ impl<S: Storage> Log<S> {
                         visit(frame).map_err(|reason| OpenError::Refused {
                             index: records,
                             id: frame.id,
-                            event: describe_bytes(&frame.id, frame.bytes),
+                            event: EventRef::describe_bytes(frame.id, frame.bytes),
                             reason,
                         })?;
                         positions.push(Position {
@@ -773,7 +772,7 @@ impl<S: Storage> Log<S> {
                 visit(frame).map_err(|reason| OpenError::Refused {
                     index,
                     id: frame.id,
-                    event: describe_bytes(&frame.id, frame.bytes),
+                    event: EventRef::describe_bytes(frame.id, frame.bytes),
                     reason,
                 })?;
                 index += 1;
@@ -961,7 +960,12 @@ pub fn open_committed<S: Storage, T>(
             verify(author, id, sig).map_err(|e| OpenError::Refused {
                 index: *index,
                 id: *id,
-                event: describe(id, author, *seq),
+                event: EventRef {
+                    id: *id,
+                    author: *author,
+                    seq: *seq,
+                }
+                .to_string(),
                 reason: format!("head signature: {e}"),
             })?;
         }
