@@ -31,6 +31,10 @@
 //! `WEFTLOG_BENCH_CALLERS` (comma-separated); `WEFTLOG_BENCH_DIR` (scratch
 //! directory; default `target/bench-tmp`, which should be on a real disk).
 
+#[path = "common.rs"]
+mod common;
+
+use common::{env_or, median, payload, splitmix};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -49,8 +53,6 @@ use weftlog_proto::state::Draft;
 /// Events per batch: one `append_many`, one fdatasync of the disk
 /// baseline, one SQLite transaction.
 const BATCH: usize = 1_000;
-/// Payload size of every event.
-const PAYLOAD_BYTES: usize = 256;
 /// The target for batch append.
 const TARGET_EVENTS_PER_SEC: f64 = 600_000.0;
 /// The target against the disk's own limit.
@@ -62,16 +64,6 @@ struct Config {
     batches: usize,
     callers: Vec<usize>,
     dir: PathBuf,
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
-        Err(_) => Ok(default),
-    }
 }
 
 impl Config {
@@ -107,21 +99,6 @@ impl Config {
     }
 }
 
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn payload(i: u64) -> Vec<u8> {
-    let mut p = vec![0u8; PAYLOAD_BYTES];
-    for (j, chunk) in p.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&splitmix(i ^ ((j as u64) << 48)).to_le_bytes());
-    }
-    p
-}
-
 /// Event `i` of `caller`'s stream.
 fn draft(caller: usize, i: u64, payload: &[u8]) -> Draft {
     Draft {
@@ -138,17 +115,6 @@ fn draft(caller: usize, i: u64, payload: &[u8]) -> Draft {
         },
         expected_version: None,
         texts: Vec::new(),
-    }
-}
-
-fn median(runs: &[f64]) -> f64 {
-    let mut v = runs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
     }
 }
 

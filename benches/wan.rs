@@ -78,6 +78,10 @@
 #[path = "wan/proxy.rs"]
 mod proxy;
 
+#[path = "common.rs"]
+mod common;
+
+use common::{env_or, median, splitmix, PAYLOAD_BYTES};
 use std::fs;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::{Path, PathBuf};
@@ -94,10 +98,8 @@ use weftlog::transport::{self, Congestion};
 use weftlog_proto::event::{Meta, Op};
 use weftlog_proto::state::Draft;
 
-use proxy::{splitmix, udp_drops, Link, Proxy};
+use proxy::{udp_drops, Link, Proxy};
 
-/// Payload size of every event (as `benches/weftlog.rs`).
-const PAYLOAD_BYTES: usize = 256;
 /// Streams the workload spreads over.
 const STREAMS: u64 = 1_000;
 /// Register fields written by `Op::Set`.
@@ -174,16 +176,6 @@ fn transport_named(name: &str) -> Result<transport::Settings> {
         },
         _ => bail!("unknown transport {name:?}; expected node, bbr, cubic or quinn"),
     })
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
-        Err(_) => Ok(default),
-    }
 }
 
 impl Config {
@@ -335,17 +327,6 @@ struct Figure {
     /// A figure this one is compared with (same unit): name and runs.
     against: Option<(String, Vec<f64>)>,
     extra: serde_json::Map<String, serde_json::Value>,
-}
-
-fn median(runs: &[f64]) -> f64 {
-    let mut v = runs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 /// The `p` quantile (0 < p <= 1) of `v` by nearest rank.

@@ -79,6 +79,10 @@
 //! (scratch directory; default `target/bench-tmp`, which should be on a real
 //! disk, not tmpfs).
 
+#[path = "common.rs"]
+mod common;
+
+use common::{env_or, median, payload, splitmix, PAYLOAD_BYTES};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::net::SocketAddr;
@@ -104,8 +108,6 @@ use weftlog_proto::sync::{MemStore, Session, SessionConfig};
 use weftlog_proto::text::{Splice, TextEdit};
 use weftlog_proto::{EventId, HlcClock, NodeId};
 
-/// Payload size of every appended event.
-const PAYLOAD_BYTES: usize = 256;
 /// Streams the fold and open workloads spread over.
 const STREAMS: u64 = 1_000;
 /// Register fields written by `Op::Set`.
@@ -149,16 +151,6 @@ struct Config {
     propagate_probe: bool,
     dir: PathBuf,
     groups: Vec<String>,
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid value")),
-        Err(_) => Ok(default),
-    }
 }
 
 impl Config {
@@ -309,17 +301,6 @@ struct Figure {
     extra: serde_json::Map<String, serde_json::Value>,
 }
 
-fn median(runs: &[f64]) -> f64 {
-    let mut v = runs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
-
 impl Figure {
     fn median(&self) -> f64 {
         median(&self.runs)
@@ -467,13 +448,6 @@ impl Report {
 // ---------------------------------------------------------------------------
 // Workloads
 
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// What event `i` of the mixed workload does; the same for weftlog,
 /// automerge and SQLite.
 struct Spec {
@@ -530,14 +504,6 @@ fn mixed_draft(i: u64, payload: Vec<u8>) -> Draft {
         expected_version: None,
         texts: Vec::new(),
     }
-}
-
-fn payload(i: u64) -> Vec<u8> {
-    let mut p = vec![0u8; PAYLOAD_BYTES];
-    for (j, chunk) in p.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&splitmix(i ^ ((j as u64) << 48)).to_le_bytes());
-    }
-    p
 }
 
 fn append_draft(thread: usize, i: u64, payload: &[u8]) -> Draft {

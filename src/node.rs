@@ -288,6 +288,15 @@ pub const FEED_CAP: usize = 1024;
 /// with room for what else is pending.
 pub const MAX_APPEND_MANY: usize = 10_000;
 
+/// The bound both forms of `append_many` hold their callers to.
+fn check_many(drafts: &[Draft]) {
+    assert!(
+        drafts.len() <= MAX_APPEND_MANY,
+        "append_many takes at most {MAX_APPEND_MANY} drafts, not {}",
+        drafts.len()
+    );
+}
+
 /// Requests waiting for the committer, at most.
 pub const QUEUE_CAP: usize = 4096;
 /// Requests the committer takes from the queue at once, at most.
@@ -715,11 +724,7 @@ impl Node {
     /// If given more than [`MAX_APPEND_MANY`] drafts, or if called from
     /// within an async runtime.
     pub fn append_many(&self, drafts: Vec<Draft>) -> Outcomes {
-        assert!(
-            drafts.len() <= MAX_APPEND_MANY,
-            "append_many takes at most {MAX_APPEND_MANY} drafts, not {}",
-            drafts.len()
-        );
+        check_many(&drafts);
         if drafts.is_empty() {
             return Vec::new();
         }
@@ -738,11 +743,7 @@ impl Node {
     /// # Panics
     /// If given more than [`MAX_APPEND_MANY`] drafts.
     pub async fn append_many_async(&self, drafts: Vec<Draft>) -> Outcomes {
-        assert!(
-            drafts.len() <= MAX_APPEND_MANY,
-            "append_many takes at most {MAX_APPEND_MANY} drafts, not {}",
-            drafts.len()
-        );
+        check_many(&drafts);
         if drafts.is_empty() {
             return Vec::new();
         }

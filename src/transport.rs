@@ -197,7 +197,7 @@ pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<(UdpSocket, Soc
 /// Sets a socket buffer to `bytes`: with `force` if the process may,
 /// otherwise with `plain` (which the kernel caps at its maximum). Failure
 /// leaves the buffer as it was; the caller reads back what it got.
-fn set_buffer(fd: BorrowedFd<'_>, force: libc::c_int, plain: libc::c_int, bytes: usize) {
+pub fn set_buffer(fd: BorrowedFd<'_>, force: libc::c_int, plain: libc::c_int, bytes: usize) {
     let want = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
     for opt in [force, plain] {
         // SAFETY: `fd` is open while borrowed; the option value is a c_int
@@ -218,7 +218,7 @@ fn set_buffer(fd: BorrowedFd<'_>, force: libc::c_int, plain: libc::c_int, bytes:
 }
 
 /// A socket buffer's size as the kernel reports it (`getsockopt`).
-fn buffer_size(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<usize> {
+pub fn buffer_size(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<usize> {
     let mut got: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: as in `set_buffer`; `got` and `len` are valid for writes and

@@ -47,6 +47,9 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use weftlog::transport;
+
+use super::common::splitmix;
 
 /// Largest datagram received (UDP's limit; QUIC sends at most ~1.5 kB).
 pub const MAX_DATAGRAM: usize = 65_535;
@@ -429,14 +432,6 @@ async fn pump(
     }
 }
 
-/// SplitMix64: the proxy's seeded generator.
-pub fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// A uniform value in [0, 1).
 fn unit(rng: &mut u64) -> f64 {
     *rng = splitmix(*rng);
@@ -447,7 +442,7 @@ fn unit(rng: &mut u64) -> f64 {
 /// buffer granted.
 pub fn set_buffers(s: &impl AsFd) -> usize {
     let s = s.as_fd();
-    set_sockopt(
+    transport::set_buffer(
         s,
         libc::SO_SNDBUFFORCE,
         libc::SO_SNDBUF,
@@ -459,49 +454,14 @@ pub fn set_buffers(s: &impl AsFd) -> usize {
 /// Asks for a receive buffer of `bytes` on `s` (forced past
 /// `net.core.rmem_max` when the process may); returns the buffer granted.
 pub fn set_rcvbuf(s: BorrowedFd<'_>, bytes: usize) -> usize {
-    set_sockopt(s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes);
+    transport::set_buffer(s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes);
     rcvbuf(s)
-}
-
-fn set_sockopt(s: BorrowedFd<'_>, force: libc::c_int, plain: libc::c_int, bytes: usize) {
-    let want = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
-    for opt in [force, plain] {
-        // SAFETY: the fd is open while `s` borrows it; the option value is a c_int that outlives the call, its size given.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&want as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            return;
-        }
-    }
 }
 
 /// The receive buffer of `s` in bytes, as the kernel reports it (twice what
 /// was asked: it counts its bookkeeping too).
 pub fn rcvbuf(s: BorrowedFd<'_>) -> usize {
-    let mut got: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as in `set_sockopt`; `got` and `len` are valid for writes.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        got.max(0) as usize
-    } else {
-        0
-    }
+    transport::buffer_size(s, libc::SO_RCVBUF).unwrap_or(0)
 }
 
 /// The IPv4 address `fd` is bound to, if it is such a socket.
