@@ -31,7 +31,7 @@
 //! `WEFTLOG_BENCH_CALLERS` (comma-separated); `WEFTLOG_BENCH_DIR` (scratch
 //! directory; default `target/bench-tmp`, which should be on a real disk).
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use common::{env_or, median, payload, splitmix};

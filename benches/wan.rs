@@ -78,7 +78,7 @@
 #[path = "wan/proxy.rs"]
 mod proxy;
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use common::{env_or, median, splitmix, PAYLOAD_BYTES};

@@ -79,7 +79,7 @@
 //! (scratch directory; default `target/bench-tmp`, which should be on a real
 //! disk, not tmpfs).
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 use common::{env_or, median, payload, splitmix, PAYLOAD_BYTES};
